@@ -1,0 +1,59 @@
+"""Every default in one place: the configuration of activations, the SAE and a scan."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+POSITIONS = ("all", "response", "punctuation")
+
+
+def default_cache_dir() -> Path:
+    """``$SAFER_AUDIT_CACHE_DIR``, else ``$XDG_CACHE_HOME/safer-audit``, else ``~/.cache/safer-audit``."""
+    explicit = os.environ.get("SAFER_AUDIT_CACHE_DIR")
+    if explicit:
+        return Path(explicit)
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    base = Path(xdg) if xdg else Path.home() / ".cache"
+    return base / "safer-audit"
+
+
+@dataclass
+class ActivationConfig:
+    """Which activations to read, and how to compute them."""
+
+    model: str | None = None  # None: the embedded MiniLM-L6 default
+    backend: str = "hf"
+    layer: int = 3  # measured: layer 3 of 6 separates chosen/rejected best on HH with MiniLM
+    positions: str = "response"  # measured: response > all >> punctuation on HH with MiniLM
+    max_length: int = 512
+    batch_size: int = 16
+    device: str = "auto"
+    dtype: str = "auto"
+    trust_remote_code: bool = False
+    cache_dir: Path = field(default_factory=default_cache_dir)
+
+    def __post_init__(self):
+        if self.positions not in POSITIONS:
+            raise ValueError(f"positions must be one of {', '.join(POSITIONS)}, not {self.positions!r}")
+        self.cache_dir = Path(self.cache_dir)
+
+
+@dataclass
+class SaeTrainConfig:
+    """TopK SAE training (METHOD.md section 2)."""
+
+    expansion: int = 8
+    n_latents: int | None = None  # None: expansion * d_in
+    k: int = 32
+    epochs: int = 1
+    batch_size: int = 1024  # tokens per step
+    lr: float | None = None  # None: 2e-4 / sqrt(n_latents / 2**14), as in Gao et al.
+    warmup_fraction: float = 0.05
+    auxk_alpha: float = 1 / 32
+    dead_tokens: int = 200_000  # a latent is dead if silent over this many tokens
+    seed: int = 0
+
+    def to_dict(self) -> dict:
+        return asdict(self)

@@ -1,0 +1,146 @@
+"""The plugin manager: built-in backends from DEFAULT_PLUGINS, others from entry points.
+
+``SAFER_AUDIT_LOAD_PLUGINS`` limits which third-party plugins load: a comma-separated
+list of entry-point names (an empty string loads none). Built-in backends always load.
+A plugin that implements a hook that does not exist is an error, not silently ignored.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from dataclasses import dataclass, field
+from importlib import metadata
+
+import pluggy
+
+from . import hookspecs
+
+DEFAULT_PLUGINS = (
+    "safer_audit.backends.hf",
+    "safer_audit.backends.topk",
+    "safer_audit.backends.exporters",
+)
+
+ENTRY_POINT_GROUP = "safer_audit"
+LOAD_PLUGINS_ENV = "SAFER_AUDIT_LOAD_PLUGINS"
+
+pm = pluggy.PluginManager("safer_audit")
+pm.add_hookspecs(hookspecs)
+
+_loaded = False
+
+
+class PluginError(Exception):
+    """A plugin could not be loaded or does not fit the contract."""
+
+
+def load_plugins() -> pluggy.PluginManager:
+    """Register the built-in and the allowed third-party plugins, once."""
+    global _loaded
+    if _loaded:
+        return pm
+    _loaded = True
+    for name in DEFAULT_PLUGINS:
+        pm.register(importlib.import_module(name), name)
+    allowed = os.environ.get(LOAD_PLUGINS_ENV)
+    allowed_names = None if allowed is None else {n.strip() for n in allowed.split(",") if n.strip()}
+    for ep in metadata.entry_points(group=ENTRY_POINT_GROUP):
+        if allowed_names is not None and ep.name not in allowed_names:
+            continue
+        if pm.get_plugin(ep.name) is not None:
+            continue
+        try:
+            plugin = ep.load()
+        except Exception as exc:  # a broken third-party plugin must name itself
+            raise PluginError(f"plugin {ep.name!r} ({ep.value}) failed to load: {exc}") from exc
+        pm.register(plugin, name=ep.name)
+        if ep.dist is not None:
+            pm._plugin_distinfo.append((plugin, ep.dist))  # so list_name_plugin() knows its version
+    try:
+        pm.check_pending()
+    except pluggy.PluginValidationError as exc:
+        raise PluginError(str(exc)) from exc
+    return pm
+
+
+def _collect(hook_name: str, plugin=None) -> list[tuple]:
+    """Call one registration hook and return what was registered, as argument tuples."""
+    load_plugins()
+    registered: list[tuple] = []
+
+    def register(*args):
+        registered.append(args)
+
+    hook = getattr(pm.hook, hook_name)
+    if plugin is None:
+        hook(register=register)
+    else:
+        for impl in hook.get_hookimpls():
+            if impl.plugin is plugin:
+                impl.function(register=register)
+    return registered
+
+
+def model_backends() -> dict:
+    """Model backend factories by name."""
+    return {name: factory for name, factory in _collect("register_model_backends")}
+
+
+def sae_backends() -> dict:
+    """SAE backends by name."""
+    return {name: backend for name, backend in _collect("register_sae_backends")}
+
+
+@dataclass(frozen=True)
+class Exporter:
+    name: str
+    extensions: tuple[str, ...]
+    export: object  # callable(report, path) -> None
+
+
+def exporters() -> dict[str, Exporter]:
+    """Exporters by format name."""
+    return {
+        name: Exporter(name, tuple(extensions), export)
+        for name, extensions, export in _collect("register_exporters")
+    }
+
+
+def feature_labellers() -> dict:
+    """Feature labellers by name."""
+    return {name: label for name, label in _collect("register_feature_labellers")}
+
+
+@dataclass
+class PluginInfo:
+    name: str
+    version: str | None
+    hooks: list[str]
+    registers: dict[str, list[str]] = field(default_factory=dict)
+
+
+_REGISTER_HOOKS = (
+    ("register_model_backends", "models"),
+    ("register_sae_backends", "saes"),
+    ("register_exporters", "exporters"),
+    ("register_feature_labellers", "labellers"),
+)
+
+
+def plugin_info() -> list[PluginInfo]:
+    """What is loaded: each plugin with its version, its hooks and what it registers."""
+    load_plugins()
+    versions = {id(plugin): dist.version for plugin, dist in pm.list_plugin_distinfo()}
+    infos = []
+    for name, plugin in sorted(pm.list_name_plugin(), key=lambda item: item[0]):
+        hooks = sorted(impl.name for impl in pm.get_hookcallers(plugin) or [])
+        registers = {}
+        for hook_name, label in _REGISTER_HOOKS:
+            if hook_name in hooks:
+                registers[label] = [str(args[0]) for args in _collect(hook_name, plugin)]
+        version = versions.get(id(plugin))
+        if version is None and name.startswith("safer_audit."):
+            from . import __version__ as version
+        infos.append(PluginInfo(name, version, hooks, registers))
+    return infos
