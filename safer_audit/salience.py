@@ -1,0 +1,231 @@
+"""Feature salience, feature selection and feature cards (METHOD.md sections 3 and 4).
+
+One streamed pass of the SAE over the activation store gives, per text, the mean code
+over its read positions. Everything later is a function of those means: the totals
+C_j and R_j are mean times number of positions summed over chosen / rejected texts,
+and V(t) of METHOD.md section 5 is a signed sum of the mean codes of the features.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+TOP_ACTIVATIONS = 50  # strongest activations kept per latent: contexts and top tokens come from these
+CONTEXT_TOKENS = 64  # tokens either side of a firing token in a feature card (METHOD.md section 4)
+
+
+@dataclass
+class CodeStats:
+    """Per-text SAE code statistics of one dataset (text 2i chosen, 2i+1 rejected)."""
+
+    mean_codes: torch.Tensor  # [n_texts, n_latents] mean of z over read positions, 0 if none
+    n_positions: torch.Tensor  # [n_texts] read positions per text
+    fire_counts: torch.Tensor  # [n_latents] positions where z_j > 0
+    top_values: torch.Tensor  # [TOP_ACTIVATIONS, n_latents] strongest activations
+    top_texts: torch.Tensor  # [TOP_ACTIVATIONS, n_latents] their text index
+    top_positions: torch.Tensor  # [TOP_ACTIVATIONS, n_latents] their token index in the text
+    top_tokens: torch.Tensor  # [TOP_ACTIVATIONS, n_latents] their token id
+
+    @property
+    def n_tokens(self) -> int:
+        return int(self.n_positions.sum())
+
+    def totals(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """C and R of METHOD.md section 3: summed codes over chosen and over rejected texts."""
+        sums = self.mean_codes * self.n_positions.unsqueeze(1).to(self.mean_codes.dtype)
+        return sums[0::2].sum(0), sums[1::2].sum(0)
+
+
+@torch.inference_mode()
+def encode_store(store, sae, *, progress=None) -> CodeStats:
+    """One pass of ``sae`` over every read position of ``store``."""
+    n_latents = sae.cfg.n_latents
+    mean_codes = torch.zeros(store.n_texts, n_latents)
+    n_positions = torch.zeros(store.n_texts, dtype=torch.long)
+    fire_counts = torch.zeros(n_latents, dtype=torch.long)
+    top_values = torch.full((TOP_ACTIVATIONS, n_latents), -1.0)
+    top_texts = torch.full((TOP_ACTIVATIONS, n_latents), -1, dtype=torch.long)
+    top_positions = torch.zeros((TOP_ACTIVATIONS, n_latents), dtype=torch.long)
+    top_tokens = torch.zeros((TOP_ACTIVATIONS, n_latents), dtype=torch.long)
+    done = 0
+    for texts, offsets, tensors in store.iter_chunks():
+        lengths = offsets[1:] - offsets[:-1]
+        n_positions[texts] = lengths
+        if int(offsets[-1]) == 0:
+            continue
+        device = next(sae.parameters()).device
+        z = sae.encode_dense(tensors["acts"].to(device)).float().cpu()
+        segment = torch.repeat_interleave(torch.arange(len(texts)), lengths)
+        sums = torch.zeros(len(texts), n_latents).index_add_(0, segment, z)
+        mean_codes[texts] = sums / lengths.clamp(min=1).unsqueeze(1)
+        fire_counts += (z > 0).sum(0)
+        # merge this chunk's strongest activations into the running top list
+        k = min(TOP_ACTIVATIONS, z.shape[0])
+        values, rows = z.topk(k, dim=0)
+        cand_values = torch.cat([top_values, values])
+        cand_texts = torch.cat([top_texts, texts[segment[rows]]])
+        cand_positions = torch.cat([top_positions, tensors["positions"].long()[rows]])
+        cand_tokens = torch.cat([top_tokens, tensors["token_ids"][rows]])
+        top_values, order = cand_values.topk(TOP_ACTIVATIONS, dim=0)
+        top_texts = cand_texts.gather(0, order)
+        top_positions = cand_positions.gather(0, order)
+        top_tokens = cand_tokens.gather(0, order)
+        done += len(texts)
+        if progress is not None:
+            progress(done, store.n_texts)
+    return CodeStats(mean_codes, n_positions, fire_counts, top_values, top_texts, top_positions, top_tokens)
+
+
+def feature_salience(chosen_totals: torch.Tensor, rejected_totals: torch.Tensor) -> torch.Tensor:
+    """s_j = (C_j - R_j) / (C_j + R_j + 2m), m the mean of all 2 x n_latents totals."""
+    m = torch.cat([chosen_totals, rejected_totals]).double().mean()
+    c, r = chosen_totals.double(), rejected_totals.double()
+    return ((c - r) / (c + r + 2 * m)).float()
+
+
+# --------------------------------------------------------------------- feature selection
+
+@dataclass
+class Feature:
+    """One selected latent: its sign in V (+1 for F+, -1 for F-), label and why it is in."""
+
+    latent: int
+    sign: int
+    salience: float
+    label: str | None = None
+    note: str | None = None
+    pinned: bool = False
+
+
+@dataclass
+class FeatureSet:
+    features: list[Feature]
+    source: str  # "top-n" or the features file
+
+    @property
+    def latents(self) -> torch.Tensor:
+        return torch.tensor([f.latent for f in self.features], dtype=torch.long)
+
+    @property
+    def signs(self) -> torch.Tensor:
+        return torch.tensor([float(f.sign) for f in self.features])
+
+    def label(self, latent: int) -> str | None:
+        return next((f.label for f in self.features if f.latent == latent), None)
+
+
+class FeaturesFileError(ValueError):
+    """A features file that cannot be used; the message names the file and entry."""
+
+
+def select_features(salience: torch.Tensor, n_features: int, *, features_file: Path | None = None) -> FeatureSet:
+    """The top ``n_features`` latents by |salience|, adjusted by a reviewed features file.
+
+    In the file, ``include: true`` pins a latent in (its sign follows its salience unless
+    the file gives ``sign``), ``include: false`` excludes it; labels and notes carry over.
+    Pinned latents come first, then the highest |salience| until ``n_features``.
+    """
+    entries = read_features_file(features_file) if features_file else []
+    excluded = {e["latent"] for e in entries if e.get("include") is False}
+    pinned = [e for e in entries if e.get("include") is True]
+    labels = {e["latent"]: (e.get("label"), e.get("note")) for e in entries}
+    for entry in entries:
+        if not 0 <= entry["latent"] < len(salience):
+            raise FeaturesFileError(f"{features_file}: latent {entry['latent']} is out of range "
+                                    f"(the SAE has {len(salience)} latents)")
+
+    def make(latent: int, is_pinned: bool, sign: int | None = None) -> Feature:
+        s = float(salience[latent])
+        label, note = labels.get(latent, (None, None))
+        return Feature(latent, sign if sign is not None else (1 if s >= 0 else -1), s, label, note, is_pinned)
+
+    chosen = [make(e["latent"], True, e.get("sign")) for e in pinned]
+    taken = {f.latent for f in chosen} | excluded
+    for latent in torch.argsort(salience.abs(), descending=True, stable=True).tolist():
+        if len(chosen) >= n_features:
+            break
+        if latent not in taken and salience[latent] != 0:
+            chosen.append(make(latent, False))
+            taken.add(latent)
+    return FeatureSet(chosen, str(features_file) if features_file else "top-n")
+
+
+def read_features_file(path: Path) -> list[dict]:
+    """Entries of a features file (YAML or JSON): ``{features: [{latent, label, include, sign, note}]}``."""
+    import yaml
+
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise FeaturesFileError(f"{path}: cannot read the features file ({exc})") from exc
+    try:
+        data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    except (json.JSONDecodeError, yaml.YAMLError) as exc:
+        raise FeaturesFileError(f"{path}: not valid {'JSON' if path.suffix == '.json' else 'YAML'} ({exc})") from exc
+    entries = data.get("features") if isinstance(data, dict) else None
+    if not isinstance(entries, list):
+        raise FeaturesFileError(f'{path}: expected a top-level "features" list')
+    out = []
+    for i, entry in enumerate(entries, 1):
+        where = f"{path}: feature {i}"
+        if not isinstance(entry, dict) or not isinstance(entry.get("latent"), int) or isinstance(entry.get("latent"), bool):
+            raise FeaturesFileError(f'{where}: field "latent" must be an integer')
+        if "include" in entry and not isinstance(entry["include"], bool):
+            raise FeaturesFileError(f'{where}: field "include" must be true or false')
+        if entry.get("sign") not in (None, 1, -1):
+            raise FeaturesFileError(f'{where}: field "sign" must be 1 or -1')
+        for name in ("label", "note"):
+            if entry.get(name) is not None and not isinstance(entry[name], str):
+                raise FeaturesFileError(f'{where}: field "{name}" must be a string')
+        out.append(entry)
+    return out
+
+
+# ------------------------------------------------------------------------- feature cards
+
+@dataclass
+class CardContext:
+    text_index: int
+    position: int  # token index in the truncated model input
+    token_id: int
+    value: float
+
+
+@dataclass
+class CardData:
+    """What a feature card shows, before it is rendered (report.FeatureCard)."""
+
+    feature: Feature
+    chosen_total: float
+    rejected_total: float
+    fire_rate: float
+    top_tokens: list[tuple[int, int]] = field(default_factory=list)  # (token id, count)
+    contexts: list[CardContext] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def feature_cards(stats: CodeStats, features: FeatureSet, *, n_contexts: int = 10) -> list[CardData]:
+    """Card data for every selected feature: totals, firing rate, top tokens and contexts."""
+    chosen_totals, rejected_totals = stats.totals()
+    n_tokens = max(stats.n_tokens, 1)
+    cards = []
+    for feature in features.features:
+        j = feature.latent
+        valid = stats.top_values[:, j] > 0
+        tokens = stats.top_tokens[valid, j]
+        ids, counts = torch.unique(tokens, return_counts=True)
+        order = torch.argsort(counts, descending=True, stable=True)[:10]
+        contexts = [CardContext(int(stats.top_texts[r, j]), int(stats.top_positions[r, j]),
+                                int(stats.top_tokens[r, j]), float(stats.top_values[r, j]))
+                    for r in torch.nonzero(valid).flatten()[:n_contexts].tolist()]
+        cards.append(CardData(feature, float(chosen_totals[j]), float(rejected_totals[j]),
+                              float(stats.fire_counts[j]) / n_tokens,
+                              [(int(ids[i]), int(counts[i])) for i in order], contexts))
+    return cards
