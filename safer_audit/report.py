@@ -1,0 +1,472 @@
+"""The report of a scan: run metadata, feature cards and one finding per pair.
+
+These types are the one source of truth for what a scan found. The exporters and the
+terminal view render them; none of them recomputes a score.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import os
+import re
+import secrets
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Callable, Iterable, NamedTuple
+
+import polars as pl
+from rich import box
+from rich.console import Console, Group
+from rich.panel import Panel
+from rich.table import Table
+from rich.text import Text
+
+from .plugins import Exporter, exporters
+
+REPORT_SCHEMA_VERSION = 1
+
+CATEGORY_DESCRIPTIONS = {
+    "flipped": "the safety features favour the rejected response: the labels are likely swapped",
+    "noisy": "the safety features barely tell the two responses apart: a weak or arbitrary preference",
+    "quality": "a data problem (empty, identical or truncated responses) makes the pair unreliable",
+    "clean": "nothing suspicious",
+}
+CATEGORIES = tuple(CATEGORY_DESCRIPTIONS)
+
+SIDES = ("chosen", "rejected")
+
+
+@dataclass
+class FeatureContribution:
+    """One latent's share of V(chosen) and V(rejected), signed as in METHOD.md section 5."""
+
+    latent: int
+    label: str | None
+    chosen: float
+    rejected: float
+
+    @property
+    def net(self) -> float:
+        """Its share of score_safe."""
+        return self.chosen - self.rejected
+
+
+@dataclass
+class Finding:
+    """One pair: its scores, its place in the ranking and the texts that differ."""
+
+    pair_id: str
+    source: str  # the file the pair came from
+    line: int  # 1-based line (or row) of the pair in ``source``
+    rank: int  # 1 = most suspicious
+    category: str
+    suspicion: float  # the ranking score: higher is more suspicious
+    score_safe: float
+    reward_margin: float
+    sae_margin: float | None
+    quality: list[str]  # data-quality problem kinds, from the data layer
+    chosen: str  # the final chosen response
+    rejected: str  # the final rejected response
+    context: str  # the conversation both responses answer
+    top_features: list[FeatureContribution]
+
+    def __post_init__(self):
+        if self.category not in CATEGORIES:
+            raise ValueError(f"category must be one of {', '.join(CATEGORIES)}, not {self.category!r}")
+
+
+@dataclass
+class FeatureContext:
+    """A window of text around one position where a latent fires."""
+
+    pair_id: str
+    side: str  # "chosen" or "rejected"
+    text_before: str
+    token: str
+    text_after: str
+    value: float
+
+
+@dataclass
+class FeatureCard:
+    """A selected latent: its salience, how it fires, and where it fires most."""
+
+    latent: int
+    label: str | None
+    salience: float
+    chosen_total: float  # C_j
+    rejected_total: float  # R_j
+    fire_rate: float  # fraction of read positions where the latent is active
+    sign: str  # "+": in F+, "-": in F-
+    top_tokens: list[tuple[str, int]]  # (token, how often the latent fires on it)
+    contexts: list[FeatureContext]
+
+
+@dataclass
+class RunInfo:
+    """What was scanned, with what, and how long it took."""
+
+    tool_version: str
+    model: str
+    model_hash: str | None
+    layer: int
+    positions: str
+    max_length: int
+    sae_path: str
+    sae_hash: str | None
+    sae_fvu: float | None
+    n_features: int
+    ranking: str  # the name of the ranking formula
+    thresholds: dict[str, float]
+    timings: dict[str, float]  # seconds per stage
+    pairs: int
+    counts: dict[str, int]  # pairs per category
+    data_source: str
+    created: str  # ISO 8601
+
+
+# The table layout of a report: one row per pair. ``quality`` is a list of strings and
+# ``top_features`` a list of structs; ``to_frame(nested=False)`` turns both into JSON strings.
+FEATURE_STRUCT = pl.Struct(
+    {"latent": pl.Int64, "label": pl.String, "chosen": pl.Float64, "rejected": pl.Float64}
+)
+FRAME_SCHEMA = {
+    "rank": pl.Int64,
+    "pair_id": pl.String,
+    "source": pl.String,
+    "line": pl.Int64,
+    "category": pl.String,
+    "suspicion": pl.Float64,
+    "score_safe": pl.Float64,
+    "reward_margin": pl.Float64,
+    "sae_margin": pl.Float64,
+    "quality": pl.List(pl.String),
+    "top_features": pl.List(FEATURE_STRUCT),
+    "chosen": pl.String,
+    "rejected": pl.String,
+    "context": pl.String,
+}
+_NESTED = ("quality", "top_features")
+
+
+@dataclass
+class Report:
+    """Everything a scan found, in the form every exporter renders."""
+
+    run: RunInfo
+    features: list[FeatureCard]
+    findings: list[Finding]
+
+    def to_dict(self, include_findings: bool = True) -> dict:
+        """Plain JSON-ready data, tagged with the schema version."""
+        data = {"schema_version": REPORT_SCHEMA_VERSION, **asdict(self)}
+        for card in data["features"]:
+            card["top_tokens"] = [list(pair) for pair in card["top_tokens"]]
+        if not include_findings:
+            del data["findings"]
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict) -> Report:
+        """The inverse of ``to_dict``; a missing or unknown field is a ValueError naming it."""
+        _require_keys(data, ("schema_version", "run", "features", "findings"), "report")
+        version = data["schema_version"]
+        if version != REPORT_SCHEMA_VERSION:
+            raise ValueError(
+                f"report schema version {version!r} is not supported (this is version {REPORT_SCHEMA_VERSION})"
+            )
+        return cls(
+            run=_build(RunInfo, data["run"], "run"),
+            features=[_card(card, f"features[{i}]") for i, card in enumerate(data["features"])],
+            findings=[finding_from_dict(row, f"findings[{i}]") for i, row in enumerate(data["findings"])],
+        )
+
+    def to_frame(self, nested: bool = True) -> pl.DataFrame:
+        """One row per pair, by rank, in the layout of FRAME_SCHEMA."""
+        rows = [asdict(finding) for finding in sorted(self.findings, key=lambda f: f.rank)]
+        frame = pl.DataFrame(rows, schema=FRAME_SCHEMA, orient="row")
+        if nested:
+            return frame
+        # CSV has no lists: keep them readable and loss-free as JSON text.
+        encoded = {name: [json.dumps(row[name], ensure_ascii=False) for row in rows] for name in _NESTED}
+        return frame.with_columns(pl.Series(name, values, dtype=pl.String) for name, values in encoded.items())
+
+    def suspects(self, top: int | None = None) -> list[Finding]:
+        """The findings that are not clean, most suspicious first, at most ``top`` of them."""
+        ranked = sorted((f for f in self.findings if f.category != "clean"), key=lambda f: f.rank)
+        return ranked if top is None else ranked[:top]
+
+
+def finding_from_dict(data: dict, where: str = "finding") -> Finding:
+    """A Finding from plain data, as written by ``Report.to_dict``."""
+    finding = _build(Finding, data, where)
+    finding.top_features = [
+        _build(FeatureContribution, item, f"{where}.top_features[{i}]")
+        for i, item in enumerate(finding.top_features)
+    ]
+    finding.quality = list(finding.quality)
+    return finding
+
+
+def findings_from_frame(frame: pl.DataFrame) -> list[Finding]:
+    """Findings back from a ``to_frame`` table, nested or with JSON-text list columns (CSV)."""
+    findings = []
+    for i, row in enumerate(frame.iter_rows(named=True)):
+        for name in _NESTED:
+            if isinstance(row[name], str):
+                row[name] = json.loads(row[name])
+        findings.append(finding_from_dict(row, f"row {i + 1}"))
+    return findings
+
+
+def _require_keys(data, names: Iterable[str], where: str) -> None:
+    if not isinstance(data, dict):
+        raise ValueError(f"{where}: expected an object, got {type(data).__name__}")
+    for name in names:
+        if name not in data:
+            raise ValueError(f'{where}: field "{name}" is missing')
+
+
+def _build(cls, data, where: str):
+    names = [f.name for f in fields(cls)]
+    _require_keys(data, names, where)
+    unknown = sorted(set(data) - set(names))
+    if unknown:
+        raise ValueError(f'{where}: unknown field "{unknown[0]}"')
+    return cls(**data)
+
+
+def _card(data, where: str) -> FeatureCard:
+    card = _build(FeatureCard, data, where)
+    card.top_tokens = [(str(token), int(count)) for token, count in card.top_tokens]
+    card.contexts = [_build(FeatureContext, c, f"{where}.contexts[{i}]") for i, c in enumerate(card.contexts)]
+    return card
+
+
+# -- writing ---------------------------------------------------------------------------
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return os.path.samefile(a, b)  # also catches hard links and symlinks
+    except OSError:
+        return a.resolve() == b.resolve()
+
+
+def refuse_inputs(path: str | Path, protect: Iterable[str | Path]) -> None:
+    """Raise ValueError if ``path`` is one of the input files in ``protect``."""
+    for input_path in protect:
+        if _same_file(Path(path), Path(input_path)):
+            raise ValueError(f"{path}: refusing to write over an input file")
+
+
+def write_atomic(
+    path: str | Path,
+    content: bytes | str | Callable[[Path], None],
+    protect: Iterable[str | Path] = (),
+) -> Path:
+    """Write ``content`` (text, bytes, or a function writing to the path it is given) to a
+    temporary file next to ``path``, flush it to disk, then rename it over ``path``.
+
+    A reader never sees a half-written file and a failure leaves ``path`` as it was.
+    """
+    path = Path(path)
+    refuse_inputs(path, protect)
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
+    try:
+        # O_EXCL: never follow or reuse someone else's file; 0o666 lets the umask decide.
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        with os.fdopen(fd, "wb") as out:
+            if not callable(content):
+                out.write(content.encode("utf-8") if isinstance(content, str) else content)
+        if callable(content):
+            content(tmp)
+        fd = os.open(tmp, os.O_RDWR)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def _input_paths(report: Report) -> set[str]:
+    return {report.run.data_source} | {finding.source for finding in report.findings}
+
+
+def find_exporter(path: str | Path, format: str | None = None) -> Exporter:
+    """The exporter for ``format`` if given, else for the extension of ``path``."""
+    known = exporters()
+    listing = ", ".join(f"{name} ({' '.join(e.extensions)})" for name, e in sorted(known.items()))
+    if format is not None:
+        if format not in known:
+            raise ValueError(f"unknown format {format!r}; known formats: {listing}")
+        return known[format]
+    suffix = Path(path).suffix.lower()
+    for exporter in known.values():
+        if suffix in exporter.extensions:
+            return exporter
+    raise ValueError(f"{path}: cannot tell the format from the extension {suffix!r}; known formats: {listing}")
+
+
+def export_report(report: Report, path: str | Path, format: str | None = None) -> Exporter:
+    """Write ``report`` to ``path`` with the exporter for ``format`` or the path's extension.
+
+    Refuses to write over the scanned data. Returns the exporter used.
+    """
+    exporter = find_exporter(path, format)
+    refuse_inputs(path, _input_paths(report))
+    exporter.export(report, Path(path))
+    return exporter
+
+
+# -- shared rendering helpers ----------------------------------------------------------
+
+
+class Excerpt(NamedTuple):
+    """A short window of a response: text before the first difference, the differing span, after."""
+
+    before: str
+    differ: str
+    after: str
+
+
+_TOKEN = re.compile(r"\s+|\w+(?:['’]\w+)*|[^\w\s]")  # "can't" is one word
+_DIFF_WINDOW = 400  # tokens past the common prefix in which to find where the texts meet again
+_RESYNC_WORDS = 3  # shared words (and punctuation) in a row that end a differing span
+
+
+def _squash(text: str) -> str:
+    return re.sub(r"\s+", " ", text)
+
+
+def _excerpt(tokens: list[str], start: int, end: int, width: int) -> Excerpt:
+    before, differ, after = (_squash("".join(part)) for part in (tokens[:start], tokens[start:end], tokens[end:]))
+    lead = width // 4
+    if len(before) > lead:
+        before = "…" + before[len(before) - lead + 1 :]
+    room = width - len(before)
+    if len(differ) > room:
+        return Excerpt(before, differ[: max(room - 1, 1)] + "…", "")
+    room -= len(differ)
+    if len(after) > room:
+        after = after[: max(room - 1, 0)] + "…" if room > 0 else ""
+    return Excerpt(before, differ, after)
+
+
+def diff_excerpts(chosen: str, rejected: str, width: int = 60) -> tuple[Excerpt, Excerpt]:
+    """Excerpts of both responses around the first place where they differ.
+
+    Word-level, so that two unrelated answers show one differing span rather than
+    scattered shared letters. Identical responses give an empty ``differ``.
+    """
+    a, b = _TOKEN.findall(chosen), _TOKEN.findall(rejected)
+    common = 0
+    while common < min(len(a), len(b)) and a[common] == b[common]:
+        common += 1
+    stop_a, stop_b = min(len(a), common + _DIFF_WINDOW), min(len(b), common + _DIFF_WINDOW)
+    matcher = difflib.SequenceMatcher(None, a[common:stop_a], b[common:stop_b], autojunk=False)
+    i2 = j2 = 0
+    for tag, _, end_a, _, end_b in matcher.get_opcodes():
+        # Two different sentences share spaces and small words; only a real run of shared
+        # words ends the differing span.
+        if tag == "equal" and sum(not t.isspace() for t in a[common + i2 : common + end_a]) >= _RESYNC_WORDS:
+            break
+        i2, j2 = end_a, end_b
+    return _excerpt(a, common, common + i2, width), _excerpt(b, common, common + j2, width)
+
+
+def format_number(value: float | None) -> str:
+    """Three significant digits with a sign; a dash for a missing value."""
+    return "—" if value is None else f"{value:+.3g}"
+
+
+def format_feature(contribution: FeatureContribution) -> str:
+    label = f" {contribution.label}" if contribution.label else ""
+    return f"#{contribution.latent}{label} {format_number(contribution.net)}"
+
+
+def summary_lines(report: Report) -> list[tuple[str, str]]:
+    """The summary as (heading, value) pairs, shared by the terminal, Markdown and HTML."""
+    run = report.run
+    model = run.model + (f" (sha256 {run.model_hash[:12]})" if run.model_hash else "")
+    sae = run.sae_path + (f" (sha256 {run.sae_hash[:12]})" if run.sae_hash else "")
+    fvu = "unknown" if run.sae_fvu is None else f"{run.sae_fvu:.3f}"
+    thresholds = ", ".join(f"{name} {value:g}" for name, value in run.thresholds.items()) or "none"
+    timings = ", ".join(f"{stage} {seconds:.1f} s" for stage, seconds in run.timings.items()) or "not recorded"
+    return [
+        ("pairs scanned", f"{run.pairs:,} from {run.data_source}"),
+        ("model", f"{model}, layer {run.layer}, positions {run.positions}, max length {run.max_length}"),
+        ("SAE", f"{sae}, FVU {fvu}, {run.n_features} features"),
+        ("ranking", f"{run.ranking}; thresholds: {thresholds}"),
+        ("categories", ", ".join(f"{name} {run.counts.get(name, 0):,}" for name in CATEGORIES)),
+        ("time", timings),
+        ("created", f"{run.created} by safer-audit {run.tool_version}"),
+    ]
+
+
+# -- terminal --------------------------------------------------------------------------
+
+
+def _excerpt_text(label: str, excerpt: Excerpt, marks: bool) -> Text:
+    text = Text(f"{label} ", style="bold")
+    text.append(excerpt.before)
+    # Without styles the differing span must still show, so it gets visible marks.
+    if excerpt.differ:
+        text.append(f"»{excerpt.differ}«" if marks else excerpt.differ, style="bold reverse")
+    text.append(excerpt.after)
+    return text
+
+
+def print_report(report: Report, console: Console, top: int = 20) -> None:
+    """The summary panel and the table of the ``top`` suspects, readable at 100 columns."""
+    grid = Table.grid(padding=(0, 1))
+    grid.add_column(style="bold", no_wrap=True)
+    grid.add_column()
+    for heading, value in summary_lines(report):
+        grid.add_row(heading, value)
+    console.print(Panel(grid, title="safer-audit", title_align="left", box=box.ROUNDED))
+
+    suspects = report.suspects(top)
+    shown = len(suspects)
+    total = len(report.suspects())
+    if not suspects:
+        console.print("No suspects: every pair is clean.")
+        return
+    marks = not console.is_terminal or console.color_system is None
+    table = Table(
+        title=f"Top {shown} of {total:,} suspects (pairs flagged, most suspicious first)",
+        box=box.SIMPLE_HEAD,
+        show_lines=True,
+        expand=True,
+        title_justify="left",
+    )
+    table.add_column("#", justify="right", no_wrap=True)
+    table.add_column("pair", overflow="fold", max_width=16)
+    table.add_column("safe", justify="right", no_wrap=True)
+    table.add_column("margin", justify="right", no_wrap=True)
+    table.add_column("features", ratio=2)
+    table.add_column("chosen / rejected, from the first difference", ratio=5)
+    for finding in suspects:
+        chosen, rejected = diff_excerpts(finding.chosen, finding.rejected, width=90)
+        pair = Text(f"{finding.pair_id}\nline {finding.line}\n")
+        pair.append(finding.category, style="bold red" if finding.category == "flipped" else "bold")
+        if finding.quality:
+            pair.append("\n" + ", ".join(finding.quality))
+        table.add_row(
+            str(finding.rank),
+            pair,
+            format_number(finding.score_safe),
+            format_number(finding.reward_margin),
+            "\n".join(format_feature(c) for c in finding.top_features[:3]),
+            Group(_excerpt_text("C", chosen, marks), _excerpt_text("R", rejected, marks)),
+        )
+    console.print(table)
+    console.print(
+        "safe: score_safe = V(chosen) - V(rejected), low or negative is suspicious; margin: reward margin; "
+        "features: latent, label, share of score_safe."
+    )
