@@ -36,13 +36,16 @@ class PluginError(Exception):
 
 
 def load_plugins() -> pluggy.PluginManager:
-    """Register the built-in and the allowed third-party plugins, once."""
+    """Register the built-in and the allowed third-party plugins, once.
+
+    Only a successful load counts: after a PluginError every call raises it again.
+    """
     global _loaded
     if _loaded:
         return pm
-    _loaded = True
     for name in DEFAULT_PLUGINS:
-        pm.register(importlib.import_module(name), name)
+        if pm.get_plugin(name) is None:
+            pm.register(importlib.import_module(name), name)
     allowed = os.environ.get(LOAD_PLUGINS_ENV)
     allowed_names = None if allowed is None else {n.strip() for n in allowed.split(",") if n.strip()}
     for ep in metadata.entry_points(group=ENTRY_POINT_GROUP):
@@ -61,6 +64,7 @@ def load_plugins() -> pluggy.PluginManager:
         pm.check_pending()
     except pluggy.PluginValidationError as exc:
         raise PluginError(str(exc)) from exc
+    _loaded = True
     return pm
 
 
