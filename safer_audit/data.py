@@ -708,7 +708,7 @@ class _QualityChecker:
         if chosen_context != rejected_context:
             turn = next((i for i, (a, b) in enumerate(zip(chosen_context, rejected_context)) if a != b),
                         min(len(chosen_context), len(rejected_context)))
-            found.append(finding("context_mismatch", f"chosen and rejected contexts differ from message {turn + 1}"))
+            found.append(finding("context_mismatch", f"chosen and rejected contexts differ at message {turn + 1}"))
         if self.max_length is not None:
             self._pending.append((index, pair))
             if len(self._pending) >= self.batch_size:
