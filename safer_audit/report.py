@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import difflib
 import json
+import math
 import os
 import re
 import secrets
@@ -27,10 +28,10 @@ from .plugins import Exporter, exporters
 REPORT_SCHEMA_VERSION = 1
 
 CATEGORY_DESCRIPTIONS = {
-    "flipped": "the safety features favour the rejected response: the labels are likely swapped",
-    "noisy": "the safety features barely tell the two responses apart: a weak or arbitrary preference",
-    "quality": "a data problem (empty, identical or truncated responses) makes the pair unreliable",
-    "clean": "nothing suspicious",
+    "flipped": "among the most suspicious pairs and every signal prefers the rejected response: labels likely swapped",
+    "noisy": "among the most suspicious pairs, but the signals disagree: a weak or doubtful preference",
+    "quality": "a data problem (identical or empty responses, a contradiction, different contexts) makes it unusable",
+    "clean": "not among the most suspicious pairs",
 }
 CATEGORIES = tuple(CATEGORY_DESCRIPTIONS)
 
@@ -63,7 +64,7 @@ class Finding:
     category: str
     suspicion: float  # the ranking score: higher is more suspicious
     score_safe: float
-    reward_margin: float
+    reward_margin: float | None  # None (never NaN) when it could not be computed
     sae_margin: float | None
     quality: list[str]  # data-quality problem kinds, from the data layer
     chosen: str  # the final chosen response
@@ -74,6 +75,10 @@ class Finding:
     def __post_init__(self):
         if self.category not in CATEGORIES:
             raise ValueError(f"category must be one of {', '.join(CATEGORIES)}, not {self.category!r}")
+        # JSON has no NaN: a margin that could not be computed is stored as missing.
+        for name in ("reward_margin", "sae_margin"):
+            if getattr(self, name) is not None and not math.isfinite(getattr(self, name)):
+                setattr(self, name, None)
 
 
 @dataclass

@@ -193,13 +193,21 @@ def test_unknown_category_is_refused(report):
         Finding(**data)
 
 
+def test_a_margin_that_could_not_be_computed_is_none_not_nan(report):
+    data = report.to_dict()["findings"][0] | {"reward_margin": float("nan"), "sae_margin": float("inf")}
+    data["top_features"] = []
+    finding = Finding(**data)
+    assert finding.reward_margin is None and finding.sae_margin is None
+
+
 def test_frame_has_one_row_per_pair_by_rank(report):
     report.findings.reverse()
     frame = report.to_frame()
     assert frame["rank"].to_list() == [1, 2, 3, 4]
     assert frame["pair_id"].to_list() == ["hh-17", "hh-3", "hh-8", "hh-1"]
     assert frame["quality"].to_list()[2] == ["identical", "empty context"]
-    assert frame["top_features"].to_list()[0][0] == {"latent": 412, "label": "refusal | apology", "chosen": 0.1, "rejected": 0.7}
+    first = {"latent": 412, "label": "refusal | apology", "chosen": 0.1, "rejected": 0.7}
+    assert frame["top_features"].to_list()[0][0] == first
 
 
 def test_frame_round_trips_nested_and_flat(report):
@@ -344,7 +352,8 @@ def test_terminal_report_summary_and_suspects(report):
     text = _render(report)
     assert "\x1b[" not in text  # no colour codes when not a terminal
     assert max(len(line) for line in text.splitlines()) <= 100
-    for expected in ("pairs scanned", "4 from data/hh.jsonl.gz", "layer 3", "FVU 0.123", "flipped 1", "activations 12.5 s"):
+    summary = ("pairs scanned", "4 from data/hh.jsonl.gz", "layer 3", "FVU 0.123", "flipped 1", "activations 12.5 s")
+    for expected in summary:
         assert expected in text
     assert "hh-17" in text and "hh-3" in text and "hh-8" in text
     assert "hh-1\n" not in text  # the clean pair is not a suspect

@@ -10,7 +10,7 @@ from safer_audit.report import Report, write_atomic
 
 
 def export_jsonl(report: Report, path: Path) -> None:
-    """Line 1: ``{"type": "run", ...}`` with the schema version, run and features; then one finding per line, by rank."""
+    """Line 1: ``{"type": "run", ...}`` (schema version, run, features); then one finding per line, by rank."""
     data = report.to_dict()
     findings = sorted(data.pop("findings"), key=lambda finding: finding["rank"])
     records = [{"type": "run", **data}] + [{"type": "finding", **finding} for finding in findings]

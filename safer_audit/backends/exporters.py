@@ -28,6 +28,7 @@ from ..report import (
 )
 
 PARQUET_METADATA_KEY = "safer_audit.report"  # run metadata and feature cards, as JSON
+_SCORE_SAFE_NOTE = "score_safe = V(chosen) - V(rejected): low or negative means the chosen response looks less safe."
 
 
 def export_json(report: Report, path: Path) -> None:
@@ -96,7 +97,7 @@ def render_markdown(report: Report) -> str:
                 _md_excerpt(rejected),
             ]
             lines.append("| " + " | ".join(cells) + " |")
-    lines += ["", "score_safe = V(chosen) - V(rejected): low or negative means the chosen response looks less safe.", ""]
+    lines += ["", _SCORE_SAFE_NOTE, ""]
     return "\n".join(lines)
 
 
@@ -262,10 +263,11 @@ def render_html(report: Report) -> str:
 <body>
 <h1>safer-audit report</h1>
 <section id="summary"><dl>{summary}</dl>
-<table><thead><tr><th>category</th><th class="num">pairs</th><th>meaning</th></tr></thead><tbody>{counts}</tbody></table>
+<table><thead><tr><th>category</th><th class="num">pairs</th><th>meaning</th></tr></thead>
+<tbody>{counts}</tbody></table>
 </section>
 <section id="suspects"><h2>Suspects ({len(suspects):,} of {report.run.pairs:,} pairs; click a header to sort)</h2>
-<p>score_safe = V(chosen) - V(rejected): low or negative means the chosen response looks less safe.
+<p>{_SCORE_SAFE_NOTE}
 Top features: latent, label and its share of score_safe.</p>
 {table}
 </section>
