@@ -341,7 +341,6 @@ class Excerpt(NamedTuple):
 
 
 _TOKEN = re.compile(r"\s+|\w+(?:['’]\w+)*|[^\w\s]")  # "can't" is one word
-_DIFF_WINDOW = 400  # tokens past the common prefix in which to find where the texts meet again
 _RESYNC_WORDS = 3  # shared words (and punctuation) in a row that end a differing span
 
 
@@ -373,7 +372,9 @@ def diff_excerpts(chosen: str, rejected: str, width: int = 60) -> tuple[Excerpt,
     common = 0
     while common < min(len(a), len(b)) and a[common] == b[common]:
         common += 1
-    stop_a, stop_b = min(len(a), common + _DIFF_WINDOW), min(len(b), common + _DIFF_WINDOW)
+    # Every token shows as at least one character, so past `width` tokens nothing more is
+    # shown; the slack lets a run of shared words end the span just past the edge.
+    stop_a, stop_b = min(len(a), common + 2 * width), min(len(b), common + 2 * width)
     matcher = difflib.SequenceMatcher(None, a[common:stop_a], b[common:stop_b], autojunk=False)
     i2 = j2 = 0
     for tag, _, end_a, _, end_b in matcher.get_opcodes():
