@@ -278,6 +278,8 @@ def write_atomic(
     """
     path = Path(path)
     refuse_inputs(path, protect)
+    if not path.parent.is_dir():  # say so plainly, rather than name the temporary file
+        raise FileNotFoundError(f"{path}: the directory {path.parent} does not exist")
     tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
     try:
         # O_EXCL: never follow or reuse someone else's file; 0o666 lets the umask decide.

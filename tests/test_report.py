@@ -274,6 +274,11 @@ def test_write_atomic_respects_the_umask(tmp_path):
     assert stat.S_IMODE((tmp_path / "out.txt").stat().st_mode) == 0o644
 
 
+def test_write_atomic_names_a_missing_directory(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"out\.json: the directory .*nowhere does not exist"):
+        write_atomic(tmp_path / "nowhere" / "out.json", "x")
+
+
 def test_write_atomic_refuses_to_overwrite_an_input(tmp_path):
     data = tmp_path / "data.jsonl"
     data.write_text("input")
