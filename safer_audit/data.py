@@ -397,6 +397,7 @@ def _json_records(path: str, stream: io.BufferedReader) -> Iterator[tuple[int, A
 # CSV cells are strings: message lists arrive as JSON text, preference indices as digits.
 _CSV_JSON_FIELDS = ("prompt", "chosen", "rejected")
 _CSV_INT_FIELDS = ("better_response_id", "safer_response_id")
+_ESCAPED_BYTE = re.compile("[\udc80-\udcff]")
 
 
 def _csv_cell(key: str, value: str) -> Any:
@@ -414,16 +415,20 @@ def _csv_cell(key: str, value: str) -> Any:
 
 def _csv_records(path: str, stream: io.BufferedReader) -> Iterator[tuple[int, Any]]:
     csv.field_size_limit(min(sys.maxsize, 2**31 - 1))  # long responses exceed the 128 KiB default
-    text = io.TextIOWrapper(stream, encoding="utf-8-sig", newline="")
+    # surrogateescape keeps undecodable bytes in place, so the row and column that hold them
+    # can be named; a strict decoder fails a whole read-ahead chunk, rows away from them.
+    text = io.TextIOWrapper(stream, encoding="utf-8-sig", errors="surrogateescape", newline="")
     reader = csv.DictReader(text)
     row = 0
     try:
         for row, cells in enumerate(reader, 1):
             # A short row leaves None cells: those fields are missing, not null.
-            yield row, {key: _csv_cell(key, value) for key, value in cells.items()
-                        if key is not None and value is not None}
-    except UnicodeDecodeError:
-        raise DataError(path, row + 1, None, "invalid UTF-8") from None
+            cells = {key: value for key, value in cells.items() if key is not None and value is not None}
+            undecodable = next((key for key, value in cells.items() if _ESCAPED_BYTE.search(key + value)), None)
+            if undecodable is not None:
+                yield row, _Invalid(undecodable, "is not valid UTF-8")
+                continue
+            yield row, {key: _csv_cell(key, value) for key, value in cells.items()}
     except csv.Error as exc:
         raise DataError(path, row + 1, None, f"invalid CSV: {exc}") from None
 
