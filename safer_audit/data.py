@@ -418,7 +418,7 @@ def _csv_records(path: str, stream: io.BufferedReader) -> Iterator[tuple[int, An
     # surrogateescape keeps undecodable bytes in place, so the row and column that hold them
     # can be named; a strict decoder fails a whole read-ahead chunk, rows away from them.
     text = io.TextIOWrapper(stream, encoding="utf-8-sig", errors="surrogateescape", newline="")
-    reader = csv.DictReader(text)
+    reader = csv.DictReader(text, strict=True)  # strict: a quote left open is an error, not data
     row = 0
     try:
         for row, cells in enumerate(reader, 1):
