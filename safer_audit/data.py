@@ -809,7 +809,7 @@ def validate_dataset(source: str | os.PathLike, *, schema: str | None = None, sp
     reader = PairReader(source, schema=schema, split=split, skip_invalid=skip_invalid, preference=preference,
                         max_errors=max_errors, keep_skipped=max_errors)
     checker = _QualityChecker(max_length, count_tokens)
-    kinds = FINDING_KINDS if max_length is not None else FINDING_KINDS[:-1]
+    kinds = [kind for kind in FINDING_KINDS if max_length is not None or kind != "truncated"]
     counts = dict.fromkeys(kinds, 0)
     firsts: dict[str, list[QualityFinding]] = {kind: [] for kind in kinds}
 
