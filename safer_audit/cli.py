@@ -6,14 +6,20 @@ Every command is a thin wrapper over library functions. Exit status: 0 success,
 
 from __future__ import annotations
 
+import json
 import sys
+from contextlib import contextmanager
+from pathlib import Path
 
 import click
 from rich.console import Console
 from rich.table import Table
 
 from . import __version__
+from .config import POSITIONS, ActivationConfig, SaeTrainConfig, ScanConfig, default_cache_dir
+from .data import SCHEMAS
 from .plugins import PluginError, load_plugins, plugin_info
+from .progress import ProgressBar
 
 EXIT_FINDINGS = 1
 EXIT_BAD_INPUT = 2
@@ -58,6 +64,282 @@ def plugins_command(as_json):
         registers = "; ".join(f"{kind}: {', '.join(names)}" for kind, names in info.registers.items())
         table.add_row(info.name, info.version or "", ", ".join(info.hooks), registers)
     stdout_console().print(table)
+
+
+# --------------------------------------------------------------------------- options
+
+def model_options(command):
+    """Options of every command that runs a model: which model, layer, positions, and how."""
+    defaults = ActivationConfig.__dataclass_fields__
+    options = [
+        click.option("--model", "-m", default=None, metavar="PATH|HUB_ID",
+                     help="Reward model or encoder: a local transformers directory, or a hub id when online. "
+                          "Default: the embedded all-MiniLM-L6-v2."),
+        click.option("--layer", type=int, default=defaults["layer"].default, show_default=True,
+                     help="Block whose output is read (1-based; negative counts from the end)."),
+        click.option("--positions", type=click.Choice(POSITIONS), default=defaults["positions"].default,
+                     show_default=True, help="Token positions read: every token, the final turn, or clause ends."),
+        click.option("--max-length", type=click.IntRange(8), default=defaults["max_length"].default,
+                     show_default=True, help="Tokens per conversation; longer ones lose their start."),
+        click.option("--batch-size", type=click.IntRange(1), default=defaults["batch_size"].default,
+                     show_default=True, help="Texts per forward pass."),
+        click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N."),
+        click.option("--dtype", default="auto", show_default=True,
+                     help="auto (bfloat16 on GPU, float32 on CPU), float32, bfloat16 or float16."),
+        click.option("--trust-remote-code", is_flag=True,
+                     help="Allow the model directory to run its own Python code (off by default)."),
+        click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+                     help="Activation cache. Default: $SAFER_AUDIT_CACHE_DIR or $XDG_CACHE_HOME/safer-audit."),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+def data_options(command):
+    """Options of every command that reads a dataset."""
+    options = [
+        click.option("--schema", type=click.Choice(SCHEMAS), default=None,
+                     help="Force a schema instead of detecting it."),
+        click.option("--split", default=None, help="Split of a datasets directory or hub dataset."),
+        click.option("--preference", type=click.Choice(["better", "safer"]), default="better", show_default=True,
+                     help="PKU-SafeRLHF style data: which preference index picks the chosen response."),
+        click.option("--skip-invalid", is_flag=True, help="Skip unusable records instead of stopping."),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+def sae_options(command):
+    """Options that pick or train the SAE and the features."""
+    train = SaeTrainConfig()
+    scan = ScanConfig()
+    options = [
+        click.option("--sae", "sae_path", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
+                     help="An SAE directory (ours, SAELens or sparsify). Default: train one on the data (cached)."),
+        click.option("--latents", type=click.IntRange(1), default=None,
+                     help=f"Latents of a trained SAE. Default: {train.expansion} x the model width."),
+        click.option("--k", type=click.IntRange(1), default=train.k, show_default=True,
+                     help="Active latents per token of a trained SAE."),
+        click.option("--epochs", type=click.IntRange(1), default=train.epochs, show_default=True,
+                     help="SAE training epochs."),
+        click.option("--seed", type=int, default=train.seed, show_default=True,
+                     help="Seed of SAE training and of the cross-fitting folds."),
+        click.option("--n-features", type=click.IntRange(1), default=scan.n_features, show_default=True,
+                     help="Latents of largest |salience| used as safety features."),
+        click.option("--features", "features_file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+                     default=None, help="A reviewed features file (YAML or JSON) that pins, excludes and labels latents."),
+        click.option("--salience-from", default=None, metavar="DATA",
+                     help="Compute salience on this reference dataset instead of the scanned one."),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+def _activation_config(kw: dict) -> ActivationConfig:
+    config = ActivationConfig(model=kw.pop("model"), layer=kw.pop("layer"), positions=kw.pop("positions"),
+                              max_length=kw.pop("max_length"), batch_size=kw.pop("batch_size"),
+                              device=kw.pop("device"), dtype=kw.pop("dtype"),
+                              trust_remote_code=kw.pop("trust_remote_code"))
+    cache_dir = kw.pop("cache_dir")
+    if cache_dir is not None:
+        config.cache_dir = cache_dir
+    return config
+
+
+def _scan_config(kw: dict) -> ScanConfig:
+    """Build the one ScanConfig from the options of model_options, data_options and sae_options."""
+    config = ScanConfig(activations=_activation_config(kw))
+    config.sae_train.n_latents = kw.pop("latents")
+    config.sae_train.k = kw.pop("k")
+    config.sae_train.epochs = kw.pop("epochs")
+    config.sae_train.seed = config.seed = kw.pop("seed")
+    for name in ("sae_path", "n_features", "features_file", "salience_from", "schema", "split", "preference",
+                 "skip_invalid"):
+        setattr(config, name, kw.pop(name))
+    return config
+
+
+@contextmanager
+def user_errors():
+    """Turn the errors a user can act on into one line and exit status 2."""
+    from .activations import CacheError
+    from .backends.hf import ModelLoadError
+    from .data import DataError
+    from .explain import UnknownPairError
+    from .sae import SaeFormatError
+    from .salience import FeaturesFileError
+    from .scan import ScanError
+
+    try:
+        yield
+    except (DataError, ModelLoadError, SaeFormatError, FeaturesFileError, ScanError, CacheError,
+            UnknownPairError, PluginError) as exc:
+        _fail(str(exc))
+    except ValueError as exc:  # configuration values the library refused (layer out of range, format)
+        _fail(str(exc))
+
+
+def _steps(quiet: bool) -> ProgressBar:
+    return ProgressBar(Console(stderr=True), enabled=not quiet)
+
+
+# ------------------------------------------------------------------------------ scan
+
+@cli.command()
+@click.argument("data")
+@model_options
+@data_options
+@sae_options
+@click.option("--top", type=click.IntRange(0), default=20, show_default=True, help="Suspects shown in the terminal.")
+@click.option("--output", "-o", "outputs", multiple=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="Write the report here (repeatable); the format comes from the extension.")
+@click.option("--format", "output_format", default=None,
+              help="Format of every --output, when the extension does not say (see `safer-audit plugins`).")
+@click.option("--flipped-fraction", type=click.FloatRange(0, 1), default=ScanConfig.flipped_fraction,
+              show_default=True, help="Most suspicious fraction whose pairs are 'flipped' when every signal agrees.")
+@click.option("--noisy-fraction", type=click.FloatRange(0, 1), default=ScanConfig.noisy_fraction,
+              show_default=True, help="Most suspicious fraction whose other pairs are 'noisy'.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
+def scan(data, top, outputs, output_format, flipped_fraction, noisy_fraction, quiet, **kw):
+    """Scan DATA and rank its pairs, most likely flipped or noisy first.
+
+    DATA is a .jsonl, .jsonl.gz, .json, .parquet or .csv file, a datasets directory, or a
+    hub dataset id when online. Activations and a trained SAE are cached, so a re-run on
+    the same data is fast.
+    """
+    from .report import export_report, find_exporter, print_report
+    from .scan import run_scan
+
+    with user_errors():
+        config = _scan_config(kw)
+        config.flipped_fraction, config.noisy_fraction = flipped_fraction, noisy_fraction
+        for path in outputs:
+            find_exporter(path, output_format)  # fail on an unknown format before the long work
+        result = run_scan(data, config, steps=_steps(quiet).step)
+        print_report(result.report, stdout_console(), top=top)
+        for path in outputs:
+            export_report(result.report, path, output_format)
+            click.echo(f"wrote {path}", err=True)
+
+
+@cli.command()
+@click.argument("data")
+@model_options
+@data_options
+@sae_options
+@click.option("--top", type=click.IntRange(1), default=10, show_default=True, help="Feature cards shown.")
+@click.option("--out", "out", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Write a features file (YAML, or JSON by extension) to review, edit and pass to --features.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
+def features(data, top, out, quiet, **kw):
+    """Show the safety features of DATA as cards, and write a features file to review."""
+    from .report import print_feature_cards, write_atomic
+    from .scan import run_scan
+    from .salience import features_file_text
+
+    with user_errors():
+        config = _scan_config(kw)
+        config.cards_with_contexts = top
+        result = run_scan(data, config, steps=_steps(quiet).step)
+        print_feature_cards(result.report.features[:top], stdout_console())
+        if out is not None:
+            write_atomic(out, features_file_text(result.features, json_format=out.suffix == ".json"),
+                         protect=[data])
+            click.echo(f"wrote {out}: set include: true / false and labels, then scan --features {out}", err=True)
+
+
+@cli.command()
+@click.argument("data")
+@click.argument("pair_id")
+@model_options
+@data_options
+@sae_options
+@click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
+def explain(data, pair_id, quiet, **kw):
+    """Show one pair in full: both responses, its scores, and the features behind them."""
+    from .explain import explain_pair, print_explanation
+    from .scan import run_scan
+
+    with user_errors():
+        result = run_scan(data, _scan_config(kw), steps=_steps(quiet).step)
+        print_explanation(explain_pair(result, pair_id), stdout_console())
+
+
+@cli.command(name="train-sae")
+@click.argument("data")
+@click.option("--out", "out", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Directory to write cfg.json and sae_weights.safetensors into.")
+@model_options
+@data_options
+@click.option("--latents", type=click.IntRange(1), default=None,
+              help=f"Number of latents. Default: {SaeTrainConfig.expansion} x the model width.")
+@click.option("--k", type=click.IntRange(1), default=SaeTrainConfig.k, show_default=True,
+              help="Active latents per token.")
+@click.option("--epochs", type=click.IntRange(1), default=SaeTrainConfig.epochs, show_default=True)
+@click.option("--seed", type=int, default=SaeTrainConfig.seed, show_default=True)
+@click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
+def train_sae_command(data, out, latents, k, epochs, seed, quiet, **kw):
+    """Train a TopK SAE on the activations of DATA and save it to --out."""
+    from .scan import train_sae_on_data
+
+    with user_errors():
+        config = _activation_config(kw)
+        train = SaeTrainConfig(n_latents=latents, k=k, epochs=epochs, seed=seed)
+        data_options = {name: kw.pop(name) for name in ("schema", "split", "preference", "skip_invalid")}
+        stats = train_sae_on_data(data, out, config, train, data_options=data_options, steps=_steps(quiet).step)
+    table = Table(title=f"SAE written to {out}")
+    for column in ("FVU", "L0", "dead fraction", "tokens seen", "steps", "seconds"):
+        table.add_column(column, justify="right")
+    table.add_row(f"{stats.fvu:.4f}", f"{stats.l0:.1f}", f"{stats.dead_fraction:.2%}", f"{stats.tokens_seen:,}",
+                  str(stats.steps), f"{stats.seconds:.1f}")
+    stdout_console().print(table)
+
+
+# ----------------------------------------------------------------------------- cache
+
+@cli.group()
+def cache():
+    """Inspect or clear the activation cache."""
+
+
+@cache.command(name="info")
+@click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Cache directory. Default: $SAFER_AUDIT_CACHE_DIR or $XDG_CACHE_HOME/safer-audit.")
+@click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
+def cache_info_command(cache_dir, as_json):
+    """List what the cache holds: one row per model, layer, positions and max length."""
+    from .activations import cache_info
+
+    root = cache_dir or default_cache_dir()
+    rows = cache_info(root)
+    if as_json:
+        click.echo(json.dumps({"cache_dir": str(root), "entries": rows}, indent=2))
+        return
+    table = Table(title=f"Activation cache: {root}")
+    for column in ("model", "layer", "positions", "max length", "texts", "size"):
+        table.add_column(column)
+    for row in rows:
+        table.add_row(str(row.get("model", "?")), str(row.get("layer", "?")), str(row.get("positions", "?")),
+                      str(row.get("max_length", "?")), f"{row['texts']:,}", f"{row['bytes'] / 2**20:.1f} MiB")
+    stdout_console().print(table if rows else f"Activation cache {root} is empty.")
+
+
+@cache.command(name="clear")
+@click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Cache directory. Default: $SAFER_AUDIT_CACHE_DIR or $XDG_CACHE_HOME/safer-audit.")
+@click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+def cache_clear_command(cache_dir, yes):
+    """Delete every cached activation and trained SAE."""
+    from .activations import cache_clear
+
+    root = cache_dir or default_cache_dir()
+    if not yes and sys.stdin.isatty():
+        click.confirm(f"Delete the activation cache in {root}?", abort=True)
+    freed = cache_clear(root)
+    click.echo(f"freed {freed / 2**20:.1f} MiB in {root}")
 
 
 from .data import PREFERENCES, SCHEMAS  # noqa: E402  (belongs in the import block above)

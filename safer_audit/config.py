@@ -57,3 +57,30 @@ class SaeTrainConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+@dataclass
+class ScanConfig:
+    """A scan: which data, which activations, which SAE and features, how pairs are ranked."""
+
+    activations: ActivationConfig = field(default_factory=ActivationConfig)
+    sae_train: SaeTrainConfig = field(default_factory=SaeTrainConfig)
+    sae_path: Path | None = None  # None: train one on the scanned data (cached)
+    n_features: int = 1024  # top-N latents by |salience|; see README "Defaults"
+    features_file: Path | None = None
+    salience_from: str | None = None  # a reference dataset for salience, else the scanned one
+    folds: int = 5  # cross-fitting folds of the reward heads
+    margin_l2: float = 1e-2  # ridge of the Bradley-Terry head on pooled activations
+    sae_l1: float = 2e-3  # L1 of the sparse Bradley-Terry head on SAE codes
+    ranking: dict[str, float] = field(default_factory=lambda: {
+        "score_safe": 1.0, "reward_margin": 1.0, "sae_margin": 1.0})
+    flipped_fraction: float = 0.04  # the paper's best drop ratio (METHOD.md section 6)
+    noisy_fraction: float = 0.10
+    top_features_per_pair: int = 5
+    cards_with_contexts: int = 32  # feature cards (largest |salience| first) that show text contexts
+    seed: int = 0
+    # data options, passed to the data layer
+    schema: str | None = None
+    split: str | None = None
+    preference: str = "better"
+    skip_invalid: bool = False

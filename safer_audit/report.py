@@ -478,3 +478,23 @@ def print_report(report: Report, console: Console, top: int = 20) -> None:
         "safe: score_safe = V(chosen) - V(rejected), low or negative is suspicious; margin: reward margin; "
         "features: latent, label, share of score_safe."
     )
+
+
+def print_feature_cards(cards: list[FeatureCard], console: Console) -> None:
+    """One panel per feature: salience, totals, firing rate, top tokens and strongest contexts."""
+    marks = not console.is_terminal or console.color_system is None
+    for card in cards:
+        head = Text(f"salience {format_number(card.salience)}  ({'F+' if card.sign == '+' else 'F-'}: fires more on "
+                    f"{'chosen' if card.sign == '+' else 'rejected'})  C {card.chosen_total:,.1f}  "
+                    f"R {card.rejected_total:,.1f}  fires on {card.fire_rate:.2%} of read tokens")
+        tokens = Text("top tokens: " + (", ".join(f"{tok} ({n})" for tok, n in card.top_tokens) or "-"))
+        lines = [head, tokens]
+        for ctx in card.contexts:
+            line = Text(f"{ctx.value:5.2f} {ctx.side[0].upper()} {ctx.pair_id}  ", style="dim")
+            line.append("…" + _squash(ctx.text_before)[-80:])
+            token = _squash(ctx.token)
+            line.append(f"[{token}]" if marks else token, style="bold reverse")
+            line.append(_squash(ctx.text_after)[:80] + "…")
+            lines.append(line)
+        title = f"latent {card.latent}" + (f": {card.label}" if card.label else "")
+        console.print(Panel(Group(*lines), title=title, title_align="left", box=box.ROUNDED))

@@ -29,6 +29,7 @@ class CodeStats:
     top_texts: torch.Tensor  # [TOP_ACTIVATIONS, n_latents] their text index
     top_positions: torch.Tensor  # [TOP_ACTIVATIONS, n_latents] their token index in the text
     top_tokens: torch.Tensor  # [TOP_ACTIVATIONS, n_latents] their token id
+    fvu: float = float("nan")  # the SAE's fraction of variance unexplained on this data
 
     @property
     def n_tokens(self) -> int:
@@ -51,14 +52,16 @@ def encode_store(store, sae, *, progress=None) -> CodeStats:
     top_texts = torch.full((TOP_ACTIVATIONS, n_latents), -1, dtype=torch.long)
     top_positions = torch.zeros((TOP_ACTIVATIONS, n_latents), dtype=torch.long)
     top_tokens = torch.zeros((TOP_ACTIVATIONS, n_latents), dtype=torch.long)
-    done = 0
+    device = next(sae.parameters()).device
+    done = fvu_sum = 0
     for texts, offsets, tensors in store.iter_chunks():
         lengths = offsets[1:] - offsets[:-1]
         n_positions[texts] = lengths
         if int(offsets[-1]) == 0:
             continue
-        device = next(sae.parameters()).device
-        z = sae.encode_dense(tensors["acts"].to(device)).float().cpu()
+        out = sae(tensors["acts"].to(device))
+        z = torch.zeros(len(out.x), n_latents, device=device).scatter_(1, out.top_idx, out.top_vals.float()).cpu()
+        fvu_sum += float(out.fvu) * len(out.x)
         segment = torch.repeat_interleave(torch.arange(len(texts)), lengths)
         sums = torch.zeros(len(texts), n_latents).index_add_(0, segment, z)
         mean_codes[texts] = sums / lengths.clamp(min=1).unsqueeze(1)
@@ -77,7 +80,8 @@ def encode_store(store, sae, *, progress=None) -> CodeStats:
         done += len(texts)
         if progress is not None:
             progress(done, store.n_texts)
-    return CodeStats(mean_codes, n_positions, fire_counts, top_values, top_texts, top_positions, top_tokens)
+    fvu = fvu_sum / max(int(n_positions.sum()), 1)
+    return CodeStats(mean_codes, n_positions, fire_counts, top_values, top_texts, top_positions, top_tokens, fvu)
 
 
 def feature_salience(chosen_totals: torch.Tensor, rejected_totals: torch.Tensor) -> torch.Tensor:
@@ -229,3 +233,27 @@ def feature_cards(stats: CodeStats, features: FeatureSet, *, n_contexts: int = 1
                               float(stats.fire_counts[j]) / n_tokens,
                               [(int(ids[i]), int(counts[i])) for i in order], contexts))
     return cards
+
+
+FEATURES_FILE_HEADER = """\
+# safer-audit features file. Review each latent (safer-audit features shows its cards),
+# then: include: true pins it in, include: false excludes it, label names it, note is yours.
+# Use it with: safer-audit scan DATA --features THIS_FILE
+"""
+
+
+def features_file_text(features: FeatureSet, *, json_format: bool = False) -> str:
+    """A features file listing the selected latents, for a person to review and edit."""
+    import yaml
+
+    entries = []
+    for f in features.features:
+        entry = {"latent": f.latent, "sign": f.sign, "salience": round(f.salience, 6), "label": f.label}
+        if f.pinned:
+            entry["include"] = True
+        if f.note:
+            entry["note"] = f.note
+        entries.append(entry)
+    if json_format:
+        return json.dumps({"features": entries}, indent=2) + "\n"
+    return FEATURES_FILE_HEADER + yaml.safe_dump({"features": entries}, sort_keys=False, allow_unicode=True)

@@ -1,0 +1,50 @@
+"""Progress reporting for long steps: a rich bar with rate and ETA, or nothing.
+
+Library functions take ``progress`` callbacks; the CLI makes them with ``ProgressBar``.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+from rich.console import Console
+from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TaskProgressColumn, TextColumn,
+                           TimeElapsedColumn, TimeRemainingColumn)
+
+
+class ProgressBar:
+    """Makes one rich progress task per step: ``with bars.step("Extracting", "pairs") as update``."""
+
+    def __init__(self, console: Console | None = None, enabled: bool = True):
+        self.console = console or Console(stderr=True)
+        self.enabled = enabled and self.console.is_terminal
+
+    @contextmanager
+    def step(self, description: str, unit: str = "items", scale: float = 1.0):
+        """``update(done, total, **fields)``; ``scale`` converts units (texts -> pairs: 0.5)."""
+        if not self.enabled:
+            yield lambda done, total, **fields: None
+            return
+        columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                   TaskProgressColumn(), TextColumn("{task.fields[rate]}"), TimeElapsedColumn(),
+                   TextColumn("ETA"), TimeRemainingColumn(), TextColumn("{task.fields[extra]}")]
+        with Progress(*columns, console=self.console, transient=False) as progress:
+            task = progress.add_task(description, total=None, rate="", extra="")
+
+            def update(done, total, **fields):
+                done, total = done * scale, total * scale
+                elapsed = progress.tasks[0].elapsed or 0.0
+                rate = f"{done / elapsed:.1f} {unit}/s" if elapsed > 0 else ""
+                extra = " ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in fields.items())
+                progress.update(task, completed=done, total=total, rate=rate, extra=extra)
+
+            yield update
+
+
+def silent(*_args, **_kwargs):
+    """A progress callback that reports nothing."""
+
+
+@contextmanager
+def no_progress(_description: str = "", _unit: str = "", scale: float = 1.0):
+    yield silent
