@@ -9,6 +9,7 @@ written here.
 
 from __future__ import annotations
 
+import inspect
 import sys
 from pathlib import Path
 
@@ -128,7 +129,7 @@ def _option_lines(command: click.Command, ctx: click.Context) -> list[str]:
     lines = []
     for param in command.get_params(ctx):
         record = param.get_help_record(ctx)
-        if record is None or param.name == "help":
+        if record is None or "--help" in getattr(param, "opts", ()):
             continue
         names, help_text = record
         lines += [".TP", f".B {_escape(names)}", _escape(help_text) or "\\&"]
@@ -143,7 +144,7 @@ def render() -> str:
         sub = click.Context(command, info_name=name, parent=ctx)
         usage = " ".join(command.collect_usage_pieces(sub))
         out += [".TP", f".B safer\\-audit {_escape(name)} {_escape(usage)}".rstrip(),
-                _escape(click.unstyle(command.help or "").replace("\b\n", "").strip())]
+                _escape(inspect.cleandoc(command.help or "").replace("\b\n", ""))]
     out.append(".SH OPTIONS")
     out += [".TP", ".B \\-\\-version", "Print the version and exit.", ".TP", ".BR \\-h \", \" \\-\\-help",
             "Show help for the tool or for any command."]

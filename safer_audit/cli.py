@@ -17,7 +17,7 @@ from rich.table import Table
 
 from . import __version__
 from .config import POSITIONS, ActivationConfig, SaeTrainConfig, ScanConfig, default_cache_dir
-from .data import SCHEMAS
+from .data import PREFERENCES, SCHEMAS
 from .plugins import PluginError, load_plugins, plugin_info
 from .progress import ProgressBar
 
@@ -342,7 +342,6 @@ def cache_clear_command(cache_dir, yes):
     click.echo(f"freed {freed / 2**20:.1f} MiB in {root}")
 
 
-from .data import PREFERENCES, SCHEMAS  # noqa: E402  (belongs in the import block above)
 
 
 @cli.command(name="validate")

