@@ -128,7 +128,16 @@ def _activations_for(pairs: pl.DataFrame, backend, config: ScanConfig, steps, la
 
 def run_scan(source: str, config: ScanConfig, *, steps=no_progress) -> ScanResult:
     """Scan one dataset and rank its pairs, most suspicious first."""
-    timings: dict[str, float] = {}
+    start = time.perf_counter()
+    pairs = _read_data(source, config).pairs
+    return scan_pairs(pairs, config, source=str(source), steps=steps,
+                      timings={"load": round(time.perf_counter() - start, 3)})
+
+
+def scan_pairs(pairs: pl.DataFrame, config: ScanConfig, *, source: str, steps=no_progress, backend=None,
+               timings: dict[str, float] | None = None) -> ScanResult:
+    """Scan a pairs table (data.load_pairs' layout); ``backend`` reuses a loaded model."""
+    timings = dict(timings or {})
     clock = time.perf_counter()
 
     def lap(name: str):
@@ -137,12 +146,10 @@ def run_scan(source: str, config: ScanConfig, *, steps=no_progress) -> ScanResul
         timings[name] = round(now - clock, 3)
         clock = now
 
-    loaded = _read_data(source, config)
-    pairs = loaded.pairs
     if len(pairs) < 2:
         raise ScanError(f"{source}: {len(pairs)} usable pair(s); a scan needs at least 2")
-    lap("load")
-    backend = load_backend(config.activations)
+    if backend is None:
+        backend = load_backend(config.activations)
     layer = resolve_layer(config.activations.layer, backend.n_layers)
     lap("model")
     texts, store = _activations_for(pairs, backend, config, steps, "Activations")
