@@ -6,6 +6,7 @@ Every command is a thin wrapper over library functions. Exit status: 0 success,
 
 from __future__ import annotations
 
+import functools
 import json
 import sys
 from contextlib import contextmanager
@@ -68,8 +69,10 @@ def plugins_command(as_json):
 
 # --------------------------------------------------------------------------- options
 
-def model_options(command):
+def model_options(command=None, *, multiple_positions: bool = False):
     """Options of every command that runs a model: which model, layer, positions, and how."""
+    if command is None:
+        return functools.partial(model_options, multiple_positions=multiple_positions)
     defaults = ActivationConfig.__dataclass_fields__
     options = [
         click.option("--model", "-m", default=None, metavar="PATH|HUB_ID",
@@ -77,6 +80,11 @@ def model_options(command):
                           "Default: the embedded all-MiniLM-L6-v2."),
         click.option("--layer", type=int, default=defaults["layer"].default, show_default=True,
                      help="Block whose output is read (1-based; negative counts from the end)."),
+        click.option("--positions", type=click.Choice(POSITIONS), multiple=True,
+                     default=("response", "all", "punctuation"), show_default=True,
+                     help="Position sets whose score_safe is measured (repeatable); the first one is also "
+                          "used for the other scorers.")
+        if multiple_positions else
         click.option("--positions", type=click.Choice(POSITIONS), default=defaults["positions"].default,
                      show_default=True, help="Token positions read: every token, the final turn, or clause ends."),
         click.option("--max-length", type=click.IntRange(8), default=defaults["max_length"].default,
@@ -111,8 +119,10 @@ def data_options(command):
     return command
 
 
-def sae_options(command):
+def sae_options(command=None, *, seed: bool = True):
     """Options that pick or train the SAE and the features."""
+    if command is None:
+        return functools.partial(sae_options, seed=seed)
     train = SaeTrainConfig()
     scan = ScanConfig()
     options = [
@@ -124,8 +134,6 @@ def sae_options(command):
                      help="Active latents per token of a trained SAE."),
         click.option("--epochs", type=click.IntRange(1), default=train.epochs, show_default=True,
                      help="SAE training epochs."),
-        click.option("--seed", type=int, default=train.seed, show_default=True,
-                     help="Seed of SAE training and of the cross-fitting folds."),
         click.option("--n-features", type=click.IntRange(1), default=scan.n_features, show_default=True,
                      help="Latents of largest |salience| used as safety features."),
         click.option("--features", "features_file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
@@ -133,6 +141,9 @@ def sae_options(command):
         click.option("--salience-from", default=None, metavar="DATA",
                      help="Compute salience on this reference dataset instead of the scanned one."),
     ]
+    if seed:
+        options.append(click.option("--seed", type=int, default=train.seed, show_default=True,
+                                    help="Seed of SAE training and of the cross-fitting folds."))
     for option in reversed(options):
         command = option(command)
     return command
@@ -155,7 +166,7 @@ def _scan_config(kw: dict) -> ScanConfig:
     config.sae_train.n_latents = kw.pop("latents")
     config.sae_train.k = kw.pop("k")
     config.sae_train.epochs = kw.pop("epochs")
-    config.sae_train.seed = config.seed = kw.pop("seed")
+    config.sae_train.seed = config.seed = kw.pop("seed", config.seed)
     for name in ("sae_path", "n_features", "features_file", "salience_from", "schema", "split", "preference",
                  "skip_invalid"):
         setattr(config, name, kw.pop(name))
@@ -266,6 +277,51 @@ def explain(data, pair_id, quiet, **kw):
     with user_errors():
         result = run_scan(data, _scan_config(kw), steps=_steps(quiet).step)
         print_explanation(explain_pair(result, pair_id), stdout_console())
+
+
+@cli.command()
+@click.argument("data")
+@model_options(multiple_positions=True)
+@data_options
+@sae_options(seed=False)
+@click.option("--flip-rate", type=click.FloatRange(0, 1, min_open=True), default=0.1, show_default=True,
+              help="Fraction of pairs flipped (chosen and rejected swapped) in the copy that is scanned.")
+@click.option("--seed", "seeds", type=int, multiple=True, default=(0,), show_default=True,
+              help="Seed of the flips and the cross-fitting folds (repeatable: mean and spread over seeds).")
+@click.option("--output", "-o", "output", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Write the results as JSON.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
+def evaluate(data, positions, flip_rate, seeds, output, quiet, **kw):
+    """Measure how well each scorer finds pairs flipped on purpose in a copy of DATA.
+
+    Reports AUROC and precision at the top 1/5/10% for score_safe at each position set,
+    the reward margin, the SAE-head margin, the combined ranking, response length and
+    random, all on the same flipped copies.
+    """
+    from .evaluate import evaluate as run_evaluation
+    from .report import write_atomic
+    from .scan import read_data
+
+    with user_errors():
+        config = _scan_config({**kw, "positions": positions[0]})
+        pairs = read_data(data, config).pairs
+        console = stdout_console()
+        result = run_evaluation(pairs, config, flip_rate=flip_rate, seeds=seeds, positions=tuple(positions),
+                                source=data, steps=_steps(quiet).step,
+                                on_seed=lambda seed, _s: console.print(f"seed {seed} done", style="dim"))
+        table = Table(title=f"Finding {result.flipped} flipped of {result.pairs} pairs "
+                            f"({flip_rate:.0%}), {len(seeds)} seed(s): mean ± sd")
+        summary = result.summary()
+        metrics = list(next(iter(summary.values())))
+        table.add_column("scorer")
+        for metric in metrics:
+            table.add_column(metric.upper() if metric == "auroc" else metric, justify="right")
+        for scorer, values in sorted(summary.items(), key=lambda item: -item[1]["auroc"][0]):
+            table.add_row(scorer, *(f"{values[m][0]:.3f} ± {values[m][1]:.3f}" for m in metrics))
+        console.print(table)
+        if output is not None:
+            write_atomic(output, json.dumps(result.to_dict(), indent=2) + "\n", protect=[data])
+            click.echo(f"wrote {output}", err=True)
 
 
 @cli.command(name="train-sae")

@@ -46,7 +46,8 @@ class ScanResult:
     sae: TopKSAE
     stats: CodeStats
     features: FeatureSet
-    signals: dict[str, torch.Tensor]
+    signals: dict[str, torch.Tensor]  # per pair, in table order
+    suspicion: torch.Tensor  # the combined ranking score per pair, in table order
     backend: object
     timings: dict[str, float] = field(default_factory=dict)
 
@@ -114,7 +115,7 @@ def train_sae_on_data(source: str, out: Path, activations: ActivationConfig, tra
     return stats
 
 
-def _read_data(source: str, config: ScanConfig):
+def read_data(source: str, config: ScanConfig):
     return load_pairs(source, schema=config.schema, split=config.split, skip_invalid=config.skip_invalid,
                       preference=config.preference)
 
@@ -129,7 +130,7 @@ def _activations_for(pairs: pl.DataFrame, backend, config: ScanConfig, steps, la
 def run_scan(source: str, config: ScanConfig, *, steps=no_progress) -> ScanResult:
     """Scan one dataset and rank its pairs, most suspicious first."""
     start = time.perf_counter()
-    pairs = _read_data(source, config).pairs
+    pairs = read_data(source, config).pairs
     return scan_pairs(pairs, config, source=str(source), steps=steps,
                       timings={"load": round(time.perf_counter() - start, 3)})
 
@@ -168,7 +169,7 @@ def scan_pairs(pairs: pl.DataFrame, config: ScanConfig, *, source: str, steps=no
     with steps("Encoding", "pairs", scale=0.5) as update:
         stats = encode_store(store, sae, progress=update)
     if config.salience_from:
-        reference = _read_data(config.salience_from, config).pairs
+        reference = read_data(config.salience_from, config).pairs
         _, reference_store = _activations_for(reference, backend, config, steps, "Reference activations")
         reference_stats = encode_store(reference_store, sae)
         salience = feature_salience(*reference_stats.totals())
@@ -195,7 +196,7 @@ def scan_pairs(pairs: pl.DataFrame, config: ScanConfig, *, source: str, steps=no
                           backend, layer, sae, sae_dir, config, timings)
     lap("report")
     report.run.timings = dict(timings)
-    return ScanResult(report, pairs, texts, store, sae, stats, features, signals, backend, timings)
+    return ScanResult(report, pairs, texts, store, sae, stats, features, signals, ranked, backend, timings)
 
 
 def ranking_name(config: ScanConfig) -> str:
