@@ -485,6 +485,8 @@ def train_sae(
     called after every step. Deterministic for the same inputs, config and seed on CPU.
     """
     start = time.perf_counter()
+    if cfg.batch_size <= 0 or cfg.epochs <= 0:
+        raise ValueError(f"batch_size and epochs must be positive, not {cfg.batch_size} and {cfg.epochs}")
     if n_tokens is None:
         n_tokens = sum(len(_check_batch(b, d_in)) for b in make_batches())
     if n_tokens <= 0:

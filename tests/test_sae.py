@@ -380,6 +380,8 @@ def test_batches_of_the_wrong_width_are_refused():
         train_sae(lambda: [torch.zeros(10, 8)], 16, cfg)
     with pytest.raises(ValueError, match="no activations"):
         train_sae(lambda: [], 16, cfg)
+    with pytest.raises(ValueError, match="batch_size and epochs must be positive"):
+        train_sae(lambda: [torch.zeros(10, 16)], 16, SaeTrainConfig(n_latents=32, k=3, epochs=0))
 
 
 def test_topk_backend_is_registered_as_a_plugin(tmp_path):
