@@ -296,7 +296,7 @@ def _write_atomic(path: Path, write: Callable[[str], None]) -> None:
 
 def _write_json(data: dict, path) -> None:
     with open(path, "w", encoding="utf-8") as f:
-        json.dump(data, f, indent=2)
+        json.dump(data, f, indent=2, default=str)  # free-form metadata may hold paths
         f.write("\n")
 
 
@@ -363,6 +363,8 @@ def _from_saelens(raw: dict, cfg_path: Path, weights_path: Path) -> tuple[SaeCon
         raise SaeFormatError(f'{cfg_path}: field "reshape_activations" must be "none"')
     ours = raw.get(FORMAT_KEY)
     if isinstance(ours, dict):
+        if ours.get("format_version", FORMAT_VERSION) > FORMAT_VERSION:
+            raise SaeFormatError(f'{cfg_path}: field "{FORMAT_KEY}.format_version" is newer than this safer-audit reads')
         metadata = dict(ours.get("metadata") or {})
     else:
         metadata = {"source": "saelens"}

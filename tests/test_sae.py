@@ -273,6 +273,7 @@ def test_load_what_sparsify_itself_saved(tmp_path):
         (lambda d: _edit_cfg(d, lambda c: c.update(d_sae=65)), r'sae_weights\.safetensors: tensor "W_enc" has shape \[16, 64\], expected \[16, 65\]'),
         (lambda d: _edit_cfg(d, lambda c: c.update(normalize_activations="constant_norm_rescale")), r'field "normalize_activations"'),
         (lambda d: _edit_cfg(d, lambda c: c.update(k=0)), r"cfg\.json: k must be"),
+        (lambda d: _edit_cfg(d, lambda c: c["safer_audit"].update(format_version=99)), r"format_version. is newer"),
         (lambda d: (d / "sae_weights.safetensors").write_bytes(b"\x80\x04not safetensors"), r"sae_weights\.safetensors: not a readable safetensors"),
         (lambda d: (d / "sae_weights.safetensors").rename(d / "sae_weights.pt"), r"no sae_weights\.safetensors"),
     ],
