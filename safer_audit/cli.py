@@ -354,6 +354,103 @@ def train_sae_command(data, out, latents, k, epochs, seed, quiet, **kw):
     stdout_console().print(table)
 
 
+# ------------------------------------------------------------------------------ gate
+
+@cli.command(name="baseline")
+@click.argument("data", nargs=-1, required=True)
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=Path(".safer-audit/baseline.json"),
+              show_default=True, help="The baseline file; the SAE it trains and its heads are written beside it.")
+@model_options
+@data_options
+@sae_options
+@click.option("--flipped-fraction", type=click.FloatRange(0, 1), default=ScanConfig.flipped_fraction,
+              show_default=True, help="Most suspicious fraction whose pairs are 'flipped' when every signal agrees.")
+@click.option("--noisy-fraction", type=click.FloatRange(0, 1), default=ScanConfig.noisy_fraction,
+              show_default=True, help="Most suspicious fraction whose other pairs are 'noisy'.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
+def baseline_command(data, out, flipped_fraction, noisy_fraction, quiet, **kw):
+    """Scan DATA once and record what `safer-audit gate` compares against.
+
+    The baseline is a small deterministic JSON file to commit and review: each pair's id,
+    content digest, rounded scores and category, and the frozen reference: model
+    fingerprint, layer, positions, max length, SAE (path and hash), selected features,
+    Bradley-Terry heads, tool version and the thresholds. Without --sae, the SAE trained
+    on DATA is saved next to the baseline (OUT's name + "-sae"), so the gate never trains.
+    """
+    from .gate import build_baseline
+
+    with user_errors():
+        config = _scan_config(kw)
+        config.flipped_fraction, config.noisy_fraction = flipped_fraction, noisy_fraction
+        made = build_baseline(list(data), out, config, steps=_steps(quiet).step)
+    counts = {c: sum(1 for e in made.pairs.values() if e["category"] == c) for c in ("flipped", "noisy", "quality")}
+    click.echo(f"wrote {out}: {len(made.pairs)} pairs ({', '.join(f'{n} {c}' for c, n in counts.items())}); "
+               f"SAE {made.header['sae']['path']}, heads {made.header['heads']['path']}")
+
+
+def _fail_on(_ctx, _param, value: str) -> tuple[str, ...]:
+    from .gate import GATE_CATEGORIES
+
+    names = tuple(name.strip() for name in value.split(",") if name.strip())
+    for name in names:
+        if name not in GATE_CATEGORIES:
+            raise click.BadParameter(f"{name!r} is not one of {', '.join(GATE_CATEGORIES)}")
+    return names
+
+
+@cli.command(name="gate")
+@click.argument("data", nargs=-1, required=True)
+@click.option("--baseline", "baseline_path", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="The baseline made by `safer-audit baseline`.")
+@click.option("--fail-on", default="flipped,quality", show_default=True, callback=_fail_on,
+              help="Comma-separated categories of new pairs that fail the check: flipped, noisy, quality.")
+@click.option("--max-new", type=click.IntRange(0), default=0, show_default=True,
+              help="New pairs in --fail-on categories tolerated before the check fails.")
+@click.option("--format", "output_format", type=click.Choice(["text", "json", "junit"]), default="text",
+              show_default=True, help="Output on stdout: lines, JSON, or JUnit XML (a failing test case per suspect).")
+@click.option("--update-baseline", is_flag=True,
+              help="Accept the current state after review: rewrite the baseline with the pairs of DATA "
+                   "(give every data file), scoring new ones with the frozen reference.")
+@click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Activation cache. Default: $SAFER_AUDIT_CACHE_DIR or $XDG_CACHE_HOME/safer-audit.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
+def gate_command(data, baseline_path, fail_on, max_new, output_format, update_baseline, cache_dir, quiet):
+    """Check DATA against a baseline: fail only on new pairs that look flipped, noisy or broken.
+
+    Only pairs whose id is not in the baseline, or whose content changed, are scored, with
+    the baseline's frozen model, SAE, features and heads; the model is loaded only when there
+    are such pairs. Each new suspect is listed with file, line, pair id, category and scores.
+    Under GitHub Actions (GITHUB_ACTIONS=true) they are also annotations on stderr.
+
+    Exit status: 0 when at most --max-new new pairs fall in the --fail-on categories (or
+    with --update-baseline), 1 when more do, 2 when the data or the baseline is unusable or
+    was made with another tool version, model, SAE or heads.
+
+    \b
+    pre-commit: the hook safer-audit-gate (.pre-commit-hooks.yaml) runs
+    `safer-audit gate --baseline .safer-audit/baseline.json` on the staged files matched by
+    your `files:` pattern; see examples/pre-commit-config.yaml.
+    """
+    import os
+
+    from .gate import accept, github_annotations, render_json_result, render_junit, render_text, run_gate
+
+    with user_errors():
+        result = run_gate(list(data), baseline_path, fail_on=fail_on, max_new=max_new, cache_dir=cache_dir,
+                          steps=_steps(quiet).step)
+        if update_baseline:
+            accept(result)
+    render = {"text": render_text, "json": render_json_result, "junit": render_junit}[output_format]
+    click.echo(render(result).rstrip("\n"))
+    if os.environ.get("GITHUB_ACTIONS") == "true":
+        for line in github_annotations(result):
+            click.echo(line, err=True)
+    if update_baseline:
+        click.echo(f"updated {baseline_path}: {len(result.current_ids)} pairs ({result.new} new or changed)", err=True)
+    elif result.failed:
+        sys.exit(EXIT_FINDINGS)
+
+
 # ----------------------------------------------------------------------------- cache
 
 @cli.group()

@@ -1,0 +1,595 @@
+"""The gate: freeze a reviewed dataset's scan as a baseline, then fail only on new suspects.
+
+``build_baseline`` scans the data once (scan.scan_pairs) and writes what later checks
+compare against; ``run_gate`` scores only the pairs that are new or changed since then,
+with the frozen SAE, features and heads, and says which of them cross the thresholds.
+Like detect-secrets, what the baseline holds is accepted; ``accept`` (``gate
+--update-baseline``) takes the current state as the new baseline after review.
+
+Design, and why:
+
+- The frozen reference. The baseline header records the model (identity, fingerprint,
+  whether it has a reward head, where to load it), layer, positions, max_length, how the
+  data was read, the SAE (its directory relative to the baseline when inside the
+  repository, and ``TopKSAE.file_hash``), the selected features (latent, sign, label),
+  the heads file (hash), the tool version, the ranking weights and the thresholds. The
+  gate never retrains the SAE or reselects features; a tool version, SAE, heads file or
+  model that differs from the recorded one is a ``BaselineError`` naming each difference,
+  never a silent rescore.
+- Without ``--sae`` the baseline saves the SAE it trained beside itself
+  (``<stem>-sae/``): the activation cache is not part of the repository.
+- Reward margin of a new pair: the model's own head if it has one; else a Bradley-Terry
+  head fitted on ALL baseline pairs (pooled activation differences, column-scaled as
+  scoring.cross_fitted_margins does), saved in ``<stem>-heads.safetensors``. New pairs
+  were never in its training data, so no cross-fitting is needed. The sparse head on
+  SAE codes (``sae_margin``) is frozen the same way.
+- Suspicion of a new pair: for each signal, the fraction of baseline pairs with a higher
+  value (ties count half), so 1 is below every baseline pair; weighted like
+  scoring.suspicion. The baseline's own margins are cross-fitted (out-of-sample), the
+  new pairs' margins come from heads that never saw them: the same kind of number.
+- Categories of a new pair, as scoring.categorise: ``quality`` when data.find_quality_issues
+  finds a categorising problem (the known pairs are checked first, so a new pair that
+  contradicts an existing one carries the finding); ``flipped`` when its suspicion reaches
+  the flipped cut-off (the suspicion of the last baseline pair inside the flipped
+  fraction) and every signal is negative; ``noisy`` when it reaches the noisy cut-off.
+- New or changed: a pair id that is not in the baseline, or whose content digest differs
+  (an edited record that keeps its ``id`` field). Pair ids are assumed unique across
+  the data files; the data layer makes them unique within a file.
+- The file is ``{"header": {...}, "pairs": {pair_id: {category, digest, reward_margin,
+  sae_margin, score_safe}}}``: keys sorted, scores to 6 significant digits, every flat
+  object on one line (one line per pair and per feature), no timestamps. The same inputs
+  give the same bytes, and a change to the data shows as the lines of the pairs it touched.
+- The model is loaded (and its fingerprint checked) only when there are new pairs to
+  score, so an unchanged dataset is gated without running it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import time
+import xml.etree.ElementTree as ET
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import polars as pl
+import torch
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save as save_safetensors
+
+from . import __version__
+from .activations import extract_activations, load_backend, pair_texts
+from .config import ActivationConfig, ScanConfig
+from .data import find_quality_issues, load_pairs
+from .progress import no_progress
+from .report import refuse_inputs, write_atomic
+from .sae import TopKSAE
+from .salience import Feature, FeatureSet, encode_store
+from .scoring import QUALITY_KINDS_THAT_CATEGORISE, fit_bradley_terry, score_safe
+
+BASELINE_FORMAT = 1
+SIGNALS = ("score_safe", "reward_margin", "sae_margin")
+GATE_CATEGORIES = ("flipped", "noisy", "quality")
+DEFAULT_FAIL_ON = ("flipped", "quality")  # noisy holds 10% of any data by construction
+SAE_HEAD_L2 = 1e-4  # the ridge scan_pairs gives the sparse SAE-code head
+_HEADER_FIELDS = ("format", "tool_version", "model", "activations", "data", "sae", "heads", "features", "ranking",
+                  "thresholds")
+_PAIR_FIELDS = ("category", "digest", *SIGNALS)
+
+
+class BaselineError(ValueError):
+    """A baseline that cannot be used: unreadable, malformed, or made with another reference."""
+
+
+# ---------------------------------------------------------------------- the baseline file
+
+@dataclass
+class Baseline:
+    """A baseline file: the frozen reference (header) and every accepted pair's entry."""
+
+    path: Path
+    header: dict
+    pairs: dict[str, dict]
+
+    def resolve(self, location: str) -> Path:
+        """A path recorded relative to the baseline's directory (absolute ones stay)."""
+        return self.path.parent / location
+
+    @property
+    def features(self) -> FeatureSet:
+        return FeatureSet([Feature(f["latent"], f["sign"], 0.0, f.get("label")) for f in self.header["features"]],
+                          str(self.path))
+
+    def activation_config(self, cache_dir: Path | None = None, device: str = "auto") -> ActivationConfig:
+        location = self.header["model"]["location"]
+        if location is not None and self.resolve(location).is_dir():
+            location = str(self.resolve(location))
+        act = self.header["activations"]
+        config = ActivationConfig(model=location, layer=act["layer"], positions=act["positions"],
+                                  max_length=act["max_length"], device=device)
+        if cache_dir is not None:
+            config.cache_dir = Path(cache_dir)
+        return config
+
+    def signal(self, name: str) -> torch.Tensor:
+        """The baseline's values of one signal (NaN where it was missing)."""
+        return torch.tensor([math.nan if e[name] is None else e[name] for e in self.pairs.values()],
+                            dtype=torch.float64)
+
+    def text(self) -> str:
+        return render_json({"header": self.header, "pairs": self.pairs})
+
+    def write(self, protect: list[str] = ()) -> None:
+        write_atomic(self.path, self.text(), protect=protect)
+
+
+def render_json(value, indent: int = 0) -> str:
+    """JSON with sorted keys, where a dict or list of plain values takes one line.
+
+    So a pair or a feature is one line, and a diff of two baselines shows the pairs that changed.
+    """
+    children = value.values() if isinstance(value, dict) else value if isinstance(value, list) else None
+    if children is None or not any(isinstance(v, (dict, list)) for v in children):
+        return json.dumps(value, sort_keys=True, ensure_ascii=False)
+    pad, inner = "  " * indent, "  " * (indent + 1)
+    if isinstance(value, dict):
+        items = [f"{inner}{json.dumps(k, ensure_ascii=False)}: {render_json(value[k], indent + 1)}"
+                 for k in sorted(value)]
+        return "{\n" + ",\n".join(items) + f"\n{pad}}}" + ("\n" if indent == 0 else "")
+    items = [f"{inner}{render_json(v, indent + 1)}" for v in value]
+    return "[\n" + ",\n".join(items) + f"\n{pad}]" + ("\n" if indent == 0 else "")
+
+
+def read_baseline(path: str | os.PathLike) -> Baseline:
+    """Read and check a baseline file; a problem is a one-line BaselineError naming the field."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise BaselineError(f"{path}: no baseline here; make one with `safer-audit baseline DATA --out {path}`") \
+            from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise BaselineError(f"{path}: cannot read the baseline ({exc})") from None
+    except json.JSONDecodeError as exc:
+        raise BaselineError(f"{path}:{exc.lineno}: not valid JSON ({exc.msg})") from None
+    if not isinstance(data, dict) or not isinstance(data.get("header"), dict) or not isinstance(data.get("pairs"), dict):
+        raise BaselineError(f'{path}: expected an object with "header" and "pairs" objects')
+    header = data["header"]
+    for name in _HEADER_FIELDS:
+        if name not in header:
+            raise BaselineError(f'{path}: field "header.{name}" is missing')
+    if header["format"] != BASELINE_FORMAT:
+        raise BaselineError(f"{path}: baseline format {header['format']!r} is not supported "
+                            f"(this safer-audit reads format {BASELINE_FORMAT})")
+    for pair_id, entry in data["pairs"].items():
+        missing = [name for name in _PAIR_FIELDS if not isinstance(entry, dict) or name not in entry]
+        if missing:
+            raise BaselineError(f'{path}: field "pairs.{pair_id}.{missing[0]}" is missing')
+    return Baseline(path, header, data["pairs"])
+
+
+def _round(value: float) -> float | None:
+    """6 significant digits; None for a value that could not be computed (JSON has no NaN)."""
+    value = float(value)
+    return float(f"{value:.6g}") if math.isfinite(value) else None
+
+
+def pair_digest(row: dict) -> str:
+    """A hash of a pair's content (both conversations), to tell an edited record with a kept id."""
+    text = json.dumps([row["chosen_messages"], row["rejected_messages"]], sort_keys=True, ensure_ascii=False)
+    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()[:16]
+
+
+def _file_hash(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+
+
+def _portable(path: Path, base: Path) -> str:
+    """``path`` relative to ``base`` when inside the git work tree holding ``base`` (or, out
+    of any repository, inside ``base``), else absolute: the baseline travels with its repository."""
+    path, base = path.resolve(), base.resolve()
+    root = next((p for p in (base, *base.parents) if (p / ".git").exists()), base)
+    if path.is_relative_to(root):
+        return Path(os.path.relpath(path, base)).as_posix()
+    return str(path)
+
+
+def read_sources(sources: list[str], *, schema: str | None = None, split: str | None = None,
+                 preference: str = "better", skip_invalid: bool = False) -> pl.DataFrame:
+    """The pairs of every source, in order, as one table."""
+    frames = [load_pairs(s, schema=schema, split=split, preference=preference, skip_invalid=skip_invalid).pairs
+              for s in sources]
+    return pl.concat(frames) if len(frames) > 1 else frames[0]
+
+
+# ------------------------------------------------------------------------ making a baseline
+
+def _column_scale(diffs: torch.Tensor) -> torch.Tensor:
+    return diffs.pow(2).mean(0).sqrt().clamp(min=1e-8)
+
+
+def fit_heads(result, config: ScanConfig) -> dict[str, torch.Tensor]:
+    """Bradley-Terry heads fitted on every pair of a scan: the SAE-code head, and the
+    activation head when the model has no reward head of its own."""
+    diffs = {"sae_margin": result.stats.mean_codes[0::2] - result.stats.mean_codes[1::2]}
+    l2 = {"sae_margin": SAE_HEAD_L2, "reward_margin": config.margin_l2}
+    l1 = {"sae_margin": config.sae_l1, "reward_margin": 0.0}
+    if not result.backend.has_reward_head:
+        pooled = result.store.pooled_mean()
+        diffs["reward_margin"] = pooled[0::2] - pooled[1::2]
+    heads = {}
+    for name, d in diffs.items():
+        scale = _column_scale(d)
+        heads[f"{name}.scale"] = scale.contiguous()
+        heads[f"{name}.weight"] = fit_bradley_terry(d / scale, l2=l2[name], l1=l1[name]).contiguous()
+    return heads
+
+
+def _cutoff(suspicion: torch.Tensor, fraction: float) -> float | None:
+    """The lowest suspicion that scoring.categorise still puts inside the top ``fraction``."""
+    n = len(suspicion)
+    count = sum(1 for position in range(n) if (position + 1) / n <= fraction)
+    return float(torch.sort(suspicion, descending=True).values[count - 1]) if count else None
+
+
+def build_baseline(sources: list[str], out: str | os.PathLike, config: ScanConfig, *,
+                   steps=no_progress) -> Baseline:
+    """Scan ``sources`` and write the baseline to ``out`` (and its SAE and heads beside it)."""
+    from .scan import scan_pairs
+
+    out = Path(out)
+    for path in (out, out.with_name(f"{out.stem}-heads.safetensors")):
+        refuse_inputs(path, sources)
+    pairs = read_sources(sources, schema=config.schema, split=config.split, preference=config.preference,
+                         skip_invalid=config.skip_invalid)
+    result = scan_pairs(pairs, config, source=", ".join(sources), steps=steps)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if config.sae_path is None:
+        # the trained SAE lives in the activation cache, which is not part of the repository
+        sae_dir = result.sae.save(out.with_name(f"{out.stem}-sae"))
+    else:
+        sae_dir = Path(config.sae_path)
+    heads_path = out.with_name(f"{out.stem}-heads.safetensors")
+    write_atomic(heads_path, save_safetensors(fit_heads(result, config)), protect=sources)
+
+    entries: dict[str, dict] = {}
+    where: dict[str, str] = {}
+    categories = {f.pair_id: f.category for f in result.report.findings}
+    for i, row in enumerate(pairs.iter_rows(named=True)):
+        entry = {"category": categories[row["pair_id"]], "digest": pair_digest(row),
+                 **{name: _round(result.signals[name][i]) for name in SIGNALS}}
+        known = entries.get(row["pair_id"])
+        if known is not None and known["digest"] != entry["digest"]:
+            raise BaselineError(f"pair id {row['pair_id']!r} is used by two different pairs: "
+                                f"{where[row['pair_id']]} and {row['source']}:{row['line']}")
+        entries[row["pair_id"]] = entry
+        where[row["pair_id"]] = f"{row['source']}:{row['line']}"
+    backend, run = result.backend, result.report.run
+    model_location = config.activations.model
+    if model_location is not None and Path(model_location).is_dir():
+        model_location = _portable(Path(model_location), out.parent)
+    header = {
+        "format": BASELINE_FORMAT,
+        "tool_version": __version__,
+        "model": {"identity": backend.identity, "fingerprint": backend.fingerprint,
+                  "reward_head": bool(backend.has_reward_head), "location": model_location},
+        "activations": {"layer": run.layer, "positions": run.positions, "max_length": run.max_length},
+        "data": {"schema": config.schema, "split": config.split, "preference": config.preference,
+                 "skip_invalid": config.skip_invalid},
+        "sae": {"path": _portable(sae_dir, out.parent), "hash": TopKSAE.file_hash(sae_dir),
+                "latents": result.sae.cfg.n_latents, "d_in": result.sae.cfg.d_in},
+        "heads": {"path": _portable(heads_path, out.parent), "hash": _file_hash(heads_path)},
+        "features": [{"latent": f.latent, "sign": f.sign, "label": f.label} for f in result.features.features],
+        "ranking": {name: float(w) for name, w in config.ranking.items()},
+        "thresholds": {"flipped_fraction": config.flipped_fraction, "noisy_fraction": config.noisy_fraction,
+                       "flipped_cutoff": _round_or_none(_cutoff(result.suspicion, config.flipped_fraction)),
+                       "noisy_cutoff": _round_or_none(_cutoff(result.suspicion, config.noisy_fraction))},
+    }
+    baseline = Baseline(out, header, entries)
+    baseline.write(protect=sources)
+    return baseline
+
+
+def _round_or_none(value: float | None) -> float | None:
+    return None if value is None else _round(value)
+
+
+# --------------------------------------------------------------------------------- gating
+
+@dataclass
+class GateFinding:
+    """A new or changed pair that is not clean."""
+
+    source: str
+    line: int
+    pair_id: str
+    category: str
+    changed: bool  # the id was in the baseline with other content
+    suspicion: float
+    score_safe: float | None
+    reward_margin: float | None
+    sae_margin: float | None
+    quality: list[str]  # data-quality findings, "kind: detail"
+
+    def message(self) -> str:
+        scores = ", ".join(f"{name} {_fmt(getattr(self, name))}" for name in SIGNALS)
+        text = (f"{'changed' if self.changed else 'new'} pair {self.pair_id} is {self.category} "
+                f"(suspicion {self.suspicion:.3f}; {scores})")
+        return text + "".join(f"; {q}" for q in self.quality)
+
+
+def _fmt(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.4g}"
+
+
+@dataclass
+class GateResult:
+    """What the gate found: counts, every new pair that is not clean, and what fails."""
+
+    baseline: Baseline
+    sources: list[str]
+    pairs: int  # pairs in the data given
+    new: int  # new or changed pairs, scored
+    changed: int  # of them, ids the baseline has with other content
+    findings: list[GateFinding]  # new pairs that are not clean, most suspicious first
+    fail_on: tuple[str, ...]
+    max_new: int
+    new_entries: dict[str, dict] = field(default_factory=dict, repr=False)  # baseline entries of the new pairs
+    current_ids: list[str] = field(default_factory=list, repr=False)
+    timings: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def failures(self) -> list[GateFinding]:
+        return [f for f in self.findings if f.category in self.fail_on]
+
+    @property
+    def failed(self) -> bool:
+        return len(self.failures) > self.max_new
+
+    def to_dict(self) -> dict:
+        return {"baseline": str(self.baseline.path), "sources": self.sources, "pairs": self.pairs,
+                "new": self.new, "changed": self.changed, "fail_on": list(self.fail_on), "max_new": self.max_new,
+                "failed": self.failed, "failures": len(self.failures),
+                "findings": [asdict(f) for f in self.findings], "timings": self.timings}
+
+
+def check_reference(baseline: Baseline) -> None:
+    """Raise BaselineError, naming every difference, if the tool, SAE or heads changed since."""
+    header, differences = baseline.header, []
+    if header["tool_version"] != __version__:
+        differences.append(f"tool version {header['tool_version']} (now {__version__})")
+    for name, hash_of in (("sae", TopKSAE.file_hash), ("heads", lambda p: _file_hash(Path(p)))):
+        path = baseline.resolve(header[name]["path"])
+        try:
+            now = hash_of(path)
+        except (OSError, ValueError):
+            differences.append(f"{name} {path} is missing or unreadable")
+            continue
+        if now != header[name]["hash"]:
+            differences.append(f"{name} {path} has hash {now} (baseline: {header[name]['hash']})")
+    if differences:
+        raise BaselineError(_mismatch(baseline, differences))
+
+
+def _mismatch(baseline: Baseline, differences: list[str]) -> str:
+    return (f"{baseline.path}: made with another reference than the one in use: {'; '.join(differences)}; "
+            f"make a new baseline with `safer-audit baseline`")
+
+
+def _check_model(baseline: Baseline, backend, sae: TopKSAE) -> None:
+    model, differences = baseline.header["model"], []
+    if backend.fingerprint != model["fingerprint"]:
+        differences.append(f"model {backend.identity} has fingerprint {backend.fingerprint} "
+                           f"(baseline: {model['identity']} with {model['fingerprint']})")
+    if bool(backend.has_reward_head) != model["reward_head"]:
+        differences.append(f"model {backend.identity} {'has' if backend.has_reward_head else 'has no'} reward head")
+    if sae.cfg.d_in != backend.d_model:
+        differences.append(f"SAE reads width {sae.cfg.d_in}, the model has width {backend.d_model}")
+    if differences:
+        raise BaselineError(_mismatch(baseline, differences))
+
+
+def percentile_against(values: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    """For each value, the fraction of finite reference values above it, ties counting half.
+
+    1 below every reference value, 0 above; NaN stays NaN (scoring.suspicion counts it 0.5).
+    """
+    ref = reference[torch.isfinite(reference)].double().sort().values
+    v = values.double()
+    out = torch.full(v.shape, math.nan, dtype=torch.float64)
+    if len(ref) == 0:
+        return out
+    finite = torch.isfinite(v)
+    below = torch.searchsorted(ref, v[finite], right=False)
+    upto = torch.searchsorted(ref, v[finite], right=True)
+    out[finite] = ((len(ref) - upto) + 0.5 * (upto - below)).double() / len(ref)
+    return out
+
+
+def score_frozen(pairs: pl.DataFrame, baseline: Baseline, backend, sae: TopKSAE, config: ActivationConfig,
+                 *, steps=no_progress) -> dict[str, torch.Tensor]:
+    """score_safe, reward_margin and sae_margin of ``pairs`` with the baseline's frozen SAE,
+    features and heads; activations come from (and go to) the cache."""
+    heads_path = baseline.resolve(baseline.header["heads"]["path"])
+    heads = load_safetensors(heads_path.read_bytes())
+    texts = pair_texts(pairs, backend)
+    with steps("Activations", "pairs", scale=0.5) as update:
+        store = extract_activations(texts, backend, config, progress=update)
+    stats = encode_store(store, sae)
+    signals = {"score_safe": score_safe(stats, baseline.features)}
+    if backend.has_reward_head:
+        rewards = store.scores()
+        signals["reward_margin"] = rewards[0::2] - rewards[1::2]
+    else:
+        pooled = store.pooled_mean()
+        diffs = pooled[0::2] - pooled[1::2]
+        signals["reward_margin"] = (diffs / heads["reward_margin.scale"]) @ heads["reward_margin.weight"]
+    code_diffs = stats.mean_codes[0::2] - stats.mean_codes[1::2]
+    signals["sae_margin"] = (code_diffs / heads["sae_margin.scale"]) @ heads["sae_margin.weight"]
+    return signals
+
+
+def categorise_new(suspicion: float, signals: dict[str, float | None], quality_kinds: list[str],
+                   thresholds: dict) -> str:
+    """scoring.categorise for one new pair, with the baseline's cut-offs."""
+    if any(kind in QUALITY_KINDS_THAT_CATEGORISE for kind in quality_kinds):
+        return "quality"
+    flipped, noisy = thresholds["flipped_cutoff"], thresholds["noisy_cutoff"]
+    all_negative = all(v is not None and v < 0 for v in signals.values())
+    if flipped is not None and suspicion >= flipped and all_negative:
+        return "flipped"
+    if noisy is not None and suspicion >= noisy:
+        return "noisy"
+    return "clean"
+
+
+def run_gate(sources: list[str], baseline_path: str | os.PathLike, *, fail_on: tuple[str, ...] = DEFAULT_FAIL_ON,
+             max_new: int = 0, cache_dir: Path | None = None, device: str = "auto",
+             steps=no_progress) -> GateResult:
+    """Score the pairs of ``sources`` that the baseline does not hold, with its frozen reference."""
+    unknown = [c for c in fail_on if c not in GATE_CATEGORIES]
+    if unknown:
+        raise ValueError(f"cannot fail on {unknown[0]!r}; choose from {', '.join(GATE_CATEGORIES)}")
+    timings: dict[str, float] = {}
+    clock = time.perf_counter()
+    baseline = read_baseline(baseline_path)
+    check_reference(baseline)
+    data = baseline.header["data"]
+    pairs = read_sources(sources, schema=data["schema"], split=data["split"], preference=data["preference"],
+                         skip_invalid=data["skip_invalid"])
+    digests = [pair_digest(row) for row in pairs.iter_rows(named=True)]
+    known_entry = [baseline.pairs.get(pid) for pid in pairs["pair_id"].to_list()]
+    is_new = [e is None or e["digest"] != d for e, d in zip(known_entry, digests)]
+    new_rows = [i for i, flag in enumerate(is_new) if flag]
+    timings["load"] = round(time.perf_counter() - clock, 3)
+    result = GateResult(baseline, list(sources), len(pairs), len(new_rows),
+                        sum(1 for i in new_rows if known_entry[i] is not None), [], tuple(fail_on), max_new,
+                        current_ids=pairs["pair_id"].to_list(), timings=timings)
+    if not new_rows:
+        return result
+
+    clock = time.perf_counter()
+    # known pairs first: a duplicate or contradiction then lands on the new pair of the two
+    order = [i for i, flag in enumerate(is_new) if not flag] + new_rows
+    rows = list(pairs.iter_rows(named=True))
+    quality: dict[int, list[tuple[str, str]]] = {}
+    position_of = {pid: i for i, pid in enumerate(pairs["pair_id"].to_list())}
+    for issue in find_quality_issues(rows[i] for i in order):
+        quality.setdefault(position_of[issue.pair_id], []).append((issue.kind, issue.detail))
+    timings["quality"] = round(time.perf_counter() - clock, 3)
+
+    clock = time.perf_counter()
+    from .scan import sae_backend
+
+    sae = sae_backend().load(baseline.resolve(baseline.header["sae"]["path"]))
+    config = baseline.activation_config(cache_dir, device)
+    backend = load_backend(config)
+    _check_model(baseline, backend, sae)
+    timings["model"] = round(time.perf_counter() - clock, 3)
+    clock = time.perf_counter()
+    new_pairs = pairs[new_rows]
+    signals = score_frozen(new_pairs, baseline, backend, sae, config, steps=steps)
+    weights = baseline.header["ranking"]
+    total = torch.zeros(len(new_rows), dtype=torch.float64)
+    for name, w in weights.items():
+        if w:
+            total += w * percentile_against(signals[name], baseline.signal(name)).nan_to_num(0.5)
+    suspicion = total / sum(w for w in weights.values() if w)
+    for n, i in enumerate(new_rows):
+        row = rows[i]
+        values = {name: _round(signals[name][n]) for name in SIGNALS}
+        kinds = [kind for kind, _ in quality.get(i, [])]
+        category = categorise_new(float(suspicion[n]), values, kinds, baseline.header["thresholds"])
+        result.new_entries[row["pair_id"]] = {"category": category, "digest": digests[i], **values}
+        if category != "clean":
+            result.findings.append(GateFinding(
+                row["source"], row["line"], row["pair_id"], category, known_entry[i] is not None,
+                round(float(suspicion[n]), 6), **values,
+                quality=[f"{kind}: {detail}" for kind, detail in quality.get(i, [])]))
+    result.findings.sort(key=lambda f: (-f.suspicion, f.source, f.line))
+    timings["score"] = round(time.perf_counter() - clock, 3)
+    return result
+
+
+def accept(result: GateResult) -> Baseline:
+    """Make the gated data the baseline: its pairs, the new ones with their frozen scores.
+
+    Pairs the baseline holds but the data given does not are dropped, so give every data
+    file. The reference (model, SAE, features, heads, cut-offs) stays as it is.
+    """
+    entries = {pid: result.new_entries.get(pid) or result.baseline.pairs[pid] for pid in result.current_ids}
+    updated = Baseline(result.baseline.path, result.baseline.header, entries)
+    updated.write(protect=result.sources)
+    return updated
+
+
+# ------------------------------------------------------------------------------- rendering
+
+def render_text(result: GateResult) -> str:
+    """Plain lines: one per new suspect (``file:line: ...``), then the verdict."""
+    lines = [f"{f.source}:{f.line}: {f.message()}" + ("" if f.category in result.fail_on else " (not failing)")
+             for f in result.findings]
+    what = (f"{result.new} new or changed of {result.pairs} pairs ({result.changed} changed) "
+            f"against {result.baseline.path}")
+    n_fail = len(result.failures)
+    if result.failed:
+        lines.append(f"FAILED: {n_fail} new suspect pair(s) in {', '.join(result.fail_on)} "
+                     f"(at most {result.max_new} allowed); {what}")
+    else:
+        lines.append(f"passed: {n_fail} new suspect pair(s) in {', '.join(result.fail_on)}; {what}")
+    return "\n".join(lines)
+
+
+def render_json_result(result: GateResult) -> str:
+    return json.dumps(result.to_dict(), indent=2, ensure_ascii=False) + "\n"
+
+
+def _xml_safe(text: str) -> str:
+    """Drop the characters XML 1.0 cannot hold (pair ids come from the data)."""
+    return "".join(c for c in text if c in "\t\n\r" or 0x20 <= ord(c) < 0xD800 or 0xE000 <= ord(c) < 0xFFFE
+                   or ord(c) >= 0x10000)
+
+
+def render_junit(result: GateResult) -> str:
+    """JUnit XML: a failing test case per new pair the gate fails on, a passing one per clean file."""
+    failing = result.failures if result.failed else []
+    suite = ET.Element("testsuite", name="safer-audit gate", tests="0", failures=str(len(failing)), errors="0",
+                       time=f"{sum(result.timings.values()):.3f}")
+    cases = 0
+    for source in result.sources:
+        in_file = [f for f in failing if f.source == source]
+        for f in in_file:
+            case = ET.SubElement(suite, "testcase", classname=_xml_safe(source), name=_xml_safe(
+                f"{source}:{f.line} {f.pair_id}"), file=_xml_safe(source), line=str(f.line))
+            failure = ET.SubElement(case, "failure", message=_xml_safe(f.message()), type=f.category)
+            failure.text = _xml_safe(f"{source}:{f.line}: {f.message()}")
+            cases += 1
+        if not in_file:
+            ET.SubElement(suite, "testcase", classname=_xml_safe(source), name=_xml_safe(f"{source}: no new suspects"),
+                          file=_xml_safe(source))
+            cases += 1
+    suite.set("tests", str(cases))
+    suites = ET.Element("testsuites", name="safer-audit", tests=str(cases), failures=str(len(failing)))
+    suites.append(suite)
+    ET.indent(suites)
+    return '<?xml version="1.0" encoding="UTF-8"?>\n' + ET.tostring(suites, encoding="unicode") + "\n"
+
+
+def _escape_data(text: str) -> str:
+    return text.replace("%", "%25").replace("\r", "%0D").replace("\n", "%0A")
+
+
+def _escape_property(text: str) -> str:
+    return _escape_data(text).replace(":", "%3A").replace(",", "%2C")
+
+
+def github_annotations(result: GateResult) -> list[str]:
+    """GitHub Actions workflow commands: an error per failing new pair, a warning per other suspect."""
+    out = []
+    for f in result.findings:
+        level = "error" if f.category in result.fail_on and result.failed else "warning"
+        out.append(f"::{level} file={_escape_property(f.source)},line={f.line},"
+                   f"title={_escape_property(f'safer-audit: {f.category} pair')}::{_escape_data(f.message())}")
+    return out
