@@ -152,10 +152,14 @@ def clean_dataset(source: str | Path, out: str | Path, report: Report, *, mode: 
     kind = _source_kind(source)
     _check_outputs(source, out, manifest_path, report_path, force)
     reader = PairReader(source, schema=schema, split=split, skip_invalid=skip_invalid, preference=preference)
-    pairs = {pair["pair_id"]: pair["line"] for pair in reader}
+    digests = {}
+    pairs = {}
+    for pair in reader:
+        pairs[pair["pair_id"]] = pair["line"]
+        digests[pair["pair_id"]] = _pair_digest(pair["context"], pair["chosen"], pair["rejected"])
     keys = _pair_keys(source, pairs, reader.skipped)
     origin = str(report_path) if report_path is not None else "the scan"
-    _check_report(report, origin, source, pairs)
+    _check_report(report, origin, source, pairs, digests)
     selection = select_pairs(report, drop_fraction=drop_fraction, threshold=threshold, mode=mode)
     changes = [Change(f.pair_id, f.line, f.rank, mode, f.suspicion, f.score_safe, f.category, reason)
                for f, reason in selection.picked]
@@ -226,8 +230,14 @@ def _pair_keys(source: str, pairs: dict[str, int], skipped: list) -> dict[str, K
     return keys
 
 
-def _check_report(report: Report, origin: str, source: str, pairs: dict[str, int]) -> None:
-    """The report must be of this data: same file (when it still exists) and the same pairs."""
+def _pair_digest(context: str, chosen: str, rejected: str) -> bytes:
+    return hashlib.sha256("\x00".join((context, chosen, rejected)).encode("utf-8", "surrogatepass")).digest()
+
+
+def _check_report(report: Report, origin: str, source: str, pairs: dict[str, int],
+                  digests: dict[str, bytes]) -> None:
+    """The report must be of this data: same file (when it still exists) and the same pairs
+    with the same texts (an ``id`` field keeps a pair's id when its text changes)."""
     scanned = Path(report.run.data_source)
     if scanned.exists() and not _same_file(scanned, Path(source)):
         raise CleanError(f"{origin}: is a report of {report.run.data_source}, not of {source}")
@@ -240,6 +250,9 @@ def _check_report(report: Report, origin: str, source: str, pairs: dict[str, int
         if line != finding.line:
             raise CleanError(f"{origin}: pair {finding.pair_id} is at line {finding.line} in the report "
                              f"but at line {line} in {source}")
+        if _pair_digest(finding.context, finding.chosen, finding.rejected) != digests[finding.pair_id]:
+            raise CleanError(f"{origin}: pair {finding.pair_id} (line {line}) has other texts than in {source}; "
+                             "the data changed since the scan")
         seen.add(finding.pair_id)
     missing = next((pair_id for pair_id in pairs if pair_id not in seen), None)
     if missing is not None:

@@ -354,6 +354,79 @@ def train_sae_command(data, out, latents, k, epochs, seed, quiet, **kw):
     stdout_console().print(table)
 
 
+@cli.command()
+@click.argument("data")
+@click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="The cleaned dataset, in DATA's format (same extension).")
+@click.option("--from-report", "report_path", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              default=None, help="Select from this scan report (JSON) instead of scanning DATA now.")
+@click.option("--drop-fraction", type=click.FloatRange(0, 1, min_open=True), default=None,
+              help="Select this fraction of the pairs, most suspicious first.")
+@click.option("--threshold", type=float, default=None, help="Select the pairs with suspicion >= this.")
+@click.option("--mode", type=click.Choice(["drop", "flip"]), default="drop", show_default=True,
+              help="Drop the selected pairs, or flip them back (swap chosen and rejected).")
+@click.option("--manifest", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Where to write the manifest. Default: OUT.manifest.json.")
+@click.option("--force", is_flag=True, help="Replace an existing output and manifest.")
+@click.option("--dry-run", is_flag=True, help="Show what would change and write nothing.")
+@model_options
+@data_options
+@sae_options
+@click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
+def clean(data, out, report_path, drop_fraction, threshold, mode, manifest, force, dry_run, quiet, **kw):
+    """Write a copy of DATA with suspicious pairs dropped or flipped back, and a manifest.
+
+    \b
+    Selection, by the combined suspicion ranking of a scan (the one scan reports,
+    rather than score_safe alone as in the paper, as it also weighs the reward margin):
+      --from-report R              R's non-clean pairs (with --mode flip: its flipped ones)
+      --drop-fraction F            the pairs of rank <= F x pairs
+      --threshold T                the pairs with suspicion >= T
+    Without --from-report, DATA is scanned first with the model and SAE options.
+
+    Records not selected are copied byte-for-byte (.jsonl, .jsonl.gz content, .json,
+    .csv) or as equal rows (.parquet); a flipped JSON record is rewritten on one line.
+    The manifest lists the input and output sha256, the rule, and every changed pair with
+    its rank, scores, category and reason. Both files are written to a temporary file and
+    renamed; DATA and the report are never written over.
+    """
+    from .clean import clean_dataset, load_report
+
+    if report_path is None and drop_fraction is None and threshold is None:
+        raise click.UsageError("select pairs with --from-report, --drop-fraction or --threshold")
+    if drop_fraction is not None and threshold is not None:
+        raise click.UsageError("give --drop-fraction or --threshold, not both")
+    with user_errors():
+        config = _scan_config(kw)
+        if report_path is not None:
+            report = load_report(report_path)
+        else:
+            from .scan import run_scan
+
+            report = run_scan(data, config, steps=_steps(quiet).step).report
+        result = clean_dataset(data, out, report, mode=mode, drop_fraction=drop_fraction, threshold=threshold,
+                               manifest=manifest, report_path=report_path, force=force, dry_run=dry_run,
+                               schema=config.schema, split=config.split, preference=config.preference,
+                               skip_invalid=config.skip_invalid)
+    done = {"drop": "dropped", "flip": "flipped"}[mode]
+    if dry_run:
+        _print_changes(result)
+        click.echo(f"dry run: would have {done} {len(result.changes)} of {result.pairs} pairs "
+                   f"({result.selection.rule}); nothing written", err=True)
+    else:
+        click.echo(f"{done} {len(result.changes)} of {result.pairs} pairs ({result.selection.rule}): "
+                   f"wrote {result.out} and {result.manifest_path}", err=True)
+
+
+def _print_changes(result) -> None:
+    table = Table(title=f"{result.mode}: {len(result.changes)} of {result.pairs} pairs of {result.source}")
+    for column in ("pair id", "line", "action", "reason"):
+        table.add_column(column, overflow="fold")
+    for change in result.changes:
+        table.add_row(change.pair_id, str(change.line), change.action, change.reason)
+    stdout_console().print(table)
+
+
 # ------------------------------------------------------------------------------ gate
 
 @cli.command(name="baseline")
