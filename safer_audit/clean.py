@@ -20,9 +20,12 @@ A flipped record has chosen and rejected swapped (PKU: the preference index used
 ``better_response_id`` or ``safer_response_id``, becomes 1 - it); a JSON record is then
 re-serialised on one line with ``json.dumps(ensure_ascii=False)``, a CSV row with the
 csv module's default dialect and the row's own line ending. Invalid records skipped with
-``skip_invalid`` are kept as they are. Datasets directories and hub ids are not
-supported. Output and manifest are each written to a temporary file and renamed, so an
-interrupted run leaves the old files (or none) in place, never a partial one.
+``skip_invalid`` are kept as they are. JSON Lines, gzip and CSV stream; a JSON array and
+a Parquet file are read whole. Datasets directories and hub ids are not supported.
+
+Output and manifest are each written to a temporary file and renamed (the output first:
+the manifest holds its sha256), so an interrupted run leaves the old files, or none, in
+place, never a partial one; only SIGKILL can leave the hidden temporary file behind.
 """
 
 from __future__ import annotations
@@ -104,7 +107,7 @@ def select_pairs(report: Report, *, drop_fraction: float | None = None, threshol
     if drop_fraction is not None:
         if not 0 < drop_fraction <= 1:
             raise CleanError(f"the drop fraction must be in (0, 1], not {drop_fraction}")
-        picked = [(f, f"rank {f.rank} of {n}, within the {drop_fraction:.4g} most suspicious")
+        picked = [(f, f"rank {f.rank} of {n}, within the most suspicious {drop_fraction * 100:.4g}%")
                   for f in findings if f.rank <= drop_fraction * n]
         return Selection("drop fraction", {"drop_fraction": drop_fraction}, picked)
     if threshold is not None:
@@ -150,7 +153,7 @@ def clean_dataset(source: str | Path, out: str | Path, report: Report, *, mode: 
     source, out = str(source), Path(out)
     manifest_path = Path(manifest) if manifest is not None else out.with_name(out.name + ".manifest.json")
     kind = _source_kind(source)
-    _check_outputs(source, out, manifest_path, report_path, force)
+    _check_outputs(source, kind, out, manifest_path, report_path, force)
     reader = PairReader(source, schema=schema, split=split, skip_invalid=skip_invalid, preference=preference)
     digests = {}
     pairs = {}
@@ -202,9 +205,9 @@ def _source_kind(source: str) -> str:
     raise CleanError(f"{source}: clean supports .jsonl, .jsonl.gz, .json, .csv and .parquet files")
 
 
-def _check_outputs(source: str, out: Path, manifest: Path, report_path: str | Path | None, force: bool) -> None:
+def _check_outputs(source: str, kind: str, out: Path, manifest: Path, report_path: str | Path | None,
+                   force: bool) -> None:
     protect = [source] + ([report_path] if report_path is not None else [])
-    kind = _source_kind(source)
     if not out.name.lower().endswith(kind):
         raise CleanError(f"{out}: the output is written in the input's format, so it must end in {kind}")
     for path in (out, manifest):
