@@ -51,6 +51,7 @@ import math
 import os
 import time
 import xml.etree.ElementTree as ET
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -121,7 +122,7 @@ class Baseline:
     def text(self) -> str:
         return render_json({"header": self.header, "pairs": self.pairs})
 
-    def write(self, protect: list[str] = ()) -> None:
+    def write(self, protect: Iterable[str | os.PathLike] = ()) -> None:
         write_atomic(self.path, self.text(), protect=protect)
 
 
@@ -459,23 +460,23 @@ def run_gate(sources: list[str], baseline_path: str | os.PathLike, *, fail_on: t
     data = baseline.header["data"]
     pairs = read_sources(sources, schema=data["schema"], split=data["split"], preference=data["preference"],
                          skip_invalid=data["skip_invalid"])
-    digests = [pair_digest(row) for row in pairs.iter_rows(named=True)]
-    known_entry = [baseline.pairs.get(pid) for pid in pairs["pair_id"].to_list()]
+    rows = list(pairs.iter_rows(named=True))
+    digests = [pair_digest(row) for row in rows]
+    known_entry = [baseline.pairs.get(row["pair_id"]) for row in rows]
     is_new = [e is None or e["digest"] != d for e, d in zip(known_entry, digests)]
     new_rows = [i for i, flag in enumerate(is_new) if flag]
     timings["load"] = round(time.perf_counter() - clock, 3)
     result = GateResult(baseline, list(sources), len(pairs), len(new_rows),
                         sum(1 for i in new_rows if known_entry[i] is not None), [], tuple(fail_on), max_new,
-                        current_ids=pairs["pair_id"].to_list(), timings=timings)
+                        current_ids=[row["pair_id"] for row in rows], timings=timings)
     if not new_rows:
         return result
 
     clock = time.perf_counter()
     # known pairs first: a duplicate or contradiction then lands on the new pair of the two
     order = [i for i, flag in enumerate(is_new) if not flag] + new_rows
-    rows = list(pairs.iter_rows(named=True))
     quality: dict[int, list[tuple[str, str]]] = {}
-    position_of = {pid: i for i, pid in enumerate(pairs["pair_id"].to_list())}
+    position_of = {row["pair_id"]: i for i, row in enumerate(rows)}
     for issue in find_quality_issues(rows[i] for i in order):
         quality.setdefault(position_of[issue.pair_id], []).append((issue.kind, issue.detail))
     timings["quality"] = round(time.perf_counter() - clock, 3)
