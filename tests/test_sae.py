@@ -352,6 +352,15 @@ def test_training_is_seeded_and_deterministic_and_stores_its_figures(tmp_path):
     assert metadata["training"]["fvu"] == stats.fvu and metadata["training"]["config"]["seed"] == 4
 
 
+def test_b_pre_starts_at_the_mean_of_the_first_batch():
+    g = torch.Generator().manual_seed(0)
+    shared = torch.randn(16, generator=g)
+    h = shared + 0.01 * torch.randn(2048, 16, generator=g)
+    sae, _ = train_sae(lambda: [h], 16, SaeTrainConfig(n_latents=32, k=3, batch_size=256, lr=1e-9))
+    expected = sae.normalize(shared.unsqueeze(0))[0]
+    torch.testing.assert_close(sae.b_pre.detach(), expected, atol=0.02, rtol=0)
+
+
 def test_auxk_revives_latents_that_plain_training_leaves_dead():
     # a learning rate this high kills many latents; AuxK must bring most of them back
     h, _ = sparse_ground_truth(n_tokens=8192, d_in=32, n_true=512, per_token=4, seed=2)
