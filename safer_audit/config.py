@@ -52,7 +52,7 @@ class SaeTrainConfig:
     lr: float | None = None  # None: 2e-4 / sqrt(n_latents / 2**14), as in Gao et al.
     warmup_fraction: float = 0.05
     auxk_alpha: float = 1 / 32
-    dead_tokens: int = 200_000  # a latent is dead if silent over this many tokens
+    dead_tokens: int = 20_000  # silent this long = dead, revived by AuxK (200k never triggered within 1 HH epoch)
     seed: int = 0
 
     def to_dict(self) -> dict:

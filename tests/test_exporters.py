@@ -11,7 +11,7 @@ from html.parser import HTMLParser
 
 import polars as pl
 import pytest
-from test_report import TRICKY, make_report
+from .test_report import TRICKY, make_report
 
 from safer_audit.backends.exporters import PARQUET_METADATA_KEY
 from safer_audit.report import Report, export_report, findings_from_frame

@@ -13,7 +13,7 @@ import sys
 import textwrap
 
 import pytest
-from test_report import make_report
+from .test_report import make_report
 
 from safer_audit.hookspecs import hookimpl
 from safer_audit.plugins import exporters, load_plugins, plugin_info
