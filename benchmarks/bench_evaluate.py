@@ -1,0 +1,135 @@
+"""Benchmark: flip detection on HH for the candidate defaults, to choose them (issue 6).
+
+    python benchmarks/bench_evaluate.py --choose-seeds 0 1 2 --confirm-seeds 3 4 [--limit N]
+
+For every seed: flip 10% of the pairs, scan the flipped copy once per position set, and
+score variants that reuse that scan's codes and activations (no new forward pass):
+the number of features N, the ranking formula (which signals are rank-averaged), and
+max- rather than mean-pooled codes for score_safe. Variants are ranked on the choose
+seeds; the same table on the confirm seeds shows whether the choice holds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_DATA = ROOT.parent / "shared" / "data" / "hh-rlhf-harmless-base-test.jsonl.gz"
+
+
+def variants(result, config):
+    """Scorer name -> suspicion (higher = more suspicious) from one scan, reusing its codes."""
+    from safer_audit.evaluate import length_suspicion
+    from safer_audit.salience import feature_salience, select_features
+    from safer_audit.scoring import cross_fitted_margins, score_safe, suspicion
+
+    salience = feature_salience(*result.stats.totals())
+    signals = {}  # name -> signal, low = suspicious
+    for n in (64, 256, 1024, 3072):
+        signals[f"score_safe N={n}"] = score_safe(result.stats, select_features(salience, n))
+    code_diffs = result.stats.mean_codes[0::2] - result.stats.mean_codes[1::2]
+    for l1 in (2e-3, 8e-3, 2e-2, 5e-2):
+        signals[f"sae_margin l1={l1:g}"] = cross_fitted_margins(code_diffs, folds=config.folds, seed=config.seed,
+                                                                l2=1e-4, l1=l1).margins
+    pooled = result.store.pooled_mean()
+    for l2 in (1e-2, 1e-1, 3e-1, 1.0, 3.0):
+        signals[f"reward_margin l2={l2:g}"] = cross_fitted_margins(pooled[0::2] - pooled[1::2], folds=config.folds,
+                                                                   seed=config.seed, l2=l2).margins
+    signals["length"] = -length_suspicion(result.pairs, config.folds, config.seed)
+    out = {name: -values for name, values in signals.items()}
+    ss = f"score_safe N={config.n_features}"
+    for l2 in ("0.1", "1", "3"):
+        rm = f"reward_margin l2={l2}"
+        for l1 in ("0.008", "0.05"):
+            sae = f"sae_margin l1={l1}"
+            out[f"rank(ss, rm l2={l2})"] = suspicion({ss: signals[ss], rm: signals[rm]})
+            out[f"rank(ss, rm l2={l2}, sae l1={l1})"] = suspicion({k: signals[k] for k in (ss, rm, sae)})
+            out[f"rank(ss, 2 rm l2={l2}, sae l1={l1})"] = suspicion({k: signals[k] for k in (ss, rm, sae)},
+                                                                    {ss: 1, rm: 2, sae: 1})
+    return out
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", default=str(DEFAULT_DATA))
+    parser.add_argument("--limit", type=int, default=None)
+    parser.add_argument("--flip-rate", type=float, default=0.1)
+    parser.add_argument("--choose-seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--confirm-seeds", type=int, nargs="+", default=[3, 4])
+    parser.add_argument("--positions", nargs="+", default=["response", "all", "punctuation"])
+    parser.add_argument("--layer", type=int, default=3)
+    parser.add_argument("--k", type=int, default=None)
+    parser.add_argument("--cache-dir", type=Path, default=Path("/tmp/safer-audit-bench-cache"))
+    parser.add_argument("--json", type=Path, default=None)
+    args = parser.parse_args()
+
+    from safer_audit.activations import load_backend
+    from safer_audit.config import ActivationConfig, ScanConfig
+    from safer_audit.data import load_pairs
+    from safer_audit.evaluate import flip_pairs, measure
+    from safer_audit.scan import scan_pairs
+
+    pairs = load_pairs(args.data).pairs
+    if args.limit:
+        pairs = pairs.head(args.limit)
+    base = ScanConfig(activations=ActivationConfig(layer=args.layer, cache_dir=args.cache_dir))
+    if args.k:
+        base.sae_train.k = args.k
+    backend = load_backend(base.activations)
+    results: dict[int, dict[str, object]] = {}
+    started = time.perf_counter()
+    for seed in args.choose_seeds + args.confirm_seeds:
+        flipped, positive = flip_pairs(pairs, args.flip_rate, seed)
+        scores = {}
+        for position in args.positions:
+            config = replace(base, activations=replace(base.activations, positions=position), seed=seed)
+            t = time.perf_counter()
+            result = scan_pairs(flipped, config, source=args.data, backend=backend)
+            print(f"seed {seed} {position}: scan {time.perf_counter() - t:.1f} s", file=sys.stderr)
+            scores[f"default ranking [{position}]"] = measure(result.suspicion, positive)
+            for name, values in variants(result, config).items():
+                scores[f"{name} [{position}]"] = measure(values, positive)
+        generator = torch.Generator().manual_seed(10_000 + seed)
+        scores["random"] = measure(torch.rand(len(pairs), generator=generator), positive)
+        results[seed] = scores
+
+    def table(seeds: list[int], title: str) -> None:
+        names = list(results[seeds[0]])
+        rows = []
+        for name in names:
+            au = [results[s][name].auroc for s in seeds]
+            p5 = [results[s][name].precision["5%"] for s in seeds]
+            p10 = [results[s][name].precision["10%"] for s in seeds]
+            sd = (lambda v: statistics.stdev(v) if len(v) > 1 else 0.0)
+            rows.append((statistics.fmean(au), sd(au), statistics.fmean(p5), sd(p5), statistics.fmean(p10), name))
+        rows.sort(reverse=True)
+        print(f"\n### {title} (seeds {', '.join(map(str, seeds))}; {len(pairs)} pairs, "
+              f"{args.flip_rate:.0%} flipped; mean ± sd)\n")
+        print("| scorer | AUROC | precision@5% | precision@10% |")
+        print("|---|---:|---:|---:|")
+        for au, au_sd, p5, p5_sd, p10, name in rows:
+            print(f"| {name} | {au:.3f} ± {au_sd:.3f} | {p5:.3f} ± {p5_sd:.3f} | {p10:.3f} |")
+
+    table(args.choose_seeds, "Choose")
+    if args.confirm_seeds:
+        table(args.confirm_seeds, "Confirm")
+    print(f"\ntotal {time.perf_counter() - started:.0f} s; command: python {' '.join(sys.argv)}")
+    if args.json:
+        args.json.write_text(json.dumps({str(s): {n: {"auroc": r.auroc, "precision": r.precision}
+                                                  for n, r in scores.items()} for s, scores in results.items()},
+                                        indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
