@@ -72,6 +72,7 @@ class ScanConfig:
     folds: int = 5  # cross-fitting folds of the reward heads
     margin_l2: float = 1e-2  # ridge of the Bradley-Terry head on pooled activations
     sae_l1: float = 2e-3  # L1 of the sparse Bradley-Terry head on SAE codes
+    sae_l2: float = 1e-4  # and its ridge
     ranking: dict[str, float] = field(default_factory=lambda: {
         "score_safe": 1.0, "reward_margin": 1.0, "sae_margin": 1.0})
     flipped_fraction: float = 0.04  # the paper's best drop ratio (METHOD.md section 6)

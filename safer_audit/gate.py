@@ -68,13 +68,12 @@ from .progress import no_progress
 from .report import refuse_inputs, write_atomic
 from .sae import TopKSAE
 from .salience import Feature, FeatureSet, encode_store
-from .scoring import QUALITY_KINDS_THAT_CATEGORISE, fit_bradley_terry, score_safe
+from .scoring import QUALITY_KINDS_THAT_CATEGORISE, column_scale, fit_bradley_terry, score_safe
 
 BASELINE_FORMAT = 1
 SIGNALS = ("score_safe", "reward_margin", "sae_margin")
 GATE_CATEGORIES = ("flipped", "noisy", "quality")
 DEFAULT_FAIL_ON = ("flipped", "quality")  # noisy holds 10% of any data by construction
-SAE_HEAD_L2 = 1e-4  # the ridge scan_pairs gives the sparse SAE-code head
 _HEADER_FIELDS = ("format", "tool_version", "model", "activations", "data", "sae", "heads", "features", "ranking",
                   "thresholds")
 _PAIR_FIELDS = ("category", "digest", *SIGNALS)
@@ -207,22 +206,18 @@ def read_sources(sources: list[str], *, schema: str | None = None, split: str | 
 
 # ------------------------------------------------------------------------ making a baseline
 
-def _column_scale(diffs: torch.Tensor) -> torch.Tensor:
-    return diffs.pow(2).mean(0).sqrt().clamp(min=1e-8)
-
-
 def fit_heads(result, config: ScanConfig) -> dict[str, torch.Tensor]:
     """Bradley-Terry heads fitted on every pair of a scan: the SAE-code head, and the
     activation head when the model has no reward head of its own."""
     diffs = {"sae_margin": result.stats.mean_codes[0::2] - result.stats.mean_codes[1::2]}
-    l2 = {"sae_margin": SAE_HEAD_L2, "reward_margin": config.margin_l2}
+    l2 = {"sae_margin": config.sae_l2, "reward_margin": config.margin_l2}
     l1 = {"sae_margin": config.sae_l1, "reward_margin": 0.0}
     if not result.backend.has_reward_head:
         pooled = result.store.pooled_mean()
         diffs["reward_margin"] = pooled[0::2] - pooled[1::2]
     heads = {}
     for name, d in diffs.items():
-        scale = _column_scale(d)
+        scale = column_scale(d)
         heads[f"{name}.scale"] = scale.contiguous()
         heads[f"{name}.weight"] = fit_bradley_terry(d / scale, l2=l2[name], l1=l1[name]).contiguous()
     return heads

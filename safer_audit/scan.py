@@ -188,7 +188,7 @@ def scan_pairs(pairs: pl.DataFrame, config: ScanConfig, *, source: str, steps=no
                                                         seed=config.seed, l2=config.margin_l2).margins
     code_diffs = stats.mean_codes[0::2] - stats.mean_codes[1::2]
     signals["sae_margin"] = cross_fitted_margins(code_diffs, folds=config.folds, seed=config.seed,
-                                                 l2=1e-4, l1=config.sae_l1).margins
+                                                 l2=config.sae_l2, l1=config.sae_l1).margins
     ranked = suspicion(signals, config.ranking)
     lap("scores")
 

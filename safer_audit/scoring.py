@@ -98,6 +98,12 @@ def _spectral_norm(matrix: torch.Tensor, iterations: int = 50) -> float:
     return sigma * 1.01
 
 
+def column_scale(diffs: torch.Tensor) -> torch.Tensor:
+    """Per-column root mean square: heads fit on ``diffs / column_scale(diffs)`` (no centring,
+    since a difference of two texts has no offset to remove)."""
+    return diffs.pow(2).mean(0).sqrt().clamp(min=1e-8)
+
+
 @dataclass
 class CrossFit:
     margins: torch.Tensor  # [n_pairs] each from a head that did not see that pair
@@ -112,7 +118,7 @@ def cross_fitted_margins(diffs: torch.Tensor, *, folds: int = 5, seed: int = 0, 
     n = len(diffs)
     folds = max(2, min(folds, n))
     ids = fold_ids(n, folds, seed)
-    scale = diffs.pow(2).mean(0).sqrt().clamp(min=1e-8)
+    scale = column_scale(diffs)
     scaled = diffs / scale
     margins = torch.zeros(n)
     weights = torch.zeros(folds, diffs.shape[1])

@@ -28,7 +28,7 @@ def test_version_and_help_on_every_command():
     assert runner.invoke(cli, ["--version"]).output.strip() == f"safer-audit, version {__version__}"
     commands = list(all_commands(cli))
     assert {("scan",), ("validate",), ("explain",), ("features",), ("train-sae",), ("cache", "info"),
-            ("plugins",)} <= set(commands)
+            ("plugins",), ("evaluate",), ("clean",), ("baseline",), ("gate",)} <= set(commands)
     for path in commands:
         result = runner.invoke(cli, [*path, "--help"])
         assert result.exit_code == 0, (path, result.output)
