@@ -210,7 +210,7 @@ def _steps(quiet: bool) -> ProgressBar:
 @click.option("--format", "output_format", default=None,
               help="Format of every --output, when the extension does not say (see `safer-audit plugins`).")
 @click.option("--flipped-fraction", type=click.FloatRange(0, 1), default=ScanConfig.flipped_fraction,
-              show_default=True, help="Most suspicious fraction whose pairs are 'flipped' when every signal agrees.")
+              show_default=True, help="Most suspicious fraction whose pairs are 'flipped' when every ranked signal agrees.")
 @click.option("--noisy-fraction", type=click.FloatRange(0, 1), default=ScanConfig.noisy_fraction,
               show_default=True, help="Most suspicious fraction whose other pairs are 'noisy'.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
@@ -437,7 +437,7 @@ def _print_changes(result) -> None:
 @data_options
 @sae_options
 @click.option("--flipped-fraction", type=click.FloatRange(0, 1), default=ScanConfig.flipped_fraction,
-              show_default=True, help="Most suspicious fraction whose pairs are 'flipped' when every signal agrees.")
+              show_default=True, help="Most suspicious fraction whose pairs are 'flipped' when every ranked signal agrees.")
 @click.option("--noisy-fraction", type=click.FloatRange(0, 1), default=ScanConfig.noisy_fraction,
               show_default=True, help="Most suspicious fraction whose other pairs are 'noisy'.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars.")

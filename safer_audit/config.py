@@ -70,11 +70,13 @@ class ScanConfig:
     features_file: Path | None = None
     salience_from: str | None = None  # a reference dataset for salience, else the scanned one
     folds: int = 5  # cross-fitting folds of the reward heads
-    margin_l2: float = 1e-2  # ridge of the Bradley-Terry head on pooled activations
-    sae_l1: float = 2e-3  # L1 of the sparse Bradley-Terry head on SAE codes
+    margin_l2: float = 1.0  # ridge of the Bradley-Terry head on pooled activations (measured, BENCHMARKS.md)
+    sae_l1: float = 2e-2  # L1 of the sparse Bradley-Terry head on SAE codes (measured)
     sae_l2: float = 1e-4  # and its ridge
+    # which signals the suspicion ranking averages: measured best on HH flips (BENCHMARKS.md);
+    # sae_margin is still computed and reported, but adding it did not help
     ranking: dict[str, float] = field(default_factory=lambda: {
-        "score_safe": 1.0, "reward_margin": 1.0, "sae_margin": 1.0})
+        "score_safe": 1.0, "reward_margin": 1.0, "sae_margin": 0.0})
     flipped_fraction: float = 0.04  # the paper's best drop ratio (METHOD.md section 6)
     noisy_fraction: float = 0.10
     top_features_per_pair: int = 5

@@ -31,7 +31,7 @@ Design, and why:
   finds a categorising problem (the known pairs are checked first, so a new pair that
   contradicts an existing one carries the finding); ``flipped`` when its suspicion reaches
   the flipped cut-off (the suspicion of the last baseline pair inside the flipped
-  fraction) and every signal is negative; ``noisy`` when it reaches the noisy cut-off.
+  fraction) and every signal the ranking uses is negative; ``noisy`` when it reaches the noisy cut-off.
 - New or changed: a pair id that is not in the baseline, or whose content digest differs
   (an edited record that keeps its ``id`` field). Pair ids are assumed unique across
   the data files; the data layer makes them unique within a file.
@@ -497,7 +497,8 @@ def run_gate(sources: list[str], baseline_path: str | os.PathLike, *, fail_on: t
         row = rows[i]
         values = {name: _round(signals[name][n]) for name in SIGNALS}
         kinds = [kind for kind, _ in quality.get(i, [])]
-        category = categorise_new(float(suspicion[n]), values, kinds, baseline.header["thresholds"])
+        ranked_values = {name: v for name, v in values.items() if weights.get(name)}
+        category = categorise_new(float(suspicion[n]), ranked_values, kinds, baseline.header["thresholds"])
         result.new_entries[row["pair_id"]] = {"category": category, "digest": digests[i], **values}
         if category != "clean":
             result.findings.append(GateFinding(

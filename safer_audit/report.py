@@ -28,7 +28,7 @@ from .plugins import Exporter, exporters
 REPORT_SCHEMA_VERSION = 1
 
 CATEGORY_DESCRIPTIONS = {
-    "flipped": "among the most suspicious pairs and every signal prefers the rejected response: labels likely swapped",
+    "flipped": "among the most suspicious pairs and every ranked signal prefers the rejected response: labels likely swapped",
     "noisy": "among the most suspicious pairs, but the signals disagree: a weak or doubtful preference",
     "quality": "a data problem (identical or empty responses, a contradiction, different contexts) makes it unusable",
     "clean": "not among the most suspicious pairs",

@@ -209,7 +209,8 @@ def build_report(source, pairs, texts, stats, salience, features, signals, ranke
     """The Report of a scan: every pair as a Finding, every selected feature as a card."""
     pair_ids = pairs["pair_id"].to_list()
     per_pair_quality = [quality.get(pid, []) for pid in pair_ids]
-    categories = categorise(ranked, signals, per_pair_quality, flipped_fraction=config.flipped_fraction,
+    ranked_signals = {name: values for name, values in signals.items() if config.ranking.get(name)}
+    categories = categorise(ranked, ranked_signals, per_pair_quality, flipped_fraction=config.flipped_fraction,
                             noisy_fraction=config.noisy_fraction)
     order = torch.argsort(-ranked, stable=True).tolist()
     rank_of = {pair: r + 1 for r, pair in enumerate(order)}

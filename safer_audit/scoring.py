@@ -171,7 +171,7 @@ def categorise(suspicion_values: torch.Tensor, signals: dict[str, torch.Tensor],
 
     quality: a data-quality finding that makes the pair unusable as it is (identical
     responses, an empty one, a contradiction, different contexts); flipped: among the
-    ``flipped_fraction`` most suspicious pairs and every signal says rejected is better;
+    ``flipped_fraction`` most suspicious pairs and every signal given (those the ranking uses) says rejected is better;
     noisy: among the ``noisy_fraction`` most suspicious otherwise; clean: the rest.
     """
     n = len(suspicion_values)
