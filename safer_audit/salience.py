@@ -43,15 +43,20 @@ class CodeStats:
 
 @torch.inference_mode()
 def encode_store(store, sae, *, progress=None) -> CodeStats:
-    """One pass of ``sae`` over every read position of ``store``."""
+    """One pass of ``sae`` over every read position of ``store``.
+
+    Works on the sparse top-k codes (k per token) rather than dense [tokens, latents]
+    rows: sums, firing counts and the running strongest activations per latent are all
+    scatter / sort operations over k x tokens entries.
+    """
     n_latents = sae.cfg.n_latents
     mean_codes = torch.zeros(store.n_texts, n_latents)
     n_positions = torch.zeros(store.n_texts, dtype=torch.long)
     fire_counts = torch.zeros(n_latents, dtype=torch.long)
-    top_values = torch.full((TOP_ACTIVATIONS, n_latents), -1.0)
-    top_texts = torch.full((TOP_ACTIVATIONS, n_latents), -1, dtype=torch.long)
-    top_positions = torch.zeros((TOP_ACTIVATIONS, n_latents), dtype=torch.long)
-    top_tokens = torch.zeros((TOP_ACTIVATIONS, n_latents), dtype=torch.long)
+    # the running strongest activations, as flat entries (latent, value, text, position, token)
+    top = {name: torch.zeros(0, dtype=dtype) for name, dtype in
+           (("latent", torch.long), ("value", torch.float32), ("text", torch.long), ("position", torch.long),
+            ("token", torch.long))}
     device = next(sae.parameters()).device
     done = fvu_sum = 0
     for texts, offsets, tensors in store.iter_chunks():
@@ -60,28 +65,45 @@ def encode_store(store, sae, *, progress=None) -> CodeStats:
         if int(offsets[-1]) == 0:
             continue
         out = sae(tensors["acts"].to(device))
-        z = torch.zeros(len(out.x), n_latents, device=device).scatter_(1, out.top_idx, out.top_vals.float()).cpu()
-        fvu_sum += float(out.fvu) * len(out.x)
-        segment = torch.repeat_interleave(torch.arange(len(texts)), lengths)
-        sums = torch.zeros(len(texts), n_latents).index_add_(0, segment, z)
+        values, latents = out.top_vals.float().cpu(), out.top_idx.cpu()
+        fvu_sum += float(out.fvu) * len(values)
+        segment = torch.repeat_interleave(torch.arange(len(texts)), lengths)  # chunk text of each token
+        flat = (segment.unsqueeze(1) * n_latents + latents).flatten()
+        sums = torch.zeros(len(texts) * n_latents).index_add_(0, flat, values.flatten()).view(len(texts), n_latents)
         mean_codes[texts] = sums / lengths.clamp(min=1).unsqueeze(1)
-        fire_counts += (z > 0).sum(0)
-        # merge this chunk's strongest activations into the running top list
-        k = min(TOP_ACTIVATIONS, z.shape[0])
-        values, rows = z.topk(k, dim=0)
-        cand_values = torch.cat([top_values, values])
-        cand_texts = torch.cat([top_texts, texts[segment[rows]]])
-        cand_positions = torch.cat([top_positions, tensors["positions"].long()[rows]])
-        cand_tokens = torch.cat([top_tokens, tensors["token_ids"][rows]])
-        top_values, order = cand_values.topk(TOP_ACTIVATIONS, dim=0)
-        top_texts = cand_texts.gather(0, order)
-        top_positions = cand_positions.gather(0, order)
-        top_tokens = cand_tokens.gather(0, order)
+        active = values > 0
+        fire_counts += torch.bincount(latents[active], minlength=n_latents)
+        rows = torch.arange(len(values)).unsqueeze(1).expand_as(latents)[active]
+        chunk = {"latent": latents[active], "value": values[active], "text": texts[segment[rows]],
+                 "position": tensors["positions"].long()[rows], "token": tensors["token_ids"][rows]}
+        top = _keep_strongest({name: torch.cat([top[name], chunk[name]]) for name in top}, n_latents)
         done += len(texts)
         if progress is not None:
             progress(done, store.n_texts)
+    dense = {name: torch.full((TOP_ACTIVATIONS, n_latents), fill, dtype=top[name].dtype)
+             for name, fill in (("value", -1.0), ("text", -1), ("position", 0), ("token", 0))}
+    rank = _rank_within_latent(top["latent"], n_latents)
+    for name in dense:
+        dense[name][rank, top["latent"]] = top[name]
     fvu = fvu_sum / max(int(n_positions.sum()), 1)
-    return CodeStats(mean_codes, n_positions, fire_counts, top_values, top_texts, top_positions, top_tokens, fvu)
+    return CodeStats(mean_codes, n_positions, fire_counts, dense["value"], dense["text"], dense["position"],
+                     dense["token"], fvu)
+
+
+def _rank_within_latent(latents: torch.Tensor, n_latents: int) -> torch.Tensor:
+    """For entries already grouped by latent (strongest first), each one's rank in its group."""
+    counts = torch.bincount(latents, minlength=n_latents)
+    starts = torch.cumsum(counts, 0) - counts
+    return torch.arange(len(latents)) - starts[latents]
+
+
+def _keep_strongest(entries: dict[str, torch.Tensor], n_latents: int) -> dict[str, torch.Tensor]:
+    """The TOP_ACTIVATIONS strongest entries of each latent, grouped by latent, strongest first."""
+    by_value = torch.argsort(entries["value"], descending=True, stable=True)
+    order = by_value[torch.argsort(entries["latent"][by_value], stable=True)]
+    grouped = {name: values[order] for name, values in entries.items()}
+    keep = _rank_within_latent(grouped["latent"], n_latents) < TOP_ACTIVATIONS
+    return {name: values[keep] for name, values in grouped.items()}
 
 
 def feature_salience(chosen_totals: torch.Tensor, rejected_totals: torch.Tensor) -> torch.Tensor:

@@ -156,3 +156,56 @@ def test_suspicion_and_categories():
     assert categories[1] == "quality" and categories[2] != "quality"
     assert categories[3] == "noisy"  # suspicious, but the reward margin disagrees
     assert categories.count("clean") == 20 - 4 - 1 - 4
+
+
+class FakeStore:
+    """Two chunks of random activations, in the shape ActivationStore.iter_chunks yields."""
+
+    def __init__(self, d: int = 16, seed: int = 0):
+        g = torch.Generator().manual_seed(seed)
+        self.chunks = []
+        self.n_texts = 7
+        for texts, lengths in (([0, 3, 5], [4, 0, 9]), ([1, 2, 4, 6], [3, 6, 1, 80])):
+            lengths = torch.tensor(lengths)
+            offsets = torch.zeros(len(texts) + 1, dtype=torch.long)
+            offsets[1:] = torch.cumsum(lengths, 0)
+            n = int(offsets[-1])
+            self.chunks.append((torch.tensor(texts), offsets, {
+                "acts": torch.randn(n, d, generator=g), "positions": torch.arange(n, dtype=torch.int32),
+                "token_ids": torch.randint(0, 50, (n,), generator=g)}))
+
+    def iter_chunks(self):
+        yield from self.chunks
+
+
+def test_encode_store_matches_a_dense_reference():
+    from safer_audit.sae import SaeConfig, TopKSAE
+    from safer_audit.salience import TOP_ACTIVATIONS, encode_store
+
+    sae = TopKSAE(SaeConfig(d_in=16, n_latents=24, k=3), generator=torch.Generator().manual_seed(0))
+    store = FakeStore()
+    stats = encode_store(store, sae)
+    z_all, text_of, pos_of, tok_of = [], [], [], []
+    expected_mean = torch.zeros(7, 24)
+    for texts, offsets, tensors in store.iter_chunks():
+        z = sae.encode_dense(tensors["acts"]).detach()
+        for j, t in enumerate(texts.tolist()):
+            lo, hi = int(offsets[j]), int(offsets[j + 1])
+            if hi > lo:
+                expected_mean[t] = z[lo:hi].mean(0)
+            text_of += [t] * (hi - lo)
+        z_all.append(z)
+        pos_of.append(tensors["positions"].long())
+        tok_of.append(tensors["token_ids"])
+    z = torch.cat(z_all)
+    torch.testing.assert_close(stats.mean_codes, expected_mean)
+    assert stats.n_positions.tolist() == [4, 3, 6, 0, 1, 9, 80]
+    assert torch.equal(stats.fire_counts, (z > 0).sum(0))
+    k = min(TOP_ACTIVATIONS, len(z))
+    values, rows = z.topk(k, dim=0)
+    for latent in range(24):
+        fired = values[:, latent] > 0
+        got = stats.top_values[:, latent]
+        torch.testing.assert_close(got[got > 0], values[fired, latent])
+        assert stats.top_texts[:, latent][got > 0].tolist() == [text_of[r] for r in rows[fired, latent].tolist()] \
+            or len(set(values[fired, latent].tolist())) < int(fired.sum())  # ties may order differently
