@@ -114,7 +114,11 @@ dl { display: grid; grid-template-columns: max-content 1fr; gap: .2rem 1rem; }
 dt { font-weight: 600; } dd { margin: 0; }
 table { border-collapse: collapse; width: 100%; }
 th, td { border-bottom: 1px solid #ddd; padding: .35rem .5rem; text-align: left; vertical-align: top; }
-td.num, th.num { text-align: right; font-variant-numeric: tabular-nums; white-space: nowrap; }
+td.num, th.num { text-align: right; font-variant-numeric: tabular-nums; }
+td.num { white-space: nowrap; }
+td.features { white-space: nowrap; font-size: .9em; }
+td.texts { min-width: 22em; }
+td.loc { white-space: normal; word-break: break-all; max-width: 12em; }
 table.sortable th { cursor: pointer; user-select: none; background: #f4f4f4; position: sticky; top: 0; }
 th[data-order=asc]::after { content: " \\25B2"; } th[data-order=desc]::after { content: " \\25BC"; }
 mark { background: #ffe08a; }
@@ -191,11 +195,11 @@ def _finding_row(f: Finding) -> str:
         "<tr>"
         f'<td class="num" data-v="{f.rank}">{f.rank}</td>'
         f"<td>{_e(f.pair_id)}</td>"
-        f'<td class="num" data-v="{f.line}">{_e(f.source)}:{f.line}</td>'
+        f'<td class="num loc" data-v="{f.line}">{_e(f.source)}:{f.line}</td>'
         f'<td><span class="{_e(f.category)}">{_e(f.category)}</span>{quality}</td>'
         f"{_num_cell(f.suspicion)}{_num_cell(f.score_safe)}{_num_cell(f.reward_margin)}{_num_cell(f.sae_margin)}"
-        f"<td>{features}</td>"
-        f"<td>{_html_excerpt('chosen', chosen)}{_html_excerpt('rejected', rejected)}{full}</td>"
+        f'<td class="features">{features}</td>'
+        f'<td class="texts">{_html_excerpt("chosen", chosen)}{_html_excerpt("rejected", rejected)}{full}</td>'
         "</tr>"
     )
 
