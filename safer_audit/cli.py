@@ -15,6 +15,7 @@ from pathlib import Path
 import click
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from . import __version__
 from .config import POSITIONS, ActivationConfig, SaeTrainConfig, ScanConfig, default_cache_dir
@@ -313,11 +314,13 @@ def evaluate(data, positions, flip_rate, seeds, output, quiet, **kw):
                             f"({flip_rate:.0%}), {len(seeds)} seed(s): mean ± sd")
         summary = result.summary()
         metrics = list(next(iter(summary.values())))
-        table.add_column("scorer")
+        table.add_column("scorer", no_wrap=True)
         for metric in metrics:
-            table.add_column(metric.upper() if metric == "auroc" else metric, justify="right")
+            table.add_column(metric.upper() if metric == "auroc" else metric, justify="right", no_wrap=True)
         for scorer, values in sorted(summary.items(), key=lambda item: -item[1]["auroc"][0]):
-            table.add_row(scorer, *(f"{values[m][0]:.3f} ± {values[m][1]:.3f}" for m in metrics))
+            # Text, not a markup string: "[response]" would be read as a style tag
+            table.add_row(Text(scorer), *(f"{values[m][0]:.3f}±{values[m][1]:.3f}".replace("0.", ".")
+                                          for m in metrics))
         console.print(table)
         if output is not None:
             write_atomic(output, json.dumps(result.to_dict(), indent=2) + "\n", protect=[data])

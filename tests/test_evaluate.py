@@ -78,4 +78,4 @@ def test_evaluate_command_measures_every_scorer(tiny_llama_dir, pairs, tmp_path)
         assert 0.0 <= scorer["auroc"]["mean"] <= 1.0
         assert set(scorer) == {"auroc", "p@1%", "p@5%", "p@10%"}
     assert report["runs"]["0"] != report["runs"]["1"]
-    assert "AUROC" in result.output
+    assert "AUROC" in result.output and "score_safe[response]" in result.output
