@@ -32,6 +32,7 @@ from .config import ActivationConfig
 
 CACHE_FORMAT = 1
 SHARD_TEXTS = 256  # texts per shard: a killed run loses at most this much work
+TOKENIZE_CHUNK = 512  # texts tokenized at once when measuring lengths
 PUNCTUATION = ".,?!;"
 PUNCTUATION_MIN_GAP = 5
 
@@ -262,6 +263,7 @@ class ActivationStore:
         for text, (shard, row) in enumerate(self._locations):
             by_shard.setdefault(shard, []).append((text, row))
         for shard in sorted(by_shard):
+            _release_freed_memory()  # the previous shard's buffers
             tensors = self.cache.load_shard(shard)
             if tensors is None:
                 raise CacheError(f"cache shard {shard.name} became unreadable during the run")
@@ -381,29 +383,66 @@ def extract_activations(texts: Sequence[PreparedText], backend, config: Activati
     return ActivationStore(cache, keys, backend.d_model, backend.identity, n_forward_texts=computed)
 
 
+def _release_freed_memory() -> None:
+    """Hand freed heap memory back to the OS (glibc only; elsewhere a no-op).
+
+    Batches grow in length as extraction goes (they are length-sorted), so glibc cannot
+    reuse the smaller freed blocks and keeps them: peak RSS grew with the dataset (2.5 GB
+    after extracting HH, 0.5 GB after malloc_trim). Trimming once per shard bounds it.
+    """
+    global _malloc_trim
+    if _malloc_trim is None:
+        try:
+            import ctypes
+
+            _malloc_trim = ctypes.CDLL("libc.so.6").malloc_trim
+        except (OSError, AttributeError):
+            _malloc_trim = False
+    if _malloc_trim:
+        _malloc_trim(0)
+
+
+_malloc_trim = None
+
+
+def _tokenize(items: list[PreparedText], backend, max_length: int):
+    """Token ids, offsets and special-token masks of ``items``, in their order."""
+    out: list = [None] * len(items)
+    for special in (False, True):
+        where = [i for i, item in enumerate(items) if item.has_special_tokens == special]
+        if where:
+            ids, offsets, specials = backend.tokenize([items[i].text for i in where], max_length=max_length,
+                                                      has_special_tokens=special)
+            for i, row in zip(where, zip(ids, offsets, specials)):
+                out[i] = row
+    return out
+
+
 def _compute(todo: list[tuple[str, PreparedText]], backend, config: ActivationConfig, layer: int,
              want_score: bool, cache: ActivationCache, progress) -> int:
-    """Run the model over ``todo`` in length-sorted batches and write shards as they fill."""
+    """Run the model over ``todo`` in length-sorted batches and write shards as they fill.
+
+    Lengths come first, a chunk of texts at a time; each batch is tokenized again with its
+    offsets. Holding every text's full encoding at once cost over a kilobyte per token,
+    so peak memory grew with the dataset.
+    """
     if not todo:
         return 0
-    groups: dict[bool, list[tuple[str, PreparedText]]] = {}
-    for item in todo:
-        groups.setdefault(item[1].has_special_tokens, []).append(item)
-    encoded = []  # (key, prepared, ids, offsets, special)
-    for special, items in groups.items():
-        ids, offsets, specials = backend.tokenize([p.text for _, p in items], max_length=config.max_length,
-                                                  has_special_tokens=special)
-        encoded.extend((k, p, i, o, s) for (k, p), i, o, s in zip(items, ids, offsets, specials))
-    encoded.sort(key=lambda row: len(row[2]))
+    lengths = []
+    for start in range(0, len(todo), TOKENIZE_CHUNK):
+        chunk = [prepared for _, prepared in todo[start:start + TOKENIZE_CHUNK]]
+        lengths += [len(ids) for ids, _, _ in _tokenize(chunk, backend, config.max_length)]
+    order = sorted(range(len(todo)), key=lambda i: lengths[i])
     pending_keys: list[str] = []
     pending: list[TextActivations] = []
     done = 0
-    for start in range(0, len(encoded), config.batch_size):
-        batch = encoded[start:start + config.batch_size]
-        input_ids, mask = backend.pad_batch([row[2] for row in batch])
+    for start in range(0, len(order), config.batch_size):
+        batch = [todo[i] for i in order[start:start + config.batch_size]]
+        encoded = _tokenize([prepared for _, prepared in batch], backend, config.max_length)
+        input_ids, mask = backend.pad_batch([ids for ids, _, _ in encoded])
         hidden, score = backend.forward(input_ids, mask, layer=layer, want_score=want_score)
         hidden = hidden.cpu()
-        for b, (key, prepared, ids, offsets, special) in enumerate(batch):
+        for b, ((key, prepared), (ids, offsets, special)) in enumerate(zip(batch, encoded)):
             keep = read_positions(prepared.text, offsets, special, prepared.response_start, config.positions)
             index = torch.tensor(keep, dtype=torch.long)
             pending_keys.append(key)
@@ -413,9 +452,10 @@ def _compute(todo: list[tuple[str, PreparedText]], backend, config: ActivationCo
         if len(pending) >= SHARD_TEXTS:
             cache.add_shard(pending_keys, pending)
             pending_keys, pending = [], []
+            _release_freed_memory()
         done += len(batch)
         if progress is not None:
-            progress(done, len(encoded))
+            progress(done, len(order))
     if pending:
         cache.add_shard(pending_keys, pending)
-    return len(encoded)
+    return len(order)
