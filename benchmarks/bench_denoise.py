@@ -146,7 +146,7 @@ def plot(runs: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from safer_audit.report import write_atomic
+    from safer_audit.files import write_atomic
 
     baselines = [run["baseline"] for run in runs]
     figure, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
@@ -185,7 +185,7 @@ def main() -> int:
     from safer_audit.activations import load_backend
     from safer_audit.config import ActivationConfig, ScanConfig
     from safer_audit.data import DataError, load_pairs
-    from safer_audit.report import write_atomic
+    from safer_audit.files import write_atomic
     from safer_audit.scan import ScanError
 
     try:

@@ -17,9 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
-import tempfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +27,7 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
 from .config import ActivationConfig
+from .files import write_atomic
 
 CACHE_FORMAT = 1
 SHARD_TEXTS = 256  # texts per shard: a killed run loses at most this much work
@@ -112,10 +111,10 @@ class ActivationCache:
         if meta is not None:
             meta_path = self.directory / "config.json"
             if not meta_path.exists():
-                _write_atomic(meta_path, json.dumps(meta, indent=1, sort_keys=True).encode())
+                write_atomic(meta_path, json.dumps(meta, indent=1, sort_keys=True).encode())
         self.index: dict[str, tuple[Path, int]] = {}
         self._loaded: dict[Path, dict[str, torch.Tensor]] = {}
-        for stale in self.directory.glob(".tmp-*"):  # debris of a killed write
+        for stale in self.directory.glob(".*.tmp"):  # debris of a killed write (files.write_atomic)
             stale.unlink(missing_ok=True)
         for shard in sorted(self.directory.glob("shard-*.safetensors")):
             keys = _shard_keys(shard)
@@ -142,7 +141,7 @@ class ActivationCache:
         }
         data = save_safetensors(tensors, metadata={"keys": json.dumps(keys), "format": str(CACHE_FORMAT)})
         path = self.directory / f"shard-{_digest(data)}.safetensors"
-        _write_atomic(path, data)
+        write_atomic(path, data)
         for row, key in enumerate(keys):
             self.index.setdefault(key, (path, row))
 
@@ -194,19 +193,6 @@ def _shard_keys(path: Path) -> list[str] | None:
         return json.loads(header["__metadata__"]["keys"])
     except (OSError, ValueError, KeyError, TypeError):
         return None
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def cache_info(root: Path) -> list[dict]:

@@ -47,7 +47,8 @@ from typing import IO, Any
 
 from . import __version__
 from .data import PairReader
-from .report import Finding, Report, refuse_inputs, write_atomic
+from .files import refuse_inputs, write_atomic
+from .report import Finding, Report
 
 MODES = ("drop", "flip")
 _JSON_SPACE = re.compile(r"[ \t\n\r]*")

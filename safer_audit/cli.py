@@ -248,7 +248,8 @@ def scan(data, top, outputs, output_format, flipped_fraction, noisy_fraction, qu
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
 def features(data, top, out, quiet, **kw):
     """Show the safety features of DATA as cards, and write a features file to review."""
-    from .report import print_feature_cards, write_atomic
+    from .files import write_atomic
+    from .report import print_feature_cards
     from .scan import run_scan
     from .salience import features_file_text
 
@@ -300,7 +301,7 @@ def evaluate(data, positions, flip_rate, seeds, output, quiet, **kw):
     random, all on the same flipped copies.
     """
     from .evaluate import evaluate as run_evaluation
-    from .report import write_atomic
+    from .files import write_atomic
     from .scan import read_data
 
     with user_errors():

@@ -65,7 +65,7 @@ from .activations import extract_activations, load_backend, pair_texts
 from .config import ActivationConfig, ScanConfig
 from .data import find_quality_issues, load_pairs
 from .progress import no_progress
-from .report import refuse_inputs, write_atomic
+from .files import refuse_inputs, write_atomic
 from .sae import TopKSAE
 from .salience import Feature, FeatureSet, encode_store
 from .scoring import QUALITY_KINDS_THAT_CATEGORISE, column_scale, fit_bradley_terry, score_safe

@@ -62,6 +62,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .config import SaeTrainConfig
+from .files import write_atomic
 
 CFG_FILE = "cfg.json"
 WEIGHTS_FILE = "sae_weights.safetensors"  # ours and SAELens
@@ -232,8 +233,8 @@ class TopKSAE(torch.nn.Module):
         if directory.exists():
             # an existing directory (perhaps with other files) cannot be swapped whole:
             # replace each file atomically, weights first so cfg.json never points ahead
-            _write_atomic(directory / WEIGHTS_FILE, lambda p: save_file(self.state_for_saving(), p))
-            _write_atomic(directory / CFG_FILE, lambda p: _write_json(self.cfg.to_cfg_json(), p))
+            write_atomic(directory / WEIGHTS_FILE, lambda p: save_file(self.state_for_saving(), str(p)))
+            write_atomic(directory / CFG_FILE, lambda p: _write_json(self.cfg.to_cfg_json(), p))
             return directory
         staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
         try:
@@ -281,17 +282,6 @@ class TopKSAE(torch.nn.Module):
             for block in iter(lambda: f.read(1 << 20), b""):
                 digest.update(block)
         return digest.hexdigest()[:16]
-
-
-def _write_atomic(path: Path, write: Callable[[str], None]) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _write_json(data: dict, path) -> None:

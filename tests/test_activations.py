@@ -223,6 +223,7 @@ def test_pickled_weights_are_refused(tmp_path):
 
 def test_cache_ignores_debris_of_a_killed_write(tmp_path):
     cache = ActivationCache(tmp_path, "k")
-    (cache.directory / ".tmp-abc").write_bytes(b"partial")
+    debris = cache.directory / ".shard-abc.safetensors.0123456789ab.tmp"
+    debris.write_bytes(b"partial")
     ActivationCache(tmp_path, "k")
-    assert not (cache.directory / ".tmp-abc").exists()
+    assert not debris.exists()

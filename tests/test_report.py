@@ -24,8 +24,8 @@ from safer_audit.report import (
     find_exporter,
     findings_from_frame,
     print_report,
-    write_atomic,
 )
+from safer_audit.files import write_atomic
 
 # Dataset text is untrusted and awkward: markup, pipes, separators, quotes, newlines, unicode.
 TRICKY = 'a | b, "quoted", \'single\'\nnew line\ttab <b>bold</b> & café 日本語 🙂 `code` *star* =1+1'

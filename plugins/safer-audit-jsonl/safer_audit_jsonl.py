@@ -6,7 +6,8 @@ import json
 from pathlib import Path
 
 from safer_audit.hookspecs import hookimpl
-from safer_audit.report import Report, write_atomic
+from safer_audit.files import write_atomic
+from safer_audit.report import Report
 
 
 def export_jsonl(report: Report, path: Path) -> None:

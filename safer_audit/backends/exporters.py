@@ -12,6 +12,7 @@ import json
 import re
 from pathlib import Path
 
+from ..files import write_atomic
 from ..hookspecs import hookimpl
 from ..report import (
     CATEGORIES,
@@ -24,7 +25,6 @@ from ..report import (
     format_feature,
     format_number,
     summary_lines,
-    write_atomic,
 )
 
 PARQUET_METADATA_KEY = "safer_audit.report"  # run metadata and feature cards, as JSON
