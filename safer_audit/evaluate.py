@@ -28,7 +28,7 @@ import torch
 from .config import ScanConfig
 from .progress import no_progress
 from .scan import scan_pairs
-from .scoring import cross_fitted_margins
+from .scoring import average_ranks, cross_fitted_margins
 
 TOP_FRACTIONS = (0.01, 0.05, 0.10)
 
@@ -58,14 +58,8 @@ def auroc(suspicion: torch.Tensor, positive: torch.Tensor) -> float:
     pos, neg = s[positive], s[~positive]
     if len(pos) == 0 or len(neg) == 0:
         return float("nan")
-    # Mann-Whitney U through average ranks, O(n log n)
-    order = torch.argsort(s, stable=True)
-    ranks = torch.empty_like(s)
-    ranks[order] = torch.arange(1, len(s) + 1, dtype=torch.float64)
-    unique, inverse = torch.unique(s, return_inverse=True)
-    mean_rank = torch.zeros(len(unique), dtype=torch.float64).index_add_(0, inverse, ranks)
-    mean_rank /= torch.bincount(inverse, minlength=len(unique)).double()
-    ranks = mean_rank[inverse]
+    # Mann-Whitney U through average ranks (1-based), O(n log n)
+    ranks = average_ranks(s) + 1
     u = ranks[positive].sum() - len(pos) * (len(pos) + 1) / 2
     return float(u / (len(pos) * len(neg)))
 

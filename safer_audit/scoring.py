@@ -130,22 +130,27 @@ def cross_fitted_margins(diffs: torch.Tensor, *, folds: int = 5, seed: int = 0, 
     return CrossFit(margins, ids, weights, scale)
 
 
+def average_ranks(values: torch.Tensor) -> torch.Tensor:
+    """0-based ranks of ``values`` (float64), ties sharing their mean rank, so the result
+    does not depend on input order."""
+    v = values.double()
+    order = torch.argsort(v, stable=True)
+    ranks = torch.empty(len(v), dtype=torch.float64)
+    ranks[order] = torch.arange(len(v), dtype=torch.float64)
+    unique, inverse = torch.unique(v, return_inverse=True)
+    mean_rank = torch.zeros(len(unique), dtype=torch.float64).index_add_(0, inverse, ranks)
+    mean_rank /= torch.bincount(inverse, minlength=len(unique)).double()
+    return mean_rank[inverse]
+
+
 def percentile_from_low(values: torch.Tensor) -> torch.Tensor:
     """1 for the lowest value, 0 for the highest; ties share their mean rank; NaN stays NaN."""
     out = torch.full_like(values, float("nan"), dtype=torch.float32)
     finite = torch.isfinite(values)
-    v = values[finite].double()
-    n = len(v)
+    n = int(finite.sum())
     if n == 0:
         return out
-    order = torch.argsort(v, stable=True)
-    ranks = torch.empty(n, dtype=torch.float64)
-    ranks[order] = torch.arange(n, dtype=torch.float64)
-    # average the ranks of ties so the ranking does not depend on input order
-    unique, inverse = torch.unique(v, return_inverse=True)
-    mean_rank = torch.zeros(len(unique), dtype=torch.float64).index_add_(0, inverse, ranks)
-    mean_rank /= torch.bincount(inverse, minlength=len(unique)).double()
-    out[finite] = (1.0 - mean_rank[inverse] / max(n - 1, 1)).float()
+    out[finite] = (1.0 - average_ranks(values[finite]) / max(n - 1, 1)).float()
     return out
 
 
