@@ -34,7 +34,6 @@ import codecs
 import csv
 import gzip
 import hashlib
-import io
 import json
 import math
 import re

@@ -9,7 +9,6 @@ from __future__ import annotations
 import difflib
 import json
 import math
-import os
 import re
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path

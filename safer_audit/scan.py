@@ -25,7 +25,7 @@ from .config import ActivationConfig, SaeTrainConfig, ScanConfig
 from .data import find_quality_issues, load_pairs
 from .progress import no_progress
 from .report import (FeatureCard, FeatureContext, FeatureContribution, Finding, Report, RunInfo)
-from .sae import TopKSAE, train_sae
+from .sae import TopKSAE
 from .salience import (CONTEXT_TOKENS, CodeStats, FeatureSet, encode_store, feature_cards, feature_salience,
                        select_features)
 from .scoring import (categorise, cross_fitted_margins, feature_contributions, score_safe, suspicion)

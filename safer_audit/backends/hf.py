@@ -12,7 +12,6 @@ it never runs.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 from pathlib import Path
 
