@@ -150,6 +150,20 @@ def sae_options(command=None, *, seed: bool = True):
     return command
 
 
+def category_options(command):
+    """Options that set where the ranking's categories begin (scan, baseline)."""
+    options = [
+        click.option("--flipped-fraction", type=click.FloatRange(0, 1), default=ScanConfig.flipped_fraction,
+                     show_default=True,
+                     help="Most suspicious fraction whose pairs are 'flipped' when every ranked signal agrees."),
+        click.option("--noisy-fraction", type=click.FloatRange(0, 1), default=ScanConfig.noisy_fraction,
+                     show_default=True, help="Most suspicious fraction whose other pairs are 'noisy'."),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
 def _activation_config(kw: dict) -> ActivationConfig:
     config = ActivationConfig(model=kw.pop("model"), layer=kw.pop("layer"), positions=kw.pop("positions"),
                               max_length=kw.pop("max_length"), batch_size=kw.pop("batch_size"),
@@ -171,6 +185,8 @@ def _scan_config(kw: dict) -> ScanConfig:
     for name in ("sae_path", "n_features", "features_file", "salience_from", "schema", "split", "preference",
                  "skip_invalid"):
         setattr(config, name, kw.pop(name))
+    for name in ("flipped_fraction", "noisy_fraction"):  # category_options, where the command has them
+        setattr(config, name, kw.pop(name, getattr(config, name)))
     return config
 
 
@@ -210,12 +226,9 @@ def _steps(quiet: bool) -> ProgressBar:
               help="Write the report here (repeatable); the format comes from the extension.")
 @click.option("--format", "output_format", default=None,
               help="Format of every --output, when the extension does not say (see `safer-audit plugins`).")
-@click.option("--flipped-fraction", type=click.FloatRange(0, 1), default=ScanConfig.flipped_fraction,
-              show_default=True, help="Most suspicious fraction whose pairs are 'flipped' when every ranked signal agrees.")
-@click.option("--noisy-fraction", type=click.FloatRange(0, 1), default=ScanConfig.noisy_fraction,
-              show_default=True, help="Most suspicious fraction whose other pairs are 'noisy'.")
+@category_options
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
-def scan(data, top, outputs, output_format, flipped_fraction, noisy_fraction, quiet, **kw):
+def scan(data, top, outputs, output_format, quiet, **kw):
     """Scan DATA and rank its pairs, most likely flipped or noisy first.
 
     DATA is a .jsonl, .jsonl.gz, .json, .parquet or .csv file, a datasets directory, or a
@@ -227,7 +240,6 @@ def scan(data, top, outputs, output_format, flipped_fraction, noisy_fraction, qu
 
     with user_errors():
         config = _scan_config(kw)
-        config.flipped_fraction, config.noisy_fraction = flipped_fraction, noisy_fraction
         for path in outputs:
             find_exporter(path, output_format)  # fail on an unknown format before the long work
         result = run_scan(data, config, steps=_steps(quiet).step)
@@ -440,12 +452,9 @@ def _print_changes(result) -> None:
 @model_options
 @data_options
 @sae_options
-@click.option("--flipped-fraction", type=click.FloatRange(0, 1), default=ScanConfig.flipped_fraction,
-              show_default=True, help="Most suspicious fraction whose pairs are 'flipped' when every ranked signal agrees.")
-@click.option("--noisy-fraction", type=click.FloatRange(0, 1), default=ScanConfig.noisy_fraction,
-              show_default=True, help="Most suspicious fraction whose other pairs are 'noisy'.")
+@category_options
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
-def baseline_command(data, out, flipped_fraction, noisy_fraction, quiet, **kw):
+def baseline_command(data, out, quiet, **kw):
     """Scan DATA once and record what `safer-audit gate` compares against.
 
     The baseline is a small deterministic JSON file to commit and review: each pair's id,
@@ -458,7 +467,6 @@ def baseline_command(data, out, flipped_fraction, noisy_fraction, quiet, **kw):
 
     with user_errors():
         config = _scan_config(kw)
-        config.flipped_fraction, config.noisy_fraction = flipped_fraction, noisy_fraction
         made = build_baseline(list(data), out, config, steps=_steps(quiet).step)
     counts = {c: sum(1 for e in made.pairs.values() if e["category"] == c) for c in ("flipped", "noisy", "quality")}
     click.echo(f"wrote {out}: {len(made.pairs)} pairs ({', '.join(f'{n} {c}' for c, n in counts.items())}); "
