@@ -114,6 +114,7 @@ class ActivationCache:
                 write_atomic(meta_path, json.dumps(meta, indent=1, sort_keys=True).encode())
         self.index: dict[str, tuple[Path, int]] = {}
         self._loaded: dict[Path, dict[str, torch.Tensor]] = {}
+        self._verified: set[Path] = set()
         for stale in self.directory.glob(".*.tmp"):  # debris of a killed write (files.write_atomic)
             stale.unlink(missing_ok=True)
         for shard in sorted(self.directory.glob("shard-*.safetensors")):
@@ -146,12 +147,17 @@ class ActivationCache:
             self.index.setdefault(key, (path, row))
 
     def load_shard(self, path: Path) -> dict[str, torch.Tensor] | None:
-        """A shard's tensors, checked against the hash in its name; None (and deleted) if corrupt."""
+        """A shard's tensors, checked against the hash in its name; None (and deleted) if corrupt.
+
+        The hash is checked once per shard and cache object: a scan streams the store
+        several times (verify, SAE pass, pooling), and re-hashing 300 MB each time bought
+        nothing a first check had not.
+        """
         if path in self._loaded:
             return self._loaded[path]
         try:
             data = path.read_bytes()
-            ok = path.name == f"shard-{_digest(data)}.safetensors"
+            ok = path in self._verified or path.name == f"shard-{_digest(data)}.safetensors"
             tensors = load_safetensors(data) if ok else None
         except (OSError, ValueError, RuntimeError):  # safetensors raises on a bad header
             tensors = None
@@ -159,6 +165,7 @@ class ActivationCache:
             path.unlink(missing_ok=True)
             self.index = {k: v for k, v in self.index.items() if v[0] != path}
             return None
+        self._verified.add(path)
         self._loaded = {path: tensors}  # keep one shard in memory: stream, don't hoard
         return tensors
 

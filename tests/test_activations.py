@@ -227,3 +227,17 @@ def test_cache_ignores_debris_of_a_killed_write(tmp_path):
     debris.write_bytes(b"partial")
     ActivationCache(tmp_path, "k")
     assert not debris.exists()
+
+
+def test_a_shard_is_hashed_once_per_cache_object(llama, config, monkeypatch):
+    store = extract_activations(pair_texts(make_pairs(4), llama), llama, config)
+    calls = []
+    real = activations._digest
+    monkeypatch.setattr(activations, "_digest", lambda data: calls.append(1) or real(data))
+    reopened = extract_activations(pair_texts(make_pairs(4), llama), llama, config)  # verify: hashes
+    first = len(calls)
+    assert first == len(list(config.cache_dir.rglob("shard-*.safetensors")))
+    reopened.pooled_mean()
+    reopened.pooled_mean()
+    assert len(calls) == first
+    torch.testing.assert_close(reopened.pooled_mean(), store.pooled_mean())
