@@ -27,6 +27,7 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
 from .config import ActivationConfig
+from .errors import CacheError, ConfigError
 from .files import write_atomic
 
 CACHE_FORMAT = 1
@@ -34,10 +35,6 @@ SHARD_TEXTS = 256  # texts per shard: a killed run loses at most this much work
 TOKENIZE_CHUNK = 512  # texts tokenized at once when measuring lengths
 PUNCTUATION = ".,?!;"
 PUNCTUATION_MIN_GAP = 5
-
-
-class CacheError(Exception):
-    """The cache directory cannot be used."""
 
 
 # --------------------------------------------------------------------------- positions
@@ -56,7 +53,7 @@ def read_positions(text: str, offsets: Sequence[tuple[int, int]], special: Seque
     if positions == "response":
         return [i for i in real if offsets[i][1] > response_start]
     if positions != "punctuation":
-        raise ValueError(f"unknown positions {positions!r}")
+        raise ConfigError(f"unknown positions {positions!r}")
 
     def ends_clause(j: int) -> bool:
         s, e = offsets[real[j]]
@@ -334,7 +331,7 @@ def load_backend(config: ActivationConfig):
 
     backends = model_backends()
     if config.backend not in backends:
-        raise ValueError(f"unknown model backend {config.backend!r} (known: {', '.join(sorted(backends))})")
+        raise ConfigError(f"unknown model backend {config.backend!r} (known: {', '.join(sorted(backends))})")
     return backends[config.backend](config.model, device=config.device, dtype=config.dtype,
                                     trust_remote_code=config.trust_remote_code)
 
@@ -343,7 +340,7 @@ def resolve_layer(layer: int, n_layers: int) -> int:
     """1-based block index; negative counts from the end (-1 is the last block)."""
     resolved = layer + n_layers + 1 if layer < 0 else layer
     if not 1 <= resolved <= n_layers:
-        raise ValueError(f"layer {layer} is out of range for a model with {n_layers} layers "
+        raise ConfigError(f"layer {layer} is out of range for a model with {n_layers} layers "
                          f"(use 1..{n_layers}, or -1..-{n_layers} from the end)")
     return resolved
 

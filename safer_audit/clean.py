@@ -46,6 +46,7 @@ from typing import IO, Any
 
 from . import __version__
 from .data import PairReader
+from .errors import CleanError
 from .files import refuse_inputs, write_atomic
 from .report import Finding, Report
 
@@ -53,10 +54,6 @@ MODES = ("drop", "flip")
 _JSON_SPACE = re.compile(r"[ \t\n\r]*")
 
 Key = tuple[int, int]  # (line, index among the records that start on that line)
-
-
-class CleanError(ValueError):
-    """A clean that cannot be done as asked; the message says why."""
 
 
 @dataclass

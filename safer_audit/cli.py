@@ -9,7 +9,6 @@ from __future__ import annotations
 import functools
 import json
 import sys
-from contextlib import contextmanager
 from pathlib import Path
 
 import click
@@ -20,32 +19,72 @@ from rich.text import Text
 from . import __version__
 from .config import POSITIONS, ActivationConfig, SaeTrainConfig, ScanConfig, default_cache_dir
 from .data import PREFERENCES, SCHEMAS
-from .plugins import PluginError, load_plugins, plugin_info
+from .errors import EXIT_BAD_INPUT, EXIT_FINDINGS, SaferAuditError, inert
+from .plugins import load_plugins, plugin_info
 from .progress import ProgressBar
 
-EXIT_FINDINGS = 1
-EXIT_BAD_INPUT = 2
+EXIT_BUG = 70  # sysexits' EX_SOFTWARE: not the gate's 1, not bad input's 2
 
 
 def _fail(message: str, code: int = EXIT_BAD_INPUT):
-    """Print a one-line error to stderr and exit; never a traceback for bad input."""
-    click.echo(f"Error: {message}", err=True)
+    """Print an error to stderr, one line per line of ``message``, made inert, and exit."""
+    for line in str(message).splitlines() or [""]:
+        click.echo(f"Error: {inert(line)}", err=True)
     sys.exit(code)
+
+
+def _os_error_message(exc: OSError) -> str:
+    """``path: reason`` for a system error (full disk, read-only directory, missing file)."""
+    reason = exc.strerror or str(exc)
+    if exc.filename is not None:
+        return f"{exc.filename}: {reason}"
+    return reason
+
+
+class AuditGroup(click.Group):
+    """The command group, and the one place errors become messages and exit codes.
+
+    A SaferAuditError is the user's to fix: one line each, exit 2. A system error (disk
+    full, permission denied) is the same. Anything else is a bug: it says so, with the
+    traceback under --debug.
+    """
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except (click.exceptions.Exit, click.ClickException, click.Abort):
+            raise
+        except SaferAuditError as exc:
+            _fail(str(exc), exc.exit_code)
+        except OSError as exc:
+            _fail(_os_error_message(exc))
+        except KeyboardInterrupt:
+            raise
+        except Exception as exc:
+            if (ctx.obj or {}).get("debug"):
+                raise
+            click.echo(f"Error: this is a bug in safer-audit {__version__}, please report it: "
+                       f"{type(exc).__name__}: {inert(exc)}", err=True)
+            click.echo("Run the command again with `safer-audit --debug ...` for the traceback.", err=True)
+            sys.exit(EXIT_BUG)
 
 
 def stdout_console() -> Console:
     return Console(highlight=False, soft_wrap=False)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.group(cls=AuditGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(__version__, "--version", prog_name="safer-audit")
-def cli():
+@click.option("--debug", is_flag=True, help="Show the traceback of an unexpected error (a bug).")
+@click.pass_context
+def cli(ctx, debug):
     """Audit RLHF preference data: find flipped and noisy pairs with reward-model SAE features.
 
     \b
     Pipeline: pairs -> reward-model activations -> sparse autoencoder
     -> safety-feature salience -> per-pair scores -> ranked report.
     """
+    ctx.obj = {"debug": debug}
 
 
 @cli.command(name="plugins")
@@ -190,26 +229,6 @@ def _scan_config(kw: dict) -> ScanConfig:
     return config
 
 
-@contextmanager
-def user_errors():
-    """Turn the errors a user can act on into one line and exit status 2."""
-    from .activations import CacheError
-    from .backends.hf import ModelLoadError
-    from .data import DataError
-    from .explain import UnknownPairError
-    from .sae import SaeFormatError
-    from .salience import FeaturesFileError
-    from .scan import ScanError
-
-    try:
-        yield
-    except (DataError, ModelLoadError, SaeFormatError, FeaturesFileError, ScanError, CacheError,
-            UnknownPairError, PluginError) as exc:
-        _fail(str(exc))
-    except ValueError as exc:  # configuration values the library refused (layer out of range, format)
-        _fail(str(exc))
-
-
 def _steps(quiet: bool) -> ProgressBar:
     return ProgressBar(Console(stderr=True), enabled=not quiet)
 
@@ -238,15 +257,14 @@ def scan(data, top, outputs, output_format, quiet, **kw):
     from .report import export_report, find_exporter, print_report
     from .scan import run_scan
 
-    with user_errors():
-        config = _scan_config(kw)
-        for path in outputs:
-            find_exporter(path, output_format)  # fail on an unknown format before the long work
-        result = run_scan(data, config, steps=_steps(quiet).step)
-        print_report(result.report, stdout_console(), top=top)
-        for path in outputs:
-            export_report(result.report, path, output_format)
-            click.echo(f"wrote {path}", err=True)
+    config = _scan_config(kw)
+    for path in outputs:
+        find_exporter(path, output_format)  # fail on an unknown format before the long work
+    result = run_scan(data, config, steps=_steps(quiet).step)
+    print_report(result.report, stdout_console(), top=top)
+    for path in outputs:
+        export_report(result.report, path, output_format)
+        click.echo(f"wrote {path}", err=True)
 
 
 @cli.command()
@@ -262,18 +280,17 @@ def features(data, top, out, quiet, **kw):
     """Show the safety features of DATA as cards, and write a features file to review."""
     from .files import write_atomic
     from .report import print_feature_cards
-    from .scan import run_scan
     from .salience import features_file_text
+    from .scan import run_scan
 
-    with user_errors():
-        config = _scan_config(kw)
-        config.cards_with_contexts = top
-        result = run_scan(data, config, steps=_steps(quiet).step)
-        print_feature_cards(result.report.features[:top], stdout_console())
-        if out is not None:
-            write_atomic(out, features_file_text(result.features, json_format=out.suffix == ".json"),
-                         protect=[data])
-            click.echo(f"wrote {out}: set include: true / false and labels, then scan --features {out}", err=True)
+    config = _scan_config(kw)
+    config.cards_with_contexts = top
+    result = run_scan(data, config, steps=_steps(quiet).step)
+    print_feature_cards(result.report.features[:top], stdout_console())
+    if out is not None:
+        write_atomic(out, features_file_text(result.features, json_format=out.suffix == ".json"),
+                     protect=[data])
+        click.echo(f"wrote {out}: set include: true / false and labels, then scan --features {out}", err=True)
 
 
 @cli.command()
@@ -288,9 +305,8 @@ def explain(data, pair_id, quiet, **kw):
     from .explain import explain_pair, print_explanation
     from .scan import run_scan
 
-    with user_errors():
-        result = run_scan(data, _scan_config(kw), steps=_steps(quiet).step)
-        print_explanation(explain_pair(result, pair_id), stdout_console())
+    result = run_scan(data, _scan_config(kw), steps=_steps(quiet).step)
+    print_explanation(explain_pair(result, pair_id), stdout_console())
 
 
 @cli.command()
@@ -316,28 +332,27 @@ def evaluate(data, positions, flip_rate, seeds, output, quiet, **kw):
     from .files import write_atomic
     from .scan import read_data
 
-    with user_errors():
-        config = _scan_config({**kw, "positions": positions[0]})
-        pairs = read_data(data, config).pairs
-        console = stdout_console()
-        result = run_evaluation(pairs, config, flip_rate=flip_rate, seeds=seeds, positions=tuple(positions),
-                                source=data, steps=_steps(quiet).step,
-                                on_seed=lambda seed, _s: console.print(f"seed {seed} done", style="dim"))
-        table = Table(title=f"Finding {result.flipped} flipped of {result.pairs} pairs "
-                            f"({flip_rate:.0%}), {len(seeds)} seed(s): mean ± sd")
-        summary = result.summary()
-        metrics = list(next(iter(summary.values())))
-        table.add_column("scorer", no_wrap=True)
-        for metric in metrics:
-            table.add_column(metric.upper() if metric == "auroc" else metric, justify="right", no_wrap=True)
-        for scorer, values in sorted(summary.items(), key=lambda item: -item[1]["auroc"][0]):
-            # Text, not a markup string: "[response]" would be read as a style tag
-            table.add_row(Text(scorer), *(f"{values[m][0]:.3f}±{values[m][1]:.3f}".replace("0.", ".")
-                                          for m in metrics))
-        console.print(table)
-        if output is not None:
-            write_atomic(output, json.dumps(result.to_dict(), indent=2) + "\n", protect=[data])
-            click.echo(f"wrote {output}", err=True)
+    config = _scan_config({**kw, "positions": positions[0]})
+    pairs = read_data(data, config).pairs
+    console = stdout_console()
+    result = run_evaluation(pairs, config, flip_rate=flip_rate, seeds=seeds, positions=tuple(positions),
+                            source=data, steps=_steps(quiet).step,
+                            on_seed=lambda seed, _s: console.print(f"seed {seed} done", style="dim"))
+    table = Table(title=f"Finding {result.flipped} flipped of {result.pairs} pairs "
+                        f"({flip_rate:.0%}), {len(seeds)} seed(s): mean ± sd")
+    summary = result.summary()
+    metrics = list(next(iter(summary.values())))
+    table.add_column("scorer", no_wrap=True)
+    for metric in metrics:
+        table.add_column(metric.upper() if metric == "auroc" else metric, justify="right", no_wrap=True)
+    for scorer, values in sorted(summary.items(), key=lambda item: -item[1]["auroc"][0]):
+        # Text, not a markup string: "[response]" would be read as a style tag
+        table.add_row(Text(scorer), *(f"{values[m][0]:.3f}±{values[m][1]:.3f}".replace("0.", ".")
+                                      for m in metrics))
+    console.print(table)
+    if output is not None:
+        write_atomic(output, json.dumps(result.to_dict(), indent=2) + "\n", protect=[data])
+        click.echo(f"wrote {output}", err=True)
 
 
 @cli.command(name="train-sae")
@@ -357,11 +372,10 @@ def train_sae_command(data, out, latents, k, epochs, seed, quiet, **kw):
     """Train a TopK SAE on the activations of DATA and save it to --out."""
     from .scan import train_sae_on_data
 
-    with user_errors():
-        config = _activation_config(kw)
-        train = SaeTrainConfig(n_latents=latents, k=k, epochs=epochs, seed=seed)
-        data_options = {name: kw.pop(name) for name in ("schema", "split", "preference", "skip_invalid")}
-        stats = train_sae_on_data(data, out, config, train, data_options=data_options, steps=_steps(quiet).step)
+    config = _activation_config(kw)
+    train = SaeTrainConfig(n_latents=latents, k=k, epochs=epochs, seed=seed)
+    data_options = {name: kw.pop(name) for name in ("schema", "split", "preference", "skip_invalid")}
+    stats = train_sae_on_data(data, out, config, train, data_options=data_options, steps=_steps(quiet).step)
     table = Table(title=f"SAE written to {out}")
     for column in ("FVU", "L0", "dead fraction", "tokens seen", "steps", "seconds"):
         table.add_column(column, justify="right")
@@ -412,18 +426,17 @@ def clean(data, out, report_path, drop_fraction, threshold, mode, manifest, forc
         raise click.UsageError("select pairs with --from-report, --drop-fraction or --threshold")
     if drop_fraction is not None and threshold is not None:
         raise click.UsageError("give --drop-fraction or --threshold, not both")
-    with user_errors():
-        config = _scan_config(kw)
-        if report_path is not None:
-            report = load_report(report_path)
-        else:
-            from .scan import run_scan
+    config = _scan_config(kw)
+    if report_path is not None:
+        report = load_report(report_path)
+    else:
+        from .scan import run_scan
 
-            report = run_scan(data, config, steps=_steps(quiet).step).report
-        result = clean_dataset(data, out, report, mode=mode, drop_fraction=drop_fraction, threshold=threshold,
-                               manifest=manifest, report_path=report_path, force=force, dry_run=dry_run,
-                               schema=config.schema, split=config.split, preference=config.preference,
-                               skip_invalid=config.skip_invalid)
+        report = run_scan(data, config, steps=_steps(quiet).step).report
+    result = clean_dataset(data, out, report, mode=mode, drop_fraction=drop_fraction, threshold=threshold,
+                           manifest=manifest, report_path=report_path, force=force, dry_run=dry_run,
+                           schema=config.schema, split=config.split, preference=config.preference,
+                           skip_invalid=config.skip_invalid)
     done = {"drop": "dropped", "flip": "flipped"}[mode]
     if dry_run:
         _print_changes(result)
@@ -465,9 +478,8 @@ def baseline_command(data, out, quiet, **kw):
     """
     from .gate import build_baseline
 
-    with user_errors():
-        config = _scan_config(kw)
-        made = build_baseline(list(data), out, config, steps=_steps(quiet).step)
+    config = _scan_config(kw)
+    made = build_baseline(list(data), out, config, steps=_steps(quiet).step)
     counts = {c: sum(1 for e in made.pairs.values() if e["category"] == c) for c in ("flipped", "noisy", "quality")}
     click.echo(f"wrote {out}: {len(made.pairs)} pairs ({', '.join(f'{n} {c}' for c, n in counts.items())}); "
                f"SAE {made.header['sae']['path']}, heads {made.header['heads']['path']}")
@@ -520,11 +532,10 @@ def gate_command(data, baseline_path, fail_on, max_new, output_format, update_ba
 
     from .gate import accept, github_annotations, render_json_result, render_junit, render_text, run_gate
 
-    with user_errors():
-        result = run_gate(list(data), baseline_path, fail_on=fail_on, max_new=max_new, cache_dir=cache_dir,
-                          steps=_steps(quiet).step)
-        if update_baseline:
-            accept(result)
+    result = run_gate(list(data), baseline_path, fail_on=fail_on, max_new=max_new, cache_dir=cache_dir,
+                      steps=_steps(quiet).step)
+    if update_baseline:
+        accept(result)
     render = {"text": render_text, "json": render_json_result, "junit": render_junit}[output_format]
     click.echo(render(result).rstrip("\n"))
     if os.environ.get("GITHUB_ACTIONS") == "true":
@@ -613,7 +624,7 @@ def validate_command(path, schema, split, preference, skip_invalid, max_length, 
     Exit status 0 when the data is usable, 2 when it is not: the first invalid records
     are listed (or, with --skip-invalid, no record was usable).
     """
-    from .data import DataError, DataErrors, token_counter, validate_dataset
+    from .data import token_counter, validate_dataset
 
     if model is not None and max_length is None:
         raise click.UsageError("--model only counts tokens for --max-length; give --max-length too")
@@ -623,14 +634,8 @@ def validate_command(path, schema, split, preference, skip_invalid, max_length, 
             count_tokens = token_counter(model)
         except (OSError, ValueError) as exc:
             _fail(f"cannot load the tokenizer of {model or 'the embedded model'}: {exc}")
-    try:
-        summary = validate_dataset(path, schema=schema, split=split, skip_invalid=skip_invalid,
-                                   preference=preference, max_length=max_length, count_tokens=count_tokens)
-    except DataError as exc:
-        errors = exc.errors if isinstance(exc, DataErrors) else [exc]
-        for error in errors[:-1]:
-            click.echo(f"Error: {error}", err=True)
-        _fail(str(errors[-1]))
+    summary = validate_dataset(path, schema=schema, split=split, skip_invalid=skip_invalid,
+                               preference=preference, max_length=max_length, count_tokens=count_tokens)
     if as_json:
         import json
 
@@ -670,7 +675,7 @@ def _print_validation(summary) -> None:
 def _register_plugin_commands():
     try:
         load_plugins().hook.register_commands(cli=cli)
-    except PluginError as exc:
+    except SaferAuditError as exc:
         _fail(str(exc))
 
 

@@ -6,6 +6,8 @@ import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from .errors import ConfigError
+
 POSITIONS = ("all", "response", "punctuation")
 
 
@@ -36,7 +38,7 @@ class ActivationConfig:
 
     def __post_init__(self):
         if self.positions not in POSITIONS:
-            raise ValueError(f"positions must be one of {', '.join(POSITIONS)}, not {self.positions!r}")
+            raise ConfigError(f"positions must be one of {', '.join(POSITIONS)}, not {self.positions!r}")
         self.cache_dir = Path(self.cache_dir)
 
 

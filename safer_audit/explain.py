@@ -10,14 +10,10 @@ from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
+from .errors import UnknownPairError
 from .report import Finding, format_number
 from .scan import ScanResult
 from .scoring import feature_contributions
-
-
-class UnknownPairError(KeyError):
-    def __str__(self) -> str:
-        return self.args[0]
 
 
 @dataclass

@@ -7,6 +7,8 @@ import secrets
 from pathlib import Path
 from typing import Callable, Iterable
 
+from .errors import ConfigError
+
 
 def _same_file(a: Path, b: Path) -> bool:
     try:
@@ -19,7 +21,7 @@ def refuse_inputs(path: str | Path, protect: Iterable[str | Path]) -> None:
     """Raise ValueError if ``path`` is one of the input files in ``protect``."""
     for input_path in protect:
         if _same_file(Path(path), Path(input_path)):
-            raise ValueError(f"{path}: refusing to write over an input file")
+            raise ConfigError(f"{path}: refusing to write over an input file")
 
 
 def write_atomic(

@@ -64,8 +64,9 @@ from . import __version__
 from .activations import extract_activations, load_backend, pair_texts
 from .config import ActivationConfig, ScanConfig
 from .data import find_quality_issues, load_pairs
-from .progress import no_progress
+from .errors import BaselineError, ConfigError
 from .files import refuse_inputs, write_atomic
+from .progress import no_progress
 from .sae import TopKSAE
 from .salience import Feature, FeatureSet, encode_store
 from .scoring import QUALITY_KINDS_THAT_CATEGORISE, column_scale, fit_bradley_terry, score_safe
@@ -77,10 +78,6 @@ DEFAULT_FAIL_ON = ("flipped", "quality")  # noisy holds 10% of any data by const
 _HEADER_FIELDS = ("format", "tool_version", "model", "activations", "data", "sae", "heads", "features", "ranking",
                   "thresholds")
 _PAIR_FIELDS = ("category", "digest", *SIGNALS)
-
-
-class BaselineError(ValueError):
-    """A baseline that cannot be used: unreadable, malformed, or made with another reference."""
 
 
 # ---------------------------------------------------------------------- the baseline file
@@ -447,7 +444,7 @@ def run_gate(sources: list[str], baseline_path: str | os.PathLike, *, fail_on: t
     """Score the pairs of ``sources`` that the baseline does not hold, with its frozen reference."""
     unknown = [c for c in fail_on if c not in GATE_CATEGORIES]
     if unknown:
-        raise ValueError(f"cannot fail on {unknown[0]!r}; choose from {', '.join(GATE_CATEGORIES)}")
+        raise ConfigError(f"cannot fail on {unknown[0]!r}; choose from {', '.join(GATE_CATEGORIES)}")
     timings: dict[str, float] = {}
     clock = time.perf_counter()
     baseline = read_baseline(baseline_path)

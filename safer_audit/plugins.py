@@ -15,6 +15,7 @@ from importlib import metadata
 import pluggy
 
 from . import hookspecs
+from .errors import PluginError
 
 DEFAULT_PLUGINS = (
     "safer_audit.backends.hf",
@@ -29,10 +30,6 @@ pm = pluggy.PluginManager("safer_audit")
 pm.add_hookspecs(hookspecs)
 
 _loaded = False
-
-
-class PluginError(Exception):
-    """A plugin could not be loaded or does not fit the contract."""
 
 
 def load_plugins() -> pluggy.PluginManager:

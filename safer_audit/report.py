@@ -21,6 +21,7 @@ from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
+from .errors import ConfigError
 from .files import refuse_inputs
 from .plugins import Exporter, exporters
 
@@ -73,7 +74,7 @@ class Finding:
 
     def __post_init__(self):
         if self.category not in CATEGORIES:
-            raise ValueError(f"category must be one of {', '.join(CATEGORIES)}, not {self.category!r}")
+            raise ConfigError(f"category must be one of {', '.join(CATEGORIES)}, not {self.category!r}")
         # JSON has no NaN: a margin that could not be computed is stored as missing.
         for name in ("reward_margin", "sae_margin"):
             if getattr(self, name) is not None and not math.isfinite(getattr(self, name)):
@@ -177,7 +178,7 @@ class Report:
         _require_keys(data, ("schema_version", "run", "features", "findings"), "report")
         version = data["schema_version"]
         if version != REPORT_SCHEMA_VERSION:
-            raise ValueError(
+            raise ConfigError(
                 f"report schema version {version!r} is not supported (this is version {REPORT_SCHEMA_VERSION})"
             )
         return cls(
@@ -226,10 +227,10 @@ def findings_from_frame(frame: pl.DataFrame) -> list[Finding]:
 
 def _require_keys(data, names: Iterable[str], where: str) -> None:
     if not isinstance(data, dict):
-        raise ValueError(f"{where}: expected an object, got {type(data).__name__}")
+        raise ConfigError(f"{where}: expected an object, got {type(data).__name__}")
     for name in names:
         if name not in data:
-            raise ValueError(f'{where}: field "{name}" is missing')
+            raise ConfigError(f'{where}: field "{name}" is missing')
 
 
 def _build(cls, data, where: str):
@@ -237,7 +238,7 @@ def _build(cls, data, where: str):
     _require_keys(data, names, where)
     unknown = sorted(set(data) - set(names))
     if unknown:
-        raise ValueError(f'{where}: unknown field "{unknown[0]}"')
+        raise ConfigError(f'{where}: unknown field "{unknown[0]}"')
     return cls(**data)
 
 
@@ -261,13 +262,13 @@ def find_exporter(path: str | Path, format: str | None = None) -> Exporter:
     listing = ", ".join(f"{name} ({' '.join(e.extensions)})" for name, e in sorted(known.items()))
     if format is not None:
         if format not in known:
-            raise ValueError(f"unknown format {format!r}; known formats: {listing}")
+            raise ConfigError(f"unknown format {format!r}; known formats: {listing}")
         return known[format]
     suffix = Path(path).suffix.lower()
     for exporter in known.values():
         if suffix in exporter.extensions:
             return exporter
-    raise ValueError(f"{path}: cannot tell the format from the extension {suffix!r}; known formats: {listing}")
+    raise ConfigError(f"{path}: cannot tell the format from the extension {suffix!r}; known formats: {listing}")
 
 
 def export_report(report: Report, path: str | Path, format: str | None = None) -> Exporter:

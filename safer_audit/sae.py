@@ -62,6 +62,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .config import SaeTrainConfig
+from .errors import ConfigError, SaeFormatError
 from .files import write_atomic
 
 CFG_FILE = "cfg.json"
@@ -76,10 +77,6 @@ SHUFFLE_BUFFER_TOKENS = 65_536
 STATS_WINDOW = 0.1
 
 
-class SaeFormatError(ValueError):
-    """An SAE directory that cannot be read; the message is one line naming file and field."""
-
-
 @dataclass
 class SaeConfig:
     """The shape and input normalisation of a TopK SAE, plus free-form metadata."""
@@ -92,11 +89,11 @@ class SaeConfig:
 
     def __post_init__(self):
         if self.normalize not in NORMALIZATIONS:
-            raise ValueError(f"normalize must be one of {', '.join(NORMALIZATIONS)}, not {self.normalize!r}")
+            raise ConfigError(f"normalize must be one of {', '.join(NORMALIZATIONS)}, not {self.normalize!r}")
         if not 0 < self.k <= self.n_latents:
-            raise ValueError(f"k must be in 1..n_latents ({self.n_latents}), not {self.k}")
+            raise ConfigError(f"k must be in 1..n_latents ({self.n_latents}), not {self.k}")
         if self.d_in <= 0:
-            raise ValueError(f"d_in must be positive, not {self.d_in}")
+            raise ConfigError(f"d_in must be positive, not {self.d_in}")
 
     def to_cfg_json(self) -> dict:
         """The SAELens-compatible ``cfg.json`` content, with our fields under ``"safer_audit"``."""
@@ -482,11 +479,11 @@ def train_sae(
     """
     start = time.perf_counter()
     if cfg.batch_size <= 0 or cfg.epochs <= 0:
-        raise ValueError(f"batch_size and epochs must be positive, not {cfg.batch_size} and {cfg.epochs}")
+        raise ConfigError(f"batch_size and epochs must be positive, not {cfg.batch_size} and {cfg.epochs}")
     if n_tokens is None:
         n_tokens = sum(len(_check_batch(b, d_in)) for b in make_batches())
     if n_tokens <= 0:
-        raise ValueError("no activations to train the SAE on")
+        raise ConfigError("no activations to train the SAE on")
     n_latents = cfg.n_latents or cfg.expansion * d_in
     steps_per_epoch = math.ceil(n_tokens / cfg.batch_size)
     total_steps = steps_per_epoch * cfg.epochs
@@ -538,7 +535,7 @@ def train_sae(
                 progress(step, total_steps, {**figures, "dead_fraction": dead, "lr": lr})
 
     if step == 0:
-        raise ValueError("no activations to train the SAE on")
+        raise ConfigError("no activations to train the SAE on")
     denominator = max(window["tokens"], 1)
     stats = TrainStats(
         fvu=window["fvu"] / denominator,

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import torch
 
+from .errors import FeaturesFileError
+
 TOP_ACTIVATIONS = 50  # strongest activations kept per latent: contexts and top tokens come from these
 CONTEXT_TOKENS = 64  # tokens either side of a firing token in a feature card (METHOD.md section 4)
 
@@ -142,10 +144,6 @@ class FeatureSet:
 
     def label(self, latent: int) -> str | None:
         return next((f.label for f in self.features if f.latent == latent), None)
-
-
-class FeaturesFileError(ValueError):
-    """A features file that cannot be used; the message names the file and entry."""
 
 
 def select_features(salience: torch.Tensor, n_features: int, *, features_file: Path | None = None) -> FeatureSet:

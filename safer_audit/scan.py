@@ -19,20 +19,23 @@ import polars as pl
 import torch
 
 from . import __version__
-from .activations import (ActivationStore, PreparedText, extract_activations, load_backend, pair_texts,
-                          resolve_layer)
+from .activations import ActivationStore, PreparedText, extract_activations, load_backend, pair_texts, resolve_layer
 from .config import ActivationConfig, SaeTrainConfig, ScanConfig
 from .data import find_quality_issues, load_pairs
+from .errors import ScanError
 from .progress import no_progress
-from .report import (FeatureCard, FeatureContext, FeatureContribution, Finding, Report, RunInfo)
+from .report import FeatureCard, FeatureContext, FeatureContribution, Finding, Report, RunInfo
 from .sae import TopKSAE
-from .salience import (CONTEXT_TOKENS, CodeStats, FeatureSet, encode_store, feature_cards, feature_salience,
-                       select_features)
-from .scoring import (categorise, cross_fitted_margins, feature_contributions, score_safe, suspicion)
-
-
-class ScanError(Exception):
-    """A scan that cannot go on; the message says why."""
+from .salience import (
+    CONTEXT_TOKENS,
+    CodeStats,
+    FeatureSet,
+    encode_store,
+    feature_cards,
+    feature_salience,
+    select_features,
+)
+from .scoring import categorise, cross_fitted_margins, feature_contributions, score_safe, suspicion
 
 
 @dataclass

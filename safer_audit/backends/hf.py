@@ -15,13 +15,10 @@ import hashlib
 import os
 from pathlib import Path
 
+from ..errors import ModelLoadError
 from ..hookspecs import hookimpl
 
 EMBEDDED_MODEL_NAME = "embedded:sentence-transformers/all-MiniLM-L6-v2"
-
-
-class ModelLoadError(Exception):
-    """The model could not be loaded; the message says why and what to do."""
 
 
 class _StopForward(Exception):
@@ -105,8 +102,7 @@ class HFModelBackend:
 
     def __init__(self, model: str | None = None, *, device: str = "auto", dtype: str = "auto",
                  trust_remote_code: bool = False):
-        from transformers import (AutoConfig, AutoModel, AutoModelForSequenceClassification,
-                                  AutoTokenizer)
+        from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification, AutoTokenizer
         from transformers.utils import logging as hf_logging
 
         if model is None:
