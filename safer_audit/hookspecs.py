@@ -28,7 +28,8 @@ def register_exporters(register):
 
 @hookspec
 def register_feature_labellers(register):
-    """Register feature labellers: ``register(name, label)``, ``label(cards) -> {latent: label}``."""
+    """Register feature labellers: ``register(name, factory)``; ``factory(**options)`` returns a
+    ``labelling.Labeller`` whose ``label(requests)`` gives ``{latent: FeatureLabel}``."""
 
 
 @hookspec
