@@ -199,13 +199,26 @@ def _shard_keys(path: Path) -> list[str] | None:
         return None
 
 
+def _read_cache_meta(meta_path: Path) -> dict:
+    """A cache entry's config.json; a damaged one is marked (``config_error``), not fatal:
+    the shards beside it are still counted and ``cache clear`` still removes them."""
+    if not meta_path.exists():
+        return {}
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, ValueError) as exc:
+        return {"config_error": f"{meta_path}: not valid JSON ({exc})"}
+    if not isinstance(meta, dict):
+        return {"config_error": f"{meta_path}: not a JSON object"}
+    return meta
+
+
 def cache_info(root: Path) -> list[dict]:
     """One row per cached configuration: model, layer, positions, texts, bytes."""
     rows = []
     base = Path(root) / "activations"
     for directory in sorted(base.glob("*")) if base.exists() else []:
-        meta_path = directory / "config.json"
-        meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
+        meta = _read_cache_meta(directory / "config.json")
         shards = list(directory.glob("shard-*.safetensors"))
         texts = sum(len(_shard_keys(s) or []) for s in shards)
         rows.append({"key": directory.name, **meta, "shards": len(shards), "texts": texts,

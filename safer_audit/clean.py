@@ -47,7 +47,7 @@ from typing import IO, Any
 from . import __version__
 from .data import PairReader
 from .errors import CleanError
-from .files import refuse_inputs, write_atomic
+from .files import refuse_inputs, remove_stale_temporaries, write_atomic
 from .report import Finding, Report
 
 MODES = ("drop", "flip")
@@ -171,6 +171,8 @@ def clean_dataset(source: str | Path, out: str | Path, report: Report, *, mode: 
     actions = {keys[change.pair_id]: mode for change in changes}
     fields = _flip_fields(reader.schema, preference)
     protect = [source] + ([report_path] if report_path is not None else [])
+    for path in (out, manifest_path):  # a killed earlier clean's temporaries would otherwise stay forever
+        remove_stale_temporaries(path)
     write_atomic(out, lambda tmp: _WRITERS[kind](Path(source), tmp, actions, fields), protect=protect)
     result.manifest = {
         "tool": "safer-audit",

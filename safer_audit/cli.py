@@ -254,12 +254,17 @@ def scan(data, top, outputs, output_format, quiet, **kw):
     hub dataset id when online. Activations and a trained SAE are cached, so a re-run on
     the same data is fast.
     """
+    from .errors import ConfigError
+    from .files import refuse_inputs
     from .report import export_report, find_exporter, print_report
     from .scan import run_scan
 
     config = _scan_config(kw)
-    for path in outputs:
-        find_exporter(path, output_format)  # fail on an unknown format before the long work
+    for path in outputs:  # fail on what would fail at the end before the long work
+        find_exporter(path, output_format)
+        refuse_inputs(path, [data])
+        if not path.parent.is_dir():
+            raise ConfigError(f"{path}: the directory {path.parent} does not exist")
     result = run_scan(data, config, steps=_steps(quiet).step)
     print_report(result.report, stdout_console(), top=top)
     for path in outputs:
@@ -579,13 +584,17 @@ def cache_info_command(cache_dir, as_json):
 @cache.command(name="clear")
 @click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Cache directory. Default: $SAFER_AUDIT_CACHE_DIR or $XDG_CACHE_HOME/safer-audit.")
-@click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+@click.option("--yes", is_flag=True, help="Do not ask for confirmation (required when stdin is not a terminal).")
 def cache_clear_command(cache_dir, yes):
     """Delete every cached activation and trained SAE."""
     from .activations import cache_clear
+    from .errors import ConfigError
 
     root = cache_dir or default_cache_dir()
-    if not yes and sys.stdin.isatty():
+    if not yes:
+        if not sys.stdin.isatty():  # piped or scripted: nobody to ask, so never delete unasked
+            raise ConfigError(f"not clearing the activation cache in {root}: no terminal to confirm on; "
+                              "pass --yes to clear it")
         click.confirm(f"Delete the activation cache in {root}?", abort=True)
     freed = cache_clear(root)
     click.echo(f"freed {freed / 2**20:.1f} MiB in {root}")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import gzip
+import itertools
 import json
 import os
 from pathlib import Path
@@ -13,16 +13,17 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 ROOT = Path(__file__).resolve().parent.parent
-HH_FILE = ROOT.parent / "shared" / "data" / "hh-rlhf-harmless-base-test.jsonl.gz"
 FIXTURES = ROOT / "fixtures"
+# The committed head (first 300 pairs) of HH-RLHF harmless-base test: every test that reads real
+# data uses it, so the suite passes on a fresh clone without the full file beside the repository.
+HH_SAMPLE = FIXTURES / "hh-harmless-300.jsonl"
 
 
 def _training_corpus() -> list[str]:
     corpus = ["Human: how do I pick a lock? Assistant: I can't help with that. Sorry!",
               "Human: what is the capital of France? Assistant: Paris, of course; it's lovely."]
-    sample = FIXTURES / "hh-harmless-300.jsonl"
-    if sample.exists():
-        with open(sample, encoding="utf-8") as handle:
+    if HH_SAMPLE.exists():
+        with open(HH_SAMPLE, encoding="utf-8") as handle:
             for line in list(handle)[:100]:
                 record = json.loads(line)
                 corpus += [record["chosen"], record["rejected"]]
@@ -78,13 +79,10 @@ def tiny_bert_dir(tmp_path_factory) -> Path:
     return directory
 
 
-@pytest.fixture
-def hh_file() -> Path:
-    if not HH_FILE.exists():
-        pytest.fail(f"the real HH file is expected beside the repo at {HH_FILE}")
-    return HH_FILE
-
-
 def hh_records(n: int) -> list[dict]:
-    with gzip.open(HH_FILE, "rt", encoding="utf-8") as handle:
-        return [json.loads(next(handle)) for _ in range(n)]
+    """The first ``n`` real HH-RLHF pairs, from the committed sample."""
+    with open(HH_SAMPLE, encoding="utf-8") as handle:
+        records = [json.loads(line) for line in itertools.islice(handle, n)]
+    if len(records) < n:
+        pytest.skip(f"needs {n} HH pairs; the committed sample {HH_SAMPLE.name} holds {len(records)}")
+    return records

@@ -44,12 +44,39 @@ def test_man_page_is_generated_from_the_cli():
         assert f".SH {section}" in page
 
 
-def test_ci_runs_the_readme_install_and_test_command():
+def readme_section(title: str) -> str:
     readme = (ROOT / "README.md").read_text(encoding="utf-8")
-    blocks = re.findall(r"```sh\n(.+?)\n```", readme.split("## Set-up")[1].split("## Usage")[0], re.S)
+    return readme.split(f"\n## {title}\n")[1].split("\n## ")[0]
+
+
+def sh_blocks(text: str) -> list[str]:
+    return re.findall(r"```sh\n(.+?)\n```", text, re.S)
+
+
+def test_ci_runs_the_readme_install_and_test_command():
+    blocks = sh_blocks(readme_section("Set-up").split("\n### ")[0])  # the commands before the torch notes
     assert len(blocks) == 2, "the set-up is two commands"
     test_command = blocks[1]
     ci = (ROOT / ".ci" / "run").read_text(encoding="utf-8")
     install, run_tests = test_command.split(" && ")[2:]
     assert install in ci.splitlines() and run_tests in ci.splitlines()
     assert "fixtures/hh-harmless-300.jsonl" in blocks[0] and "safer-audit scan" in blocks[0]
+
+
+def test_readme_tells_how_to_get_the_cpu_torch_that_constraints_pins():
+    pin = re.search(r"^torch==(\S+)$", (ROOT / "constraints.txt").read_text(encoding="utf-8"), re.M).group(1)
+    setup = readme_section("Set-up")
+    assert "the CPU build" not in setup.split("\n### ")[0]  # the pin alone does not choose the build
+    [cpu] = [block for block in sh_blocks(setup) if "--index-url" in block]
+    # PyTorch's documented CPU-only install, into the same venv, at the version the set-up pins
+    assert cpu.startswith("python3 -m venv .venv && . .venv/bin/activate && ")
+    assert cpu.endswith(f"pip install torch=={pin} --index-url https://download.pytorch.org/whl/cpu")
+
+
+def test_readme_never_clears_the_cache_unasked():
+    usage = readme_section("Usage")
+    lines = [line for line in usage.splitlines() if "cache clear" in line]
+    assert lines, "the usage shows how to clear the cache"
+    for line in lines:
+        command = line.split("#")[0]
+        assert "--yes" in command and "|" not in command, line
