@@ -22,13 +22,16 @@ from .data import PREFERENCES, SCHEMAS
 from .errors import EXIT_BAD_INPUT, EXIT_FINDINGS, SaferAuditError, inert
 from .plugins import load_plugins, plugin_info
 from .progress import ProgressBar
+from .terminal import json_text, plain
 
 EXIT_BUG = 70  # sysexits' EX_SOFTWARE: not the gate's 1, not bad input's 2
 
 
 def _fail(message: str, code: int = EXIT_BAD_INPUT):
     """Print an error to stderr, one line per line of ``message``, made inert, and exit."""
-    for line in str(message).splitlines() or [""]:
+    # Split at newlines only: splitlines() would also break at \r, \v, \x1c.. and U+2028, which
+    # inert must show as escapes instead
+    for line in str(message).split("\n"):
         click.echo(f"Error: {inert(line)}", err=True)
     sys.exit(code)
 
@@ -70,7 +73,8 @@ class AuditGroup(click.Group):
 
 
 def stdout_console() -> Console:
-    return Console(highlight=False, soft_wrap=False)
+    # No string is parsed as markup or emoji codes: text from data must show as it is
+    return Console(highlight=False, soft_wrap=False, markup=False, emoji=False)
 
 
 @click.group(cls=AuditGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -93,17 +97,16 @@ def plugins_command(as_json):
     """List the loaded plugins, their versions and what each registers."""
     infos = plugin_info()
     if as_json:
-        import json
         from dataclasses import asdict
 
-        click.echo(json.dumps([asdict(info) for info in infos], indent=2))
+        click.echo(json_text([asdict(info) for info in infos], indent=2))
         return
     table = Table(title="safer-audit plugins")
     for column in ("plugin", "version", "hooks", "registers"):
         table.add_column(column)
     for info in infos:
         registers = "; ".join(f"{kind}: {', '.join(names)}" for kind, names in info.registers.items())
-        table.add_row(info.name, info.version or "", ", ".join(info.hooks), registers)
+        table.add_row(plain(info.name), plain(info.version or ""), plain(", ".join(info.hooks)), plain(registers))
     stdout_console().print(table)
 
 
@@ -269,7 +272,7 @@ def scan(data, top, outputs, output_format, quiet, **kw):
     print_report(result.report, stdout_console(), top=top)
     for path in outputs:
         export_report(result.report, path, output_format)
-        click.echo(f"wrote {path}", err=True)
+        click.echo(f"wrote {inert(path)}", err=True)
 
 
 @cli.command()
@@ -295,7 +298,7 @@ def features(data, top, out, quiet, **kw):
     if out is not None:
         write_atomic(out, features_file_text(result.features, json_format=out.suffix == ".json"),
                      protect=[data])
-        click.echo(f"wrote {out}: set include: true / false and labels, then scan --features {out}", err=True)
+        click.echo(inert(f"wrote {out}: set include: true / false and labels, then scan --features {out}"), err=True)
 
 
 @cli.command()
@@ -352,12 +355,12 @@ def evaluate(data, positions, flip_rate, seeds, output, quiet, **kw):
         table.add_column(metric.upper() if metric == "auroc" else metric, justify="right", no_wrap=True)
     for scorer, values in sorted(summary.items(), key=lambda item: -item[1]["auroc"][0]):
         # Text, not a markup string: "[response]" would be read as a style tag
-        table.add_row(Text(scorer), *(f"{values[m][0]:.3f}±{values[m][1]:.3f}".replace("0.", ".")
+        table.add_row(plain(scorer), *(f"{values[m][0]:.3f}±{values[m][1]:.3f}".replace("0.", ".")
                                       for m in metrics))
     console.print(table)
     if output is not None:
         write_atomic(output, json.dumps(result.to_dict(), indent=2) + "\n", protect=[data])
-        click.echo(f"wrote {output}", err=True)
+        click.echo(f"wrote {inert(output)}", err=True)
 
 
 @cli.command(name="train-sae")
@@ -381,7 +384,7 @@ def train_sae_command(data, out, latents, k, epochs, seed, quiet, **kw):
     train = SaeTrainConfig(n_latents=latents, k=k, epochs=epochs, seed=seed)
     data_options = {name: kw.pop(name) for name in ("schema", "split", "preference", "skip_invalid")}
     stats = train_sae_on_data(data, out, config, train, data_options=data_options, steps=_steps(quiet).step)
-    table = Table(title=f"SAE written to {out}")
+    table = Table(title=plain(f"SAE written to {out}"))
     for column in ("FVU", "L0", "dead fraction", "tokens seen", "steps", "seconds"):
         table.add_column(column, justify="right")
     table.add_row(f"{stats.fvu:.4f}", f"{stats.l0:.1f}", f"{stats.dead_fraction:.2%}", f"{stats.tokens_seen:,}",
@@ -445,19 +448,19 @@ def clean(data, out, report_path, drop_fraction, threshold, mode, manifest, forc
     done = {"drop": "dropped", "flip": "flipped"}[mode]
     if dry_run:
         _print_changes(result)
-        click.echo(f"dry run: would have {done} {len(result.changes)} of {result.pairs} pairs "
-                   f"({result.selection.rule}); nothing written", err=True)
+        click.echo(inert(f"dry run: would have {done} {len(result.changes)} of {result.pairs} pairs "
+                         f"({result.selection.rule}); nothing written"), err=True)
     else:
-        click.echo(f"{done} {len(result.changes)} of {result.pairs} pairs ({result.selection.rule}): "
-                   f"wrote {result.out} and {result.manifest_path}", err=True)
+        click.echo(inert(f"{done} {len(result.changes)} of {result.pairs} pairs ({result.selection.rule}): "
+                         f"wrote {result.out} and {result.manifest_path}"), err=True)
 
 
 def _print_changes(result) -> None:
-    table = Table(title=f"{result.mode}: {len(result.changes)} of {result.pairs} pairs of {result.source}")
+    table = Table(title=plain(f"{result.mode}: {len(result.changes)} of {result.pairs} pairs of {result.source}"))
     for column in ("pair id", "line", "action", "reason"):
         table.add_column(column, overflow="fold")
     for change in result.changes:
-        table.add_row(change.pair_id, str(change.line), change.action, change.reason)
+        table.add_row(plain(change.pair_id), str(change.line), plain(change.action), plain(change.reason))
     stdout_console().print(table)
 
 
@@ -486,8 +489,8 @@ def baseline_command(data, out, quiet, **kw):
     config = _scan_config(kw)
     made = build_baseline(list(data), out, config, steps=_steps(quiet).step)
     counts = {c: sum(1 for e in made.pairs.values() if e["category"] == c) for c in ("flipped", "noisy", "quality")}
-    click.echo(f"wrote {out}: {len(made.pairs)} pairs ({', '.join(f'{n} {c}' for c, n in counts.items())}); "
-               f"SAE {made.header['sae']['path']}, heads {made.header['heads']['path']}")
+    click.echo(inert(f"wrote {out}: {len(made.pairs)} pairs ({', '.join(f'{n} {c}' for c, n in counts.items())}); "
+                     f"SAE {made.header['sae']['path']}, heads {made.header['heads']['path']}"))
 
 
 def _fail_on(_ctx, _param, value: str) -> tuple[str, ...]:
@@ -547,7 +550,8 @@ def gate_command(data, baseline_path, fail_on, max_new, output_format, update_ba
         for line in github_annotations(result):
             click.echo(line, err=True)
     if update_baseline:
-        click.echo(f"updated {baseline_path}: {len(result.current_ids)} pairs ({result.new} new or changed)", err=True)
+        click.echo(inert(f"updated {baseline_path}: {len(result.current_ids)} pairs ({result.new} new or changed)"),
+                   err=True)
     elif result.failed:
         sys.exit(EXIT_FINDINGS)
 
@@ -570,15 +574,15 @@ def cache_info_command(cache_dir, as_json):
     root = cache_dir or default_cache_dir()
     rows = cache_info(root)
     if as_json:
-        click.echo(json.dumps({"cache_dir": str(root), "entries": rows}, indent=2))
+        click.echo(json_text({"cache_dir": str(root), "entries": rows}, indent=2))
         return
-    table = Table(title=f"Activation cache: {root}")
+    table = Table(title=plain(f"Activation cache: {root}"))
     for column in ("model", "layer", "positions", "max length", "texts", "size"):
         table.add_column(column)
     for row in rows:
-        table.add_row(str(row.get("model", "?")), str(row.get("layer", "?")), str(row.get("positions", "?")),
-                      str(row.get("max_length", "?")), f"{row['texts']:,}", f"{row['bytes'] / 2**20:.1f} MiB")
-    stdout_console().print(table if rows else f"Activation cache {root} is empty.")
+        table.add_row(*(plain(row.get(name, "?")) for name in ("model", "layer", "positions", "max_length")),
+                      f"{row['texts']:,}", f"{row['bytes'] / 2**20:.1f} MiB")
+    stdout_console().print(table if rows else plain(f"Activation cache {root} is empty."))
 
 
 @cache.command(name="clear")
@@ -595,9 +599,9 @@ def cache_clear_command(cache_dir, yes):
         if not sys.stdin.isatty():  # piped or scripted: nobody to ask, so never delete unasked
             raise ConfigError(f"not clearing the activation cache in {root}: no terminal to confirm on; "
                               "pass --yes to clear it")
-        click.confirm(f"Delete the activation cache in {root}?", abort=True)
+        click.confirm(inert(f"Delete the activation cache in {root}?"), abort=True)
     freed = cache_clear(root)
-    click.echo(f"freed {freed / 2**20:.1f} MiB in {root}")
+    click.echo(inert(f"freed {freed / 2**20:.1f} MiB in {root}"))
 
 
 
@@ -646,9 +650,7 @@ def validate_command(path, schema, split, preference, skip_invalid, max_length, 
     summary = validate_dataset(path, schema=schema, split=split, skip_invalid=skip_invalid,
                                preference=preference, max_length=max_length, count_tokens=count_tokens)
     if as_json:
-        import json
-
-        click.echo(json.dumps(summary.to_dict(), indent=2, ensure_ascii=False))
+        click.echo(json_text(summary.to_dict(), indent=2))
     else:
         _print_validation(summary)
     if not summary.usable:
@@ -660,7 +662,7 @@ def _print_validation(summary) -> None:
     facts = Table(title="data", show_header=False, title_justify="left")
     facts.add_column("what")
     facts.add_column("value", overflow="fold")
-    facts.add_row("source", summary.source)
+    facts.add_row("source", plain(summary.source))
     facts.add_row("records read", str(summary.records))
     facts.add_row("schema", f"{summary.schema or '?'} ({'detected' if summary.schema_detected else 'forced'})")
     facts.add_row("pairs", str(summary.pairs))
@@ -669,13 +671,13 @@ def _print_validation(summary) -> None:
         facts.add_row(f"context cut at {summary.max_length} tokens", f"{summary.context_cut} pairs")
     console.print(facts)
     for error in summary.skipped_errors:
-        console.print(f"skipped {error}", markup=False)
+        console.print(plain(f"skipped {error}"))
     findings = Table(title="findings", title_justify="left")
     for column in ("kind", "count", "first locations"):
         findings.add_column(column, justify="right" if column == "count" else "left")
     for kind, count in summary.findings.items():
-        firsts = "\n".join(f"line {f.line}: {f.detail}" for f in summary.examples[kind])
-        findings.add_row(kind, str(count), firsts)
+        firsts = "\n".join(inert(f"line {f.line}: {f.detail}") for f in summary.examples[kind])
+        findings.add_row(plain(kind), str(count), Text(firsts))
     if summary.max_length is None:
         findings.add_row("truncated", "-", "not checked (give --max-length)")
     console.print(findings)

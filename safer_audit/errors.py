@@ -100,10 +100,12 @@ class PluginError(SaferAuditError):
 
 # C0 controls but tab and newline, DEL, C1 controls, and the Unicode format characters
 # that reorder or hide text (bidi embeddings/overrides/isolates, LRM/RLM/ALM, zero-width
-# joiners and spaces, the BOM, interlinear annotations) -- "Trojan Source" and friends.
+# joiners and spaces, the BOM, interlinear annotations) -- "Trojan Source" and friends --,
+# the Mongolian vowel separator, and the invisible tag characters that can carry a whole
+# hidden ASCII message ("ASCII smuggling").
 _UNSAFE = re.compile(
-    "[\x00-\x08\x0b-\x1f\x7f-\x9f\u061c\u200b-\u200f\u2028\u2029\u202a-\u202e\u2060-\u2064"
-    "\u2066-\u206f\ufeff\ufff9-\ufffb\ud800-\udfff]"
+    "[\x00-\x08\x0b-\x1f\x7f-\x9f\u061c\u180e\u200b-\u200f\u2028\u2029\u202a-\u202e\u2060-\u2064"
+    "\u2066-\u206f\ufeff\ufff9-\ufffb\ud800-\udfff\U000e0000-\U000e007f]"
 )
 _UNSAFE_LINE = re.compile(_UNSAFE.pattern[:-1] + "\t\n]")
 
@@ -117,7 +119,9 @@ def _escape(match: re.Match) -> str:
         return "\\t"
     if code <= 0xFF:
         return f"\\x{code:02x}"
-    return f"\\u{code:04x}"
+    if code <= 0xFFFF:
+        return f"\\u{code:04x}"
+    return f"\\U{code:08x}"  # eight digits, as Python writes it: unambiguous
 
 
 def inert(text: object, *, multiline: bool = False) -> str:

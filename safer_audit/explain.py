@@ -14,6 +14,7 @@ from .errors import UnknownPairError
 from .report import Finding, format_number
 from .scan import ScanResult
 from .scoring import feature_contributions
+from .terminal import inert, plain
 
 
 @dataclass
@@ -77,20 +78,21 @@ def print_explanation(explanation: Explanation, console: Console) -> None:
                         ("reward margin", format_number(f.reward_margin)),
                         ("SAE-head margin", format_number(f.sae_margin)),
                         ("quality", ", ".join(f.quality) or "none")]:
-        head.add_row(name, value)
+        head.add_row(name, plain(value))
     console.print(Panel(head, title="safer-audit explain", expand=False))
     for side, text in (("chosen", f.chosen), ("rejected", f.rejected)):
-        console.print(Panel(Text(text), title=f"final {side} response", title_align="left"))
+        # In full, newlines kept; every other control character shown as an escape
+        console.print(Panel(plain(text, multiline=True), title=f"final {side} response", title_align="left"))
     table = Table(title="Selected features that move score_safe most", show_lines=True)
     for column in ("latent", "label", "set", "chosen", "rejected", "net", "fires on (chosen | rejected)"):
         table.add_column(column, overflow="fold")
     for item in explanation.features:
         where = Group(Text(_tokens(item.chosen_tokens) or "-"), Text(_tokens(item.rejected_tokens) or "-", style="dim"))
-        table.add_row(str(item.latent), item.label or "", "F+" if item.sign > 0 else "F-",
+        table.add_row(str(item.latent), plain(item.label or ""), "F+" if item.sign > 0 else "F-",
                       format_number(item.chosen), format_number(item.rejected),
                       format_number(item.chosen - item.rejected), where)
     console.print(table)
 
 
 def _tokens(tokens: list[tuple[str, float]]) -> str:
-    return " ".join(f"{tok}({value:.2f})" for tok, value in tokens)
+    return " ".join(f"{inert(tok)}({value:.2f})" for tok, value in tokens)

@@ -64,12 +64,13 @@ from . import __version__
 from .activations import extract_activations, load_backend, pair_texts
 from .config import ActivationConfig, ScanConfig
 from .data import find_quality_issues, load_pairs
-from .errors import BaselineError, ConfigError
+from .errors import BaselineError, ConfigError, inert
 from .files import refuse_inputs, write_atomic
 from .progress import no_progress
 from .sae import TopKSAE
 from .salience import Feature, FeatureSet, encode_store
 from .scoring import QUALITY_KINDS_THAT_CATEGORISE, column_scale, fit_bradley_terry, score_safe
+from .terminal import json_text
 
 BASELINE_FORMAT = 1
 SIGNALS = ("score_safe", "reward_margin", "sae_margin")
@@ -521,29 +522,39 @@ def accept(result: GateResult) -> Baseline:
 
 # ------------------------------------------------------------------------------- rendering
 
+def _line(text: str) -> str:
+    """One line of output: inert, and never read as a GitHub workflow command.
+
+    The runner takes any line of a job's output that starts with ``::`` (after spaces) as a
+    command, and a file name can start so; its first colon is then written as an escape.
+    """
+    text = inert(text)
+    return "\\x3a" + text.lstrip()[1:] if text.lstrip().startswith("::") else text
+
+
 def render_text(result: GateResult) -> str:
-    """Plain lines: one per new suspect (``file:line: ...``), then the verdict."""
-    lines = [f"{f.source}:{f.line}: {f.message()}" + ("" if f.category in result.fail_on else " (not failing)")
+    """Plain lines: one per new suspect (``file:line: ...``), then the verdict; data made inert."""
+    lines = [_line(f"{f.source}:{f.line}: {f.message()}" + ("" if f.category in result.fail_on else " (not failing)"))
              for f in result.findings]
     what = (f"{result.new} new or changed of {result.pairs} pairs ({result.changed} changed) "
             f"against {result.baseline.path}")
     n_fail = len(result.failures)
     if result.failed:
-        lines.append(f"FAILED: {n_fail} new suspect pair(s) in {', '.join(result.fail_on)} "
-                     f"(at most {result.max_new} allowed); {what}")
+        lines.append(_line(f"FAILED: {n_fail} new suspect pair(s) in {', '.join(result.fail_on)} "
+                           f"(at most {result.max_new} allowed); {what}"))
     else:
-        lines.append(f"passed: {n_fail} new suspect pair(s) in {', '.join(result.fail_on)}; {what}")
+        lines.append(_line(f"passed: {n_fail} new suspect pair(s) in {', '.join(result.fail_on)}; {what}"))
     return "\n".join(lines)
 
 
 def render_json_result(result: GateResult) -> str:
-    return json.dumps(result.to_dict(), indent=2, ensure_ascii=False) + "\n"
+    return json_text(result.to_dict(), indent=2) + "\n"
 
 
 def _xml_safe(text: str) -> str:
-    """Drop the characters XML 1.0 cannot hold (pair ids come from the data)."""
-    return "".join(c for c in text if c in "\t\n\r" or 0x20 <= ord(c) < 0xD800 or 0xE000 <= ord(c) < 0xFFFE
-                   or ord(c) >= 0x10000)
+    """Text from the data made inert (a CI log shows it too), less what XML 1.0 cannot hold."""
+    return "".join(c for c in inert(text) if c in "\t\n\r" or 0x20 <= ord(c) < 0xD800
+                   or 0xE000 <= ord(c) < 0xFFFE or ord(c) >= 0x10000)
 
 
 def render_junit(result: GateResult) -> str:
@@ -584,6 +595,8 @@ def github_annotations(result: GateResult) -> list[str]:
     out = []
     for f in result.findings:
         level = "error" if f.category in result.fail_on and result.failed else "warning"
-        out.append(f"::{level} file={_escape_property(f.source)},line={f.line},"
-                   f"title={_escape_property(f'safer-audit: {f.category} pair')}::{_escape_data(f.message())}")
+        # inert first: an annotation is shown in the log and on the pull request
+        out.append(f"::{level} file={_escape_property(inert(f.source))},line={f.line},"
+                   f"title={_escape_property(inert(f'safer-audit: {f.category} pair'))}::"
+                   f"{_escape_data(inert(f.message()))}")
     return out

@@ -18,6 +18,8 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
+from .errors import inert
+
 
 class ProgressBar:
     """Makes one rich progress task per step: ``with bars.step("Extracting", "pairs") as update``."""
@@ -32,17 +34,19 @@ class ProgressBar:
         if not self.enabled:
             yield lambda done, total, **fields: None
             return
-        columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                   TaskProgressColumn(), TextColumn("{task.fields[rate]}"), TimeElapsedColumn(),
-                   TextColumn("ETA"), TimeRemainingColumn(), TextColumn("{task.fields[extra]}")]
+        # markup=False: a description or field may one day quote a file name
+        columns = [TextColumn("{task.description}", markup=False), BarColumn(), MofNCompleteColumn(),
+                   TaskProgressColumn(), TextColumn("{task.fields[rate]}", markup=False), TimeElapsedColumn(),
+                   TextColumn("ETA"), TimeRemainingColumn(), TextColumn("{task.fields[extra]}", markup=False)]
         with Progress(*columns, console=self.console, transient=False) as progress:
-            task = progress.add_task(description, total=None, rate="", extra="")
+            task = progress.add_task(inert(description), total=None, rate="", extra="")
 
             def update(done, total, **fields):
                 done, total = done * scale, total * scale
                 elapsed = progress.tasks[0].elapsed or 0.0
                 rate = f"{done / elapsed:.1f} {unit}/s" if elapsed > 0 else ""
-                extra = " ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in fields.items())
+                extra = inert(" ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}"
+                                       for k, v in fields.items()))
                 progress.update(task, completed=done, total=total, rate=rate, extra=extra)
 
             yield update

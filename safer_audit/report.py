@@ -24,6 +24,7 @@ from rich.text import Text
 from .errors import ConfigError
 from .files import refuse_inputs
 from .plugins import Exporter, exporters
+from .terminal import inert, plain
 
 REPORT_SCHEMA_VERSION = 1
 
@@ -373,11 +374,12 @@ def summary_lines(report: Report) -> list[tuple[str, str]]:
 
 def _excerpt_text(label: str, excerpt: Excerpt, marks: bool) -> Text:
     text = Text(f"{label} ", style="bold")
-    text.append(excerpt.before)
+    text.append(inert(excerpt.before))
     # Without styles the differing span must still show, so it gets visible marks.
     if excerpt.differ:
-        text.append(f"»{excerpt.differ}«" if marks else excerpt.differ, style="bold reverse")
-    text.append(excerpt.after)
+        differ = inert(excerpt.differ)
+        text.append(f"»{differ}«" if marks else differ, style="bold reverse")
+    text.append(inert(excerpt.after))
     return text
 
 
@@ -387,7 +389,7 @@ def print_report(report: Report, console: Console, top: int = 20) -> None:
     grid.add_column(style="bold", no_wrap=True)
     grid.add_column()
     for heading, value in summary_lines(report):
-        grid.add_row(heading, value)
+        grid.add_row(heading, plain(value))  # paths and model names: never markup
     console.print(Panel(grid, title="safer-audit", title_align="left", box=box.ROUNDED))
 
     suspects = report.suspects(top)
@@ -412,16 +414,16 @@ def print_report(report: Report, console: Console, top: int = 20) -> None:
     table.add_column("chosen / rejected, from the first difference", ratio=5)
     for finding in suspects:
         chosen, rejected = diff_excerpts(finding.chosen, finding.rejected, width=90)
-        pair = Text(f"{finding.pair_id}\nline {finding.line}\n")
-        pair.append(finding.category, style="bold red" if finding.category == "flipped" else "bold")
+        pair = Text(f"{inert(finding.pair_id)}\nline {finding.line}\n")
+        pair.append(inert(finding.category), style="bold red" if finding.category == "flipped" else "bold")
         if finding.quality:
-            pair.append("\n" + ", ".join(finding.quality))
+            pair.append("\n" + inert(", ".join(finding.quality)))
         table.add_row(
             str(finding.rank),
             pair,
             format_number(finding.score_safe),
             format_number(finding.reward_margin),
-            "\n".join(format_feature(c) for c in finding.top_features[:3]),
+            Text("\n".join(inert(format_feature(c)) for c in finding.top_features[:3])),
             Group(_excerpt_text("C", chosen, marks), _excerpt_text("R", rejected, marks)),
         )
     console.print(table)
@@ -438,14 +440,15 @@ def print_feature_cards(cards: list[FeatureCard], console: Console) -> None:
         head = Text(f"salience {format_number(card.salience)}  ({'F+' if card.sign == '+' else 'F-'}: fires more on "
                     f"{'chosen' if card.sign == '+' else 'rejected'})  C {card.chosen_total:,.1f}  "
                     f"R {card.rejected_total:,.1f}  fires on {card.fire_rate:.2%} of read tokens")
-        tokens = Text("top tokens: " + (", ".join(f"{tok} ({n})" for tok, n in card.top_tokens) or "-"))
+        tokens = Text("top tokens: " + (", ".join(f"{inert(tok)} ({n})" for tok, n in card.top_tokens) or "-"))
         lines = [head, tokens]
         for ctx in card.contexts:
-            line = Text(f"{ctx.value:5.2f} {ctx.side[0].upper()} {ctx.pair_id}  ", style="dim")
-            line.append("…" + _squash(ctx.text_before)[-80:])
-            token = _squash(ctx.token)
+            line = Text(f"{ctx.value:5.2f} {inert(ctx.side[:1].upper())} {inert(ctx.pair_id)}  ", style="dim")
+            line.append("…" + inert(_squash(ctx.text_before)[-80:]))
+            token = inert(_squash(ctx.token))
             line.append(f"[{token}]" if marks else token, style="bold reverse")
-            line.append(_squash(ctx.text_after)[:80] + "…")
+            line.append(inert(_squash(ctx.text_after)[:80]) + "…")
             lines.append(line)
-        title = f"latent {card.latent}" + (f": {card.label}" if card.label else "")
+        # A Text title: a str title would be parsed as markup, and labels are the user's text
+        title = plain(f"latent {card.latent}" + (f": {card.label}" if card.label else ""))
         console.print(Panel(Group(*lines), title=title, title_align="left", box=box.ROUNDED))
