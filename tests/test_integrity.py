@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 
 import pytest
 import torch
@@ -176,3 +177,129 @@ def test_a_corrupt_cached_sae_is_trained_again_not_used(tiny_llama_dir, tmp_path
     second = run_scan(str(data), config)
     assert weights.read_bytes() == intact  # retrained (seeded) and cached again
     assert second.report.run.sae_hash == first.report.run.sae_hash
+
+
+# --- baselines --------------------------------------------------------------------------
+
+
+def _fixture_pairs(path, n=3):
+    from .conftest import ROOT
+
+    lines = (ROOT / "fixtures" / "hh-harmless-300.jsonl").read_text(encoding="utf-8").splitlines(keepends=True)
+    path.write_text("".join(lines[:n]), encoding="utf-8")
+    return path
+
+
+@pytest.fixture
+def baseline_dir(tmp_path):
+    """A valid baseline of three fixture pairs, made without a model (gate never runs one on unchanged data)."""
+    import hashlib
+
+    from safetensors.torch import save as save_safetensors
+
+    from safer_audit import __version__
+    from safer_audit.gate import pair_digest, read_sources, render_json
+
+    data = _fixture_pairs(tmp_path / "data.jsonl")
+    make_sae().save(tmp_path / "b-sae")
+    heads = save_safetensors({"sae_margin.weight": torch.zeros(64)})
+    (tmp_path / "b-heads.safetensors").write_bytes(heads)
+    header = {
+        "format": 1, "tool_version": __version__,
+        "model": {"identity": "tiny", "fingerprint": "f" * 16, "reward_head": False, "location": None},
+        "activations": {"layer": 1, "positions": "response", "max_length": 64},
+        "data": {"schema": None, "split": None, "preference": "better", "skip_invalid": False},
+        "sae": {"path": "b-sae", "hash": TopKSAE.file_hash(tmp_path / "b-sae"), "latents": 64, "d_in": 16},
+        "heads": {"path": "b-heads.safetensors", "hash": hashlib.sha256(heads).hexdigest()[:16]},
+        "features": [{"latent": 3, "sign": 1, "label": None}, {"latent": 7, "sign": -1, "label": "refusal"}],
+        "ranking": {"score_safe": 1.0, "reward_margin": 1.0, "sae_margin": 0.0},
+        "thresholds": {"flipped_fraction": 0.04, "noisy_fraction": 0.1, "flipped_cutoff": 0.9, "noisy_cutoff": 0.7},
+    }
+    pairs = {row["pair_id"]: {"category": "clean", "digest": pair_digest(row), "score_safe": -0.5,
+                              "reward_margin": 0.25, "sae_margin": None}
+             for row in read_sources([str(data)]).iter_rows(named=True)}
+    (tmp_path / "b.json").write_text(render_json({"header": header, "pairs": pairs}), encoding="utf-8")
+    return tmp_path
+
+
+def _gate(directory):
+    from click.testing import CliRunner
+
+    from safer_audit.cli import cli
+
+    return CliRunner().invoke(cli, ["gate", str(directory / "data.jsonl"), "--baseline", str(directory / "b.json")])
+
+
+def _edit_baseline(directory, edit):
+    path = directory / "b.json"
+    data = json.loads(path.read_text(encoding="utf-8"))
+    edit(data)
+    path.write_text(json.dumps(data), encoding="utf-8")
+
+
+def _first_pair(data):
+    return next(iter(data["pairs"].values()))
+
+
+_MALFORMED = [
+    (lambda d: d["header"]["features"][0].update(latent=-5), r'"header\.features\[0\]\.latent" must be in 0\.\.63, not -5'),
+    (lambda d: d["header"]["features"][1].update(latent=64), r'"header\.features\[1\]\.latent" must be in 0\.\.63'),
+    (lambda d: d["header"]["features"].append({"latent": 3, "sign": 1, "label": None}), r"repeats latent 3"),
+    (lambda d: d["header"]["features"][0].update(sign=True), r'"header\.features\[0\]\.sign" must be 1 or -1'),
+    (lambda d: d["header"].update(features={"latent": 3}), r'"header\.features" must be a list'),
+    (lambda d: d["header"].update(sae="b-sae"), r'"header\.sae" must be an object'),
+    (lambda d: d["header"]["sae"].update(latents="64"), r'"header\.sae\.latents" must be an integer'),
+    (lambda d: d["header"]["heads"].update(hash="not-a-digest"), r'"header\.heads\.hash" must be 16 lowercase hex'),
+    (lambda d: d["header"]["ranking"].update(score_safe="1"), r'"header\.ranking\.score_safe" must be a finite number'),
+    (lambda d: d["header"]["ranking"].update(score_safe=-1.0), r'"header\.ranking\.score_safe" must be in \[0\.0'),
+    (lambda d: d["header"].update(ranking={"score_safe": 0, "reward_margin": 0}), r"at least one signal"),
+    (lambda d: d["header"]["ranking"].update(loudness=1.0), r'"header\.ranking\.loudness" is not a signal'),
+    (lambda d: d["header"]["thresholds"].update(flipped_fraction=2.0), r'"header\.thresholds\.flipped_fraction"'),
+    (lambda d: d["header"]["thresholds"].update(noisy_cutoff=[0.5]), r'"header\.thresholds\.noisy_cutoff" must be'),
+    (lambda d: d["header"]["activations"].update(max_length="64"), r'"header\.activations\.max_length" must be an int'),
+    (lambda d: d["header"]["activations"].update(positions="everywhere"), r'"header\.activations\.positions" is'),
+    (lambda d: d["header"]["model"].update(reward_head="yes"), r'"header\.model\.reward_head" must be true or false'),
+    (lambda d: d["header"]["data"].update(preference="kinder"), r'"header\.data\.preference" is .kinder.'),
+    (lambda d: d["header"].update(format=True), r"baseline format True is not supported"),
+    (lambda d: d["header"].update(extra={}), r'"header\.extra" is not a baseline field'),
+    (lambda d: _first_pair(d).update(category="bogus"), r'"pairs\.[^"]+\.category" is .bogus.; expected one of'),
+    (lambda d: _first_pair(d).update(score_safe=float("nan")), r"NaN is not a JSON value"),
+    (lambda d: _first_pair(d).update(reward_margin="0.3"), r'"pairs\.[^"]+\.reward_margin" must be a finite number'),
+    (lambda d: _first_pair(d).update(digest="ABCDEF0123456789"), r'"pairs\.[^"]+\.digest" must be 16 lowercase hex'),
+]
+
+
+@pytest.mark.parametrize("edit, message", _MALFORMED)
+def test_a_malformed_baseline_is_one_line_error_naming_the_field(baseline_dir, edit, message):
+    _edit_baseline(baseline_dir, edit)
+    result = _gate(baseline_dir)
+    assert result.exit_code == 2, result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"Error: {baseline_dir / 'b.json'}: ")
+    assert re.search(message, lines[0]), lines[0]
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ('{"header": ' + "[" * 100_000 + "]" * 100_000 + ', "pairs": {}}', "nested too deeply"),
+        ('{"header": {}, "pairs": {"a": {}, "a": {}}}', r"key 'a' appears twice"),
+    ],
+)
+def test_a_malformed_baseline_text_is_one_line_error(baseline_dir, text, message):
+    (baseline_dir / "b.json").write_text(text, encoding="utf-8")
+    result = _gate(baseline_dir)
+    assert result.exit_code == 2, result.output
+    assert len(result.output.strip().splitlines()) == 1 and re.search(message, result.output), result.output
+
+
+def test_a_pair_id_given_twice_is_refused(baseline_dir):
+    result = _gate(baseline_dir)
+    assert result.exit_code == 0, result.output  # the hand-made baseline is valid as written
+    path = baseline_dir / "b.json"
+    text = path.read_text(encoding="utf-8")
+    start = text.index('\n    "', text.index('"pairs"'))
+    line = text[start:text.index("\n", start + 1)]
+    path.write_text(text.replace(line, line + line.rstrip(",") + ",", 1), encoding="utf-8")
+    result = _gate(baseline_dir)
+    assert result.exit_code == 2 and "appears twice" in result.output, result.output
