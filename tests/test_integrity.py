@@ -303,3 +303,28 @@ def test_a_pair_id_given_twice_is_refused(baseline_dir):
     path.write_text(text.replace(line, line + line.rstrip(",") + ",", 1), encoding="utf-8")
     result = _gate(baseline_dir)
     assert result.exit_code == 2 and "appears twice" in result.output, result.output
+
+
+# --- features files ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ("features:\n  - {latent: 1}\n  - {latent: -5, include: true}\n",
+         r"f\.yaml: feature 2: latent -5 is out of range"),
+        ("features:\n  - {latent: 1}\n  - {latent: 5, include: true}\n",
+         r"f\.yaml: feature 2: latent 5 is out of range \(the SAE has 5 latents, 0\.\.4\)"),
+        ("features:\n  - {latent: 2, include: true}\n  - {latent: 2, include: true, label: again}\n",
+         r"f\.yaml: feature 2: latent 2 is listed again \(first as feature 1\)"),
+        ("features: " + "[" * 5000 + "]" * 5000 + "\n", r"f\.yaml: not a features file \(nested too deeply\)"),
+    ],
+)
+def test_a_bad_features_file_entry_is_named(tmp_path, content, message):
+    from safer_audit.errors import FeaturesFileError
+    from safer_audit.salience import select_features
+
+    path = tmp_path / "f.yaml"
+    path.write_text(content, encoding="utf-8")
+    with pytest.raises(FeaturesFileError, match=message):
+        select_features(torch.tensor([0.5, -0.4, 0.3, 0.2, 0.1]), 3, features_file=path)
