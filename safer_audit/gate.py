@@ -62,11 +62,12 @@ from safetensors.torch import save as save_safetensors
 
 from . import __version__
 from .activations import extract_activations, load_backend, pair_texts
-from .config import ActivationConfig, ScanConfig
-from .data import find_quality_issues, load_pairs
+from .config import POSITIONS, ActivationConfig, ScanConfig
+from .data import PREFERENCES, find_quality_issues, load_pairs
 from .errors import BaselineError, ConfigError, inert
 from .files import refuse_inputs, write_atomic
 from .progress import no_progress
+from .report import CATEGORIES
 from .sae import TopKSAE
 from .salience import Feature, FeatureSet, encode_store
 from .scoring import QUALITY_KINDS_THAT_CATEGORISE, column_scale, fit_bradley_terry, score_safe
@@ -141,10 +142,15 @@ def render_json(value, indent: int = 0) -> str:
 
 
 def read_baseline(path: str | os.PathLike) -> Baseline:
-    """Read and check a baseline file; a problem is a one-line BaselineError naming the field."""
+    """Read and check a baseline file; a problem is a one-line BaselineError naming the field.
+
+    Every field is checked by type and range before use, so a hand-edited or truncated file is
+    an error here rather than a traceback (or a silently wrapped latent index) later.
+    """
     path = Path(path)
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(path.read_text(encoding="utf-8"), object_pairs_hook=_unique_keys,
+                          parse_constant=_no_constant)
     except FileNotFoundError:
         raise BaselineError(f"{path}: no baseline here; make one with `safer-audit baseline DATA --out {path}`") \
             from None
@@ -152,20 +158,166 @@ def read_baseline(path: str | os.PathLike) -> Baseline:
         raise BaselineError(f"{path}: cannot read the baseline ({exc})") from None
     except json.JSONDecodeError as exc:
         raise BaselineError(f"{path}:{exc.lineno}: not valid JSON ({exc.msg})") from None
+    except RecursionError:
+        raise BaselineError(f"{path}: not a baseline (nested too deeply)") from None
+    except _BadJson as exc:
+        raise BaselineError(f"{path}: {exc}") from None
     if not isinstance(data, dict) or not isinstance(data.get("header"), dict) or not isinstance(data.get("pairs"), dict):
         raise BaselineError(f'{path}: expected an object with "header" and "pairs" objects')
     header = data["header"]
     for name in _HEADER_FIELDS:
         if name not in header:
             raise BaselineError(f'{path}: field "header.{name}" is missing')
-    if header["format"] != BASELINE_FORMAT:
-        raise BaselineError(f"{path}: baseline format {header['format']!r} is not supported "
+    if isinstance(header["format"], bool) or header["format"] != BASELINE_FORMAT:
+        raise BaselineError(f"{path}: baseline format {_shown(header['format'])} is not supported "
                             f"(this safer-audit reads format {BASELINE_FORMAT})")
+    check = _Checker(path)
+    check.header(header)
     for pair_id, entry in data["pairs"].items():
-        missing = [name for name in _PAIR_FIELDS if not isinstance(entry, dict) or name not in entry]
-        if missing:
-            raise BaselineError(f'{path}: field "pairs.{pair_id}.{missing[0]}" is missing')
+        check.pair(pair_id, entry)
     return Baseline(path, header, data["pairs"])
+
+
+class _BadJson(ValueError):
+    pass
+
+
+def _unique_keys(items: list[tuple[str, object]]) -> dict:
+    """json object hook: a key given twice (two entries for one pair id) is an error, not last-wins."""
+    out: dict = {}
+    for key, value in items:
+        if key in out:
+            raise _BadJson(f"key {_shown(key)} appears twice in one object")
+        out[key] = value
+    return out
+
+
+def _no_constant(name: str):
+    raise _BadJson(f"{name} is not a JSON value (a missing score is written as null)")
+
+
+def _shown(value) -> str:
+    """A short repr for an error line."""
+    text = repr(value) if isinstance(value, (str, int, float, bool)) or value is None else type(value).__name__
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+_HEX16 = frozenset("0123456789abcdef")
+
+
+class _Checker:
+    """Type and range checks of a baseline's fields; each failure names the file and the field."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def fail(self, field_name: str, message: str):
+        raise BaselineError(f'{self.path}: field "{field_name}" {message}')
+
+    def section(self, value, name: str, fields: tuple[str, ...]) -> dict:
+        if not isinstance(value, dict):
+            self.fail(name, f"must be an object, not {_shown(value)}")
+        for key in fields:
+            if key not in value:
+                self.fail(f"{name}.{key}", "is missing")
+        unknown = sorted(set(value) - set(fields))
+        if unknown:
+            self.fail(f"{name}.{unknown[0]}", "is not a baseline field")
+        return value
+
+    def string(self, value, name: str, *, optional: bool = False, choices: tuple = ()) -> None:
+        if value is None and optional:
+            return
+        if not isinstance(value, str):
+            self.fail(name, f"must be a string{' or null' if optional else ''}, not {_shown(value)}")
+        if choices and value not in choices:
+            self.fail(name, f"is {_shown(value)}; expected one of {', '.join(choices)}")
+
+    def boolean(self, value, name: str) -> None:
+        if not isinstance(value, bool):
+            self.fail(name, f"must be true or false, not {_shown(value)}")
+
+    def integer(self, value, name: str, low: int, high: int | None = None) -> None:
+        if isinstance(value, bool) or not isinstance(value, int):
+            self.fail(name, f"must be an integer, not {_shown(value)}")
+        if value < low or (high is not None and value > high):
+            self.fail(name, f"must be in {low}..{'' if high is None else high}, not {value}")
+
+    def number(self, value, name: str, *, low: float | None = None, high: float | None = None,
+               optional: bool = False) -> None:
+        if value is None and optional:
+            return
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            self.fail(name, f"must be a finite number{' or null' if optional else ''}, not {_shown(value)}")
+        if (low is not None and value < low) or (high is not None and value > high):
+            self.fail(name, f"must be in [{low}, {high}], not {value}")
+
+    def digest(self, value, name: str) -> None:
+        if not isinstance(value, str) or len(value) != 16 or not set(value) <= _HEX16:
+            self.fail(name, f"must be 16 lowercase hex digits, not {_shown(value)}")
+
+    def header(self, h: dict) -> None:
+        self.section(h, "header", _HEADER_FIELDS)
+        self.string(h["tool_version"], "header.tool_version")
+        model = self.section(h["model"], "header.model", ("identity", "fingerprint", "reward_head", "location"))
+        self.string(model["identity"], "header.model.identity")
+        self.string(model["fingerprint"], "header.model.fingerprint")
+        self.boolean(model["reward_head"], "header.model.reward_head")
+        self.string(model["location"], "header.model.location", optional=True)
+        act = self.section(h["activations"], "header.activations", ("layer", "positions", "max_length"))
+        self.integer(act["layer"], "header.activations.layer", 0)
+        self.string(act["positions"], "header.activations.positions", choices=POSITIONS)
+        self.integer(act["max_length"], "header.activations.max_length", 1)
+        data = self.section(h["data"], "header.data", ("schema", "split", "preference", "skip_invalid"))
+        self.string(data["schema"], "header.data.schema", optional=True)
+        self.string(data["split"], "header.data.split", optional=True)
+        self.string(data["preference"], "header.data.preference", choices=PREFERENCES)
+        self.boolean(data["skip_invalid"], "header.data.skip_invalid")
+        sae = self.section(h["sae"], "header.sae", ("path", "hash", "latents", "d_in"))
+        self.string(sae["path"], "header.sae.path")
+        self.digest(sae["hash"], "header.sae.hash")
+        self.integer(sae["latents"], "header.sae.latents", 1)
+        self.integer(sae["d_in"], "header.sae.d_in", 1)
+        heads = self.section(h["heads"], "header.heads", ("path", "hash"))
+        self.string(heads["path"], "header.heads.path")
+        self.digest(heads["hash"], "header.heads.hash")
+        if not isinstance(h["features"], list):
+            self.fail("header.features", f"must be a list, not {_shown(h['features'])}")
+        seen: set[int] = set()
+        for i, feature in enumerate(h["features"]):
+            name = f"header.features[{i}]"
+            self.section(feature, name, ("latent", "sign", "label"))
+            # a negative latent would index from the end of the SAE: another feature, silently
+            self.integer(feature["latent"], f"{name}.latent", 0, sae["latents"] - 1)
+            if feature["latent"] in seen:
+                self.fail(f"{name}.latent", f"repeats latent {feature['latent']}")
+            seen.add(feature["latent"])
+            if isinstance(feature["sign"], bool) or feature["sign"] not in (1, -1):
+                self.fail(f"{name}.sign", f"must be 1 or -1, not {_shown(feature['sign'])}")
+            self.string(feature["label"], f"{name}.label", optional=True)
+        ranking = h["ranking"]
+        if not isinstance(ranking, dict):
+            self.fail("header.ranking", f"must be an object, not {_shown(ranking)}")
+        for name, weight in ranking.items():
+            if name not in SIGNALS:
+                self.fail(f"header.ranking.{name}", f"is not a signal; expected one of {', '.join(SIGNALS)}")
+            self.number(weight, f"header.ranking.{name}", low=0.0)
+        if not any(ranking.values()):
+            self.fail("header.ranking", "must give at least one signal a positive weight")
+        thresholds = self.section(h["thresholds"], "header.thresholds",
+                                  ("flipped_fraction", "noisy_fraction", "flipped_cutoff", "noisy_cutoff"))
+        for name in ("flipped_fraction", "noisy_fraction"):
+            self.number(thresholds[name], f"header.thresholds.{name}", low=0.0, high=1.0)
+        for name in ("flipped_cutoff", "noisy_cutoff"):
+            self.number(thresholds[name], f"header.thresholds.{name}", low=0.0, high=1.0, optional=True)
+
+    def pair(self, pair_id: str, entry) -> None:
+        name = f"pairs.{pair_id}"
+        self.section(entry, name, _PAIR_FIELDS)
+        self.string(entry["category"], f"{name}.category", choices=CATEGORIES)
+        self.digest(entry["digest"], f"{name}.digest")
+        for signal in SIGNALS:
+            self.number(entry[signal], f"{name}.{signal}", optional=True)
 
 
 def _round(value: float) -> float | None:
@@ -456,7 +608,7 @@ def run_gate(sources: list[str], baseline_path: str | os.PathLike, *, fail_on: t
     rows = list(pairs.iter_rows(named=True))
     digests = [pair_digest(row) for row in rows]
     known_entry = [baseline.pairs.get(row["pair_id"]) for row in rows]
-    is_new = [e is None or e["digest"] != d for e, d in zip(known_entry, digests)]
+    is_new = [e is None or e["digest"] != d for e, d in zip(known_entry, digests, strict=True)]
     new_rows = [i for i, flag in enumerate(is_new) if flag]
     timings["load"] = round(time.perf_counter() - clock, 3)
     result = GateResult(baseline, list(sources), len(pairs), len(new_rows),

