@@ -225,6 +225,7 @@ def make_labeller(
     batch_size: int | None = None,
     concurrency: int | None = None,
     retries: int = 3,
+    backoff: float = 1.0,
     max_tokens: int = 256,
     max_contexts: int = 10,
     structured: bool = True,
@@ -234,8 +235,9 @@ def make_labeller(
     """The ``llm`` labeller. ``url``/``model``/``timeout`` default to SAFER_AUDIT_LLM_URL,
     SAFER_AUDIT_LLM_MODEL, SAFER_AUDIT_LLM_TIMEOUT (60 s); the API key comes only from
     SAFER_AUDIT_LLM_API_KEY. ``concurrency`` (alias ``batch_size``) is how many requests
-    are in flight at once, one feature each (default 4). ``cache_dir`` keeps answers across
-    runs. Nothing is sent until ``label`` is called."""
+    are in flight at once, one feature each (default 4); ``retries`` more attempts follow a
+    connection error, timeout, 429 or 5xx, ``backoff * 2**n`` seconds apart. ``cache_dir``
+    keeps answers across runs. Nothing is sent until ``label`` is called."""
     if unknown:
         raise ConfigError(f"llm labeller: unknown option(s) {', '.join(sorted(map(inert, unknown)))}")
     url = url or os.environ.get(ENV_URL)
@@ -252,6 +254,7 @@ def make_labeller(
         api_key=os.environ.get(ENV_API_KEY) or None,
         timeout=_number("timeout", timeout),
         retries=int(_number("retries", retries)),
+        backoff=_number("backoff", backoff),
         max_tokens=int(_number("max_tokens", max_tokens)),
         concurrency=int(_number("concurrency", in_flight)),
         structured=structured if isinstance(structured, bool) else str(structured).lower() not in ("0", "false", "no"),
