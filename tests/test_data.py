@@ -9,7 +9,13 @@ import pytest
 
 from safer_audit import data
 from safer_audit.data import (
-    PAIR_SCHEMA, DataError, DataErrors, QualityFinding, find_quality_issues, iter_pairs, load_pairs,
+    PAIR_SCHEMA,
+    DataError,
+    DataErrors,
+    QualityFinding,
+    find_quality_issues,
+    iter_pairs,
+    load_pairs,
     validate_dataset,
 )
 

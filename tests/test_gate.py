@@ -15,10 +15,9 @@ import torch
 import yaml
 from click.testing import CliRunner
 
-from safer_audit.cli import cli
-from safer_audit.gate import (percentile_against, read_baseline, read_sources, render_json, run_gate,
-                              score_frozen)
 from safer_audit.activations import load_backend
+from safer_audit.cli import cli
+from safer_audit.gate import percentile_against, read_baseline, read_sources, render_json, run_gate, score_frozen
 from safer_audit.sae import TopKSAE
 
 from .conftest import ROOT, hh_records

@@ -13,11 +13,12 @@ import sys
 import textwrap
 
 import pytest
-from .test_report import make_report
 
 from safer_audit.hookspecs import hookimpl
 from safer_audit.plugins import exporters, load_plugins, plugin_info
 from safer_audit.report import Report, export_report
+
+from .test_report import make_report
 
 INSTALL_HINT = "the first-party plugin is not installed: pip install -e plugins/safer-audit-jsonl"
 

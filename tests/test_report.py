@@ -10,6 +10,7 @@ import stat
 import pytest
 from rich.console import Console
 
+from safer_audit.files import write_atomic
 from safer_audit.report import (
     CATEGORIES,
     REPORT_SCHEMA_VERSION,
@@ -25,7 +26,6 @@ from safer_audit.report import (
     findings_from_frame,
     print_report,
 )
-from safer_audit.files import write_atomic
 
 # Dataset text is untrusted and awkward: markup, pipes, separators, quotes, newlines, unicode.
 TRICKY = 'a | b, "quoted", \'single\'\nnew line\ttab <b>bold</b> & café 日本語 🙂 `code` *star* =1+1'

@@ -7,10 +7,16 @@ import json
 import pytest
 import torch
 
-from safer_audit.salience import (CodeStats, FeaturesFileError, feature_cards, feature_salience,
-                                  select_features)
-from safer_audit.scoring import (categorise, cross_fitted_margins, feature_contributions,
-                                 fit_bradley_terry, percentile_from_low, score_safe, suspicion)
+from safer_audit.salience import CodeStats, FeaturesFileError, feature_cards, feature_salience, select_features
+from safer_audit.scoring import (
+    categorise,
+    cross_fitted_margins,
+    feature_contributions,
+    fit_bradley_terry,
+    percentile_from_low,
+    score_safe,
+    suspicion,
+)
 
 
 def make_stats(mean_codes: list[list[float]], n_positions: list[int]) -> CodeStats:

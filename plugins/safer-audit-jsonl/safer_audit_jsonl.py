@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from safer_audit.hookspecs import hookimpl
 from safer_audit.files import write_atomic
+from safer_audit.hookspecs import hookimpl
 from safer_audit.report import Report
 
 
