@@ -45,7 +45,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from . import __version__
-from .data import PairReader
+from .data import PairReader, pair_digest
 from .errors import CleanError
 from .files import refuse_inputs, remove_stale_temporaries, write_atomic
 from .report import Finding, Report
@@ -156,7 +156,7 @@ def clean_dataset(source: str | Path, out: str | Path, report: Report, *, mode: 
     pairs = {}
     for pair in reader:
         pairs[pair["pair_id"]] = pair["line"]
-        digests[pair["pair_id"]] = _pair_digest(pair["context"], pair["chosen"], pair["rejected"])
+        digests[pair["pair_id"]] = pair_digest(pair["context"], pair["chosen"], pair["rejected"])
     keys = _pair_keys(source, pairs, reader.skipped)
     origin = str(report_path) if report_path is not None else "the scan"
     _check_report(report, origin, source, pairs, digests)
@@ -232,12 +232,8 @@ def _pair_keys(source: str, pairs: dict[str, int], skipped: list) -> dict[str, K
     return keys
 
 
-def _pair_digest(context: str, chosen: str, rejected: str) -> bytes:
-    return hashlib.sha256("\x00".join((context, chosen, rejected)).encode("utf-8", "surrogatepass")).digest()
-
-
 def _check_report(report: Report, origin: str, source: str, pairs: dict[str, int],
-                  digests: dict[str, bytes]) -> None:
+                  digests: dict[str, str]) -> None:
     """The report must be of this data: same file (when it still exists) and the same pairs
     with the same texts (an ``id`` field keeps a pair's id when its text changes)."""
     scanned = Path(report.run.data_source)
@@ -252,7 +248,7 @@ def _check_report(report: Report, origin: str, source: str, pairs: dict[str, int
         if line != finding.line:
             raise CleanError(f"{origin}: pair {finding.pair_id} is at line {finding.line} in the report "
                              f"but at line {line} in {source}")
-        if _pair_digest(finding.context, finding.chosen, finding.rejected) != digests[finding.pair_id]:
+        if pair_digest(finding.context, finding.chosen, finding.rejected) != digests[finding.pair_id]:
             raise CleanError(f"{origin}: pair {finding.pair_id} (line {line}) has other texts than in {source}; "
                              "the data changed since the scan")
         seen.add(finding.pair_id)

@@ -824,3 +824,13 @@ def token_counter(model: str | os.PathLike | None = None) -> Callable[[list[str]
         return [len(ids) for ids in tokenizer(list(texts), verbose=False)["input_ids"]]
 
     return count_tokens
+
+
+def pair_digest(context: str, chosen: str, rejected: str) -> str:
+    """The content digest of a pair: what "the same pair" means everywhere (clean, gate, decisions).
+
+    Computed from the shared context and the two final responses, so a report's finding and
+    a data row give the same digest, and moving a record to another line keeps it.
+    """
+    text = "\x00".join((context, chosen, rejected))
+    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()[:32]
