@@ -21,6 +21,7 @@ from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
+from .data import pair_digest
 from .errors import ConfigError
 from .files import refuse_inputs
 from .plugins import Exporter, exporters
@@ -80,6 +81,11 @@ class Finding:
         for name in ("reward_margin", "sae_margin"):
             if getattr(self, name) is not None and not math.isfinite(getattr(self, name)):
                 setattr(self, name, None)
+
+    @property
+    def digest(self) -> str:
+        """The pair's content digest (data.pair_digest): how decisions and clean recognise it."""
+        return pair_digest(self.context, self.chosen, self.rejected)
 
 
 @dataclass
