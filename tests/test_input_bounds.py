@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -112,3 +113,108 @@ def test_a_lone_surrogate_is_refused_where_it_is(tmp_path):
                         + "\n")
     assert error_of(messages) == (f'{messages}:1: field "rejected[1].content" holds a lone surrogate (\\udc00) '
                                   "at character 1: not valid Unicode text")
+
+
+# --- over-long texts are cut before they are tokenized -----------------------------------
+
+FIXTURE = Path(__file__).resolve().parent.parent / "fixtures" / "hh-harmless-300.jsonl"
+
+
+class RecordingTokenizer:
+    """A tokenizer that remembers the longest text it was given."""
+
+    def __init__(self, tokenizer):
+        object.__setattr__(self, "_tokenizer", tokenizer)
+        object.__setattr__(self, "longest", 0)
+
+    def __call__(self, texts, **kwargs):
+        batch = [texts] if isinstance(texts, str) else texts
+        object.__setattr__(self, "longest", max([self.longest, *map(len, batch)]))
+        return self._tokenizer(texts, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self._tokenizer, name)
+
+    def __setattr__(self, name, value):
+        setattr(self._tokenizer, name, value)
+
+
+def fixture_texts(backend, pairs: int):
+    from safer_audit.activations import pair_texts
+
+    return pair_texts(load_pairs(FIXTURE).pairs.head(pairs), backend)
+
+
+@pytest.mark.parametrize("model", ["tiny_llama_dir", "tiny_bert_dir"])
+def test_long_texts_are_cut_before_tokenizing_and_tokenize_the_same(model, request):
+    from safer_audit.backends.hf import HFModelBackend
+
+    backend = HFModelBackend(str(request.getfixturevalue(model)), device="cpu")
+    texts = fixture_texts(backend, 30)
+    tokenizer = backend.tokenizer
+    for max_length in (16, 48):
+        backend.tokenizer = recording = RecordingTokenizer(tokenizer)
+        ids, offsets, special = backend.tokenize([t.text for t in texts], max_length=max_length,
+                                                 has_special_tokens=False)
+        # the whole text through the tokenizer, as before the cut
+        tokenizer.truncation_side = "left"
+        whole = tokenizer([t.text for t in texts], truncation=True, max_length=max_length,
+                          return_offsets_mapping=True, return_special_tokens_mask=True)
+        assert ids == whole["input_ids"]
+        assert [list(map(tuple, row)) for row in offsets] == [list(map(tuple, row)) for row in whole["offset_mapping"]]
+        assert special == whole["special_tokens_mask"]
+        assert recording.longest < max(len(t.text) for t in texts) // 2
+
+
+def test_activations_of_cut_texts_are_unchanged(tiny_llama_dir, tmp_path, monkeypatch):
+    from safer_audit.activations import extract_activations
+    from safer_audit.backends.hf import HFModelBackend
+    from safer_audit.config import ActivationConfig
+
+    backend = HFModelBackend(str(tiny_llama_dir), device="cpu")
+    texts = fixture_texts(backend, 20)
+    config = ActivationConfig(model="tiny", layer=1, positions="all", max_length=32, batch_size=8,
+                              cache_dir=tmp_path / "cut")
+    cut = extract_activations(texts, backend, config)
+    monkeypatch.setattr(backend, "_cut", lambda text, max_length: 0)
+    config.cache_dir = tmp_path / "whole"
+    whole = extract_activations(texts, backend, config)
+    assert cut.n_texts == whole.n_texts == 40
+    for index in range(cut.n_texts):
+        assert cut.text(index).token_ids.tolist() == whole.text(index).token_ids.tolist()
+        assert cut.text(index).acts.equal(whole.text(index).acts)
+
+
+def test_a_response_of_megabytes_is_never_tokenized_whole(tiny_llama_dir, tmp_path):
+    from safer_audit.activations import extract_activations, pair_texts
+    from safer_audit.backends.hf import HFModelBackend
+    from safer_audit.config import ActivationConfig
+
+    words = "the a harm help you I can not should would please sorry lock pick".split()
+    huge = " ".join(words * 100_000)  # 5.2 MB
+    path = tmp_path / "data.jsonl"
+    path.write_text(GOOD + json.dumps({"prompt": "q", "chosen": huge, "rejected": "no"}) + "\n")
+    pairs = load_pairs(path).pairs
+    backend = HFModelBackend(str(tiny_llama_dir), device="cpu")
+    backend.tokenizer = recording = RecordingTokenizer(backend.tokenizer)
+    texts = pair_texts(pairs, backend)
+    config = ActivationConfig(model="tiny", layer=1, positions="response", max_length=64, batch_size=4,
+                              cache_dir=tmp_path / "cache")
+    store = extract_activations(texts, backend, config)
+    assert len(huge) > 5_000_000 and recording.longest < 50_000
+    # the huge chosen response fills the window, to its last word
+    read = store.text(2)
+    assert len(read.token_ids) >= 62 and read.positions.tolist()[-1] == 63
+    assert backend.tokenizer.decode(read.token_ids.tolist()).endswith(huge[-40:])
+
+
+def test_a_failing_chat_template_is_one_error(tiny_llama_dir):
+    from safer_audit.backends.hf import HFModelBackend
+    from safer_audit.errors import ScanError
+
+    backend = HFModelBackend(str(tiny_llama_dir), device="cpu")
+    backend.tokenizer.chat_template = "{{ raise_exception('Conversation roles must alternate') }}"
+    with pytest.raises(ScanError) as caught:
+        backend.render([{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yes"}])
+    assert str(caught.value) == ("model '" + str(tiny_llama_dir) + "': the chat template fails on the conversation "
+                                 "(user/assistant) that opens 'hi': TemplateError: Conversation roles must alternate")
