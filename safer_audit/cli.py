@@ -18,7 +18,7 @@ from rich.text import Text
 
 from . import __version__
 from .config import POSITIONS, ActivationConfig, SaeTrainConfig, ScanConfig, default_cache_dir
-from .data import PREFERENCES, SCHEMAS
+from .data import MAX_RECORD_BYTES, PREFERENCES, SCHEMAS
 from .errors import EXIT_BAD_INPUT, EXIT_FINDINGS, SaferAuditError, inert
 from .plugins import load_plugins, plugin_info
 from .progress import ProgressBar
@@ -147,6 +147,11 @@ def model_options(command=None, *, multiple_positions: bool = False):
     return command
 
 
+def _max_record_bytes_option():
+    return click.option("--max-record-bytes", type=click.IntRange(1), default=MAX_RECORD_BYTES, show_default=True,
+                        metavar="N", help="A record (line, row) larger than N bytes is an invalid record.")
+
+
 def data_options(command):
     """Options of every command that reads a dataset."""
     options = [
@@ -156,6 +161,7 @@ def data_options(command):
         click.option("--preference", type=click.Choice(["better", "safer"]), default="better", show_default=True,
                      help="PKU-SafeRLHF style data: which preference index picks the chosen response."),
         click.option("--skip-invalid", is_flag=True, help="Skip unusable records instead of stopping."),
+        _max_record_bytes_option(),
     ]
     for option in reversed(options):
         command = option(command)
@@ -225,7 +231,7 @@ def _scan_config(kw: dict) -> ScanConfig:
     config.sae_train.epochs = kw.pop("epochs")
     config.sae_train.seed = config.seed = kw.pop("seed", config.seed)
     for name in ("sae_path", "n_features", "features_file", "salience_from", "schema", "split", "preference",
-                 "skip_invalid"):
+                 "skip_invalid", "max_record_bytes"):
         setattr(config, name, kw.pop(name))
     for name in ("flipped_fraction", "noisy_fraction"):  # category_options, where the command has them
         setattr(config, name, kw.pop(name, getattr(config, name)))
@@ -382,7 +388,8 @@ def train_sae_command(data, out, latents, k, epochs, seed, quiet, **kw):
 
     config = _activation_config(kw)
     train = SaeTrainConfig(n_latents=latents, k=k, epochs=epochs, seed=seed)
-    data_options = {name: kw.pop(name) for name in ("schema", "split", "preference", "skip_invalid")}
+    data_options = {name: kw.pop(name) for name in ("schema", "split", "preference", "skip_invalid",
+                                                    "max_record_bytes")}
     stats = train_sae_on_data(data, out, config, train, data_options=data_options, steps=_steps(quiet).step)
     table = Table(title=plain(f"SAE written to {out}"))
     for column in ("FVU", "L0", "dead fraction", "tokens seen", "steps", "seconds"):
@@ -623,13 +630,15 @@ def cache_clear_command(cache_dir, yes):
 @click.option("--model", metavar="DIR",
               help="Count tokens with this local model's tokenizer (with --max-length; default: the "
                    "embedded MiniLM-L6).")
+@_max_record_bytes_option()
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
-def validate_command(path, schema, split, preference, skip_invalid, max_length, model, as_json):
+def validate_command(path, schema, split, preference, skip_invalid, max_length, model, max_record_bytes, as_json):
     """Check that the preference data at PATH can be read, and report cheap data-quality findings.
 
     \b
     PATH is a .jsonl, .jsonl.gz, .json, .parquet or .csv file, a datasets directory
-    (save_to_disk), or a hub dataset id owner/name (online only).
+    (save_to_disk), - for JSON Lines on standard input, or a hub dataset hf://owner/name
+    (online only).
     Findings: exact duplicate pairs, contradicting pairs (the same responses the other
     way round), identical chosen and rejected, empty responses, chosen and rejected with
     different contexts, and with --max-length, responses too long to survive truncation.
@@ -647,8 +656,8 @@ def validate_command(path, schema, split, preference, skip_invalid, max_length, 
             count_tokens = token_counter(model)
         except (OSError, ValueError) as exc:
             _fail(f"cannot load the tokenizer of {model or 'the embedded model'}: {exc}")
-    summary = validate_dataset(path, schema=schema, split=split, skip_invalid=skip_invalid,
-                               preference=preference, max_length=max_length, count_tokens=count_tokens)
+    summary = validate_dataset(path, schema=schema, split=split, skip_invalid=skip_invalid, preference=preference,
+                               max_length=max_length, count_tokens=count_tokens, max_record_bytes=max_record_bytes)
     if as_json:
         click.echo(json_text(summary.to_dict(), indent=2))
     else:

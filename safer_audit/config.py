@@ -89,3 +89,4 @@ class ScanConfig:
     split: str | None = None
     preference: str = "better"
     skip_invalid: bool = False
+    max_record_bytes: int = 16 << 20  # data.MAX_RECORD_BYTES (not imported: config stays free of polars)

@@ -157,9 +157,24 @@ def test_datasets_directory_and_splits(tmp_path):
 def test_a_hub_id_fails_fast_offline(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(DataError) as caught:
-        load_pairs("someone/some-dataset", split="train")
-    assert str(caught.value) == ("someone/some-dataset: no such file or directory, and HF_HUB_OFFLINE is set, "
-                                 "so not loaded from the hub")
+        load_pairs("hf://someone/some-dataset", split="train")
+    assert str(caught.value) == "hf://someone/some-dataset: HF_HUB_OFFLINE is set, so hub datasets are not loaded"
+
+
+def test_a_missing_path_that_looks_like_a_hub_id_is_not_looked_up(monkeypatch):
+    def no_hub(*args, **kwargs):
+        raise AssertionError("the hub was asked")
+
+    import datasets
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(datasets, "load_dataset", no_hub)
+    with pytest.raises(DataError) as caught:
+        load_pairs("someone/some-dataset")
+    assert str(caught.value) == ("someone/some-dataset: no such file or directory; "
+                                 "for a hub dataset write hf://someone/some-dataset")
+    with pytest.raises(DataError, match="the hub was asked"):  # the explicit form still goes there
+        load_pairs("hf://someone/some-dataset")
 
 
 def test_pair_ids_from_content_and_from_id_fields_are_unique(tmp_path):

@@ -118,10 +118,12 @@ def test_a_path_that_does_not_exist(tmp_path, monkeypatch):
 
 def test_a_hub_id_offline(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    result = validate("someone/some-dataset", "--split", "train")
+    result = validate("hf://someone/some-dataset", "--split", "train")
     assert result.exit_code == 2
-    assert result.stderr == ("Error: someone/some-dataset: no such file or directory, and HF_HUB_OFFLINE is set, "
-                             "so not loaded from the hub\n")
+    assert result.stderr == "Error: hf://someone/some-dataset: HF_HUB_OFFLINE is set, so hub datasets are not loaded\n"
+    bare = validate("someone/some-dataset", "--split", "train")
+    assert (bare.exit_code, bare.stderr) == (
+        2, "Error: someone/some-dataset: no such file or directory; for a hub dataset write hf://someone/some-dataset\n")
 
 
 def test_the_first_ten_errors_are_listed(tmp_path, monkeypatch):

@@ -13,12 +13,19 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 from pathlib import Path
 
-from ..errors import ModelLoadError
+from ..errors import ModelLoadError, ScanError
 from ..hookspecs import hookimpl
 
 EMBEDDED_MODEL_NAME = "embedded:sentence-transformers/all-MiniLM-L6-v2"
+
+
+# A word ends and the next begins: past one of these, tokenizers that do not merge across
+# whitespace (WordPiece, byte-level BPE, SentencePiece) tokenize the rest alike wherever
+# the text they were given started.
+_WORD_BOUNDARY = re.compile(r"\S\s+\S")
 
 
 class _StopForward(Exception):
@@ -151,20 +158,65 @@ class HFModelBackend:
         from ..data import render_transcript
 
         if self.chat_template:
-            text = self.tokenizer.apply_chat_template(messages, tokenize=False)
+            try:
+                text = self.tokenizer.apply_chat_template(messages, tokenize=False)
+            except Exception as exc:  # jinja's TemplateError, raise_exception(), a template bug
+                roles = "/".join(message["role"] for message in messages)
+                opening = messages[0]["content"][:40] if messages else ""
+                raise ScanError(f"model {self.identity!r}: the chat template fails on the conversation "
+                                f"({roles}) that opens {opening!r}: {type(exc).__name__}: {exc}") from None
             final = messages[-1]["content"]
             start = text.rfind(final) if final else len(text)
             return text, max(start, 0), True
         text, start = render_transcript(messages)
         return text, start, False
 
+    @property
+    def longest_token(self) -> int:
+        """Characters of the longest vocabulary entry: no ordinary token covers more text."""
+        if getattr(self, "_longest_token", None) is None:
+            self._longest_token = max((len(token) for token in self.tokenizer.get_vocab()), default=1)
+        return self._longest_token
+
+    def _cut(self, text: str, max_length: int) -> int:
+        """Where to start reading ``text`` so that its last ``max_length`` tokens come out as
+        they do from the whole text: 0, or a point far enough left.
+
+        Left truncation keeps only the end, yet the tokenizer works through all of a text
+        first (a 50 MB response took minutes and gigabytes). ``max_length`` tokens cover at
+        most ``max_length * longest_token`` characters; tokens that cover more ([UNK] for a
+        whole long word) or text a normalizer drops make the window too short, which the
+        count below notices, and the window grows. The kept tokens must also all start past
+        a word boundary after the cut, so the cut word's odd tokens are among those dropped.
+        """
+        width = (max_length + 2) * self.longest_token
+        while width < len(text):
+            start = len(text) - width
+            offsets = self.tokenizer(text[start:], add_special_tokens=False, return_offsets_mapping=True,
+                                     verbose=False)["offset_mapping"]
+            if len(offsets) > max_length:
+                first_kept = offsets[len(offsets) - max_length][0]
+                if _WORD_BOUNDARY.search(text, start, start + first_kept):
+                    return start
+            width *= 4
+        return 0
+
     def tokenize(self, texts: list[str], *, max_length: int, has_special_tokens: bool):
-        """Token ids and character offsets, truncated from the LEFT so the final turn survives."""
+        """Token ids and character offsets, truncated from the LEFT so the final turn survives.
+
+        Over-long texts are cut before tokenizing (``_cut``); offsets still index ``texts``.
+        """
         self.tokenizer.truncation_side = "left"
-        encoded = self.tokenizer(texts, truncation=True, max_length=max_length,
-                                 add_special_tokens=not has_special_tokens,
+        cuts = [self._cut(text, max_length) for text in texts]
+        encoded = self.tokenizer([text[cut:] for text, cut in zip(texts, cuts, strict=True)], truncation=True,
+                                 max_length=max_length, add_special_tokens=not has_special_tokens,
                                  return_offsets_mapping=True, return_special_tokens_mask=True)
-        return encoded["input_ids"], encoded["offset_mapping"], encoded["special_tokens_mask"]
+        offsets = encoded["offset_mapping"]
+        if any(cuts):
+            # (0, 0) is an added special token, at no place in the text.
+            offsets = [[(s + cut, e + cut) if e else (s, e) for s, e in row] if cut else row
+                       for row, cut in zip(offsets, cuts, strict=True)]
+        return encoded["input_ids"], offsets, encoded["special_tokens_mask"]
 
     def token_strings(self, ids: list[int]) -> list[str]:
         return self.tokenizer.convert_ids_to_tokens(ids)
