@@ -3,11 +3,24 @@
 from __future__ import annotations
 
 import os
+import re
 import secrets
+import shutil
+import socket
+import time
 from pathlib import Path
 from typing import Callable, Iterable
 
 from .errors import ConfigError
+
+STALE_TEMP_SECONDS = 24 * 3600  # a temporary this old is debris whoever wrote it
+_TEMP_OWNER = re.compile(r"\.(\d+)@([A-Za-z0-9_-]*)\.[0-9a-f]+\.tmp$")
+
+
+def temporary_name(name: str) -> str:
+    """``.NAME.PID@HOST.RANDOM.tmp``: unique per writer, and says whose it is, so only a
+    dead writer's debris is ever cleaned up (is_stale_temporary)."""
+    return f".{name}.{os.getpid()}@{_host_tag()}.{secrets.token_hex(6)}.tmp"
 
 
 def _same_file(a: Path, b: Path) -> bool:
@@ -38,7 +51,7 @@ def write_atomic(
     refuse_inputs(path, protect)
     if not path.parent.is_dir():  # say so plainly, rather than name the temporary file
         raise FileNotFoundError(f"{path}: the directory {path.parent} does not exist")
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
+    tmp = path.with_name(temporary_name(path.name))
     try:
         # O_EXCL: never follow or reuse someone else's file; 0o666 lets the umask decide.
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
@@ -57,3 +70,44 @@ def write_atomic(
         tmp.unlink(missing_ok=True)
         raise
     return path
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, someone else's
+        return True
+    return True
+
+
+def is_stale_temporary(path: Path, now: float | None = None) -> bool:
+    """Whether a temporary file (files.write_atomic's naming) is debris of a dead writer.
+
+    A temporary names its writer's pid and host: it is stale when that process is gone
+    from this host, or when it is older than a day (a writer on another host, or an old
+    name without an owner). A live writer's half-written file is never touched.
+    """
+    try:
+        age = (now or time.time()) - path.lstat().st_mtime
+    except OSError:
+        return False
+    owner = _TEMP_OWNER.search(path.name)
+    if owner and owner.group(2) == _host_tag():
+        return not _process_alive(int(owner.group(1)))
+    return age > STALE_TEMP_SECONDS
+
+
+def _host_tag() -> str:
+    return re.sub(r"[^A-Za-z0-9_-]", "", socket.gethostname().split(".")[0])[:32]
+
+
+def remove_stale_temporaries(directory: Path) -> None:
+    """Delete the temporary files and directories of dead writers under ``directory`` (one level)."""
+    for path in directory.glob(".*.tmp"):
+        if is_stale_temporary(path):
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
