@@ -12,8 +12,7 @@ import pytest
 import torch
 
 from safer_audit import activations
-from safer_audit.activations import (ActivationCache, extract_activations, pair_texts, read_positions,
-                                     resolve_layer)
+from safer_audit.activations import ActivationCache, extract_activations, pair_texts, read_positions, resolve_layer
 from safer_audit.backends.hf import HFModelBackend, ModelLoadError
 from safer_audit.config import ActivationConfig
 from safer_audit.files import temporary_name

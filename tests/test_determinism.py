@@ -14,7 +14,6 @@ from safer_audit import activations
 from safer_audit.activations import extract_activations, pair_texts
 from safer_audit.config import ActivationConfig, SaeTrainConfig, ScanConfig
 from safer_audit.data import load_pairs
-from safer_audit.report import Report
 from safer_audit.scan import run_scan
 
 from .conftest import FIXTURES, ROOT
