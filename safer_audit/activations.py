@@ -7,10 +7,16 @@ there, and the reward score when the model has a head.
 
 The cache is content-addressed: a text's key hashes the model fingerprint, layer,
 positions, max_length and the exact input text, so unchanged texts never run a forward
-pass again. Texts are stored in shards (``shard-<blake2b of the file>.safetensors``)
-written atomically; a shard whose bytes no longer match its name is corrupt and is
+pass again. Texts are stored in shards (``shard-<blake2b of the keys and tensors>.safetensors``)
+written atomically; a shard whose contents no longer match its name is corrupt and is
 deleted and recomputed. An interrupted run keeps every shard written before the
 interruption, so it resumes there.
+
+Results must not depend on the cache's history (cold, warm, resumed, copied) or on file
+names. So shard names hash what a shard holds, not how safetensors serialised it (its
+header's key order varies from process to process); extraction batches and shards are
+planned over all of a dataset's texts, so a resumed run recomputes exactly the batches a
+cold run would; and the store is read in an order derived from the data.
 """
 
 from __future__ import annotations
@@ -22,15 +28,16 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
 from .config import ActivationConfig
 from .errors import CacheError, ConfigError
-from .files import write_atomic
+from .files import remove_stale_temporaries, write_atomic
 
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2  # 2: shards named by content, not by file bytes
 SHARD_TEXTS = 256  # texts per shard: a killed run loses at most this much work
 TOKENIZE_CHUNK = 512  # texts tokenized at once when measuring lengths
 PUNCTUATION = ".,?!;"
@@ -75,8 +82,34 @@ def read_positions(text: str, offsets: Sequence[tuple[int, int]], special: Seque
 
 # ------------------------------------------------------------------------------ cache
 
-def _digest(data: bytes) -> str:
-    return hashlib.blake2b(data, digest_size=16).hexdigest()
+SHARD_TENSORS = ("acts", "offsets", "positions", "scores", "token_ids")
+
+
+def content_digest(keys: Sequence[str], tensors: dict[str, torch.Tensor]) -> str:
+    """A shard's name: the hash of its keys and tensors in a fixed order.
+
+    Not the file's bytes: safetensors writes the header's metadata in a key order that
+    changes from process to process, and the name must not depend on that.
+    """
+    digest = hashlib.blake2b(digest_size=16)
+    digest.update(json.dumps([CACHE_FORMAT, list(keys)]).encode())
+    for name in SHARD_TENSORS:
+        tensor = tensors[name].contiguous()
+        digest.update(f"\n{name}:{tensor.dtype}:{list(tensor.shape)}\n".encode())
+        digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+    return digest.hexdigest()
+
+
+def _seeded_hash(seed: int, key: str) -> int:
+    return int.from_bytes(hashlib.blake2b(f"{seed}:{key}".encode(), digest_size=8).digest(), "little")
+
+
+def _mix64(x: np.ndarray) -> np.ndarray:
+    """splitmix64's finaliser on uint64 (wrapping arithmetic): a cheap, well-spread hash."""
+    with np.errstate(over="ignore"):
+        x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        return x ^ (x >> np.uint64(31))
 
 
 def config_key(identity: str, fingerprint: str, layer: int, positions: str, max_length: int) -> str:
@@ -112,8 +145,10 @@ class ActivationCache:
         self.index: dict[str, tuple[Path, int]] = {}
         self._loaded: dict[Path, dict[str, torch.Tensor]] = {}
         self._verified: set[Path] = set()
-        for stale in self.directory.glob(".*.tmp"):  # debris of a killed write (files.write_atomic)
-            stale.unlink(missing_ok=True)
+        # debris of killed writes (files.write_atomic); another live scan's temporaries stay
+        remove_stale_temporaries(self.directory)
+        if (self.directory / "saes").is_dir():
+            remove_stale_temporaries(self.directory / "saes")
         for shard in sorted(self.directory.glob("shard-*.safetensors")):
             keys = _shard_keys(shard)
             if keys is None:
@@ -138,7 +173,7 @@ class ActivationCache:
             "scores": torch.tensor([i.score for i in items], dtype=torch.float32),
         }
         data = save_safetensors(tensors, metadata={"keys": json.dumps(keys), "format": str(CACHE_FORMAT)})
-        path = self.directory / f"shard-{_digest(data)}.safetensors"
+        path = self.directory / f"shard-{content_digest(keys, tensors)}.safetensors"
         write_atomic(path, data)
         for row, key in enumerate(keys):
             self.index.setdefault(key, (path, row))
@@ -154,9 +189,12 @@ class ActivationCache:
             return self._loaded[path]
         try:
             data = path.read_bytes()
-            ok = path in self._verified or path.name == f"shard-{_digest(data)}.safetensors"
-            tensors = load_safetensors(data) if ok else None
-        except (OSError, ValueError, RuntimeError):  # safetensors raises on a bad header
+            tensors = load_safetensors(data)
+            if path not in self._verified:
+                keys = _header_keys(data)
+                if keys is None or path.name != f"shard-{content_digest(keys, tensors)}.safetensors":
+                    tensors = None
+        except (OSError, ValueError, RuntimeError, KeyError, TypeError):  # safetensors raises on a bad header
             tensors = None
         if tensors is None:
             path.unlink(missing_ok=True)
@@ -193,8 +231,7 @@ def _shard_keys(path: Path) -> list[str] | None:
             size = int.from_bytes(handle.read(8), "little")
             if size <= 0 or size > 100_000_000:
                 return None
-            header = json.loads(handle.read(size))
-        return json.loads(header["__metadata__"]["keys"])
+            return _keys_from_header(handle.read(size))
     except (OSError, ValueError, KeyError, TypeError):
         return None
 
@@ -211,6 +248,19 @@ def _read_cache_meta(meta_path: Path) -> dict:
     if not isinstance(meta, dict):
         return {"config_error": f"{meta_path}: not a JSON object"}
     return meta
+
+
+def _header_keys(data: bytes) -> list[str] | None:
+    """The text keys in the header of a whole shard file's bytes."""
+    size = int.from_bytes(data[:8], "little")
+    if size <= 0 or size > min(len(data) - 8, 100_000_000):
+        return None
+    return _keys_from_header(data[8:8 + size])
+
+
+def _keys_from_header(header: bytes) -> list[str] | None:
+    keys = json.loads(json.loads(header)["__metadata__"]["keys"])
+    return keys if isinstance(keys, list) and all(isinstance(k, str) for k in keys) else None
 
 
 def cache_info(root: Path) -> list[dict]:
@@ -260,12 +310,13 @@ class ActivationStore:
         """Per shard: (text indices, per-text token offsets, tensors of those texts' positions).
 
         Tensors hold ``acts``, ``token_ids``, ``positions`` and ``scores`` for the texts
-        in ``text indices``, in that order. One shard is in memory at a time.
+        in ``text indices``, in that order. One shard is in memory at a time. Shards come
+        in the order of the first text each serves (not by name), texts in dataset order.
         """
-        by_shard: dict[Path, list[tuple[int, int]]] = {}
+        by_shard: dict[Path, list[tuple[int, int]]] = {}  # insertion order: by first text served
         for text, (shard, row) in enumerate(self._locations):
             by_shard.setdefault(shard, []).append((text, row))
-        for shard in sorted(by_shard):
+        for shard in by_shard:
             _release_freed_memory()  # the previous shard's buffers
             tensors = self.cache.load_shard(shard)
             if tensors is None:
@@ -290,6 +341,43 @@ class ActivationStore:
         """Just the activation rows, shard by shard (the SAE trains on this stream)."""
         for _texts, _offsets, tensors in self.iter_chunks():
             yield tensors["acts"]
+
+    def training_tokens(self, seed: int, max_tokens: int) -> torch.Tensor:
+        """Up to ``max_tokens`` activation rows [n, d_model] in an order fixed by the data.
+
+        Each token's rank is a hash of (seed, text key, position), so which tokens are
+        kept and their order do not depend on how texts are grouped into shards (cold,
+        warm, resumed) or on file names; the order is already a uniform shuffle. Memory
+        stays within about twice the budget.
+        """
+        kept: dict[str, list] = {"rank": [], "text": [], "position": [], "acts": []}
+        n_kept = 0
+
+        def select(limit: int) -> None:
+            nonlocal n_kept
+            merged = {name: np.concatenate(v) if name != "acts" else torch.cat(v) for name, v in kept.items()}
+            order = np.lexsort((merged["position"], merged["text"], merged["rank"]))[:limit]
+            for name in kept:
+                kept[name] = [merged[name][torch.from_numpy(order) if name == "acts" else order]]
+            n_kept = len(order)
+
+        for texts, offsets, tensors in self.iter_chunks():
+            if int(offsets[-1]) == 0:
+                continue
+            text_hash = np.array([_seeded_hash(seed, self.keys[t]) for t in texts.tolist()], dtype=np.uint64)
+            per_token = np.repeat(text_hash, (offsets[1:] - offsets[:-1]).numpy())
+            position = tensors["positions"].numpy().astype(np.uint64)
+            kept["rank"].append(_mix64(per_token ^ _mix64(position + np.uint64(1))))
+            kept["text"].append(per_token)
+            kept["position"].append(position)
+            kept["acts"].append(tensors["acts"])
+            n_kept += len(position)
+            if n_kept > 2 * max_tokens:
+                select(max_tokens)
+        if n_kept == 0:
+            return torch.zeros(0, self.d_model)
+        select(max_tokens)
+        return kept["acts"][0]
 
     def n_tokens(self) -> int:
         total = 0
@@ -377,12 +465,13 @@ def extract_activations(texts: Sequence[PreparedText], backend, config: Activati
         want_score = backend.has_reward_head
     cache = open_cache(backend, config, layer)
     keys = [text_key(t.text) for t in texts]
-    missing = cache.verify(keys)
-    todo: dict[str, PreparedText] = {}
-    for key, text in zip(keys, texts):
-        if key in missing:
-            todo.setdefault(key, text)
-    computed = _compute(list(todo.items()), backend, config, layer, want_score, cache, progress)
+    missing = set(cache.verify(keys))
+    computed = 0
+    if missing:
+        unique: dict[str, PreparedText] = {}
+        for key, text in zip(keys, texts):
+            unique.setdefault(key, text)
+        computed = _compute(list(unique.items()), missing, backend, config, layer, want_score, cache, progress)
     return ActivationStore(cache, keys, backend.d_model, backend.identity, n_forward_texts=computed)
 
 
@@ -421,44 +510,69 @@ def _tokenize(items: list[PreparedText], backend, max_length: int):
     return out
 
 
-def _compute(todo: list[tuple[str, PreparedText]], backend, config: ActivationConfig, layer: int,
-             want_score: bool, cache: ActivationCache, progress) -> int:
-    """Run the model over ``todo`` in length-sorted batches and write shards as they fill.
+def plan_batches(texts: list[tuple[str, PreparedText]], backend, config: ActivationConfig) -> list[list[list[int]]]:
+    """Shards of batches of indices into ``texts``: length-sorted (ties by key), over all texts.
 
-    Lengths come first, a chunk of texts at a time; each batch is tokenized again with its
-    offsets. Holding every text's full encoding at once cost over a kilobyte per token,
-    so peak memory grew with the dataset.
+    Planned over every text of the dataset, not just the missing ones, so a run resumed
+    after a kill pads the same batches and writes the same shards as a cold run.
+    Lengths come a chunk of texts at a time; holding every text's full encoding at once
+    cost over a kilobyte per token.
     """
-    if not todo:
-        return 0
     lengths = []
-    for start in range(0, len(todo), TOKENIZE_CHUNK):
-        chunk = [prepared for _, prepared in todo[start:start + TOKENIZE_CHUNK]]
+    for start in range(0, len(texts), TOKENIZE_CHUNK):
+        chunk = [prepared for _, prepared in texts[start:start + TOKENIZE_CHUNK]]
         lengths += [len(ids) for ids, _, _ in _tokenize(chunk, backend, config.max_length)]
-    order = sorted(range(len(todo)), key=lambda i: lengths[i])
-    pending_keys: list[str] = []
-    pending: list[TextActivations] = []
+    return _shards_of(sorted(range(len(texts)), key=lambda i: (lengths[i], texts[i][0])), config.batch_size)
+
+
+def _shards_of(order: list[int], batch_size: int) -> list[list[list[int]]]:
+    """Consecutive batches of ``order``, grouped into shards of about SHARD_TEXTS texts that end on batch boundaries."""
+    batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    per_shard = max(1, -(-SHARD_TEXTS // batch_size))
+    return [batches[i:i + per_shard] for i in range(0, len(batches), per_shard)]
+
+
+def _compute(texts: list[tuple[str, PreparedText]], missing: set[str], backend, config: ActivationConfig,
+             layer: int, want_score: bool, cache: ActivationCache, progress) -> int:
+    """Run the model over the missing texts and write their shards; returns the texts run.
+
+    A planned shard whose texts are all missing (a cold run, or the part a killed run had
+    not written) is computed exactly as planned, so a resumed run writes the same bytes
+    as a cold one. The missing texts of partly cached shards (texts shared with another
+    dataset, a grown dataset) are batched among themselves, so only new texts run.
+    """
+    whole: list[list[list[int]]] = []
+    loose: list[int] = []
+    for shard in plan_batches(texts, backend, config):
+        members = [i for batch in shard for i in batch]
+        absent = [i for i in members if texts[i][0] in missing]
+        if len(absent) == len(members):
+            whole.append(shard)
+        else:
+            loose += absent
+    whole += _shards_of(loose, config.batch_size)  # loose is in the plan's order: by length, then key
+    total = sum(len(batch) for shard in whole for batch in shard)
     done = 0
-    for start in range(0, len(order), config.batch_size):
-        batch = [todo[i] for i in order[start:start + config.batch_size]]
-        encoded = _tokenize([prepared for _, prepared in batch], backend, config.max_length)
-        input_ids, mask = backend.pad_batch([ids for ids, _, _ in encoded])
-        hidden, score = backend.forward(input_ids, mask, layer=layer, want_score=want_score)
-        hidden = hidden.cpu()
-        for b, ((key, prepared), (ids, offsets, special)) in enumerate(zip(batch, encoded)):
-            keep = read_positions(prepared.text, offsets, special, prepared.response_start, config.positions)
-            index = torch.tensor(keep, dtype=torch.long)
-            pending_keys.append(key)
-            pending.append(TextActivations(
-                hidden[b, index].clone(), torch.tensor(ids, dtype=torch.long)[index],
-                index.int(), float(score[b]) if score is not None else float("nan")))
-        if len(pending) >= SHARD_TEXTS:
+    for shard in whole:
+        pending_keys: list[str] = []
+        pending: list[TextActivations] = []
+        for batch_indices in shard:
+            batch = [texts[i] for i in batch_indices]
+            encoded = _tokenize([prepared for _, prepared in batch], backend, config.max_length)
+            input_ids, mask = backend.pad_batch([ids for ids, _, _ in encoded])
+            hidden, score = backend.forward(input_ids, mask, layer=layer, want_score=want_score)
+            hidden = hidden.cpu()
+            for b, ((key, prepared), (ids, offsets, special)) in enumerate(zip(batch, encoded)):
+                keep = read_positions(prepared.text, offsets, special, prepared.response_start, config.positions)
+                index = torch.tensor(keep, dtype=torch.long)
+                pending_keys.append(key)
+                pending.append(TextActivations(
+                    hidden[b, index].clone(), torch.tensor(ids, dtype=torch.long)[index],
+                    index.int(), float(score[b]) if score is not None else float("nan")))
+            done += len(batch)
+            if progress is not None:
+                progress(done, total)
+        if pending:
             cache.add_shard(pending_keys, pending)
-            pending_keys, pending = [], []
             _release_freed_memory()
-        done += len(batch)
-        if progress is not None:
-            progress(done, len(order))
-    if pending:
-        cache.add_shard(pending_keys, pending)
-    return len(order)
+    return total

@@ -172,7 +172,7 @@ def clean_dataset(source: str | Path, out: str | Path, report: Report, *, mode: 
     fields = _flip_fields(reader.schema, preference)
     protect = [source] + ([report_path] if report_path is not None else [])
     for path in (out, manifest_path):  # a killed earlier clean's temporaries would otherwise stay forever
-        remove_stale_temporaries(path)
+        remove_stale_temporaries(path.parent, path.name)
     write_atomic(out, lambda tmp: _WRITERS[kind](Path(source), tmp, actions, fields), protect=protect)
     result.manifest = {
         "tool": "safer-audit",

@@ -56,6 +56,9 @@ class SaeTrainConfig:
     auxk_alpha: float = 1 / 32
     dead_tokens: int = 20_000  # silent this long = dead, revived by AuxK (200k never triggered within 1 HH epoch)
     seed: int = 0
+    # tokens trained on, a seeded hash sample when there are more; held in memory (~1.5 kB each at
+    # width 384): all of the 2,312-pair HH file (~200k) fits
+    max_tokens: int = 1_000_000
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -5,11 +5,24 @@ from __future__ import annotations
 import os
 import re
 import secrets
+import shutil
+import socket
 import time
 from pathlib import Path
 from typing import Callable, Iterable
 
 from .errors import ConfigError
+
+STALE_AFTER = 24 * 3600.0  # seconds unmodified after which a temporary whose writer cannot be told is debris
+_TEMP_OWNER = re.compile(r"\.(\d+)@([A-Za-z0-9_-]*)\.[0-9a-f]+\.tmp$")
+# what follows ".NAME." in a temporary of write_atomic (and in the older, ownerless form)
+_TEMP_TAIL = re.compile(r"(?:\d+@[A-Za-z0-9_-]*\.)?[0-9a-f]{8,32}")
+
+
+def temporary_name(name: str) -> str:
+    """``.NAME.PID@HOST.RANDOM.tmp``: unique per writer, and says whose it is, so only a
+    dead writer's debris is ever cleaned up (is_stale_temporary)."""
+    return f".{name}.{os.getpid()}@{_host_tag()}.{secrets.token_hex(6)}.tmp"
 
 
 def _same_file(a: Path, b: Path) -> bool:
@@ -40,7 +53,7 @@ def write_atomic(
     refuse_inputs(path, protect)
     if not path.parent.is_dir():  # say so plainly, rather than name the temporary file
         raise FileNotFoundError(f"{path}: the directory {path.parent} does not exist")
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
+    tmp = path.with_name(temporary_name(path.name))
     try:
         # O_EXCL: never follow or reuse someone else's file; 0o666 lets the umask decide.
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
@@ -68,50 +81,61 @@ def write_atomic(
     return path
 
 
-STALE_AFTER = 3600.0  # seconds unmodified before a temporary whose writer cannot be told is debris
-_PID_MAX = 4_194_304  # Linux's highest pid: a longer run of digits is a random token, not a pid
-# write_atomic's temporary names: a hex token, and the writer's pid before or after it if the name holds one.
-_TEMPORARY = re.compile(r"(?:(\d{1,7})[._-])?[0-9a-f]{8,32}(?:[._-](\d{1,7}))?")
-
-
-def _alive(pid: int) -> bool:
+def _process_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except OSError:  # EPERM: it exists, owned by someone else
+    except PermissionError:  # alive, someone else's
         return True
     return True
 
 
-def remove_stale_temporaries(path: str | Path, stale_after: float = STALE_AFTER) -> list[Path]:
-    """Delete the temporaries that killed ``write_atomic`` calls for ``path`` left next to it.
+def is_stale_temporary(path: Path, now: float | None = None) -> bool:
+    """Whether a temporary file (write_atomic's naming) is debris of a dead writer.
 
-    Only names of write_atomic's own form for this ``path`` are touched. A temporary whose
-    name holds a pid is stale when that process is gone; one without is stale when it has
-    not been modified for ``stale_after`` seconds, so a live writer's file survives.
-    Returns the files removed.
+    A temporary names its writer's pid and host: it is stale when that process is gone
+    from this host, or when it has not been modified for STALE_AFTER (a writer on another
+    host, or an old name without an owner). A live writer's half-written file is never touched.
     """
-    path = Path(path)
-    prefix, removed = f".{path.name}.", []
     try:
-        entries = list(os.scandir(path.parent))  # not glob: the name may hold [ ] * ?
+        age = (now or time.time()) - path.lstat().st_mtime
+    except OSError:
+        return False
+    owner = _TEMP_OWNER.search(path.name)
+    if owner and owner.group(2) == _host_tag():
+        return not _process_alive(int(owner.group(1)))
+    return age > STALE_AFTER
+
+
+def _host_tag() -> str:
+    return re.sub(r"[^A-Za-z0-9_-]", "", socket.gethostname().split(".")[0])[:32]
+
+
+def remove_stale_temporaries(directory: str | Path, name: str | None = None) -> list[Path]:
+    """Delete dead writers' temporary files and directories in ``directory`` (one level).
+
+    With ``name``, only the temporaries of that one output (``.NAME.<owner>.<token>.tmp``),
+    so a directory shared with other programs loses nothing of theirs. Returns what was removed.
+    """
+    directory, removed = Path(directory), []
+    try:
+        entries = list(os.scandir(directory))  # not glob: a name may hold [ ] * ?
     except OSError:
         return removed
-    now = time.time()
     for entry in entries:
-        name = entry.name
-        if not (name.startswith(prefix) and name.endswith(".tmp")):
+        if not (entry.name.startswith(".") and entry.name.endswith(".tmp")):
             continue
-        match = _TEMPORARY.fullmatch(name[len(prefix):-len(".tmp")])
-        if match is None or not entry.is_file(follow_symlinks=False):
+        if name is not None:
+            prefix = f".{name}."
+            if not (entry.name.startswith(prefix) and _TEMP_TAIL.fullmatch(entry.name[len(prefix):-len(".tmp")])):
+                continue
+        path = Path(entry.path)
+        if not is_stale_temporary(path):
             continue
-        pid = next((int(g) for g in match.groups() if g is not None and 0 < int(g) <= _PID_MAX), None)
-        try:
-            stale = not _alive(pid) if pid is not None else now - entry.stat().st_mtime > stale_after
-            if stale:
-                os.unlink(entry.path)
-                removed.append(Path(entry.path))
-        except FileNotFoundError:  # its writer finished or another run removed it meanwhile
-            continue
+        if entry.is_dir(follow_symlinks=False):
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+        removed.append(path)
     return removed

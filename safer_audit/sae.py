@@ -44,12 +44,12 @@ which k latents win, so the loaded SAE would no longer be the one that was train
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import math
 import os
 import shutil
-import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
@@ -65,7 +65,7 @@ from safetensors.torch import save_file
 
 from .config import SaeTrainConfig
 from .errors import ConfigError, SaeFormatError
-from .files import write_atomic
+from .files import temporary_name, write_atomic
 
 CFG_FILE = "cfg.json"
 WEIGHTS_FILE = "sae_weights.safetensors"  # ours and SAELens
@@ -258,11 +258,20 @@ class TopKSAE(torch.nn.Module):
             write_atomic(directory / WEIGHTS_FILE, lambda p: save_file(self.state_for_saving(), str(p)))
             write_atomic(directory / CFG_FILE, lambda p: _write_json(self.cfg_json(), p))
             return directory
-        staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+        # a new directory is written whole in a staging directory (named like write_atomic's
+        # temporaries, so only a dead writer's is ever cleaned up), then renamed into place
+        staging = directory.parent / temporary_name(directory.name)
+        staging.mkdir()
         try:
             save_file(self.state_for_saving(), staging / WEIGHTS_FILE)
             _write_json(self.cfg_json(), staging / CFG_FILE)
-            os.replace(staging, directory)
+            try:
+                os.rename(staging, directory)
+            except OSError as exc:
+                if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST) or not (directory / CFG_FILE).exists():
+                    raise
+                # another writer saved it meanwhile: keep theirs, so readers never see it change
+                shutil.rmtree(staging, ignore_errors=True)
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise

@@ -100,9 +100,14 @@ def _rank_within_latent(latents: torch.Tensor, n_latents: int) -> torch.Tensor:
 
 
 def _keep_strongest(entries: dict[str, torch.Tensor], n_latents: int) -> dict[str, torch.Tensor]:
-    """The TOP_ACTIVATIONS strongest entries of each latent, grouped by latent, strongest first."""
-    by_value = torch.argsort(entries["value"], descending=True, stable=True)
-    order = by_value[torch.argsort(entries["latent"][by_value], stable=True)]
+    """The TOP_ACTIVATIONS strongest entries of each latent, grouped by latent, strongest first.
+
+    Ties go to the earlier text, then position: by the data, not by the order the cache
+    served the shards in.
+    """
+    order = torch.argsort(entries["position"], stable=True)
+    for name, descending in (("text", False), ("value", True), ("latent", False)):
+        order = order[torch.argsort(entries[name][order], descending=descending, stable=True)]
     grouped = {name: values[order] for name, values in entries.items()}
     keep = _rank_within_latent(grouped["latent"], n_latents) < TOP_ACTIVATIONS
     return {name: values[keep] for name, values in grouped.items()}

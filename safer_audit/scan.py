@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -17,12 +18,13 @@ from pathlib import Path
 
 import polars as pl
 import torch
+from filelock import FileLock
 
 from . import __version__
 from .activations import ActivationStore, PreparedText, extract_activations, load_backend, pair_texts, resolve_layer
 from .config import ActivationConfig, SaeTrainConfig, ScanConfig
 from .data import find_quality_issues, load_pairs
-from .errors import ScanError
+from .errors import ConfigError, ScanError
 from .progress import no_progress
 from .report import FeatureCard, FeatureContext, FeatureContribution, Finding, Report, RunInfo
 from .sae import TopKSAE
@@ -36,6 +38,8 @@ from .salience import (
     select_features,
 )
 from .scoring import categorise, cross_fitted_margins, feature_contributions, score_safe, suspicion
+
+TRAINING_CHUNK = 65_536  # tokens per chunk handed to the trainer (it re-batches and shuffles them)
 
 
 @dataclass
@@ -70,11 +74,22 @@ def sae_backend(name: str = "topk"):
 
 
 def train_on_store(store: ActivationStore, train_config, backend, config, layer: int, steps):
-    """Train an SAE on every activation of ``store``, with a progress bar."""
+    """Train an SAE on the activations of ``store`` (up to ``train_config.max_tokens``), with a progress bar.
+
+    The tokens come in an order fixed by the data (ActivationStore.training_tokens), so
+    the SAE does not depend on how the cache grouped them into shards or named them.
+    """
     metadata = {"model": backend.identity, "model_hash": backend.fingerprint, "layer": layer,
                 "positions": config.positions, "max_length": config.max_length}
+    if train_config.max_tokens <= 0:
+        raise ConfigError(f"max_tokens must be positive, not {train_config.max_tokens}")
+    tokens = store.training_tokens(train_config.seed, train_config.max_tokens)
+
+    def make_batches():
+        return tokens.split(TRAINING_CHUNK)
+
     with steps("Training SAE", "steps") as update:
-        return sae_backend().train(store.iter_acts, backend.d_model, train_config, n_tokens=store.n_tokens(),
+        return sae_backend().train(make_batches, backend.d_model, train_config, n_tokens=len(tokens),
                                    metadata=metadata,
                                    progress=lambda step, total, figures: update(
                                        step, total, fvu=figures["fvu"], dead=figures["dead_fraction"]))
@@ -95,14 +110,29 @@ def get_sae(store: ActivationStore, config: ScanConfig, backend, layer: int, ste
     key = hashlib.sha256(json.dumps([_dataset_fingerprint(store.keys), config.sae_train.to_dict()],
                                     sort_keys=True).encode()).hexdigest()[:16]
     directory = store.cache.directory / "saes" / key
-    if (directory / "cfg.json").exists():
-        try:
-            return sae_backend().load(directory), directory
-        except ValueError:
-            pass  # an unreadable cached SAE is trained again
-    sae, _stats = train_on_store(store, config.sae_train, backend, config.activations, layer, steps)
-    sae.save(directory)
+    cached = _load_cached_sae(directory)
+    if cached is not None:
+        return cached, directory
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    # one trainer per SAE: a concurrent scan of the same data waits here, then loads this one's SAE
+    with FileLock(str(directory.parent / f"{key}.lock")):
+        cached = _load_cached_sae(directory)
+        if cached is not None:
+            return cached, directory
+        if directory.exists():  # an unreadable cached SAE is trained again
+            shutil.rmtree(directory)
+        sae, _stats = train_on_store(store, config.sae_train, backend, config.activations, layer, steps)
+        sae.save(directory)
     return sae, directory
+
+
+def _load_cached_sae(directory: Path) -> TopKSAE | None:
+    if not (directory / "cfg.json").exists():
+        return None
+    try:
+        return sae_backend().load(directory)
+    except ValueError:
+        return None
 
 
 def train_sae_on_data(source: str, out: Path, activations: ActivationConfig, train: SaeTrainConfig, *,

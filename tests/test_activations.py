@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+import time
+
 import polars as pl
 import pytest
 import torch
@@ -10,6 +15,7 @@ from safer_audit import activations
 from safer_audit.activations import ActivationCache, extract_activations, pair_texts, read_positions, resolve_layer
 from safer_audit.backends.hf import HFModelBackend, ModelLoadError
 from safer_audit.config import ActivationConfig
+from safer_audit.files import temporary_name
 
 
 def conversation(context_turns: int, final: str) -> list[dict]:
@@ -222,17 +228,22 @@ def test_pickled_weights_are_refused(tmp_path):
 
 def test_cache_ignores_debris_of_a_killed_write(tmp_path):
     cache = ActivationCache(tmp_path, "k")
-    debris = cache.directory / ".shard-abc.safetensors.0123456789ab.tmp"
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    debris = cache.directory / temporary_name("shard-abc.safetensors").replace(f".{os.getpid()}@", f".{dead.pid}@")
     debris.write_bytes(b"partial")
+    old = cache.directory / ".shard-abc.safetensors.0123456789ab.tmp"  # no owner in the name: judged by age
+    old.write_bytes(b"partial")
+    os.utime(old, (time.time() - 2 * 86400,) * 2)
     ActivationCache(tmp_path, "k")
-    assert not debris.exists()
+    assert not debris.exists() and not old.exists()
 
 
 def test_a_shard_is_hashed_once_per_cache_object(llama, config, monkeypatch):
     store = extract_activations(pair_texts(make_pairs(4), llama), llama, config)
     calls = []
-    real = activations._digest
-    monkeypatch.setattr(activations, "_digest", lambda data: calls.append(1) or real(data))
+    real = activations.content_digest
+    monkeypatch.setattr(activations, "content_digest", lambda *args: calls.append(1) or real(*args))
     reopened = extract_activations(pair_texts(make_pairs(4), llama), llama, config)  # verify: hashes
     first = len(calls)
     assert first == len(list(config.cache_dir.rglob("shard-*.safetensors")))

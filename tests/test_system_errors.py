@@ -188,8 +188,8 @@ def test_stale_temporaries_of_the_output_go_and_nothing_else(tmp_path):
     names = {
         "old": ".clean.jsonl.0123456789ab.tmp",  # a killed writer's, long unmodified
         "fresh": ".clean.jsonl.ba9876543210.tmp",  # maybe a live writer's: recent
-        "dead": f".clean.jsonl.{dead_pid()}.0123456789ac.tmp",  # a named writer that is gone
-        "alive": f".clean.jsonl.{os.getpid()}.0123456789ad.tmp",  # a named writer still running
+        "dead": files.temporary_name("clean.jsonl").replace(f".{os.getpid()}@", f".{dead_pid()}@"),  # writer gone
+        "alive": files.temporary_name("clean.jsonl"),  # a named writer still running (this process)
         "other output": ".clean.jsonl.manifest.json.0123456789ae.tmp",
         "other program": ".clean.jsonl.swp.tmp",
         "other name": ".other.jsonl.0123456789af.tmp",
@@ -198,7 +198,7 @@ def test_stale_temporaries_of_the_output_go_and_nothing_else(tmp_path):
         (tmp_path / name).write_text(key)
         if key != "fresh":
             os.utime(tmp_path / name, (old, old))
-    removed = files.remove_stale_temporaries(out)
+    removed = files.remove_stale_temporaries(out.parent, out.name)
     assert sorted(p.name for p in removed) == sorted([names["old"], names["dead"]])
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(set(names.values()) - {names["old"], names["dead"]})
 
