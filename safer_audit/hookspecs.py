@@ -5,20 +5,77 @@ in ``safer_audit.backends`` use exactly these hooks, third-party ones arrive thr
 ``safer_audit`` entry-point group.
 """
 
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+
 from pluggy import HookimplMarker, HookspecMarker
+
+if TYPE_CHECKING:
+    import torch
 
 hookspec = HookspecMarker("safer_audit")
 hookimpl = HookimplMarker("safer_audit")
 
 
+@runtime_checkable
+class ModelBackend(Protocol):
+    """What a model backend gives the pipeline: rendering, tokenizing and one layer's hidden states.
+
+    ``identity`` and ``fingerprint`` name the model in caches and reports (the fingerprint
+    changes when the weights do); ``n_layers`` and ``d_model`` size the read layer;
+    ``has_reward_head`` says whether ``forward`` can also return a reward score.
+    """
+
+    identity: str
+    fingerprint: str
+    n_layers: int
+    d_model: int
+    has_reward_head: bool
+
+    def render(self, messages: list[dict]) -> tuple[str, int, bool]:
+        """(model input text, where the final message starts, whether the text holds special tokens)."""
+
+    def tokenize(self, texts: list[str], *, max_length: int,
+                 has_special_tokens: bool) -> tuple[list[list[int]], list[list[tuple[int, int]]], list[list[int]]]:
+        """(token ids, character offsets, special-token masks), truncated from the left to ``max_length``."""
+
+    def token_strings(self, ids: list[int]) -> list[str]:
+        """The vocabulary strings of token ids, for feature cards."""
+
+    def pad_batch(self, sequences: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(input_ids, attention_mask) of a right-padded batch, on the model's device."""
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, layer: int,
+                want_score: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Hidden states after block ``layer`` (1-based) [batch, tokens, d_model], and the reward score if wanted."""
+
+
+@runtime_checkable
+class SaeBackend(Protocol):
+    """What an SAE backend gives the pipeline: training on an activation stream, and loading."""
+
+    def train(self, make_batches: Callable[[], Iterable[torch.Tensor]], d_in: int, cfg: Any, *,
+              n_tokens: int | None = None, metadata: dict | None = None,
+              progress: Callable[[int, int, dict], None] | None = None) -> tuple[Any, Any]:
+        """Train on raw hidden states; returns (sae, training stats)."""
+
+    def load(self, directory: str | Path, **options: Any) -> Any:
+        """An SAE saved in ``directory``."""
+
+
+
+
 @hookspec
 def register_model_backends(register):
-    """Register model backends: ``register(name, factory)``, ``factory(model, **options)`` returns a ModelBackend."""
+    """Register model backends: ``register(name, factory)``; ``factory(model, **options)`` returns a ModelBackend."""
 
 
 @hookspec
 def register_sae_backends(register):
-    """Register SAE backends: ``register(name, backend)``, where backend has ``train`` and ``load``."""
+    """Register SAE backends: ``register(name, backend)``, where backend is an SaeBackend (``train``, ``load``)."""
 
 
 @hookspec

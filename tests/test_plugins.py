@@ -155,3 +155,14 @@ def test_load_plugins_env_leaves_out_the_broken_plugin(misspelled_plugin_path):
     result = _run(code, misspelled_plugin_path, SAFER_AUDIT_LOAD_PLUGINS="jsonl")
     assert result.returncode == 0, result.stderr
     assert "jsonl" in result.stdout and "never" not in result.stdout
+
+
+def test_built_in_backends_satisfy_the_protocols(tiny_bert_dir):
+    """hookspecs names what a backend must provide; the built-in ones provide it."""
+    from safer_audit.hookspecs import ModelBackend, SaeBackend
+    from safer_audit.plugins import model_backends, sae_backends
+
+    model = model_backends()["hf"](str(tiny_bert_dir))
+    assert isinstance(model, ModelBackend)
+    assert isinstance(sae_backends()["topk"], SaeBackend)
+    assert not isinstance(object(), ModelBackend)
