@@ -317,6 +317,77 @@ def explain(data, pair_id, quiet, **kw):
     print_explanation(explain_pair(result, pair_id), stdout_console())
 
 
+DEFAULT_DECISIONS = Path(".safer-audit/decisions.json")
+
+
+def _read_key(prompt: str) -> str:
+    """One key from the terminal, echoed (no Enter needed)."""
+    click.echo(prompt, nl=False)
+    key = click.getchar()
+    click.echo(inert(key))
+    if key in ("\x03", "\x04"):  # Ctrl-C, Ctrl-D: stop, the decisions so far are saved
+        raise EOFError
+    return key
+
+
+def _read_line(prompt: str) -> str:
+    """One line from a pipe or script: a key, then an optional note."""
+    click.echo(prompt, nl=False)
+    line = sys.stdin.readline()
+    if not line:
+        raise EOFError
+    click.echo()
+    return line
+
+
+@cli.command()
+@click.argument("data")
+@click.option("--report", "report_path", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="Review the suspects of this scan report (JSON) instead of scanning DATA now.")
+@click.option("--decisions", "decisions_path", type=click.Path(dir_okay=False, path_type=Path),
+              default=DEFAULT_DECISIONS, show_default=True,
+              help="The decisions file to add to (made if missing; its directory too).")
+@click.option("--reviewer", default=None, help="Who decides. Default: git config user.name and user.email.")
+@click.option("--all", "review_all", is_flag=True, help="Show pairs decided before too (to change a decision).")
+@model_options
+@data_options
+@sae_options
+@click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
+def review(data, report_path, decisions_path, reviewer, review_all, quiet, **kw):
+    """Walk the suspects of DATA one by one and record a decision for each.
+
+    \b
+    Keys: f flipped (clean flips it back), n noisy (clean drops it), o ok (clean keeps it,
+    the gate never fails on it), s skip, q quit. From a pipe, one key a line; the rest of
+    the line is a note. Each decision is saved at once, and pairs decided before are not
+    shown again (unless --all), so a review resumes where it stopped. Then:
+    safer-audit clean DATA --decisions FILE --out CLEANED.
+    """
+    from .data import PairReader
+    from .decisions import default_reviewer
+    from .review import locate, review_findings
+
+    config = _scan_config(kw)
+    if report_path is not None:
+        from .clean import load_report
+
+        report = load_report(report_path)
+    else:
+        from .scan import run_scan
+
+        report = run_scan(data, config, steps=_steps(quiet).step).report
+    reader = PairReader(data, schema=config.schema, split=config.split, preference=config.preference,
+                        skip_invalid=config.skip_invalid)
+    where = locate(report.suspects(), reader, str(report_path or "the scan"), data)
+    decisions_path.parent.mkdir(parents=True, exist_ok=True)
+    ask = _read_key if sys.stdin.isatty() else _read_line
+    outcome = review_findings(report.findings, decisions_path, ask=ask, console=stdout_console(),
+                              reviewer=reviewer or default_reviewer(), where=where, review_all=review_all,
+                              protect=[data] + ([report_path] if report_path else []))
+    click.echo(inert(f"{outcome.decided} decided, {outcome.skipped} skipped, {outcome.remaining} of "
+                     f"{outcome.suspects} suspects undecided; decisions in {decisions_path}"), err=True)
+
+
 @cli.command()
 @click.argument("data")
 @model_options(multiple_positions=True)
@@ -401,8 +472,13 @@ def train_sae_command(data, out, latents, k, epochs, seed, quiet, **kw):
 @click.option("--drop-fraction", type=click.FloatRange(0, 1, min_open=True), default=None,
               help="Select this fraction of the pairs, most suspicious first.")
 @click.option("--threshold", type=float, default=None, help="Select the pairs with suspicion >= this.")
-@click.option("--mode", type=click.Choice(["drop", "flip"]), default="drop", show_default=True,
-              help="Drop the selected pairs, or flip them back (swap chosen and rejected).")
+@click.option("--decisions", "decisions_path", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              default=None, help="Act on review decisions (safer-audit review): flip back the pairs marked "
+                                 "flipped, drop those marked noisy, keep those marked ok. No scan needed.")
+@click.option("--only", type=click.Choice(["flipped", "noisy"]), multiple=True,
+              help="With --decisions: act only on these verdicts (repeatable). Default: both.")
+@click.option("--mode", type=click.Choice(["drop", "flip"]), default=None,
+              help="Drop the selected pairs, or flip them back (swap chosen and rejected). Default: drop.")
 @click.option("--manifest", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Where to write the manifest. Default: OUT.manifest.json.")
 @click.option("--force", is_flag=True, help="Replace an existing output and manifest.")
@@ -411,7 +487,8 @@ def train_sae_command(data, out, latents, k, epochs, seed, quiet, **kw):
 @data_options
 @sae_options
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
-def clean(data, out, report_path, drop_fraction, threshold, mode, manifest, force, dry_run, quiet, **kw):
+def clean(data, out, report_path, decisions_path, only, drop_fraction, threshold, mode, manifest, force, dry_run,
+          quiet, **kw):
     """Write a copy of DATA with suspicious pairs dropped or flipped back, and a manifest.
 
     \b
@@ -420,7 +497,9 @@ def clean(data, out, report_path, drop_fraction, threshold, mode, manifest, forc
       --from-report R              R's non-clean pairs (with --mode flip: its flipped ones)
       --drop-fraction F            the pairs of rank <= F x pairs
       --threshold T                the pairs with suspicion >= T
-    Without --from-report, DATA is scanned first with the model and SAE options.
+      --decisions D                D's decided pairs: flipped ones flipped back, noisy
+                                   ones dropped, ok ones kept (--only flipped: just those)
+    Without --from-report or --decisions, DATA is scanned first with the model and SAE options.
 
     Records not selected are copied byte-for-byte (.jsonl, .jsonl.gz content, .json,
     .csv) or as equal rows (.parquet); a flipped JSON record is rewritten on one line.
@@ -430,28 +509,51 @@ def clean(data, out, report_path, drop_fraction, threshold, mode, manifest, forc
     """
     from .clean import clean_dataset, load_report
 
-    if report_path is None and drop_fraction is None and threshold is None:
-        raise click.UsageError("select pairs with --from-report, --drop-fraction or --threshold")
+    if decisions_path is not None:
+        if mode is not None or drop_fraction is not None or threshold is not None:
+            raise click.UsageError("--decisions sets each pair's action: give it without --mode, --drop-fraction "
+                                   "or --threshold")
+    elif only:
+        raise click.UsageError("--only selects verdicts of --decisions; give --decisions too")
+    elif report_path is None and drop_fraction is None and threshold is None:
+        raise click.UsageError("select pairs with --from-report, --drop-fraction or --threshold, or act on --decisions")
     if drop_fraction is not None and threshold is not None:
         raise click.UsageError("give --drop-fraction or --threshold, not both")
+    mode = mode or "drop"
     config = _scan_config(kw)
+    decisions = None
+    if decisions_path is not None:
+        from .decisions import read_decisions
+
+        decisions = read_decisions(decisions_path)
     if report_path is not None:
         report = load_report(report_path)
+    elif decisions is not None:
+        report = None
     else:
         from .scan import run_scan
 
         report = run_scan(data, config, steps=_steps(quiet).step).report
     result = clean_dataset(data, out, report, mode=mode, drop_fraction=drop_fraction, threshold=threshold,
+                           decisions=decisions, decisions_path=decisions_path, only=only or ("flipped", "noisy"),
                            manifest=manifest, report_path=report_path, force=force, dry_run=dry_run,
                            schema=config.schema, split=config.split, preference=config.preference,
                            skip_invalid=config.skip_invalid)
-    done = {"drop": "dropped", "flip": "flipped"}[mode]
+    if result.mode == "decisions":
+        flips = sum(c.action == "flip" for c in result.changes)
+        done = f"flipped back {flips} and dropped {len(result.changes) - flips}"
+        missing = result.selection.parameters["not_in_data"]
+        if missing:
+            click.echo(inert(f"note: {missing} of {len(decisions)} decisions name pairs not in {data} "
+                             "(edited or removed since the review)"), err=True)
+    else:
+        done = f"{ {'drop': 'dropped', 'flip': 'flipped'}[mode]} {len(result.changes)}"
     if dry_run:
         _print_changes(result)
-        click.echo(inert(f"dry run: would have {done} {len(result.changes)} of {result.pairs} pairs "
+        click.echo(inert(f"dry run: would have {done} of {result.pairs} pairs "
                          f"({result.selection.rule}); nothing written"), err=True)
     else:
-        click.echo(inert(f"{done} {len(result.changes)} of {result.pairs} pairs ({result.selection.rule}): "
+        click.echo(inert(f"{done} of {result.pairs} pairs ({result.selection.rule}): "
                          f"wrote {result.out} and {result.manifest_path}"), err=True)
 
 
