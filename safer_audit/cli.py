@@ -576,8 +576,11 @@ def _print_changes(result) -> None:
 @data_options
 @sae_options
 @category_options
+@click.option("--decisions", "decisions_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Review decisions (safer-audit review); pairs marked ok never fail. "
+                   "Default: decisions.json next to the baseline, if there is one.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
-def baseline_command(data, out, quiet, **kw):
+def baseline_command(data, out, decisions_path, quiet, **kw):
     """Scan DATA once and record what `safer-audit gate` compares against.
 
     The baseline is a small deterministic JSON file to commit and review: each pair's id,
@@ -589,19 +592,32 @@ def baseline_command(data, out, quiet, **kw):
     from .gate import build_baseline
 
     config = _scan_config(kw)
-    made = build_baseline(list(data), out, config, steps=_steps(quiet).step)
-    counts = {c: sum(1 for e in made.pairs.values() if e["category"] == c) for c in ("flipped", "noisy", "quality")}
-    click.echo(inert(f"wrote {out}: {len(made.pairs)} pairs ({', '.join(f'{n} {c}' for c, n in counts.items())}); "
-                     f"SAE {made.header['sae']['path']}, heads {made.header['heads']['path']}"))
+    decisions, decisions_path = _gate_decisions(decisions_path, out)
+    made = build_baseline(list(data), out, config, steps=_steps(quiet).step, decisions=decisions)
+    counts = {c: sum(1 for pid, e in made.pairs.items() if e["category"] == c and pid not in made.cleared)
+              for c in ("flipped", "noisy", "quality")}
+    cleared = sum(1 for pid in made.cleared if made.pairs[pid]["category"] != "clean")
+    click.echo(inert(f"wrote {out}: {len(made.pairs)} pairs ({', '.join(f'{n} {c}' for c, n in counts.items())}"
+                     + (f"; {cleared} more marked ok in {decisions_path}" if cleared else "")
+                     + f"); SAE {made.header['sae']['path']}, heads {made.header['heads']['path']}"))
+
+
+def _gate_decisions(path: Path | None, baseline_path: Path):
+    """The decisions the gate and baseline read: the file given, else decisions.json beside the baseline."""
+    from .decisions import read_decisions
+    from .gate import default_decisions_path
+
+    path = path or default_decisions_path(baseline_path)
+    return (read_decisions(path), path) if path is not None else (None, None)
 
 
 def _fail_on(_ctx, _param, value: str) -> tuple[str, ...]:
-    from .gate import GATE_CATEGORIES
+    from .gate import FAIL_ON_CHOICES
 
     names = tuple(name.strip() for name in value.split(",") if name.strip())
     for name in names:
-        if name not in GATE_CATEGORIES:
-            raise click.BadParameter(f"{name!r} is not one of {', '.join(GATE_CATEGORIES)}")
+        if name not in FAIL_ON_CHOICES:
+            raise click.BadParameter(f"{name!r} is not one of {', '.join(FAIL_ON_CHOICES)}")
     return names
 
 
@@ -610,7 +626,8 @@ def _fail_on(_ctx, _param, value: str) -> tuple[str, ...]:
 @click.option("--baseline", "baseline_path", required=True, type=click.Path(dir_okay=False, path_type=Path),
               help="The baseline made by `safer-audit baseline`.")
 @click.option("--fail-on", default="flipped,quality", show_default=True, callback=_fail_on,
-              help="Comma-separated categories of new pairs that fail the check: flipped, noisy, quality.")
+              help="Comma-separated categories of new pairs that fail the check: flipped, noisy, quality; "
+                   "and removed: baseline pairs no longer in DATA (listed, but not failing, by default).")
 @click.option("--max-new", type=click.IntRange(0), default=0, show_default=True,
               help="New pairs in --fail-on categories tolerated before the check fails.")
 @click.option("--format", "output_format", type=click.Choice(["text", "json", "junit"]), default="text",
@@ -620,13 +637,20 @@ def _fail_on(_ctx, _param, value: str) -> tuple[str, ...]:
                    "(give every data file), scoring new ones with the frozen reference.")
 @click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Activation cache. Default: $SAFER_AUDIT_CACHE_DIR or $XDG_CACHE_HOME/safer-audit.")
+@click.option("--decisions", "decisions_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Review decisions (safer-audit review); pairs marked ok never fail. "
+                   "Default: decisions.json next to the baseline, if there is one.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
-def gate_command(data, baseline_path, fail_on, max_new, output_format, update_baseline, cache_dir, quiet):
+def gate_command(data, baseline_path, fail_on, max_new, output_format, update_baseline, cache_dir, decisions_path,
+                 quiet):
     """Check DATA against a baseline: fail only on new pairs that look flipped, noisy or broken.
 
     Only pairs whose id is not in the baseline, or whose content changed, are scored, with
     the baseline's frozen model, SAE, features and heads; the model is loaded only when there
-    are such pairs. Each new suspect is listed with file, line, pair id, category and scores.
+    are such pairs. Each new suspect is listed with file, line, pair id, category and scores; a
+    changed pair (edited under its id, or its responses swapped in place) with its old and new
+    scores; a baseline pair no longer in DATA as removed. A suspect marked ok in review
+    (--decisions, default decisions.json next to the baseline) is listed but never fails.
     Under GitHub Actions (GITHUB_ACTIONS=true) they are also annotations on stderr.
 
     Exit status: 0 when at most --max-new new pairs fall in the --fail-on categories (or
@@ -642,8 +666,10 @@ def gate_command(data, baseline_path, fail_on, max_new, output_format, update_ba
 
     from .gate import accept, github_annotations, render_json_result, render_junit, render_text, run_gate
 
+    decisions, decisions_path = _gate_decisions(decisions_path, baseline_path)
     result = run_gate(list(data), baseline_path, fail_on=fail_on, max_new=max_new, cache_dir=cache_dir,
-                      steps=_steps(quiet).step)
+                      steps=_steps(quiet).step, decisions=decisions,
+                      decisions_path=str(decisions_path) if decisions_path else None)
     if update_baseline:
         accept(result)
     render = {"text": render_text, "json": render_json_result, "junit": render_junit}[output_format]
