@@ -303,18 +303,37 @@ def features(data, top, out, quiet, **kw):
 
 @cli.command()
 @click.argument("data")
-@click.argument("pair_id")
+@click.argument("pair")
+@click.option("--report", "report_path", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="Read the pair's scores and features from this scan report (JSON) instead of rescanning.")
 @model_options
 @data_options
 @sae_options
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
-def explain(data, pair_id, quiet, **kw):
-    """Show one pair in full: both responses, its scores, and the features behind them."""
-    from .explain import explain_pair, print_explanation
-    from .scan import run_scan
+def explain(data, pair, report_path, quiet, **kw):
+    """Show one pair in full: the request, both responses, its scores, and the features behind them.
 
-    result = run_scan(data, _scan_config(kw), steps=_steps(quiet).step)
-    print_explanation(explain_pair(result, pair_id), stdout_console())
+    PAIR is a pair id, a unique prefix of one (like git), FILE:LINE, or a line number of
+    DATA. With --report, the scores and features come from that scan's report.json (the
+    pair's text is read from DATA and must match it); without, DATA is scanned with the
+    model and SAE options, and the tokens each feature fires on are shown too.
+    """
+    from .data import load_pairs
+    from .explain import explain_from_report, explain_pair, find_pair, print_explanation
+
+    config = _scan_config(kw)
+    rows = load_pairs(data, schema=config.schema, split=config.split, preference=config.preference,
+                      skip_invalid=config.skip_invalid).pairs.iter_rows(named=True)
+    row = find_pair(rows, pair, data)  # before any scan: a wrong name fails at once
+    if report_path is not None:
+        from .clean import load_report
+
+        explanation = explain_from_report(load_report(report_path), row, str(report_path))
+    else:
+        from .scan import run_scan
+
+        explanation = explain_pair(run_scan(data, config, steps=_steps(quiet).step), row["pair_id"])
+    print_explanation(explanation, stdout_console())
 
 
 DEFAULT_DECISIONS = Path(".safer-audit/decisions.json")
