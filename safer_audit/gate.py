@@ -839,8 +839,15 @@ def render_junit(result: GateResult) -> str:
             ET.SubElement(suite, "testcase", classname=_xml_safe(source), name=_xml_safe(f"{source}: no new suspects"),
                           file=_xml_safe(source))
             cases += 1
+    removed = result.removed if "removed" in result.fail_on else []
+    for r in removed:  # no file or line: the pair is gone
+        case = ET.SubElement(suite, "testcase", classname="removed", name=_xml_safe(f"removed {r.pair_id}"))
+        ET.SubElement(case, "failure", message=_xml_safe(r.message()), type="removed").text = _xml_safe(r.message())
+        cases += 1
+    n_failed = len(failing) + len(removed)
     suite.set("tests", str(cases))
-    suites = ET.Element("testsuites", name="safer-audit", tests=str(cases), failures=str(len(failing)))
+    suite.set("failures", str(n_failed))
+    suites = ET.Element("testsuites", name="safer-audit", tests=str(cases), failures=str(n_failed))
     suites.append(suite)
     ET.indent(suites)
     return '<?xml version="1.0" encoding="UTF-8"?>\n' + ET.tostring(suites, encoding="unicode") + "\n"

@@ -300,6 +300,8 @@ def test_removed_pairs_are_listed_and_fail_only_when_asked(work):
     assert result.exit_code == 1 and result.stdout.splitlines()[-1].startswith("FAILED:")
     report = json.loads(gate(work, data, extra=["--format", "json"]).stdout)
     assert [r["pair_id"] for r in report["removed"]] == ["r4", "r5"] and not report["failed"]
+    junit = ET.fromstring(gate(work, data, extra=["--format", "junit", "--fail-on", "removed"]).stdout)
+    assert junit.get("failures") == "2" and len(junit.findall(".//failure[@type='removed']")) == 2
 
 
 def test_a_pair_swapped_in_place_is_changed_with_old_and_new_scores(work):
