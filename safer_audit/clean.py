@@ -6,7 +6,10 @@ Selection (``select_pairs``), from a scan report:
 - the report's categories: every pair that is not ``clean`` when dropping; only the
   ``flipped`` ones when flipping, since only they are claimed to have swapped labels;
 - ``drop_fraction`` F: the pairs of rank <= F x n (the rule scan's categories use);
-- ``threshold`` T: the pairs with ``suspicion`` >= T.
+- ``threshold`` T: the pairs with ``suspicion`` >= T;
+- review decisions (decisions.py): the pairs marked ``flipped`` are flipped back, those marked
+  ``noisy`` dropped, those marked ``ok`` kept, matched by content digest (so they hold after
+  the data is reordered); ``only`` limits this to some verdicts. No report is needed.
 
 Both rank by the report's combined suspicion, not by score_safe alone as the paper's
 denoising does: it is the ranking the scan reports and explains, and it also catches
@@ -42,7 +45,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, Mapping
 
 from . import __version__
 from .data import PairReader, pair_digest
@@ -71,11 +74,11 @@ class Change:
 
     pair_id: str
     line: int
-    rank: int
+    rank: int | None  # None: selected by a decision, without a report
     action: str  # "drop" or "flip"
-    suspicion: float
-    score_safe: float
-    category: str
+    suspicion: float | None
+    score_safe: float | None
+    category: str  # the report's category, or the decision's verdict
     reason: str
 
 
@@ -86,7 +89,7 @@ class CleanResult:
     source: str
     out: Path
     manifest_path: Path
-    mode: str
+    mode: str  # "drop", "flip", or "decisions" (each pair's own action)
     selection: Selection
     changes: list[Change]
     pairs: int  # pairs read from the source
@@ -118,6 +121,32 @@ def select_pairs(report: Report, *, drop_fraction: float | None = None, threshol
     return Selection("report categories", {"categories": categories}, picked)
 
 
+DECISION_ACTIONS = {"flipped": "flip", "noisy": "drop"}  # "ok": keep
+
+
+def decision_changes(pairs: dict[str, int], digests: dict[str, str], decisions: Mapping[str, Any],
+                     only: Iterable[str] = tuple(DECISION_ACTIONS), report: Report | None = None) -> list[Change]:
+    """The pairs the decisions flip back (``flipped``) or drop (``noisy``), in file order;
+    ``only`` limits the verdicts acted on. Pairs are matched by content digest."""
+    only = tuple(only)
+    unknown = [v for v in only if v not in DECISION_ACTIONS]
+    if unknown:
+        raise CleanError(f"cannot act on verdict {unknown[0]!r}; choose from {', '.join(DECISION_ACTIONS)}")
+    findings = {f.digest: f for f in report.findings} if report is not None else {}
+    changes = []
+    for pair_id, line in pairs.items():
+        decision = decisions.get(digests[pair_id])
+        if decision is None or decision.verdict not in only:
+            continue
+        finding = findings.get(digests[pair_id])
+        reason = f"marked {decision.verdict} by {decision.reviewer} at {decision.at}" + (
+            f": {decision.note}" if decision.note else "")
+        changes.append(Change(pair_id, line, finding.rank if finding else None, DECISION_ACTIONS[decision.verdict],
+                              finding.suspicion if finding else None, finding.score_safe if finding else None,
+                              decision.verdict, reason))
+    return changes
+
+
 def load_report(path: str | Path) -> Report:
     """A scan report from its JSON file; an unreadable one is a CleanError naming the file."""
     try:
@@ -132,11 +161,13 @@ def load_report(path: str | Path) -> Report:
         raise CleanError(f"{path}: not a scan report: {exc}") from None
 
 
-def clean_dataset(source: str | Path, out: str | Path, report: Report, *, mode: str = "drop",
+def clean_dataset(source: str | Path, out: str | Path, report: Report | None, *, mode: str = "drop",
                   drop_fraction: float | None = None, threshold: float | None = None,
                   manifest: str | Path | None = None, report_path: str | Path | None = None,
                   force: bool = False, dry_run: bool = False, schema: str | None = None,
-                  split: str | None = None, preference: str = "better", skip_invalid: bool = False) -> CleanResult:
+                  split: str | None = None, preference: str = "better", skip_invalid: bool = False,
+                  decisions: Mapping[str, Any] | None = None, decisions_path: str | Path | None = None,
+                  only: Iterable[str] = tuple(DECISION_ACTIONS)) -> CleanResult:
     """Write ``source`` to ``out`` with the pairs ``select_pairs`` picks dropped or flipped,
     and a manifest to ``manifest`` (default: ``out`` + ``.manifest.json``).
 
@@ -144,13 +175,23 @@ def clean_dataset(source: str | Path, out: str | Path, report: Report, *, mode: 
     is the file it came from (None: a scan run just now). Refuses to write over the input
     or the report, or over an existing output or manifest unless ``force``. ``dry_run``
     checks everything and returns the changes without writing.
+
+    With ``decisions`` (digest -> decisions.Decision, from ``decisions_path``) each decided pair
+    gets its verdict's action and ``report`` may be None; ``mode`` and the rules are not used.
     """
-    if mode not in MODES:
+    if decisions is not None:
+        mode = "decisions"
+    elif report is None:
+        raise CleanError("clean needs a scan report or review decisions to select pairs")
+    elif mode not in MODES:
         raise CleanError(f"mode must be one of {', '.join(MODES)}, not {mode!r}")
     source, out = str(source), Path(out)
     manifest_path = Path(manifest) if manifest is not None else out.with_name(out.name + ".manifest.json")
     kind = _source_kind(source)
     _check_outputs(source, kind, out, manifest_path, report_path, force)
+    if decisions_path is not None:
+        for path in (out, manifest_path):
+            refuse_inputs(path, [decisions_path])
     reader = PairReader(source, schema=schema, split=split, skip_invalid=skip_invalid, preference=preference)
     digests = {}
     pairs = {}
@@ -159,18 +200,26 @@ def clean_dataset(source: str | Path, out: str | Path, report: Report, *, mode: 
         digests[pair["pair_id"]] = pair_digest(pair["context"], pair["chosen"], pair["rejected"])
     keys = _pair_keys(source, pairs, reader.skipped)
     origin = str(report_path) if report_path is not None else "the scan"
-    _check_report(report, origin, source, pairs, digests)
-    selection = select_pairs(report, drop_fraction=drop_fraction, threshold=threshold, mode=mode)
-    changes = [Change(f.pair_id, f.line, f.rank, mode, f.suspicion, f.score_safe, f.category, reason)
-               for f, reason in selection.picked]
-    if mode == "drop" and changes and len(changes) == len(pairs):
+    if report is not None:
+        _check_report(report, origin, source, pairs, digests)
+    if decisions is not None:
+        changes = decision_changes(pairs, digests, decisions, only, report)
+        in_data = set(digests.values())
+        selection = Selection("review decisions", {
+            "decisions": str(decisions_path) if decisions_path is not None else None, "only": list(only),
+            "decided": len(decisions), "not_in_data": sum(1 for d in decisions if d not in in_data)}, [])
+    else:
+        selection = select_pairs(report, drop_fraction=drop_fraction, threshold=threshold, mode=mode)
+        changes = [Change(f.pair_id, f.line, f.rank, mode, f.suspicion, f.score_safe, f.category, reason)
+                   for f, reason in selection.picked]
+    if changes and sum(c.action == "drop" for c in changes) == len(pairs):
         raise CleanError(f"{source}: the selection holds every pair, so nothing would be left")
     result = CleanResult(source, out, manifest_path, mode, selection, changes, len(pairs), dry_run, None)
     if dry_run:
         return result
-    actions = {keys[change.pair_id]: mode for change in changes}
+    actions = {keys[change.pair_id]: change.action for change in changes}
     fields = _flip_fields(reader.schema, preference)
-    protect = [source] + ([report_path] if report_path is not None else [])
+    protect = [source] + [p for p in (report_path, decisions_path) if p is not None]
     for path in (out, manifest_path):  # a killed earlier clean's temporaries would otherwise stay forever
         remove_stale_temporaries(path.parent, path.name)
     write_atomic(out, lambda tmp: _WRITERS[kind](Path(source), tmp, actions, fields), protect=protect)
@@ -181,8 +230,9 @@ def clean_dataset(source: str | Path, out: str | Path, report: Report, *, mode: 
         "input": {"path": source, "sha256": _sha256(source), "pairs": len(pairs), "schema": reader.schema},
         "output": {"path": str(out), "sha256": _sha256(out)},
         "mode": mode,
-        "selection": {"rule": selection.rule, **selection.parameters, "report": origin,
-                      "ranking": report.run.ranking, "scanned": report.run.created},
+        "selection": {"rule": selection.rule, **selection.parameters,
+                      **({"report": origin, "ranking": report.run.ranking, "scanned": report.run.created}
+                         if report is not None else {})},
         "changes": [asdict(change) for change in changes],
     }
     write_atomic(manifest_path, json.dumps(result.manifest, indent=2, ensure_ascii=False) + "\n", protect=protect)

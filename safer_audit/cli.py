@@ -309,18 +309,108 @@ def features(data, top, out, quiet, **kw):
 
 @cli.command()
 @click.argument("data")
-@click.argument("pair_id")
+@click.argument("pair")
+@click.option("--report", "report_path", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="Read the pair's scores and features from this scan report (JSON) instead of rescanning.")
 @model_options
 @data_options
 @sae_options
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
-def explain(data, pair_id, quiet, **kw):
-    """Show one pair in full: both responses, its scores, and the features behind them."""
-    from .explain import explain_pair, print_explanation
-    from .scan import run_scan
+def explain(data, pair, report_path, quiet, **kw):
+    """Show one pair in full: the request, both responses, its scores, and the features behind them.
 
-    result = run_scan(data, _scan_config(kw), steps=_steps(quiet).step)
-    print_explanation(explain_pair(result, pair_id), stdout_console())
+    PAIR is a pair id, a unique prefix of one (like git), FILE:LINE, or a line number of
+    DATA. With --report, the scores and features come from that scan's report.json (the
+    pair's text is read from DATA and must match it); without, DATA is scanned with the
+    model and SAE options, and the tokens each feature fires on are shown too.
+    """
+    from .data import load_pairs
+    from .explain import explain_from_report, explain_pair, find_pair, print_explanation
+
+    config = _scan_config(kw)
+    rows = load_pairs(data, schema=config.schema, split=config.split, preference=config.preference,
+                      skip_invalid=config.skip_invalid).pairs.iter_rows(named=True)
+    row = find_pair(rows, pair, data)  # before any scan: a wrong name fails at once
+    if report_path is not None:
+        from .clean import load_report
+
+        explanation = explain_from_report(load_report(report_path), row, str(report_path))
+    else:
+        from .scan import run_scan
+
+        explanation = explain_pair(run_scan(data, config, steps=_steps(quiet).step), row["pair_id"])
+    print_explanation(explanation, stdout_console())
+
+
+DEFAULT_DECISIONS = Path(".safer-audit/decisions.json")
+
+
+def _read_key(prompt: str) -> str:
+    """One key from the terminal, echoed (no Enter needed)."""
+    click.echo(prompt, nl=False)
+    key = click.getchar()
+    click.echo(inert(key))
+    if key in ("\x03", "\x04"):  # Ctrl-C, Ctrl-D: stop, the decisions so far are saved
+        raise EOFError
+    return key
+
+
+def _read_line(prompt: str) -> str:
+    """One line from a pipe or script: a key, then an optional note."""
+    click.echo(prompt, nl=False)
+    line = sys.stdin.readline()
+    if not line:
+        raise EOFError
+    click.echo()
+    return line
+
+
+@cli.command()
+@click.argument("data")
+@click.option("--report", "report_path", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="Review the suspects of this scan report (JSON) instead of scanning DATA now.")
+@click.option("--decisions", "decisions_path", type=click.Path(dir_okay=False, path_type=Path),
+              default=DEFAULT_DECISIONS, show_default=True,
+              help="The decisions file to add to (made if missing; its directory too).")
+@click.option("--reviewer", default=None, help="Who decides. Default: git config user.name and user.email.")
+@click.option("--all", "review_all", is_flag=True, help="Show pairs decided before too (to change a decision).")
+@model_options
+@data_options
+@sae_options
+@click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
+def review(data, report_path, decisions_path, reviewer, review_all, quiet, **kw):
+    """Walk the suspects of DATA one by one and record a decision for each.
+
+    \b
+    Keys: f flipped (clean flips it back), n noisy (clean drops it), o ok (clean keeps it,
+    the gate never fails on it), s skip, q quit. From a pipe, one key a line; the rest of
+    the line is a note. Each decision is saved at once, and pairs decided before are not
+    shown again (unless --all), so a review resumes where it stopped. Then:
+    safer-audit clean DATA --decisions FILE --out CLEANED.
+    """
+    from .data import PairReader
+    from .decisions import default_reviewer
+    from .review import locate, review_findings
+
+    config = _scan_config(kw)
+    if report_path is not None:
+        from .clean import load_report
+
+        report = load_report(report_path)
+    else:
+        from .scan import run_scan
+
+        report = run_scan(data, config, steps=_steps(quiet).step).report
+    reader = PairReader(data, schema=config.schema, split=config.split, preference=config.preference,
+                        skip_invalid=config.skip_invalid)
+    where = locate(report.suspects(), reader, str(report_path or "the scan"), data)
+    decisions_path.parent.mkdir(parents=True, exist_ok=True)
+    ask = _read_key if sys.stdin.isatty() else _read_line
+    outcome = review_findings(report.findings, decisions_path, ask=ask, console=stdout_console(),
+                              reviewer=reviewer or default_reviewer(), where=where, review_all=review_all,
+                              protect=[data] + ([report_path] if report_path else []))
+    click.echo(inert(f"{outcome.decided} decided, {outcome.skipped} skipped, {outcome.remaining} of "
+                     f"{outcome.suspects} suspects undecided; decisions in {decisions_path}"), err=True)
 
 
 @cli.command()
@@ -408,8 +498,13 @@ def train_sae_command(data, out, latents, k, epochs, seed, quiet, **kw):
 @click.option("--drop-fraction", type=click.FloatRange(0, 1, min_open=True), default=None,
               help="Select this fraction of the pairs, most suspicious first.")
 @click.option("--threshold", type=float, default=None, help="Select the pairs with suspicion >= this.")
-@click.option("--mode", type=click.Choice(["drop", "flip"]), default="drop", show_default=True,
-              help="Drop the selected pairs, or flip them back (swap chosen and rejected).")
+@click.option("--decisions", "decisions_path", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              default=None, help="Act on review decisions (safer-audit review): flip back the pairs marked "
+                                 "flipped, drop those marked noisy, keep those marked ok. No scan needed.")
+@click.option("--only", type=click.Choice(["flipped", "noisy"]), multiple=True,
+              help="With --decisions: act only on these verdicts (repeatable). Default: both.")
+@click.option("--mode", type=click.Choice(["drop", "flip"]), default=None,
+              help="Drop the selected pairs, or flip them back (swap chosen and rejected). Default: drop.")
 @click.option("--manifest", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Where to write the manifest. Default: OUT.manifest.json.")
 @click.option("--force", is_flag=True, help="Replace an existing output and manifest.")
@@ -418,7 +513,8 @@ def train_sae_command(data, out, latents, k, epochs, seed, quiet, **kw):
 @data_options
 @sae_options
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
-def clean(data, out, report_path, drop_fraction, threshold, mode, manifest, force, dry_run, quiet, **kw):
+def clean(data, out, report_path, decisions_path, only, drop_fraction, threshold, mode, manifest, force, dry_run,
+          quiet, **kw):
     """Write a copy of DATA with suspicious pairs dropped or flipped back, and a manifest.
 
     \b
@@ -427,7 +523,9 @@ def clean(data, out, report_path, drop_fraction, threshold, mode, manifest, forc
       --from-report R              R's non-clean pairs (with --mode flip: its flipped ones)
       --drop-fraction F            the pairs of rank <= F x pairs
       --threshold T                the pairs with suspicion >= T
-    Without --from-report, DATA is scanned first with the model and SAE options.
+      --decisions D                D's decided pairs: flipped ones flipped back, noisy
+                                   ones dropped, ok ones kept (--only flipped: just those)
+    Without --from-report or --decisions, DATA is scanned first with the model and SAE options.
 
     Records not selected are copied byte-for-byte (.jsonl, .jsonl.gz content, .json,
     .csv) or as equal rows (.parquet); a flipped JSON record is rewritten on one line.
@@ -437,28 +535,51 @@ def clean(data, out, report_path, drop_fraction, threshold, mode, manifest, forc
     """
     from .clean import clean_dataset, load_report
 
-    if report_path is None and drop_fraction is None and threshold is None:
-        raise click.UsageError("select pairs with --from-report, --drop-fraction or --threshold")
+    if decisions_path is not None:
+        if mode is not None or drop_fraction is not None or threshold is not None:
+            raise click.UsageError("--decisions sets each pair's action: give it without --mode, --drop-fraction "
+                                   "or --threshold")
+    elif only:
+        raise click.UsageError("--only selects verdicts of --decisions; give --decisions too")
+    elif report_path is None and drop_fraction is None and threshold is None:
+        raise click.UsageError("select pairs with --from-report, --drop-fraction or --threshold, or act on --decisions")
     if drop_fraction is not None and threshold is not None:
         raise click.UsageError("give --drop-fraction or --threshold, not both")
+    mode = mode or "drop"
     config = _scan_config(kw)
+    decisions = None
+    if decisions_path is not None:
+        from .decisions import read_decisions
+
+        decisions = read_decisions(decisions_path)
     if report_path is not None:
         report = load_report(report_path)
+    elif decisions is not None:
+        report = None
     else:
         from .scan import run_scan
 
         report = run_scan(data, config, steps=_steps(quiet).step).report
     result = clean_dataset(data, out, report, mode=mode, drop_fraction=drop_fraction, threshold=threshold,
+                           decisions=decisions, decisions_path=decisions_path, only=only or ("flipped", "noisy"),
                            manifest=manifest, report_path=report_path, force=force, dry_run=dry_run,
                            schema=config.schema, split=config.split, preference=config.preference,
                            skip_invalid=config.skip_invalid)
-    done = {"drop": "dropped", "flip": "flipped"}[mode]
+    if result.mode == "decisions":
+        flips = sum(c.action == "flip" for c in result.changes)
+        done = f"flipped back {flips} and dropped {len(result.changes) - flips}"
+        missing = result.selection.parameters["not_in_data"]
+        if missing:
+            click.echo(inert(f"note: {missing} of {len(decisions)} decisions name pairs not in {data} "
+                             "(edited or removed since the review)"), err=True)
+    else:
+        done = f"{ {'drop': 'dropped', 'flip': 'flipped'}[mode]} {len(result.changes)}"
     if dry_run:
         _print_changes(result)
-        click.echo(inert(f"dry run: would have {done} {len(result.changes)} of {result.pairs} pairs "
+        click.echo(inert(f"dry run: would have {done} of {result.pairs} pairs "
                          f"({result.selection.rule}); nothing written"), err=True)
     else:
-        click.echo(inert(f"{done} {len(result.changes)} of {result.pairs} pairs ({result.selection.rule}): "
+        click.echo(inert(f"{done} of {result.pairs} pairs ({result.selection.rule}): "
                          f"wrote {result.out} and {result.manifest_path}"), err=True)
 
 
@@ -481,8 +602,11 @@ def _print_changes(result) -> None:
 @data_options
 @sae_options
 @category_options
+@click.option("--decisions", "decisions_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Review decisions (safer-audit review); pairs marked ok never fail. "
+                   "Default: decisions.json next to the baseline, if there is one.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
-def baseline_command(data, out, quiet, **kw):
+def baseline_command(data, out, decisions_path, quiet, **kw):
     """Scan DATA once and record what `safer-audit gate` compares against.
 
     The baseline is a small deterministic JSON file to commit and review: each pair's id,
@@ -494,19 +618,32 @@ def baseline_command(data, out, quiet, **kw):
     from .gate import build_baseline
 
     config = _scan_config(kw)
-    made = build_baseline(list(data), out, config, steps=_steps(quiet).step)
-    counts = {c: sum(1 for e in made.pairs.values() if e["category"] == c) for c in ("flipped", "noisy", "quality")}
-    click.echo(inert(f"wrote {out}: {len(made.pairs)} pairs ({', '.join(f'{n} {c}' for c, n in counts.items())}); "
-                     f"SAE {made.header['sae']['path']}, heads {made.header['heads']['path']}"))
+    decisions, decisions_path = _gate_decisions(decisions_path, out)
+    made = build_baseline(list(data), out, config, steps=_steps(quiet).step, decisions=decisions)
+    counts = {c: sum(1 for pid, e in made.pairs.items() if e["category"] == c and pid not in made.cleared)
+              for c in ("flipped", "noisy", "quality")}
+    cleared = sum(1 for pid in made.cleared if made.pairs[pid]["category"] != "clean")
+    click.echo(inert(f"wrote {out}: {len(made.pairs)} pairs ({', '.join(f'{n} {c}' for c, n in counts.items())}"
+                     + (f"; {cleared} more marked ok in {decisions_path}" if cleared else "")
+                     + f"); SAE {made.header['sae']['path']}, heads {made.header['heads']['path']}"))
+
+
+def _gate_decisions(path: Path | None, baseline_path: Path):
+    """The decisions the gate and baseline read: the file given, else decisions.json beside the baseline."""
+    from .decisions import read_decisions
+    from .gate import default_decisions_path
+
+    path = path or default_decisions_path(baseline_path)
+    return (read_decisions(path), path) if path is not None else (None, None)
 
 
 def _fail_on(_ctx, _param, value: str) -> tuple[str, ...]:
-    from .gate import GATE_CATEGORIES
+    from .gate import FAIL_ON_CHOICES
 
     names = tuple(name.strip() for name in value.split(",") if name.strip())
     for name in names:
-        if name not in GATE_CATEGORIES:
-            raise click.BadParameter(f"{name!r} is not one of {', '.join(GATE_CATEGORIES)}")
+        if name not in FAIL_ON_CHOICES:
+            raise click.BadParameter(f"{name!r} is not one of {', '.join(FAIL_ON_CHOICES)}")
     return names
 
 
@@ -515,7 +652,8 @@ def _fail_on(_ctx, _param, value: str) -> tuple[str, ...]:
 @click.option("--baseline", "baseline_path", required=True, type=click.Path(dir_okay=False, path_type=Path),
               help="The baseline made by `safer-audit baseline`.")
 @click.option("--fail-on", default="flipped,quality", show_default=True, callback=_fail_on,
-              help="Comma-separated categories of new pairs that fail the check: flipped, noisy, quality.")
+              help="Comma-separated categories of new pairs that fail the check: flipped, noisy, quality; "
+                   "and removed: baseline pairs no longer in DATA (listed, but not failing, by default).")
 @click.option("--max-new", type=click.IntRange(0), default=0, show_default=True,
               help="New pairs in --fail-on categories tolerated before the check fails.")
 @click.option("--format", "output_format", type=click.Choice(["text", "json", "junit"]), default="text",
@@ -525,13 +663,20 @@ def _fail_on(_ctx, _param, value: str) -> tuple[str, ...]:
                    "(give every data file), scoring new ones with the frozen reference.")
 @click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Activation cache. Default: $SAFER_AUDIT_CACHE_DIR or $XDG_CACHE_HOME/safer-audit.")
+@click.option("--decisions", "decisions_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Review decisions (safer-audit review); pairs marked ok never fail. "
+                   "Default: decisions.json next to the baseline, if there is one.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
-def gate_command(data, baseline_path, fail_on, max_new, output_format, update_baseline, cache_dir, quiet):
+def gate_command(data, baseline_path, fail_on, max_new, output_format, update_baseline, cache_dir, decisions_path,
+                 quiet):
     """Check DATA against a baseline: fail only on new pairs that look flipped, noisy or broken.
 
     Only pairs whose id is not in the baseline, or whose content changed, are scored, with
     the baseline's frozen model, SAE, features and heads; the model is loaded only when there
-    are such pairs. Each new suspect is listed with file, line, pair id, category and scores.
+    are such pairs. Each new suspect is listed with file, line, pair id, category and scores; a
+    changed pair (edited under its id, or its responses swapped in place) with its old and new
+    scores; a baseline pair no longer in DATA as removed. A suspect marked ok in review
+    (--decisions, default decisions.json next to the baseline) is listed but never fails.
     Under GitHub Actions (GITHUB_ACTIONS=true) they are also annotations on stderr.
 
     Exit status: 0 when at most --max-new new pairs fall in the --fail-on categories (or
@@ -547,8 +692,10 @@ def gate_command(data, baseline_path, fail_on, max_new, output_format, update_ba
 
     from .gate import accept, github_annotations, render_json_result, render_junit, render_text, run_gate
 
+    decisions, decisions_path = _gate_decisions(decisions_path, baseline_path)
     result = run_gate(list(data), baseline_path, fail_on=fail_on, max_new=max_new, cache_dir=cache_dir,
-                      steps=_steps(quiet).step)
+                      steps=_steps(quiet).step, decisions=decisions,
+                      decisions_path=str(decisions_path) if decisions_path else None)
     if update_baseline:
         accept(result)
     render = {"text": render_text, "json": render_json_result, "junit": render_junit}[output_format]

@@ -85,6 +85,10 @@ class CleanError(SaferAuditError, ValueError):
     """A clean that cannot be done as asked; the message says why."""
 
 
+class DecisionsError(SaferAuditError, ValueError):
+    """A decisions file that cannot be used; the message is one line naming file and field."""
+
+
 class UnknownPairError(SaferAuditError, KeyError):
     """A pair the user named that the data does not hold."""
 

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import os
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Iterable
 
 import torch
 from rich.console import Console, Group
@@ -11,7 +14,7 @@ from rich.table import Table
 from rich.text import Text
 
 from .errors import UnknownPairError
-from .report import Finding, format_number
+from .report import Finding, Report, format_number
 from .scan import ScanResult
 from .scoring import feature_contributions
 from .terminal import inert, plain
@@ -32,6 +35,83 @@ class FeatureFiring:
 class Explanation:
     finding: Finding
     features: list[FeatureFiring]
+    note: str | None = None  # shown under the feature table
+
+
+# -- naming a pair the way a person does ---------------------------------------------------
+
+_SHOWN_CANDIDATES = 10
+
+
+def find_pair(rows: Iterable[dict], key: str, data: str) -> dict:
+    """The row (pair_id, source, line, ...) that ``key`` names, as a person names a pair:
+    its id, a unique prefix of it (like git), ``FILE:LINE``, or a bare line number.
+
+    An exact id wins over everything (ids may be numbers); an ambiguous prefix is an error
+    listing the candidates.
+    """
+    rows = list(rows)
+    exact = [row for row in rows if row["pair_id"] == key]
+    if exact:
+        return exact[0]
+    file_part, _, line_part = key.rpartition(":")
+    if line_part.isdigit():  # a bare number is a line number when a pair starts on that line
+        line = int(line_part)
+        at = [row for row in rows if row["line"] == line and (not file_part or _same_source(file_part, row["source"]))]
+        if len(at) == 1:
+            return at[0]
+        if len(at) > 1:  # several files given, or a JSON array with several records on a line
+            raise UnknownPairError(f'"{key}" names {len(at)} pairs: ' + _candidates(at))
+        if file_part:
+            raise UnknownPairError(f"{key}: no pair starts on line {line} of {file_part} "
+                                   f"({len(rows)} pairs in {data})")
+    matches = [row for row in rows if row["pair_id"].startswith(key)] if key else []
+    if len(matches) == 1:
+        return matches[0]
+    if matches:
+        raise UnknownPairError(f'pair id prefix "{key}" is ambiguous: {len(matches)} pairs start with it: '
+                               + _candidates(matches))
+    what = "line" if key.isdigit() else "pair id"
+    raise UnknownPairError(f'{what} "{key}" is not in {data} ({len(rows)} pairs; ids are listed in scan reports; '
+                           "give an id, a unique prefix of one, FILE:LINE or a line number)")
+
+
+def _same_source(named: str, source: str) -> bool:
+    if named == source:
+        return True
+    try:
+        return os.path.samefile(named, source)
+    except OSError:
+        return Path(named).name == Path(source).name and Path(named).resolve() == Path(source).resolve()
+
+
+def _candidates(rows: list[dict]) -> str:
+    shown = ", ".join(f"{row['pair_id']} ({row['source']}:{row['line']})" for row in rows[:_SHOWN_CANDIDATES])
+    return shown + (f" and {len(rows) - _SHOWN_CANDIDATES} more" if len(rows) > _SHOWN_CANDIDATES else "")
+
+
+def explain_from_report(report: Report, row: dict, origin: str) -> Explanation:
+    """The explanation a report holds for the pair in ``row`` (a data row), without rescanning.
+
+    The pair is matched by content digest, so a report of the same data reordered still
+    serves; a report without the pair's text is an error. Where the features fire is not in
+    a report: only their shares of score_safe are shown.
+    """
+    from .data import pair_digest
+
+    digest = pair_digest(row["context"], row["chosen"], row["rejected"])
+    found = [f for f in report.findings if f.digest == digest]
+    if not found:
+        raise UnknownPairError(f"{origin}: holds no pair with the text of {row['source']}:{row['line']} "
+                               f"(pair {row['pair_id']}); the data changed since the scan, or it is a report of "
+                               "other data")
+    finding = next((f for f in found if f.pair_id == row["pair_id"]), found[0])
+    finding = replace(finding, pair_id=row["pair_id"], source=row["source"], line=row["line"])  # where it is now
+    signs = {card.latent: 1 if card.sign == "+" else -1 for card in report.features}
+    firings = [FeatureFiring(c.latent, c.label, signs.get(c.latent, 1 if c.net >= 0 else -1), c.chosen, c.rejected)
+               for c in finding.top_features]
+    return Explanation(finding, firings, note=f"from {origin}: the features' shares of score_safe; run explain "
+                                              "without --report to see the tokens each fires on")
 
 
 @torch.inference_mode()
@@ -80,6 +160,9 @@ def print_explanation(explanation: Explanation, console: Console) -> None:
                         ("quality", ", ".join(f.quality) or "none")]:
         head.add_row(name, plain(value))
     console.print(Panel(head, title="safer-audit explain", expand=False))
+    # the human's request: what both responses answer
+    console.print(Panel(plain(f.context.strip() or "(none: the responses have no context)", multiline=True),
+                        title="conversation before the final turn", title_align="left"))
     for side, text in (("chosen", f.chosen), ("rejected", f.rejected)):
         # In full, newlines kept; every other control character shown as an escape
         console.print(Panel(plain(text, multiline=True), title=f"final {side} response", title_align="left"))
@@ -92,6 +175,8 @@ def print_explanation(explanation: Explanation, console: Console) -> None:
                       format_number(item.chosen), format_number(item.rejected),
                       format_number(item.chosen - item.rejected), where)
     console.print(table)
+    if explanation.note:
+        console.print(plain(explanation.note), style="dim")
 
 
 def _tokens(tokens: list[tuple[str, float]]) -> str:

@@ -41,6 +41,12 @@ Design, and why:
   give the same bytes, and a change to the data shows as the lines of the pairs it touched.
 - The model is loaded (and its fingerprint checked) only when there are new pairs to
   score, so an unchanged dataset is gated without running it.
+- Removed and swapped pairs: a baseline pair whose id is not in the data is listed as
+  removed (a failure only with ``--fail-on removed``). A new id whose chosen and rejected,
+  swapped back, give a removed pair's digest is that pair swapped in place: it is reported
+  as changed, with its old and new category and scores, and not as removed.
+- Review decisions (decisions.py): a pair marked ``ok`` (by its content digest) is still
+  listed but never fails the gate: a person looked at it and cleared it.
 """
 
 from __future__ import annotations
@@ -64,6 +70,7 @@ from . import __version__
 from .activations import extract_activations, load_backend, pair_texts
 from .config import POSITIONS, ActivationConfig, ScanConfig
 from .data import PREFERENCES, find_quality_issues, load_pairs
+from .data import pair_digest as content_digest
 from .errors import BaselineError, ConfigError, inert
 from .files import refuse_inputs, write_atomic
 from .progress import no_progress
@@ -77,6 +84,7 @@ BASELINE_FORMAT = 1
 SIGNALS = ("score_safe", "reward_margin", "sae_margin")
 GATE_CATEGORIES = ("flipped", "noisy", "quality")
 DEFAULT_FAIL_ON = ("flipped", "quality")  # noisy holds 10% of any data by construction
+FAIL_ON_CHOICES = (*GATE_CATEGORIES, "removed")  # removed: baseline pairs no longer in the data
 _HEADER_FIELDS = ("format", "tool_version", "model", "activations", "data", "sae", "heads", "features", "ranking",
                   "thresholds")
 _PAIR_FIELDS = ("category", "digest", *SIGNALS)
@@ -91,6 +99,7 @@ class Baseline:
     path: Path
     header: dict
     pairs: dict[str, dict]
+    cleared: set[str] = field(default_factory=set, repr=False)  # ids marked ok in review; not written
 
     def resolve(self, location: str) -> Path:
         """A path recorded relative to the baseline's directory (absolute ones stay)."""
@@ -381,8 +390,11 @@ def _cutoff(suspicion: torch.Tensor, fraction: float) -> float | None:
 
 
 def build_baseline(sources: list[str], out: str | os.PathLike, config: ScanConfig, *,
-                   steps=no_progress) -> Baseline:
-    """Scan ``sources`` and write the baseline to ``out`` (and its SAE and heads beside it)."""
+                   steps=no_progress, decisions: dict | None = None) -> Baseline:
+    """Scan ``sources`` and write the baseline to ``out`` (and its SAE and heads beside it).
+
+    ``decisions``: the returned baseline's ``cleared`` holds the ids of pairs marked ok (not written).
+    """
     from .scan import scan_pairs
 
     out = Path(out)
@@ -402,6 +414,7 @@ def build_baseline(sources: list[str], out: str | os.PathLike, config: ScanConfi
 
     entries: dict[str, dict] = {}
     where: dict[str, str] = {}
+    cleared: set[str] = set()
     categories = {f.pair_id: f.category for f in result.report.findings}
     for i, row in enumerate(pairs.iter_rows(named=True)):
         entry = {"category": categories[row["pair_id"]], "digest": pair_digest(row),
@@ -412,6 +425,9 @@ def build_baseline(sources: list[str], out: str | os.PathLike, config: ScanConfi
                                 f"{where[row['pair_id']]} and {row['source']}:{row['line']}")
         entries[row["pair_id"]] = entry
         where[row["pair_id"]] = f"{row['source']}:{row['line']}"
+        decision = (decisions or {}).get(content_digest(row["context"], row["chosen"], row["rejected"]))
+        if decision is not None and decision.verdict == "ok":
+            cleared.add(row["pair_id"])
     backend, run = result.backend, result.report.run
     model_location = config.activations.model
     if model_location is not None and Path(model_location).is_dir():
@@ -433,7 +449,7 @@ def build_baseline(sources: list[str], out: str | os.PathLike, config: ScanConfi
                        "flipped_cutoff": _round_or_none(_cutoff(result.suspicion, config.flipped_fraction)),
                        "noisy_cutoff": _round_or_none(_cutoff(result.suspicion, config.noisy_fraction))},
     }
-    baseline = Baseline(out, header, entries)
+    baseline = Baseline(out, header, entries, cleared)
     baseline.write(protect=sources)
     return baseline
 
@@ -458,12 +474,56 @@ class GateFinding:
     reward_margin: float | None
     sae_margin: float | None
     quality: list[str]  # data-quality findings, "kind: detail"
+    verdict: str | None = None  # a review decision on this pair's content, if any
+    previous: dict | None = None  # a changed pair's baseline entry (category, scores)
+    previous_id: str | None = None  # the baseline id of a pair swapped in place (another id now)
 
     def message(self) -> str:
         scores = ", ".join(f"{name} {_fmt(getattr(self, name))}" for name in SIGNALS)
         text = (f"{'changed' if self.changed else 'new'} pair {self.pair_id} is {self.category} "
                 f"(suspicion {self.suspicion:.3f}; {scores})")
+        if self.previous is not None:
+            text += "; " + _was(self.previous, self.previous_id)
+        if self.verdict is not None:
+            text += f"; marked {self.verdict} in review"
         return text + "".join(f"; {q}" for q in self.quality)
+
+
+def _was(entry: dict, previous_id: str | None) -> str:
+    swapped = f"swapped in place from pair {previous_id}, " if previous_id else ""
+    return swapped + f"was {entry['category']} (" + ", ".join(
+        f"{name} {_fmt(entry[name])}" for name in SIGNALS) + ")"
+
+
+@dataclass
+class ChangedPair:
+    """A pair the baseline holds whose content changed (an edit under a kept id, or its
+    responses swapped in place): old and new category and scores."""
+
+    source: str
+    line: int
+    pair_id: str
+    previous_id: str | None  # the baseline id, when the swap gave the pair another id
+    old: dict
+    new: dict
+
+    def message(self) -> str:
+        old = ", ".join(f"{name} {_fmt(self.old[name])} -> {_fmt(self.new[name])}" for name in SIGNALS)
+        how = f"swapped in place (was pair {self.previous_id})" if self.previous_id else "changed in place"
+        return f"pair {self.pair_id} {how}: {self.old['category']} -> {self.new['category']} ({old})"
+
+
+@dataclass
+class RemovedPair:
+    """A pair the baseline holds that the data no longer does."""
+
+    pair_id: str
+    category: str
+    score_safe: float | None
+
+    def message(self) -> str:
+        return (f"removed pair {self.pair_id} ({self.category} in the baseline, score_safe "
+                f"{_fmt(self.score_safe)}) is no longer in the data")
 
 
 def _fmt(value: float | None) -> str:
@@ -485,20 +545,25 @@ class GateResult:
     new_entries: dict[str, dict] = field(default_factory=dict, repr=False)  # baseline entries of the new pairs
     current_ids: list[str] = field(default_factory=list, repr=False)
     timings: dict[str, float] = field(default_factory=dict)
+    removed: list[RemovedPair] = field(default_factory=list)  # in the baseline, not in the data
+    changed_pairs: list[ChangedPair] = field(default_factory=list)  # old and new scores of each changed pair
+    decisions: str | None = None  # the decisions file read, if any
 
     @property
     def failures(self) -> list[GateFinding]:
-        return [f for f in self.findings if f.category in self.fail_on]
+        """New suspects in the --fail-on categories, less those a reviewer marked ok."""
+        return [f for f in self.findings if f.category in self.fail_on and f.verdict != "ok"]
 
     @property
     def failed(self) -> bool:
-        return len(self.failures) > self.max_new
+        return len(self.failures) > self.max_new or ("removed" in self.fail_on and bool(self.removed))
 
     def to_dict(self) -> dict:
         return {"baseline": str(self.baseline.path), "sources": self.sources, "pairs": self.pairs,
                 "new": self.new, "changed": self.changed, "fail_on": list(self.fail_on), "max_new": self.max_new,
-                "failed": self.failed, "failures": len(self.failures),
-                "findings": [asdict(f) for f in self.findings], "timings": self.timings}
+                "failed": self.failed, "failures": len(self.failures), "decisions": self.decisions,
+                "findings": [asdict(f) for f in self.findings], "changed_pairs": [asdict(c) for c in self.changed_pairs],
+                "removed": [asdict(r) for r in self.removed], "timings": self.timings}
 
 
 def check_reference(baseline: Baseline) -> None:
@@ -591,13 +656,23 @@ def categorise_new(suspicion: float, signals: dict[str, float | None], quality_k
     return "clean"
 
 
+def default_decisions_path(baseline_path: str | os.PathLike) -> Path | None:
+    """``decisions.json`` next to the baseline, when there is one: what gate and baseline read by default."""
+    path = Path(baseline_path).parent / "decisions.json"
+    return path if path.is_file() else None
+
+
 def run_gate(sources: list[str], baseline_path: str | os.PathLike, *, fail_on: tuple[str, ...] = DEFAULT_FAIL_ON,
              max_new: int = 0, cache_dir: Path | None = None, device: str = "auto",
-             steps=no_progress) -> GateResult:
-    """Score the pairs of ``sources`` that the baseline does not hold, with its frozen reference."""
-    unknown = [c for c in fail_on if c not in GATE_CATEGORIES]
+             steps=no_progress, decisions: dict | None = None, decisions_path: str | None = None) -> GateResult:
+    """Score the pairs of ``sources`` that the baseline does not hold, with its frozen reference.
+
+    ``decisions`` (digest -> decisions.Decision): a new suspect marked ok is listed, not failed.
+    """
+    unknown = [c for c in fail_on if c not in FAIL_ON_CHOICES]
     if unknown:
-        raise ConfigError(f"cannot fail on {unknown[0]!r}; choose from {', '.join(GATE_CATEGORIES)}")
+        raise ConfigError(f"cannot fail on {unknown[0]!r}; choose from {', '.join(FAIL_ON_CHOICES)}")
+    decisions = decisions or {}
     timings: dict[str, float] = {}
     clock = time.perf_counter()
     baseline = read_baseline(baseline_path)
@@ -610,10 +685,25 @@ def run_gate(sources: list[str], baseline_path: str | os.PathLike, *, fail_on: t
     known_entry = [baseline.pairs.get(row["pair_id"]) for row in rows]
     is_new = [e is None or e["digest"] != d for e, d in zip(known_entry, digests, strict=True)]
     new_rows = [i for i, flag in enumerate(is_new) if flag]
+    current = {row["pair_id"] for row in rows}
+    gone = {pid: entry for pid, entry in baseline.pairs.items() if pid not in current}
+    # a new id whose responses, swapped back, are a removed pair: that pair swapped in place
+    gone_by_digest = {entry["digest"]: pid for pid, entry in gone.items()}
+    swapped_from: dict[int, str] = {}
+    for i in new_rows:
+        if known_entry[i] is None:
+            back = pair_digest({"chosen_messages": rows[i]["rejected_messages"],
+                                "rejected_messages": rows[i]["chosen_messages"]})
+            if back in gone_by_digest:
+                swapped_from[i] = gone_by_digest.pop(back)
+                known_entry[i] = gone[swapped_from[i]]
     timings["load"] = round(time.perf_counter() - clock, 3)
     result = GateResult(baseline, list(sources), len(pairs), len(new_rows),
                         sum(1 for i in new_rows if known_entry[i] is not None), [], tuple(fail_on), max_new,
-                        current_ids=[row["pair_id"] for row in rows], timings=timings)
+                        current_ids=[row["pair_id"] for row in rows], timings=timings,
+                        removed=[RemovedPair(pid, gone[pid]["category"], gone[pid]["score_safe"])
+                                 for pid in sorted(gone_by_digest.values())],
+                        decisions=decisions_path)
     if not new_rows:
         return result
 
@@ -650,11 +740,18 @@ def run_gate(sources: list[str], baseline_path: str | os.PathLike, *, fail_on: t
         ranked_values = {name: v for name, v in values.items() if weights.get(name)}
         category = categorise_new(float(suspicion[n]), ranked_values, kinds, baseline.header["thresholds"])
         result.new_entries[row["pair_id"]] = {"category": category, "digest": digests[i], **values}
+        if known_entry[i] is not None:
+            result.changed_pairs.append(ChangedPair(row["source"], row["line"], row["pair_id"], swapped_from.get(i),
+                                                    dict(known_entry[i]), dict(result.new_entries[row["pair_id"]])))
         if category != "clean":
+            decision = decisions.get(content_digest(row["context"], row["chosen"], row["rejected"]))
             result.findings.append(GateFinding(
                 row["source"], row["line"], row["pair_id"], category, known_entry[i] is not None,
                 round(float(suspicion[n]), 6), **values,
-                quality=[f"{kind}: {detail}" for kind, detail in quality.get(i, [])]))
+                quality=[f"{kind}: {detail}" for kind, detail in quality.get(i, [])],
+                verdict=decision.verdict if decision is not None else None,
+                previous=dict(known_entry[i]) if known_entry[i] is not None else None,
+                previous_id=swapped_from.get(i)))
     result.findings.sort(key=lambda f: (-f.suspicion, f.source, f.line))
     timings["score"] = round(time.perf_counter() - clock, 3)
     return result
@@ -684,16 +781,31 @@ def _line(text: str) -> str:
     return "\\x3a" + text.lstrip()[1:] if text.lstrip().startswith("::") else text
 
 
+def _not_failing(f: GateFinding, result: GateResult) -> str:
+    if f.category not in result.fail_on:
+        return " (not failing)"
+    return " (not failing: marked ok in review)" if f.verdict == "ok" else ""
+
+
 def render_text(result: GateResult) -> str:
-    """Plain lines: one per new suspect (``file:line: ...``), then the verdict; data made inert."""
-    lines = [_line(f"{f.source}:{f.line}: {f.message()}" + ("" if f.category in result.fail_on else " (not failing)"))
-             for f in result.findings]
-    what = (f"{result.new} new or changed of {result.pairs} pairs ({result.changed} changed) "
-            f"against {result.baseline.path}")
+    """Plain lines: one per new suspect (``file:line: ...``), changed and removed pair, then the
+    verdict; data made inert."""
+    lines = [_line(f"{f.source}:{f.line}: {f.message()}{_not_failing(f, result)}") for f in result.findings]
+    suspects = {(f.source, f.line) for f in result.findings}
+    lines += [_line(f"{c.source}:{c.line}: {c.message()}") for c in result.changed_pairs
+              if (c.source, c.line) not in suspects]  # a changed suspect's line already says what it was
+    removed_fails = "removed" in result.fail_on
+    lines += [_line(r.message() + ("" if removed_fails else " (not failing)")) for r in result.removed]
+    what = (f"{result.new} new or changed of {result.pairs} pairs ({result.changed} changed, "
+            f"{len(result.removed)} removed) against {result.baseline.path}")
+    cleared = sum(1 for f in result.findings if f.category in result.fail_on and f.verdict == "ok")
+    if cleared:
+        what += f"; {cleared} suspect(s) marked ok in review ({result.decisions})"
     n_fail = len(result.failures)
     if result.failed:
         lines.append(_line(f"FAILED: {n_fail} new suspect pair(s) in {', '.join(result.fail_on)} "
-                           f"(at most {result.max_new} allowed); {what}"))
+                           f"(at most {result.max_new} allowed)"
+                           + (f", {len(result.removed)} removed" if removed_fails else "") + f"; {what}"))
     else:
         lines.append(_line(f"passed: {n_fail} new suspect pair(s) in {', '.join(result.fail_on)}; {what}"))
     return "\n".join(lines)
@@ -727,8 +839,15 @@ def render_junit(result: GateResult) -> str:
             ET.SubElement(suite, "testcase", classname=_xml_safe(source), name=_xml_safe(f"{source}: no new suspects"),
                           file=_xml_safe(source))
             cases += 1
+    removed = result.removed if "removed" in result.fail_on else []
+    for r in removed:  # no file or line: the pair is gone
+        case = ET.SubElement(suite, "testcase", classname="removed", name=_xml_safe(f"removed {r.pair_id}"))
+        ET.SubElement(case, "failure", message=_xml_safe(r.message()), type="removed").text = _xml_safe(r.message())
+        cases += 1
+    n_failed = len(failing) + len(removed)
     suite.set("tests", str(cases))
-    suites = ET.Element("testsuites", name="safer-audit", tests=str(cases), failures=str(len(failing)))
+    suite.set("failures", str(n_failed))
+    suites = ET.Element("testsuites", name="safer-audit", tests=str(cases), failures=str(n_failed))
     suites.append(suite)
     ET.indent(suites)
     return '<?xml version="1.0" encoding="UTF-8"?>\n' + ET.tostring(suites, encoding="unicode") + "\n"
@@ -746,7 +865,7 @@ def github_annotations(result: GateResult) -> list[str]:
     """GitHub Actions workflow commands: an error per failing new pair, a warning per other suspect."""
     out = []
     for f in result.findings:
-        level = "error" if f.category in result.fail_on and result.failed else "warning"
+        level = "error" if f.category in result.fail_on and f.verdict != "ok" and result.failed else "warning"
         # inert first: an annotation is shown in the log and on the pull request
         out.append(f"::{level} file={_escape_property(inert(f.source))},line={f.line},"
                    f"title={_escape_property(inert(f'safer-audit: {f.category} pair'))}::"

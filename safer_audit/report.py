@@ -347,8 +347,10 @@ def diff_excerpts(chosen: str, rejected: str, width: int = 60) -> tuple[Excerpt,
 
 
 def format_number(value: float | None) -> str:
-    """Three significant digits with a sign; a dash for a missing value."""
-    return "—" if value is None else f"{value:+.3g}"
+    """Three significant digits with a sign; a dash for a missing value; zero (also -0.0) as ``0``."""
+    if value is None:
+        return "—"
+    return "0" if value == 0 else f"{value:+.3g}"  # never "-0" (a -0.0 from a subtraction) or "+0"
 
 
 def format_feature(contribution: FeatureContribution) -> str:

@@ -286,3 +286,57 @@ def test_the_hook_runs_through_pre_commit(work):
     assert commit.returncode != 0, commit.stdout + commit.stderr
     output = commit.stdout + commit.stderr
     assert "Failed" in output and f"data.jsonl:{N_PAIRS + 1}: new pair s3 is quality" in output
+
+
+def test_removed_pairs_are_listed_and_fail_only_when_asked(work):
+    rows = records()
+    data = write_jsonl(work / "data.jsonl", rows[:3] + rows[5:])
+    result = gate(work, data)
+    assert result.exit_code == 0, result.output
+    removed = [line for line in result.stdout.splitlines() if line.startswith("removed pair")]
+    assert [line.split()[2] for line in removed] == ["r4", "r5"]
+    assert all(line.endswith("(not failing)") for line in removed) and "2 removed" in result.stdout
+    result = gate(work, data, extra=["--fail-on", "flipped,quality,removed"])
+    assert result.exit_code == 1 and result.stdout.splitlines()[-1].startswith("FAILED:")
+    report = json.loads(gate(work, data, extra=["--format", "json"]).stdout)
+    assert [r["pair_id"] for r in report["removed"]] == ["r4", "r5"] and not report["failed"]
+    junit = ET.fromstring(gate(work, data, extra=["--format", "junit", "--fail-on", "removed"]).stdout)
+    assert junit.get("failures") == "2" and len(junit.findall(".//failure[@type='removed']")) == 2
+
+
+def test_a_pair_swapped_in_place_is_changed_with_old_and_new_scores(work):
+    rows = records()
+    rows[4] = swapped(rows[4], "x5")  # its responses swapped, and so another id
+    old = json.loads((work / ".safer-audit" / "baseline.json").read_text())["pairs"]["r5"]
+    result = gate(work, write_jsonl(work / "data.jsonl", rows), extra=["--format", "json", "--fail-on", "noisy"])
+    report = json.loads(result.stdout)
+    assert report["removed"] == [] and report["changed"] == 1
+    change = report["changed_pairs"][0]
+    assert (change["pair_id"], change["previous_id"], change["line"]) == ("x5", "r5", 5)
+    assert change["old"]["score_safe"] == old["score_safe"] and change["new"]["score_safe"] != old["score_safe"]
+    text = gate(work, work / "data.jsonl", extra=["--fail-on", "noisy"]).stdout
+    line = next(line for line in text.splitlines() if "pair x5" in line)
+    assert line.startswith(f"{work / 'data.jsonl'}:5: ") and "swapped in place" in line and "r5" in line
+    assert f"score_safe {old['score_safe']:.4g}" in line  # the old score, next to the new one
+
+
+def test_a_suspect_marked_ok_never_fails(work):
+    from safer_audit.data import load_pairs, pair_digest
+    from safer_audit.decisions import decide, write_decisions
+
+    rows = records()
+    data = write_jsonl(work / "data.jsonl", rows + [swapped(rows[i], f"s{i}") for i in (0, 4)])
+    assert gate(work, data).exit_code == 1
+    decisions = {}
+    for row in load_pairs(data).pairs.iter_rows(named=True):
+        if row["pair_id"] in ("s0", "s4"):
+            decide(decisions, pair_digest(row["context"], row["chosen"], row["rejected"]), "ok", reviewer="Ann")
+    write_decisions(work / ".safer-audit" / "decisions.json", decisions)  # found next to the baseline
+    result = gate(work, data)
+    assert result.exit_code == 0, result.output
+    listed = [line for line in result.stdout.splitlines() if "new pair s" in line]
+    assert len(listed) == 2 and all(line.endswith("(not failing: marked ok in review)") for line in listed)
+    # a decision on another pair does not clear these
+    other = work / "other.json"
+    write_decisions(other, {})
+    assert gate(work, data, extra=["--decisions", other]).exit_code == 1
