@@ -280,6 +280,14 @@ def test_a_malformed_baseline_is_one_line_error_naming_the_field(baseline_dir, e
     assert re.search(message, lines[0]), lines[0]
 
 
+def test_an_older_baseline_format_says_to_make_a_new_one(baseline_dir):
+    """Format 1 named pairs by another digest: compared with this one's, every pair would look changed."""
+    _edit_baseline(baseline_dir, lambda d: d["header"].update(format=1))
+    result = _gate(baseline_dir)
+    assert result.exit_code == 2, result.output
+    assert "made by an older safer-audit" in result.output and "safer-audit baseline" in result.output
+
+
 @pytest.mark.parametrize(
     "text, message",
     [
