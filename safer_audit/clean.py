@@ -36,7 +36,6 @@ from __future__ import annotations
 import codecs
 import csv
 import gzip
-import hashlib
 import json
 import math
 import re
@@ -49,8 +48,9 @@ from typing import IO, Any, Mapping
 
 from . import __version__
 from .data import PairReader, pair_digest
+from .digests import sha256_file
 from .errors import CleanError
-from .files import refuse_inputs, remove_stale_temporaries, write_atomic
+from .files import refuse_inputs, remove_stale_temporaries, same_file, write_atomic
 from .report import Finding, Report
 
 MODES = ("drop", "flip")
@@ -227,8 +227,8 @@ def clean_dataset(source: str | Path, out: str | Path, report: Report | None, *,
         "tool": "safer-audit",
         "tool_version": __version__,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "input": {"path": source, "sha256": _sha256(source), "pairs": len(pairs), "schema": reader.schema},
-        "output": {"path": str(out), "sha256": _sha256(out)},
+        "input": {"path": source, "sha256": sha256_file(source), "pairs": len(pairs), "schema": reader.schema},
+        "output": {"path": str(out), "sha256": sha256_file(out)},
         "mode": mode,
         "selection": {"rule": selection.rule, **selection.parameters,
                       **({"report": origin, "ranking": report.run.ranking, "scanned": report.run.created}
@@ -287,7 +287,7 @@ def _check_report(report: Report, origin: str, source: str, pairs: dict[str, int
     """The report must be of this data: same file (when it still exists) and the same pairs
     with the same texts (an ``id`` field keeps a pair's id when its text changes)."""
     scanned = Path(report.run.data_source)
-    if scanned.exists() and not _same_file(scanned, Path(source)):
+    if scanned.exists() and not same_file(scanned, Path(source)):
         raise CleanError(f"{origin}: is a report of {report.run.data_source}, not of {source}")
     seen = set()
     for finding in report.findings:
@@ -306,21 +306,6 @@ def _check_report(report: Report, origin: str, source: str, pairs: dict[str, int
     if missing is not None:
         raise CleanError(f"{source}:{pairs[missing]}: pair {missing} is not in {origin}; "
                          "the data changed since the scan, or was read with other options")
-
-
-def _same_file(a: Path, b: Path) -> bool:
-    try:
-        return a.samefile(b)
-    except OSError:
-        return a.resolve() == b.resolve()
-
-
-def _sha256(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 # -- flipping ----------------------------------------------------------------------------

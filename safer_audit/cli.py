@@ -690,7 +690,8 @@ def gate_command(data, baseline_path, fail_on, max_new, output_format, update_ba
     """
     import os
 
-    from .gate import accept, github_annotations, render_json_result, render_junit, render_text, run_gate
+    from .gate import accept, run_gate
+    from .gate_formats import github_annotations, render_json_result, render_junit, render_text
 
     decisions, decisions_path = _gate_decisions(decisions_path, baseline_path)
     result = run_gate(list(data), baseline_path, fail_on=fail_on, max_new=max_new, cache_dir=cache_dir,

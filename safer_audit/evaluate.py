@@ -25,7 +25,8 @@ from dataclasses import dataclass, field, replace
 import polars as pl
 import torch
 
-from .config import ScanConfig
+from .config import EVALUATE_POSITIONS, ScanConfig
+from .domain import MARGIN_SIGNALS
 from .errors import ConfigError
 from .progress import no_progress
 from .scan import scan_pairs
@@ -123,7 +124,7 @@ def length_suspicion(pairs: pl.DataFrame, folds: int, seed: int) -> torch.Tensor
 
 
 def evaluate(pairs: pl.DataFrame, config: ScanConfig, *, flip_rate: float = 0.1, seeds=(0,),
-             positions: tuple[str, ...] = ("response", "all", "punctuation"), source: str = "data",
+             positions: tuple[str, ...] = EVALUATE_POSITIONS, source: str = "data",
              backend=None, steps=no_progress, on_seed=None) -> EvaluationResult:
     """Flip, scan and measure every scorer, for each seed."""
     from .activations import load_backend
@@ -141,7 +142,7 @@ def evaluate(pairs: pl.DataFrame, config: ScanConfig, *, flip_rate: float = 0.1,
             result = scan_pairs(flipped_pairs, run_config, source=source, steps=steps, backend=backend)
             scorers[f"score_safe[{position_set}]"] = measure(-result.signals["score_safe"], positive)
             if i == 0:
-                for name in ("reward_margin", "sae_margin"):
+                for name in MARGIN_SIGNALS:
                     scorers[f"{name}[{position_set}]"] = measure(-result.signals[name], positive)
                 scorers[f"combined[{position_set}]"] = measure(result.suspicion, positive)
         scorers["length"] = measure(length_suspicion(flipped_pairs, config.folds, seed), positive)

@@ -25,7 +25,10 @@ def temporary_name(name: str) -> str:
     return f".{name}.{os.getpid()}@{_host_tag()}.{secrets.token_hex(6)}.tmp"
 
 
-def _same_file(a: Path, b: Path) -> bool:
+def same_file(a: str | Path, b: str | Path) -> bool:
+    """Whether two paths name one file (hard links and symlinks included); by resolved path when
+    either cannot be stat'ed (a file about to be written does not exist yet)."""
+    a, b = Path(a), Path(b)
     try:
         return os.path.samefile(a, b)  # also catches hard links and symlinks
     except OSError:
@@ -35,7 +38,7 @@ def _same_file(a: Path, b: Path) -> bool:
 def refuse_inputs(path: str | Path, protect: Iterable[str | Path]) -> None:
     """Raise ValueError if ``path`` is one of the input files in ``protect``."""
     for input_path in protect:
-        if _same_file(Path(path), Path(input_path)):
+        if same_file(path, input_path):
             raise ConfigError(f"{path}: refusing to write over an input file")
 
 

@@ -23,22 +23,32 @@ Design, and why:
   scoring.cross_fitted_margins does), saved in ``<stem>-heads.safetensors``. New pairs
   were never in its training data, so no cross-fitting is needed. The sparse head on
   SAE codes (``sae_margin``) is frozen the same way.
-- Suspicion of a new pair: for each signal, the fraction of baseline pairs with a higher
-  value (ties count half), so 1 is below every baseline pair; weighted like
-  scoring.suspicion. The baseline's own margins are cross-fitted (out-of-sample), the
-  new pairs' margins come from heads that never saw them: the same kind of number.
-- Categories of a new pair, as scoring.categorise: ``quality`` when data.find_quality_issues
+- One scoring path: the signals, the suspicion and the category come from scoring.py,
+  as in a scan (``compute_signals`` with the frozen heads, ``percentile_against``,
+  ``combine``, ``categorise_pair``), so a pair scored by the gate against a baseline of
+  the same data gets the scan's signals, suspicion and category.
+- Suspicion of a new pair: for each signal, the fraction of the other baseline pairs with
+  a higher value (ties count half), as a scan ranks a pair among the other pairs; the
+  pair's own entry is left out (its old version when it changed, or the same content under
+  another id). The values compared are the 6-digit ones the baseline holds. The baseline's
+  own margins are cross-fitted (out-of-sample), the new pairs' margins come from heads
+  that never saw them: the same kind of number.
+- Categories of a new pair, as a scan's: ``quality`` when data.find_quality_issues
   finds a categorising problem (the known pairs are checked first, so a new pair that
   contradicts an existing one carries the finding); ``flipped`` when its suspicion reaches
   the flipped cut-off (the suspicion of the last baseline pair inside the flipped
-  fraction) and every signal the ranking uses is negative; ``noisy`` when it reaches the noisy cut-off.
-- New or changed: a pair id that is not in the baseline, or whose content digest differs
-  (an edited record that keeps its ``id`` field). Pair ids are assumed unique across
-  the data files; the data layer makes them unique within a file.
+  fraction, stored exactly) and every signal the ranking uses is negative; ``noisy`` when
+  it reaches the noisy cut-off.
+- New or changed: a pair id that is not in the baseline, or whose content digest
+  (data.pair_digest, as clean and decisions use) differs (an edited record that keeps its
+  ``id`` field). Pair ids are assumed unique across the data files; the data layer makes
+  them unique within a file.
 - The file is ``{"header": {...}, "pairs": {pair_id: {category, digest, reward_margin,
   sae_margin, score_safe}}}``: keys sorted, scores to 6 significant digits, every flat
   object on one line (one line per pair and per feature), no timestamps. The same inputs
   give the same bytes, and a change to the data shows as the lines of the pairs it touched.
+  Format 2 (digests by data.pair_digest, exact cut-offs); format 1 is refused with a
+  BaselineError that says to make a new baseline.
 - The model is loaded (and its fingerprint checked) only when there are new pairs to
   score, so an unchanged dataset is gated without running it.
 - Removed and swapped pairs: a baseline pair whose id is not in the data is listed as
@@ -47,16 +57,15 @@ Design, and why:
   as changed, with its old and new category and scores, and not as removed.
 - Review decisions (decisions.py): a pair marked ``ok`` (by its content digest) is still
   listed but never fails the gate: a person looked at it and cleared it.
+- Output renderers (text, JSON, JUnit, GitHub annotations) live in gate_formats.py.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
 import time
-import xml.etree.ElementTree as ET
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -69,21 +78,31 @@ from safetensors.torch import save as save_safetensors
 from . import __version__
 from .activations import extract_activations, load_backend, pair_texts
 from .config import POSITIONS, ActivationConfig, ScanConfig
-from .data import PREFERENCES, find_quality_issues, load_pairs
-from .data import pair_digest as content_digest
-from .errors import BaselineError, ConfigError, inert
+from .data import PREFERENCES, find_quality_issues, load_pairs, pair_digest
+from .digests import DIGEST_LENGTH, is_short_digest, sha256_file, short_digest
+from .domain import SIGNALS, Category
+from .errors import BaselineError, ConfigError
 from .files import refuse_inputs, write_atomic
 from .progress import no_progress
 from .report import CATEGORIES
 from .sae import TopKSAE
 from .salience import Feature, FeatureSet, encode_store
-from .scoring import QUALITY_KINDS_THAT_CATEGORISE, column_scale, fit_bradley_terry, score_safe
-from .terminal import json_text
+from .scoring import (
+    Cutoffs,
+    HeadFit,
+    categorise_pair,
+    combine,
+    compute_signals,
+    fit_heads,
+    percentile_against,
+    ranked_signals,
+)
 
-BASELINE_FORMAT = 1
-SIGNALS = ("score_safe", "reward_margin", "sae_margin")
-GATE_CATEGORIES = ("flipped", "noisy", "quality")
-DEFAULT_FAIL_ON = ("flipped", "quality")  # noisy holds 10% of any data by construction
+# 2: pair digests by data.pair_digest (context and both final responses, as clean and decisions
+# use), hashes of DIGEST_LENGTH, cut-offs stored exactly. 1: digests of the messages, 16 digits.
+BASELINE_FORMAT = 2
+GATE_CATEGORIES = (Category.FLIPPED, Category.NOISY, Category.QUALITY)
+DEFAULT_FAIL_ON = (Category.FLIPPED, Category.QUALITY)  # noisy holds 10% of any data by construction
 FAIL_ON_CHOICES = (*GATE_CATEGORIES, "removed")  # removed: baseline pairs no longer in the data
 _HEADER_FIELDS = ("format", "tool_version", "model", "activations", "data", "sae", "heads", "features", "ranking",
                   "thresholds")
@@ -120,6 +139,11 @@ class Baseline:
         if cache_dir is not None:
             config.cache_dir = Path(cache_dir)
         return config
+
+    @property
+    def cutoffs(self) -> Cutoffs:
+        thresholds = self.header["thresholds"]
+        return Cutoffs(thresholds["flipped_cutoff"], thresholds["noisy_cutoff"])
 
     def signal(self, name: str) -> torch.Tensor:
         """The baseline's values of one signal (NaN where it was missing)."""
@@ -178,8 +202,13 @@ def read_baseline(path: str | os.PathLike) -> Baseline:
         if name not in header:
             raise BaselineError(f'{path}: field "header.{name}" is missing')
     if isinstance(header["format"], bool) or header["format"] != BASELINE_FORMAT:
+        older = isinstance(header["format"], int) and not isinstance(header["format"], bool) \
+            and 1 <= header["format"] < BASELINE_FORMAT
         raise BaselineError(f"{path}: baseline format {_shown(header['format'])} is not supported "
-                            f"(this safer-audit reads format {BASELINE_FORMAT})")
+                            f"(this safer-audit reads format {BASELINE_FORMAT})"
+                            + ("; it was made by an older safer-audit, whose pair digests this one does not "
+                               f"compare: make a new one with `safer-audit baseline DATA --out {path}`"
+                               if older else ""))
     check = _Checker(path)
     check.header(header)
     for pair_id, entry in data["pairs"].items():
@@ -209,9 +238,6 @@ def _shown(value) -> str:
     """A short repr for an error line."""
     text = repr(value) if isinstance(value, (str, int, float, bool)) or value is None else type(value).__name__
     return text if len(text) <= 60 else text[:57] + "..."
-
-
-_HEX16 = frozenset("0123456789abcdef")
 
 
 class _Checker:
@@ -262,8 +288,8 @@ class _Checker:
             self.fail(name, f"must be in [{low}, {high}], not {value}")
 
     def digest(self, value, name: str) -> None:
-        if not isinstance(value, str) or len(value) != 16 or not set(value) <= _HEX16:
-            self.fail(name, f"must be 16 lowercase hex digits, not {_shown(value)}")
+        if not is_short_digest(value):
+            self.fail(name, f"must be {DIGEST_LENGTH} lowercase hex digits, not {_shown(value)}")
 
     def header(self, h: dict) -> None:
         self.section(h, "header", _HEADER_FIELDS)
@@ -335,14 +361,13 @@ def _round(value: float) -> float | None:
     return float(f"{value:.6g}") if math.isfinite(value) else None
 
 
-def pair_digest(row: dict) -> str:
-    """A hash of a pair's content (both conversations), to tell an edited record with a kept id."""
-    text = json.dumps([row["chosen_messages"], row["rejected_messages"]], sort_keys=True, ensure_ascii=False)
-    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()[:16]
+def row_digest(row: dict) -> str:
+    """data.pair_digest of a pairs-table row: "the same pair", as clean and decisions tell it."""
+    return pair_digest(row["context"], row["chosen"], row["rejected"])
 
 
 def _file_hash(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+    return short_digest(sha256_file(path))
 
 
 def _portable(path: Path, base: Path) -> str:
@@ -365,30 +390,6 @@ def read_sources(sources: list[str], *, schema: str | None = None, split: str | 
 
 # ------------------------------------------------------------------------ making a baseline
 
-def fit_heads(result, config: ScanConfig) -> dict[str, torch.Tensor]:
-    """Bradley-Terry heads fitted on every pair of a scan: the SAE-code head, and the
-    activation head when the model has no reward head of its own."""
-    diffs = {"sae_margin": result.stats.mean_codes[0::2] - result.stats.mean_codes[1::2]}
-    l2 = {"sae_margin": config.sae_l2, "reward_margin": config.margin_l2}
-    l1 = {"sae_margin": config.sae_l1, "reward_margin": 0.0}
-    if not result.backend.has_reward_head:
-        pooled = result.store.pooled_mean()
-        diffs["reward_margin"] = pooled[0::2] - pooled[1::2]
-    heads = {}
-    for name, d in diffs.items():
-        scale = column_scale(d)
-        heads[f"{name}.scale"] = scale.contiguous()
-        heads[f"{name}.weight"] = fit_bradley_terry(d / scale, l2=l2[name], l1=l1[name]).contiguous()
-    return heads
-
-
-def _cutoff(suspicion: torch.Tensor, fraction: float) -> float | None:
-    """The lowest suspicion that scoring.categorise still puts inside the top ``fraction``."""
-    n = len(suspicion)
-    count = sum(1 for position in range(n) if (position + 1) / n <= fraction)
-    return float(torch.sort(suspicion, descending=True).values[count - 1]) if count else None
-
-
 def build_baseline(sources: list[str], out: str | os.PathLike, config: ScanConfig, *,
                    steps=no_progress, decisions: dict | None = None) -> Baseline:
     """Scan ``sources`` and write the baseline to ``out`` (and its SAE and heads beside it).
@@ -410,14 +411,16 @@ def build_baseline(sources: list[str], out: str | os.PathLike, config: ScanConfi
     else:
         sae_dir = Path(config.sae_path)
     heads_path = out.with_name(f"{out.stem}-heads.safetensors")
-    write_atomic(heads_path, save_safetensors(fit_heads(result, config)), protect=sources)
+    pooled = None if result.backend.has_reward_head else result.store.pooled_mean()
+    heads = fit_heads(result.stats, HeadFit.of(config), pooled)
+    write_atomic(heads_path, save_safetensors(heads), protect=sources)
 
     entries: dict[str, dict] = {}
     where: dict[str, str] = {}
     cleared: set[str] = set()
     categories = {f.pair_id: f.category for f in result.report.findings}
     for i, row in enumerate(pairs.iter_rows(named=True)):
-        entry = {"category": categories[row["pair_id"]], "digest": pair_digest(row),
+        entry = {"category": categories[row["pair_id"]], "digest": row_digest(row),
                  **{name: _round(result.signals[name][i]) for name in SIGNALS}}
         known = entries.get(row["pair_id"])
         if known is not None and known["digest"] != entry["digest"]:
@@ -425,10 +428,12 @@ def build_baseline(sources: list[str], out: str | os.PathLike, config: ScanConfi
                                 f"{where[row['pair_id']]} and {row['source']}:{row['line']}")
         entries[row["pair_id"]] = entry
         where[row["pair_id"]] = f"{row['source']}:{row['line']}"
-        decision = (decisions or {}).get(content_digest(row["context"], row["chosen"], row["rejected"]))
+        decision = (decisions or {}).get(row_digest(row))
         if decision is not None and decision.verdict == "ok":
             cleared.add(row["pair_id"])
     backend, run = result.backend, result.report.run
+    # exact (not rounded like the scores): the gate compares a suspicion computed the same way against them
+    cutoffs = Cutoffs.from_ranking(result.suspicion, config.flipped_fraction, config.noisy_fraction)
     model_location = config.activations.model
     if model_location is not None and Path(model_location).is_dir():
         model_location = _portable(Path(model_location), out.parent)
@@ -446,16 +451,11 @@ def build_baseline(sources: list[str], out: str | os.PathLike, config: ScanConfi
         "features": [{"latent": f.latent, "sign": f.sign, "label": f.label} for f in result.features.features],
         "ranking": {name: float(w) for name, w in config.ranking.items()},
         "thresholds": {"flipped_fraction": config.flipped_fraction, "noisy_fraction": config.noisy_fraction,
-                       "flipped_cutoff": _round_or_none(_cutoff(result.suspicion, config.flipped_fraction)),
-                       "noisy_cutoff": _round_or_none(_cutoff(result.suspicion, config.noisy_fraction))},
+                       "flipped_cutoff": cutoffs.flipped, "noisy_cutoff": cutoffs.noisy},
     }
     baseline = Baseline(out, header, entries, cleared)
     baseline.write(protect=sources)
     return baseline
-
-
-def _round_or_none(value: float | None) -> float | None:
-    return None if value is None else _round(value)
 
 
 # --------------------------------------------------------------------------------- gating
@@ -467,7 +467,7 @@ class GateFinding:
     source: str
     line: int
     pair_id: str
-    category: str
+    category: Category
     changed: bool  # the id was in the baseline with other content
     suspicion: float
     score_safe: float | None
@@ -602,58 +602,46 @@ def _check_model(baseline: Baseline, backend, sae: TopKSAE) -> None:
         raise BaselineError(_mismatch(baseline, differences))
 
 
-def percentile_against(values: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
-    """For each value, the fraction of finite reference values above it, ties counting half.
-
-    1 below every reference value, 0 above; NaN stays NaN (scoring.suspicion counts it 0.5).
-    """
-    ref = reference[torch.isfinite(reference)].double().sort().values
-    v = values.double()
-    out = torch.full(v.shape, math.nan, dtype=torch.float64)
-    if len(ref) == 0:
-        return out
-    finite = torch.isfinite(v)
-    below = torch.searchsorted(ref, v[finite], right=False)
-    upto = torch.searchsorted(ref, v[finite], right=True)
-    out[finite] = ((len(ref) - upto) + 0.5 * (upto - below)).double() / len(ref)
-    return out
-
-
 def score_frozen(pairs: pl.DataFrame, baseline: Baseline, backend, sae: TopKSAE, config: ActivationConfig,
                  *, steps=no_progress) -> dict[str, torch.Tensor]:
     """score_safe, reward_margin and sae_margin of ``pairs`` with the baseline's frozen SAE,
-    features and heads; activations come from (and go to) the cache."""
+    features and heads (scoring.compute_signals, as a scan); activations come from (and go to) the cache."""
     heads_path = baseline.resolve(baseline.header["heads"]["path"])
     heads = load_safetensors(heads_path.read_bytes())
     texts = pair_texts(pairs, backend)
     with steps("Activations", "pairs", scale=0.5) as update:
         store = extract_activations(texts, backend, config, progress=update)
     stats = encode_store(store, sae)
-    signals = {"score_safe": score_safe(stats, baseline.features)}
-    if backend.has_reward_head:
-        rewards = store.scores()
-        signals["reward_margin"] = rewards[0::2] - rewards[1::2]
-    else:
-        pooled = store.pooled_mean()
-        diffs = pooled[0::2] - pooled[1::2]
-        signals["reward_margin"] = (diffs / heads["reward_margin.scale"]) @ heads["reward_margin.weight"]
-    code_diffs = stats.mean_codes[0::2] - stats.mean_codes[1::2]
-    signals["sae_margin"] = (code_diffs / heads["sae_margin.scale"]) @ heads["sae_margin.weight"]
-    return signals
+    try:
+        if backend.has_reward_head:
+            return compute_signals(stats, baseline.features, rewards=store.scores(), heads=heads)
+        return compute_signals(stats, baseline.features, pooled=store.pooled_mean(), heads=heads)
+    except KeyError as exc:
+        raise BaselineError(f"{heads_path}: the heads file has no tensor {exc}; make a new baseline") from None
 
 
-def categorise_new(suspicion: float, signals: dict[str, float | None], quality_kinds: list[str],
-                   thresholds: dict) -> str:
-    """scoring.categorise for one new pair, with the baseline's cut-offs."""
-    if any(kind in QUALITY_KINDS_THAT_CATEGORISE for kind in quality_kinds):
-        return "quality"
-    flipped, noisy = thresholds["flipped_cutoff"], thresholds["noisy_cutoff"]
-    all_negative = all(v is not None and v < 0 for v in signals.values())
-    if flipped is not None and suspicion >= flipped and all_negative:
-        return "flipped"
-    if noisy is not None and suspicion >= noisy:
-        return "noisy"
-    return "clean"
+def suspicion_against(values: dict[str, list[float | None]], baseline: Baseline,
+                      own_entries: list[dict | None]) -> torch.Tensor:
+    """The suspicion of pairs (their rounded signal values) among the baseline's pairs, as a scan
+    ranks a pair among the others: scoring.percentile_against per signal, leaving out each
+    pair's own entry (None: none), combined with the baseline's ranking weights."""
+    def column(items) -> torch.Tensor:
+        return torch.tensor([math.nan if v is None else v for v in items], dtype=torch.float64)
+
+    percentiles = {name: percentile_against(column(values[name]), baseline.signal(name),
+                                            leave_out=column(None if e is None else e[name] for e in own_entries))
+                   for name in SIGNALS}
+    return combine(percentiles, baseline.header["ranking"])
+
+
+def _own_entries(baseline: Baseline, rows: list[dict], digests: list[str]) -> list[dict | None]:
+    """Each row's own baseline entry, left out of what it is ranked against: the entry of its id
+    (the old version of a changed pair), else one with its digest (the same pair under another id)."""
+    by_digest: dict[str, dict] = {}
+    for entry in baseline.pairs.values():
+        by_digest.setdefault(entry["digest"], entry)
+    return [baseline.pairs.get(row["pair_id"]) or by_digest.get(digest) for row, digest in zip(rows, digests,
+                                                                                               strict=True)]
 
 
 def default_decisions_path(baseline_path: str | os.PathLike) -> Path | None:
@@ -681,7 +669,7 @@ def run_gate(sources: list[str], baseline_path: str | os.PathLike, *, fail_on: t
     pairs = read_sources(sources, schema=data["schema"], split=data["split"], preference=data["preference"],
                          skip_invalid=data["skip_invalid"])
     rows = list(pairs.iter_rows(named=True))
-    digests = [pair_digest(row) for row in rows]
+    digests = [row_digest(row) for row in rows]
     known_entry = [baseline.pairs.get(row["pair_id"]) for row in rows]
     is_new = [e is None or e["digest"] != d for e, d in zip(known_entry, digests, strict=True)]
     new_rows = [i for i, flag in enumerate(is_new) if flag]
@@ -692,8 +680,7 @@ def run_gate(sources: list[str], baseline_path: str | os.PathLike, *, fail_on: t
     swapped_from: dict[int, str] = {}
     for i in new_rows:
         if known_entry[i] is None:
-            back = pair_digest({"chosen_messages": rows[i]["rejected_messages"],
-                                "rejected_messages": rows[i]["chosen_messages"]})
+            back = pair_digest(rows[i]["context"], rows[i]["rejected"], rows[i]["chosen"])
             if back in gone_by_digest:
                 swapped_from[i] = gone_by_digest.pop(back)
                 known_entry[i] = gone[swapped_from[i]]
@@ -727,27 +714,25 @@ def run_gate(sources: list[str], baseline_path: str | os.PathLike, *, fail_on: t
     clock = time.perf_counter()
     new_pairs = pairs[new_rows]
     signals = score_frozen(new_pairs, baseline, backend, sae, config, steps=steps)
-    weights = baseline.header["ranking"]
-    total = torch.zeros(len(new_rows), dtype=torch.float64)
-    for name, w in weights.items():
-        if w:
-            total += w * percentile_against(signals[name], baseline.signal(name)).nan_to_num(0.5)
-    suspicion = total / sum(w for w in weights.values() if w)
+    # the 6-digit values the baseline holds and compares with
+    values = {name: [_round(v) for v in signals[name].tolist()] for name in SIGNALS}
+    suspicion = suspicion_against(values, baseline, _own_entries(baseline, [rows[i] for i in new_rows],
+                                                                 [digests[i] for i in new_rows]))
+    weights, cutoffs = baseline.header["ranking"], baseline.cutoffs
     for n, i in enumerate(new_rows):
         row = rows[i]
-        values = {name: _round(signals[name][n]) for name in SIGNALS}
+        pair_values = {name: values[name][n] for name in SIGNALS}
         kinds = [kind for kind, _ in quality.get(i, [])]
-        ranked_values = {name: v for name, v in values.items() if weights.get(name)}
-        category = categorise_new(float(suspicion[n]), ranked_values, kinds, baseline.header["thresholds"])
-        result.new_entries[row["pair_id"]] = {"category": category, "digest": digests[i], **values}
+        category = categorise_pair(float(suspicion[n]), ranked_signals(pair_values, weights), kinds, cutoffs)
+        result.new_entries[row["pair_id"]] = {"category": str(category), "digest": digests[i], **pair_values}
         if known_entry[i] is not None:
             result.changed_pairs.append(ChangedPair(row["source"], row["line"], row["pair_id"], swapped_from.get(i),
                                                     dict(known_entry[i]), dict(result.new_entries[row["pair_id"]])))
-        if category != "clean":
-            decision = decisions.get(content_digest(row["context"], row["chosen"], row["rejected"]))
+        if category != Category.CLEAN:
+            decision = decisions.get(digests[i])
             result.findings.append(GateFinding(
                 row["source"], row["line"], row["pair_id"], category, known_entry[i] is not None,
-                round(float(suspicion[n]), 6), **values,
+                round(float(suspicion[n]), 6), **pair_values,
                 quality=[f"{kind}: {detail}" for kind, detail in quality.get(i, [])],
                 verdict=decision.verdict if decision is not None else None,
                 previous=dict(known_entry[i]) if known_entry[i] is not None else None,
@@ -767,107 +752,3 @@ def accept(result: GateResult) -> Baseline:
     updated = Baseline(result.baseline.path, result.baseline.header, entries)
     updated.write(protect=result.sources)
     return updated
-
-
-# ------------------------------------------------------------------------------- rendering
-
-def _line(text: str) -> str:
-    """One line of output: inert, and never read as a GitHub workflow command.
-
-    The runner takes any line of a job's output that starts with ``::`` (after spaces) as a
-    command, and a file name can start so; its first colon is then written as an escape.
-    """
-    text = inert(text)
-    return "\\x3a" + text.lstrip()[1:] if text.lstrip().startswith("::") else text
-
-
-def _not_failing(f: GateFinding, result: GateResult) -> str:
-    if f.category not in result.fail_on:
-        return " (not failing)"
-    return " (not failing: marked ok in review)" if f.verdict == "ok" else ""
-
-
-def render_text(result: GateResult) -> str:
-    """Plain lines: one per new suspect (``file:line: ...``), changed and removed pair, then the
-    verdict; data made inert."""
-    lines = [_line(f"{f.source}:{f.line}: {f.message()}{_not_failing(f, result)}") for f in result.findings]
-    suspects = {(f.source, f.line) for f in result.findings}
-    lines += [_line(f"{c.source}:{c.line}: {c.message()}") for c in result.changed_pairs
-              if (c.source, c.line) not in suspects]  # a changed suspect's line already says what it was
-    removed_fails = "removed" in result.fail_on
-    lines += [_line(r.message() + ("" if removed_fails else " (not failing)")) for r in result.removed]
-    what = (f"{result.new} new or changed of {result.pairs} pairs ({result.changed} changed, "
-            f"{len(result.removed)} removed) against {result.baseline.path}")
-    cleared = sum(1 for f in result.findings if f.category in result.fail_on and f.verdict == "ok")
-    if cleared:
-        what += f"; {cleared} suspect(s) marked ok in review ({result.decisions})"
-    n_fail = len(result.failures)
-    if result.failed:
-        lines.append(_line(f"FAILED: {n_fail} new suspect pair(s) in {', '.join(result.fail_on)} "
-                           f"(at most {result.max_new} allowed)"
-                           + (f", {len(result.removed)} removed" if removed_fails else "") + f"; {what}"))
-    else:
-        lines.append(_line(f"passed: {n_fail} new suspect pair(s) in {', '.join(result.fail_on)}; {what}"))
-    return "\n".join(lines)
-
-
-def render_json_result(result: GateResult) -> str:
-    return json_text(result.to_dict(), indent=2) + "\n"
-
-
-def _xml_safe(text: str) -> str:
-    """Text from the data made inert (a CI log shows it too), less what XML 1.0 cannot hold."""
-    return "".join(c for c in inert(text) if c in "\t\n\r" or 0x20 <= ord(c) < 0xD800
-                   or 0xE000 <= ord(c) < 0xFFFE or ord(c) >= 0x10000)
-
-
-def render_junit(result: GateResult) -> str:
-    """JUnit XML: a failing test case per new pair the gate fails on, a passing one per clean file."""
-    failing = result.failures if result.failed else []
-    suite = ET.Element("testsuite", name="safer-audit gate", tests="0", failures=str(len(failing)), errors="0",
-                       time=f"{sum(result.timings.values()):.3f}")
-    cases = 0
-    for source in result.sources:
-        in_file = [f for f in failing if f.source == source]
-        for f in in_file:
-            case = ET.SubElement(suite, "testcase", classname=_xml_safe(source), name=_xml_safe(
-                f"{source}:{f.line} {f.pair_id}"), file=_xml_safe(source), line=str(f.line))
-            failure = ET.SubElement(case, "failure", message=_xml_safe(f.message()), type=f.category)
-            failure.text = _xml_safe(f"{source}:{f.line}: {f.message()}")
-            cases += 1
-        if not in_file:
-            ET.SubElement(suite, "testcase", classname=_xml_safe(source), name=_xml_safe(f"{source}: no new suspects"),
-                          file=_xml_safe(source))
-            cases += 1
-    removed = result.removed if "removed" in result.fail_on else []
-    for r in removed:  # no file or line: the pair is gone
-        case = ET.SubElement(suite, "testcase", classname="removed", name=_xml_safe(f"removed {r.pair_id}"))
-        ET.SubElement(case, "failure", message=_xml_safe(r.message()), type="removed").text = _xml_safe(r.message())
-        cases += 1
-    n_failed = len(failing) + len(removed)
-    suite.set("tests", str(cases))
-    suite.set("failures", str(n_failed))
-    suites = ET.Element("testsuites", name="safer-audit", tests=str(cases), failures=str(n_failed))
-    suites.append(suite)
-    ET.indent(suites)
-    return '<?xml version="1.0" encoding="UTF-8"?>\n' + ET.tostring(suites, encoding="unicode") + "\n"
-
-
-def _escape_data(text: str) -> str:
-    return text.replace("%", "%25").replace("\r", "%0D").replace("\n", "%0A")
-
-
-def _escape_property(text: str) -> str:
-    return _escape_data(text).replace(":", "%3A").replace(",", "%2C")
-
-
-def github_annotations(result: GateResult) -> list[str]:
-    """GitHub Actions workflow commands: an error per failing new pair, a warning per other suspect."""
-    out = []
-    for f in result.findings:
-        level = "error" if f.category in result.fail_on and f.verdict != "ok" and result.failed else "warning"
-        # inert first: an annotation is shown in the log and on the pull request
-        out.append(f"::{level} file={_escape_property(inert(f.source))},line={f.line},"
-                   f"title={_escape_property(inert(f'safer-audit: {f.category} pair'))}::"
-                   f"{_escape_data(inert(f.message()))}")
-    return out

@@ -22,6 +22,7 @@ from rich.table import Table
 from rich.text import Text
 
 from .data import pair_digest
+from .domain import MARGIN_SIGNALS, SIGNALS, Category
 from .errors import ConfigError
 from .files import refuse_inputs
 from .plugins import Exporter, exporters
@@ -30,12 +31,14 @@ from .terminal import inert, plain
 REPORT_SCHEMA_VERSION = 1
 
 CATEGORY_DESCRIPTIONS = {
-    "flipped": "among the most suspicious pairs and every ranked signal prefers the rejected response: labels likely swapped",
-    "noisy": "among the most suspicious pairs, but the signals disagree: a weak or doubtful preference",
-    "quality": "a data problem (identical or empty responses, a contradiction, different contexts) makes it unusable",
-    "clean": "not among the most suspicious pairs",
+    Category.FLIPPED: "among the most suspicious pairs and every ranked signal prefers the rejected response: "
+                      "labels likely swapped",
+    Category.NOISY: "among the most suspicious pairs, but the signals disagree: a weak or doubtful preference",
+    Category.QUALITY: "a data problem (identical or empty responses, a contradiction, different contexts) makes it "
+                      "unusable",
+    Category.CLEAN: "not among the most suspicious pairs",
 }
-CATEGORIES = tuple(CATEGORY_DESCRIPTIONS)
+CATEGORIES = tuple(Category)  # every category, in the order reports list them
 
 SIDES = ("chosen", "rejected")
 
@@ -63,7 +66,7 @@ class Finding:
     source: str  # the file the pair came from
     line: int  # 1-based line (or row) of the pair in ``source``
     rank: int  # 1 = most suspicious
-    category: str
+    category: Category  # a plain string is taken and checked
     suspicion: float  # the ranking score: higher is more suspicious
     score_safe: float
     reward_margin: float | None  # None (never NaN) when it could not be computed
@@ -77,8 +80,9 @@ class Finding:
     def __post_init__(self):
         if self.category not in CATEGORIES:
             raise ConfigError(f"category must be one of {', '.join(CATEGORIES)}, not {self.category!r}")
+        self.category = Category(self.category)
         # JSON has no NaN: a margin that could not be computed is stored as missing.
-        for name in ("reward_margin", "sae_margin"):
+        for name in MARGIN_SIGNALS:
             if getattr(self, name) is not None and not math.isfinite(getattr(self, name)):
                 setattr(self, name, None)
 
@@ -150,9 +154,7 @@ FRAME_SCHEMA = {
     "line": pl.Int64,
     "category": pl.String,
     "suspicion": pl.Float64,
-    "score_safe": pl.Float64,
-    "reward_margin": pl.Float64,
-    "sae_margin": pl.Float64,
+    **{name: pl.Float64 for name in SIGNALS},
     "quality": pl.List(pl.String),
     "top_features": pl.List(FEATURE_STRUCT),
     "chosen": pl.String,

@@ -64,6 +64,7 @@ from safetensors.torch import save as save_safetensors
 from safetensors.torch import save_file
 
 from .config import SaeTrainConfig
+from .digests import sha256_file, short_digest
 from .errors import ConfigError, SaeFormatError
 from .files import temporary_name, write_atomic
 
@@ -308,11 +309,7 @@ class TopKSAE(torch.nn.Module):
             path = directory / SPARSIFY_WEIGHTS_FILE
         if not path.is_file():
             raise SaeFormatError(f"{directory}: no {WEIGHTS_FILE} or {SPARSIFY_WEIGHTS_FILE}")
-        digest = hashlib.sha256()
-        with open(path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                digest.update(block)
-        return digest.hexdigest()[:16]
+        return short_digest(sha256_file(path))
 
 
 def _write_json(data: dict, path) -> None:

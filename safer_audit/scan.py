@@ -8,7 +8,6 @@ Report (report) that the terminal view and every exporter render.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 import time
@@ -23,7 +22,8 @@ from filelock import FileLock
 from . import __version__
 from .activations import ActivationStore, PreparedText, extract_activations, load_backend, pair_texts, resolve_layer
 from .config import ActivationConfig, SaeTrainConfig, ScanConfig
-from .data import find_quality_issues, load_pairs
+from .data import find_quality_issues, load_pairs, tokenizer_counter
+from .digests import sha256_text, short_digest
 from .errors import ConfigError, ScanError
 from .progress import no_progress
 from .report import FeatureCard, FeatureContext, FeatureContribution, Finding, Report, RunInfo
@@ -37,7 +37,16 @@ from .salience import (
     feature_salience,
     select_features,
 )
-from .scoring import categorise, cross_fitted_margins, feature_contributions, score_safe, suspicion
+from .scoring import (
+    SIGNALS,
+    Category,
+    HeadFit,
+    categorise,
+    compute_signals,
+    feature_contributions,
+    ranked_signals,
+    suspicion,
+)
 
 TRAINING_CHUNK = 65_536  # tokens per chunk handed to the trainer (it re-batches and shuffles them)
 
@@ -60,7 +69,7 @@ class ScanResult:
 
 
 def _dataset_fingerprint(keys: list[str]) -> str:
-    return hashlib.sha256("\n".join(sorted(set(keys))).encode()).hexdigest()[:16]
+    return short_digest(sha256_text("\n".join(sorted(set(keys)))))
 
 
 def sae_backend(name: str = "topk"):
@@ -107,8 +116,8 @@ def get_sae(store: ActivationStore, config: ScanConfig, backend, layer: int, ste
             raise ScanError(f"SAE {config.sae_path} reads width {sae.cfg.d_in}, but layer {layer} of "
                             f"{backend.identity} has width {backend.d_model}")
         return sae, Path(config.sae_path)
-    key = hashlib.sha256(json.dumps([_dataset_fingerprint(store.keys), config.sae_train.to_dict()],
-                                    sort_keys=True).encode()).hexdigest()[:16]
+    key = short_digest(sha256_text(json.dumps([_dataset_fingerprint(store.keys), config.sae_train.to_dict()],
+                                              sort_keys=True)))
     directory = store.cache.directory / "saes" / key
     cached = _load_cached_sae(directory)
     if cached is not None:
@@ -189,10 +198,8 @@ def scan_pairs(pairs: pl.DataFrame, config: ScanConfig, *, source: str, steps=no
     texts, store = _activations_for(pairs, backend, config, steps, "Activations")
     lap("activations")
 
-    def count_tokens(batch: list[str]) -> list[int]:
-        return [len(ids) for ids in backend.tokenizer(batch, add_special_tokens=False)["input_ids"]]
-
-    issues = find_quality_issues(pairs, max_length=config.activations.max_length, count_tokens=count_tokens)
+    issues = find_quality_issues(pairs, max_length=config.activations.max_length,
+                                 count_tokens=tokenizer_counter(backend.tokenizer))
     quality: dict[str, list[str]] = {}
     for issue in issues:
         quality.setdefault(issue.pair_id, []).append(issue.kind)
@@ -211,17 +218,10 @@ def scan_pairs(pairs: pl.DataFrame, config: ScanConfig, *, source: str, steps=no
     features = select_features(salience, config.n_features, features_file=config.features_file)
     lap("salience")
 
-    signals = {"score_safe": score_safe(stats, features)}
     if backend.has_reward_head:
-        rewards = store.scores()
-        signals["reward_margin"] = rewards[0::2] - rewards[1::2]
+        signals = compute_signals(stats, features, rewards=store.scores(), fit=HeadFit.of(config))
     else:
-        pooled = store.pooled_mean()
-        signals["reward_margin"] = cross_fitted_margins(pooled[0::2] - pooled[1::2], folds=config.folds,
-                                                        seed=config.seed, l2=config.margin_l2).margins
-    code_diffs = stats.mean_codes[0::2] - stats.mean_codes[1::2]
-    signals["sae_margin"] = cross_fitted_margins(code_diffs, folds=config.folds, seed=config.seed,
-                                                 l2=config.sae_l2, l1=config.sae_l1).margins
+        signals = compute_signals(stats, features, pooled=store.pooled_mean(), fit=HeadFit.of(config))
     ranked = suspicion(signals, config.ranking)
     lap("scores")
 
@@ -242,9 +242,8 @@ def build_report(source, pairs, texts, stats, salience, features, signals, ranke
     """The Report of a scan: every pair as a Finding, every selected feature as a card."""
     pair_ids = pairs["pair_id"].to_list()
     per_pair_quality = [quality.get(pid, []) for pid in pair_ids]
-    ranked_signals = {name: values for name, values in signals.items() if config.ranking.get(name)}
-    categories = categorise(ranked, ranked_signals, per_pair_quality, flipped_fraction=config.flipped_fraction,
-                            noisy_fraction=config.noisy_fraction)
+    categories = categorise(ranked, ranked_signals(signals, config.ranking), per_pair_quality,
+                            flipped_fraction=config.flipped_fraction, noisy_fraction=config.noisy_fraction)
     order = torch.argsort(-ranked, stable=True).tolist()
     rank_of = {pair: r + 1 for r, pair in enumerate(order)}
     labels = {f.latent: f.label for f in features.features}
@@ -258,14 +257,13 @@ def build_report(source, pairs, texts, stats, salience, features, signals, ranke
                                              float(rejected_terms[j])) for j in top if net[j] > 0]
         findings.append(Finding(
             pair_id=row["pair_id"], source=row["source"], line=row["line"], rank=rank_of[i],
-            category=categories[i], suspicion=float(ranked[i]),
-            score_safe=float(signals["score_safe"][i]), reward_margin=float(signals["reward_margin"][i]),
-            sae_margin=float(signals["sae_margin"][i]), quality=per_pair_quality[i],
+            category=categories[i], suspicion=float(ranked[i]), **{name: float(signals[name][i]) for name in SIGNALS},
+            quality=per_pair_quality[i],
             chosen=row["chosen"], rejected=row["rejected"], context=row["context"], top_features=contributions))
     findings.sort(key=lambda f: f.rank)
     cards = _render_cards(feature_cards(stats, features), texts, pair_ids, backend,
                           config.activations.max_length, config.cards_with_contexts)
-    counts = {c: categories.count(c) for c in ("flipped", "noisy", "quality", "clean")}
+    counts = {str(c): categories.count(c) for c in Category}
     run = RunInfo(
         tool_version=__version__, model=backend.identity, model_hash=backend.fingerprint, layer=layer,
         positions=config.activations.positions, max_length=config.activations.max_length,
@@ -293,7 +291,7 @@ def _render_cards(cards, texts: list[PreparedText], pair_ids: list[str], backend
             # the same left-truncated tokenization as extraction, so positions index it directly
             ids, offsets, specials = backend.tokenize([texts[i].text for i in group], max_length=max_length,
                                                       has_special_tokens=special)
-            tokenized.update({i: (o, sp) for i, o, sp in zip(group, offsets, specials)})
+            tokenized.update({i: (o, sp) for i, o, sp in zip(group, offsets, specials, strict=True)})
     out = []
     for n, card in enumerate(cards):
         contexts = []
@@ -311,6 +309,6 @@ def _render_cards(cards, texts: list[PreparedText], pair_ids: list[str], backend
         out.append(FeatureCard(latent=f.latent, label=f.label, salience=f.salience, chosen_total=card.chosen_total,
                                rejected_total=card.rejected_total, fire_rate=card.fire_rate,
                                sign="+" if f.sign > 0 else "-",
-                               top_tokens=[(tok, c) for tok, (_, c) in zip(tokens, card.top_tokens)],
+                               top_tokens=[(tok, c) for tok, (_, c) in zip(tokens, card.top_tokens, strict=True)],
                                contexts=contexts))
     return out

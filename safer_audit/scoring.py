@@ -1,4 +1,10 @@
-"""Per-pair scores and the suspicion ranking (METHOD.md section 5, and our additions).
+"""Per-pair scores, the suspicion ranking and the categories (METHOD.md section 5, and our additions).
+
+The one scoring path of both ``scan`` and ``gate``: ``compute_signals`` turns a pair's codes,
+features and reward (or pooled activations) into the signals, with heads cross-fitted on the
+pairs themselves (a scan) or frozen in a baseline (the gate); ``percentile_against`` and
+``combine`` rank them; ``Cutoffs`` and ``categorise_pair`` name the category. So a pair scored
+by the gate against a baseline of the same data gets the scan's signals, suspicion and category.
 
 - ``score_safe``: V(chosen) - V(rejected) over the selected features.
 - ``reward_margin``: the reward model's own r(chosen) - r(rejected), or, for a model with
@@ -8,16 +14,21 @@
   of the pooled SAE codes: its weights are a learned salience, and the per-feature terms
   of its margin explain a pair.
 - ``suspicion``: the mean over the signals of each pair's percentile rank from the low
-  end: 1 is the most suspicious pair, 0 the least. Low scores mean "rejected looks
-  better", so every signal ranks the same way.
+  end: the fraction of the other pairs with a higher value, ties counting half (1: below
+  every other pair, the most suspicious; 0: above every other). Low scores mean "rejected
+  looks better", so every signal ranks the same way. In a scan the other pairs are the rest
+  of the scan; in the gate they are the baseline's pairs (less the pair's own entry).
 """
 
 from __future__ import annotations
 
+import math
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 import torch
 
+from .domain import SIGNALS, Category
 from .salience import CodeStats, FeatureSet
 
 
@@ -143,57 +154,186 @@ def average_ranks(values: torch.Tensor) -> torch.Tensor:
     return mean_rank[inverse]
 
 
-def percentile_from_low(values: torch.Tensor) -> torch.Tensor:
-    """1 for the lowest value, 0 for the highest; ties share their mean rank; NaN stays NaN."""
-    out = torch.full_like(values, float("nan"), dtype=torch.float32)
-    finite = torch.isfinite(values)
-    n = int(finite.sum())
-    if n == 0:
-        return out
-    out[finite] = (1.0 - average_ranks(values[finite]) / max(n - 1, 1)).float()
+# ------------------------------------------------------------------------------ the signals
+
+@dataclass(frozen=True)
+class HeadFit:
+    """How the Bradley-Terry heads are fitted (ScanConfig's folds, seed and penalties)."""
+
+    folds: int = 5
+    seed: int = 0
+    margin_l2: float = 1.0
+    sae_l1: float = 2e-2
+    sae_l2: float = 1e-4
+
+    @classmethod
+    def of(cls, config) -> HeadFit:
+        """The fit a ScanConfig asks for."""
+        return cls(config.folds, config.seed, config.margin_l2, config.sae_l1, config.sae_l2)
+
+    def penalties(self, signal: str) -> tuple[float, float]:
+        """(l2, l1) of the head behind ``signal``: ridge on activations, sparse on SAE codes."""
+        return (self.sae_l2, self.sae_l1) if signal == "sae_margin" else (self.margin_l2, 0.0)
+
+
+def head_inputs(stats: CodeStats, pooled: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """What each Bradley-Terry head reads, per pair: the difference of the mean SAE codes
+    (``sae_margin``) and, given pooled activations per text, their difference (``reward_margin``)."""
+    inputs = {}
+    if pooled is not None:
+        inputs["reward_margin"] = pooled[0::2] - pooled[1::2]
+    inputs["sae_margin"] = stats.mean_codes[0::2] - stats.mean_codes[1::2]
+    return inputs
+
+
+def fit_heads(stats: CodeStats, fit: HeadFit, pooled: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """Heads fitted on every pair, to freeze (a baseline's heads file): ``<signal>.scale`` and
+    ``<signal>.weight`` for the SAE-code head, and the activation head when ``pooled`` is given
+    (a model without a reward head of its own). Column-scaled as cross_fitted_margins does."""
+    heads = {}
+    for name, diffs in head_inputs(stats, pooled).items():
+        scale = column_scale(diffs)
+        l2, l1 = fit.penalties(name)
+        heads[f"{name}.scale"] = scale.contiguous()
+        heads[f"{name}.weight"] = fit_bradley_terry(diffs / scale, l2=l2, l1=l1).contiguous()
+    return heads
+
+
+def frozen_margins(heads: Mapping[str, torch.Tensor], name: str, diffs: torch.Tensor) -> torch.Tensor:
+    """Margins of the frozen head ``name`` (fit_heads' layout); a KeyError names a missing tensor."""
+    return (diffs / heads[f"{name}.scale"]) @ heads[f"{name}.weight"]
+
+
+def compute_signals(stats: CodeStats, features: FeatureSet, *, rewards: torch.Tensor | None = None,
+                    pooled: torch.Tensor | None = None, heads: Mapping[str, torch.Tensor] | None = None,
+                    fit: HeadFit = HeadFit()) -> dict[str, torch.Tensor]:
+    """The signals of every pair, in SIGNALS order.
+
+    ``rewards``: the model's reward per text (chosen, rejected interleaved), for a model with a
+    reward head; else ``pooled``: pooled activations per text, read by a Bradley-Terry head.
+    ``heads``: frozen heads (fit_heads' layout) for pairs they never saw (the gate); None
+    cross-fits them on these pairs (a scan), so no pair is scored by a head that saw it.
+    """
+    if (rewards is None) == (pooled is None):
+        raise ValueError("give the rewards (a reward model) or the pooled activations, not both or neither")
+    signals = {"score_safe": score_safe(stats, features)}
+    inputs = head_inputs(stats, pooled)
+    if rewards is not None:
+        signals["reward_margin"] = rewards[0::2] - rewards[1::2]
+    for name, diffs in inputs.items():
+        if heads is not None:
+            signals[name] = frozen_margins(heads, name, diffs)
+        else:
+            l2, l1 = fit.penalties(name)
+            signals[name] = cross_fitted_margins(diffs, folds=fit.folds, seed=fit.seed, l2=l2, l1=l1).margins
+    return {name: signals[name] for name in SIGNALS}
+
+
+# -------------------------------------------------------------------------------- ranking
+
+def percentile_against(values: torch.Tensor, reference: torch.Tensor,
+                       leave_out: torch.Tensor | None = None) -> torch.Tensor:
+    """For each value, the fraction of the finite reference values above it, ties counting half.
+
+    ``leave_out[i]`` is one reference value that does not count for ``values[i]`` (its own
+    entry; NaN: none). 1 below every other value, 0 above; NaN stays NaN, and so does a value
+    with nothing left to compare to (``combine`` counts it 0.5). Float64, from counts, so the
+    scan and the gate get the same bits for the same comparison.
+    """
+    ref = reference[torch.isfinite(reference)].double().sort().values
+    v = values.double()
+    out = torch.full(v.shape, math.nan, dtype=torch.float64)
+    finite = torch.isfinite(v)
+    below = torch.searchsorted(ref, v[finite], right=False).double()
+    upto = torch.searchsorted(ref, v[finite], right=True).double()
+    above, ties = len(ref) - upto, upto - below
+    n = torch.full_like(above, float(len(ref)))
+    if leave_out is not None:
+        left = leave_out.double()[finite]
+        counted = torch.isfinite(left)
+        n -= counted.double()
+        above -= (counted & (left > v[finite])).double()
+        ties -= (counted & (left == v[finite])).double()
+    out[finite] = torch.where(n > 0, (above + 0.5 * ties) / n.clamp(min=1), math.nan)
     return out
 
 
-def suspicion(signals: dict[str, torch.Tensor], weights: dict[str, float] | None = None) -> torch.Tensor:
-    """Weighted mean of the signals' percentile ranks from the low end (the combined ranking)."""
-    weights = weights or {name: 1.0 for name in signals}
-    total = torch.zeros(len(next(iter(signals.values()))))
+def percentile_from_low(values: torch.Tensor) -> torch.Tensor:
+    """Each value's percentile among the others (each leaves itself out): 1 for the lowest,
+    0 for the highest; ties share their mean; NaN stays NaN."""
+    return percentile_against(values, values, leave_out=values)
+
+
+def combine(percentiles: Mapping[str, torch.Tensor], weights: Mapping[str, float] | None = None) -> torch.Tensor:
+    """Weighted mean of the signals' percentiles (a missing one counts 0.5): the suspicion."""
+    weights = weights or {name: 1.0 for name in percentiles}
+    total = torch.zeros(len(next(iter(percentiles.values()))), dtype=torch.float64)
     weight_sum = 0.0
-    for name, values in signals.items():
+    for name, values in percentiles.items():
         w = weights.get(name, 0.0)
         if w:
-            total += w * percentile_from_low(values).nan_to_num(0.5)
+            total += w * values.nan_to_num(0.5)
             weight_sum += w
     return total / weight_sum
 
 
+def suspicion(signals: Mapping[str, torch.Tensor], weights: Mapping[str, float] | None = None) -> torch.Tensor:
+    """The combined ranking of a scan: each pair's percentiles among the other pairs, combined."""
+    return combine({name: percentile_from_low(values) for name, values in signals.items()}, weights)
+
+
+def ranked_signals(signals: Mapping[str, object], weights: Mapping[str, float]) -> dict[str, object]:
+    """The signals the ranking uses (a positive weight): the ones a ``flipped`` pair must have all negative."""
+    return {name: value for name, value in signals.items() if weights.get(name)}
+
+
+# ----------------------------------------------------------------------------- categories
+
 QUALITY_KINDS_THAT_CATEGORISE = ("identical", "empty_response", "contradiction", "context_mismatch")
 
 
-def categorise(suspicion_values: torch.Tensor, signals: dict[str, torch.Tensor], quality: list[list[str]], *,
-               flipped_fraction: float, noisy_fraction: float) -> list[str]:
-    """A category per pair, from its place in the ranking.
+@dataclass(frozen=True)
+class Cutoffs:
+    """The suspicion a pair must reach to be ``flipped`` or ``noisy`` (None: no pair can)."""
+
+    flipped: float | None
+    noisy: float | None
+
+    @classmethod
+    def from_ranking(cls, suspicion_values: torch.Tensor, flipped_fraction: float, noisy_fraction: float) -> Cutoffs:
+        return cls(_cutoff(suspicion_values, flipped_fraction), _cutoff(suspicion_values, noisy_fraction))
+
+
+def _cutoff(suspicion_values: torch.Tensor, fraction: float) -> float | None:
+    """The suspicion of the last pair inside the most suspicious ``fraction`` (pairs tied with
+    it are inside too: a category does not depend on the order of the input)."""
+    n = len(suspicion_values)
+    count = sum(1 for position in range(n) if (position + 1) / n <= fraction)
+    return float(torch.sort(suspicion_values.double(), descending=True).values[count - 1]) if count else None
+
+
+def categorise_pair(suspicion_value: float, signals: Mapping[str, float | None], quality_kinds: Iterable[str],
+                    cutoffs: Cutoffs) -> Category:
+    """The category of one pair.
 
     quality: a data-quality finding that makes the pair unusable as it is (identical
-    responses, an empty one, a contradiction, different contexts); flipped: among the
-    ``flipped_fraction`` most suspicious pairs and every signal given (those the ranking uses) says rejected is better;
-    noisy: among the ``noisy_fraction`` most suspicious otherwise; clean: the rest.
+    responses, an empty one, a contradiction, different contexts); flipped: its suspicion
+    reaches the flipped cut-off and every signal given (those the ranking uses) says rejected
+    is better; noisy: it reaches the noisy cut-off otherwise; clean: the rest.
     """
-    n = len(suspicion_values)
-    order = torch.argsort(-suspicion_values, stable=True)
-    position = torch.empty(n, dtype=torch.long)
-    position[order] = torch.arange(n)
-    stacked = torch.stack([v.nan_to_num(0.0) for v in signals.values()])
-    all_negative = (stacked < 0).all(0)
-    out = []
-    for i in range(n):
-        rank_fraction = (int(position[i]) + 1) / n
-        if any(kind in QUALITY_KINDS_THAT_CATEGORISE for kind in quality[i]):
-            out.append("quality")
-        elif rank_fraction <= flipped_fraction and bool(all_negative[i]):
-            out.append("flipped")
-        elif rank_fraction <= noisy_fraction:
-            out.append("noisy")
-        else:
-            out.append("clean")
-    return out
+    if any(kind in QUALITY_KINDS_THAT_CATEGORISE for kind in quality_kinds):
+        return Category.QUALITY
+    all_negative = all(v is not None and math.isfinite(v) and v < 0 for v in signals.values())
+    if cutoffs.flipped is not None and suspicion_value >= cutoffs.flipped and all_negative:
+        return Category.FLIPPED
+    if cutoffs.noisy is not None and suspicion_value >= cutoffs.noisy:
+        return Category.NOISY
+    return Category.CLEAN
+
+
+def categorise(suspicion_values: torch.Tensor, signals: Mapping[str, torch.Tensor], quality: list[list[str]], *,
+               flipped_fraction: float, noisy_fraction: float) -> list[Category]:
+    """A category per pair of a scan, with the cut-offs of its own ranking (categorise_pair)."""
+    cutoffs = Cutoffs.from_ranking(suspicion_values, flipped_fraction, noisy_fraction)
+    return [categorise_pair(float(suspicion_values[i]), {name: float(v[i]) for name, v in signals.items()},
+                            quality[i], cutoffs) for i in range(len(suspicion_values))]

@@ -17,6 +17,7 @@ from click.testing import CliRunner
 
 from safer_audit.activations import load_backend
 from safer_audit.cli import cli
+from safer_audit.data import pair_digest
 from safer_audit.gate import percentile_against, read_baseline, read_sources, render_json, run_gate, score_frozen
 from safer_audit.sae import TopKSAE
 
@@ -232,6 +233,29 @@ def test_frozen_scoring_reproduces_the_baseline_scores(repo):
         # same SAE, features and model head: the same numbers (the SAE-code margin was cross-fitted)
         for name in ("score_safe", "reward_margin"):
             assert float(signals[name][i]) == pytest.approx(stored[name], rel=1e-5, abs=1e-6)
+
+
+def test_a_pair_the_gate_scores_gets_its_scan_signals_and_category(repo, work):
+    """The pairs of the baseline under new ids are all new to the gate, which scores them with the
+    frozen reference against the baseline: each gets the signals and category the scan gave it."""
+    baseline = read_baseline(work / ".safer-audit" / "baseline.json")
+    data = write_jsonl(work / "renamed.jsonl", [{**r, "id": f"{r['id']}-again"} for r in records()])
+    result = run_gate([str(data)], work / ".safer-audit" / "baseline.json", cache_dir=work.parent / "cache")
+    assert result.new == N_PAIRS
+    for pair_id, stored in baseline.pairs.items():
+        scored = result.new_entries[f"{pair_id}-again"]
+        # sae_margin is not compared: the scan's is cross-fitted, the gate's head saw every baseline pair
+        for name in ("score_safe", "reward_margin"):
+            assert scored[name] == pytest.approx(stored[name], rel=1e-5, abs=1e-6)
+        assert scored["category"] == stored["category"], pair_id
+    assert {e["category"] for e in baseline.pairs.values()} != {"clean"}  # suspects are compared too
+
+
+def test_baseline_digests_are_the_pair_digests(repo):
+    """A baseline names a pair as clean, decisions and reports do: data.pair_digest."""
+    baseline = read_baseline(repo / ".safer-audit" / "baseline.json")
+    for row in read_sources([str(repo / "data.jsonl")]).iter_rows(named=True):
+        assert baseline.pairs[row["pair_id"]]["digest"] == pair_digest(row["context"], row["chosen"], row["rejected"])
 
 
 def test_percentile_against_the_baseline_distribution():

@@ -198,24 +198,25 @@ def baseline_dir(tmp_path):
     from safetensors.torch import save as save_safetensors
 
     from safer_audit import __version__
-    from safer_audit.gate import pair_digest, read_sources, render_json
+    from safer_audit.digests import short_digest
+    from safer_audit.gate import BASELINE_FORMAT, read_sources, render_json, row_digest
 
     data = _fixture_pairs(tmp_path / "data.jsonl")
     make_sae().save(tmp_path / "b-sae")
     heads = save_safetensors({"sae_margin.weight": torch.zeros(64)})
     (tmp_path / "b-heads.safetensors").write_bytes(heads)
     header = {
-        "format": 1, "tool_version": __version__,
+        "format": BASELINE_FORMAT, "tool_version": __version__,
         "model": {"identity": "tiny", "fingerprint": "f" * 16, "reward_head": False, "location": None},
         "activations": {"layer": 1, "positions": "response", "max_length": 64},
         "data": {"schema": None, "split": None, "preference": "better", "skip_invalid": False},
         "sae": {"path": "b-sae", "hash": TopKSAE.file_hash(tmp_path / "b-sae"), "latents": 64, "d_in": 16},
-        "heads": {"path": "b-heads.safetensors", "hash": hashlib.sha256(heads).hexdigest()[:16]},
+        "heads": {"path": "b-heads.safetensors", "hash": short_digest(hashlib.sha256(heads).hexdigest())},
         "features": [{"latent": 3, "sign": 1, "label": None}, {"latent": 7, "sign": -1, "label": "refusal"}],
         "ranking": {"score_safe": 1.0, "reward_margin": 1.0, "sae_margin": 0.0},
         "thresholds": {"flipped_fraction": 0.04, "noisy_fraction": 0.1, "flipped_cutoff": 0.9, "noisy_cutoff": 0.7},
     }
-    pairs = {row["pair_id"]: {"category": "clean", "digest": pair_digest(row), "score_safe": -0.5,
+    pairs = {row["pair_id"]: {"category": "clean", "digest": row_digest(row), "score_safe": -0.5,
                               "reward_margin": 0.25, "sae_margin": None}
              for row in read_sources([str(data)]).iter_rows(named=True)}
     (tmp_path / "b.json").write_text(render_json({"header": header, "pairs": pairs}), encoding="utf-8")
@@ -249,7 +250,7 @@ _MALFORMED = [
     (lambda d: d["header"].update(features={"latent": 3}), r'"header\.features" must be a list'),
     (lambda d: d["header"].update(sae="b-sae"), r'"header\.sae" must be an object'),
     (lambda d: d["header"]["sae"].update(latents="64"), r'"header\.sae\.latents" must be an integer'),
-    (lambda d: d["header"]["heads"].update(hash="not-a-digest"), r'"header\.heads\.hash" must be 16 lowercase hex'),
+    (lambda d: d["header"]["heads"].update(hash="not-a-digest"), r'"header\.heads\.hash" must be 32 lowercase hex'),
     (lambda d: d["header"]["ranking"].update(score_safe="1"), r'"header\.ranking\.score_safe" must be a finite number'),
     (lambda d: d["header"]["ranking"].update(score_safe=-1.0), r'"header\.ranking\.score_safe" must be in \[0\.0'),
     (lambda d: d["header"].update(ranking={"score_safe": 0, "reward_margin": 0}), r"at least one signal"),
@@ -265,7 +266,7 @@ _MALFORMED = [
     (lambda d: _first_pair(d).update(category="bogus"), r'"pairs\.[^"]+\.category" is .bogus.; expected one of'),
     (lambda d: _first_pair(d).update(score_safe=float("nan")), r"NaN is not a JSON value"),
     (lambda d: _first_pair(d).update(reward_margin="0.3"), r'"pairs\.[^"]+\.reward_margin" must be a finite number'),
-    (lambda d: _first_pair(d).update(digest="ABCDEF0123456789"), r'"pairs\.[^"]+\.digest" must be 16 lowercase hex'),
+    (lambda d: _first_pair(d).update(digest="ABCDEF0123456789"), r'"pairs\.[^"]+\.digest" must be 32 lowercase hex'),
 ]
 
 
@@ -277,6 +278,14 @@ def test_a_malformed_baseline_is_one_line_error_naming_the_field(baseline_dir, e
     lines = result.output.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"Error: {baseline_dir / 'b.json'}: ")
     assert re.search(message, lines[0]), lines[0]
+
+
+def test_an_older_baseline_format_says_to_make_a_new_one(baseline_dir):
+    """Format 1 named pairs by another digest: compared with this one's, every pair would look changed."""
+    _edit_baseline(baseline_dir, lambda d: d["header"].update(format=1))
+    result = _gate(baseline_dir)
+    assert result.exit_code == 2, result.output
+    assert "made by an older safer-audit" in result.output and "safer-audit baseline" in result.output
 
 
 @pytest.mark.parametrize(

@@ -10,6 +10,7 @@ import torch
 from safetensors.torch import save_file
 
 from safer_audit.config import SaeTrainConfig
+from safer_audit.digests import DIGEST_LENGTH
 from safer_audit.sae import (
     SaeConfig,
     SaeFormatError,
@@ -134,7 +135,7 @@ def test_save_over_existing_directory_replaces_files_and_leaves_no_temp(tmp_path
     make_sae(seed=0).save(target)
     (target / "README.md").write_text("kept")
     first_hash = TopKSAE.file_hash(target)
-    assert TopKSAE.file_hash(target) == first_hash and len(first_hash) == 16
+    assert TopKSAE.file_hash(target) == first_hash and len(first_hash) == DIGEST_LENGTH
     second = make_sae(seed=5)
     second.save(target)
     assert sorted(p.name for p in target.iterdir()) == ["README.md", "cfg.json", "sae_weights.safetensors"]

@@ -164,6 +164,20 @@ def test_suspicion_and_categories():
     assert categories.count("clean") == 20 - 4 - 1 - 4
 
 
+def test_categories_do_not_depend_on_the_order_of_the_pairs():
+    # pairs 0 and 1 tie for the most suspicious (each lowest on one signal, second on the other),
+    # and the flipped fraction holds one pair: both are inside, whichever comes first
+    signals = {"score_safe": torch.tensor([-2.0, -1.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0]),
+               "reward_margin": torch.tensor([-1.0, -2.0, 3.0, 1.0, 2.0, 5.0, 4.0, 7.0, 6.0, 8.0])}
+    quality = [[] for _ in range(10)]
+    categories = categorise(suspicion(signals), signals, quality, flipped_fraction=0.1, noisy_fraction=0.3)
+    assert categories[:2] == ["flipped", "flipped"]
+    reverse = torch.arange(9, -1, -1)
+    backwards = {name: values[reverse] for name, values in signals.items()}
+    again = categorise(suspicion(backwards), backwards, quality, flipped_fraction=0.1, noisy_fraction=0.3)
+    assert again[::-1] == categories
+
+
 class FakeStore:
     """Two chunks of random activations, in the shape ActivationStore.iter_chunks yields."""
 

@@ -11,6 +11,7 @@ from click.testing import CliRunner
 
 from safer_audit.cli import cli
 from safer_audit.config import ActivationConfig, SaeTrainConfig, ScanConfig
+from safer_audit.data import load_pairs
 from safer_audit.report import Report
 from safer_audit.scan import run_scan
 
@@ -162,3 +163,28 @@ def test_cache_info_and_clear(tiny_llama_dir, data_file, tmp_path):
     result = invoke("cache", "clear", "--cache-dir", cache, "--yes")
     assert result.exit_code == 0 and "freed" in result.output
     assert json.loads(invoke("cache", "info", "--cache-dir", cache, "--json").output)["entries"] == []
+
+
+def test_scan_and_validate_count_tokens_alike(tiny_bert_dir, tmp_path):
+    """`validate --max-length N` and a scan at max length N flag the same responses as truncated:
+    one token counter, counting the special tokens extraction adds (the encoder adds two)."""
+    from transformers import AutoTokenizer
+
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in hh_records(12)), encoding="utf-8")
+    pairs = load_pairs(path).pairs
+    tokenizer = AutoTokenizer.from_pretrained(tiny_bert_dir)
+    chosen, rejected = (tokenizer(pairs[side].to_list(), add_special_tokens=False)["input_ids"]
+                        for side in ("chosen", "rejected"))
+    longest = sorted(max(len(c), len(r)) for c, r in zip(chosen, rejected, strict=True))
+    # the pair whose longer response is exactly this long (without special tokens) is on the
+    # boundary: its response only fits if the special tokens are not counted
+    max_length = longest[len(longest) // 2]
+    config = scan_config(tiny_bert_dir, tmp_path / "cache")
+    config.activations.max_length = max_length
+    scanned = run_scan(str(path), config)
+    in_scan = sum(1 for f in scanned.report.findings if "truncated" in f.quality)
+    validated = invoke("validate", path, "--max-length", max_length, "--model", tiny_bert_dir, "--json")
+    assert validated.exit_code == 0, validated.output
+    in_validate = json.loads(validated.output)["findings"]["truncated"]["count"]
+    assert in_scan == in_validate and in_scan > 0

@@ -23,7 +23,8 @@ from rich.console import Console
 from safer_audit.cli import cli
 from safer_audit.errors import inert
 from safer_audit.explain import Explanation, FeatureFiring, print_explanation
-from safer_audit.gate import GateFinding, GateResult, github_annotations, render_json_result, render_junit, render_text
+from safer_audit.gate import GateFinding, GateResult
+from safer_audit.gate_formats import github_annotations, render_json_result, render_junit, render_text
 from safer_audit.report import (
     FeatureCard,
     FeatureContext,
