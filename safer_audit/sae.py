@@ -134,7 +134,9 @@ class TopKSAE(torch.nn.Module):
         w_enc = torch.empty(cfg.d_in, cfg.n_latents).uniform_(-bound, bound, generator=generator)
         self.W_enc = torch.nn.Parameter(w_enc)
         self.b_enc = torch.nn.Parameter(torch.zeros(cfg.n_latents))
-        self.W_dec = torch.nn.Parameter(w_enc.T.clone())
+        # contiguous, not w_enc.T.clone() (which keeps the transposed strides): embedding_bag on a
+        # column-major W_dec measured ~60 ms per decode against ~1 ms row-major
+        self.W_dec = torch.nn.Parameter(w_enc.T.contiguous())
         self.b_pre = torch.nn.Parameter(torch.zeros(cfg.d_in))
         self.set_decoder_norm_to_unit_norm()
 
