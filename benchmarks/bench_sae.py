@@ -13,6 +13,10 @@ it (mean over tokens of ||x_hat - x||^2 / ||x||^2), FVU as sparsify defines it (
 squared error over the total variance around the mean token), mean L0, and the fraction
 of latents that never fire.
 
+Each trainer runs ``--repeats`` times, interleaved (ours, sparsify, ours, ...), so that a
+busy machine slows both alike; the table reports the median and every run, and the ratio
+of the medians. ``--profile N`` instead profiles one training of ours (torch.profiler).
+
     python benchmarks/bench_sae.py --acts acts.safetensors   # a tensor "acts" [N, d_in]
     python benchmarks/bench_sae.py                           # structured synthetic data
 """
@@ -23,6 +27,7 @@ import argparse
 import math
 import os
 import shlex
+import statistics
 import sys
 import time
 
@@ -133,6 +138,16 @@ def train_sparsify(chunks: list[torch.Tensor], d_in: int, cfg: SaeTrainConfig, n
     return encode_decode, seconds, tokens
 
 
+def profile_ours(chunks: list[torch.Tensor], d_in: int, cfg: SaeTrainConfig, n_tokens: int, top: int) -> None:
+    """Where one training of ours spends its time: torch.profiler's operators by self CPU time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    train_sae(lambda: chunks[:1], d_in, cfg, n_tokens=len(chunks[0]))  # one-off set-up costs
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        train_sae(lambda: chunks, d_in, cfg, n_tokens=n_tokens)
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=top))
+
+
 def main(argv=None) -> None:
     defaults = SaeTrainConfig()
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -150,6 +165,9 @@ def main(argv=None) -> None:
     parser.add_argument("--seed", type=int, default=defaults.seed)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--only", choices=("ours", "sparsify"), help="train just one of the two")
+    parser.add_argument("--repeats", type=int, default=3, help="interleaved runs of each trainer (median reported)")
+    parser.add_argument("--profile", type=int, default=0, metavar="N",
+                        help="instead: profile one training of ours (torch.profiler) and print the top N ops")
     args = parser.parse_args(argv)
 
     torch.set_num_threads(args.threads)
@@ -175,25 +193,42 @@ def main(argv=None) -> None:
     n_latents = cfg.n_latents or cfg.expansion * d_in
     x = layer_norm(h)
 
-    rows = []
     warm_up = SaeTrainConfig(n_latents=n_latents, k=cfg.k, batch_size=cfg.batch_size, seed=cfg.seed)
     trainers = {"safer-audit TopKSAE": train_ours, "sparsify SparseCoder": train_sparsify}
-    for name, train in trainers.items():
-        if args.only and not name.startswith({"ours": "safer", "sparsify": "sparsify"}[args.only]):
-            continue
+    if args.only:
+        trainers = {n: t for n, t in trainers.items() if n.startswith({"ours": "safer", "sparsify": "sparsify"}[args.only])}
+    if args.profile:
+        profile_ours(chunks, d_in, cfg, len(h), args.profile)
+        return
+    for train in trainers.values():
         train(chunks[:1], d_in, warm_up, len(chunks[0]))  # first calls pay one-off set-up costs
-        encode_decode, seconds, tokens = train(chunks, d_in, cfg, len(h))
-        rows.append((name, seconds, tokens, evaluate(encode_decode, x, n_latents)))
+    load_before = os.getloadavg()[0]
+    # interleaved (ours, sparsify, ours, ...) so that a busy machine slows both alike
+    seconds: dict[str, list[float]] = {name: [] for name in trainers}
+    last = {}
+    for _ in range(args.repeats):
+        for name, train in trainers.items():
+            encode_decode, secs, tokens = train(chunks, d_in, cfg, len(h))
+            seconds[name].append(secs)
+            last[name] = (encode_decode, tokens)
+    load_after = os.getloadavg()[0]
+    # training is deterministic: the last run's model stands for every run
+    rows = [(name, seconds[name], last[name][1], evaluate(last[name][0], x, n_latents)) for name in trainers]
 
     steps = math.ceil(len(h) / cfg.batch_size) * cfg.epochs
     print(f"data: {source}, {len(h)} tokens x {d_in}; n_latents={n_latents}, k={cfg.k}, batch={cfg.batch_size}, "
           f"epochs={cfg.epochs} ({steps} steps), lr={cfg.lr or default_lr(n_latents):.3g}, auxk_alpha={cfg.auxk_alpha:.4g}, "
-          f"dead_tokens={cfg.dead_tokens}, threads={args.threads}, torch {torch.__version__}\n")
-    print("| trainer | seconds | tokens/s | FVU (METHOD) | FVU (sparsify) | L0 | dead fraction |")
-    print("|---|---:|---:|---:|---:|---:|---:|")
-    for name, seconds, tokens, fig in rows:
-        print(f"| {name} | {seconds:.1f} | {tokens / seconds:,.0f} | {fig['fvu']:.4f} | {fig['fvu_var']:.4f} "
-              f"| {fig['l0']:.1f} | {fig['dead_fraction']:.4f} |")
+          f"dead_tokens={cfg.dead_tokens}, threads={args.threads}, torch {torch.__version__}; "
+          f"{args.repeats} interleaved runs each, 1-min load average {load_before:.1f} before, {load_after:.1f} after\n")
+    print("| trainer | median seconds | runs (s) | tokens/s | FVU (METHOD) | FVU (sparsify) | L0 | dead fraction |")
+    print("|---|---:|---|---:|---:|---:|---:|---:|")
+    for name, secs, tokens, fig in rows:
+        med = statistics.median(secs)
+        print(f"| {name} | {med:.1f} | {', '.join(f'{s:.1f}' for s in secs)} | {tokens / med:,.0f} | {fig['fvu']:.4f} "
+              f"| {fig['fvu_var']:.4f} | {fig['l0']:.1f} | {fig['dead_fraction']:.4f} |")
+    if len(rows) == 2:
+        ours, theirs = (statistics.median(r[1]) for r in rows)
+        print(f"\nratio ours / sparsify (medians): {ours / theirs:.2f}")
     print(f"\ncommand: python {shlex.join(['benchmarks/bench_sae.py', *(argv if argv is not None else sys.argv[1:])])}")
 
 

@@ -150,7 +150,9 @@ class TopKSAE(torch.nn.Module):
         w_enc = torch.empty(cfg.d_in, cfg.n_latents).uniform_(-bound, bound, generator=generator)
         self.W_enc = torch.nn.Parameter(w_enc)
         self.b_enc = torch.nn.Parameter(torch.zeros(cfg.n_latents))
-        self.W_dec = torch.nn.Parameter(w_enc.T.clone())
+        # contiguous, not w_enc.T.clone() (which keeps the transposed strides): embedding_bag on a
+        # column-major W_dec measured ~60 ms per decode against ~1 ms row-major
+        self.W_dec = torch.nn.Parameter(w_enc.T.contiguous())
         self.b_pre = torch.nn.Parameter(torch.zeros(cfg.d_in))
         self.set_decoder_norm_to_unit_norm()
 
@@ -167,7 +169,8 @@ class TopKSAE(torch.nn.Module):
         return centred / (centred.std(dim=-1, keepdim=True) + LAYER_NORM_EPS)
 
     def _pre_activations(self, x: torch.Tensor) -> torch.Tensor:
-        return (x - self.b_pre) @ self.W_enc + self.b_enc
+        # F.linear runs one fused addmm (bias included) on W_enc as stored, no copy
+        return F.linear(x - self.b_pre, self.W_enc.T, self.b_enc)
 
     def _top_k(self, pre: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         top_vals, top_idx = pre.topk(self.cfg.k, dim=-1, sorted=False)
@@ -199,29 +202,51 @@ class TopKSAE(torch.nn.Module):
         return self._decode_sparse(top_vals, top_idx) + self.b_pre
 
     def forward(self, h: torch.Tensor, dead_mask: torch.Tensor | None = None) -> ForwardOutput:
-        """Encode and decode raw hidden states [tokens, d_in]; AuxK over ``dead_mask`` latents."""
+        """Encode and decode raw hidden states [tokens, d_in]; AuxK over ``dead_mask`` latents.
+
+        The dense pre-activations are computed outside autograd; only the selected entries
+        (top k, and the AuxK latents) carry a gradient, through ``_SparseLinear``, so the
+        backward pass never builds a dense [tokens, n_latents] gradient.
+        """
         x = self.normalize(h)
-        pre = self._pre_activations(x)
-        top_vals, top_idx = self._top_k(pre)
+        centred = x - self.b_pre
+        with torch.no_grad():
+            pre = torch.addmm(self.b_enc, centred, self.W_enc)
+            top_pre, top_idx = pre.topk(self.cfg.k, dim=-1, sorted=False)
+        aux = self._auxk_latents(pre, dead_mask)
+        if aux is None:
+            top_vals = _SparseLinear.apply(centred, self.W_enc, self.b_enc, top_idx, top_pre).relu()
+        else:  # one sparse pass for both sets of latents: W_enc.T is copied once in the backward
+            picked = _SparseLinear.apply(centred, self.W_enc, self.b_enc, torch.cat([top_idx, aux[1]], dim=-1),
+                                         torch.cat([top_pre, aux[0]], dim=-1)).relu()
+            top_vals, aux_vals = picked.split([self.cfg.k, aux[1].shape[-1]], dim=-1)
         x_hat = self.decode(top_vals, top_idx)
         residual = x - x_hat
         # clamp: an all-zero token (e.g. padding with normalize="none") must not divide by 0
         norm2 = x.pow(2).sum(dim=-1).clamp_min(1e-12)
         fvu = (residual.pow(2).sum(dim=-1) / norm2).mean()
-        auxk_loss = self._auxk_loss(pre, residual.detach(), norm2, dead_mask)
+        if aux is None:
+            auxk_loss = x.new_zeros(())
+        else:
+            # Gao et al. (2024) AuxK: the top dead latents reconstruct what the live ones missed
+            residual_hat = self._decode_sparse(aux_vals, aux[1])
+            auxk_loss = aux[2] * ((residual_hat - residual.detach()).pow(2).sum(dim=-1) / norm2).mean()
         return ForwardOutput(x, x_hat, top_vals, top_idx, fvu, auxk_loss)
 
-    def _auxk_loss(self, pre, residual, norm2, dead_mask) -> torch.Tensor:
-        """Gao et al. (2024) AuxK: the top dead latents reconstruct what the live ones missed."""
-        n_dead = 0 if dead_mask is None else int(dead_mask.sum())
+    @torch.no_grad()
+    def _auxk_latents(self, pre, dead_mask) -> tuple[torch.Tensor, torch.Tensor, float] | None:
+        """The AuxK latents of each token (pre-activations, indices) and the loss scale; None if none is dead."""
+        if dead_mask is None:
+            return None
+        dead = dead_mask.nonzero().squeeze(1)
+        n_dead = len(dead)
         if n_dead == 0:
-            return pre.new_zeros(())
+            return None
         k_aux = max(self.cfg.d_in // 2, 1)  # Gao et al., appendix B.1
         scale = min(n_dead / k_aux, 1.0)  # few dead latents: a weaker pull
-        aux_pre = pre.masked_fill(~dead_mask, float("-inf"))
-        aux_vals, aux_idx = aux_pre.topk(min(k_aux, n_dead), dim=-1, sorted=False)
-        residual_hat = self._decode_sparse(aux_vals.relu(), aux_idx)
-        return scale * ((residual_hat - residual).pow(2).sum(dim=-1) / norm2).mean()
+        # top-k over the dead columns only: cheaper than masking all n_latents when few are dead
+        aux_pre, which = pre.index_select(-1, dead).topk(min(k_aux, n_dead), dim=-1, sorted=False)
+        return aux_pre, dead[which], scale
 
     @torch.no_grad()
     def set_decoder_norm_to_unit_norm(self) -> None:
@@ -232,7 +257,8 @@ class TopKSAE(torch.nn.Module):
         """Keep each decoder row's update tangent to the unit sphere (renormalised after the step)."""
         grad = self.W_dec.grad
         if grad is not None:
-            grad -= (grad * self.W_dec.data).sum(dim=1, keepdim=True) * self.W_dec.data
+            # vecdot + addcmul_: two passes over [n_latents, d_in] and no temporaries
+            grad.addcmul_(torch.linalg.vecdot(grad, self.W_dec.data).unsqueeze(1), self.W_dec.data, value=-1)
 
     def state_for_saving(self) -> dict[str, torch.Tensor]:
         """The tensors in the SAELens layout (``b_pre`` saved as ``b_dec``), float32 on the CPU."""
@@ -310,6 +336,43 @@ class TopKSAE(torch.nn.Module):
         if not path.is_file():
             raise SaeFormatError(f"{directory}: no {WEIGHTS_FILE} or {SPARSIFY_WEIGHTS_FILE}")
         return short_digest(sha256_file(path))
+
+
+class _SparseLinear(torch.autograd.Function):
+    """``(x @ W + b)`` at the columns ``idx`` only, given those values already computed.
+
+    forward(x [N, d_in], W [d_in, M], b [M], idx [N, j], values [N, j]) returns ``values``;
+    the backward is that of ``(x @ W + b).gather(-1, idx)`` without any dense [N, M] tensor:
+    the input gradient is an embedding_bag over W's columns, the weight gradient an
+    embedding_bag over the tokens grouped by latent (deterministic, unlike index_add_).
+    The same idea as sparsify's fused encoder, which measured 5-8x faster than the dense
+    backward at 1024 x 3072, k = 32.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, idx, values):
+        ctx.save_for_backward(x, weight, idx)
+        ctx.mark_non_differentiable(idx)
+        return values.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight, idx = ctx.saved_tensors
+        grad = grad.to(weight.dtype).contiguous()
+        grad_x = grad_w = grad_b = None
+        if ctx.needs_input_grad[0]:
+            grad_x = F.embedding_bag(idx, weight.T.contiguous(), per_sample_weights=grad, mode="sum")
+        flat = idx.reshape(-1)
+        if ctx.needs_input_grad[1]:
+            n_latents = weight.shape[1]
+            order = flat.argsort(stable=True)
+            counts = torch.bincount(flat, minlength=n_latents)
+            rows = F.embedding_bag(order // idx.shape[-1], x.detach().to(weight.dtype), counts.cumsum(0) - counts,
+                                   per_sample_weights=grad.reshape(-1)[order], mode="sum")
+            grad_w = rows.T
+        if ctx.needs_input_grad[2]:
+            grad_b = torch.bincount(flat, grad.reshape(-1), minlength=weight.shape[1]).to(weight.dtype)
+        return grad_x, grad_w, grad_b, None, None
 
 
 def _write_json(data: dict, path) -> None:
@@ -566,6 +629,19 @@ def _lr_at(step: int, total_steps: int, peak: float, warmup_steps: int) -> float
     return peak * max(0.0, 1 - (step - warmup_steps) / remaining)
 
 
+def _adam(params, lr: float) -> torch.optim.Optimizer:
+    """Adam, fused where torch has a fused kernel for the device (CPU since torch 2.4).
+
+    The fused step measured ~10x faster than the default foreach one on the SAE's
+    2 x 1.2M weights (2 CPU threads); same update up to float rounding.
+    """
+    params = list(params)
+    try:
+        return torch.optim.Adam(params, lr=lr, fused=True)
+    except (RuntimeError, ValueError, TypeError):
+        return torch.optim.Adam(params, lr=lr)
+
+
 def default_lr(n_latents: int) -> float:
     """Gao et al.'s scaling rule: 2e-4 at 16,384 latents, times sqrt(16384 / n_latents)."""
     return 2e-4 / math.sqrt(n_latents / 2**14)
@@ -619,7 +695,7 @@ def train_sae(
                 with torch.no_grad():
                     sae.b_pre.copy_(sae.normalize(h).mean(0))
                 since_fired = since_fired.to(h.device)
-                optimizer = torch.optim.Adam(sae.parameters(), lr=peak_lr)
+                optimizer = _adam(sae.parameters(), peak_lr)
             lr = _lr_at(step, total_steps, peak_lr, warmup_steps)
             for group in optimizer.param_groups:
                 group["lr"] = lr
