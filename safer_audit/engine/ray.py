@@ -33,7 +33,7 @@ from ..errors import CacheError, ConfigError
 INSTALL_HINT = "--engine ray needs Ray: pip install 'safer-audit[ray]' (or pip install 'ray[data]>=2.60,<3')"
 
 # what the last extraction on Ray did, for tests and benchmarks: {"texts", "shards", "workers": {pid: shards},
-# "nodes": {node id: shards}}
+# "nodes": {node id: shards}, "worker_peak_rss": MB}
 LAST_RUN: dict = {}
 
 
@@ -93,7 +93,11 @@ class ShardWorker:
         node = ray.get_runtime_context().get_node_id()
         done = [self.compute(int(shard), json.loads(str(batches)))
                 for shard, batches in zip(rows["shard"], rows["batches"], strict=True)]
+        import resource
+
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # MB (Linux reports kB)
         return {"shard": np.asarray(rows["shard"]), "texts": np.asarray(done, dtype=np.int64),
+                "peak_rss_mb": np.full(len(done), peak),
                 "pid": np.full(len(done), self.pid, dtype=np.int64), "node": np.asarray([node] * len(done))}
 
 
@@ -137,6 +141,7 @@ def compute_shards_on_ray(texts: list[tuple[str, PreparedText]], shards: list[li
         run["shards"] += 1
         run["workers"][int(row["pid"])] = run["workers"].get(int(row["pid"]), 0) + 1
         run["nodes"][str(row["node"])] = run["nodes"].get(str(row["node"]), 0) + 1
+        run["worker_peak_rss"] = max(run.get("worker_peak_rss", 0.0), float(row["peak_rss_mb"]))
         if progress is not None:
             progress(done, total)
     run["texts"] = done
