@@ -52,12 +52,13 @@ def connect(address: str | None):
     ``address="local"`` is what None means: ``ray.init()`` without an address would try to
     join a cluster named in a stale /tmp/ray file. ``auto`` joins the cluster this node belongs to.
     """
+    import logging
+
     ray = _import_ray()
     if not ray.is_initialized():
-        import logging
-
         ray.init(address=address or "local", include_dashboard=False, logging_level=logging.WARNING,
                  log_to_driver=False, configure_logging=False)
+    logging.getLogger("ray.data").setLevel(logging.ERROR)  # Ray Data's per-dataset INFO lines would break the bar
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = False  # the CLI draws its own bar
     context.verbose_stats_logs = False
