@@ -24,6 +24,7 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,7 +35,7 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
 from .config import ActivationConfig
-from .errors import CacheError, ConfigError
+from .errors import CacheError, ConfigError, inert
 from .files import remove_stale_temporaries, write_atomic
 
 CACHE_FORMAT = 2  # 2: shards named by content, not by file bytes
@@ -112,10 +113,20 @@ def _mix64(x: np.ndarray) -> np.ndarray:
         return x ^ (x >> np.uint64(31))
 
 
-def config_key(identity: str, fingerprint: str, layer: int, positions: str, max_length: int) -> str:
-    """The cache sub-directory for one model + reading configuration."""
-    blob = json.dumps([CACHE_FORMAT, identity, fingerprint, layer, positions, max_length])
-    return hashlib.sha256(blob.encode()).hexdigest()[:20]
+CACHE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def config_key(identity: str, fingerprint: str, layer: int, positions: str, max_length: int,
+               cache_dtype: str = "float32") -> str:
+    """The cache sub-directory for one model + reading configuration.
+
+    The storage dtype is part of the key (a float16 cache is a different set of numbers),
+    but only when it is not float32, so caches written before it existed keep their key.
+    """
+    parts = [CACHE_FORMAT, identity, fingerprint, layer, positions, max_length]
+    if cache_dtype != "float32":
+        parts.append(cache_dtype)
+    return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:20]
 
 
 def text_key(text: str) -> str:
@@ -135,7 +146,10 @@ class TextActivations:
 class ActivationCache:
     """Shards of text activations for one model + layer + positions + max_length."""
 
-    def __init__(self, root: Path, key: str, meta: dict | None = None):
+    def __init__(self, root: Path, key: str, meta: dict | None = None, dtype: str = "float32"):
+        if dtype not in CACHE_DTYPES:
+            raise ConfigError(f"cache dtype must be one of {', '.join(CACHE_DTYPES)}, not {dtype!r}")
+        self.dtype = CACHE_DTYPES[dtype]  # how activations are stored; they are read back as float32
         self.directory = Path(root) / "activations" / key
         self.directory.mkdir(parents=True, exist_ok=True)
         if meta is not None:
@@ -166,7 +180,7 @@ class ActivationCache:
         for item in items:
             offsets.append(offsets[-1] + item.acts.shape[0])
         tensors = {
-            "acts": torch.cat([i.acts for i in items]).float().contiguous(),
+            "acts": torch.cat([i.acts for i in items]).to(self.dtype).contiguous(),
             "token_ids": torch.cat([i.token_ids for i in items]).long().contiguous(),
             "positions": torch.cat([i.positions for i in items]).int().contiguous(),
             "offsets": torch.tensor(offsets, dtype=torch.long),
@@ -213,7 +227,7 @@ class ActivationCache:
             return None
         row = location[1]
         lo, hi = tensors["offsets"][row].item(), tensors["offsets"][row + 1].item()
-        return TextActivations(tensors["acts"][lo:hi], tensors["token_ids"][lo:hi],
+        return TextActivations(tensors["acts"][lo:hi].float(), tensors["token_ids"][lo:hi],
                                tensors["positions"][lo:hi], tensors["scores"][row].item())
 
     def verify(self, keys: Sequence[str]) -> list[str]:
@@ -330,7 +344,7 @@ class ActivationStore:
             offsets = torch.zeros(len(rows) + 1, dtype=torch.long)
             offsets[1:] = torch.cumsum(lengths, 0)
             yield texts, offsets, {
-                "acts": tensors["acts"][gather],
+                "acts": tensors["acts"][gather].float(),  # float16/bfloat16 caches widen on reading
                 "token_ids": tensors["token_ids"][gather],
                 "positions": tensors["positions"][gather],
                 "scores": tensors["scores"][rows],
@@ -447,18 +461,25 @@ def resolve_layer(layer: int, n_layers: int) -> int:
 
 
 def open_cache(backend, config: ActivationConfig, layer: int) -> ActivationCache:
-    key = config_key(backend.identity, backend.fingerprint, layer, config.positions, config.max_length)
+    key = config_key(backend.identity, backend.fingerprint, layer, config.positions, config.max_length,
+                     config.cache_dtype)
     meta = {"model": backend.identity, "fingerprint": backend.fingerprint, "layer": layer,
             "positions": config.positions, "max_length": config.max_length, "d_model": backend.d_model}
-    return ActivationCache(config.cache_dir, key, meta)
+    if config.cache_dtype != "float32":
+        meta["dtype"] = config.cache_dtype
+    return ActivationCache(config.cache_dir, key, meta, dtype=config.cache_dtype)
 
 
 def extract_activations(texts: Sequence[PreparedText], backend, config: ActivationConfig, *,
-                        want_score: bool | None = None, progress=None) -> ActivationStore:
+                        want_score: bool | None = None, progress=None, notice=None) -> ActivationStore:
     """Activations for every text, computing only what the cache does not hold.
 
     ``want_score`` defaults to whether the model has a reward head; without it the
     forward pass stops at the read layer. ``progress(done, total)`` is called per batch.
+    ``config.engine`` picks who runs the forward passes: this process (``local``) or a
+    Ray cluster (``ray``, safer_audit.engine.ray); both write the same shards into the
+    same cache, and the store is read back here the same way. ``notice(text)`` receives
+    the estimate of disk and time printed before a large job.
     """
     layer = resolve_layer(config.layer, backend.n_layers)
     if want_score is None:
@@ -471,8 +492,48 @@ def extract_activations(texts: Sequence[PreparedText], backend, config: Activati
         unique: dict[str, PreparedText] = {}
         for key, text in zip(keys, texts):
             unique.setdefault(key, text)
-        computed = _compute(list(unique.items()), missing, backend, config, layer, want_score, cache, progress)
+        items = list(unique.items())
+        shards = plan_missing(items, missing, backend, config)
+        estimate = estimate_job(shards, items, backend, config)
+        if estimate is not None:
+            (notice or _print_notice)(estimate)
+        if config.engine == "ray":
+            from .engine.ray import compute_shards_on_ray
+
+            computed = compute_shards_on_ray(items, shards, config, layer, want_score, cache, progress)
+            cache = open_cache(backend, config, layer)  # index the shards the workers wrote
+        else:
+            computed = _compute(items, shards, backend, config, layer, want_score, cache, progress)
     return ActivationStore(cache, keys, backend.d_model, backend.identity, n_forward_texts=computed)
+
+
+def _print_notice(text: str) -> None:
+    print(inert(text), file=sys.stderr, flush=True)
+
+
+LARGE_JOB_TEXTS = 20_000  # extraction jobs at least this big print their estimated disk and time first
+ESTIMATED_TEXTS_PER_SECOND = 72  # measured locally: 36 pairs/s, MiniLM-L6 on two CPU cores (BENCHMARKS.md)
+
+
+def estimate_job(shards: list[list[list[int]]], texts: list[tuple[str, PreparedText]], backend,
+                 config: ActivationConfig) -> str | None:
+    """A one-line estimate of the cache's growth and the time of extracting ``shards``, for large jobs.
+
+    Disk: every token position (an upper bound: ``response`` positions read fewer) times the
+    model width times the cache dtype's bytes. Time: the measured CPU rate of the default
+    model, scaled by width; a GPU or a smaller model is faster.
+    """
+    n_texts = sum(len(batch) for shard in shards for batch in shard)
+    if n_texts < LARGE_JOB_TEXTS:
+        return None
+    sample = [prepared for _, prepared in texts[:: max(1, len(texts) // 512)]][:512]
+    mean_tokens = sum(len(ids) for ids, _, _ in _tokenize(sample, backend, config.max_length)) / max(1, len(sample))
+    width_bytes = backend.d_model * CACHE_DTYPES[config.cache_dtype].itemsize + 12  # + token id and position
+    disk = n_texts * mean_tokens * width_bytes
+    seconds = n_texts / ESTIMATED_TEXTS_PER_SECOND * max(1.0, backend.d_model / 384)
+    return (f"extracting {n_texts:,} texts (~{mean_tokens:.0f} tokens each): at most {disk / 1e9:.1f} GB of "
+            f"cache ({config.cache_dtype}) in {config.cache_dir}, about {seconds / 3600:.1f} h on 2 CPU cores "
+            f"(less on GPUs or with --engine ray)")
 
 
 def _release_freed_memory() -> None:
@@ -532,14 +593,15 @@ def _shards_of(order: list[int], batch_size: int) -> list[list[list[int]]]:
     return [batches[i:i + per_shard] for i in range(0, len(batches), per_shard)]
 
 
-def _compute(texts: list[tuple[str, PreparedText]], missing: set[str], backend, config: ActivationConfig,
-             layer: int, want_score: bool, cache: ActivationCache, progress) -> int:
-    """Run the model over the missing texts and write their shards; returns the texts run.
+def plan_missing(texts: list[tuple[str, PreparedText]], missing: set[str], backend,
+                 config: ActivationConfig) -> list[list[list[int]]]:
+    """The shards (of batches of indices into ``texts``) that must run to fill in ``missing``.
 
     A planned shard whose texts are all missing (a cold run, or the part a killed run had
     not written) is computed exactly as planned, so a resumed run writes the same bytes
-    as a cold one. The missing texts of partly cached shards (texts shared with another
-    dataset, a grown dataset) are batched among themselves, so only new texts run.
+    as a cold one, whichever engine computes it. The missing texts of partly cached shards
+    (texts shared with another dataset, a grown dataset) are batched among themselves, so
+    only new texts run.
     """
     whole: list[list[list[int]]] = []
     loose: list[int] = []
@@ -550,29 +612,47 @@ def _compute(texts: list[tuple[str, PreparedText]], missing: set[str], backend, 
             whole.append(shard)
         else:
             loose += absent
-    whole += _shards_of(loose, config.batch_size)  # loose is in the plan's order: by length, then key
-    total = sum(len(batch) for shard in whole for batch in shard)
+    return whole + _shards_of(loose, config.batch_size)  # loose is in the plan's order: by length, then key
+
+
+def compute_shard(batches: list[list[tuple[str, PreparedText]]], backend, config: ActivationConfig, layer: int,
+                  want_score: bool, on_batch=None) -> tuple[list[str], list[TextActivations]]:
+    """Run the model over one planned shard's batches; its keys and activations, in order."""
+    keys: list[str] = []
+    items: list[TextActivations] = []
+    for batch in batches:
+        encoded = _tokenize([prepared for _, prepared in batch], backend, config.max_length)
+        input_ids, mask = backend.pad_batch([ids for ids, _, _ in encoded])
+        hidden, score = backend.forward(input_ids, mask, layer=layer, want_score=want_score)
+        hidden = hidden.cpu()
+        for b, ((key, prepared), (ids, offsets, special)) in enumerate(zip(batch, encoded)):
+            keep = read_positions(prepared.text, offsets, special, prepared.response_start, config.positions)
+            index = torch.tensor(keep, dtype=torch.long)
+            keys.append(key)
+            items.append(TextActivations(
+                hidden[b, index].clone(), torch.tensor(ids, dtype=torch.long)[index],
+                index.int(), float(score[b]) if score is not None else float("nan")))
+        if on_batch is not None:
+            on_batch(len(batch))
+    return keys, items
+
+
+def _compute(texts: list[tuple[str, PreparedText]], shards: list[list[list[int]]], backend,
+             config: ActivationConfig, layer: int, want_score: bool, cache: ActivationCache, progress) -> int:
+    """Run the model over the planned ``shards`` in this process and write them; returns the texts run."""
+    total = sum(len(batch) for shard in shards for batch in shard)
     done = 0
-    for shard in whole:
-        pending_keys: list[str] = []
-        pending: list[TextActivations] = []
-        for batch_indices in shard:
-            batch = [texts[i] for i in batch_indices]
-            encoded = _tokenize([prepared for _, prepared in batch], backend, config.max_length)
-            input_ids, mask = backend.pad_batch([ids for ids, _, _ in encoded])
-            hidden, score = backend.forward(input_ids, mask, layer=layer, want_score=want_score)
-            hidden = hidden.cpu()
-            for b, ((key, prepared), (ids, offsets, special)) in enumerate(zip(batch, encoded)):
-                keep = read_positions(prepared.text, offsets, special, prepared.response_start, config.positions)
-                index = torch.tensor(keep, dtype=torch.long)
-                pending_keys.append(key)
-                pending.append(TextActivations(
-                    hidden[b, index].clone(), torch.tensor(ids, dtype=torch.long)[index],
-                    index.int(), float(score[b]) if score is not None else float("nan")))
-            done += len(batch)
-            if progress is not None:
-                progress(done, total)
-        if pending:
-            cache.add_shard(pending_keys, pending)
+
+    def on_batch(n: int) -> None:
+        nonlocal done
+        done += n
+        if progress is not None:
+            progress(done, total)
+
+    for shard in shards:
+        keys, items = compute_shard([[texts[i] for i in batch] for batch in shard], backend, config, layer,
+                                    want_score, on_batch)
+        if items:
+            cache.add_shard(keys, items)
             _release_freed_memory()
     return total

@@ -141,10 +141,30 @@ def model_options(command=None, *, multiple_positions: bool = False):
                      help="Allow the model directory to run its own Python code (off by default)."),
         click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
                      help="Activation cache. Default: $SAFER_AUDIT_CACHE_DIR or $XDG_CACHE_HOME/safer-audit."),
-    ]
+    ] + engine_options()
     for option in reversed(options):
         command = option(command)
     return command
+
+
+def engine_options() -> list:
+    """Where the forward passes run, how the cache stores them, how much the SAE reads (the scaling options)."""
+    from .config import CACHE_DTYPES, ENGINES
+
+    return [
+        click.option("--engine", type=click.Choice(ENGINES), default="local", show_default=True,
+                     help="Run the model in this process, or on a Ray cluster (pip install 'safer-audit[ray]'). "
+                          "Both write the same cache and give the same report."),
+        click.option("--ray-address", default=None, metavar="ADDRESS",
+                     help="Ray cluster to join (auto, or ray://host:10001). Default: start a local Ray instance."),
+        click.option("--ray-workers", type=click.IntRange(1), default=None, metavar="N",
+                     help="Model actors on Ray. Default: one per GPU, else one per 2 CPUs."),
+        click.option("--cache-dtype", type=click.Choice(CACHE_DTYPES), default="float32", show_default=True,
+                     help="How cached activations are stored; float16/bfloat16 halve the cache's size."),
+        click.option("--sae-tokens", type=click.IntRange(1), default=SaeTrainConfig.max_tokens, show_default=True,
+                     metavar="N", help="Token activations an SAE trains on: a seeded sample when the data has more "
+                                       "(held in memory: 4 bytes x model width each)."),
+    ]
 
 
 def _max_record_bytes_option():
@@ -216,7 +236,9 @@ def _activation_config(kw: dict) -> ActivationConfig:
     config = ActivationConfig(model=kw.pop("model"), layer=kw.pop("layer"), positions=kw.pop("positions"),
                               max_length=kw.pop("max_length"), batch_size=kw.pop("batch_size"),
                               device=kw.pop("device"), dtype=kw.pop("dtype"),
-                              trust_remote_code=kw.pop("trust_remote_code"))
+                              trust_remote_code=kw.pop("trust_remote_code"), engine=kw.pop("engine"),
+                              ray_address=kw.pop("ray_address"), ray_workers=kw.pop("ray_workers"),
+                              cache_dtype=kw.pop("cache_dtype"))
     cache_dir = kw.pop("cache_dir")
     if cache_dir is not None:
         config.cache_dir = cache_dir
@@ -229,6 +251,7 @@ def _scan_config(kw: dict) -> ScanConfig:
     config.sae_train.n_latents = kw.pop("latents")
     config.sae_train.k = kw.pop("k")
     config.sae_train.epochs = kw.pop("epochs")
+    config.sae_train.max_tokens = kw.pop("sae_tokens")
     config.sae_train.seed = config.seed = kw.pop("seed", config.seed)
     for name in ("sae_path", "n_features", "features_file", "salience_from", "schema", "split", "preference",
                  "skip_invalid", "max_record_bytes"):
@@ -477,7 +500,7 @@ def train_sae_command(data, out, latents, k, epochs, seed, quiet, **kw):
     from .scan import train_sae_on_data
 
     config = _activation_config(kw)
-    train = SaeTrainConfig(n_latents=latents, k=k, epochs=epochs, seed=seed)
+    train = SaeTrainConfig(n_latents=latents, k=k, epochs=epochs, seed=seed, max_tokens=kw.pop("sae_tokens"))
     data_options = {name: kw.pop(name) for name in ("schema", "split", "preference", "skip_invalid",
                                                     "max_record_bytes")}
     stats = train_sae_on_data(data, out, config, train, data_options=data_options, steps=_steps(quiet).step)

@@ -12,6 +12,8 @@ POSITIONS = ("all", "response", "punctuation")  # the position sets a model's ac
 DEFAULT_POSITIONS = "response"  # measured: response > all >> punctuation on HH with MiniLM
 # evaluate's default: every position set, the default first (its run also measures the margins)
 EVALUATE_POSITIONS = (DEFAULT_POSITIONS, *(p for p in POSITIONS if p != DEFAULT_POSITIONS))
+CACHE_DTYPES = ("float32", "float16", "bfloat16")
+ENGINES = ("local", "ray")
 
 
 def default_cache_dir() -> Path:
@@ -38,10 +40,22 @@ class ActivationConfig:
     dtype: str = "auto"
     trust_remote_code: bool = False
     cache_dir: Path = field(default_factory=default_cache_dir)
+    cache_dtype: str = "float32"  # how cached activations are stored: float32, float16 or bfloat16
+    engine: str = "local"  # who runs the forward passes: this process, or a Ray cluster
+    ray_address: str | None = None  # None: start a local Ray instance; "auto" or ray://host:port to join one
+    ray_workers: int | None = None  # actors of the extraction pool; None: one per GPU, else per 2 CPUs
 
     def __post_init__(self):
         if self.positions not in POSITIONS:
             raise ConfigError(f"positions must be one of {', '.join(POSITIONS)}, not {self.positions!r}")
+        if self.cache_dtype not in CACHE_DTYPES:
+            raise ConfigError(f"cache dtype must be one of {', '.join(CACHE_DTYPES)}, not {self.cache_dtype!r}")
+        if self.engine not in ENGINES:
+            raise ConfigError(f"engine must be one of {', '.join(ENGINES)}, not {self.engine!r}")
+        if "://" in str(self.cache_dir):
+            raise ConfigError(f"cache directory {self.cache_dir}: fsspec URLs are not supported; use a local "
+                              "directory, or for a Ray cluster a shared filesystem mounted at the same path "
+                              "on every node (NFS, Lustre, or object storage through a FUSE mount)")
         self.cache_dir = Path(self.cache_dir)
 
 

@@ -1,0 +1,148 @@
+"""Benchmark: the local engine against the Ray engine (1 and 2 workers), side by side in one run.
+
+    python benchmarks/bench_ray.py [--data FILE] [--limit N] [--model DIR] [--workers 1,2]
+    python benchmarks/bench_ray.py --synthetic 100000 --model DIR   # recombined HH turns
+
+Each engine scans the same pairs into its own empty cache with the same options; the
+script prints, per engine: extraction pairs/s, the whole scan's seconds, whether the
+ranking equals the local engine's and the largest score difference, the driver's peak
+RSS, the largest worker peak RSS (Ray Data's own per-actor max USS), and the cache's
+size per 1k pairs. ``--synthetic N`` first writes N pairs made by recombining the
+prompts and responses of the input file (seeded), so a large dataset can be measured
+with a tiny model on a small machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import resource
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+DEFAULT_DATA = ROOT.parent / "shared" / "data" / "hh-rlhf-harmless-base-test.jsonl.gz"
+
+
+def make_synthetic(source: Path, n: int, out: Path, seed: int = 0) -> Path:
+    """``n`` HH-format pairs: a random record's prompt with the final turns of two other random records."""
+    import gzip
+
+    opener = gzip.open if str(source).endswith(".gz") else open
+    with opener(source, "rt", encoding="utf-8") as handle:
+        records = [json.loads(line) for line in handle if line.strip()]
+    marker = "\n\nAssistant:"
+    split = [(r["chosen"][:r["chosen"].rindex(marker)], r["chosen"][r["chosen"].rindex(marker):],
+              r["rejected"][r["rejected"].rindex(marker):]) for r in records if marker in r["chosen"]
+             and marker in r["rejected"]]
+    rng = random.Random(seed)
+    with open(out, "w", encoding="utf-8") as handle:
+        for i in range(n):
+            prompt = split[rng.randrange(len(split))][0]
+            chosen = split[rng.randrange(len(split))][1]
+            rejected = split[rng.randrange(len(split))][2]
+            handle.write(json.dumps({"chosen": prompt + chosen, "rejected": prompt + rejected + f" ({i})"}) + "\n")
+    return out
+
+
+def cache_bytes(directory: Path) -> int:
+    return sum(p.stat().st_size for p in directory.rglob("shard-*.safetensors"))
+
+
+def run(data: str, engine: str, workers: int | None, args, cache: Path) -> dict:
+    from safer_audit.config import ActivationConfig, ScanConfig
+    from safer_audit.scan import run_scan
+
+    config = ScanConfig(activations=ActivationConfig(model=args.model, layer=args.layer, max_length=args.max_length,
+                                                     batch_size=args.batch_size, cache_dir=cache, engine=engine,
+                                                     ray_workers=workers, cache_dtype=args.cache_dtype))
+    config.sae_train.max_tokens = args.sae_tokens
+    start = time.perf_counter()
+    result = run_scan(data, config)
+    seconds = time.perf_counter() - start
+    worker_rss = None
+    if engine == "ray":
+        from safer_audit.engine.ray import LAST_RUN
+
+        worker_rss = LAST_RUN.get("worker_peak_rss")
+    pairs = len(result.pairs)
+    return {"engine": f"{engine}" + (f" x{workers}" if workers else ""), "pairs": pairs,
+            "extract_pairs_per_s": pairs / result.timings["activations"], "scan_s": seconds,
+            "ranking": [f.pair_id for f in result.report.findings],
+            "scores": {f.pair_id: f.suspicion for f in result.report.findings},
+            "cache_mb_per_1k": cache_bytes(cache) / 1e6 / pairs * 1000,
+            "driver_peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "worker_peak_rss_mb": worker_rss}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", default=str(DEFAULT_DATA))
+    parser.add_argument("--limit", type=int, default=None, help="first N pairs only")
+    parser.add_argument("--synthetic", type=int, default=None, metavar="N", help="scan N recombined pairs instead")
+    parser.add_argument("--model", default=None, help="default: the embedded MiniLM-L6")
+    parser.add_argument("--layer", type=int, default=3)
+    parser.add_argument("--max-length", type=int, default=512)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--cache-dtype", default="float32")
+    parser.add_argument("--sae-tokens", type=int, default=1_000_000)
+    parser.add_argument("--engines", default="local,ray", help="comma-separated: local, ray")
+    parser.add_argument("--workers", default="1,2", help="Ray actor counts to run, comma-separated")
+    parser.add_argument("--json", type=Path, default=None, help="also write the rows as JSON")
+    parser.add_argument("--one", default=None, help=argparse.SUPPRESS)  # ENGINE:WORKERS, in a child process
+    args = parser.parse_args()
+
+    work = Path(tempfile.mkdtemp(prefix="bench-ray-"))
+    data = args.data
+    if args.synthetic and not args.one:
+        data = str(make_synthetic(Path(args.data), args.synthetic, work / "synthetic.jsonl"))
+    elif args.limit and not args.one:
+        import gzip
+        from itertools import islice
+        opener = gzip.open if data.endswith(".gz") else open
+        with opener(data, "rt", encoding="utf-8") as handle:
+            (work / "head.jsonl").write_text("".join(islice(handle, args.limit)), encoding="utf-8")
+        data = str(work / "head.jsonl")
+    if args.one:
+        engine, workers = args.one.split(":")
+        row = run(data, engine, int(workers) if workers else None, args, work / "cache")
+        print(json.dumps(row))
+        return 0
+    import subprocess
+
+    rows = []
+    for engine in args.engines.split(","):
+        for workers in ([int(w) for w in args.workers.split(",")] if engine == "ray" else [None]):
+            # one process per engine: peak RSS is a per-process high-water mark
+            command = [sys.executable, __file__, "--data", data, "--one", f"{engine}:{workers or ''}",
+                       "--layer", str(args.layer), "--max-length", str(args.max_length), "--batch-size",
+                       str(args.batch_size), "--cache-dtype", args.cache_dtype, "--sae-tokens", str(args.sae_tokens)]
+            if args.model:
+                command += ["--model", args.model]
+            out = subprocess.run(command, check=True, capture_output=True, text=True).stdout
+            rows.append(json.loads(out.strip().splitlines()[-1]))
+            print(f"done: {rows[-1]['engine']}", file=sys.stderr, flush=True)
+    base = rows[0]
+    print("| engine | pairs | extraction pairs/s | scan s | same ranking | max |suspicion diff| | driver peak RSS MB "
+          "| worker peak RSS MB | cache MB / 1k pairs |")
+    print("|---|---:|---:|---:|---|---:|---:|---:|---:|")
+    for row in rows:
+        diff = max(abs(row["scores"][k] - base["scores"][k]) for k in base["scores"])
+        worker = f"{row['worker_peak_rss_mb']:.0f}" if row["worker_peak_rss_mb"] else "-"
+        print(f"| {row['engine']} | {row['pairs']} | {row['extract_pairs_per_s']:.1f} | {row['scan_s']:.1f} | "
+              f"{'yes' if row['ranking'] == base['ranking'] else 'NO'} | {diff:.1e} | "
+              f"{row['driver_peak_rss_mb']:.0f} | {worker} | {row['cache_mb_per_1k']:.1f} |")
+    if args.json:
+        args.json.write_text(json.dumps([{k: v for k, v in r.items() if k not in ("ranking", "scores")}
+                                         for r in rows], indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

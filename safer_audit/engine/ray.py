@@ -1,0 +1,159 @@
+"""The Ray engine: extraction as a Ray Data ``map_batches`` over an actor pool.
+
+The driver plans the shards (activations.plan_missing: length-sorted batches over all
+of the dataset's texts, cut at batch boundaries), so a planned shard is byte-identical
+whoever computes it. Each planned shard is one row of a Ray dataset; an actor pool (one
+model per actor, one GPU per actor when the cluster has GPUs) computes a row's batches
+with the same activations.compute_shard as the local engine and writes the shard with
+the same ActivationCache.add_shard into the shared cache directory. The driver then
+re-indexes the cache and reads the store as the local engine does: the SAE, salience and
+scoring run on the driver, streaming the store shard by shard.
+
+Faults: actors restart (``max_restarts=-1``) and their tasks are retried
+(``max_task_retries=-1``), so a killed worker loses its in-flight shard only, which the
+restarted actor recomputes to the same bytes. Shards are written atomically; an
+interrupted driver leaves every finished shard, and a re-run (on either engine) computes
+only what is missing.
+
+The cache directory must be readable and writable at the same path on every node: a
+local directory (one machine), or a shared POSIX filesystem mounted on each node (NFS,
+Lustre, CephFS, EFS, GCS/S3 through a FUSE mount). fsspec URLs (s3://, gs://) are not
+supported yet: the cache reads and renames files through the OS.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import replace
+
+from ..activations import ActivationCache, PreparedText, compute_shard, load_backend
+from ..config import ActivationConfig
+from ..errors import CacheError, ConfigError
+
+INSTALL_HINT = "--engine ray needs Ray: pip install 'safer-audit[ray]' (or pip install 'ray[data]>=2.60,<3')"
+
+# what the last extraction on Ray did, for tests and benchmarks: {"texts", "shards", "workers": {pid: shards},
+# "nodes": {node id: shards}, "worker_peak_rss": MB}
+LAST_RUN: dict = {}
+
+
+def _import_ray():
+    try:
+        import ray
+        import ray.data  # noqa: F401
+    except ImportError as exc:
+        raise ConfigError(INSTALL_HINT) from exc
+    return ray
+
+
+def connect(address: str | None):
+    """Join the Ray instance this process already runs, or ``address``; None starts a fresh local one.
+
+    ``address="local"`` is what None means: ``ray.init()`` without an address would try to
+    join a cluster named in a stale /tmp/ray file. ``auto`` joins the cluster this node belongs to.
+    """
+    import logging
+
+    ray = _import_ray()
+    if not ray.is_initialized():
+        ray.init(address=address or "local", include_dashboard=False, logging_level=logging.WARNING,
+                 log_to_driver=False, configure_logging=False)
+    logging.getLogger("ray.data").setLevel(logging.ERROR)  # Ray Data's per-dataset INFO lines would break the bar
+    context = ray.data.DataContext.get_current()
+    context.enable_progress_bars = False  # the CLI draws its own bar
+    context.verbose_stats_logs = False
+    return ray
+
+
+class ShardWorker:
+    """One Ray Data actor: loads the model once, then computes and writes whole planned shards."""
+
+    def __init__(self, config: ActivationConfig, layer: int, want_score: bool, cache_key: str):
+        config = replace(config, engine="local")
+        self.config = config
+        self.layer = layer
+        self.want_score = want_score
+        self.backend = load_backend(config)
+        self.cache = ActivationCache(config.cache_dir, cache_key, dtype=config.cache_dtype)
+        self.pid = os.getpid()
+
+    def compute(self, shard: int, batches: list) -> int:
+        items = [[(key, PreparedText(text, start, bool(special))) for key, text, start, special in batch]
+                 for batch in batches]
+        keys, acts = compute_shard(items, self.backend, self.config, self.layer, self.want_score)
+        if acts:
+            self.cache.add_shard(keys, acts)
+        return len(keys)
+
+    def __call__(self, rows: dict) -> dict:
+        import json
+
+        import numpy as np
+        import ray
+
+        node = ray.get_runtime_context().get_node_id()
+        done = [self.compute(int(shard), json.loads(str(batches)))
+                for shard, batches in zip(rows["shard"], rows["batches"], strict=True)]
+        import resource
+
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # MB (Linux reports kB)
+        return {"shard": np.asarray(rows["shard"]), "texts": np.asarray(done, dtype=np.int64),
+                "peak_rss_mb": np.full(len(done), peak),
+                "pid": np.full(len(done), self.pid, dtype=np.int64), "node": np.asarray([node] * len(done))}
+
+
+def default_workers(ray) -> tuple[int, float]:
+    """Actors and GPUs per actor: one actor per GPU when the cluster has GPUs, else one per 2 CPUs."""
+    resources = ray.cluster_resources()
+    gpus = int(resources.get("GPU", 0))
+    if gpus:
+        return gpus, 1.0
+    return max(1, int(resources.get("CPU", 1)) // 2), 0.0
+
+
+def compute_shards_on_ray(texts: list[tuple[str, PreparedText]], shards: list[list[list[int]]],
+                          config: ActivationConfig, layer: int, want_score: bool, cache: ActivationCache,
+                          progress=None, worker_class=None) -> int:
+    """Compute the planned ``shards`` of ``texts`` on Ray and write them into ``cache``; returns the texts run."""
+    import json
+
+    ray = connect(config.ray_address)
+    workers, gpus = default_workers(ray)
+    if config.ray_workers:
+        workers = config.ray_workers
+    rows = [{"shard": n, "batches": json.dumps([[[texts[i][0], texts[i][1].text, texts[i][1].response_start,
+                                                   texts[i][1].has_special_tokens] for i in batch]
+                                                 for batch in shard])}
+            for n, shard in enumerate(shards)]
+    total = sum(len(batch) for shard in shards for batch in shard)
+    key = cache.directory.name
+    dataset = ray.data.from_items(rows, override_num_blocks=max(1, len(rows)))
+    computed = dataset.map_batches(
+        ShardWorker, batch_size=1, batch_format="numpy",
+        # Ray Data's actor pools restart a killed actor and retry its tasks (max_restarts=-1,
+        # max_task_retries=-1 by default): a killed worker loses its in-flight shard only
+        compute=ray.data.ActorPoolStrategy(size=min(workers, len(rows))),
+        num_cpus=1, num_gpus=gpus or None, fn_constructor_kwargs={
+            "config": config, "layer": layer, "want_score": want_score, "cache_key": key})
+    done = 0
+    run = {"texts": 0, "shards": 0, "workers": {}, "nodes": {}}
+    for row in computed.iter_rows():
+        done += int(row["texts"])
+        run["shards"] += 1
+        run["workers"][int(row["pid"])] = run["workers"].get(int(row["pid"]), 0) + 1
+        run["nodes"][str(row["node"])] = run["nodes"].get(str(row["node"]), 0) + 1
+        run["worker_peak_rss"] = max(run.get("worker_peak_rss", 0.0), float(row["peak_rss_mb"]))
+        if progress is not None:
+            progress(done, total)
+    run["texts"] = done
+    LAST_RUN.clear()
+    LAST_RUN.update(run)
+    written = ActivationCache(cache.directory.parent.parent, key, dtype=config.cache_dtype)
+    absent = [k for shard in shards for batch in shard for k in (texts[i][0] for i in batch) if k not in written]
+    if absent:
+        raise CacheError(f"Ray workers computed {len(absent)} text(s) whose shards this process cannot see in "
+                         f"{cache.directory}: the cache directory must be one shared path on every node")
+    return total
+
+
+__all__ = ["INSTALL_HINT", "LAST_RUN", "ShardWorker", "compute_shards_on_ray", "connect"]

@@ -1,0 +1,187 @@
+"""The Ray engine: same cache, same report as the local engine; two nodes; a killed worker.
+
+One simulated two-node Ray cluster (ray.cluster_utils.Cluster, 4 logical CPUs per node:
+with fewer, Ray Data's resource budget can starve an actor pool) serves the whole module.
+Shards are made small (8 texts) so a 40-pair scan has several to spread and to lose.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+
+import pytest
+
+from safer_audit import activations
+from safer_audit.activations import extract_activations, load_backend, pair_texts
+from safer_audit.config import ActivationConfig, SaeTrainConfig, ScanConfig
+from safer_audit.errors import ConfigError
+from safer_audit.scan import run_scan
+
+from .conftest import hh_records
+
+ray = pytest.importorskip("ray")
+pytest.importorskip("ray.data")
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    from ray.cluster_utils import Cluster
+
+    # workers import safer_audit from this checkout, as the driver does
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(activations.__file__).rsplit("/safer_audit/", 1)[0],
+                                                             os.environ.get("PYTHONPATH")]))
+    made = Cluster(initialize_head=True, head_node_args={"num_cpus": 4, "include_dashboard": False})
+    made.add_node(num_cpus=4)
+    ray.init(address=made.address, include_dashboard=False, log_to_driver=False)
+    try:
+        yield made
+    finally:
+        ray.shutdown()
+        made.shutdown()
+
+
+@pytest.fixture(autouse=True)
+def small_shards(monkeypatch):
+    monkeypatch.setattr(activations, "SHARD_TEXTS", 8)
+
+
+@pytest.fixture(scope="module")
+def data_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("data") / "pairs.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in hh_records(40)), encoding="utf-8")
+    return path
+
+
+def config(model_dir, cache_dir, engine="local", **more) -> ScanConfig:
+    return ScanConfig(activations=ActivationConfig(model=str(model_dir), layer=1, max_length=64, batch_size=4,
+                                                   cache_dir=cache_dir, engine=engine, **more),
+                      sae_train=SaeTrainConfig(n_latents=64, k=4), n_features=16)
+
+
+def ranking(report) -> list[tuple]:
+    return [(f.pair_id, f.rank, f.category) for f in report.findings]
+
+
+def scores(report) -> list[float]:
+    return [x for f in report.findings for x in (f.score_safe, f.reward_margin, f.suspicion)]
+
+
+def shard_keys(cache_dir) -> list[list[str]]:
+    return sorted(activations._shard_keys(p) for p in cache_dir.glob("activations/*/shard-*.safetensors"))
+
+
+@pytest.fixture(scope="module")
+def local_scan(tiny_llama_dir, data_file, tmp_path_factory):
+    """The uninterrupted local-engine scan every Ray run must reproduce."""
+    cache = tmp_path_factory.mktemp("local-cache")
+    activations.SHARD_TEXTS, saved = 8, activations.SHARD_TEXTS
+    try:
+        return run_scan(str(data_file), config(tiny_llama_dir, cache)).report, cache
+    finally:
+        activations.SHARD_TEXTS = saved
+
+
+def test_ray_engine_gives_the_local_report_and_the_same_shards(cluster, local_scan, tiny_llama_dir, data_file,
+                                                               tmp_path):
+    from safer_audit.engine.ray import LAST_RUN
+
+    local, local_cache = local_scan
+    on_ray = run_scan(str(data_file), config(tiny_llama_dir, tmp_path, engine="ray", ray_workers=2))
+    assert on_ray.store.n_forward_texts == 80
+    assert ranking(on_ray.report) == ranking(local)
+    assert scores(on_ray.report) == pytest.approx(scores(local), abs=1e-5)
+    # the same planned shards (the bytes may differ in the last bits: torch's CPU kernels sum in
+    # an order that depends on the thread count, and an actor has one CPU)
+    assert shard_keys(tmp_path) == shard_keys(local_cache)
+    assert len(LAST_RUN["nodes"]) == 2  # both simulated nodes ran actors (Ray Data spreads the pool)
+
+
+def test_resume_across_engines_with_a_killed_worker(cluster, local_scan, tiny_llama_dir, data_file, tmp_path):
+    """The local engine computes a prefix (as if interrupted); Ray does the rest, and one of its
+    workers is killed mid-shard; the report equals the uninterrupted one, and the local engine
+    then finds everything in the cache."""
+    import safer_audit.engine.ray as engine
+    from safer_audit.data import load_pairs
+
+    local, _ = local_scan
+    cache = tmp_path / "cache"
+    backend = load_backend(config(tiny_llama_dir, cache).activations)
+    pairs = load_pairs(str(data_file)).pairs
+    extract_activations(pair_texts(pairs.head(9), backend), backend, config(tiny_llama_dir, cache).activations)
+    assert shard_keys(cache)
+
+    signals = tmp_path / "signals"
+    signals.mkdir()
+
+    class StallingWorker(engine.ShardWorker):
+        """Holds its second shard until the test has killed this process once, then computes it."""
+
+        def compute(self, shard, batches):
+            if shard == 1 and not (signals / "killed").exists():
+                (signals / "pid").write_text(str(os.getpid()))
+                for _ in range(600):  # the test kills us within a second or two
+                    time.sleep(0.1)
+            return super().compute(shard, batches)
+
+    def killer():
+        for _ in range(1200):
+            if (signals / "pid").exists():
+                (signals / "killed").write_text("")
+                os.kill(int((signals / "pid").read_text()), signal.SIGKILL)
+                return
+            time.sleep(0.05)
+
+    original, engine.ShardWorker = engine.ShardWorker, StallingWorker
+    thread = threading.Thread(target=killer)
+    thread.start()
+    try:
+        resumed = run_scan(str(data_file), config(tiny_llama_dir, cache, engine="ray", ray_workers=2))
+    finally:
+        engine.ShardWorker = original
+        thread.join()
+    assert (signals / "killed").exists()  # a worker died mid-job
+    assert 0 < resumed.store.n_forward_texts < 80
+    assert ranking(resumed.report) == ranking(local)
+    assert scores(resumed.report) == pytest.approx(scores(local), abs=1e-5)
+    assert run_scan(str(data_file), config(tiny_llama_dir, cache)).store.n_forward_texts == 0
+
+
+def test_half_precision_cache_has_its_own_key_and_close_activations(local_scan, tiny_llama_dir, data_file,
+                                                                     tmp_path):
+    _, local_cache = local_scan
+    backend = load_backend(config(tiny_llama_dir, tmp_path).activations)
+    from safer_audit.data import load_pairs
+
+    texts = pair_texts(load_pairs(str(data_file)).pairs, backend)
+    full = extract_activations(texts, backend, config(tiny_llama_dir, local_cache).activations)
+    half = extract_activations(texts, backend, config(tiny_llama_dir, local_cache, cache_dtype="bfloat16").activations)
+    assert full.n_forward_texts == 0 and half.n_forward_texts == 80  # a float32 cache does not serve bfloat16
+    stored = next(half.cache.directory.glob("shard-*"))
+    assert activations.load_safetensors(stored.read_bytes())["acts"].dtype == activations.torch.bfloat16
+    for i in (0, 41, 79):
+        assert half.text(i).acts.dtype == activations.torch.float32  # widened on reading
+        activations.torch.testing.assert_close(half.text(i).acts, full.text(i).acts, rtol=1e-2, atol=1e-2)
+    assert run_scan(str(data_file), config(tiny_llama_dir, local_cache, cache_dtype="bfloat16")).report.findings
+
+
+def test_without_ray_the_engine_says_how_to_install_it(monkeypatch):
+    import sys
+
+    from safer_audit.engine import ray as engine
+
+    monkeypatch.setitem(sys.modules, "ray", None)
+    with pytest.raises(ConfigError, match=r"pip install 'safer-audit\[ray\]'"):
+        engine.connect(None)
+
+
+def test_bad_engine_options_are_config_errors(tmp_path):
+    with pytest.raises(ConfigError, match="engine"):
+        ActivationConfig(engine="spark")
+    with pytest.raises(ConfigError, match="cache dtype"):
+        ActivationConfig(cache_dtype="int8")
+    with pytest.raises(ConfigError, match="fsspec"):
+        ActivationConfig(cache_dir="s3://bucket/cache")
