@@ -9,6 +9,7 @@ from pathlib import Path
 from .errors import ConfigError
 
 POSITIONS = ("all", "response", "punctuation")
+SELECTIONS = ("salience", "safety")
 
 
 def default_cache_dir() -> Path:
@@ -83,9 +84,21 @@ class ScanConfig:
     noisy_fraction: float = 0.10
     top_features_per_pair: int = 5
     cards_with_contexts: int = 32  # feature cards (largest |salience| first) that show text contexts
+    # feature labels (issue 12): which labeller, its options, and how features are selected
+    labeller: str = "offline"  # a registered labeller (safer-audit plugins), or "none"
+    labeller_options: dict = field(default_factory=dict)  # passed to the labeller's factory (url, taxonomy, ...)
+    select: str = "salience"  # "salience": top n_features by |salience|; "safety": of those, the safety-relevant
+    relevance_threshold: float = 0.5  # --select safety keeps candidates with relevance >= this
+    labels_for_findings: int = 256  # at most this many latents labelled in all (cards first, then suspects')
     seed: int = 0
     # data options, passed to the data layer
     schema: str | None = None
     split: str | None = None
     preference: str = "better"
     skip_invalid: bool = False
+
+    def __post_init__(self):
+        if self.select not in SELECTIONS:
+            raise ConfigError(f"select must be one of {', '.join(SELECTIONS)}, not {self.select!r}")
+        if not 0.0 <= self.relevance_threshold <= 1.0:
+            raise ConfigError(f"relevance threshold must be in [0, 1], not {self.relevance_threshold!r}")
