@@ -27,6 +27,34 @@ ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "hh-rlhf-harmless-base-test.jsonl.gz"
 
 
+def select_variants(result, config):
+    """score_safe and the default ranking with features selected by salience or by safety (issue 12).
+
+    Safety: the offline labeller rates the top-1024 candidates by |salience| (labels are
+    cached by SAE, so later seeds reuse them); those with relevance >= T are kept, up to N.
+    """
+    from safer_audit.salience import feature_salience, select_by_safety, select_features
+    from safer_audit.scoring import score_safe, suspicion
+
+    salience = feature_salience(*result.stats.totals())
+    pool = select_features(salience, 1024)
+    relevance = {latent: label.relevance for latent, label in result.labelling.label(pool.latents.tolist()).items()}
+    margin = result.signals["reward_margin"]
+    out = {}
+    for n in (64, 256, 1024):
+        sets = {"salience": select_features(salience, n)}
+        for threshold in (0.3, 0.5):
+            sets[f"safety>={threshold:g}"] = select_by_safety(pool, relevance, threshold, n)
+        for name, features in sets.items():
+            if not features.features:
+                continue
+            ss = score_safe(result.stats, features)
+            print(f"  {name} N={n}: {len(features.features)} features kept", file=sys.stderr)
+            out[f"score_safe {name} N={n}"] = -ss
+            out[f"rank(ss, rm) {name} N={n}"] = suspicion({"score_safe": ss, "reward_margin": margin})
+    return out
+
+
 def variants(result, config):
     """Scorer name -> suspicion (higher = more suspicious) from one scan, reusing its codes."""
     from safer_audit.evaluate import length_suspicion
@@ -71,6 +99,8 @@ def main() -> int:
     parser.add_argument("--k", type=int, default=None)
     parser.add_argument("--cache-dir", type=Path, default=Path("/tmp/safer-audit-bench-cache"))
     parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--select-only", action="store_true",
+                        help="only the feature-selection variants: salience vs safety (issue 12)")
     args = parser.parse_args()
 
     from safer_audit.activations import load_backend
@@ -97,7 +127,8 @@ def main() -> int:
             result = scan_pairs(flipped, config, source=args.data, backend=backend)
             print(f"seed {seed} {position}: scan {time.perf_counter() - t:.1f} s", file=sys.stderr)
             scores[f"default ranking [{position}]"] = measure(result.suspicion, positive)
-            for name, values in variants(result, config).items():
+            found = select_variants(result, config) if args.select_only else variants(result, config)
+            for name, values in found.items():
                 scores[f"{name} [{position}]"] = measure(values, positive)
         generator = torch.Generator().manual_seed(10_000 + seed)
         scores["random"] = measure(torch.rand(len(pairs), generator=generator), positive)

@@ -17,7 +17,7 @@ from rich.table import Table
 from rich.text import Text
 
 from . import __version__
-from .config import POSITIONS, ActivationConfig, SaeTrainConfig, ScanConfig, default_cache_dir
+from .config import POSITIONS, SELECTIONS, ActivationConfig, SaeTrainConfig, ScanConfig, default_cache_dir
 from .data import MAX_RECORD_BYTES, PREFERENCES, SCHEMAS
 from .errors import EXIT_BAD_INPUT, EXIT_FINDINGS, SaferAuditError, inert
 from .plugins import load_plugins, plugin_info
@@ -218,6 +218,28 @@ def sae_options(command=None, *, seed: bool = True):
     return command
 
 
+def label_options(command):
+    """Options that label features and pick them by safety (scan, features, baseline)."""
+    scan = ScanConfig()
+    options = [
+        click.option("--labeller", default=scan.labeller, show_default=True, metavar="NAME",
+                     help="Feature labeller (see `safer-audit plugins`): offline (embedded model, no network), "
+                          "llm (with --labeller-url), or none."),
+        click.option("--labeller-url", default=None, metavar="URL",
+                     help="Endpoint of a labeller that needs one (llm: an OpenAI-compatible server)."),
+        click.option("--taxonomy", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+                     help="A safety taxonomy file (YAML) for the offline labeller. Default: the built-in one."),
+        click.option("--select", type=click.Choice(SELECTIONS), default=scan.select, show_default=True,
+                     help="salience: the top --n-features by |salience|; safety: of those, the ones the labeller "
+                          "rates safety-relevant (the SAFER paper's selection)."),
+        click.option("--relevance-threshold", type=click.FloatRange(0, 1), default=scan.relevance_threshold,
+                     show_default=True, help="--select safety keeps features with at least this relevance."),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
 def category_options(command):
     """Options that set where the ranking's categories begin (scan, baseline)."""
     options = [
@@ -258,6 +280,10 @@ def _scan_config(kw: dict) -> ScanConfig:
         setattr(config, name, kw.pop(name))
     for name in ("flipped_fraction", "noisy_fraction"):  # category_options, where the command has them
         setattr(config, name, kw.pop(name, getattr(config, name)))
+    for name in ("labeller", "select", "relevance_threshold"):  # label_options, where the command has them
+        setattr(config, name, kw.pop(name, getattr(config, name)))
+    options = {"url": kw.pop("labeller_url", None), "taxonomy": kw.pop("taxonomy", None)}
+    config.labeller_options = {name: value for name, value in options.items() if value is not None}
     return config
 
 
@@ -278,6 +304,7 @@ def _steps(quiet: bool) -> ProgressBar:
 @click.option("--format", "output_format", default=None,
               help="Format of every --output, when the extension does not say (see `safer-audit plugins`).")
 @category_options
+@label_options
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
 def scan(data, top, outputs, output_format, quiet, **kw):
     """Scan DATA and rank its pairs, most likely flipped or noisy first.
@@ -310,6 +337,7 @@ def scan(data, top, outputs, output_format, quiet, **kw):
 @data_options
 @sae_options
 @click.option("--top", type=click.IntRange(1), default=10, show_default=True, help="Feature cards shown.")
+@label_options
 @click.option("--out", "out", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Write a features file (YAML, or JSON by extension) to review, edit and pass to --features.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
@@ -625,6 +653,7 @@ def _print_changes(result) -> None:
 @data_options
 @sae_options
 @category_options
+@label_options
 @click.option("--decisions", "decisions_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Review decisions (safer-audit review); pairs marked ok never fail. "
                    "Default: decisions.json next to the baseline, if there is one.")

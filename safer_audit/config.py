@@ -14,6 +14,7 @@ DEFAULT_POSITIONS = "response"  # measured: response > all >> punctuation on HH 
 EVALUATE_POSITIONS = (DEFAULT_POSITIONS, *(p for p in POSITIONS if p != DEFAULT_POSITIONS))
 CACHE_DTYPES = ("float32", "float16", "bfloat16")
 ENGINES = ("local", "ray")
+SELECTIONS = ("salience", "safety")
 
 
 def default_cache_dir() -> Path:
@@ -103,6 +104,12 @@ class ScanConfig:
     noisy_fraction: float = 0.10
     top_features_per_pair: int = 5
     cards_with_contexts: int = 32  # feature cards (largest |salience| first) that show text contexts
+    # feature labels (issue 12): which labeller, its options, and how features are selected
+    labeller: str = "offline"  # a registered labeller (safer-audit plugins), or "none"
+    labeller_options: dict = field(default_factory=dict)  # passed to the labeller's factory (url, taxonomy, ...)
+    select: str = "salience"  # "salience": top n_features by |salience|; "safety": of those, the safety-relevant
+    relevance_threshold: float = 0.5  # --select safety keeps candidates with relevance >= this
+    labels_for_findings: int = 256  # at most this many latents labelled in all (cards first, then suspects')
     seed: int = 0
     # data options, passed to the data layer
     schema: str | None = None
@@ -110,3 +117,9 @@ class ScanConfig:
     preference: str = "better"
     skip_invalid: bool = False
     max_record_bytes: int = 16 << 20  # data.MAX_RECORD_BYTES (not imported: config stays free of polars)
+
+    def __post_init__(self):
+        if self.select not in SELECTIONS:
+            raise ConfigError(f"select must be one of {', '.join(SELECTIONS)}, not {self.select!r}")
+        if not 0.0 <= self.relevance_threshold <= 1.0:
+            raise ConfigError(f"relevance threshold must be in [0, 1], not {self.relevance_threshold!r}")

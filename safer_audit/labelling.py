@@ -38,6 +38,7 @@ class LabelRequest:
     salience: float
     contexts: tuple[LabelContext, ...]  # strongest first, at most one per pair
     top_tokens: tuple[tuple[str, float], ...] = ()  # (token, activation mass), strongest first
+    token_rates: tuple[float, ...] = ()  # per top token: its share of all read tokens of the data (contrast)
 
 
 @dataclass(frozen=True)

@@ -21,6 +21,7 @@ DEFAULT_PLUGINS = (
     "safer_audit.backends.hf",
     "safer_audit.backends.topk",
     "safer_audit.backends.exporters",
+    "safer_audit.backends.labellers",
 )
 
 ENTRY_POINT_GROUP = "safer_audit"

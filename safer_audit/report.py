@@ -10,7 +10,7 @@ import difflib
 import json
 import math
 import re
-from dataclasses import asdict, dataclass, fields
+from dataclasses import MISSING, asdict, dataclass, fields
 from pathlib import Path
 from typing import Iterable, NamedTuple
 
@@ -48,9 +48,11 @@ class FeatureContribution:
     """One latent's share of V(chosen) and V(rejected), signed as in METHOD.md section 5."""
 
     latent: int
-    label: str | None
+    label: str | None  # a features file's label, else the labeller's
     chosen: float
     rejected: float
+    relevance: float | None = None  # the labeller's safety relevance in [0, 1]
+    category: str | None = None  # the labeller's safety category
 
     @property
     def net(self) -> float:
@@ -117,6 +119,9 @@ class FeatureCard:
     sign: str  # "+": in F+, "-": in F-
     top_tokens: list[tuple[str, int]]  # (token, how often the latent fires on it)
     contexts: list[FeatureContext]
+    relevance: float | None = None  # the labeller's safety relevance in [0, 1]
+    category: str | None = None  # the labeller's safety category
+    labelled_by: dict | None = None  # provenance: labeller, model, version, and the labeller's own label
 
 
 @dataclass
@@ -145,7 +150,8 @@ class RunInfo:
 # The table layout of a report: one row per pair. ``quality`` is a list of strings and
 # ``top_features`` a list of structs; ``to_frame(nested=False)`` turns both into JSON strings.
 FEATURE_STRUCT = pl.Struct(
-    {"latent": pl.Int64, "label": pl.String, "chosen": pl.Float64, "rejected": pl.Float64}
+    {"latent": pl.Int64, "label": pl.String, "chosen": pl.Float64, "rejected": pl.Float64,
+     "relevance": pl.Float64, "category": pl.String}
 )
 FRAME_SCHEMA = {
     "rank": pl.Int64,
@@ -244,7 +250,9 @@ def _require_keys(data, names: Iterable[str], where: str) -> None:
 
 def _build(cls, data, where: str):
     names = [f.name for f in fields(cls)]
-    _require_keys(data, names, where)
+    # fields with a default were added later: reports written before them still load
+    _require_keys(data, [f.name for f in fields(cls) if f.default is MISSING and f.default_factory is MISSING],
+                  where)
     unknown = sorted(set(data) - set(names))
     if unknown:
         raise ConfigError(f'{where}: unknown field "{unknown[0]}"')
@@ -356,8 +364,10 @@ def format_number(value: float | None) -> str:
 
 
 def format_feature(contribution: FeatureContribution) -> str:
-    label = f" {contribution.label}" if contribution.label else ""
-    return f"#{contribution.latent}{label} {format_number(contribution.net)}"
+    """``label +0.61 (#2971)`` when labelled, else ``#2971 +0.61``."""
+    if contribution.label:
+        return f"{contribution.label} {format_number(contribution.net)} (#{contribution.latent})"
+    return f"#{contribution.latent} {format_number(contribution.net)}"
 
 
 def summary_lines(report: Report) -> list[tuple[str, str]]:
@@ -439,7 +449,7 @@ def print_report(report: Report, console: Console, top: int = 20) -> None:
     console.print(table)
     console.print(
         "safe: score_safe = V(chosen) - V(rejected), low or negative is suspicious; margin: reward margin; "
-        "features: latent, label, share of score_safe."
+        "features: label (or latent), share of score_safe, latent number."
     )
 
 
@@ -460,5 +470,10 @@ def print_feature_cards(cards: list[FeatureCard], console: Console) -> None:
             line.append(inert(_squash(ctx.text_after)[:80]) + "…")
             lines.append(line)
         # A Text title: a str title would be parsed as markup, and labels are the user's text
-        title = plain(f"latent {card.latent}" + (f": {card.label}" if card.label else ""))
+        rating = f" [{card.category}, relevance {card.relevance:.2f}]" if card.relevance is not None else ""
+        title = plain(f"latent {card.latent}" + (f": {card.label}" if card.label else "") + rating)
+        if card.labelled_by:
+            lines.insert(1, plain(f"labelled by {card.labelled_by.get('labeller')} "
+                                  f"v{card.labelled_by.get('version')} ({card.labelled_by.get('model') or 'no model'})",
+                                  style="dim"))
         console.print(Panel(Group(*lines), title=title, title_align="left", box=box.ROUNDED))

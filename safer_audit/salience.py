@@ -32,6 +32,13 @@ class CodeStats:
     top_positions: torch.Tensor  # [TOP_ACTIVATIONS, n_latents] their token index in the text
     top_tokens: torch.Tensor  # [TOP_ACTIVATIONS, n_latents] their token id
     fvu: float = float("nan")  # the SAE's fraction of variance unexplained on this data
+    token_counts: torch.Tensor | None = None  # [vocab seen] read positions per token id (keyword contrast)
+
+    def token_rate(self, token_id: int) -> float:
+        """The token's share of all read positions (0 when unknown)."""
+        if self.token_counts is None or not 0 <= token_id < len(self.token_counts):
+            return 0.0
+        return float(self.token_counts[token_id]) / max(self.n_tokens, 1)
 
     @property
     def n_tokens(self) -> int:
@@ -61,11 +68,16 @@ def encode_store(store, sae, *, progress=None) -> CodeStats:
             ("token", torch.long))}
     device = next(sae.parameters()).device
     done = fvu_sum = 0
+    token_counts = torch.zeros(0, dtype=torch.long)
     for texts, offsets, tensors in store.iter_chunks():
         lengths = offsets[1:] - offsets[:-1]
         n_positions[texts] = lengths
         if int(offsets[-1]) == 0:
             continue
+        counts = torch.bincount(tensors["token_ids"].long())
+        if len(counts) > len(token_counts):
+            token_counts = torch.cat([token_counts, torch.zeros(len(counts) - len(token_counts), dtype=torch.long)])
+        token_counts[:len(counts)] += counts
         out = sae(tensors["acts"].to(device))
         values, latents = out.top_vals.float().cpu(), out.top_idx.cpu()
         fvu_sum += float(out.fvu) * len(values)
@@ -89,7 +101,7 @@ def encode_store(store, sae, *, progress=None) -> CodeStats:
         dense[name][rank, top["latent"]] = top[name]
     fvu = fvu_sum / max(int(n_positions.sum()), 1)
     return CodeStats(mean_codes, n_positions, fire_counts, dense["value"], dense["text"], dense["position"],
-                     dense["token"], fvu)
+                     dense["token"], fvu, token_counts)
 
 
 def _rank_within_latent(latents: torch.Tensor, n_latents: int) -> torch.Tensor:
@@ -244,6 +256,8 @@ class CardData:
     fire_rate: float
     top_tokens: list[tuple[int, int]] = field(default_factory=list)  # (token id, count)
     contexts: list[CardContext] = field(default_factory=list)
+    token_mass: list[tuple[int, float]] = field(default_factory=list)  # (token id, activation sum), strongest first
+    token_rates: list[float] = field(default_factory=list)  # each token_mass token's share of all read tokens
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -258,15 +272,28 @@ def feature_cards(stats: CodeStats, features: FeatureSet, *, n_contexts: int = 1
         j = feature.latent
         valid = stats.top_values[:, j] > 0
         tokens = stats.top_tokens[valid, j]
-        ids, counts = torch.unique(tokens, return_counts=True)
+        ids, inverse, counts = torch.unique(tokens, return_inverse=True, return_counts=True)
         order = torch.argsort(counts, descending=True, stable=True)[:10]
+        mass = torch.zeros(len(ids)).index_add_(0, inverse, stats.top_values[valid, j])
+        by_mass = torch.argsort(mass, descending=True, stable=True)[:20]
         contexts = [CardContext(int(stats.top_texts[r, j]), int(stats.top_positions[r, j]),
                                 int(stats.top_tokens[r, j]), float(stats.top_values[r, j]))
                     for r in torch.nonzero(valid).flatten()[:n_contexts].tolist()]
         cards.append(CardData(feature, float(chosen_totals[j]), float(rejected_totals[j]),
                               float(stats.fire_counts[j]) / n_tokens,
-                              [(int(ids[i]), int(counts[i])) for i in order], contexts))
+                              [(int(ids[i]), int(counts[i])) for i in order], contexts,
+                              [(int(ids[i]), round(float(mass[i]), 6)) for i in by_mass],
+                              [stats.token_rate(int(ids[i])) for i in by_mass]))
     return cards
+
+
+def select_by_safety(candidates: FeatureSet, relevance: dict[int, float], threshold: float,
+                     n_features: int) -> FeatureSet:
+    """The SAFER paper's selection: of the candidates (top |salience| first), those whose safety
+    relevance is at least ``threshold``, up to ``n_features``. Pinned latents always stay."""
+    kept = [f for f in candidates.features
+            if f.pinned or relevance.get(f.latent, 0.0) >= threshold][:n_features]
+    return FeatureSet(kept, candidates.source + f", safety >= {threshold:g}")
 
 
 FEATURES_FILE_HEADER = """\

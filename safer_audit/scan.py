@@ -25,16 +25,20 @@ from .config import ActivationConfig, SaeTrainConfig, ScanConfig
 from .data import find_quality_issues, load_pairs, tokenizer_counter
 from .digests import sha256_text, short_digest
 from .errors import ConfigError, ScanError
+from .labelling import FeatureLabel, LabelContext, LabelRequest
+from .labels import cache_path, label_features, make_labeller
 from .progress import no_progress
 from .report import FeatureCard, FeatureContext, FeatureContribution, Finding, Report, RunInfo
 from .sae import TopKSAE
 from .salience import (
     CONTEXT_TOKENS,
     CodeStats,
+    Feature,
     FeatureSet,
     encode_store,
     feature_cards,
     feature_salience,
+    select_by_safety,
     select_features,
 )
 from .scoring import (
@@ -66,6 +70,12 @@ class ScanResult:
     suspicion: torch.Tensor  # the combined ranking score per pair, in table order
     backend: object
     timings: dict[str, float] = field(default_factory=dict)
+    labelling: Labelling | None = None  # labels more latents on demand (evaluate, benchmarks)
+
+    @property
+    def labels(self) -> dict[int, FeatureLabel]:
+        """The labeller's labels made for this scan, by latent."""
+        return dict(self.labelling.labels) if self.labelling is not None else {}
 
 
 def _dataset_fingerprint(keys: list[str]) -> str:
@@ -191,6 +201,7 @@ def scan_pairs(pairs: pl.DataFrame, config: ScanConfig, *, source: str, steps=no
 
     if len(pairs) < 2:
         raise ScanError(f"{source}: {len(pairs)} usable pair(s); a scan needs at least 2")
+    labeller = labeller_for(config)  # a wrong labeller name or option fails before the long work
     if backend is None:
         backend = load_backend(config.activations)
     layer = resolve_layer(config.activations.layer, backend.n_layers)
@@ -217,6 +228,17 @@ def scan_pairs(pairs: pl.DataFrame, config: ScanConfig, *, source: str, steps=no
         salience = feature_salience(*stats.totals())
     features = select_features(salience, config.n_features, features_file=config.features_file)
     lap("salience")
+    labelling = Labelling(labeller, stats, texts, pairs["pair_id"].to_list(), backend,
+                          config.activations.max_length, salience, label_cache_file(config, sae_dir, labeller))
+    if config.select == "safety":
+        labels = labelling.label([f.latent for f in features.features])
+        candidates = len(features.features)
+        features = select_by_safety(features, {latent: label.relevance for latent, label in labels.items()},
+                                    config.relevance_threshold, config.n_features)
+        if not features.features:
+            raise ScanError(f"--select safety: none of the {candidates} candidate features has a safety relevance "
+                            f">= {config.relevance_threshold:g}; lower --relevance-threshold or use --select salience")
+        lap("labels")
 
     if backend.has_reward_head:
         signals = compute_signals(stats, features, rewards=store.scores(), fit=HeadFit.of(config))
@@ -226,10 +248,72 @@ def scan_pairs(pairs: pl.DataFrame, config: ScanConfig, *, source: str, steps=no
     lap("scores")
 
     report = build_report(source, pairs, texts, stats, salience, features, signals, ranked, quality,
-                          backend, layer, sae, sae_dir, config, timings)
+                          backend, layer, sae, sae_dir, config, timings, labelling=labelling)
     lap("report")
     report.run.timings = dict(timings)
-    return ScanResult(report, pairs, texts, store, sae, stats, features, signals, ranked, backend, timings)
+    return ScanResult(report, pairs, texts, store, sae, stats, features, signals, ranked, backend, timings,
+                      labelling)
+
+
+def labeller_for(config: ScanConfig):
+    """The scan's labeller (None for ``none``); --select safety needs one."""
+    options = dict(config.labeller_options)
+    labeller = make_labeller(config.labeller, options)
+    if labeller is None and config.select == "safety":
+        raise ConfigError("--select safety rates features with a labeller; --labeller none leaves nothing to rate")
+    return labeller
+
+
+def label_cache_file(config: ScanConfig, sae_dir: Path, labeller) -> Path | None:
+    """Beside a cached SAE; for a user's SAE, under the cache directory by the SAE's hash."""
+    if labeller is None:
+        return None
+    sae_hash = TopKSAE.file_hash(sae_dir)
+    if config.sae_path is None:
+        directory = Path(sae_dir) / "labels"
+    else:
+        directory = Path(config.activations.cache_dir) / "labels" / sae_hash
+    return cache_path(directory, sae_hash, labeller)
+
+
+@dataclass
+class Labelling:
+    """Labels latents on demand: cached ones are read, the others get cards and go to the labeller."""
+
+    labeller: object
+    stats: CodeStats
+    texts: list[PreparedText]
+    pair_ids: list[str]
+    backend: object
+    max_length: int
+    salience: torch.Tensor
+    cache_file: Path | None
+    labels: dict[int, FeatureLabel] = field(default_factory=dict)
+
+    def label(self, latents: list[int]) -> dict[int, FeatureLabel]:
+        if self.labeller is None or not latents:
+            return {}
+        wanted = [latent for latent in dict.fromkeys(latents) if latent not in self.labels]
+        if wanted:
+            def requests(missing: list[int]) -> list[LabelRequest]:
+                features = FeatureSet([Feature(j, 1 if self.salience[j] >= 0 else -1, float(self.salience[j]))
+                                       for j in missing], "labelling")
+                data = feature_cards(self.stats, features)
+                cards = _render_cards(data, self.texts, self.pair_ids, self.backend, self.max_length, len(data))
+                return [label_request(card, d, self.backend) for card, d in zip(cards, data, strict=True)]
+
+            self.labels.update(label_features(wanted, requests, self.labeller, self.cache_file))
+        return {latent: self.labels[latent] for latent in latents if latent in self.labels}
+
+
+def label_request(card: FeatureCard, data, backend) -> LabelRequest:
+    """What a labeller sees of one rendered card: its contexts and its tokens by activation mass."""
+    tokens = backend.token_strings([t for t, _ in data.token_mass])
+    return LabelRequest(
+        latent=card.latent, salience=card.salience,
+        contexts=tuple(LabelContext(c.side, c.text_before, c.token, c.text_after, c.value) for c in card.contexts),
+        top_tokens=tuple((tok, mass) for tok, (_, mass) in zip(tokens, data.token_mass, strict=True)),
+        token_rates=tuple(data.token_rates))
 
 
 def ranking_name(config: ScanConfig) -> str:
@@ -238,23 +322,33 @@ def ranking_name(config: ScanConfig) -> str:
 
 
 def build_report(source, pairs, texts, stats, salience, features, signals, ranked, quality, backend, layer,
-                 sae, sae_dir, config: ScanConfig, timings) -> Report:
-    """The Report of a scan: every pair as a Finding, every selected feature as a card."""
+                 sae, sae_dir, config: ScanConfig, timings, *, labelling: Labelling | None = None) -> Report:
+    """The Report of a scan: every pair as a Finding, every selected feature as a card.
+
+    With a labeller, the cards that show contexts and then the features behind the suspects
+    (most frequent first, ``labels_for_findings`` latents in all) get the labeller's label, its
+    relevance, category and provenance; a features file's own label wins over the labeller's.
+    """
     pair_ids = pairs["pair_id"].to_list()
     per_pair_quality = [quality.get(pid, []) for pid in pair_ids]
     categories = categorise(ranked, ranked_signals(signals, config.ranking), per_pair_quality,
                             flipped_fraction=config.flipped_fraction, noisy_fraction=config.noisy_fraction)
     order = torch.argsort(-ranked, stable=True).tolist()
     rank_of = {pair: r + 1 for r, pair in enumerate(order)}
-    labels = {f.latent: f.label for f in features.features}
     latents = features.latents.tolist()
-    findings = []
-    for i, row in enumerate(pairs.iter_rows(named=True)):
+    tops = []
+    for i in range(len(pairs)):
         chosen_terms, rejected_terms = feature_contributions(stats, features, i)
         net = (chosen_terms - rejected_terms).abs()
         top = torch.argsort(net, descending=True, stable=True)[:config.top_features_per_pair].tolist()
-        contributions = [FeatureContribution(latents[j], labels.get(latents[j]), float(chosen_terms[j]),
-                                             float(rejected_terms[j])) for j in top if net[j] > 0]
+        tops.append([(latents[j], float(chosen_terms[j]), float(rejected_terms[j])) for j in top if net[j] > 0])
+    auto = _labels_for(labelling, latents[:config.cards_with_contexts], tops, categories, config)
+    labels = {f.latent: f.label for f in features.features}
+    findings = []
+    for i, row in enumerate(pairs.iter_rows(named=True)):
+        contributions = [FeatureContribution(latent, labels.get(latent) or _text(auto.get(latent)), c, r,
+                                             *_rating(auto.get(latent)))
+                         for latent, c, r in tops[i]]
         findings.append(Finding(
             pair_id=row["pair_id"], source=row["source"], line=row["line"], rank=rank_of[i],
             category=categories[i], suspicion=float(ranked[i]), **{name: float(signals[name][i]) for name in SIGNALS},
@@ -263,6 +357,13 @@ def build_report(source, pairs, texts, stats, salience, features, signals, ranke
     findings.sort(key=lambda f: f.rank)
     cards = _render_cards(feature_cards(stats, features), texts, pair_ids, backend,
                           config.activations.max_length, config.cards_with_contexts)
+    for card in cards:
+        label = auto.get(card.latent)
+        if label is not None:
+            card.label = card.label or label.label
+            card.relevance, card.category = _rating(label)
+            card.labelled_by = {"labeller": label.labeller, "model": label.model, "version": label.version,
+                                "label": label.label}
     counts = {str(c): categories.count(c) for c in Category}
     run = RunInfo(
         tool_version=__version__, model=backend.identity, model_hash=backend.fingerprint, layer=layer,
@@ -273,6 +374,29 @@ def build_report(source, pairs, texts, stats, salience, features, signals, ranke
         timings=dict(timings), pairs=len(pairs), counts=counts, data_source=str(source),
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"))
     return Report(run, cards, findings)
+
+
+def _labels_for(labelling: Labelling | None, card_latents: list[int], tops: list[list[tuple]],
+                categories: list[str], config: ScanConfig) -> dict[int, FeatureLabel]:
+    """Label the shown cards, then the latents behind the suspects, most frequent first."""
+    if labelling is None or labelling.labeller is None:
+        return {}
+    frequency: dict[int, int] = {}
+    for top, category in zip(tops, categories, strict=True):
+        if category != "clean":
+            for latent, _c, _r in top:
+                frequency[latent] = frequency.get(latent, 0) + 1
+    behind = sorted(frequency, key=lambda latent: (-frequency[latent], latent))
+    wanted = list(dict.fromkeys(card_latents + behind))[:max(config.labels_for_findings, len(card_latents))]
+    return labelling.label(wanted)
+
+
+def _text(label: FeatureLabel | None) -> str | None:
+    return None if label is None else label.label
+
+
+def _rating(label: FeatureLabel | None) -> tuple[float | None, str | None]:
+    return (None, None) if label is None else (label.relevance, label.category)
 
 
 def _render_cards(cards, texts: list[PreparedText], pair_ids: list[str], backend, max_length: int,

@@ -206,7 +206,8 @@ def test_frame_has_one_row_per_pair_by_rank(report):
     assert frame["rank"].to_list() == [1, 2, 3, 4]
     assert frame["pair_id"].to_list() == ["hh-17", "hh-3", "hh-8", "hh-1"]
     assert frame["quality"].to_list()[2] == ["identical", "empty context"]
-    first = {"latent": 412, "label": "refusal | apology", "chosen": 0.1, "rejected": 0.7}
+    first = {"latent": 412, "label": "refusal | apology", "chosen": 0.1, "rejected": 0.7, "relevance": None,
+             "category": None}
     assert frame["top_features"].to_list()[0][0] == first
 
 
@@ -362,7 +363,7 @@ def test_terminal_report_summary_and_suspects(report):
         assert expected in text
     assert "hh-17" in text and "hh-3" in text and "hh-8" in text
     assert "hh-1\n" not in text  # the clean pair is not a suspect
-    assert "#412 refusal |" in text and "#9 -0.25" in text
+    assert "refusal |" in text and "(#412)" in text and "#9 -0.25" in text  # labelled: label first
 
 
 def test_terminal_report_marks_the_difference_without_colour(report):

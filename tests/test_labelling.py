@@ -1,0 +1,255 @@
+"""Feature labels (issue 12): the labeller hook, the label cache, the offline labeller,
+safety selection, and labels from a model shown inert in the terminal and escaped in HTML."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+
+import pytest
+from click.testing import CliRunner
+
+from safer_audit.backends.labellers import OfflineLabeller, keywords, load_taxonomy
+from safer_audit.cli import _scan_config, cli
+from safer_audit.config import ActivationConfig, SaeTrainConfig, ScanConfig
+from safer_audit.errors import ConfigError, ScanError
+from safer_audit.hookspecs import hookimpl
+from safer_audit.labelling import NOT_SAFETY, FeatureLabel, LabelContext, LabelRequest
+from safer_audit.labels import make_labeller
+from safer_audit.plugins import feature_labellers, load_plugins, plugin_info
+from safer_audit.report import Report, export_report, print_feature_cards, print_report
+from safer_audit.salience import Feature, FeatureSet, select_by_safety
+from safer_audit.scan import run_scan
+
+from .conftest import hh_records
+
+HOSTILE = "<script>alert(1)</script>\x1b]52;c;ZXZpbA==\x07\x1b[31m"
+
+
+class CountingLabeller:
+    """A labeller from a test plugin: counts the latents it is asked for, rates odd latents relevant."""
+
+    name = "counting"
+
+    def __init__(self, version: str = "1", text: str = "counted"):
+        self.version = version
+        self.text = text
+        self.asked: list[int] = []
+        self.requests: list[LabelRequest] = []
+
+    def label(self, requests):
+        self.asked += [r.latent for r in requests]
+        self.requests += list(requests)
+        return {r.latent: FeatureLabel(r.latent, f"{self.text} {r.latent}", 0.9 if r.latent % 2 else 0.1,
+                                       "weapons" if r.latent % 2 else NOT_SAFETY, self.name, "fake-model",
+                                       self.version) for r in requests}
+
+
+class CountingPlugin:
+    def __init__(self):
+        self.made: list[CountingLabeller] = []
+        self.version = "1"
+        self.text = "counted"
+
+    @hookimpl
+    def register_feature_labellers(self, register):
+        register("counting", self.factory)
+
+    def factory(self, **options):
+        labeller = CountingLabeller(self.version, self.text)
+        self.made.append(labeller)
+        return labeller
+
+
+@pytest.fixture
+def counting_plugin():
+    pm = load_plugins()
+    plugin = CountingPlugin()
+    pm.register(plugin, name="test-counting")
+    yield plugin
+    pm.unregister(plugin)
+
+
+@pytest.fixture(scope="module")
+def data_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("data") / "pairs.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in hh_records(40)), encoding="utf-8")
+    return path
+
+
+def scan_config(model_dir, cache_dir, **changes) -> ScanConfig:
+    config = ScanConfig(activations=ActivationConfig(model=str(model_dir), layer=1, max_length=64, cache_dir=cache_dir),
+                        sae_train=SaeTrainConfig(n_latents=64, k=4), n_features=16, cards_with_contexts=8)
+    return replace(config, **changes)
+
+
+# -- the hook -------------------------------------------------------------------------------
+
+
+def test_offline_labeller_is_built_in_and_listed():
+    assert "offline" in feature_labellers()
+    info = {i.name: i for i in plugin_info()}["safer_audit.backends.labellers"]
+    assert info.registers == {"labellers": ["offline"]}
+    result = CliRunner().invoke(cli, ["plugins", "--json"], catch_exceptions=False)
+    assert any(p["registers"].get("labellers") == ["offline"] for p in json.loads(result.output))
+
+
+def test_labeller_options_reach_the_registered_factory(counting_plugin):
+    config = _scan_config({"model": None, "layer": 3, "positions": "response", "max_length": 64, "batch_size": 1,
+                           "device": "cpu", "dtype": "auto", "trust_remote_code": False, "cache_dir": None,
+                           "latents": None, "k": 4, "epochs": 1, "seed": 0, "sae_path": None, "n_features": 8,
+                           "features_file": None, "salience_from": None, "schema": None, "split": None,
+                           "preference": "better", "skip_invalid": False, "labeller": "llm",
+                           "labeller_url": "http://127.0.0.1:9", "taxonomy": None, "select": "safety",
+                           "relevance_threshold": 0.3})
+    assert config.labeller == "llm" and config.labeller_options == {"url": "http://127.0.0.1:9"}
+    assert config.select == "safety" and config.relevance_threshold == 0.3
+    if "llm" in feature_labellers():  # the first-party plugin, through its entry point
+        assert type(make_labeller("llm", config.labeller_options)).__name__ == "LLMLabeller"
+    assert make_labeller("none") is None
+    with pytest.raises(ConfigError, match="unknown labeller 'nope'"):
+        make_labeller("nope")
+    with pytest.raises(ConfigError, match="takes no option url"):
+        make_labeller("offline", {"url": "http://127.0.0.1:9"})
+
+
+# -- the cache ------------------------------------------------------------------------------
+
+
+def test_labels_are_cached_and_a_rescan_labels_nothing(tiny_llama_dir, data_file, tmp_path, counting_plugin):
+    config = scan_config(tiny_llama_dir, tmp_path / "cache", labeller="counting")
+    first = run_scan(str(data_file), config)
+    asked = counting_plugin.made[-1].asked
+    assert asked and len(asked) == len(set(asked))
+    shown = [card.latent for card in first.report.features[:8]]
+    assert set(shown) <= set(asked)  # every card that shows contexts is labelled
+    card = first.report.features[0]
+    assert card.label == f"counted {card.latent}" and card.labelled_by["labeller"] == "counting"
+    assert card.category in ("weapons", NOT_SAFETY) and card.relevance in (0.9, 0.1)
+    # requests carry marked contexts from both sides and the tokens' activation mass
+    request = counting_plugin.made[-1].requests[0]
+    assert request.contexts and all(c.side in ("chosen", "rejected") for c in request.contexts)
+    assert request.top_tokens and len(request.token_rates) == len(request.top_tokens)
+    labelled = {c.latent for f in first.report.findings for c in f.top_features if c.label}
+    assert labelled and labelled <= set(asked)
+
+    second = run_scan(str(data_file), config)
+    assert counting_plugin.made[-1].asked == []  # everything came from the cache
+    assert [c.label for c in second.report.features] == [c.label for c in first.report.features]
+    files = list((tmp_path / "cache").rglob("labels/counting-v1-*.json"))
+    assert len(files) == 1
+
+    counting_plugin.version = "2"  # a new labeller version labels again
+    run_scan(str(data_file), config)
+    assert sorted(counting_plugin.made[-1].asked) == sorted(asked)
+
+
+def test_labeller_none_labels_nothing(tiny_llama_dir, data_file, tmp_path, counting_plugin):
+    result = run_scan(str(data_file), scan_config(tiny_llama_dir, tmp_path / "cache", labeller="none"))
+    assert all(card.label is None and card.relevance is None for card in result.report.features)
+    with pytest.raises(ConfigError, match="--select safety"):
+        run_scan(str(data_file), scan_config(tiny_llama_dir, tmp_path / "cache", labeller="none", select="safety"))
+
+
+# -- safety selection -----------------------------------------------------------------------
+
+
+def test_select_by_safety_keeps_relevant_candidates_in_salience_order():
+    candidates = FeatureSet([Feature(7, 1, 0.9, pinned=True), Feature(1, 1, 0.8), Feature(2, -1, -0.7),
+                             Feature(3, 1, 0.6), Feature(5, 1, 0.5)], "top-n")
+    kept = select_by_safety(candidates, {1: 0.9, 2: 0.2, 3: 0.5, 5: 0.95}, 0.5, 3)
+    assert [f.latent for f in kept.features] == [7, 1, 3]
+
+
+def test_scan_with_safety_selection(tiny_llama_dir, data_file, tmp_path, counting_plugin):
+    config = scan_config(tiny_llama_dir, tmp_path / "cache", labeller="counting", select="safety")
+    result = run_scan(str(data_file), config)
+    assert result.features.features and all(f.latent % 2 for f in result.features.features)
+    assert result.report.run.n_features == len(result.features.features) <= 16
+    with pytest.raises(ScanError, match="relevance"):
+        run_scan(str(data_file), replace(config, relevance_threshold=0.95))
+
+
+# -- labels from a model are data -----------------------------------------------------------
+
+
+def test_hostile_labels_are_escaped_in_html_and_inert_in_the_terminal(tiny_llama_dir, data_file, tmp_path,
+                                                                      counting_plugin):
+    from rich.console import Console
+
+    counting_plugin.text = HOSTILE
+    result = run_scan(str(data_file), scan_config(tiny_llama_dir, tmp_path / "cache", labeller="counting"))
+    report = result.report
+    assert any(c.label and HOSTILE in c.label for f in report.findings for c in f.top_features)
+    export_report(report, tmp_path / "r.html")
+    html = (tmp_path / "r.html").read_text()
+    assert "<script>alert" not in html and "&lt;script&gt;alert(1)&lt;/script&gt;" in html
+    console = Console(record=True, width=200, force_terminal=True, markup=False, emoji=False)
+    print_feature_cards(report.features[:3], console)
+    print_report(report, console, top=40)
+    text = console.export_text(styles=False)
+    assert "\x1b]52" not in text and "\x07" not in text and "\x1b[31m" not in text
+    assert "\\x1b" in text or "\\e" in text or "␛" in text or "^[" in text  # shown, escaped
+
+
+def test_old_reports_without_label_fields_still_load(tiny_llama_dir, data_file, tmp_path, counting_plugin):
+    result = run_scan(str(data_file), scan_config(tiny_llama_dir, tmp_path / "cache", labeller="counting"))
+    data = result.report.to_dict()
+    for card in data["features"]:
+        for name in ("relevance", "category", "labelled_by"):
+            del card[name]
+    for finding in data["findings"]:
+        for contribution in finding["top_features"]:
+            del contribution["relevance"], contribution["category"]
+    report = Report.from_dict(json.loads(json.dumps(data)))
+    assert report.features[0].relevance is None and report.features[0].label == result.report.features[0].label
+
+
+# -- the offline labeller -------------------------------------------------------------------
+
+
+def _request(latent: int, texts: list[tuple[str, str, str]], tokens, rates) -> LabelRequest:
+    contexts = tuple(LabelContext("rejected" if i % 2 else "chosen", b, t, a, 3.0 - 0.1 * i)
+                     for i, (b, t, a) in enumerate(texts))
+    return LabelRequest(latent, 0.5, contexts, tuple(tokens), tuple(rates))
+
+
+WEAPONS = _request(1, [
+    ("You could buy a ", "gun", " at the store and shoot him."),
+    ("The easiest way is a ", "gun", ", or a knife if you are close."),
+    ("Hide the ", "knife", " in your jacket before the fight."),
+    ("Load the ", "rifle", " and aim for the chest."),
+], [(".", 9.0), ("the", 8.0), ("gun", 6.0), ("knife", 3.0), ("rifle", 2.0)], [0.05, 0.04, 0.0002, 0.0001, 0.0001])
+COOKING = _request(2, [
+    ("To bake the bread, preheat the ", "oven", " to 200 degrees."),
+    ("Mix the flour and sugar, then put it in the ", "oven", " for an hour."),
+    ("A good cake recipe needs butter and a warm ", "oven", "."),
+], [("oven", 5.0), ("the", 4.0)], [0.0003, 0.04])
+
+
+def test_keywords_prefer_concentrated_words_over_stopwords_and_punctuation():
+    words = keywords(WEAPONS, {}, 2)
+    assert words[0] == "gun" and "the" not in words and "." not in words
+    assert set(words) <= {"gun", "knife", "rifle", "shoot", "fight", "chest"}
+
+
+def test_offline_labeller_rates_by_meaning_and_is_deterministic():
+    labeller = make_labeller("offline")
+    labels = labeller.label([WEAPONS, COOKING])
+    assert labels[1].category in ("weapons", "violence") and labels[1].relevance >= 0.5
+    assert labels[1].label.startswith(labels[1].category + ": gun")
+    assert labels[2].category == NOT_SAFETY and labels[2].relevance < 0.5
+    assert labels[1].labeller == "offline" and labels[1].model and labels[1].version
+    assert labeller.label([WEAPONS, COOKING]) == labels
+
+
+def test_a_user_taxonomy_replaces_the_categories(tmp_path):
+    path = tmp_path / "tax.yaml"
+    path.write_text("categories:\n  baking:\n    - baking bread and cakes in an oven\n"
+                    "  not safety related:\n    - weapons, guns and knives\n", encoding="utf-8")
+    labeller = OfflineLabeller(path)
+    assert labeller.label([COOKING])[2].category == "baking"
+    assert labeller.cache_key != OfflineLabeller().cache_key  # another taxonomy, other cached labels
+    path.write_text("categories: [1, 2]\n", encoding="utf-8")
+    with pytest.raises(ConfigError, match="categories"):
+        load_taxonomy(path)
