@@ -101,7 +101,9 @@ def test_labeller_options_reach_the_registered_factory(counting_plugin):
                            "features_file": None, "salience_from": None, "schema": None, "split": None,
                            "preference": "better", "skip_invalid": False, "labeller": "llm",
                            "labeller_url": "http://127.0.0.1:9", "taxonomy": None, "select": "safety",
-                           "relevance_threshold": 0.3})
+                           "relevance_threshold": 0.3, "engine": "local", "ray_address": None,
+                           "ray_workers": None, "cache_dtype": "float32", "sae_tokens": 1_000_000,
+                           "max_record_bytes": 16 << 20})
     assert config.labeller == "llm" and config.labeller_options == {"url": "http://127.0.0.1:9"}
     assert config.select == "safety" and config.relevance_threshold == 0.3
     if "llm" in feature_labellers():  # the first-party plugin, through its entry point
