@@ -9,6 +9,7 @@ from __future__ import annotations
 import difflib
 import json
 import math
+import os
 import re
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -38,6 +39,19 @@ CATEGORY_DESCRIPTIONS = {
 CATEGORIES = tuple(CATEGORY_DESCRIPTIONS)
 
 SIDES = ("chosen", "rejected")
+
+
+# How many pairs the method needs (benchmarks/bench_min_pairs.py, BENCHMARKS.md "How few pairs").
+MIN_PAIRS = 10  # below this a scan refuses: the cross-fitted heads and the categories have nothing to work with
+FEW_PAIRS = 100  # below this a scan warns: the ranking is barely better than chance
+
+
+def few_pairs_warning(pairs: int) -> str | None:
+    """The warning a scan of ``pairs`` pairs carries, or None when there are enough."""
+    if pairs >= FEW_PAIRS:
+        return None
+    return (f"only {pairs:,} pairs: the method needs about {FEW_PAIRS} or more (SAE training, cross-fitted heads, "
+            "the flipped and noisy fractions); treat this ranking as a rough guess")
 
 
 @dataclass
@@ -136,6 +150,45 @@ class RunInfo:
     counts: dict[str, int]  # pairs per category
     data_source: str
     created: str  # ISO 8601
+
+
+
+def display_path(path: str | os.PathLike, cache_dir: str | os.PathLike | None = None) -> str:
+    """How a report names a local file: no absolute path of this machine leaks into it.
+
+    Under the working directory: relative to it. In the cache: ``~/...`` when the cache is
+    in the home directory, else ``<cache>/...``. Elsewhere in the home directory: ``~/...``.
+    Anything else: relative to the working directory (``../...``), so commands run from the
+    same directory still find it. Text that is not a local path (a hub id) is kept as it is.
+    """
+    text = os.fspath(path)
+    if not text or not os.path.exists(text):
+        return text
+    full = os.path.abspath(text)
+
+    def inside(base: str) -> str | None:
+        base = os.path.abspath(base)
+        try:
+            if os.path.commonpath([full, base]) != base:
+                return None
+        except ValueError:  # another drive
+            return None
+        rest = os.path.relpath(full, base)
+        return "" if rest == "." else Path(rest).as_posix()
+
+    home = os.path.expanduser("~")
+    rest = inside(os.getcwd())
+    if rest is not None:
+        return rest or "."
+    if cache_dir is not None and (rest := inside(cache_dir)) is not None:
+        in_home = inside(home) if os.path.abspath(home) != os.sep else None
+        return f"~/{in_home}" if in_home else "<cache>/" + rest if rest else "<cache>"
+    if os.path.abspath(home) != os.sep and (rest := inside(home)) is not None:
+        return f"~/{rest}" if rest else "~"
+    try:
+        return Path(os.path.relpath(full)).as_posix()
+    except ValueError:  # another drive: nothing relative names it
+        return Path(full).name
 
 
 # The table layout of a report: one row per pair. ``quality`` is a list of strings and
@@ -372,7 +425,7 @@ def summary_lines(report: Report) -> list[tuple[str, str]]:
         ("categories", ", ".join(f"{name} {run.counts.get(name, 0):,}" for name in CATEGORIES)),
         ("time", timings),
         ("created", f"{run.created} by safer-audit {run.tool_version}"),
-    ]
+    ] + ([("warning", warning)] if (warning := few_pairs_warning(run.pairs)) else [])
 
 
 # -- terminal --------------------------------------------------------------------------

@@ -24,7 +24,7 @@ from .config import ActivationConfig, SaeTrainConfig, ScanConfig
 from .data import find_quality_issues, load_pairs
 from .errors import ScanError
 from .progress import no_progress
-from .report import FeatureCard, FeatureContext, FeatureContribution, Finding, Report, RunInfo
+from .report import FeatureCard, FeatureContext, FeatureContribution, Finding, Report, RunInfo, display_path
 from .sae import TopKSAE
 from .salience import (
     CONTEXT_TOKENS,
@@ -219,6 +219,9 @@ def build_report(source, pairs, texts, stats, salience, features, signals, ranke
     rank_of = {pair: r + 1 for r, pair in enumerate(order)}
     labels = {f.latent: f.label for f in features.features}
     latents = features.latents.tolist()
+    # a report is shared: it names files relative to the working directory, never by absolute path
+    cache_dir = config.activations.cache_dir
+    shown = {name: display_path(name, cache_dir) for name in set(pairs["source"].to_list())}
     findings = []
     for i, row in enumerate(pairs.iter_rows(named=True)):
         chosen_terms, rejected_terms = feature_contributions(stats, features, i)
@@ -227,7 +230,7 @@ def build_report(source, pairs, texts, stats, salience, features, signals, ranke
         contributions = [FeatureContribution(latents[j], labels.get(latents[j]), float(chosen_terms[j]),
                                              float(rejected_terms[j])) for j in top if net[j] > 0]
         findings.append(Finding(
-            pair_id=row["pair_id"], source=row["source"], line=row["line"], rank=rank_of[i],
+            pair_id=row["pair_id"], source=shown[row["source"]], line=row["line"], rank=rank_of[i],
             category=categories[i], suspicion=float(ranked[i]),
             score_safe=float(signals["score_safe"][i]), reward_margin=float(signals["reward_margin"][i]),
             sae_margin=float(signals["sae_margin"][i]), quality=per_pair_quality[i],
@@ -237,12 +240,12 @@ def build_report(source, pairs, texts, stats, salience, features, signals, ranke
                           config.activations.max_length, config.cards_with_contexts)
     counts = {c: categories.count(c) for c in ("flipped", "noisy", "quality", "clean")}
     run = RunInfo(
-        tool_version=__version__, model=backend.identity, model_hash=backend.fingerprint, layer=layer,
+        tool_version=__version__, model=display_path(backend.identity, cache_dir), model_hash=backend.fingerprint, layer=layer,
         positions=config.activations.positions, max_length=config.activations.max_length,
-        sae_path=str(sae_dir), sae_hash=TopKSAE.file_hash(sae_dir), sae_fvu=stats.fvu,
+        sae_path=display_path(sae_dir, cache_dir), sae_hash=TopKSAE.file_hash(sae_dir), sae_fvu=stats.fvu,
         n_features=len(features.features), ranking=ranking_name(config),
         thresholds={"flipped_fraction": config.flipped_fraction, "noisy_fraction": config.noisy_fraction},
-        timings=dict(timings), pairs=len(pairs), counts=counts, data_source=str(source),
+        timings=dict(timings), pairs=len(pairs), counts=counts, data_source=display_path(source, cache_dir),
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"))
     return Report(run, cards, findings)
 
@@ -263,7 +266,7 @@ def _render_cards(cards, texts: list[PreparedText], pair_ids: list[str], backend
             # the same left-truncated tokenization as extraction, so positions index it directly
             ids, offsets, specials = backend.tokenize([texts[i].text for i in group], max_length=max_length,
                                                       has_special_tokens=special)
-            tokenized.update({i: (o, sp) for i, o, sp in zip(group, offsets, specials)})
+            tokenized.update({i: (o, sp) for i, o, sp in zip(group, offsets, specials, strict=True)})
     out = []
     for n, card in enumerate(cards):
         contexts = []
@@ -281,6 +284,6 @@ def _render_cards(cards, texts: list[PreparedText], pair_ids: list[str], backend
         out.append(FeatureCard(latent=f.latent, label=f.label, salience=f.salience, chosen_total=card.chosen_total,
                                rejected_total=card.rejected_total, fire_rate=card.fire_rate,
                                sign="+" if f.sign > 0 else "-",
-                               top_tokens=[(tok, c) for tok, (_, c) in zip(tokens, card.top_tokens)],
+                               top_tokens=[(tok, c) for tok, (_, c) in zip(tokens, card.top_tokens, strict=True)],
                                contexts=contexts))
     return out
