@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -24,7 +26,16 @@ from .config import ActivationConfig, SaeTrainConfig, ScanConfig
 from .data import find_quality_issues, load_pairs
 from .errors import ScanError
 from .progress import no_progress
-from .report import FeatureCard, FeatureContext, FeatureContribution, Finding, Report, RunInfo, display_path
+from .report import (
+    FeatureCard,
+    FeatureContext,
+    FeatureContribution,
+    Finding,
+    Report,
+    RunInfo,
+    display_path,
+    few_pairs_warning,
+)
 from .sae import TopKSAE
 from .salience import (
     CONTEXT_TOKENS,
@@ -130,16 +141,55 @@ def _activations_for(pairs: pl.DataFrame, backend, config: ScanConfig, steps, la
     return texts, store
 
 
-def run_scan(source: str, config: ScanConfig, *, steps=no_progress) -> ScanResult:
-    """Scan one dataset and rank its pairs, most suspicious first."""
+def min_pairs(config: ScanConfig) -> int:
+    """The fewest pairs a scan with ``config`` can flag any pair in.
+
+    Measured (BENCHMARKS.md "How few pairs"): the cross-fitted heads run from 2 pairs, but a
+    pair is flipped or noisy only when it is within the top ``noisy_fraction`` (or
+    ``flipped_fraction``) of the ranking, so with fewer than 1 / fraction pairs (10 by default)
+    no pair can be: the scan would rank and then report nothing but data-quality problems.
+    """
+    fraction = max(config.flipped_fraction, config.noisy_fraction)
+    if fraction <= 0:
+        return 2
+    n = max(2, math.ceil(1 / fraction) - 1)
+    while 1 / n > fraction:  # the same test as scoring.categorise: (position + 1) / n <= fraction
+        n += 1
+    return n
+
+
+def check_pair_count(n: int, config: ScanConfig, source: str) -> str | None:
+    """Refuse a scan of too few pairs (ScanError naming the minimum); the warning for few."""
+    least = min_pairs(config)
+    if n < least:
+        raise ScanError(f"{source}: {n} usable pair(s); a scan needs at least {least} (with noisy fraction "
+                        f"{config.noisy_fraction:g}, fewer pairs leave no room in the ranking to flag any), "
+                        "and gives a useful ranking from about a hundred")
+    return few_pairs_warning(n)
+
+
+def run_scan(source: str, config: ScanConfig, *, steps=no_progress, warn=None) -> ScanResult:
+    """Scan one dataset and rank its pairs, most suspicious first.
+
+    ``warn(message)`` is told, before the long work, when the data is too small to trust the result.
+    """
     start = time.perf_counter()
     pairs = read_data(source, config).pairs
-    return scan_pairs(pairs, config, source=str(source), steps=steps,
+    return scan_pairs(pairs, config, source=str(source), steps=steps, warn=warn,
                       timings={"load": round(time.perf_counter() - start, 3)})
 
 
+@contextmanager
+def _one_step(steps, description: str):
+    """A progress step for work that reports no progress of its own: shown while it runs."""
+    with steps(description, "steps") as update:
+        update(0, 1)
+        yield
+        update(1, 1)
+
+
 def scan_pairs(pairs: pl.DataFrame, config: ScanConfig, *, source: str, steps=no_progress, backend=None,
-               timings: dict[str, float] | None = None) -> ScanResult:
+               timings: dict[str, float] | None = None, warn=None) -> ScanResult:
     """Scan a pairs table (data.load_pairs' layout); ``backend`` reuses a loaded model."""
     timings = dict(timings or {})
     clock = time.perf_counter()
@@ -150,10 +200,12 @@ def scan_pairs(pairs: pl.DataFrame, config: ScanConfig, *, source: str, steps=no
         timings[name] = round(now - clock, 3)
         clock = now
 
-    if len(pairs) < 2:
-        raise ScanError(f"{source}: {len(pairs)} usable pair(s); a scan needs at least 2")
+    warning = check_pair_count(len(pairs), config, source)
+    if warning and warn is not None:
+        warn(f"{source}: {warning}")
     if backend is None:
-        backend = load_backend(config.activations)
+        with _one_step(steps, "Loading model"):
+            backend = load_backend(config.activations)
     layer = resolve_layer(config.activations.layer, backend.n_layers)
     lap("model")
     texts, store = _activations_for(pairs, backend, config, steps, "Activations")
@@ -162,7 +214,8 @@ def scan_pairs(pairs: pl.DataFrame, config: ScanConfig, *, source: str, steps=no
     def count_tokens(batch: list[str]) -> list[int]:
         return [len(ids) for ids in backend.tokenizer(batch, add_special_tokens=False)["input_ids"]]
 
-    issues = find_quality_issues(pairs, max_length=config.activations.max_length, count_tokens=count_tokens)
+    with _one_step(steps, "Quality checks"):
+        issues = find_quality_issues(pairs, max_length=config.activations.max_length, count_tokens=count_tokens)
     quality: dict[str, list[str]] = {}
     for issue in issues:
         quality.setdefault(issue.pair_id, []).append(issue.kind)
@@ -174,29 +227,38 @@ def scan_pairs(pairs: pl.DataFrame, config: ScanConfig, *, source: str, steps=no
     if config.salience_from:
         reference = read_data(config.salience_from, config).pairs
         _, reference_store = _activations_for(reference, backend, config, steps, "Reference activations")
-        reference_stats = encode_store(reference_store, sae)
-        salience = feature_salience(*reference_stats.totals())
+        with steps("Reference encoding", "pairs", scale=0.5) as update:
+            reference_stats = encode_store(reference_store, sae, progress=update)
+        totals = reference_stats.totals()
     else:
-        salience = feature_salience(*stats.totals())
-    features = select_features(salience, config.n_features, features_file=config.features_file)
+        totals = stats.totals()
+    with _one_step(steps, "Salience"):
+        salience = feature_salience(*totals)
+        features = select_features(salience, config.n_features, features_file=config.features_file)
     lap("salience")
 
-    signals = {"score_safe": score_safe(stats, features)}
-    if backend.has_reward_head:
-        rewards = store.scores()
-        signals["reward_margin"] = rewards[0::2] - rewards[1::2]
-    else:
-        pooled = store.pooled_mean()
-        signals["reward_margin"] = cross_fitted_margins(pooled[0::2] - pooled[1::2], folds=config.folds,
-                                                        seed=config.seed, l2=config.margin_l2).margins
-    code_diffs = stats.mean_codes[0::2] - stats.mean_codes[1::2]
-    signals["sae_margin"] = cross_fitted_margins(code_diffs, folds=config.folds, seed=config.seed,
-                                                 l2=config.sae_l2, l1=config.sae_l1).margins
-    ranked = suspicion(signals, config.ranking)
+    with steps("Scores", "signals") as update:
+        update(0, 3)
+        signals = {"score_safe": score_safe(stats, features)}
+        update(1, 3)
+        if backend.has_reward_head:
+            rewards = store.scores()
+            signals["reward_margin"] = rewards[0::2] - rewards[1::2]
+        else:
+            pooled = store.pooled_mean()
+            signals["reward_margin"] = cross_fitted_margins(pooled[0::2] - pooled[1::2], folds=config.folds,
+                                                            seed=config.seed, l2=config.margin_l2).margins
+        update(2, 3)
+        code_diffs = stats.mean_codes[0::2] - stats.mean_codes[1::2]
+        signals["sae_margin"] = cross_fitted_margins(code_diffs, folds=config.folds, seed=config.seed,
+                                                     l2=config.sae_l2, l1=config.sae_l1).margins
+        ranked = suspicion(signals, config.ranking)
+        update(3, 3)
     lap("scores")
 
-    report = build_report(source, pairs, texts, stats, salience, features, signals, ranked, quality,
-                          backend, layer, sae, sae_dir, config, timings)
+    with _one_step(steps, "Report"):
+        report = build_report(source, pairs, texts, stats, salience, features, signals, ranked, quality,
+                              backend, layer, sae, sae_dir, config, timings)
     lap("report")
     report.run.timings = dict(timings)
     return ScanResult(report, pairs, texts, store, sae, stats, features, signals, ranked, backend, timings)

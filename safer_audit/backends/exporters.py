@@ -145,9 +145,9 @@ th, td { border-bottom: 1px solid #ddd; padding: .35rem .5rem; text-align: left;
 td.num, th.num { text-align: right; font-variant-numeric: tabular-nums; }
 td.num { white-space: nowrap; }
 td.features { font-size: .9em; }
-td.features span { white-space: nowrap; }
-td.texts { min-width: 22em; overflow-wrap: anywhere; }
-.loc { white-space: nowrap; }
+td.features { min-width: 9em; overflow-wrap: anywhere; }
+td.texts { min-width: 18em; overflow-wrap: anywhere; }
+.loc, td.pair { white-space: nowrap; }
 .path { overflow-wrap: normal; word-break: keep-all; }
 table.sortable th[data-sort] { cursor: pointer; user-select: none; }
 table.sortable th { background: #f4f4f4; position: sticky; top: 0; z-index: 1; }
@@ -170,13 +170,13 @@ pre { white-space: pre-wrap; overflow-wrap: anywhere; background: #f8f8f8; paddi
 .verdicts button[data-verdict=flipped][aria-pressed=true] { background: #b00020; border-color: #b00020; }
 .verdicts button[data-verdict=noisy][aria-pressed=true] { background: #8a5a00; border-color: #8a5a00; }
 .verdicts button[data-verdict=ok][aria-pressed=true] { background: #1b6e20; border-color: #1b6e20; }
-td.decision input { width: 100%; min-width: 8em; margin-top: .3rem; font: inherit; font-size: .85em; }
+td.decision input { width: 100%; min-width: 6em; margin-top: .3rem; font: inherit; font-size: .85em; }
 tr.decided { background: #f6fbf6; }
 .cards { display: grid; grid-template-columns: repeat(auto-fill, minmax(min(26rem, 100%), 1fr)); gap: 1rem; }
 .card { border: 1px solid #ddd; border-radius: 6px; padding: .5rem 1rem; overflow-wrap: anywhere; }
 .card h3 { font-size: 1rem; margin: .3rem 0; } .card ol { padding-left: 1.2rem; }
 details#features > summary { font-size: 1.2rem; font-weight: 600; cursor: pointer; margin-top: 2rem; }
-@media (max-width: 760px) {
+@media (max-width: 1100px) {
   body { margin: .5rem auto; padding: 0 .6rem; }
   dl { grid-template-columns: minmax(0, 1fr); } dd { margin-bottom: .3rem; }
   table.suspects, table.suspects tbody, table.suspects tr, table.suspects td { display: block; width: 100%; }
@@ -186,6 +186,7 @@ details#features > summary { font-size: 1.2rem; font-weight: 600; cursor: pointe
   table.suspects td::before { content: attr(data-label) ": "; font-weight: 600; color: #555; }
   table.suspects td.texts::before, table.suspects td.decision::before { content: none; }
   table.suspects td.loc { white-space: normal; }
+  table.suspects td.pair { white-space: normal; overflow-wrap: anywhere; }
   #q { width: 100%; } .controls label.grow { flex: 1 1 100%; }
 }
 """
