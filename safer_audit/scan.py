@@ -27,6 +27,7 @@ from .data import find_quality_issues, load_pairs
 from .errors import ScanError
 from .progress import no_progress
 from .report import (
+    FEW_PAIRS,
     FeatureCard,
     FeatureContext,
     FeatureContribution,
@@ -164,7 +165,7 @@ def check_pair_count(n: int, config: ScanConfig, source: str) -> str | None:
     if n < least:
         raise ScanError(f"{source}: {n} usable pair(s); a scan needs at least {least} (with noisy fraction "
                         f"{config.noisy_fraction:g}, fewer pairs leave no room in the ranking to flag any), "
-                        "and gives a useful ranking from about a hundred")
+                        f"and a useful ranking from about {FEW_PAIRS}")
     return few_pairs_warning(n)
 
 

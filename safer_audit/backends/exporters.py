@@ -147,8 +147,9 @@ td.num { white-space: nowrap; }
 td.features { font-size: .9em; }
 td.features { min-width: 9em; overflow-wrap: anywhere; }
 td.texts { min-width: 18em; overflow-wrap: anywhere; }
-.loc, td.pair { white-space: nowrap; }
-.path { overflow-wrap: normal; word-break: keep-all; }
+td.pair { min-width: 6em; overflow-wrap: anywhere; }
+.path { white-space: nowrap; }
+.loc > div { max-width: 16em; overflow-x: auto; }
 table.sortable th[data-sort] { cursor: pointer; user-select: none; }
 table.sortable th { background: #f4f4f4; position: sticky; top: 0; z-index: 1; }
 th[data-order=asc]::after { content: " \\25B2"; } th[data-order=desc]::after { content: " \\25BC"; }
@@ -185,8 +186,7 @@ details#features > summary { font-size: 1.2rem; font-weight: 600; cursor: pointe
   table.suspects td { border: 0; padding: .15rem 0; text-align: left; min-width: 0; }
   table.suspects td::before { content: attr(data-label) ": "; font-weight: 600; color: #555; }
   table.suspects td.texts::before, table.suspects td.decision::before { content: none; }
-  table.suspects td.loc { white-space: normal; }
-  table.suspects td.pair { white-space: normal; overflow-wrap: anywhere; }
+  table.suspects td.loc > div { display: inline-block; max-width: 100%; vertical-align: top; }
   #q { width: 100%; } .controls label.grow { flex: 1 1 100%; }
 }
 """
@@ -371,10 +371,11 @@ def _num_cell(label: str, value: float | None) -> str:
 
 
 def _location(source: str, line: int) -> str:
-    """``source:line`` that wraps only after a "/", never inside a name or before ":line"."""
+    """``source:line`` that wraps only after a "/", never inside a name or before ":line"
+    (a name too long for its cell scrolls inside the cell, not the page)."""
     *folders, name = source.split("/")
     head = "".join(f'<span class="path">{_e(part)}/</span><wbr>' for part in folders)
-    return f'{head}<span class="path">{_e(name)}:{line}</span>'
+    return f'<div>{head}<span class="path">{_e(name)}:{line}</span></div>'
 
 
 def _finding_row(f: Finding) -> str:
@@ -452,7 +453,8 @@ _SUSPECT_COLUMNS = (  # (header, numeric, sortable)
 def render_html(report: Report, max_suspects: int = HTML_MAX_SUSPECTS) -> str:
     """One self-contained page: summary, the suspects to review (search, filter, decide,
     download the decisions), and the feature cards, collapsed, below them."""
-    summary = "".join(f"<dt>{_e(heading)}</dt><dd>{_e(value)}</dd>" for heading, value in summary_lines(report))
+    summary = "".join(f"<dt>{_e(heading)}</dt><dd>{_e(value)}</dd>" for heading, value in summary_lines(report)
+                      if heading != "warning")  # the page shows it as a banner at the top
     counts = "".join(
         f'<tr><td><span class="{name}">{name}</span></td>'
         f'<td class="num">{report.run.counts.get(name, 0):,}</td><td>{_e(CATEGORY_DESCRIPTIONS[name])}</td></tr>'
