@@ -116,7 +116,7 @@ def test_hostile_id_and_text_stay_text_in_attributes_and_data():
     assert hostile.digest in digests
 
 
-@pytest.mark.parametrize("value", ["a<b>&c", "</script>", "\u2028\u2029", "<!--x-->", "\"'"])
+@pytest.mark.parametrize("value", ["a<b>&c", "</script>", "\u2028\u2029", "<!--x-->"])
 def test_script_json_round_trips_and_cannot_end_the_script(value):
     text = script_json({"k": value})
     assert json.loads(text) == {"k": value}

@@ -141,12 +141,12 @@ h1 { font-size: 1.5rem; } h2 { font-size: 1.2rem; margin-top: 2rem; }
 dl { display: grid; grid-template-columns: max-content minmax(0, 1fr); gap: .2rem 1rem; }
 dt { font-weight: 600; } dd { margin: 0; overflow-wrap: anywhere; }
 table { border-collapse: collapse; width: 100%; }
-th, td { border-bottom: 1px solid #ddd; padding: .35rem .5rem; text-align: left; vertical-align: top; }
+th, td { border-bottom: 1px solid #ddd; padding: .3rem .4rem; text-align: left; vertical-align: top; }
 td.num, th.num { text-align: right; font-variant-numeric: tabular-nums; }
 td.num { white-space: nowrap; }
 td.features { font-size: .9em; }
-td.features { min-width: 9em; overflow-wrap: anywhere; }
-td.texts { min-width: 18em; overflow-wrap: anywhere; }
+td.features { min-width: 8em; overflow-wrap: anywhere; }
+td.texts { min-width: 14em; overflow-wrap: anywhere; }
 td.pair { min-width: 6em; overflow-wrap: anywhere; }
 .path { white-space: nowrap; }
 .loc > div { max-width: 16em; overflow-x: auto; }
@@ -171,13 +171,13 @@ pre { white-space: pre-wrap; overflow-wrap: anywhere; background: #f8f8f8; paddi
 .verdicts button[data-verdict=flipped][aria-pressed=true] { background: #b00020; border-color: #b00020; }
 .verdicts button[data-verdict=noisy][aria-pressed=true] { background: #8a5a00; border-color: #8a5a00; }
 .verdicts button[data-verdict=ok][aria-pressed=true] { background: #1b6e20; border-color: #1b6e20; }
-td.decision input { width: 100%; min-width: 6em; margin-top: .3rem; font: inherit; font-size: .85em; }
+td.decision input { width: 100%; min-width: 4em; margin-top: .3rem; font: inherit; font-size: .85em; }
 tr.decided { background: #f6fbf6; }
 .cards { display: grid; grid-template-columns: repeat(auto-fill, minmax(min(26rem, 100%), 1fr)); gap: 1rem; }
 .card { border: 1px solid #ddd; border-radius: 6px; padding: .5rem 1rem; overflow-wrap: anywhere; }
 .card h3 { font-size: 1rem; margin: .3rem 0; } .card ol { padding-left: 1.2rem; }
 details#features > summary { font-size: 1.2rem; font-weight: 600; cursor: pointer; margin-top: 2rem; }
-@media (max-width: 1100px) {
+@media (max-width: 1200px) {
   body { margin: .5rem auto; padding: 0 .6rem; }
   dl { grid-template-columns: minmax(0, 1fr); } dd { margin-bottom: .3rem; }
   table.suspects, table.suspects tbody, table.suspects tr, table.suspects td { display: block; width: 100%; }
