@@ -324,11 +324,32 @@ def scan(data, top, outputs, output_format, quiet, **kw):
         refuse_inputs(path, [data])
         if not path.parent.is_dir():
             raise ConfigError(f"{path}: the directory {path.parent} does not exist")
-    result = run_scan(data, config, steps=_steps(quiet).step)
+    from .progress import next_steps
+
+    def warn(message: str) -> None:
+        click.echo(inert(f"Warning: {message}"), err=True)
+
+    result = run_scan(data, config, steps=_steps(quiet).step, warn=warn)
     print_report(result.report, stdout_console(), top=top)
     for path in outputs:
         export_report(result.report, path, output_format)
         click.echo(f"wrote {inert(path)}", err=True)
+    # the options given to this scan that explain and review take too, so they see the same scores
+    ctx = click.get_current_context()
+    shared = {p.name for p in explain.params}
+    options = []
+    for param in ctx.command.params:
+        if param.name not in shared or not isinstance(param, click.Option) or ctx.get_parameter_source(
+                param.name) not in (click.core.ParameterSource.COMMANDLINE, click.core.ParameterSource.ENVIRONMENT):
+            continue
+        value, flag = ctx.params[param.name], max(param.opts, key=len)
+        if param.is_flag:
+            options += [flag] if value else [max(param.secondary_opts, key=len)] if param.secondary_opts else []
+        else:
+            options += [item for v in (value if param.multiple else [value]) for item in (flag, v)]
+    suspects = result.report.suspects(1)
+    for line in next_steps(data, outputs, suspects[0].pair_id if suspects else None, options):
+        click.echo(inert(line), err=True)
 
 
 @cli.command()

@@ -59,3 +59,31 @@ def silent(*_args, **_kwargs):
 @contextmanager
 def no_progress(_description: str = "", _unit: str = "", scale: float = 1.0):
     yield silent
+
+
+def next_steps(data: str, outputs: list, top_pair: str | None, options: list[str]) -> list[str]:
+    """What to do after a scan: the commands to run next, ready to copy (shell-quoted).
+
+    ``options`` are the scan's own model, data and SAE options, which ``explain`` and
+    ``review`` need to see the same pairs and scores.
+    """
+    import shlex
+
+    same = "".join(" " + shlex.quote(str(option)) for option in options)
+    source = shlex.quote(str(data))
+    lines = ["Next steps:"]
+    pages = [str(path) for path in outputs if str(path).lower().endswith((".html", ".htm"))]
+    reports = [str(path) for path in outputs if str(path).lower().endswith(".json")]
+    if pages:
+        lines.append(f"  open {shlex.quote(pages[0])} in a browser: search and filter the suspects, mark each "
+                     "flipped / noisy / ok, download decisions.json")
+    else:
+        lines.append(f"  safer-audit scan {source}{same} -o report.html  a page to review the suspects in a browser")
+    if top_pair is not None:
+        lines.append(f"  safer-audit explain {source} {shlex.quote(top_pair)}{same}  the top suspect in full, "
+                     "with the features behind its scores")
+    review = f" --report {shlex.quote(reports[0])}" if reports else same
+    lines.append(f"  safer-audit review {source}{review}  walk the suspects in the terminal and record decisions")
+    lines.append(f"  safer-audit clean {source} --decisions decisions.json --out cleaned.jsonl  "
+                 "apply the decisions (flipped swapped back, noisy dropped)")
+    return lines

@@ -9,6 +9,7 @@ from __future__ import annotations
 import difflib
 import json
 import math
+import os
 import re
 from dataclasses import MISSING, asdict, dataclass, fields
 from pathlib import Path
@@ -41,6 +42,21 @@ CATEGORY_DESCRIPTIONS = {
 CATEGORIES = tuple(Category)  # every category, in the order reports list them
 
 SIDES = ("chosen", "rejected")
+
+
+# Below this many pairs a scan warns (the refusal below scan.min_pairs is the scan's):
+# measured with benchmarks/bench_min_pairs.py (BENCHMARKS.md "How few pairs"), the combined
+# ranking found pairs flipped on purpose no better than chance on 100 HH pairs (AUROC 0.48)
+# and clearly better on 200 (0.63; 0.70 on all 2,312).
+FEW_PAIRS = 200
+
+
+def few_pairs_warning(pairs: int) -> str | None:
+    """The warning a scan of ``pairs`` pairs carries, or None when there are enough."""
+    if pairs >= FEW_PAIRS:
+        return None
+    return (f"only {pairs:,} pairs: too few to train the SAE and fit the cross-fitted heads well; on fewer than "
+            f"{FEW_PAIRS} pairs the ranking was measured no better than chance, so read it as a rough guess")
 
 
 @dataclass
@@ -145,6 +161,45 @@ class RunInfo:
     counts: dict[str, int]  # pairs per category
     data_source: str
     created: str  # ISO 8601
+
+
+
+def display_path(path: str | os.PathLike, cache_dir: str | os.PathLike | None = None) -> str:
+    """How a report names a local file: no absolute path of this machine leaks into it.
+
+    Under the working directory: relative to it. In the cache: ``~/...`` when the cache is
+    in the home directory, else ``<cache>/...``. Elsewhere in the home directory: ``~/...``.
+    Anything else: relative to the working directory (``../...``), so commands run from the
+    same directory still find it. Text that is not a local path (a hub id) is kept as it is.
+    """
+    text = os.fspath(path)
+    if not text or not os.path.exists(text):
+        return text
+    full = os.path.abspath(text)
+
+    def inside(base: str) -> str | None:
+        base = os.path.abspath(base)
+        try:
+            if os.path.commonpath([full, base]) != base:
+                return None
+        except ValueError:  # another drive
+            return None
+        rest = os.path.relpath(full, base)
+        return "" if rest == "." else Path(rest).as_posix()
+
+    home = os.path.expanduser("~")
+    rest = inside(os.getcwd())
+    if rest is not None:
+        return rest or "."
+    if cache_dir is not None and (rest := inside(cache_dir)) is not None:
+        in_home = inside(home) if os.path.abspath(home) != os.sep else None
+        return f"~/{in_home}" if in_home else "<cache>/" + rest if rest else "<cache>"
+    if os.path.abspath(home) != os.sep and (rest := inside(home)) is not None:
+        return f"~/{rest}" if rest else "~"
+    try:
+        return Path(os.path.relpath(full)).as_posix()
+    except ValueError:  # another drive: nothing relative names it
+        return Path(full).name
 
 
 # The table layout of a report: one row per pair. ``quality`` is a list of strings and
@@ -386,7 +441,7 @@ def summary_lines(report: Report) -> list[tuple[str, str]]:
         ("categories", ", ".join(f"{name} {run.counts.get(name, 0):,}" for name in CATEGORIES)),
         ("time", timings),
         ("created", f"{run.created} by safer-audit {run.tool_version}"),
-    ]
+    ] + ([("warning", warning)] if (warning := few_pairs_warning(run.pairs)) else [])
 
 
 # -- terminal --------------------------------------------------------------------------
@@ -407,7 +462,7 @@ def print_report(report: Report, console: Console, top: int = 20) -> None:
     """The summary panel and the table of the ``top`` suspects, readable at 100 columns."""
     grid = Table.grid(padding=(0, 1))
     grid.add_column(style="bold", no_wrap=True)
-    grid.add_column()
+    grid.add_column(overflow="fold")  # a long file name folds onto the next line rather than being cut
     for heading, value in summary_lines(report):
         grid.add_row(heading, plain(value))  # paths and model names: never markup
     console.print(Panel(grid, title="safer-audit", title_align="left", box=box.ROUNDED))

@@ -9,8 +9,10 @@ Report (report) that the terminal view and every exporter render.
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -28,7 +30,17 @@ from .errors import ConfigError, ScanError
 from .labelling import FeatureLabel, LabelContext, LabelRequest
 from .labels import cache_path, label_features, make_labeller
 from .progress import no_progress
-from .report import FeatureCard, FeatureContext, FeatureContribution, Finding, Report, RunInfo
+from .report import (
+    FEW_PAIRS,
+    FeatureCard,
+    FeatureContext,
+    FeatureContribution,
+    Finding,
+    Report,
+    RunInfo,
+    display_path,
+    few_pairs_warning,
+)
 from .sae import TopKSAE
 from .salience import (
     CONTEXT_TOKENS,
@@ -179,16 +191,55 @@ def _activations_for(pairs: pl.DataFrame, backend, config: ScanConfig, steps, la
     return texts, store
 
 
-def run_scan(source: str, config: ScanConfig, *, steps=no_progress) -> ScanResult:
-    """Scan one dataset and rank its pairs, most suspicious first."""
+def min_pairs(config: ScanConfig) -> int:
+    """The fewest pairs a scan with ``config`` can flag any pair in.
+
+    Measured (BENCHMARKS.md "How few pairs"): the cross-fitted heads run from 2 pairs, but a
+    pair is flipped or noisy only when it is within the top ``noisy_fraction`` (or
+    ``flipped_fraction``) of the ranking, so with fewer than 1 / fraction pairs (10 by default)
+    no pair can be: the scan would rank and then report nothing but data-quality problems.
+    """
+    fraction = max(config.flipped_fraction, config.noisy_fraction)
+    if fraction <= 0:
+        return 2
+    n = max(2, math.ceil(1 / fraction) - 1)
+    while 1 / n > fraction:  # the same test as scoring.categorise: (position + 1) / n <= fraction
+        n += 1
+    return n
+
+
+def check_pair_count(n: int, config: ScanConfig, source: str) -> str | None:
+    """Refuse a scan of too few pairs (ScanError naming the minimum); the warning for few."""
+    least = min_pairs(config)
+    if n < least:
+        raise ScanError(f"{source}: {n} usable pair(s); a scan needs at least {least} (with noisy fraction "
+                        f"{config.noisy_fraction:g}, fewer pairs leave no room in the ranking to flag any), "
+                        f"and a useful ranking from about {FEW_PAIRS}")
+    return few_pairs_warning(n)
+
+
+def run_scan(source: str, config: ScanConfig, *, steps=no_progress, warn=None) -> ScanResult:
+    """Scan one dataset and rank its pairs, most suspicious first.
+
+    ``warn(message)`` is told, before the long work, when the data is too small to trust the result.
+    """
     start = time.perf_counter()
     pairs = read_data(source, config).pairs
-    return scan_pairs(pairs, config, source=str(source), steps=steps,
+    return scan_pairs(pairs, config, source=str(source), steps=steps, warn=warn,
                       timings={"load": round(time.perf_counter() - start, 3)})
 
 
+@contextmanager
+def _one_step(steps, description: str):
+    """A progress step for work that reports no progress of its own: shown while it runs."""
+    with steps(description, "steps") as update:
+        update(0, 1)
+        yield
+        update(1, 1)
+
+
 def scan_pairs(pairs: pl.DataFrame, config: ScanConfig, *, source: str, steps=no_progress, backend=None,
-               timings: dict[str, float] | None = None) -> ScanResult:
+               timings: dict[str, float] | None = None, warn=None) -> ScanResult:
     """Scan a pairs table (data.load_pairs' layout); ``backend`` reuses a loaded model."""
     timings = dict(timings or {})
     clock = time.perf_counter()
@@ -199,18 +250,21 @@ def scan_pairs(pairs: pl.DataFrame, config: ScanConfig, *, source: str, steps=no
         timings[name] = round(now - clock, 3)
         clock = now
 
-    if len(pairs) < 2:
-        raise ScanError(f"{source}: {len(pairs)} usable pair(s); a scan needs at least 2")
+    warning = check_pair_count(len(pairs), config, source)
+    if warning and warn is not None:
+        warn(f"{source}: {warning}")
     labeller = labeller_for(config)  # a wrong labeller name or option fails before the long work
     if backend is None:
-        backend = load_backend(config.activations)
+        with _one_step(steps, "Loading model"):
+            backend = load_backend(config.activations)
     layer = resolve_layer(config.activations.layer, backend.n_layers)
     lap("model")
     texts, store = _activations_for(pairs, backend, config, steps, "Activations")
     lap("activations")
 
-    issues = find_quality_issues(pairs, max_length=config.activations.max_length,
-                                 count_tokens=tokenizer_counter(backend.tokenizer))
+    with _one_step(steps, "Quality checks"):
+        issues = find_quality_issues(pairs, max_length=config.activations.max_length,
+                                     count_tokens=tokenizer_counter(backend.tokenizer))
     quality: dict[str, list[str]] = {}
     for issue in issues:
         quality.setdefault(issue.pair_id, []).append(issue.kind)
@@ -222,11 +276,14 @@ def scan_pairs(pairs: pl.DataFrame, config: ScanConfig, *, source: str, steps=no
     if config.salience_from:
         reference = read_data(config.salience_from, config).pairs
         _, reference_store = _activations_for(reference, backend, config, steps, "Reference activations")
-        reference_stats = encode_store(reference_store, sae)
-        salience = feature_salience(*reference_stats.totals())
+        with steps("Reference encoding", "pairs", scale=0.5) as update:
+            reference_stats = encode_store(reference_store, sae, progress=update)
+        totals = reference_stats.totals()
     else:
-        salience = feature_salience(*stats.totals())
-    features = select_features(salience, config.n_features, features_file=config.features_file)
+        totals = stats.totals()
+    with _one_step(steps, "Salience"):
+        salience = feature_salience(*totals)
+        features = select_features(salience, config.n_features, features_file=config.features_file)
     lap("salience")
     labelling = Labelling(labeller, stats, texts, pairs["pair_id"].to_list(), backend,
                           config.activations.max_length, salience, label_cache_file(config, sae_dir, labeller))
@@ -240,15 +297,19 @@ def scan_pairs(pairs: pl.DataFrame, config: ScanConfig, *, source: str, steps=no
                             f">= {config.relevance_threshold:g}; lower --relevance-threshold or use --select salience")
         lap("labels")
 
-    if backend.has_reward_head:
-        signals = compute_signals(stats, features, rewards=store.scores(), fit=HeadFit.of(config))
-    else:
-        signals = compute_signals(stats, features, pooled=store.pooled_mean(), fit=HeadFit.of(config))
-    ranked = suspicion(signals, config.ranking)
+    with steps("Scores", "signals") as update:
+        update(0, 1)
+        if backend.has_reward_head:
+            signals = compute_signals(stats, features, rewards=store.scores(), fit=HeadFit.of(config))
+        else:
+            signals = compute_signals(stats, features, pooled=store.pooled_mean(), fit=HeadFit.of(config))
+        ranked = suspicion(signals, config.ranking)
+        update(1, 1)
     lap("scores")
 
-    report = build_report(source, pairs, texts, stats, salience, features, signals, ranked, quality,
-                          backend, layer, sae, sae_dir, config, timings, labelling=labelling)
+    with _one_step(steps, "Report"):
+        report = build_report(source, pairs, texts, stats, salience, features, signals, ranked, quality,
+                              backend, layer, sae, sae_dir, config, timings, labelling=labelling)
     lap("report")
     report.run.timings = dict(timings)
     return ScanResult(report, pairs, texts, store, sae, stats, features, signals, ranked, backend, timings,
@@ -336,6 +397,9 @@ def build_report(source, pairs, texts, stats, salience, features, signals, ranke
     order = torch.argsort(-ranked, stable=True).tolist()
     rank_of = {pair: r + 1 for r, pair in enumerate(order)}
     latents = features.latents.tolist()
+    # a report is shared: it names files relative to the working directory, never by absolute path
+    cache_dir = config.activations.cache_dir
+    shown = {name: display_path(name, cache_dir) for name in set(pairs["source"].to_list())}
     tops = []
     for i in range(len(pairs)):
         chosen_terms, rejected_terms = feature_contributions(stats, features, i)
@@ -350,7 +414,7 @@ def build_report(source, pairs, texts, stats, salience, features, signals, ranke
                                              *_rating(auto.get(latent)))
                          for latent, c, r in tops[i]]
         findings.append(Finding(
-            pair_id=row["pair_id"], source=row["source"], line=row["line"], rank=rank_of[i],
+            pair_id=row["pair_id"], source=shown[row["source"]], line=row["line"], rank=rank_of[i],
             category=categories[i], suspicion=float(ranked[i]), **{name: float(signals[name][i]) for name in SIGNALS},
             quality=per_pair_quality[i],
             chosen=row["chosen"], rejected=row["rejected"], context=row["context"], top_features=contributions))
@@ -366,12 +430,13 @@ def build_report(source, pairs, texts, stats, salience, features, signals, ranke
                                 "label": label.label}
     counts = {str(c): categories.count(c) for c in Category}
     run = RunInfo(
-        tool_version=__version__, model=backend.identity, model_hash=backend.fingerprint, layer=layer,
+        tool_version=__version__, model=display_path(backend.identity, cache_dir), model_hash=backend.fingerprint,
+        layer=layer,
         positions=config.activations.positions, max_length=config.activations.max_length,
-        sae_path=str(sae_dir), sae_hash=TopKSAE.file_hash(sae_dir), sae_fvu=stats.fvu,
+        sae_path=display_path(sae_dir, cache_dir), sae_hash=TopKSAE.file_hash(sae_dir), sae_fvu=stats.fvu,
         n_features=len(features.features), ranking=ranking_name(config),
         thresholds={"flipped_fraction": config.flipped_fraction, "noisy_fraction": config.noisy_fraction},
-        timings=dict(timings), pairs=len(pairs), counts=counts, data_source=str(source),
+        timings=dict(timings), pairs=len(pairs), counts=counts, data_source=display_path(source, cache_dir),
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"))
     return Report(run, cards, findings)
 

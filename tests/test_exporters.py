@@ -96,19 +96,24 @@ class _Collector(HTMLParser):
     def __init__(self):
         super().__init__()
         self.tags: list[str] = []
-        self.scripts: list[str] = []
+        self.scripts: list[str] = []  # the scripts a browser runs (not JSON data blocks)
+        self.data_blocks: list[str] = []
         self.text: list[str] = []
         self._in_script = False
 
     def handle_starttag(self, tag, attrs):
         self.tags.append(tag)
         self._in_script = tag == "script"
+        self._data = self._in_script and dict(attrs).get("type") == "application/json"
 
     def handle_endtag(self, tag):
         self._in_script = False
 
     def handle_data(self, data):
-        (self.scripts if self._in_script else self.text).append(data)
+        if self._in_script:
+            (self.data_blocks if self._data else self.scripts).append(data)
+        else:
+            self.text.append(data)
 
 
 def _parse(path) -> _Collector:
@@ -121,7 +126,7 @@ def test_html_shows_script_in_data_as_text(report, tmp_path):
     path = tmp_path / "report.html"
     export_report(report, path)
     page = _parse(path)
-    assert page.tags.count("script") == 1  # only the page's own sorting script
+    assert len(page.scripts) == 1 and len(page.data_blocks) == 1  # the page's own script, and its data
     assert "b" not in page.tags  # the "<b>" in TRICKY stays text
     visible = "".join(page.text)
     assert "<script>alert('x')</script>" in visible
@@ -145,8 +150,8 @@ def test_html_is_self_contained_with_summary_table_and_cards(report, tmp_path):
     assert not re.search(r'\s(src|href)=', text)  # nothing loaded from elsewhere
     visible = "".join(_parse(path).text)
     assert "pairs scanned" in visible and "FVU 0.123" in visible
-    assert 'class="sortable"' in text
-    assert text.count("<tr><td class=\"num\" data-v=") == 3  # one row per suspect
+    assert 'class="sortable suspects"' in text
+    assert text.count("<tr data-digest=") == 3  # one row per suspect
     assert "latent 412 — refusal | apology" in visible and "latent 9" in visible
     assert "hh-1: …I won't help with <script>… (3.5)" in visible
     assert "fires most on: sorry ×12, <script> ×2" in visible

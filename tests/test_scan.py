@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import polars as pl
 import pytest
@@ -51,7 +52,8 @@ def test_scan_writes_every_format_and_ranks_every_pair(tiny_llama_dir, data_file
     report = Report.from_dict(json.loads(outputs[0].read_text()))
     assert report.run.pairs == 40 and len(report.findings) == 40
     assert sorted(f.rank for f in report.findings) == list(range(1, 41))
-    assert report.run.model == str(tiny_llama_dir) and report.run.layer == 1
+    # a local model is named relative to the working directory, not by its absolute path
+    assert Path(report.run.model).resolve() == tiny_llama_dir.resolve() and report.run.layer == 1
     assert report.run.n_features == 16 and len(report.features) == 16
     assert sum(report.run.counts.values()) == 40
     parquet = pl.read_parquet(outputs[2])
@@ -141,7 +143,8 @@ def test_train_sae_then_scan_with_it(tiny_llama_dir, data_file, tmp_path):
     result = invoke("scan", data_file, *model_args(tiny_llama_dir, tmp_path / "c"), "--sae", sae_dir,
                     "--n-features", "8", "--quiet", "--output", out)
     assert result.exit_code == 0, result.output
-    assert json.loads(out.read_text())["run"]["sae_path"] == str(sae_dir)
+    sae_path = json.loads(out.read_text())["run"]["sae_path"]
+    assert not Path(sae_path).is_absolute() and Path(sae_path).resolve() == sae_dir.resolve()
 
 
 def test_sae_of_another_width_is_a_clear_error(tiny_llama_dir, tiny_bert_dir, data_file, tmp_path):

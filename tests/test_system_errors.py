@@ -151,7 +151,7 @@ def test_a_damaged_cache_config_is_marked_not_a_crash(tmp_path, content):
 
 def test_an_unwritable_cache_names_the_cache_file(tiny_llama_dir, data, tmp_path, monkeypatch):
     args = ["--model", tiny_llama_dir, "--layer", "1", "--max-length", "64", "--latents", "16", "--k", "2",
-            "--n-features", "4", "--quiet"]
+            "--n-features", "4", "--quiet", "--noisy-fraction", "0.2"]  # 6 pairs: room to flag one (scan.min_pairs)
     # For real: a cache directory that cannot be created (/sys is read-only even to root).
     result = invoke("scan", data, *args, "--cache-dir", "/sys/safer-audit-test-cache")
     assert result.exit_code == 2, result.output

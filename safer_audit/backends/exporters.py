@@ -25,6 +25,7 @@ from ..report import (
     Finding,
     Report,
     diff_excerpts,
+    few_pairs_warning,
     format_feature,
     format_number,
     summary_lines,
@@ -128,66 +129,233 @@ def export_markdown(report: Report, path: Path) -> None:
 
 # -- HTML ------------------------------------------------------------------------------
 
+HTML_MAX_SUSPECTS = 200  # the page shows the top suspects by rank; the JSON/CSV/Parquet reports hold every pair
+DECISIONS_FORMAT = "safer-audit-decisions"  # the file the page downloads (safer_audit/decisions.py reads it)
+DECISIONS_VERSION = 1
+VERDICTS = ("flipped", "noisy", "ok")
+
 _CSS = """
-body { font: 14px/1.45 system-ui, sans-serif; margin: 2rem auto; max-width: 90rem; padding: 0 1rem; color: #222; }
+*, *::before, *::after { box-sizing: border-box; }
+body { font: 14px/1.45 system-ui, sans-serif; margin: 1.5rem auto; max-width: 90rem; padding: 0 1rem; color: #222; }
 h1 { font-size: 1.5rem; } h2 { font-size: 1.2rem; margin-top: 2rem; }
-dl { display: grid; grid-template-columns: max-content 1fr; gap: .2rem 1rem; }
-dt { font-weight: 600; } dd { margin: 0; }
+dl { display: grid; grid-template-columns: max-content minmax(0, 1fr); gap: .2rem 1rem; }
+dt { font-weight: 600; } dd { margin: 0; overflow-wrap: anywhere; }
 table { border-collapse: collapse; width: 100%; }
-th, td { border-bottom: 1px solid #ddd; padding: .35rem .5rem; text-align: left; vertical-align: top; }
+th, td { border-bottom: 1px solid #ddd; padding: .3rem .4rem; text-align: left; vertical-align: top; }
 td.num, th.num { text-align: right; font-variant-numeric: tabular-nums; }
 td.num { white-space: nowrap; }
-td.features { white-space: nowrap; font-size: .9em; }
-td.texts { min-width: 22em; }
-td.loc { white-space: normal; word-break: break-all; max-width: 12em; }
-table.sortable th { cursor: pointer; user-select: none; background: #f4f4f4; position: sticky; top: 0; }
+td.features { font-size: .9em; }
+td.features { min-width: 8em; overflow-wrap: anywhere; }
+td.texts { min-width: 14em; overflow-wrap: anywhere; }
+td.pair { min-width: 6em; overflow-wrap: anywhere; }
+.path { white-space: nowrap; }
+.loc > div { max-width: 16em; overflow-x: auto; }
+table.sortable th[data-sort] { cursor: pointer; user-select: none; }
+table.sortable th { background: #f4f4f4; position: sticky; top: 0; z-index: 1; }
 th[data-order=asc]::after { content: " \\25B2"; } th[data-order=desc]::after { content: " \\25BC"; }
 mark { background: #ffe08a; }
 .flipped { color: #b00020; font-weight: 600; } .noisy { color: #8a5a00; } .quality { color: #555; }
 .excerpt { margin: 0 0 .2rem; } .side { font-weight: 600; }
-pre { white-space: pre-wrap; word-break: break-word; background: #f8f8f8; padding: .5rem; margin: .3rem 0; }
-.cards { display: grid; grid-template-columns: repeat(auto-fill, minmax(26rem, 1fr)); gap: 1rem; }
-.card { border: 1px solid #ddd; border-radius: 6px; padding: .5rem 1rem; }
+pre { white-space: pre-wrap; overflow-wrap: anywhere; background: #f8f8f8; padding: .5rem; margin: .3rem 0; }
+.warning { border: 2px solid #b00020; background: #fff0f0; padding: .5rem 1rem; border-radius: 6px; }
+.controls { display: flex; flex-wrap: wrap; gap: .5rem 1rem; align-items: end; margin: .5rem 0 1rem;
+  position: sticky; top: 0; background: #fff; padding: .5rem 0; z-index: 2; border-bottom: 1px solid #ddd; }
+.controls label { display: flex; flex-direction: column; font-size: .85em; color: #444; }
+.controls input, .controls select, .controls button { font: inherit; padding: .3rem .4rem; }
+#q { width: 18rem; max-width: 100%; }
+.status { font-size: .9em; color: #444; }
+.verdicts { display: flex; flex-wrap: wrap; gap: .3rem; }
+.verdicts button { font: inherit; font-size: .85em; padding: .2rem .5rem; border: 1px solid #999; border-radius: 4px;
+  background: #fff; cursor: pointer; }
+.verdicts button[aria-pressed=true] { background: #222; color: #fff; border-color: #222; }
+.verdicts button[data-verdict=flipped][aria-pressed=true] { background: #b00020; border-color: #b00020; }
+.verdicts button[data-verdict=noisy][aria-pressed=true] { background: #8a5a00; border-color: #8a5a00; }
+.verdicts button[data-verdict=ok][aria-pressed=true] { background: #1b6e20; border-color: #1b6e20; }
+td.decision input { width: 100%; min-width: 4em; margin-top: .3rem; font: inherit; font-size: .85em; }
+tr.decided { background: #f6fbf6; }
+.cards { display: grid; grid-template-columns: repeat(auto-fill, minmax(min(26rem, 100%), 1fr)); gap: 1rem; }
+.card { border: 1px solid #ddd; border-radius: 6px; padding: .5rem 1rem; overflow-wrap: anywhere; }
 .card h3 { font-size: 1rem; margin: .3rem 0; } .card ol { padding-left: 1.2rem; }
+details#features > summary { font-size: 1.2rem; font-weight: 600; cursor: pointer; margin-top: 2rem; }
+@media (max-width: 1200px) {
+  body { margin: .5rem auto; padding: 0 .6rem; }
+  dl { grid-template-columns: minmax(0, 1fr); } dd { margin-bottom: .3rem; }
+  table.suspects, table.suspects tbody, table.suspects tr, table.suspects td { display: block; width: 100%; }
+  table.suspects thead { display: none; }
+  table.suspects tr { border: 1px solid #ccc; border-radius: 6px; margin: 0 0 .8rem; padding: .3rem .5rem; }
+  table.suspects td { border: 0; padding: .15rem 0; text-align: left; min-width: 0; }
+  table.suspects td::before { content: attr(data-label) ": "; font-weight: 600; color: #555; }
+  table.suspects td.texts::before, table.suspects td.decision::before { content: none; }
+  table.suspects td.loc > div { display: inline-block; max-width: 100%; vertical-align: top; }
+  #q { width: 100%; } .controls label.grow { flex: 1 1 100%; }
+}
 """
 
-# Sorts a table by the clicked header: numbers by value (data-v), text alphabetically.
+# The page's one script: sort, search and filter the suspects, record decisions (kept in
+# localStorage when the browser allows it) and build decisions.json as a download. Nothing
+# is sent anywhere: the policy below forbids every connection.
 _JS = """
-document.querySelectorAll("table.sortable th").forEach(function (th, col) {
-  th.addEventListener("click", function () {
-    var table = th.closest("table"), body = table.tBodies[0];
-    var asc = th.getAttribute("data-order") !== "asc";
-    table.querySelectorAll("th").forEach(function (h) { h.removeAttribute("data-order"); });
-    th.setAttribute("data-order", asc ? "asc" : "desc");
-    var numeric = th.classList.contains("num");
-    var key = function (row) {
-      var cell = row.cells[col], v = cell.getAttribute("data-v");
-      if (v === null) { v = cell.textContent; }
-      if (!numeric) { return v; }
-      var n = parseFloat(v);
-      return isNaN(n) ? -Infinity : n;
-    };
-    var rows = Array.prototype.slice.call(body.rows);
-    rows.sort(function (a, b) {
-      var x = key(a), y = key(b);
-      var c = numeric ? (x < y ? -1 : x > y ? 1 : 0) : String(x).localeCompare(String(y));
-      return asc ? c : -c;
+(function () {
+  "use strict";
+  var data = JSON.parse(document.getElementById("report-data").textContent);
+  var table = document.querySelector("table.suspects");
+  var rows = table ? Array.prototype.slice.call(table.tBodies[0].rows) : [];
+  var storeKey = "safer-audit-decisions:" + data.report;
+  var state = {};
+  try { state = JSON.parse(window.localStorage.getItem(storeKey) || "{}") || {}; } catch (e) { state = {}; }
+  var reviewer = document.getElementById("reviewer");
+  try { reviewer.value = window.localStorage.getItem("safer-audit-reviewer") || ""; } catch (e) { /* no storage */ }
+
+  function save() {
+    try { window.localStorage.setItem(storeKey, JSON.stringify(state)); } catch (e) { /* no storage */ }
+  }
+  function now() { return new Date().toISOString().replace(/\\.\\d+Z$/, "Z"); }
+
+  function show(row) {
+    var entry = state[row.getAttribute("data-digest")] || {};
+    row.querySelectorAll("button[data-verdict]").forEach(function (b) {
+      b.setAttribute("aria-pressed", String(b.getAttribute("data-verdict") === entry.verdict));
     });
-    rows.forEach(function (row) { body.appendChild(row); });
+    var note = row.querySelector("input.note");
+    if (note && document.activeElement !== note) { note.value = entry.note || ""; }
+    row.classList.toggle("decided", Boolean(entry.verdict));
+  }
+
+  function count() {
+    var tally = {flipped: 0, noisy: 0, ok: 0}, decided = 0;
+    rows.forEach(function (row) {
+      var entry = state[row.getAttribute("data-digest")];
+      if (entry && entry.verdict) { decided += 1; tally[entry.verdict] += 1; }
+    });
+    document.getElementById("counter").textContent = "decided " + decided + " of " + rows.length +
+      " (flipped " + tally.flipped + ", noisy " + tally.noisy + ", ok " + tally.ok + ")";
+    document.getElementById("download").disabled = decided === 0;
+  }
+
+  function filter() {
+    var words = document.getElementById("q").value.toLowerCase().split(/\\s+/).filter(Boolean);
+    var category = document.getElementById("category").value;
+    var which = document.getElementById("decided").value;
+    var shown = 0;
+    rows.forEach(function (row) {
+      if (!row.hasAttribute("data-text")) { row.setAttribute("data-text", row.textContent.toLowerCase()); }
+      var text = row.getAttribute("data-text");
+      var entry = state[row.getAttribute("data-digest")];
+      var ok = (category === "" || row.getAttribute("data-category") === category) &&
+        (which === "" || (which === "done") === Boolean(entry && entry.verdict)) &&
+        words.every(function (w) { return text.indexOf(w) >= 0; });
+      row.hidden = !ok;
+      if (ok) { shown += 1; }
+    });
+    document.getElementById("shown").textContent = shown + " of " + rows.length + " shown";
+  }
+
+  rows.forEach(function (row) {
+    var digest = row.getAttribute("data-digest");
+    row.querySelectorAll("button[data-verdict]").forEach(function (b) {
+      b.addEventListener("click", function () {
+        var entry = state[digest] || {};
+        var verdict = b.getAttribute("data-verdict");
+        entry.verdict = entry.verdict === verdict ? "" : verdict;  // a second click takes it back
+        entry.at = now();
+        entry.reviewer = reviewer.value;
+        state[digest] = entry;
+        save(); show(row); count(); filter();
+      });
+    });
+    var note = row.querySelector("input.note");
+    note.addEventListener("input", function () {
+      var entry = state[digest] || {verdict: ""};
+      entry.note = note.value;
+      entry.at = now();
+      state[digest] = entry;
+      save();
+    });
+    show(row);
   });
-});
+
+  reviewer.addEventListener("input", function () {
+    try { window.localStorage.setItem("safer-audit-reviewer", reviewer.value); } catch (e) { /* no storage */ }
+  });
+  ["q", "category", "decided"].forEach(function (id) {
+    document.getElementById(id).addEventListener("input", filter);
+  });
+
+  document.getElementById("download").addEventListener("click", function () {
+    var decisions = {};
+    Object.keys(state).sort().forEach(function (digest) {
+      var entry = state[digest], pair = data.pairs[digest];
+      if (!entry.verdict || !pair) { return; }
+      // keys in sorted order, as safer_audit/decisions.py writes them
+      decisions[digest] = {at: entry.at || now(), note: entry.note || "", pair_id: pair[0],
+                           reviewer: entry.reviewer || reviewer.value || "", verdict: entry.verdict, where: pair[1]};
+    });
+    var text = JSON.stringify({decisions: decisions, format: data.format, version: data.version}, null, 1) + "\\n";
+    var link = document.createElement("a");
+    link.href = URL.createObjectURL(new Blob([text], {type: "application/json"}));
+    link.download = "decisions.json";
+    document.body.appendChild(link);
+    link.click();
+    setTimeout(function () { URL.revokeObjectURL(link.href); link.remove(); }, 1000);
+  });
+
+  if (table) {
+    table.querySelectorAll("th").forEach(function (th, col) {
+      if (!th.hasAttribute("data-sort")) { return; }
+      th.addEventListener("click", function () {
+        var body = table.tBodies[0];
+        var asc = th.getAttribute("data-order") !== "asc";
+        table.querySelectorAll("th").forEach(function (h) { h.removeAttribute("data-order"); });
+        th.setAttribute("data-order", asc ? "asc" : "desc");
+        var numeric = th.classList.contains("num");
+        var key = function (row) {
+          var cell = row.cells[col], v = cell.getAttribute("data-v");
+          if (v === null) { v = cell.textContent; }
+          if (!numeric) { return v; }
+          var n = parseFloat(v);
+          return isNaN(n) ? -Infinity : n;
+        };
+        var sorted = Array.prototype.slice.call(body.rows);
+        sorted.sort(function (a, b) {
+          var x = key(a), y = key(b);
+          var c = numeric ? (x < y ? -1 : x > y ? 1 : 0) : String(x).localeCompare(String(y));
+          return asc ? c : -c;
+        });
+        sorted.forEach(function (row) { body.appendChild(row); });
+      });
+    });
+  }
+
+  count(); filter();
+  // ?measure: the screenshot check (benchmarks/bench_html.py) reads the layout width from the DOM
+  if (/[?&]measure\\b/.test(window.location.search)) {
+    var html = document.documentElement;
+    html.setAttribute("data-scroll-width", String(html.scrollWidth));
+    html.setAttribute("data-client-width", String(html.clientWidth));
+  }
+})();
 """
 
 # Only this exact script may run: even a piece of dataset text that slipped past escaping
-# could not execute.
+# could not execute; and nothing may be fetched or sent (default-src 'none', no form-action).
 _CSP = (
-    "default-src 'none'; style-src 'unsafe-inline'; "
+    "default-src 'none'; style-src 'unsafe-inline'; img-src 'none'; form-action 'none'; base-uri 'none'; "
     f"script-src 'sha256-{base64.b64encode(hashlib.sha256(_JS.encode()).digest()).decode()}'"
 )
 
 
 def _e(value: object) -> str:
     return html.escape(str(value), quote=True)
+
+
+def script_json(value: object) -> str:
+    """JSON that is safe inside a <script> element: no "</script>", "<!--", or line separators
+    that older parsers end a string at, can appear in it."""
+    text = json.dumps(value, ensure_ascii=False, sort_keys=True, allow_nan=False)
+    for raw, escaped in (("<", "\\u003c"), (">", "\\u003e"), ("&", "\\u0026"),
+                         ("\u2028", "\\u2028"), ("\u2029", "\\u2029")):
+        text = text.replace(raw, escaped)
+    return text
 
 
 def _html_excerpt(side: str, excerpt: Excerpt) -> str:
@@ -197,14 +365,22 @@ def _html_excerpt(side: str, excerpt: Excerpt) -> str:
     )
 
 
-def _num_cell(value: float | None) -> str:
+def _num_cell(label: str, value: float | None) -> str:
     v = "" if value is None else repr(float(value))
-    return f'<td class="num" data-v="{v}">{_e(format_number(value))}</td>'
+    return f'<td class="num" data-label="{label}" data-v="{v}">{_e(format_number(value))}</td>'
+
+
+def _location(source: str, line: int) -> str:
+    """``source:line`` that wraps only after a "/", never inside a name or before ":line"
+    (a name too long for its cell scrolls inside the cell, not the page)."""
+    *folders, name = source.split("/")
+    head = "".join(f'<span class="path">{_e(part)}/</span><wbr>' for part in folders)
+    return f'<div>{head}<span class="path">{_e(name)}:{line}</span></div>'
 
 
 def _finding_row(f: Finding) -> str:
     chosen, rejected = diff_excerpts(f.chosen, f.rejected, width=120)
-    features = "<br>".join(_e(format_feature(c)) for c in f.top_features)
+    features = "<br>".join(f"<span>{_e(format_feature(c))}</span>" for c in f.top_features)
     quality = f"<br>{_e(', '.join(f.quality))}" if f.quality else ""
     full = (
         "<details><summary>full texts</summary>"
@@ -212,15 +388,21 @@ def _finding_row(f: Finding) -> str:
         f"<div class=\"side\">chosen</div><pre>{_e(f.chosen)}</pre>"
         f"<div class=\"side\">rejected</div><pre>{_e(f.rejected)}</pre></details>"
     )
+    buttons = "".join(
+        f'<button type="button" data-verdict="{v}" aria-pressed="false">{v}</button>' for v in VERDICTS
+    )
     return (
-        "<tr>"
-        f'<td class="num" data-v="{f.rank}">{f.rank}</td>'
-        f"<td>{_e(f.pair_id)}</td>"
-        f'<td class="num loc" data-v="{f.line}">{_e(f.source)}:{f.line}</td>'
-        f'<td><span class="{_e(f.category)}">{_e(f.category)}</span>{quality}</td>'
-        f"{_num_cell(f.suspicion)}{_num_cell(f.score_safe)}{_num_cell(f.reward_margin)}{_num_cell(f.sae_margin)}"
-        f'<td class="features">{features}</td>'
+        f'<tr data-digest="{_e(f.digest)}" data-category="{_e(f.category)}">'
+        f'<td class="num" data-label="rank" data-v="{f.rank}">{f.rank}</td>'
+        f'<td data-label="pair" class="pair">{_e(f.pair_id)}</td>'
+        f'<td class="loc" data-label="source:line" data-v="{_e(f.source)}:{f.line:012d}">{_location(f.source, f.line)}</td>'
+        f'<td data-label="category"><span class="{_e(f.category)}">{_e(f.category)}</span>{quality}</td>'
+        f'{_num_cell("suspicion", f.suspicion)}{_num_cell("score_safe", f.score_safe)}'
+        f'{_num_cell("reward margin", f.reward_margin)}{_num_cell("SAE margin", f.sae_margin)}'
+        f'<td class="features" data-label="top features">{features}</td>'
         f'<td class="texts">{_html_excerpt("chosen", chosen)}{_html_excerpt("rejected", rejected)}{full}</td>'
+        f'<td class="decision"><div class="verdicts" role="group" aria-label="decision">{buttons}</div>'
+        f'<input class="note" type="text" placeholder="note (optional)" aria-label="note"></td>'
         "</tr>"
     )
 
@@ -245,60 +427,100 @@ def _feature_card(card: FeatureCard) -> str:
     )
 
 
-def render_html(report: Report) -> str:
-    """One self-contained page: summary, sortable suspects table, feature cards."""
-    summary = "".join(f"<dt>{_e(heading)}</dt><dd>{_e(value)}</dd>" for heading, value in summary_lines(report))
+def report_identity(report: Report) -> str:
+    """A short digest naming this report (decisions made in its page are kept under it)."""
+    run = report.run
+    key = json.dumps([run.created, run.data_source, run.model_hash, run.sae_hash, run.pairs, run.counts],
+                     sort_keys=True, ensure_ascii=False)
+    return hashlib.sha256(key.encode()).hexdigest()[:16]
+
+
+_SUSPECT_COLUMNS = (  # (header, numeric, sortable)
+    ("rank", True, True),
+    ("pair", False, True),
+    ("source:line", False, True),
+    ("category", False, True),
+    ("suspicion", True, True),
+    ("score_safe", True, True),
+    ("reward margin", True, True),
+    ("SAE margin", True, True),
+    ("top features", False, False),
+    ("chosen / rejected, from the first difference", False, False),
+    ("decision", False, False),
+)
+
+
+def render_html(report: Report, max_suspects: int = HTML_MAX_SUSPECTS) -> str:
+    """One self-contained page: summary, the suspects to review (search, filter, decide,
+    download the decisions), and the feature cards, collapsed, below them."""
+    summary = "".join(f"<dt>{_e(heading)}</dt><dd>{_e(value)}</dd>" for heading, value in summary_lines(report)
+                      if heading != "warning")  # the page shows it as a banner at the top
     counts = "".join(
         f'<tr><td><span class="{name}">{name}</span></td>'
         f'<td class="num">{report.run.counts.get(name, 0):,}</td><td>{_e(CATEGORY_DESCRIPTIONS[name])}</td></tr>'
         for name in CATEGORIES
     )
-    suspects = report.suspects()
+    warning = few_pairs_warning(report.run.pairs)
+    banner = f'<p class="warning" role="alert"><strong>Warning:</strong> {_e(warning)}</p>' if warning else ""
+    everyone = report.suspects()
+    suspects = everyone[:max_suspects]
+    capped = (f" The page shows the top {len(suspects):,} of {len(everyone):,} suspects by rank; "
+              "the JSON, CSV and Parquet reports hold every pair.") if len(suspects) < len(everyone) else ""
     headers = "".join(
-        f'<th class="num">{name}</th>' if numeric else f"<th>{name}</th>"
-        for name, numeric in (
-            ("rank", True),
-            ("pair", False),
-            ("source:line", True),
-            ("category", False),
-            ("suspicion", True),
-            ("score_safe", True),
-            ("reward margin", True),
-            ("SAE margin", True),
-            ("top features", False),
-            ("chosen / rejected, from the first difference", False),
-        )
+        f'<th class="{"num" if numeric else ""}"{" data-sort" if sortable else ""}>{_e(name)}</th>'
+        for name, numeric, sortable in _SUSPECT_COLUMNS
     )
     rows = "".join(_finding_row(f) for f in suspects)
     table = (
-        f'<table class="sortable"><thead><tr>{headers}</tr></thead><tbody>{rows}</tbody></table>'
+        f'<table class="sortable suspects"><thead><tr>{headers}</tr></thead><tbody>{rows}</tbody></table>'
         if suspects
         else "<p>Every pair is clean.</p>"
     )
+    present = [name for name in ("flipped", "noisy", "quality") if any(f.category == name for f in suspects)]
+    options = '<option value="">all</option>' + "".join(f'<option value="{n}">{n}</option>' for n in present)
+    data = {
+        "format": DECISIONS_FORMAT,
+        "version": DECISIONS_VERSION,
+        "report": report_identity(report),
+        "pairs": {f.digest: [f.pair_id, f"{f.source}:{f.line}"] for f in suspects},
+    }
     cards = "".join(_feature_card(card) for card in report.features)
     return f"""<!doctype html>
 <html lang="en">
 <head>
 <meta charset="utf-8">
-<meta http-equiv="Content-Security-Policy" content="{_CSP}">
+<meta http-equiv="Content-Security-Policy" content="{_e(_CSP)}">
 <meta name="viewport" content="width=device-width, initial-scale=1">
 <title>safer-audit report: {_e(report.run.data_source)}</title>
 <style>{_CSS}</style>
 </head>
 <body>
 <h1>safer-audit report</h1>
+{banner}
 <section id="summary"><dl>{summary}</dl>
 <table><thead><tr><th>category</th><th class="num">pairs</th><th>meaning</th></tr></thead>
 <tbody>{counts}</tbody></table>
 </section>
-<section id="suspects"><h2>Suspects ({len(suspects):,} of {report.run.pairs:,} pairs; click a header to sort)</h2>
-<p>{_SCORE_SAFE_NOTE}
-Top features: latent, label and its share of score_safe.</p>
+<section id="suspects"><h2>Suspects ({len(everyone):,} of {report.run.pairs:,} pairs)</h2>
+<p>{_SCORE_SAFE_NOTE} Top features: latent, label and its share of score_safe.{capped}</p>
+<p>Mark each pair flipped, noisy or ok, then download decisions.json for <code>safer-audit review</code> or
+<code>safer-audit clean --decisions</code>. Decisions stay in this browser until you download them; nothing is
+sent anywhere.</p>
+<div class="controls">
+<label class="grow">search<input id="q" type="search" placeholder="pair id, file, text, feature" autocomplete="off"></label>
+<label>category<select id="category">{options}</select></label>
+<label>show<select id="decided"><option value="">all</option><option value="todo">undecided</option>
+<option value="done">decided</option></select></label>
+<label>reviewer<input id="reviewer" type="text" placeholder="your name (optional)" autocomplete="name"></label>
+<button type="button" id="download">Download decisions.json</button>
+<span class="status"><span id="shown"></span> · <span id="counter"></span></span>
+</div>
 {table}
 </section>
-<section id="features"><h2>Features ({len(report.features)})</h2>
+<details id="features"><summary>Features ({len(report.features)}): the latents behind score_safe</summary>
 <div class="cards">{cards}</div>
-</section>
+</details>
+<script type="application/json" id="report-data">{script_json(data)}</script>
 <script>{_JS}</script>
 </body>
 </html>

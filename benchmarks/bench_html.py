@@ -1,0 +1,189 @@
+"""Screenshot check of the HTML report in headless Chromium, at 1400 and 390 px wide (issue 13).
+
+    python benchmarks/bench_html.py [--report report.json] [--out DIR] [--cache-dir DIR]
+
+Renders a report (a JSON report given with --report, else a scan of the committed sample
+fixtures/hh-harmless-300.jsonl with the default model) to HTML, opens it in headless
+Chromium at 1400x1000 and 390x2400 px, writes the screenshots to --out, and checks the
+layout: the page's own script writes the document's scroll width into the DOM when the URL
+carries ?measure, and at 390 px it must be no wider than the viewport (no sideways scroll).
+Look at the screenshots: BENCHMARKS.md "HTML report" says what they should show.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+SCREENSHOTS = ((1400, 1000), (390, 2400))  # (width, height) of the window; the phone one is tall to show several cards
+MEASURED = (1400, 1280, 1201, 1024, 390)  # 1201: the narrowest table layout  # widths checked for sideways scroll
+CHROMIUM_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                  "--disable-component-update", "--disable-sync", "--no-first-run", "--hide-scrollbars",
+                  "--disable-extensions", "--mute-audio")
+
+
+def find_chromium() -> str | None:
+    for name in ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable"):
+        if found := shutil.which(name):
+            return found
+    return None
+
+
+def _run(chromium: str, profile: Path, width: int, height: int, *args: str, timeout: float = 120) -> str:
+    command = [chromium, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", f"--window-size={width},{height}", *args]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=timeout, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"chromium exited with {done.returncode}: {done.stderr[-2000:]}")
+    return done.stdout
+
+
+# The report is measured inside an iframe of exactly the width under test: headless Chromium
+# will not make a window narrower than 500 px, but an iframe's viewport (and so the page's
+# media queries) is its own width. The report's script writes its layout widths into its DOM
+# (?measure), and this page copies them into its own DOM, where --dump-dom shows them.
+_HARNESS = """<!doctype html><html><body style="margin:0">
+<iframe id="f" src="{src}" style="border:0;width:{width}px;height:900px"></iframe>
+<script>
+window.addEventListener("load", function () {{
+  var d = document.getElementById("f").contentDocument.documentElement;
+  document.body.setAttribute("data-result", d.getAttribute("data-scroll-width") + "/" +
+                             d.getAttribute("data-client-width"));
+}});
+</script></body></html>
+"""
+
+
+def measure(page: Path, chromium: str, width: int, profile: Path) -> tuple[int, int]:
+    """(scroll width, client width) of ``page`` laid out ``width`` CSS px wide."""
+    harness = page.with_name(f"measure-{width}.html")
+    harness.write_text(_HARNESS.format(src=page.name + "?measure", width=width), encoding="utf-8")
+    dom = _run(chromium, profile, 1400, 1000, "--allow-file-access-from-files", "--dump-dom", harness.as_uri())
+    found = re.search(r'data-result="(\d+)/(\d+)"', dom)
+    if not found:
+        raise RuntimeError(f"the report's script did not run at {width} px (no layout widths in the DOM)")
+    return int(found.group(1)), int(found.group(2))
+
+
+# Works through the page as a reviewer would: names the reviewer, marks the first suspect
+# flipped with a note, the second ok, and presses Download; the Blob the page builds is caught
+# (no file is saved) and its text copied into this page's DOM.
+_DECIDE = """<!doctype html><html><body>
+<iframe id="f" src="{src}" style="width:1400px;height:900px"></iframe>
+<script>
+window.addEventListener("load", function () {{
+  var w = document.getElementById("f").contentWindow, d = w.document;
+  w.HTMLAnchorElement.prototype.click = function () {{}};
+  w.URL.createObjectURL = function (blob) {{
+    blob.text().then(function (t) {{ document.body.setAttribute("data-decisions", t); }});
+    return "blob:caught";
+  }};
+  function type(input, text) {{ input.value = text; input.dispatchEvent(new w.Event("input")); }}
+  type(d.getElementById("reviewer"), "rev");
+  var rows = d.querySelectorAll("table.suspects tbody tr");
+  rows[0].querySelector("button[data-verdict=flipped]").click();
+  type(rows[0].querySelector("input.note"), "swapped <\\/script> & \\u2028");
+  if (rows.length > 1) {{ rows[1].querySelector("button[data-verdict=ok]").click(); }}
+  type(d.getElementById("q"), rows[0].querySelector("td.pair").textContent);
+  document.body.setAttribute("data-shown", d.getElementById("shown").textContent);
+  document.body.setAttribute("data-counter", d.getElementById("counter").textContent);
+  d.getElementById("download").click();
+}});
+</script></body></html>
+"""
+
+
+def decide(page: Path, chromium: str, profile: Path) -> dict:
+    """Decisions made in ``page`` by a scripted reviewer: the downloaded JSON, parsed, and the
+    page's status lines afterwards."""
+    import html
+    import json
+
+    page = page.resolve()
+    harness = page.with_name("decide.html")
+    harness.write_text(_DECIDE.format(src=page.name), encoding="utf-8")
+    dom = _run(chromium, profile, 1400, 1000, "--allow-file-access-from-files", "--virtual-time-budget=5000",
+               "--dump-dom", harness.as_uri())
+    found = {name: re.search(f'data-{name}="([^"]*)"', dom) for name in ("decisions", "shown", "counter")}
+    if not found["decisions"]:
+        raise RuntimeError("the page built no decisions file")
+    return {"decisions": json.loads(html.unescape(found["decisions"].group(1))),
+            **{name: html.unescape(m.group(1)) for name, m in found.items() if name != "decisions" and m}}
+
+
+def check_page(page: Path, chromium: str, out: Path, widths=MEASURED) -> dict[int, dict]:
+    """Screenshot ``page`` into ``out`` (1400 and 390 px) and measure it at each of ``widths``."""
+    page = page.resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    results = {}
+    with tempfile.TemporaryDirectory(prefix="safer-audit-chromium-") as tmp:
+        for width, height in SCREENSHOTS:
+            shot = out / f"report-{width}.png"
+            _run(chromium, Path(tmp) / f"shot-{width}", width, height, f"--screenshot={shot}", page.as_uri())
+            results[width] = {"screenshot": shot}
+        for width in widths:  # a fresh profile per run: no state carried over
+            scroll, client = measure(page, chromium, width, Path(tmp) / f"measure-{width}")
+            results.setdefault(width, {}).update(scroll_width=scroll, client_width=client)
+    return results
+
+
+def scan_sample_report(cache_dir: Path | None):
+    from safer_audit.config import ActivationConfig, ScanConfig
+    from safer_audit.scan import run_scan
+
+    os.chdir(ROOT)  # the report names the sample relative to the working directory
+    activations = ActivationConfig(cache_dir=cache_dir) if cache_dir else ActivationConfig()
+    return run_scan("fixtures/hh-harmless-300.jsonl", ScanConfig(activations=activations)).report
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--report", type=Path, default=None, help="a JSON report (default: scan the sample)")
+    parser.add_argument("--out", type=Path, default=None, help="directory for the page and the screenshots")
+    parser.add_argument("--cache-dir", type=Path, default=None, help="cache of the sample scan (default: the usual)")
+    args = parser.parse_args()
+
+    import json
+
+    from safer_audit.backends.exporters import render_html
+    from safer_audit.report import Report
+
+    chromium = find_chromium()
+    if chromium is None:
+        sys.exit("no chromium found: apt-get install -y chromium")
+    out = (args.out or Path(tempfile.mkdtemp(prefix="safer-audit-html-"))).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    report = (Report.from_dict(json.loads(args.report.read_text(encoding="utf-8"))) if args.report
+              else scan_sample_report(args.cache_dir))
+    if not args.report:  # kept, to re-render the page without scanning again (--report)
+        (out / "report.json").write_text(json.dumps(report.to_dict(), ensure_ascii=False), encoding="utf-8")
+    page = out / "report.html"
+    text = render_html(report)
+    page.write_text(text, encoding="utf-8")
+    print(f"page {page}: {len(text.encode()) / 1e6:.2f} MB, {len(report.suspects())} suspects "
+          f"of {report.run.pairs} pairs, {len(report.features)} feature cards")
+    failed = False
+    for width, result in sorted(check_page(page, chromium, out).items(), reverse=True):
+        fits = result["scroll_width"] <= result["client_width"]
+        failed |= not fits
+        print(f"{width:>5} px: scroll width {result['scroll_width']} px, viewport {result['client_width']} px "
+              f"-> {'no sideways scroll' if fits else 'SIDEWAYS SCROLL'}"
+              + (f"; screenshot {result['screenshot']}" if "screenshot" in result else ""))
+    with tempfile.TemporaryDirectory(prefix="safer-audit-chromium-") as tmp:
+        made = decide(page, chromium, Path(tmp) / "decide")
+    print(f"decisions made by a scripted reviewer ({made.get('counter')}; search: {made.get('shown')}):")
+    print(json.dumps(made["decisions"], indent=1, ensure_ascii=False))
+    sys.exit(1 if failed else 0)
+
+
+if __name__ == "__main__":
+    main()
