@@ -35,7 +35,8 @@ import torch
 from safetensors.torch import load_file
 
 from safer_audit.config import SaeTrainConfig
-from safer_audit.sae import SaeConfig, TopKSAE, _lr_at, default_lr, train_sae
+from safer_audit.sae import SaeConfig, TopKSAE, default_lr, train_sae
+from safer_audit.sae.train import _lr_at
 
 CHUNK_TOKENS = 4096
 

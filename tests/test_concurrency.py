@@ -8,10 +8,10 @@ import sys
 
 import torch
 
-from safer_audit import sae as sae_module
 from safer_audit.activations import ActivationCache
 from safer_audit.files import temporary_name
 from safer_audit.sae import SaeConfig, TopKSAE
+from safer_audit.sae import model as sae_module
 
 from .conftest import ROOT
 from .test_determinism import SCAN, data_file, without_run_clock  # noqa: F401 (data_file is a fixture)

@@ -139,7 +139,7 @@ def test_sparse_backward_gives_the_dense_gradients(n_dead):
 
 
 def test_sparse_linear_backward_matches_gradcheck():
-    from safer_audit.sae import _SparseLinear
+    from safer_audit.sae.model import _SparseLinear
 
     g = torch.Generator().manual_seed(0)
     x = torch.randn(6, 5, generator=g, dtype=torch.double, requires_grad=True)
