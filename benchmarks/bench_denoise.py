@@ -215,7 +215,7 @@ def main() -> int:
     print(f"\ntotal {time.perf_counter() - started:.0f} s; command: {command}")
     if args.json:
         write_atomic(args.json, json.dumps({"command": command, "data": args.data, "pairs": len(pairs),
-                                            "margin_l2": margin_l2, "seeds": dict(zip(map(str, args.seeds), runs))},
+                                            "margin_l2": margin_l2, "seeds": dict(zip(map(str, args.seeds), runs, strict=False))},
                                            indent=1))
     if args.plot:
         plot(runs, args.plot)

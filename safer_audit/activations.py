@@ -339,7 +339,7 @@ class ActivationStore:
             rows = torch.tensor([r for _, r in by_shard[shard]], dtype=torch.long)
             starts, ends = tensors["offsets"][rows], tensors["offsets"][rows + 1]
             lengths = ends - starts
-            gather = torch.cat([torch.arange(s, e) for s, e in zip(starts.tolist(), ends.tolist())]) \
+            gather = torch.cat([torch.arange(s, e) for s, e in zip(starts.tolist(), ends.tolist(), strict=False)]) \
                 if len(rows) else torch.zeros(0, dtype=torch.long)
             offsets = torch.zeros(len(rows) + 1, dtype=torch.long)
             offsets[1:] = torch.cumsum(lengths, 0)
@@ -433,7 +433,7 @@ class PreparedText:
 def pair_texts(pairs, backend) -> list[PreparedText]:
     """The model input of every chosen and rejected conversation, interleaved."""
     out = []
-    for chosen, rejected in zip(pairs["chosen_messages"].to_list(), pairs["rejected_messages"].to_list()):
+    for chosen, rejected in zip(pairs["chosen_messages"].to_list(), pairs["rejected_messages"].to_list(), strict=False):
         for messages in (chosen, rejected):
             text, start, special = backend.render(messages)
             out.append(PreparedText(text, start, special))
@@ -490,7 +490,7 @@ def extract_activations(texts: Sequence[PreparedText], backend, config: Activati
     computed = 0
     if missing:
         unique: dict[str, PreparedText] = {}
-        for key, text in zip(keys, texts):
+        for key, text in zip(keys, texts, strict=False):
             unique.setdefault(key, text)
         items = list(unique.items())
         shards = plan_missing(items, missing, backend, config)
@@ -566,7 +566,7 @@ def _tokenize(items: list[PreparedText], backend, max_length: int):
         if where:
             ids, offsets, specials = backend.tokenize([items[i].text for i in where], max_length=max_length,
                                                       has_special_tokens=special)
-            for i, row in zip(where, zip(ids, offsets, specials)):
+            for i, row in zip(where, zip(ids, offsets, specials, strict=False), strict=False):
                 out[i] = row
     return out
 
@@ -625,7 +625,7 @@ def compute_shard(batches: list[list[tuple[str, PreparedText]]], backend, config
         input_ids, mask = backend.pad_batch([ids for ids, _, _ in encoded])
         hidden, score = backend.forward(input_ids, mask, layer=layer, want_score=want_score)
         hidden = hidden.cpu()
-        for b, ((key, prepared), (ids, offsets, special)) in enumerate(zip(batch, encoded)):
+        for b, ((key, prepared), (ids, offsets, special)) in enumerate(zip(batch, encoded, strict=False)):
             keep = read_positions(prepared.text, offsets, special, prepared.response_start, config.positions)
             index = torch.tensor(keep, dtype=torch.long)
             keys.append(key)

@@ -134,7 +134,7 @@ def test_hh_fixture_is_the_head_of_the_real_file():
     assert head.drop("source").equals(full.pairs.head(300).drop("source"))
     with gzip.open(HH_FULL, "rt", encoding="utf-8") as lines:
         originals = [json.loads(line) for line in lines]
-    for original, pair in zip(originals, full.pairs.iter_rows(named=True)):
+    for original, pair in zip(originals, full.pairs.iter_rows(named=True), strict=False):
         assert data.render_transcript(pair["chosen_messages"])[0] == original["chosen"]
         assert data.render_transcript(pair["rejected_messages"])[0] == original["rejected"]
 
