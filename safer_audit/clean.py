@@ -47,6 +47,7 @@ from pathlib import Path
 from typing import IO, Any, Mapping
 
 from . import __version__
+from .config import ReadOptions
 from .data import PairReader, pair_digest
 from .digests import sha256_file
 from .errors import CleanError
@@ -164,14 +165,14 @@ def load_report(path: str | Path) -> Report:
 def clean_dataset(source: str | Path, out: str | Path, report: Report | None, *, mode: str = "drop",
                   drop_fraction: float | None = None, threshold: float | None = None,
                   manifest: str | Path | None = None, report_path: str | Path | None = None,
-                  force: bool = False, dry_run: bool = False, schema: str | None = None,
-                  split: str | None = None, preference: str = "better", skip_invalid: bool = False,
+                  force: bool = False, dry_run: bool = False, read: ReadOptions | None = None,
                   decisions: Mapping[str, Any] | None = None, decisions_path: str | Path | None = None,
-                  only: Iterable[str] = tuple(DECISION_ACTIONS)) -> CleanResult:
+                  only: Iterable[str] = tuple(DECISION_ACTIONS), **read_keywords) -> CleanResult:
     """Write ``source`` to ``out`` with the pairs ``select_pairs`` picks dropped or flipped,
     and a manifest to ``manifest`` (default: ``out`` + ``.manifest.json``).
 
-    ``report`` must be a scan of ``source`` read with the same data options; ``report_path``
+    ``report`` must be a scan of ``source`` read with the same ``read`` options (``read_keywords``,
+    ReadOptions field names, replace its values); ``report_path``
     is the file it came from (None: a scan run just now). Refuses to write over the input
     or the report, or over an existing output or manifest unless ``force``. ``dry_run``
     checks everything and returns the changes without writing.
@@ -192,7 +193,8 @@ def clean_dataset(source: str | Path, out: str | Path, report: Report | None, *,
     if decisions_path is not None:
         for path in (out, manifest_path):
             refuse_inputs(path, [decisions_path])
-    reader = PairReader(source, schema=schema, split=split, skip_invalid=skip_invalid, preference=preference)
+    read = ReadOptions.of(read, **read_keywords)
+    reader = PairReader(source, read)
     digests = {}
     pairs = {}
     for pair in reader:
@@ -218,7 +220,7 @@ def clean_dataset(source: str | Path, out: str | Path, report: Report | None, *,
     if dry_run:
         return result
     actions = {keys[change.pair_id]: change.action for change in changes}
-    fields = _flip_fields(reader.schema, preference)
+    fields = _flip_fields(reader.schema, read.preference)
     protect = [source] + [p for p in (report_path, decisions_path) if p is not None]
     for path in (out, manifest_path):  # a killed earlier clean's temporaries would otherwise stay forever
         remove_stale_temporaries(path.parent, path.name)

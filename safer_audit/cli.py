@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import functools
 import json
+import re
 import sys
+from dataclasses import MISSING, dataclass, is_dataclass, replace
 from pathlib import Path
 
 import click
@@ -17,8 +19,17 @@ from rich.table import Table
 from rich.text import Text
 
 from . import __version__
-from .config import POSITIONS, SELECTIONS, ActivationConfig, SaeTrainConfig, ScanConfig, default_cache_dir
-from .data import MAX_RECORD_BYTES, PREFERENCES, SCHEMAS
+from .config import (
+    EVALUATE_POSITIONS,
+    POSITIONS,
+    ActivationConfig,
+    OptionField,
+    ReadOptions,
+    SaeTrainConfig,
+    ScanConfig,
+    default_cache_dir,
+    option_fields,
+)
 from .errors import EXIT_BAD_INPUT, EXIT_FINDINGS, SaferAuditError, inert
 from .plugins import load_plugins, plugin_info
 from .progress import ProgressBar
@@ -91,8 +102,12 @@ def cli(ctx, debug):
     ctx.obj = {"debug": debug}
 
 
+quiet_option = click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
+json_option = click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
+
+
 @cli.command(name="plugins")
-@click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
+@json_option
 def plugins_command(as_json):
     """List the loaded plugins, their versions and what each registers."""
     infos = plugin_info()
@@ -111,180 +126,138 @@ def plugins_command(as_json):
 
 
 # --------------------------------------------------------------------------- options
-
-def model_options(command=None, *, multiple_positions: bool = False):
-    """Options of every command that runs a model: which model, layer, positions, and how."""
-    if command is None:
-        return functools.partial(model_options, multiple_positions=multiple_positions)
-    defaults = ActivationConfig.__dataclass_fields__
-    options = [
-        click.option("--model", "-m", default=None, metavar="PATH|HUB_ID",
-                     help="Reward model or encoder: a local transformers directory, or a hub id when online. "
-                          "Default: the embedded all-MiniLM-L6-v2."),
-        click.option("--layer", type=int, default=defaults["layer"].default, show_default=True,
-                     help="Block whose output is read (1-based; negative counts from the end)."),
-        click.option("--positions", type=click.Choice(POSITIONS), multiple=True,
-                     default=("response", "all", "punctuation"), show_default=True,
-                     help="Position sets whose score_safe is measured (repeatable); the first one is also "
-                          "used for the other scorers.")
-        if multiple_positions else
-        click.option("--positions", type=click.Choice(POSITIONS), default=defaults["positions"].default,
-                     show_default=True, help="Token positions read: every token, the final turn, or clause ends."),
-        click.option("--max-length", type=click.IntRange(8), default=defaults["max_length"].default,
-                     show_default=True, help="Tokens per conversation; longer ones lose their start."),
-        click.option("--batch-size", type=click.IntRange(1), default=defaults["batch_size"].default,
-                     show_default=True, help="Texts per forward pass."),
-        click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N."),
-        click.option("--dtype", default="auto", show_default=True,
-                     help="auto (bfloat16 on GPU, float32 on CPU), float32, bfloat16 or float16."),
-        click.option("--trust-remote-code", is_flag=True,
-                     help="Allow the model directory to run its own Python code (off by default)."),
-        click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
-                     help="Activation cache. Default: $SAFER_AUDIT_CACHE_DIR or $XDG_CACHE_HOME/safer-audit."),
-    ] + engine_options()
-    for option in reversed(options):
-        command = option(command)
-    return command
+#
+# Every option is declared once. Settings are fields of the config dataclasses (config.py), with
+# their help in the field's metadata; options_from turns fields into click options and hands the
+# command one typed object. A new field is a new option of every command that takes its class.
 
 
-def engine_options() -> list:
-    """Where the forward passes run, how the cache stores them, how much the SAE reads (the scaling options)."""
-    from .config import CACHE_DTYPES, ENGINES
+@dataclass(frozen=True)
+class _Param:
+    """A click parameter for one (possibly nested) field: ``path`` from the decorated class down."""
 
-    return [
-        click.option("--engine", type=click.Choice(ENGINES), default="local", show_default=True,
-                     help="Run the model in this process, or on a Ray cluster (pip install 'safer-audit[ray]'). "
-                          "Both write the same cache and give the same report."),
-        click.option("--ray-address", default=None, metavar="ADDRESS",
-                     help="Ray cluster to join (auto, or ray://host:10001). Default: start a local Ray instance."),
-        click.option("--ray-workers", type=click.IntRange(1), default=None, metavar="N",
-                     help="Model actors on Ray. Default: one per GPU, else one per 2 CPUs."),
-        click.option("--cache-dtype", type=click.Choice(CACHE_DTYPES), default="float32", show_default=True,
-                     help="How cached activations are stored; float16/bfloat16 halve the cache's size."),
-        click.option("--sae-tokens", type=click.IntRange(1), default=SaeTrainConfig.max_tokens, show_default=True,
-                     metavar="N", help="Token activations an SAE trains on: a seeded sample when the data has more "
-                                       "(held in memory: 4 bytes x model width each)."),
-    ]
+    name: str  # the click parameter name: the field's name
+    path: tuple[str, ...]
+    spec: OptionField
 
-
-def _max_record_bytes_option():
-    return click.option("--max-record-bytes", type=click.IntRange(1), default=MAX_RECORD_BYTES, show_default=True,
-                        metavar="N", help="A record (line, row) larger than N bytes is an invalid record.")
-
-
-def data_options(command):
-    """Options of every command that reads a dataset."""
-    options = [
-        click.option("--schema", type=click.Choice(SCHEMAS), default=None,
-                     help="Force a schema instead of detecting it."),
-        click.option("--split", default=None, help="Split of a datasets directory or hub dataset."),
-        click.option("--preference", type=click.Choice(["better", "safer"]), default="better", show_default=True,
-                     help="PKU-SafeRLHF style data: which preference index picks the chosen response."),
-        click.option("--skip-invalid", is_flag=True, help="Skip unusable records instead of stopping."),
-        _max_record_bytes_option(),
-    ]
-    for option in reversed(options):
-        command = option(command)
-    return command
+    def option(self):
+        meta, spec = self.spec.metadata, self.spec
+        default = None if spec.default is MISSING else spec.default  # a default_factory: None means "its default"
+        kwargs: dict = {"help": meta["help"], "default": default}
+        if spec.kind is bool:
+            kwargs["is_flag"] = True
+        elif spec.choices is not None:
+            kwargs["type"] = click.Choice(spec.choices)
+        elif "pattern" in meta:
+            kwargs["type"] = _Pattern(meta["pattern"], meta["help"])
+        elif "path" in meta:
+            kwargs["type"] = click.Path(path_type=Path, **meta["path"])
+        elif spec.kind in (int, float) and ("min" in meta or "max" in meta):
+            range_type = click.IntRange if spec.kind is int else click.FloatRange
+            kwargs["type"] = range_type(meta.get("min"), meta.get("max"))
+        elif spec.kind in (int, float):
+            kwargs["type"] = spec.kind
+        if "metavar" in meta:
+            kwargs["metavar"] = meta["metavar"]
+        kwargs["show_default"] = default is not None and spec.kind is not bool
+        flags = meta.get("flag", "--" + spec.name.replace("_", "-")).split("/")
+        return click.option(*flags, self.name, **kwargs)
 
 
-def sae_options(command=None, *, seed: bool = True):
-    """Options that pick or train the SAE and the features."""
-    if command is None:
-        return functools.partial(sae_options, seed=seed)
-    train = SaeTrainConfig()
-    scan = ScanConfig()
-    options = [
-        click.option("--sae", "sae_path", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
-                     help="An SAE directory (ours, SAELens or sparsify). Default: train one on the data (cached)."),
-        click.option("--latents", type=click.IntRange(1), default=None,
-                     help=f"Latents of a trained SAE. Default: {train.expansion} x the model width."),
-        click.option("--k", type=click.IntRange(1), default=train.k, show_default=True,
-                     help="Active latents per token of a trained SAE."),
-        click.option("--epochs", type=click.IntRange(1), default=train.epochs, show_default=True,
-                     help="SAE training epochs."),
-        click.option("--n-features", type=click.IntRange(1), default=scan.n_features, show_default=True,
-                     help="Latents of largest |salience| used as safety features."),
-        click.option("--features", "features_file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
-                     default=None, help="A reviewed features file (YAML or JSON) that pins, excludes and labels latents."),
-        click.option("--salience-from", default=None, metavar="DATA",
-                     help="Compute salience on this reference dataset instead of the scanned one."),
-    ]
-    if seed:
-        options.append(click.option("--seed", type=int, default=train.seed, show_default=True,
-                                    help="Seed of SAE training and of the cross-fitting folds."))
-    for option in reversed(options):
-        command = option(command)
-    return command
+class _Pattern(click.ParamType):
+    """A string from an open set described by a regular expression (--device: cuda:N)."""
+
+    name = "text"
+
+    def __init__(self, pattern: str, described: str):
+        self.regex, self.described = re.compile(pattern), described
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, str) and self.regex.fullmatch(value):
+            return value
+        self.fail(f"{value!r} is not one of: {self.described}", param, ctx)
 
 
-def label_options(command):
-    """Options that label features and pick them by safety (scan, features, baseline)."""
-    scan = ScanConfig()
-    options = [
-        click.option("--labeller", default=scan.labeller, show_default=True, metavar="NAME",
-                     help="Feature labeller (see `safer-audit plugins`): offline (embedded model, no network), "
-                          "llm (with --labeller-url), or none."),
-        click.option("--labeller-url", default=None, metavar="URL",
-                     help="Endpoint of a labeller that needs one (llm: an OpenAI-compatible server)."),
-        click.option("--taxonomy", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
-                     help="A safety taxonomy file (YAML) for the offline labeller. Default: the built-in one."),
-        click.option("--select", type=click.Choice(SELECTIONS), default=scan.select, show_default=True,
-                     help="salience: the top --n-features by |salience|; safety: of those, the ones the labeller "
-                          "rates safety-relevant (the SAFER paper's selection)."),
-        click.option("--relevance-threshold", type=click.FloatRange(0, 1), default=scan.relevance_threshold,
-                     show_default=True, help="--select safety keeps features with at least this relevance."),
-    ]
-    for option in reversed(options):
-        command = option(command)
-    return command
+def _params(cls, groups: tuple[str, ...] | None, exclude: tuple[str, ...], prefix: tuple[str, ...] = ()) -> list:
+    """The fields of ``cls`` that are options: with help, or a nested config (in ``groups`` when given)."""
+    out = []
+    for spec in option_fields(cls):
+        path = (*prefix, spec.name)
+        if ".".join(path) in exclude or (groups is not None and spec.metadata.get("group") not in groups):
+            continue
+        if "keys" in spec.metadata:  # a dict whose keys a dataclass declares (labeller_options)
+            out += [_Param(s.name, (*path, s.name), s) for s in option_fields(spec.metadata["keys"])]
+        elif is_dataclass(spec.kind):
+            out += _params(spec.kind, None, exclude, path)
+        elif spec.help is not None:
+            out.append(_Param(spec.name, path, spec))
+    return out
 
 
-def category_options(command):
-    """Options that set where the ranking's categories begin (scan, baseline)."""
-    options = [
-        click.option("--flipped-fraction", type=click.FloatRange(0, 1), default=ScanConfig.flipped_fraction,
-                     show_default=True,
-                     help="Most suspicious fraction whose pairs are 'flipped' when every ranked signal agrees."),
-        click.option("--noisy-fraction", type=click.FloatRange(0, 1), default=ScanConfig.noisy_fraction,
-                     show_default=True, help="Most suspicious fraction whose other pairs are 'noisy'."),
-    ]
-    for option in reversed(options):
-        command = option(command)
-    return command
+def _build(cls, params: list[_Param], values: dict, depth: int = 0):
+    """``cls`` from the command line's ``values``; fields no option sets keep their defaults."""
+    kwargs = {}
+    for spec in option_fields(cls):
+        mine = [p for p in params if p.path[depth] == spec.name]
+        if not mine:
+            continue
+        if "keys" in spec.metadata:  # only the keys given: the labeller's factory decides the rest
+            kwargs[spec.name] = {p.path[-1]: values[p.name] for p in mine if values[p.name] is not None}
+        elif len(mine[0].path) > depth + 1:
+            kwargs[spec.name] = _build(spec.kind, mine, values, depth + 1)
+        elif values[spec.name] is not None or spec.default is not MISSING:
+            kwargs[spec.name] = values[spec.name]
+    return cls(**kwargs)
 
 
-def _activation_config(kw: dict) -> ActivationConfig:
-    config = ActivationConfig(model=kw.pop("model"), layer=kw.pop("layer"), positions=kw.pop("positions"),
-                              max_length=kw.pop("max_length"), batch_size=kw.pop("batch_size"),
-                              device=kw.pop("device"), dtype=kw.pop("dtype"),
-                              trust_remote_code=kw.pop("trust_remote_code"), engine=kw.pop("engine"),
-                              ray_address=kw.pop("ray_address"), ray_workers=kw.pop("ray_workers"),
-                              cache_dtype=kw.pop("cache_dtype"))
-    cache_dir = kw.pop("cache_dir")
-    if cache_dir is not None:
-        config.cache_dir = cache_dir
+def options_from(cls, dest: str, *, groups: tuple[str, ...] | None = None, exclude: tuple[str, ...] = (),
+                 finish=None):
+    """A decorator: the option fields of dataclass ``cls`` as click options; the command gets one ``cls``
+    object as ``dest`` instead of them. ``groups``: only fields of these groups (metadata ``group``);
+    ``exclude``: dotted field paths left out (the command declares them otherwise); ``finish(obj)``
+    adjusts the built object."""
+    params = _params(cls, groups, exclude)
+    names = [p.name for p in params]
+    if len(set(names)) != len(names):
+        raise TypeError(f"two options of {cls.__name__} share a parameter name: {sorted(names)}")
+
+    def build(values: dict):
+        made = _build(cls, params, values)
+        return finish(made) if finish is not None else made
+
+    def decorator(command):
+        @functools.wraps(command)
+        def wrapper(*args, **kwargs):
+            kwargs[dest] = build({name: kwargs.pop(name) for name in names})
+            return command(*args, **kwargs)
+
+        for param in reversed(params):
+            wrapper = param.option()(wrapper)
+        return wrapper
+
+    decorator.build = build  # the object from a context's params (tests, and commands that need it twice)
+    return decorator
+
+
+def field_option(cls, name: str):
+    """One field of ``cls`` as a plain option (its value passed as it is): a single shared option."""
+    return next(p for p in _params(cls, None, ()) if p.name == name).option()
+
+
+def _same_seeds(config: ScanConfig) -> ScanConfig:
+    config.seed = config.sae_train.seed  # --seed seeds the SAE training and the cross-fitting folds alike
     return config
 
 
-def _scan_config(kw: dict) -> ScanConfig:
-    """Build the one ScanConfig from the options of model_options, data_options and sae_options."""
-    config = ScanConfig(activations=_activation_config(kw))
-    config.sae_train.n_latents = kw.pop("latents")
-    config.sae_train.k = kw.pop("k")
-    config.sae_train.epochs = kw.pop("epochs")
-    config.sae_train.max_tokens = kw.pop("sae_tokens")
-    config.sae_train.seed = config.seed = kw.pop("seed", config.seed)
-    for name in ("sae_path", "n_features", "features_file", "salience_from", "schema", "split", "preference",
-                 "skip_invalid", "max_record_bytes"):
-        setattr(config, name, kw.pop(name))
-    for name in ("flipped_fraction", "noisy_fraction"):  # category_options, where the command has them
-        setattr(config, name, kw.pop(name, getattr(config, name)))
-    for name in ("labeller", "select", "relevance_threshold"):  # label_options, where the command has them
-        setattr(config, name, kw.pop(name, getattr(config, name)))
-    options = {"url": kw.pop("labeller_url", None), "taxonomy": kw.pop("taxonomy", None)}
-    config.labeller_options = {name: value for name, value in options.items() if value is not None}
-    return config
+def scan_options(*groups: str, exclude: tuple[str, ...] = ()):
+    """The ScanConfig options of ``groups`` (model, data, sae, category, labels), as one ``config``."""
+    return options_from(ScanConfig, "config", groups=groups, exclude=exclude, finish=_same_seeds)
+
+
+SCAN_GROUPS = ("model", "data", "sae")  # what every command that may scan takes
+cache_dir_option = field_option(ActivationConfig, "cache_dir")
+# scan's options, to build a ScanConfig from any command's params (tests)
+scan_config_from = scan_options(*SCAN_GROUPS, "category", "labels").build
 
 
 def _steps(quiet: bool) -> ProgressBar:
@@ -295,18 +268,14 @@ def _steps(quiet: bool) -> ProgressBar:
 
 @cli.command()
 @click.argument("data")
-@model_options
-@data_options
-@sae_options
+@scan_options(*SCAN_GROUPS, "category", "labels")
 @click.option("--top", type=click.IntRange(0), default=20, show_default=True, help="Suspects shown in the terminal.")
 @click.option("--output", "-o", "outputs", multiple=True, type=click.Path(dir_okay=False, path_type=Path),
               help="Write the report here (repeatable); the format comes from the extension.")
 @click.option("--format", "output_format", default=None,
               help="Format of every --output, when the extension does not say (see `safer-audit plugins`).")
-@category_options
-@label_options
-@click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
-def scan(data, top, outputs, output_format, quiet, **kw):
+@quiet_option
+def scan(data, top, outputs, output_format, quiet, config: ScanConfig):
     """Scan DATA and rank its pairs, most likely flipped or noisy first.
 
     DATA is a .jsonl, .jsonl.gz, .json, .parquet or .csv file, a datasets directory, or a
@@ -318,7 +287,6 @@ def scan(data, top, outputs, output_format, quiet, **kw):
     from .report import export_report, find_exporter, print_report
     from .scan import run_scan
 
-    config = _scan_config(kw)
     for path in outputs:  # fail on what would fail at the end before the long work
         find_exporter(path, output_format)
         refuse_inputs(path, [data])
@@ -354,22 +322,18 @@ def scan(data, top, outputs, output_format, quiet, **kw):
 
 @cli.command()
 @click.argument("data")
-@model_options
-@data_options
-@sae_options
+@scan_options(*SCAN_GROUPS, "labels")
 @click.option("--top", type=click.IntRange(1), default=10, show_default=True, help="Feature cards shown.")
-@label_options
 @click.option("--out", "out", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Write a features file (YAML, or JSON by extension) to review, edit and pass to --features.")
-@click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
-def features(data, top, out, quiet, **kw):
+@quiet_option
+def features(data, top, out, quiet, config: ScanConfig):
     """Show the safety features of DATA as cards, and write a features file to review."""
     from .files import write_atomic
     from .report import print_feature_cards
     from .salience import features_file_text
     from .scan import run_scan
 
-    config = _scan_config(kw)
     config.cards_with_contexts = top
     result = run_scan(data, config, steps=_steps(quiet).step)
     print_feature_cards(result.report.features[:top], stdout_console())
@@ -384,11 +348,9 @@ def features(data, top, out, quiet, **kw):
 @click.argument("pair")
 @click.option("--report", "report_path", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
               help="Read the pair's scores and features from this scan report (JSON) instead of rescanning.")
-@model_options
-@data_options
-@sae_options
-@click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
-def explain(data, pair, report_path, quiet, **kw):
+@scan_options(*SCAN_GROUPS)
+@quiet_option
+def explain(data, pair, report_path, quiet, config: ScanConfig):
     """Show one pair in full: the request, both responses, its scores, and the features behind them.
 
     PAIR is a pair id, a unique prefix of one (like git), FILE:LINE, or a line number of
@@ -399,9 +361,7 @@ def explain(data, pair, report_path, quiet, **kw):
     from .data import load_pairs
     from .explain import explain_from_report, explain_pair, find_pair, print_explanation
 
-    config = _scan_config(kw)
-    rows = load_pairs(data, schema=config.schema, split=config.split, preference=config.preference,
-                      skip_invalid=config.skip_invalid).pairs.iter_rows(named=True)
+    rows = load_pairs(data, config.read).pairs.iter_rows(named=True)
     row = find_pair(rows, pair, data)  # before any scan: a wrong name fails at once
     if report_path is not None:
         from .clean import load_report
@@ -446,11 +406,9 @@ def _read_line(prompt: str) -> str:
               help="The decisions file to add to (made if missing; its directory too).")
 @click.option("--reviewer", default=None, help="Who decides. Default: git config user.name and user.email.")
 @click.option("--all", "review_all", is_flag=True, help="Show pairs decided before too (to change a decision).")
-@model_options
-@data_options
-@sae_options
-@click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
-def review(data, report_path, decisions_path, reviewer, review_all, quiet, **kw):
+@scan_options(*SCAN_GROUPS)
+@quiet_option
+def review(data, report_path, decisions_path, reviewer, review_all, quiet, config: ScanConfig):
     """Walk the suspects of DATA one by one and record a decision for each.
 
     \b
@@ -464,7 +422,6 @@ def review(data, report_path, decisions_path, reviewer, review_all, quiet, **kw)
     from .decisions import default_reviewer
     from .review import locate, review_findings
 
-    config = _scan_config(kw)
     if report_path is not None:
         from .clean import load_report
 
@@ -473,8 +430,7 @@ def review(data, report_path, decisions_path, reviewer, review_all, quiet, **kw)
         from .scan import run_scan
 
         report = run_scan(data, config, steps=_steps(quiet).step).report
-    reader = PairReader(data, schema=config.schema, split=config.split, preference=config.preference,
-                        skip_invalid=config.skip_invalid)
+    reader = PairReader(data, config.read)
     where = locate(report.suspects(), reader, str(report_path or "the scan"), data)
     decisions_path.parent.mkdir(parents=True, exist_ok=True)
     ask = _read_key if sys.stdin.isatty() else _read_line
@@ -487,17 +443,18 @@ def review(data, report_path, decisions_path, reviewer, review_all, quiet, **kw)
 
 @cli.command()
 @click.argument("data")
-@model_options(multiple_positions=True)
-@data_options
-@sae_options(seed=False)
+@scan_options(*SCAN_GROUPS, exclude=("activations.positions", "sae_train.seed"))
+@click.option("--positions", type=click.Choice(POSITIONS), multiple=True, default=EVALUATE_POSITIONS,
+              show_default=True, help="Position sets whose score_safe is measured (repeatable); the first one is "
+                                      "also used for the other scorers.")
 @click.option("--flip-rate", type=click.FloatRange(0, 1, min_open=True), default=0.1, show_default=True,
               help="Fraction of pairs flipped (chosen and rejected swapped) in the copy that is scanned.")
 @click.option("--seed", "seeds", type=int, multiple=True, default=(0,), show_default=True,
               help="Seed of the flips and the cross-fitting folds (repeatable: mean and spread over seeds).")
 @click.option("--output", "-o", "output", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Write the results as JSON.")
-@click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
-def evaluate(data, positions, flip_rate, seeds, output, quiet, **kw):
+@quiet_option
+def evaluate(data, positions, flip_rate, seeds, output, quiet, config: ScanConfig):
     """Measure how well each scorer finds pairs flipped on purpose in a copy of DATA.
 
     Reports AUROC and precision at the top 1/5/10% for score_safe at each position set,
@@ -508,7 +465,7 @@ def evaluate(data, positions, flip_rate, seeds, output, quiet, **kw):
     from .files import write_atomic
     from .scan import read_data
 
-    config = _scan_config({**kw, "positions": positions[0]})
+    config = replace(config, activations=replace(config.activations, positions=positions[0]))
     pairs = read_data(data, config).pairs
     console = stdout_console()
     result = run_evaluation(pairs, config, flip_rate=flip_rate, seeds=seeds, positions=tuple(positions),
@@ -535,24 +492,18 @@ def evaluate(data, positions, flip_rate, seeds, output, quiet, **kw):
 @click.argument("data")
 @click.option("--out", "out", required=True, type=click.Path(file_okay=False, path_type=Path),
               help="Directory to write cfg.json and sae_weights.safetensors into.")
-@model_options
-@data_options
-@click.option("--latents", type=click.IntRange(1), default=None,
-              help=f"Number of latents. Default: {SaeTrainConfig.expansion} x the model width.")
-@click.option("--k", type=click.IntRange(1), default=SaeTrainConfig.k, show_default=True,
-              help="Active latents per token.")
-@click.option("--epochs", type=click.IntRange(1), default=SaeTrainConfig.epochs, show_default=True)
-@click.option("--seed", type=int, default=SaeTrainConfig.seed, show_default=True)
-@click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
-def train_sae_command(data, out, latents, k, epochs, seed, quiet, **kw):
+@options_from(ActivationConfig, "activations")
+@options_from(ReadOptions, "read")
+@options_from(SaeTrainConfig, "train")
+@field_option(ScanConfig, "sae_backend")
+@quiet_option
+def train_sae_command(data, out, sae_backend, quiet, activations: ActivationConfig, read: ReadOptions,
+                      train: SaeTrainConfig):
     """Train a TopK SAE on the activations of DATA and save it to --out."""
     from .scan import train_sae_on_data
 
-    config = _activation_config(kw)
-    train = SaeTrainConfig(n_latents=latents, k=k, epochs=epochs, seed=seed, max_tokens=kw.pop("sae_tokens"))
-    data_options = {name: kw.pop(name) for name in ("schema", "split", "preference", "skip_invalid",
-                                                    "max_record_bytes")}
-    stats = train_sae_on_data(data, out, config, train, data_options=data_options, steps=_steps(quiet).step)
+    stats = train_sae_on_data(data, out, activations, train, read=read, sae_backend_name=sae_backend,
+                              steps=_steps(quiet).step)
     table = Table(title=plain(f"SAE written to {out}"))
     for column in ("FVU", "L0", "dead fraction", "tokens seen", "steps", "seconds"):
         table.add_column(column, justify="right")
@@ -581,12 +532,10 @@ def train_sae_command(data, out, latents, k, epochs, seed, quiet, **kw):
               help="Where to write the manifest. Default: OUT.manifest.json.")
 @click.option("--force", is_flag=True, help="Replace an existing output and manifest.")
 @click.option("--dry-run", is_flag=True, help="Show what would change and write nothing.")
-@model_options
-@data_options
-@sae_options
-@click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
+@scan_options(*SCAN_GROUPS)
+@quiet_option
 def clean(data, out, report_path, decisions_path, only, drop_fraction, threshold, mode, manifest, force, dry_run,
-          quiet, **kw):
+          quiet, config: ScanConfig):
     """Write a copy of DATA with suspicious pairs dropped or flipped back, and a manifest.
 
     \b
@@ -618,7 +567,6 @@ def clean(data, out, report_path, decisions_path, only, drop_fraction, threshold
     if drop_fraction is not None and threshold is not None:
         raise click.UsageError("give --drop-fraction or --threshold, not both")
     mode = mode or "drop"
-    config = _scan_config(kw)
     decisions = None
     if decisions_path is not None:
         from .decisions import read_decisions
@@ -635,8 +583,7 @@ def clean(data, out, report_path, decisions_path, only, drop_fraction, threshold
     result = clean_dataset(data, out, report, mode=mode, drop_fraction=drop_fraction, threshold=threshold,
                            decisions=decisions, decisions_path=decisions_path, only=only or ("flipped", "noisy"),
                            manifest=manifest, report_path=report_path, force=force, dry_run=dry_run,
-                           schema=config.schema, split=config.split, preference=config.preference,
-                           skip_invalid=config.skip_invalid)
+                           read=config.read)
     if result.mode == "decisions":
         flips = sum(c.action == "flip" for c in result.changes)
         done = f"flipped back {flips} and dropped {len(result.changes) - flips}"
@@ -670,16 +617,12 @@ def _print_changes(result) -> None:
 @click.argument("data", nargs=-1, required=True)
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=Path(".safer-audit/baseline.json"),
               show_default=True, help="The baseline file; the SAE it trains and its heads are written beside it.")
-@model_options
-@data_options
-@sae_options
-@category_options
-@label_options
+@scan_options(*SCAN_GROUPS, "category", "labels")
 @click.option("--decisions", "decisions_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Review decisions (safer-audit review); pairs marked ok never fail. "
                    "Default: decisions.json next to the baseline, if there is one.")
-@click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
-def baseline_command(data, out, decisions_path, quiet, **kw):
+@quiet_option
+def baseline_command(data, out, decisions_path, quiet, config: ScanConfig):
     """Scan DATA once and record what `safer-audit gate` compares against.
 
     The baseline is a small deterministic JSON file to commit and review: each pair's id,
@@ -690,7 +633,6 @@ def baseline_command(data, out, decisions_path, quiet, **kw):
     """
     from .gate import build_baseline
 
-    config = _scan_config(kw)
     decisions, decisions_path = _gate_decisions(decisions_path, out)
     made = build_baseline(list(data), out, config, steps=_steps(quiet).step, decisions=decisions)
     counts = {c: sum(1 for pid, e in made.pairs.items() if e["category"] == c and pid not in made.cleared)
@@ -734,12 +676,11 @@ def _fail_on(_ctx, _param, value: str) -> tuple[str, ...]:
 @click.option("--update-baseline", is_flag=True,
               help="Accept the current state after review: rewrite the baseline with the pairs of DATA "
                    "(give every data file), scoring new ones with the frozen reference.")
-@click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="Activation cache. Default: $SAFER_AUDIT_CACHE_DIR or $XDG_CACHE_HOME/safer-audit.")
+@cache_dir_option
 @click.option("--decisions", "decisions_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Review decisions (safer-audit review); pairs marked ok never fail. "
                    "Default: decisions.json next to the baseline, if there is one.")
-@click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
+@quiet_option
 def gate_command(data, baseline_path, fail_on, max_new, output_format, update_baseline, cache_dir, decisions_path,
                  quiet):
     """Check DATA against a baseline: fail only on new pairs that look flipped, noisy or broken.
@@ -792,9 +733,8 @@ def cache():
 
 
 @cache.command(name="info")
-@click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="Cache directory. Default: $SAFER_AUDIT_CACHE_DIR or $XDG_CACHE_HOME/safer-audit.")
-@click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
+@cache_dir_option
+@json_option
 def cache_info_command(cache_dir, as_json):
     """List what the cache holds: one row per model, layer, positions and max length."""
     from .activations import cache_info
@@ -814,8 +754,7 @@ def cache_info_command(cache_dir, as_json):
 
 
 @cache.command(name="clear")
-@click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="Cache directory. Default: $SAFER_AUDIT_CACHE_DIR or $XDG_CACHE_HOME/safer-audit.")
+@cache_dir_option
 @click.option("--yes", is_flag=True, help="Do not ask for confirmation (required when stdin is not a terminal).")
 def cache_clear_command(cache_dir, yes):
     """Delete every cached activation and trained SAE."""
@@ -836,24 +775,15 @@ def cache_clear_command(cache_dir, yes):
 
 @cli.command(name="validate")
 @click.argument("path")
-@click.option("--schema", type=click.Choice(SCHEMAS),
-              help="Force a schema instead of detecting it from the first record: hh (HH-RLHF "
-                   "transcripts), prompt (prompt/chosen/rejected), messages (chat message lists), "
-                   "pku (response_0/response_1 and a preference index).")
-@click.option("--split", help="The split of a datasets directory or hub dataset with several splits.")
-@click.option("--preference", type=click.Choice(PREFERENCES), default="better", show_default=True,
-              help="pku schema: take the chosen response from better_response_id or safer_response_id.")
-@click.option("--skip-invalid", is_flag=True,
-              help="Skip records that cannot be used and count them, instead of stopping at them.")
+@options_from(ReadOptions, "read")
 @click.option("--max-length", type=click.IntRange(min=1), metavar="N",
               help="Also count responses longer than N tokens (lost to truncation) and conversations "
                    "whose context gets cut.")
 @click.option("--model", metavar="DIR",
               help="Count tokens with this local model's tokenizer (with --max-length; default: the "
                    "embedded MiniLM-L6).")
-@_max_record_bytes_option()
-@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
-def validate_command(path, schema, split, preference, skip_invalid, max_length, model, max_record_bytes, as_json):
+@json_option
+def validate_command(path, max_length, model, as_json, read: ReadOptions):
     """Check that the preference data at PATH can be read, and report cheap data-quality findings.
 
     \b
@@ -877,8 +807,7 @@ def validate_command(path, schema, split, preference, skip_invalid, max_length, 
             count_tokens = token_counter(model)
         except (OSError, ValueError) as exc:
             _fail(f"cannot load the tokenizer of {model or 'the embedded model'}: {exc}")
-    summary = validate_dataset(path, schema=schema, split=split, skip_invalid=skip_invalid, preference=preference,
-                               max_length=max_length, count_tokens=count_tokens, max_record_bytes=max_record_bytes)
+    summary = validate_dataset(path, read, max_length=max_length, count_tokens=count_tokens)
     if as_json:
         click.echo(json_text(summary.to_dict(), indent=2))
     else:

@@ -1,20 +1,44 @@
-"""Every default in one place: the configuration of activations, the SAE and a scan."""
+"""Every default in one place: the configuration of activations, the SAE and a scan.
+
+Each user-facing setting is a dataclass field whose ``metadata`` carries its command-line
+help (``help``) and, where it needs one, its flag (``flag``), bounds (``min``, ``max``),
+``metavar``, ``group`` (which commands take it, for ScanConfig's own fields) or ``path``
+(click.Path arguments). cli.py turns these fields into options (``options_from``), so a new
+setting is one field here; ``option_fields`` is the one reading of the types both the CLI
+and the baseline checks use.
+"""
 
 from __future__ import annotations
 
 import os
-from dataclasses import asdict, dataclass, field
+import typing
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
+from typing import Any, Literal, get_args, get_origin
 
 from .errors import ConfigError
 
-POSITIONS = ("all", "response", "punctuation")  # the position sets a model's activations are read at
+Position = Literal["all", "response", "punctuation"]  # the position sets a model's activations are read at
+Schema = Literal["hh", "prompt", "messages", "pku"]
+Preference = Literal["better", "safer"]
+CacheDtype = Literal["float32", "float16", "bfloat16"]
+Engine = Literal["local", "ray"]
+Selection = Literal["salience", "safety"]
+Dtype = Literal["auto", "float32", "bfloat16", "float16"]
+
+POSITIONS: tuple[str, ...] = get_args(Position)
+SCHEMAS: tuple[str, ...] = get_args(Schema)
+PREFERENCES: tuple[str, ...] = get_args(Preference)
+CACHE_DTYPES: tuple[str, ...] = get_args(CacheDtype)
+ENGINES: tuple[str, ...] = get_args(Engine)
+SELECTIONS: tuple[str, ...] = get_args(Selection)
+DTYPES: tuple[str, ...] = get_args(Dtype)
 DEFAULT_POSITIONS = "response"  # measured: response > all >> punctuation on HH with MiniLM
 # evaluate's default: every position set, the default first (its run also measures the margins)
 EVALUATE_POSITIONS = (DEFAULT_POSITIONS, *(p for p in POSITIONS if p != DEFAULT_POSITIONS))
-CACHE_DTYPES = ("float32", "float16", "bfloat16")
-ENGINES = ("local", "ray")
-SELECTIONS = ("salience", "safety")
+MAX_RECORD_BYTES = 16 << 20  # no real preference record comes near; a 1 GiB line is refused, not held
+DEVICE_PATTERN = r"auto|cpu|mps|cuda(:[0-9]+)?"  # an open set (cuda:N), so a pattern, not a Literal
+CACHE_DIR_HELP = "Activation cache. Default: $SAFER_AUDIT_CACHE_DIR or $XDG_CACHE_HOME/safer-audit."
 
 
 def default_cache_dir() -> Path:
@@ -27,32 +51,131 @@ def default_cache_dir() -> Path:
     return base / "safer-audit"
 
 
+def option(default: Any = None, help: str | None = None, *, factory=None, **metadata) -> Any:
+    """A dataclass field that is also a command-line option (see the module docstring)."""
+    metadata = {"help": help, **metadata} if help is not None else metadata
+    if factory is not None:
+        return field(default_factory=factory, metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+@dataclass(frozen=True)
+class OptionField:
+    """One field as a setting: its name, type reduced to a kind, choices, and whether None is allowed."""
+
+    name: str
+    kind: type  # bool, int, float, str, Path, dict, or a dataclass
+    choices: tuple[str, ...] | None  # a Literal's values
+    optional: bool  # None is a value
+    metadata: Any
+    default: Any  # dataclasses.MISSING when the field has a default_factory
+
+    @property
+    def help(self) -> str | None:
+        return self.metadata.get("help")
+
+
+def option_fields(cls) -> list[OptionField]:
+    """The fields of a config dataclass with their types resolved (the module's annotations are strings)."""
+    hints = typing.get_type_hints(cls)
+    out = []
+    for f in fields(cls):
+        hint, optional = hints[f.name], False
+        args = get_args(hint)
+        if type(None) in args:  # X | None
+            optional = True
+            rest = [a for a in args if a is not type(None)]
+            hint = rest[0] if len(rest) == 1 else hint
+        choices = None
+        if get_origin(hint) is Literal:
+            choices, hint = get_args(hint), str
+        kind = get_origin(hint) or hint
+        out.append(OptionField(f.name, kind, choices, optional, f.metadata, f.default))
+    return out
+
+
+def _check_fields(config, *, bounds: bool = False) -> None:
+    """A Literal field holds one of its values (unless ``checked=False``), and with ``bounds`` a number
+    stays at or above its ``min`` (ConfigError)."""
+    for spec in option_fields(type(config)):
+        value = getattr(config, spec.name)
+        if (value is None and spec.optional) or not spec.metadata.get("checked", True):
+            continue
+        label = spec.metadata.get("label", spec.name)
+        if spec.choices is not None and value not in spec.choices:
+            raise ConfigError(f"{label} must be one of {', '.join(spec.choices)}, not {value!r}")
+        if bounds and "min" in spec.metadata and value < spec.metadata["min"]:
+            raise ConfigError(f"{label} must be at least {spec.metadata['min']}")
+
+
+@dataclass(frozen=True)
+class ReadOptions:
+    """How a dataset is read (data.PairReader): the same for a scan, the gate, clean and validate.
+
+    A new read option is a field here (with its help) and its use in data.PairReader: the
+    commands, the scan, the gate's baseline header and clean carry the object whole.
+    """
+
+    schema: Schema | None = option(
+        None, "Force a schema instead of detecting it from the first record: hh (HH-RLHF transcripts), prompt "
+              "(prompt/chosen/rejected), messages (chat message lists), pku (response_0/response_1 and a "
+              "preference index).")
+    split: str | None = option(None, "The split of a datasets directory or hub dataset with several splits.")
+    preference: Preference = option(
+        "better", "pku schema: take the chosen response from better_response_id or safer_response_id.")
+    skip_invalid: bool = option(False, "Skip records that cannot be used and count them, instead of stopping at them.")
+    max_record_bytes: int = option(MAX_RECORD_BYTES, "A record (line, row) larger than N bytes is an invalid record.",
+                                   min=1, metavar="N")
+
+    def __post_init__(self):
+        _check_fields(self, bounds=True)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def of(cls, options: ReadOptions | None = None, **keywords) -> ReadOptions:
+        """``options`` (default: the defaults) with ``keywords`` (field names) replaced: the readers'
+        keyword form, ``load_pairs(path, schema="hh")``."""
+        options = options if options is not None else cls()
+        return replace(options, **keywords) if keywords else options
+
+
 @dataclass
 class ActivationConfig:
     """Which activations to read, and how to compute them."""
 
-    model: str | None = None  # None: the embedded MiniLM-L6 default
-    backend: str = "hf"
-    layer: int = 3  # measured: layer 3 of 6 separates chosen/rejected best on HH with MiniLM
-    positions: str = DEFAULT_POSITIONS
-    max_length: int = 512
-    batch_size: int = 16
-    device: str = "auto"
-    dtype: str = "auto"
-    trust_remote_code: bool = False
-    cache_dir: Path = field(default_factory=default_cache_dir)
-    cache_dtype: str = "float32"  # how cached activations are stored: float32, float16 or bfloat16
-    engine: str = "local"  # who runs the forward passes: this process, or a Ray cluster
-    ray_address: str | None = None  # None: start a local Ray instance; "auto" or ray://host:port to join one
-    ray_workers: int | None = None  # actors of the extraction pool; None: one per GPU, else per 2 CPUs
+    model: str | None = option(None, "Reward model or encoder: a local transformers directory, or a hub id when "
+                                     "online. Default: the embedded all-MiniLM-L6-v2.",
+                               flag="--model/-m", metavar="PATH|HUB_ID")  # None: the embedded MiniLM-L6
+    backend: str = option("hf", "Model backend (see `safer-audit plugins`).", metavar="NAME")
+    # measured: layer 3 of 6 separates chosen/rejected best on HH with MiniLM
+    layer: int = option(3, "Block whose output is read (1-based; negative counts from the end).")
+    positions: Position = option(DEFAULT_POSITIONS,
+                                 "Token positions read: every token, the final turn, or clause ends.")
+    max_length: int = option(512, "Tokens per conversation; longer ones lose their start.", min=8)
+    batch_size: int = option(16, "Texts per forward pass.", min=1)
+    device: str = option("auto", "auto, cpu, cuda, cuda:N or mps.", pattern=DEVICE_PATTERN)
+    # the CLI offers these four; the library passes any other name on (the hf backend takes bf16, fp16)
+    dtype: Dtype = option("auto", "auto (bfloat16 on GPU, float32 on CPU), float32, bfloat16 or float16.",
+                          checked=False)
+    trust_remote_code: bool = option(False, "Allow the model directory to run its own Python code (off by default).")
+    cache_dir: Path = option(help=CACHE_DIR_HELP, factory=default_cache_dir, path={"file_okay": False})
+    # how cached activations are stored
+    cache_dtype: CacheDtype = option("float32", "How cached activations are stored; float16/bfloat16 halve the "
+                                                "cache's size.", label="cache dtype")
+    # who runs the forward passes: this process, or a Ray cluster
+    engine: Engine = option("local", "Run the model in this process, or on a Ray cluster (pip install "
+                                     "'safer-audit[ray]'). Both write the same cache and give the same report.")
+    # None: start a local Ray instance; "auto" or ray://host:port to join one
+    ray_address: str | None = option(None, "Ray cluster to join (auto, or ray://host:10001). Default: start a local "
+                                           "Ray instance.", metavar="ADDRESS")
+    # actors of the extraction pool; None: one per GPU, else per 2 CPUs
+    ray_workers: int | None = option(None, "Model actors on Ray. Default: one per GPU, else one per 2 CPUs.", min=1,
+                                     metavar="N")
 
     def __post_init__(self):
-        if self.positions not in POSITIONS:
-            raise ConfigError(f"positions must be one of {', '.join(POSITIONS)}, not {self.positions!r}")
-        if self.cache_dtype not in CACHE_DTYPES:
-            raise ConfigError(f"cache dtype must be one of {', '.join(CACHE_DTYPES)}, not {self.cache_dtype!r}")
-        if self.engine not in ENGINES:
-            raise ConfigError(f"engine must be one of {', '.join(ENGINES)}, not {self.engine!r}")
+        _check_fields(self)
         if "://" in str(self.cache_dir):
             raise ConfigError(f"cache directory {self.cache_dir}: fsspec URLs are not supported; use a local "
                               "directory, or for a Ray cluster a shared filesystem mounted at the same path "
@@ -65,33 +188,60 @@ class SaeTrainConfig:
     """TopK SAE training (METHOD.md section 2)."""
 
     expansion: int = 8
-    n_latents: int | None = None  # None: expansion * d_in
-    k: int = 32
-    epochs: int = 1
+    n_latents: int | None = option(None, "Latents of a trained SAE. Default: 8 x the model width.", flag="--latents",
+                                   min=1)  # None: expansion * d_in
+    k: int = option(32, "Active latents per token of a trained SAE.", min=1)
+    epochs: int = option(1, "SAE training epochs.", min=1)
     batch_size: int = 1024  # tokens per step
     lr: float | None = None  # None: 2e-4 / sqrt(n_latents / 2**14), as in Gao et al.
     warmup_fraction: float = 0.05
     auxk_alpha: float = 1 / 32
     dead_tokens: int = 20_000  # silent this long = dead, revived by AuxK (200k never triggered within 1 HH epoch)
-    seed: int = 0
+    seed: int = option(0, "Seed of SAE training and of the cross-fitting folds.")
     # tokens trained on, a seeded hash sample when there are more; held in memory (~1.5 kB each at
     # width 384): all of the 2,312-pair HH file (~200k) fits
-    max_tokens: int = 1_000_000
+    max_tokens: int = option(1_000_000, "Token activations an SAE trains on: a seeded sample when the data has more "
+                                        "(held in memory: 4 bytes x model width each).",
+                             flag="--sae-tokens", min=1, metavar="N")
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
+@dataclass(frozen=True)
+class LabellerOptions:
+    """The options a labeller's factory may take; ScanConfig.labeller_options holds the ones given."""
+
+    url: str | None = option(None, "Endpoint of a labeller that needs one (llm: an OpenAI-compatible server).",
+                             flag="--labeller-url", metavar="URL")
+    taxonomy: Path | None = option(None, "A safety taxonomy file (YAML) for the offline labeller. Default: the "
+                                         "built-in one.", path={"exists": True, "dir_okay": False})
+
+
 @dataclass
 class ScanConfig:
-    """A scan: which data, which activations, which SAE and features, how pairs are ranked."""
+    """A scan: which data, which activations, which SAE and features, how pairs are ranked.
 
-    activations: ActivationConfig = field(default_factory=ActivationConfig)
-    sae_train: SaeTrainConfig = field(default_factory=SaeTrainConfig)
-    sae_path: Path | None = None  # None: train one on the scanned data (cached)
-    n_features: int = 1024  # top-N latents by |salience|; see README "Defaults"
-    features_file: Path | None = None
-    salience_from: str | None = None  # a reference dataset for salience, else the scanned one
+    A field with ``group`` metadata is a command-line option of the commands that take that
+    group (cli.scan_options): model, data, sae, category, labels.
+    """
+
+    activations: ActivationConfig = option(factory=ActivationConfig, group="model")
+    read: ReadOptions = option(factory=ReadOptions, group="data")  # how the data is read
+    sae_train: SaeTrainConfig = option(factory=SaeTrainConfig, group="sae")
+    sae_backend: str = option("topk", "SAE backend that trains and loads the SAE (see `safer-audit plugins`).",
+                              group="sae", metavar="NAME")
+    sae_path: Path | None = option(None, "An SAE directory (ours, SAELens or sparsify). Default: train one on the "
+                                         "data (cached).", group="sae", flag="--sae",
+                                   path={"exists": True, "file_okay": False})  # None: train one on the data
+    n_features: int = option(1024, "Latents of largest |salience| used as safety features.", group="sae",
+                             min=1)  # top-N latents by |salience|; see README "Defaults"
+    features_file: Path | None = option(None, "A reviewed features file (YAML or JSON) that pins, excludes and "
+                                              "labels latents.", group="sae", flag="--features",
+                                        path={"exists": True, "dir_okay": False})
+    # a reference dataset for salience, else the scanned one
+    salience_from: str | None = option(None, "Compute salience on this reference dataset instead of the scanned "
+                                             "one.", group="sae", metavar="DATA")
     folds: int = 5  # cross-fitting folds of the reward heads
     margin_l2: float = 1.0  # ridge of the Bradley-Terry head on pooled activations (measured, BENCHMARKS.md)
     sae_l1: float = 2e-2  # L1 of the sparse Bradley-Terry head on SAE codes (measured)
@@ -100,26 +250,28 @@ class ScanConfig:
     # sae_margin is still computed and reported, but adding it did not help
     ranking: dict[str, float] = field(default_factory=lambda: {
         "score_safe": 1.0, "reward_margin": 1.0, "sae_margin": 0.0})
-    flipped_fraction: float = 0.04  # the paper's best drop ratio (METHOD.md section 6)
-    noisy_fraction: float = 0.10
+    flipped_fraction: float = option(0.04, "Most suspicious fraction whose pairs are 'flipped' when every ranked "
+                                           "signal agrees.", group="category", min=0, max=1)  # the paper's best
+    noisy_fraction: float = option(0.10, "Most suspicious fraction whose other pairs are 'noisy'.", group="category",
+                                   min=0, max=1)
     top_features_per_pair: int = 5
     cards_with_contexts: int = 32  # feature cards (largest |salience| first) that show text contexts
     # feature labels (issue 12): which labeller, its options, and how features are selected
-    labeller: str = "offline"  # a registered labeller (safer-audit plugins), or "none"
-    labeller_options: dict = field(default_factory=dict)  # passed to the labeller's factory (url, taxonomy, ...)
-    select: str = "salience"  # "salience": top n_features by |salience|; "safety": of those, the safety-relevant
-    relevance_threshold: float = 0.5  # --select safety keeps candidates with relevance >= this
+    labeller: str = option("offline", "Feature labeller (see `safer-audit plugins`): offline (embedded model, no "
+                                      "network), llm (with --labeller-url), or none.", group="labels",
+                           metavar="NAME")  # a registered labeller, or "none"
+    # passed to the labeller's factory; the command line sets the keys LabellerOptions declares
+    labeller_options: dict = option(factory=dict, group="labels", keys=LabellerOptions)
+    # "salience": top n_features by |salience|; "safety": of those, the safety-relevant
+    select: Selection = option("salience", "salience: the top --n-features by |salience|; safety: of those, the ones "
+                                           "the labeller rates safety-relevant (the SAFER paper's selection).",
+                               group="labels")
+    relevance_threshold: float = option(0.5, "--select safety keeps features with at least this relevance.",
+                                        group="labels", min=0, max=1)
     labels_for_findings: int = 256  # at most this many latents labelled in all (cards first, then suspects')
-    seed: int = 0
-    # data options, passed to the data layer
-    schema: str | None = None
-    split: str | None = None
-    preference: str = "better"
-    skip_invalid: bool = False
-    max_record_bytes: int = 16 << 20  # data.MAX_RECORD_BYTES (not imported: config stays free of polars)
+    seed: int = 0  # the command line sets it with sae_train.seed (--seed)
 
     def __post_init__(self):
-        if self.select not in SELECTIONS:
-            raise ConfigError(f"select must be one of {', '.join(SELECTIONS)}, not {self.select!r}")
+        _check_fields(self)
         if not 0.0 <= self.relevance_threshold <= 1.0:
             raise ConfigError(f"relevance threshold must be in [0, 1], not {self.relevance_threshold!r}")

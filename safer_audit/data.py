@@ -44,11 +44,10 @@ from typing import Any
 
 import polars as pl
 
+from .config import MAX_RECORD_BYTES, PREFERENCES, SCHEMAS, ReadOptions  # noqa: F401 (declared in config)
 from .digests import sha256_text, short_digest
 from .errors import ConfigError, DataError, DataErrors
 
-SCHEMAS = ("hh", "prompt", "messages", "pku")
-PREFERENCES = ("better", "safer")
 ROLES = ("user", "assistant", "system")
 FINDING_KINDS = ("duplicate", "contradiction", "identical", "empty_response", "context_mismatch", "truncated")
 
@@ -70,7 +69,6 @@ _MARKER = re.compile(r"(?:^|\n\n)(Human|Assistant|System): ?")
 _HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
 _DATA_SUFFIXES = (".jsonl", ".jsonl.gz", ".json", ".parquet", ".csv")
 _CHUNK = 1 << 20
-MAX_RECORD_BYTES = 16 << 20  # no real preference record comes near; a 1 GiB line is refused, not held
 STDIN = "-"
 HUB_PREFIX = "hf://"
 _JSON_SPACE = re.compile(r"[ \t\n\r]*")
@@ -675,22 +673,17 @@ class PairReader:
     source as a whole (missing, empty, corrupt) raise at once.
     """
 
-    def __init__(self, source: str | os.PathLike, *, schema: str | None = None, split: str | None = None,
-                 skip_invalid: bool = False, preference: str = "better", max_errors: int = 10,
-                 keep_skipped: int | None = None, max_record_bytes: int = MAX_RECORD_BYTES):
-        if schema is not None and schema not in SCHEMAS:
-            raise ConfigError(f"schema must be one of {', '.join(SCHEMAS)}, not {schema!r}")
-        if preference not in PREFERENCES:
-            raise ConfigError(f"preference must be one of {', '.join(PREFERENCES)}, not {preference!r}")
+    def __init__(self, source: str | os.PathLike, options: ReadOptions | None = None, *, max_errors: int = 10,
+                 keep_skipped: int | None = None, **keywords):
+        options = ReadOptions.of(options, **keywords)  # keywords: ReadOptions fields, schema="hh"
         if max_errors < 1:
             raise ConfigError("max_errors must be at least 1")
-        if max_record_bytes < 1:
-            raise ConfigError("max_record_bytes must be at least 1")
+        self.options = options
         self.path = os.fspath(source)
         self.source = "<stdin>" if self.path == STDIN else self.path  # as errors and reports name it
-        self.max_record_bytes = max_record_bytes
-        self.schema, self.schema_forced = schema, schema is not None
-        self.split, self.skip_invalid, self.preference = split, skip_invalid, preference
+        self.max_record_bytes = options.max_record_bytes
+        self.schema, self.schema_forced = options.schema, options.schema is not None
+        self.split, self.skip_invalid, self.preference = options.split, options.skip_invalid, options.preference
         self.max_errors, self.keep_skipped = max_errors, keep_skipped
         self.records = self.skipped_count = 0
         self.skipped: list[DataError] = []
@@ -761,12 +754,12 @@ class PairReader:
             raise DataError(self.source, None, None, "contains no records")
 
 
-def iter_pairs(source: str | os.PathLike, *, schema: str | None = None, split: str | None = None,
-               skip_invalid: bool = False, preference: str = "better", max_errors: int = 10,
-               max_record_bytes: int = MAX_RECORD_BYTES) -> Iterator[dict[str, Any]]:
-    """Stream the pairs of ``source`` as dicts with the ``PAIR_SCHEMA`` columns, in file order."""
-    yield from PairReader(source, schema=schema, split=split, skip_invalid=skip_invalid,
-                          preference=preference, max_errors=max_errors, max_record_bytes=max_record_bytes)
+def iter_pairs(source: str | os.PathLike, options: ReadOptions | None = None, *, max_errors: int = 10,
+               **keywords) -> Iterator[dict[str, Any]]:
+    """Stream the pairs of ``source`` as dicts with the ``PAIR_SCHEMA`` columns, in file order.
+
+    ``keywords``: ReadOptions fields, replacing those of ``options``."""
+    yield from PairReader(source, options, max_errors=max_errors, **keywords)
 
 
 @dataclass
@@ -780,17 +773,16 @@ class LoadResult:
     source: str
 
 
-def load_pairs(source: str | os.PathLike, *, schema: str | None = None, split: str | None = None,
-               skip_invalid: bool = False, preference: str = "better", max_errors: int = 10,
-               max_record_bytes: int = MAX_RECORD_BYTES) -> LoadResult:
+def load_pairs(source: str | os.PathLike, options: ReadOptions | None = None, *, max_errors: int = 10,
+               **keywords) -> LoadResult:
     """Load ``source`` into one polars table with the ``PAIR_SCHEMA`` columns, in file order.
 
-    ``preference`` picks ``better_response_id`` or ``safer_response_id`` (pku schema).
-    Raises ``DataErrors`` with the first ``max_errors`` errors unless ``skip_invalid``.
-    A record over ``max_record_bytes`` is an invalid record (see ``MAX_RECORD_BYTES``).
+    ``options`` (ReadOptions; ``keywords``, its field names, replace its values): ``preference``
+    picks ``better_response_id`` or ``safer_response_id`` (pku schema); raises ``DataErrors``
+    with the first ``max_errors`` errors unless ``skip_invalid``; a record over
+    ``max_record_bytes`` is an invalid record (see ``MAX_RECORD_BYTES``).
     """
-    reader = PairReader(source, schema=schema, split=split, skip_invalid=skip_invalid,
-                        preference=preference, max_errors=max_errors, max_record_bytes=max_record_bytes)
+    reader = PairReader(source, options, max_errors=max_errors, **keywords)
     columns: dict[str, list] = {name: [] for name in PAIR_SCHEMA}
     for pair in reader:
         for name, values in columns.items():
@@ -944,13 +936,11 @@ class ValidationSummary:
         }
 
 
-def validate_dataset(source: str | os.PathLike, *, schema: str | None = None, split: str | None = None,
-                     skip_invalid: bool = False, preference: str = "better", max_errors: int = 10,
+def validate_dataset(source: str | os.PathLike, options: ReadOptions | None = None, *, max_errors: int = 10,
                      max_length: int | None = None, count_tokens: Callable[[list[str]], list[int]] | None = None,
-                     examples: int = 5, max_record_bytes: int = MAX_RECORD_BYTES) -> ValidationSummary:
+                     examples: int = 5, **keywords) -> ValidationSummary:
     """Read ``source`` once, streaming, and summarise it; raises like ``load_pairs``."""
-    reader = PairReader(source, schema=schema, split=split, skip_invalid=skip_invalid, preference=preference,
-                        max_errors=max_errors, keep_skipped=max_errors, max_record_bytes=max_record_bytes)
+    reader = PairReader(source, options, max_errors=max_errors, keep_skipped=max_errors, **keywords)
     checker = _QualityChecker(max_length, count_tokens)
     kinds = [kind for kind in FINDING_KINDS if max_length is not None or kind != "truncated"]
     counts = dict.fromkeys(kinds, 0)

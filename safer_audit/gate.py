@@ -9,8 +9,9 @@ Like detect-secrets, what the baseline holds is accepted; ``accept`` (``gate
 Design, and why:
 
 - The frozen reference. The baseline header records the model (identity, fingerprint,
-  whether it has a reward head, where to load it), layer, positions, max_length, how the
-  data was read, the SAE (its directory relative to the baseline when inside the
+  whether it has a reward head, where to load it, its backend), layer, positions, max_length,
+  how the data was read (config.ReadOptions, whole: ``data``), the SAE (its backend, its
+  directory relative to the baseline when inside the
   repository, and ``TopKSAE.file_hash``), the selected features (latent, sign, label),
   the heads file (hash), the tool version, the ranking weights and the thresholds. The
   gate never retrains the SAE or reselects features; a tool version, SAE, heads file or
@@ -77,8 +78,8 @@ from safetensors.torch import save as save_safetensors
 
 from . import __version__
 from .activations import extract_activations, load_backend, pair_texts
-from .config import POSITIONS, ActivationConfig, ScanConfig
-from .data import PREFERENCES, find_quality_issues, load_pairs, pair_digest
+from .config import POSITIONS, ActivationConfig, ReadOptions, ScanConfig, option_fields
+from .data import find_quality_issues, load_pairs, pair_digest
 from .digests import DIGEST_LENGTH, is_short_digest, sha256_file, short_digest
 from .domain import SIGNALS, Category
 from .errors import BaselineError, ConfigError
@@ -107,6 +108,9 @@ FAIL_ON_CHOICES = (*GATE_CATEGORIES, "removed")  # removed: baseline pairs no lo
 _HEADER_FIELDS = ("format", "tool_version", "model", "activations", "data", "sae", "heads", "features", "ranking",
                   "thresholds")
 _PAIR_FIELDS = ("category", "digest", *SIGNALS)
+# fields a format-2 baseline made before they were recorded lacks: read as these defaults
+_MODEL_DEFAULTS = {"backend": ActivationConfig.backend}
+_SAE_DEFAULTS = {"backend": ScanConfig.sae_backend}
 
 
 # ---------------------------------------------------------------------- the baseline file
@@ -129,13 +133,24 @@ class Baseline:
         return FeatureSet([Feature(f["latent"], f["sign"], 0.0, f.get("label")) for f in self.header["features"]],
                           str(self.path))
 
+    @property
+    def read(self) -> ReadOptions:
+        """How the data was read; a field the baseline does not record (made before it existed) is the default."""
+        return ReadOptions(**self.header["data"])
+
+    @property
+    def sae_backend(self) -> str:
+        return self.header["sae"].get("backend", _SAE_DEFAULTS["backend"])
+
     def activation_config(self, cache_dir: Path | None = None, device: str = "auto") -> ActivationConfig:
-        location = self.header["model"]["location"]
+        model = self.header["model"]
+        location = model["location"]
         if location is not None and self.resolve(location).is_dir():
             location = str(self.resolve(location))
         act = self.header["activations"]
-        config = ActivationConfig(model=location, layer=act["layer"], positions=act["positions"],
-                                  max_length=act["max_length"], device=device)
+        config = ActivationConfig(model=location, backend=model.get("backend", _MODEL_DEFAULTS["backend"]),
+                                  layer=act["layer"], positions=act["positions"], max_length=act["max_length"],
+                                  device=device)
         if cache_dir is not None:
             config.cache_dir = Path(cache_dir)
         return config
@@ -249,13 +264,13 @@ class _Checker:
     def fail(self, field_name: str, message: str):
         raise BaselineError(f'{self.path}: field "{field_name}" {message}')
 
-    def section(self, value, name: str, fields: tuple[str, ...]) -> dict:
+    def section(self, value, name: str, fields: tuple[str, ...], optional: tuple[str, ...] = ()) -> dict:
         if not isinstance(value, dict):
             self.fail(name, f"must be an object, not {_shown(value)}")
         for key in fields:
             if key not in value:
                 self.fail(f"{name}.{key}", "is missing")
-        unknown = sorted(set(value) - set(fields))
+        unknown = sorted(set(value) - set(fields) - set(optional))
         if unknown:
             self.fail(f"{name}.{unknown[0]}", "is not a baseline field")
         return value
@@ -272,10 +287,10 @@ class _Checker:
         if not isinstance(value, bool):
             self.fail(name, f"must be true or false, not {_shown(value)}")
 
-    def integer(self, value, name: str, low: int, high: int | None = None) -> None:
+    def integer(self, value, name: str, low: int | None, high: int | None = None) -> None:
         if isinstance(value, bool) or not isinstance(value, int):
             self.fail(name, f"must be an integer, not {_shown(value)}")
-        if value < low or (high is not None and value > high):
+        if (low is not None and value < low) or (high is not None and value > high):
             self.fail(name, f"must be in {low}..{'' if high is None else high}, not {value}")
 
     def number(self, value, name: str, *, low: float | None = None, high: float | None = None,
@@ -294,7 +309,9 @@ class _Checker:
     def header(self, h: dict) -> None:
         self.section(h, "header", _HEADER_FIELDS)
         self.string(h["tool_version"], "header.tool_version")
-        model = self.section(h["model"], "header.model", ("identity", "fingerprint", "reward_head", "location"))
+        model = self.section(h["model"], "header.model", ("identity", "fingerprint", "reward_head", "location"),
+                             optional=tuple(_MODEL_DEFAULTS))
+        self.string(model.get("backend", ""), "header.model.backend")
         self.string(model["identity"], "header.model.identity")
         self.string(model["fingerprint"], "header.model.fingerprint")
         self.boolean(model["reward_head"], "header.model.reward_head")
@@ -303,12 +320,9 @@ class _Checker:
         self.integer(act["layer"], "header.activations.layer", 0)
         self.string(act["positions"], "header.activations.positions", choices=POSITIONS)
         self.integer(act["max_length"], "header.activations.max_length", 1)
-        data = self.section(h["data"], "header.data", ("schema", "split", "preference", "skip_invalid"))
-        self.string(data["schema"], "header.data.schema", optional=True)
-        self.string(data["split"], "header.data.split", optional=True)
-        self.string(data["preference"], "header.data.preference", choices=PREFERENCES)
-        self.boolean(data["skip_invalid"], "header.data.skip_invalid")
-        sae = self.section(h["sae"], "header.sae", ("path", "hash", "latents", "d_in"))
+        self.options(h["data"], "header.data", ReadOptions)
+        sae = self.section(h["sae"], "header.sae", ("path", "hash", "latents", "d_in"), optional=tuple(_SAE_DEFAULTS))
+        self.string(sae.get("backend", ""), "header.sae.backend")
         self.string(sae["path"], "header.sae.path")
         self.digest(sae["hash"], "header.sae.hash")
         self.integer(sae["latents"], "header.sae.latents", 1)
@@ -346,6 +360,19 @@ class _Checker:
         for name in ("flipped_cutoff", "noisy_cutoff"):
             self.number(thresholds[name], f"header.thresholds.{name}", low=0.0, high=1.0, optional=True)
 
+    def options(self, value, name: str, cls) -> None:
+        """A config dataclass stored whole (ReadOptions): each field by its type; a missing one is its default."""
+        specs = {spec.name: spec for spec in option_fields(cls)}
+        self.section(value, name, (), optional=tuple(specs))
+        for key, item in value.items():
+            spec, label = specs[key], f"{name}.{key}"
+            if spec.kind is bool:
+                self.boolean(item, label)
+            elif spec.kind is int:
+                self.integer(item, label, spec.metadata.get("min"))
+            else:
+                self.string(item, label, optional=spec.optional, choices=spec.choices or ())
+
     def pair(self, pair_id: str, entry) -> None:
         name = f"pairs.{pair_id}"
         self.section(entry, name, _PAIR_FIELDS)
@@ -380,11 +407,10 @@ def _portable(path: Path, base: Path) -> str:
     return str(path)
 
 
-def read_sources(sources: list[str], *, schema: str | None = None, split: str | None = None,
-                 preference: str = "better", skip_invalid: bool = False) -> pl.DataFrame:
-    """The pairs of every source, in order, as one table."""
-    frames = [load_pairs(s, schema=schema, split=split, preference=preference, skip_invalid=skip_invalid).pairs
-              for s in sources]
+def read_sources(sources: list[str], read: ReadOptions | None = None, **keywords) -> pl.DataFrame:
+    """The pairs of every source, in order, as one table (``keywords``: ReadOptions fields)."""
+    read = ReadOptions.of(read, **keywords)
+    frames = [load_pairs(s, read).pairs for s in sources]
     return pl.concat(frames) if len(frames) > 1 else frames[0]
 
 
@@ -401,8 +427,7 @@ def build_baseline(sources: list[str], out: str | os.PathLike, config: ScanConfi
     out = Path(out)
     for path in (out, out.with_name(f"{out.stem}-heads.safetensors")):
         refuse_inputs(path, sources)
-    pairs = read_sources(sources, schema=config.schema, split=config.split, preference=config.preference,
-                         skip_invalid=config.skip_invalid)
+    pairs = read_sources(sources, config.read)
     result = scan_pairs(pairs, config, source=", ".join(sources), steps=steps)
     out.parent.mkdir(parents=True, exist_ok=True)
     if config.sae_path is None:
@@ -441,11 +466,12 @@ def build_baseline(sources: list[str], out: str | os.PathLike, config: ScanConfi
         "format": BASELINE_FORMAT,
         "tool_version": __version__,
         "model": {"identity": backend.identity, "fingerprint": backend.fingerprint,
-                  "reward_head": bool(backend.has_reward_head), "location": model_location},
+                  "reward_head": bool(backend.has_reward_head), "location": model_location,
+                  "backend": config.activations.backend},
         "activations": {"layer": run.layer, "positions": run.positions, "max_length": run.max_length},
-        "data": {"schema": config.schema, "split": config.split, "preference": config.preference,
-                 "skip_invalid": config.skip_invalid},
-        "sae": {"path": _portable(sae_dir, out.parent), "hash": TopKSAE.file_hash(sae_dir),
+        "data": config.read.to_dict(),
+        "sae": {"backend": config.sae_backend, "path": _portable(sae_dir, out.parent),
+                "hash": TopKSAE.file_hash(sae_dir),
                 "latents": result.sae.cfg.n_latents, "d_in": result.sae.cfg.d_in},
         "heads": {"path": _portable(heads_path, out.parent), "hash": _file_hash(heads_path)},
         "features": [{"latent": f.latent, "sign": f.sign, "label": f.label} for f in result.features.features],
@@ -665,9 +691,7 @@ def run_gate(sources: list[str], baseline_path: str | os.PathLike, *, fail_on: t
     clock = time.perf_counter()
     baseline = read_baseline(baseline_path)
     check_reference(baseline)
-    data = baseline.header["data"]
-    pairs = read_sources(sources, schema=data["schema"], split=data["split"], preference=data["preference"],
-                         skip_invalid=data["skip_invalid"])
+    pairs = read_sources(sources, baseline.read)
     rows = list(pairs.iter_rows(named=True))
     digests = [row_digest(row) for row in rows]
     known_entry = [baseline.pairs.get(row["pair_id"]) for row in rows]
@@ -706,7 +730,7 @@ def run_gate(sources: list[str], baseline_path: str | os.PathLike, *, fail_on: t
     clock = time.perf_counter()
     from .scan import sae_backend
 
-    sae = sae_backend().load(baseline.resolve(baseline.header["sae"]["path"]))
+    sae = sae_backend(baseline.sae_backend).load(baseline.resolve(baseline.header["sae"]["path"]))
     config = baseline.activation_config(cache_dir, device)
     backend = load_backend(config)
     _check_model(baseline, backend, sae)

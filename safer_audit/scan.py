@@ -23,7 +23,7 @@ from filelock import FileLock
 
 from . import __version__
 from .activations import ActivationStore, PreparedText, extract_activations, load_backend, pair_texts, resolve_layer
-from .config import ActivationConfig, SaeTrainConfig, ScanConfig
+from .config import ActivationConfig, ReadOptions, SaeTrainConfig, ScanConfig
 from .data import find_quality_issues, load_pairs, tokenizer_counter
 from .digests import sha256_text, short_digest
 from .errors import ConfigError, ScanError
@@ -104,7 +104,8 @@ def sae_backend(name: str = "topk"):
     return backends[name]
 
 
-def train_on_store(store: ActivationStore, train_config, backend, config, layer: int, steps):
+def train_on_store(store: ActivationStore, train_config, backend, config, layer: int, steps,
+                   sae_backend_name: str = "topk"):
     """Train an SAE on the activations of ``store`` (up to ``train_config.max_tokens``), with a progress bar.
 
     The tokens come in an order fixed by the data (ActivationStore.training_tokens), so
@@ -120,7 +121,7 @@ def train_on_store(store: ActivationStore, train_config, backend, config, layer:
         return tokens.split(TRAINING_CHUNK)
 
     with steps("Training SAE", "steps") as update:
-        return sae_backend().train(make_batches, backend.d_model, train_config, n_tokens=len(tokens),
+        return sae_backend(sae_backend_name).train(make_batches, backend.d_model, train_config, n_tokens=len(tokens),
                                    metadata=metadata,
                                    progress=lambda step, total, figures: update(
                                        step, total, fvu=figures["fvu"], dead=figures["dead_fraction"]))
@@ -133,55 +134,57 @@ def get_sae(store: ActivationStore, config: ScanConfig, backend, layer: int, ste
     the training configuration, so a warm re-run does not train again.
     """
     if config.sae_path is not None:
-        sae = sae_backend().load(config.sae_path)
+        sae = sae_backend(config.sae_backend).load(config.sae_path)
         if sae.cfg.d_in != backend.d_model:
             raise ScanError(f"SAE {config.sae_path} reads width {sae.cfg.d_in}, but layer {layer} of "
                             f"{backend.identity} has width {backend.d_model}")
         return sae, Path(config.sae_path)
-    key = short_digest(sha256_text(json.dumps([_dataset_fingerprint(store.keys), config.sae_train.to_dict()],
-                                              sort_keys=True)))
+    trained = [_dataset_fingerprint(store.keys), config.sae_train.to_dict()]
+    if config.sae_backend != "topk":  # another trainer, another SAE; the built-in's keys stay as they were
+        trained.append(config.sae_backend)
+    key = short_digest(sha256_text(json.dumps(trained, sort_keys=True)))
     directory = store.cache.directory / "saes" / key
-    cached = _load_cached_sae(directory)
+    cached = _load_cached_sae(directory, config.sae_backend)
     if cached is not None:
         return cached, directory
     directory.parent.mkdir(parents=True, exist_ok=True)
     # one trainer per SAE: a concurrent scan of the same data waits here, then loads this one's SAE
     with FileLock(str(directory.parent / f"{key}.lock")):
-        cached = _load_cached_sae(directory)
+        cached = _load_cached_sae(directory, config.sae_backend)
         if cached is not None:
             return cached, directory
         if directory.exists():  # an unreadable cached SAE is trained again
             shutil.rmtree(directory)
-        sae, _stats = train_on_store(store, config.sae_train, backend, config.activations, layer, steps)
+        sae, _stats = train_on_store(store, config.sae_train, backend, config.activations, layer, steps,
+                                     config.sae_backend)
         sae.save(directory)
     return sae, directory
 
 
-def _load_cached_sae(directory: Path) -> TopKSAE | None:
+def _load_cached_sae(directory: Path, name: str = "topk") -> TopKSAE | None:
     if not (directory / "cfg.json").exists():
         return None
     try:
-        return sae_backend().load(directory)
+        return sae_backend(name).load(directory)
     except ValueError:
         return None
 
 
 def train_sae_on_data(source: str, out: Path, activations: ActivationConfig, train: SaeTrainConfig, *,
-                      data_options: dict, steps=no_progress):
+                      read: ReadOptions | None = None, sae_backend_name: str = "topk", steps=no_progress):
     """``safer-audit train-sae``: extract the activations of ``source``, train an SAE, save it."""
-    pairs = load_pairs(source, **data_options).pairs
+    pairs = load_pairs(source, read).pairs
     backend = load_backend(activations)
     layer = resolve_layer(activations.layer, backend.n_layers)
     config = ScanConfig(activations=activations, sae_train=train)
     _texts, store = _activations_for(pairs, backend, config, steps, "Activations")
-    sae, stats = train_on_store(store, train, backend, activations, layer, steps)
+    sae, stats = train_on_store(store, train, backend, activations, layer, steps, sae_backend_name)
     sae.save(out)
     return stats
 
 
 def read_data(source: str, config: ScanConfig):
-    return load_pairs(source, schema=config.schema, split=config.split, skip_invalid=config.skip_invalid,
-                      preference=config.preference)
+    return load_pairs(source, config.read)
 
 
 def _activations_for(pairs: pl.DataFrame, backend, config: ScanConfig, steps, label: str):

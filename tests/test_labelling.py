@@ -10,7 +10,7 @@ import pytest
 from click.testing import CliRunner
 
 from safer_audit.backends.labellers import OfflineLabeller, keywords, load_taxonomy
-from safer_audit.cli import _scan_config, cli
+from safer_audit.cli import cli, scan, scan_config_from
 from safer_audit.config import ActivationConfig, SaeTrainConfig, ScanConfig
 from safer_audit.errors import ConfigError, ScanError
 from safer_audit.hookspecs import hookimpl
@@ -95,15 +95,9 @@ def test_offline_labeller_is_built_in_and_listed():
 
 
 def test_labeller_options_reach_the_registered_factory(counting_plugin):
-    config = _scan_config({"model": None, "layer": 3, "positions": "response", "max_length": 64, "batch_size": 1,
-                           "device": "cpu", "dtype": "auto", "trust_remote_code": False, "cache_dir": None,
-                           "latents": None, "k": 4, "epochs": 1, "seed": 0, "sae_path": None, "n_features": 8,
-                           "features_file": None, "salience_from": None, "schema": None, "split": None,
-                           "preference": "better", "skip_invalid": False, "labeller": "llm",
-                           "labeller_url": "http://127.0.0.1:9", "taxonomy": None, "select": "safety",
-                           "relevance_threshold": 0.3, "engine": "local", "ray_address": None,
-                           "ray_workers": None, "cache_dtype": "float32", "sae_tokens": 1_000_000,
-                           "max_record_bytes": 16 << 20})
+    params = scan.make_context("scan", ["data.jsonl", "--labeller", "llm", "--labeller-url", "http://127.0.0.1:9",
+                                         "--select", "safety", "--relevance-threshold", "0.3"]).params
+    config = scan_config_from(params)
     assert config.labeller == "llm" and config.labeller_options == {"url": "http://127.0.0.1:9"}
     assert config.select == "safety" and config.relevance_threshold == 0.3
     if "llm" in feature_labellers():  # the first-party plugin, through its entry point
