@@ -17,6 +17,7 @@ from click.testing import CliRunner
 
 from safer_audit.activations import load_backend
 from safer_audit.cli import cli
+from safer_audit.config import ReadOptions
 from safer_audit.data import pair_digest
 from safer_audit.gate import percentile_against, read_baseline, read_sources, render_json, run_gate, score_frozen
 from safer_audit.sae import TopKSAE
@@ -364,3 +365,9 @@ def test_a_suspect_marked_ok_never_fails(work):
     other = work / "other.json"
     write_decisions(other, {})
     assert gate(work, data, extra=["--decisions", other]).exit_code == 1
+
+
+def test_baseline_records_its_read_options_whole_and_the_backends(repo):
+    header = json.loads((repo / ".safer-audit" / "baseline.json").read_text(encoding="utf-8"))["header"]
+    assert header["data"] == ReadOptions().to_dict()  # every read option, max_record_bytes too
+    assert header["model"]["backend"] == "hf" and header["sae"]["backend"] == "topk"
