@@ -303,10 +303,13 @@ def _steps(quiet: bool) -> ProgressBar:
               help="Write the report here (repeatable); the format comes from the extension.")
 @click.option("--format", "output_format", default=None,
               help="Format of every --output, when the extension does not say (see `safer-audit plugins`).")
+@click.option("--cards", type=click.IntRange(0), default=ScanConfig.cards_with_contexts, show_default=True,
+              help="Feature cards with examples (the top features by contribution to the flagged pairs) that the "
+                   "HTML report shows; the JSON report keeps every selected feature.")
 @category_options
 @label_options
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
-def scan(data, top, outputs, output_format, quiet, **kw):
+def scan(data, top, outputs, output_format, cards, quiet, **kw):
     """Scan DATA and rank its pairs, most likely flipped or noisy first.
 
     DATA is a .jsonl, .jsonl.gz, .json, .parquet or .csv file, a datasets directory, or a
@@ -319,6 +322,7 @@ def scan(data, top, outputs, output_format, quiet, **kw):
     from .scan import run_scan
 
     config = _scan_config(kw)
+    config.cards_with_contexts = cards
     for path in outputs:  # fail on what would fail at the end before the long work
         find_exporter(path, output_format)
         refuse_inputs(path, [data])
@@ -374,7 +378,8 @@ def features(data, top, out, quiet, **kw):
     result = run_scan(data, config, steps=_steps(quiet).step)
     print_feature_cards(result.report.features[:top], stdout_console())
     if out is not None:
-        write_atomic(out, features_file_text(result.features, json_format=out.suffix == ".json"),
+        write_atomic(out, features_file_text(result.features, json_format=out.suffix == ".json",
+                                             cards=result.report.features),
                      protect=[data])
         click.echo(inert(f"wrote {out}: set include: true / false and labels, then scan --features {out}"), err=True)
 
