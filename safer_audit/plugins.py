@@ -21,6 +21,7 @@ DEFAULT_PLUGINS = (
     "safer_audit.backends.hf",
     "safer_audit.backends.topk",
     "safer_audit.backends.exporters",
+    "safer_audit.backends.judges",
 )
 
 ENTRY_POINT_GROUP = "safer_audit"
@@ -113,6 +114,16 @@ def feature_labellers() -> dict:
     return {name: label for name, label in _collect("register_feature_labellers")}
 
 
+def judges() -> dict:
+    """Judge factories by name (``factory()`` returns a judges.Judge); a name registered twice is an error."""
+    found: dict = {}
+    for name, factory in _collect("register_judges"):
+        if name in found:
+            raise PluginError(f"judge {name!r} is registered twice")
+        found[name] = factory
+    return found
+
+
 @dataclass
 class PluginInfo:
     name: str
@@ -126,6 +137,7 @@ _REGISTER_HOOKS = (
     ("register_sae_backends", "saes"),
     ("register_exporters", "exporters"),
     ("register_feature_labellers", "labellers"),
+    ("register_judges", "judges"),
 )
 
 
