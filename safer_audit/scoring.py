@@ -18,6 +18,10 @@ by the gate against a baseline of the same data gets the scan's signals, suspici
   every other pair, the most suspicious; 0: above every other). Low scores mean "rejected
   looks better", so every signal ranks the same way. In a scan the other pairs are the rest
   of the scan; in the gate they are the baseline's pairs (less the pair's own entry).
+- ``aggregate``: the same, over any judges (safer_audit.judges), or the ``stacked``
+  alternative: a cross-fitted Bradley-Terry stack over the judges' signed ranks, whose
+  sigmoid gives every pair a flip probability (``stack_judges`` says why that fit is the
+  honest one without flip labels).
 """
 
 from __future__ import annotations
