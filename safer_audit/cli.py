@@ -291,6 +291,22 @@ def _steps(quiet: bool) -> ProgressBar:
     return ProgressBar(Console(stderr=True), enabled=not quiet)
 
 
+def _judges(names: tuple[str, ...]) -> tuple[str, ...] | None:
+    """The judges of --judge, checked before any long work (None: the default ranking)."""
+    if not names:
+        return None
+    from .judges import make_judge
+
+    for name in names:
+        make_judge(name)  # ConfigError names the known judges; makes a client, sends nothing
+    return tuple(dict.fromkeys(names))
+
+
+def _print_judge_costs(costs: dict) -> None:
+    for name, cost in costs.items():
+        click.echo(inert(f"judge {name}: " + ", ".join(f"{key} {value}" for key, value in cost.items())), err=True)
+
+
 # ------------------------------------------------------------------------------ scan
 
 @cli.command()
@@ -307,9 +323,14 @@ def _steps(quiet: bool) -> ProgressBar:
               help="Feature cards with examples (the top features by contribution to the flagged pairs) that the "
                    "HTML report shows; the JSON report keeps every selected feature.")
 @category_options
+@click.option("--judge", "judges", multiple=True, metavar="NAME",
+              help="A judge the ranking combines (repeatable; see `safer-audit plugins`; NAME-lenres removes its "
+                   "length dependence). Default: score_safe and reward_margin.")
+@click.option("--aggregation", type=click.Choice(["mean-rank", "stacked"]), default="mean-rank", show_default=True,
+              help="How the judges are combined: mean percentile rank, or a cross-fitted Bradley-Terry stack.")
 @label_options
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
-def scan(data, top, outputs, output_format, cards, quiet, **kw):
+def scan(data, top, outputs, output_format, cards, quiet, judges, aggregation, **kw):
     """Scan DATA and rank its pairs, most likely flipped or noisy first.
 
     DATA is a .jsonl, .jsonl.gz, .json, .parquet or .csv file, a datasets directory, or a
@@ -323,6 +344,7 @@ def scan(data, top, outputs, output_format, cards, quiet, **kw):
 
     config = _scan_config(kw)
     config.cards_with_contexts = cards
+    config.judges, config.aggregation = _judges(judges), aggregation
     for path in outputs:  # fail on what would fail at the end before the long work
         find_exporter(path, output_format)
         refuse_inputs(path, [data])
@@ -335,6 +357,7 @@ def scan(data, top, outputs, output_format, cards, quiet, **kw):
 
     result = run_scan(data, config, steps=_steps(quiet).step, warn=warn)
     print_report(result.report, stdout_console(), top=top)
+    _print_judge_costs(result.judge_costs)
     for path in outputs:
         export_report(result.report, path, output_format)
         click.echo(f"wrote {inert(path)}", err=True)
@@ -499,40 +522,59 @@ def review(data, report_path, decisions_path, reviewer, review_all, quiet, **kw)
               help="Fraction of pairs flipped (chosen and rejected swapped) in the copy that is scanned.")
 @click.option("--seed", "seeds", type=int, multiple=True, default=(0,), show_default=True,
               help="Seed of the flips and the cross-fitting folds (repeatable: mean and spread over seeds).")
+@click.option("--flip-mode", "flip_modes", type=click.Choice(["uniform", "length", "margin"]), multiple=True,
+              default=("uniform",), show_default=True,
+              help="Which pairs are likelier flipped (repeatable): any alike; those whose rejected response is "
+                   "longer (annotators prefer length); those the reward margin finds close.")
+@click.option("--judge", "judges", multiple=True, metavar="NAME",
+              help="A judge the combined ranking uses and that is measured too (repeatable).")
 @click.option("--output", "-o", "output", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Write the results as JSON.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
-def evaluate(data, positions, flip_rate, seeds, output, quiet, **kw):
+def evaluate(data, positions, flip_rate, seeds, flip_modes, judges, output, quiet, **kw):
     """Measure how well each scorer finds pairs flipped on purpose in a copy of DATA.
 
     Reports AUROC and precision at the top 1/5/10% for score_safe at each position set,
-    the reward margin, the SAE-head margin, the combined ranking, response length and
-    random, all on the same flipped copies.
+    every judge (the reward margin, the SAE-head margin, those of --judge) and its
+    length-residualised variant, the combined ranking, the stacked judges, an oracle stack
+    fitted on the true flips (an upper bound), response length and random, all on the same
+    flipped copies; and each judge's correlation with the length difference. Each
+    --flip-mode is measured separately.
     """
     from .evaluate import evaluate as run_evaluation
     from .files import write_atomic
     from .scan import read_data
 
     config = _scan_config({**kw, "positions": positions[0]})
+    config.judges = _judges(judges)
     pairs = read_data(data, config).pairs
     console = stdout_console()
-    result = run_evaluation(pairs, config, flip_rate=flip_rate, seeds=seeds, positions=tuple(positions),
-                            source=data, steps=_steps(quiet).step,
-                            on_seed=lambda seed, _s: console.print(f"seed {seed} done", style="dim"))
-    table = Table(title=f"Finding {result.flipped} flipped of {result.pairs} pairs "
-                        f"({flip_rate:.0%}), {len(seeds)} seed(s): mean ± sd")
-    summary = result.summary()
-    metrics = list(next(iter(summary.values())))
-    table.add_column("scorer", no_wrap=True)
-    for metric in metrics:
-        table.add_column(metric.upper() if metric == "auroc" else metric, justify="right", no_wrap=True)
-    for scorer, values in sorted(summary.items(), key=lambda item: -item[1]["auroc"][0]):
-        # Text, not a markup string: "[response]" would be read as a style tag
-        table.add_row(plain(scorer), *(f"{values[m][0]:.3f}±{values[m][1]:.3f}".replace("0.", ".")
-                                      for m in metrics))
-    console.print(table)
+    results = []
+    for flip_mode in dict.fromkeys(flip_modes):
+        result = run_evaluation(pairs, config, flip_rate=flip_rate, seeds=seeds, positions=tuple(positions),
+                                source=data, flip_mode=flip_mode, steps=_steps(quiet).step,
+                                on_seed=lambda seed, _s, mode=flip_mode: console.print(f"{mode}: seed {seed} done",
+                                                                                       style="dim"))
+        results.append(result)
+        table = Table(title=f"Finding {result.flipped} flipped of {result.pairs} pairs "
+                            f"({flip_rate:.0%}, {flip_mode} flips), {len(seeds)} seed(s): mean ± sd")
+        summary = result.summary()
+        correlations = result.length_correlations()
+        metrics = list(next(iter(summary.values())))
+        table.add_column("scorer", no_wrap=True)
+        for metric in metrics:
+            table.add_column(metric.upper() if metric == "auroc" else metric, justify="right", no_wrap=True)
+        table.add_column("ρ length", justify="right", no_wrap=True)
+        for scorer, values in sorted(summary.items(), key=lambda item: -item[1]["auroc"][0]):
+            # Text, not a markup string: "[response]" would be read as a style tag
+            rho = f"{correlations[scorer]:+.2f}" if scorer in correlations else ""
+            table.add_row(plain(scorer), *(f"{values[m][0]:.3f}±{values[m][1]:.3f}".replace("0.", ".")
+                                          for m in metrics), rho)
+        console.print(table)
     if output is not None:
-        write_atomic(output, json.dumps(result.to_dict(), indent=2) + "\n", protect=[data])
+        # one mode: its results; several: a list of them, in the order asked
+        payload = results[0].to_dict() if len(results) == 1 else {"modes": [r.to_dict() for r in results]}
+        write_atomic(output, json.dumps(payload, indent=2) + "\n", protect=[data])
         click.echo(f"wrote {inert(output)}", err=True)
 
 

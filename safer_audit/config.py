@@ -100,6 +100,10 @@ class ScanConfig:
     # sae_margin is still computed and reported, but adding it did not help
     ranking: dict[str, float] = field(default_factory=lambda: {
         "score_safe": 1.0, "reward_margin": 1.0, "sae_margin": 0.0})
+    # the judges the ranking combines (safer_audit.judges; None: the built-in signals weighted by
+    # ``ranking``) and how: mean percentile rank (measured, BENCHMARKS.md) or the cross-fitted stack
+    judges: tuple[str, ...] | None = None
+    aggregation: str = "mean-rank"
     flipped_fraction: float = 0.04  # the paper's best drop ratio (METHOD.md section 6)
     noisy_fraction: float = 0.10
     top_features_per_pair: int = 5

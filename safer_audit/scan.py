@@ -58,11 +58,11 @@ from .scoring import (
     SIGNALS,
     Category,
     HeadFit,
+    aggregate,
     categorise,
     compute_signals,
     feature_contributions,
     ranked_signals,
-    suspicion,
 )
 
 TRAINING_CHUNK = 65_536  # tokens per chunk handed to the trainer (it re-batches and shuffles them)
@@ -89,6 +89,11 @@ class ScanResult:
     def labels(self) -> dict[int, FeatureLabel]:
         """The labeller's labels made for this scan, by latent."""
         return dict(self.labelling.labels) if self.labelling is not None else {}
+
+    # per pair: the stacked judges' probability that the rejected response is the better one
+    flip_probability: torch.Tensor | None = None
+    stack_weights: dict[str, float] = field(default_factory=dict)  # how much the stack trusts each judge
+    judge_costs: dict[str, dict] = field(default_factory=dict)  # judge -> requests, tokens (judges that spend)
 
 
 def _dataset_fingerprint(keys: list[str]) -> str:
@@ -298,13 +303,9 @@ def scan_pairs(pairs: pl.DataFrame, config: ScanConfig, *, source: str, steps=no
                             f">= {config.relevance_threshold:g}; lower --relevance-threshold or use --select salience")
         lap("labels")
 
-    with steps("Scores", "signals") as update:
+    with steps("Scores", "judges") as update:
         update(0, 1)
-        if backend.has_reward_head:
-            signals = compute_signals(stats, features, rewards=store.scores(), fit=HeadFit.of(config))
-        else:
-            signals = compute_signals(stats, features, pooled=store.pooled_mean(), fit=HeadFit.of(config))
-        ranked = suspicion(signals, config.ranking)
+        signals, ranked, stack, costs = judge_pairs(pairs, stats, features, config, store, backend)
         update(1, 1)
     lap("scores")
 
@@ -314,7 +315,34 @@ def scan_pairs(pairs: pl.DataFrame, config: ScanConfig, *, source: str, steps=no
     lap("report")
     report.run.timings = dict(timings)
     return ScanResult(report, pairs, texts, store, sae, stats, features, signals, ranked, backend, timings,
-                      labelling)
+                      labelling, flip_probability=stack.flip_probability, stack_weights=stack.weights,
+                      judge_costs=costs)
+
+
+def ranking_weights(config: ScanConfig) -> dict[str, float]:
+    """Judge -> weight in the ranking: ``config.ranking`` by default, equal weights for ``--judge``."""
+    if config.judges is None:
+        return dict(config.ranking)
+    return {name: 1.0 for name in config.judges}
+
+
+def judge_pairs(pairs: pl.DataFrame, stats: CodeStats, features: FeatureSet, config: ScanConfig, store, backend):
+    """The judges' signals (the built-in three always, for the report, plus those chosen), the
+    suspicion, the stack and the cost of judges that spend."""
+    from .judges import JudgeContext, run_judges
+
+    fit = HeadFit.of(config)
+    rewards = store.scores() if backend.has_reward_head else None
+    pooled = None if backend.has_reward_head else store.pooled_mean()
+    signals = compute_signals(stats, features, rewards=rewards, pooled=pooled, fit=fit)
+    weights = ranking_weights(config)
+    context = JudgeContext(pairs, stats, features, rewards=rewards, pooled=pooled, fit=fit,
+                           cache_dir=config.activations.cache_dir / "judges",
+                           computed={name: values.double() for name, values in signals.items()})
+    extra, costs = run_judges([name for name in weights if weights[name] and name not in signals], context)
+    signals = {**signals, **extra}
+    ranked, stack = aggregate(signals, weights, method=config.aggregation, folds=config.folds, seed=config.seed)
+    return signals, ranked, stack, costs
 
 
 def labeller_for(config: ScanConfig):
@@ -379,7 +407,9 @@ def label_request(card: FeatureCard, data, backend) -> LabelRequest:
 
 
 def ranking_name(config: ScanConfig) -> str:
-    used = [f"{w:g}*{name}" if w != 1 else name for name, w in config.ranking.items() if w]
+    used = [f"{w:g}*{name}" if w != 1 else name for name, w in ranking_weights(config).items() if w]
+    if config.aggregation == "stacked":
+        return f"flip probability of a cross-fitted Bradley-Terry stack over ({', '.join(used)})"
     return f"mean percentile rank from the low end of ({', '.join(used)})"
 
 
@@ -393,7 +423,7 @@ def build_report(source, pairs, texts, stats, salience, features, signals, ranke
     """
     pair_ids = pairs["pair_id"].to_list()
     per_pair_quality = [quality.get(pid, []) for pid in pair_ids]
-    categories = categorise(ranked, ranked_signals(signals, config.ranking), per_pair_quality,
+    categories = categorise(ranked, ranked_signals(signals, ranking_weights(config)), per_pair_quality,
                             flipped_fraction=config.flipped_fraction, noisy_fraction=config.noisy_fraction)
     order = torch.argsort(-ranked, stable=True).tolist()
     rank_of = {pair: r + 1 for r, pair in enumerate(order)}
