@@ -2,12 +2,16 @@
 
     python benchmarks/bench_ray.py [--data FILE] [--limit N] [--model DIR] [--workers 1,2]
     python benchmarks/bench_ray.py --synthetic 100000 --model DIR   # recombined HH turns
+    python benchmarks/bench_ray.py --engines local --cache-dtype float32,float16,bfloat16
+    python benchmarks/bench_ray.py --build-tiny DIR   # the tests' tiny Llama (width 64), for large synthetic runs
 
 Each engine scans the same pairs into its own empty cache with the same options; the
 script prints, per engine: extraction pairs/s, the whole scan's seconds, whether the
 ranking equals the local engine's and the largest score difference, the driver's peak
 RSS, the largest worker peak RSS (Ray Data's own per-actor max USS), and the cache's
-size per 1k pairs. ``--synthetic N`` first writes N pairs made by recombining the
+size per 1k pairs, and the load average around each run. Every row is compared with the first
+(the reference): same ranking, largest |suspicion| difference, Spearman correlation of
+suspicion and the overlap of the flagged (flipped or noisy) pairs. ``--synthetic N`` first writes N pairs made by recombining the
 prompts and responses of the input file (seeded), so a large dataset can be measured
 with a tiny model on a small machine.
 """
@@ -19,6 +23,7 @@ import json
 import os
 import random
 import resource
+import shutil
 import sys
 import tempfile
 import time
@@ -51,6 +56,51 @@ def make_synthetic(source: Path, n: int, out: Path, seed: int = 0) -> Path:
     return out
 
 
+def build_tiny(directory: Path) -> Path:
+    """The tests' tiny LlamaForSequenceClassification (tests/conftest.py, tiny_llama_dir), saved to ``directory``."""
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForSequenceClassification, PreTrainedTokenizerFast
+
+    sys.path.insert(0, str(ROOT / "tests"))
+    from conftest import _training_corpus
+
+    directory.mkdir(parents=True, exist_ok=True)
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<pad>", "<s>", "</s>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(_training_corpus(), trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+    fast.save_pretrained(directory)
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=fast.vocab_size, hidden_size=64, intermediate_size=128,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
+                         max_position_embeddings=512, num_labels=1, pad_token_id=fast.pad_token_id,
+                         bos_token_id=fast.bos_token_id, eos_token_id=fast.eos_token_id)
+    LlamaForSequenceClassification(config).save_pretrained(directory, safe_serialization=True)
+    return directory
+
+
+def start_ray() -> None:
+    """A fresh local Ray instance with at least 4 logical CPUs: on 2 cores Ray's default (2) lets an
+    actor pool of 2 take every CPU slot, and Ray Data's map_batches then starves."""
+    import logging
+
+    import ray
+
+    ray.init(address="local", num_cpus=max(4, os.cpu_count() or 1), include_dashboard=False,
+             logging_level=logging.WARNING, log_to_driver=False, configure_logging=False)
+
+
+def spearman(a: list[float], b: list[float]) -> float:
+    import numpy as np
+    from scipy.stats import spearmanr
+
+    return float(spearmanr(np.asarray(a), np.asarray(b)).statistic)
+
+
 def cache_bytes(directory: Path) -> int:
     return sum(p.stat().st_size for p in directory.rglob("shard-*.safetensors"))
 
@@ -63,8 +113,17 @@ def run(data: str, engine: str, workers: int | None, args, cache: Path) -> dict:
                                                      batch_size=args.batch_size, cache_dir=cache, engine=engine,
                                                      ray_workers=workers, cache_dtype=args.cache_dtype))
     config.sae_train.max_tokens = args.sae_tokens
+    if engine == "ray":
+        start_ray()
+    load_before = os.getloadavg()[0]
     start = time.perf_counter()
-    result = run_scan(data, config)
+    try:
+        result = run_scan(data, config)
+    finally:
+        if engine == "ray":
+            import ray
+
+            ray.shutdown()  # stops the raylet, GCS and workers this process started
     seconds = time.perf_counter() - start
     worker_rss = None
     if engine == "ray":
@@ -72,10 +131,13 @@ def run(data: str, engine: str, workers: int | None, args, cache: Path) -> dict:
 
         worker_rss = LAST_RUN.get("worker_peak_rss")
     pairs = len(result.pairs)
-    return {"engine": f"{engine}" + (f" x{workers}" if workers else ""), "pairs": pairs,
+    name = f"{engine}" + (f" x{workers}" if workers else "")
+    return {"engine": name + ("" if args.cache_dtype == "float32" else f" {args.cache_dtype}"), "pairs": pairs,
             "extract_pairs_per_s": pairs / result.timings["activations"], "scan_s": seconds,
+            "timings": result.timings, "load": [load_before, os.getloadavg()[0]],
             "ranking": [f.pair_id for f in result.report.findings],
             "scores": {f.pair_id: f.suspicion for f in result.report.findings},
+            "flagged": sorted(f.pair_id for f in result.report.findings if str(f.category) in ("flipped", "noisy")),
             "cache_mb_per_1k": cache_bytes(cache) / 1e6 / pairs * 1000,
             "driver_peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
             "worker_peak_rss_mb": worker_rss}
@@ -90,14 +152,18 @@ def main() -> int:
     parser.add_argument("--layer", type=int, default=3)
     parser.add_argument("--max-length", type=int, default=512)
     parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--cache-dtype", default="float32")
+    parser.add_argument("--cache-dtype", default="float32", help="comma-separated: one run per dtype")
     parser.add_argument("--sae-tokens", type=int, default=1_000_000)
     parser.add_argument("--engines", default="local,ray", help="comma-separated: local, ray")
     parser.add_argument("--workers", default="1,2", help="Ray actor counts to run, comma-separated")
     parser.add_argument("--json", type=Path, default=None, help="also write the rows as JSON")
+    parser.add_argument("--build-tiny", type=Path, default=None, metavar="DIR", help="write the tiny model, exit")
     parser.add_argument("--one", default=None, help=argparse.SUPPRESS)  # ENGINE:WORKERS, in a child process
     args = parser.parse_args()
 
+    if args.build_tiny:
+        print(build_tiny(args.build_tiny))
+        return 0
     work = Path(tempfile.mkdtemp(prefix="bench-ray-"))
     data = args.data
     if args.synthetic and not args.one:
@@ -111,35 +177,46 @@ def main() -> int:
         data = str(work / "head.jsonl")
     if args.one:
         engine, workers = args.one.split(":")
-        row = run(data, engine, int(workers) if workers else None, args, work / "cache")
+        try:
+            row = run(data, engine, int(workers) if workers else None, args, work / "cache")
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
         print(json.dumps(row))
         return 0
     import subprocess
 
     rows = []
-    for engine in args.engines.split(","):
-        for workers in ([int(w) for w in args.workers.split(",")] if engine == "ray" else [None]):
-            # one process per engine: peak RSS is a per-process high-water mark
-            command = [sys.executable, __file__, "--data", data, "--one", f"{engine}:{workers or ''}",
-                       "--layer", str(args.layer), "--max-length", str(args.max_length), "--batch-size",
-                       str(args.batch_size), "--cache-dtype", args.cache_dtype, "--sae-tokens", str(args.sae_tokens)]
-            if args.model:
-                command += ["--model", args.model]
-            out = subprocess.run(command, check=True, capture_output=True, text=True).stdout
-            rows.append(json.loads(out.strip().splitlines()[-1]))
-            print(f"done: {rows[-1]['engine']}", file=sys.stderr, flush=True)
+    for dtype in args.cache_dtype.split(","):
+        for engine in args.engines.split(","):
+            for workers in ([int(w) for w in args.workers.split(",")] if engine == "ray" else [None]):
+                # one process per run: peak RSS is a per-process high-water mark, and each gets its own empty cache
+                command = [sys.executable, __file__, "--data", data, "--one", f"{engine}:{workers or ''}",
+                           "--layer", str(args.layer), "--max-length", str(args.max_length), "--batch-size",
+                           str(args.batch_size), "--cache-dtype", dtype, "--sae-tokens", str(args.sae_tokens)]
+                if args.model:
+                    command += ["--model", args.model]
+                out = subprocess.run(command, check=True, capture_output=True, text=True).stdout
+                rows.append(json.loads(out.strip().splitlines()[-1]))
+                print(f"done: {rows[-1]['engine']} {rows[-1]['scan_s']:.0f} s", file=sys.stderr, flush=True)
+    shutil.rmtree(work, ignore_errors=True)
     base = rows[0]
-    print("| engine | pairs | extraction pairs/s | scan s | same ranking | max |suspicion diff| | driver peak RSS MB "
+    keys = list(base["scores"])
+    print("| run | pairs | extraction pairs/s | scan s | load avg (before/after) | same ranking "
+          "| max abs suspicion diff | Spearman suspicion | flagged overlap | driver peak RSS MB "
           "| worker peak RSS MB | cache MB / 1k pairs |")
-    print("|---|---:|---:|---:|---|---:|---:|---:|---:|")
+    print("|---|---:|---:|---:|---|---|---:|---:|---|---:|---:|---:|")
     for row in rows:
-        diff = max(abs(row["scores"][k] - base["scores"][k]) for k in base["scores"])
+        diff = max(abs(row["scores"][k] - base["scores"][k]) for k in keys)
+        rho = spearman([base["scores"][k] for k in keys], [row["scores"][k] for k in keys])
+        both = len(set(row["flagged"]) & set(base["flagged"]))
+        overlap = f"{both}/{len(base['flagged'])} (+{len(row['flagged']) - both})"
         worker = f"{row['worker_peak_rss_mb']:.0f}" if row["worker_peak_rss_mb"] else "-"
         print(f"| {row['engine']} | {row['pairs']} | {row['extract_pairs_per_s']:.1f} | {row['scan_s']:.1f} | "
-              f"{'yes' if row['ranking'] == base['ranking'] else 'NO'} | {diff:.1e} | "
-              f"{row['driver_peak_rss_mb']:.0f} | {worker} | {row['cache_mb_per_1k']:.1f} |")
+              f"{row['load'][0]:.2f}/{row['load'][1]:.2f} | {'yes' if row['ranking'] == base['ranking'] else 'NO'} | "
+              f"{diff:.1e} | {rho:.6f} | {overlap} | {row['driver_peak_rss_mb']:.0f} | {worker} | "
+              f"{row['cache_mb_per_1k']:.1f} |")
     if args.json:
-        args.json.write_text(json.dumps([{k: v for k, v in r.items() if k not in ("ranking", "scores")}
+        args.json.write_text(json.dumps([{k: v for k, v in r.items() if k not in ("ranking", "scores", "flagged")}
                                          for r in rows], indent=1))
     return 0
 
