@@ -32,7 +32,9 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-DEFAULT_DATA = ROOT.parent / "shared" / "data" / "hh-rlhf-harmless-base-test.jsonl.gz"
+# ../shared beside a clone; a git worktree under wt/ has it two levels up
+DEFAULT_DATA = next((p for p in (ROOT.parent / "shared", ROOT.parent.parent / "shared")
+                     if (p / "data").is_dir()), ROOT.parent / "shared") / "data" / "hh-rlhf-harmless-base-test.jsonl.gz"
 
 
 def make_synthetic(source: Path, n: int, out: Path, seed: int = 0) -> Path:
@@ -101,6 +103,58 @@ def spearman(a: list[float], b: list[float]) -> float:
     return float(spearmanr(np.asarray(a), np.asarray(b)).statistic)
 
 
+class RssSampler:
+    """The driver's RSS every 0.2 s (from /proc), to say in which scan stage its memory grows."""
+
+    def __init__(self):
+        import threading
+
+        self.samples: list[tuple[float, float]] = []
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    @staticmethod
+    def rss_mb() -> float:
+        with open("/proc/self/status", encoding="ascii") as handle:
+            return next(int(line.split()[1]) for line in handle if line.startswith("VmRSS:")) / 1024
+
+    def _run(self):
+        while not self.stop.wait(0.2):
+            self.samples.append((time.perf_counter(), self.rss_mb()))
+
+    def __enter__(self):
+        self.samples.append((time.perf_counter(), self.rss_mb()))
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        self.thread.join()
+
+    def by_stage(self, start: float, timings: dict[str, float]) -> dict[str, float]:
+        """Peak RSS (MB) within each stage; timings are the scan's per-stage seconds, in order."""
+        out, clock = {}, start
+        for name, seconds in timings.items():
+            inside = [rss for t, rss in self.samples if clock <= t <= clock + seconds + 0.2]
+            out[name] = max(inside) if inside else None
+            clock += seconds
+        return out
+
+
+def held_by_driver(result) -> dict[str, float]:
+    """MB of the large objects the driver still holds after a scan (torch tensors and the pairs table)."""
+    import torch
+
+    stats = result.stats
+    tensors = {"mean_codes [texts, latents]": stats.mean_codes, "top activations": stats.top_values,
+               "SAE weights": torch.cat([p.detach().flatten() for p in result.sae.parameters()])}
+    out = {name: t.numel() * t.element_size() / 1e6 for name, t in tensors.items()}
+    out["texts (str, chars)"] = sum(len(t.text) for t in result.texts) / 1e6
+    out["pairs table (polars)"] = result.pairs.estimated_size() / 1e6
+    out["n_latents"] = int(stats.mean_codes.shape[1])
+    return out
+
+
 def cache_bytes(directory: Path) -> int:
     return sum(p.stat().st_size for p in directory.rglob("shard-*.safetensors"))
 
@@ -118,7 +172,8 @@ def run(data: str, engine: str, workers: int | None, args, cache: Path) -> dict:
     load_before = os.getloadavg()[0]
     start = time.perf_counter()
     try:
-        result = run_scan(data, config)
+        with RssSampler() as sampler:
+            result = run_scan(data, config)
     finally:
         if engine == "ray":
             import ray
@@ -135,6 +190,7 @@ def run(data: str, engine: str, workers: int | None, args, cache: Path) -> dict:
     return {"engine": name + ("" if args.cache_dtype == "float32" else f" {args.cache_dtype}"), "pairs": pairs,
             "extract_pairs_per_s": pairs / result.timings["activations"], "scan_s": seconds,
             "timings": result.timings, "load": [load_before, os.getloadavg()[0]],
+            "driver_rss_by_stage_mb": sampler.by_stage(start, result.timings), "held_mb": held_by_driver(result),
             "ranking": [f.pair_id for f in result.report.findings],
             "scores": {f.pair_id: f.suspicion for f in result.report.findings},
             "flagged": sorted(f.pair_id for f in result.report.findings if str(f.category) in ("flipped", "noisy")),
@@ -195,7 +251,11 @@ def main() -> int:
                            str(args.batch_size), "--cache-dtype", dtype, "--sae-tokens", str(args.sae_tokens)]
                 if args.model:
                     command += ["--model", args.model]
-                out = subprocess.run(command, check=True, capture_output=True, text=True).stdout
+                done = subprocess.run(command, capture_output=True, text=True)
+                if done.returncode:
+                    sys.stderr.write(done.stderr[-4000:])
+                    raise SystemExit(f"run {engine}:{workers or ''} {dtype} failed ({done.returncode})")
+                out = done.stdout
                 rows.append(json.loads(out.strip().splitlines()[-1]))
                 print(f"done: {rows[-1]['engine']} {rows[-1]['scan_s']:.0f} s", file=sys.stderr, flush=True)
     shutil.rmtree(work, ignore_errors=True)
@@ -215,6 +275,14 @@ def main() -> int:
               f"{row['load'][0]:.2f}/{row['load'][1]:.2f} | {'yes' if row['ranking'] == base['ranking'] else 'NO'} | "
               f"{diff:.1e} | {rho:.6f} | {overlap} | {row['driver_peak_rss_mb']:.0f} | {worker} | "
               f"{row['cache_mb_per_1k']:.1f} |")
+    print("\nDriver RSS, peak MB within each scan stage:\n")
+    stages = list(rows[0]["driver_rss_by_stage_mb"])
+    print("| run | " + " | ".join(stages) + " |")
+    print("|---|" + "---:|" * len(stages))
+    for row in rows:
+        print(f"| {row['engine']} | " + " | ".join(f"{row['driver_rss_by_stage_mb'].get(s) or 0:.0f}" for s in stages)
+              + " |")
+    print("\nHeld by the driver after the scan, MB:", json.dumps(rows[-1]["held_mb"]))
     if args.json:
         args.json.write_text(json.dumps([{k: v for k, v in r.items() if k not in ("ranking", "scores", "flagged")}
                                          for r in rows], indent=1))
