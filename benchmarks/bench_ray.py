@@ -2,7 +2,7 @@
 
     python benchmarks/bench_ray.py [--data FILE] [--limit N] [--model DIR] [--workers 1,2]
     python benchmarks/bench_ray.py --synthetic 100000 --model DIR   # recombined HH turns
-    python benchmarks/bench_ray.py --engines local --cache-dtype float32,float16,bfloat16
+    python benchmarks/bench_ray.py --cache-dtype float32,float16,bfloat16   # later dtypes: local engine only
     python benchmarks/bench_ray.py --build-tiny DIR   # the tests' tiny Llama (width 64), for large synthetic runs
 
 Each engine scans the same pairs into its own empty cache with the same options; the
@@ -242,8 +242,10 @@ def main() -> int:
     import subprocess
 
     rows = []
-    for dtype in args.cache_dtype.split(","):
-        for engine in args.engines.split(","):
+    dtypes = args.cache_dtype.split(",")
+    for dtype in dtypes:
+        # past the first dtype only the local engine runs: a dtype changes what is stored, not who computes it
+        for engine in args.engines.split(",") if dtype == dtypes[0] else ["local"]:
             for workers in ([int(w) for w in args.workers.split(",")] if engine == "ray" else [None]):
                 # one process per run: peak RSS is a per-process high-water mark, and each gets its own empty cache
                 command = [sys.executable, __file__, "--data", data, "--one", f"{engine}:{workers or ''}",
