@@ -199,6 +199,20 @@ def run(data: str, engine: str, workers: int | None, args, cache: Path) -> dict:
             "worker_peak_rss_mb": worker_rss}
 
 
+def table_line(row: dict, base: dict) -> str:
+    """One run's row of the table, compared with ``base`` (the first run)."""
+    keys = list(base["scores"])
+    diff = max(abs(row["scores"][k] - base["scores"][k]) for k in keys)
+    rho = spearman([base["scores"][k] for k in keys], [row["scores"][k] for k in keys])
+    both = len(set(row["flagged"]) & set(base["flagged"]))
+    overlap = f"{both}/{len(base['flagged'])} (+{len(row['flagged']) - both})"
+    worker = f"{row['worker_peak_rss_mb']:.0f}" if row["worker_peak_rss_mb"] else "-"
+    return (f"| {row['engine']} | {row['pairs']} | {row['extract_pairs_per_s']:.1f} | {row['scan_s']:.1f} | "
+            f"{row['load'][0]:.2f}/{row['load'][1]:.2f} | {'yes' if row['ranking'] == base['ranking'] else 'NO'} | "
+            f"{diff:.1e} | {rho:.6f} | {overlap} | {row['driver_peak_rss_mb']:.0f} | {worker} | "
+            f"{row['cache_mb_per_1k']:.1f} |")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", default=str(DEFAULT_DATA))
@@ -242,6 +256,10 @@ def main() -> int:
     import subprocess
 
     rows = []
+    print("| run | pairs | extraction pairs/s | scan s | load avg (before/after) | same ranking "
+          "| max abs suspicion diff | Spearman suspicion | flagged overlap | driver peak RSS MB "
+          "| worker peak RSS MB | cache MB / 1k pairs |")
+    print("|---|---:|---:|---:|---|---|---:|---:|---|---:|---:|---:|", flush=True)
     dtypes = args.cache_dtype.split(",")
     for dtype in dtypes:
         # past the first dtype only the local engine runs: a dtype changes what is stored, not who computes it
@@ -259,24 +277,11 @@ def main() -> int:
                     raise SystemExit(f"run {engine}:{workers or ''} {dtype} failed ({done.returncode})")
                 out = done.stdout
                 rows.append(json.loads(out.strip().splitlines()[-1]))
-                print(f"done: {rows[-1]['engine']} {rows[-1]['scan_s']:.0f} s", file=sys.stderr, flush=True)
+                print(table_line(rows[-1], rows[0]), flush=True)
+                print(f"done: {rows[-1]['engine']} {rows[-1]['scan_s']:.0f} s; driver RSS by stage "
+                      f"{json.dumps(rows[-1]['driver_rss_by_stage_mb'])}; held {json.dumps(rows[-1]['held_mb'])}",
+                      file=sys.stderr, flush=True)
     shutil.rmtree(work, ignore_errors=True)
-    base = rows[0]
-    keys = list(base["scores"])
-    print("| run | pairs | extraction pairs/s | scan s | load avg (before/after) | same ranking "
-          "| max abs suspicion diff | Spearman suspicion | flagged overlap | driver peak RSS MB "
-          "| worker peak RSS MB | cache MB / 1k pairs |")
-    print("|---|---:|---:|---:|---|---|---:|---:|---|---:|---:|---:|")
-    for row in rows:
-        diff = max(abs(row["scores"][k] - base["scores"][k]) for k in keys)
-        rho = spearman([base["scores"][k] for k in keys], [row["scores"][k] for k in keys])
-        both = len(set(row["flagged"]) & set(base["flagged"]))
-        overlap = f"{both}/{len(base['flagged'])} (+{len(row['flagged']) - both})"
-        worker = f"{row['worker_peak_rss_mb']:.0f}" if row["worker_peak_rss_mb"] else "-"
-        print(f"| {row['engine']} | {row['pairs']} | {row['extract_pairs_per_s']:.1f} | {row['scan_s']:.1f} | "
-              f"{row['load'][0]:.2f}/{row['load'][1]:.2f} | {'yes' if row['ranking'] == base['ranking'] else 'NO'} | "
-              f"{diff:.1e} | {rho:.6f} | {overlap} | {row['driver_peak_rss_mb']:.0f} | {worker} | "
-              f"{row['cache_mb_per_1k']:.1f} |")
     print("\nDriver RSS, peak MB within each scan stage:\n")
     stages = list(rows[0]["driver_rss_by_stage_mb"])
     print("| run | " + " | ".join(stages) + " |")
