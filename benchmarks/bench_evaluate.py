@@ -7,6 +7,13 @@ score variants that reuse that scan's codes and activations (no new forward pass
 the number of features N, the ranking formula (which signals are rank-averaged), and
 max- rather than mean-pooled codes for score_safe. Variants are ranked on the choose
 seeds; the same table on the confirm seeds shows whether the choice holds.
+
+    python benchmarks/bench_evaluate.py --flip-modes uniform length margin --choose-seeds 0 1 2 3 4 \
+        --confirm-seeds --positions response [--judge NAME ...]
+
+measures instead every judge, its length-residualised variant and the aggregations (evaluate's
+scorers) under each flip mode (issue 14), with each judge's correlation with the length
+difference and the calibration of the stack's flip probability.
 """
 
 from __future__ import annotations
@@ -93,7 +100,7 @@ def main() -> int:
     parser.add_argument("--limit", type=int, default=None)
     parser.add_argument("--flip-rate", type=float, default=0.1)
     parser.add_argument("--choose-seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--confirm-seeds", type=int, nargs="+", default=[3, 4])
+    parser.add_argument("--confirm-seeds", type=int, nargs="*", default=[3, 4])
     parser.add_argument("--positions", nargs="+", default=["response", "all", "punctuation"])
     parser.add_argument("--layer", type=int, default=3)
     parser.add_argument("--k", type=int, default=None)
@@ -101,7 +108,12 @@ def main() -> int:
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--select-only", action="store_true",
                         help="only the feature-selection variants: salience vs safety (issue 12)")
+    parser.add_argument("--flip-modes", nargs="+", default=None, choices=["uniform", "length", "margin"],
+                        help="Measure the judges under these flip modes (evaluate's scorers) instead of the variants.")
+    parser.add_argument("--judge", action="append", default=None, help="Judges of the ranking (repeatable).")
     args = parser.parse_args()
+    if args.flip_modes:
+        return judges_main(args)
 
     from safer_audit.activations import load_backend
     from safer_audit.config import ActivationConfig, ScanConfig
@@ -159,6 +171,50 @@ def main() -> int:
         args.json.write_text(json.dumps({str(s): {n: {"auroc": r.auroc, "precision": r.precision}
                                                   for n, r in scores.items()} for s, scores in results.items()},
                                         indent=1))
+    return 0
+
+
+def judges_main(args) -> int:
+    """Every scorer of ``safer-audit evaluate`` under each flip mode, on the same seeds."""
+    from safer_audit.activations import load_backend
+    from safer_audit.config import ActivationConfig, ScanConfig
+    from safer_audit.data import load_pairs
+    from safer_audit.evaluate import evaluate
+
+    pairs = load_pairs(args.data).pairs
+    if args.limit:
+        pairs = pairs.head(args.limit)
+    base = ScanConfig(activations=ActivationConfig(layer=args.layer, cache_dir=args.cache_dir))
+    base.judges = tuple(args.judge) if args.judge else None
+    if args.k:
+        base.sae_train.k = args.k
+    backend = load_backend(base.activations)
+    seeds = args.choose_seeds + args.confirm_seeds
+    started = time.perf_counter()
+    out = {}
+    for mode in args.flip_modes:
+        t = time.perf_counter()
+        result = evaluate(pairs, base, flip_rate=args.flip_rate, seeds=seeds, positions=tuple(args.positions),
+                          source=args.data, flip_mode=mode, backend=backend,
+                          on_seed=lambda seed, _s, mode=mode, t=t: print(
+                              f"{mode} seed {seed}: {time.perf_counter() - t:.0f} s", file=sys.stderr, flush=True))
+        out[mode] = result.to_dict()
+        summary, rho = result.summary(), result.length_correlations()
+        print(f"\n#### Flip mode {mode} (seeds {', '.join(map(str, seeds))}; {result.pairs} pairs, "
+              f"{result.flipped} flipped; mean ± sd)\n")
+        print("| scorer | AUROC | precision@5% | precision@10% | ρ with length difference |")
+        print("|---|---:|---:|---:|---:|")
+        for name, m in sorted(summary.items(), key=lambda item: -item[1]["auroc"][0]):
+            r = f"{rho[name]:+.2f}" if name in rho else ""
+            print(f"| {name} | {m['auroc'][0]:.3f} ± {m['auroc'][1]:.3f} | {m['p@5%'][0]:.3f} ± {m['p@5%'][1]:.3f} "
+                  f"| {m['p@10%'][0]:.3f} | {r} |")
+        cal = list(result.calibration.values())
+        print("\nFlip probability (stack): " + ", ".join(
+            f"{key} {statistics.fmean(c[key] for c in cal):.3f}" for key in ("mean_predicted", "flip_rate", "brier", "ece")))
+        sys.stdout.flush()
+    print(f"\ntotal {time.perf_counter() - started:.0f} s; command: python {' '.join(sys.argv)}")
+    if args.json:
+        args.json.write_text(json.dumps(out, indent=1))
     return 0
 
 

@@ -2,12 +2,16 @@
 
     python benchmarks/bench_ray.py [--data FILE] [--limit N] [--model DIR] [--workers 1,2]
     python benchmarks/bench_ray.py --synthetic 100000 --model DIR   # recombined HH turns
+    python benchmarks/bench_ray.py --cache-dtype float32,float16,bfloat16   # later dtypes: local engine only
+    python benchmarks/bench_ray.py --build-tiny DIR   # the tests' tiny Llama (width 64), for large synthetic runs
 
 Each engine scans the same pairs into its own empty cache with the same options; the
 script prints, per engine: extraction pairs/s, the whole scan's seconds, whether the
 ranking equals the local engine's and the largest score difference, the driver's peak
 RSS, the largest worker peak RSS (Ray Data's own per-actor max USS), and the cache's
-size per 1k pairs. ``--synthetic N`` first writes N pairs made by recombining the
+size per 1k pairs, and the load average around each run. Every row is compared with the first
+(the reference): same ranking, largest |suspicion| difference, Spearman correlation of
+suspicion and the overlap of the flagged (flipped or noisy) pairs. ``--synthetic N`` first writes N pairs made by recombining the
 prompts and responses of the input file (seeded), so a large dataset can be measured
 with a tiny model on a small machine.
 """
@@ -19,6 +23,7 @@ import json
 import os
 import random
 import resource
+import shutil
 import sys
 import tempfile
 import time
@@ -27,7 +32,9 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-DEFAULT_DATA = ROOT.parent / "shared" / "data" / "hh-rlhf-harmless-base-test.jsonl.gz"
+# ../shared beside a clone; a git worktree under wt/ has it two levels up
+DEFAULT_DATA = next((p for p in (ROOT.parent / "shared", ROOT.parent.parent / "shared")
+                     if (p / "data").is_dir()), ROOT.parent / "shared") / "data" / "hh-rlhf-harmless-base-test.jsonl.gz"
 
 
 def make_synthetic(source: Path, n: int, out: Path, seed: int = 0) -> Path:
@@ -51,6 +58,103 @@ def make_synthetic(source: Path, n: int, out: Path, seed: int = 0) -> Path:
     return out
 
 
+def build_tiny(directory: Path) -> Path:
+    """The tests' tiny LlamaForSequenceClassification (tests/conftest.py, tiny_llama_dir), saved to ``directory``."""
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForSequenceClassification, PreTrainedTokenizerFast
+
+    sys.path.insert(0, str(ROOT / "tests"))
+    from conftest import _training_corpus
+
+    directory.mkdir(parents=True, exist_ok=True)
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<pad>", "<s>", "</s>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(_training_corpus(), trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+    fast.save_pretrained(directory)
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=fast.vocab_size, hidden_size=64, intermediate_size=128,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
+                         max_position_embeddings=512, num_labels=1, pad_token_id=fast.pad_token_id,
+                         bos_token_id=fast.bos_token_id, eos_token_id=fast.eos_token_id)
+    LlamaForSequenceClassification(config).save_pretrained(directory, safe_serialization=True)
+    return directory
+
+
+def start_ray() -> None:
+    """A fresh local Ray instance with at least 4 logical CPUs: on 2 cores Ray's default (2) lets an
+    actor pool of 2 take every CPU slot, and Ray Data's map_batches then starves."""
+    import logging
+
+    import ray
+
+    ray.init(address="local", num_cpus=max(4, os.cpu_count() or 1), include_dashboard=False,
+             logging_level=logging.WARNING, log_to_driver=False, configure_logging=False)
+
+
+def spearman(a: list[float], b: list[float]) -> float:
+    import numpy as np
+    from scipy.stats import spearmanr
+
+    return float(spearmanr(np.asarray(a), np.asarray(b)).statistic)
+
+
+class RssSampler:
+    """The driver's RSS every 0.2 s (from /proc), to say in which scan stage its memory grows."""
+
+    def __init__(self):
+        import threading
+
+        self.samples: list[tuple[float, float]] = []
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    @staticmethod
+    def rss_mb() -> float:
+        with open("/proc/self/status", encoding="ascii") as handle:
+            return next(int(line.split()[1]) for line in handle if line.startswith("VmRSS:")) / 1024
+
+    def _run(self):
+        while not self.stop.wait(0.2):
+            self.samples.append((time.perf_counter(), self.rss_mb()))
+
+    def __enter__(self):
+        self.samples.append((time.perf_counter(), self.rss_mb()))
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        self.thread.join()
+
+    def by_stage(self, start: float, timings: dict[str, float]) -> dict[str, float]:
+        """Peak RSS (MB) within each stage; timings are the scan's per-stage seconds, in order."""
+        out, clock = {}, start
+        for name, seconds in timings.items():
+            inside = [rss for t, rss in self.samples if clock <= t <= clock + seconds + 0.2]
+            out[name] = max(inside) if inside else None
+            clock += seconds
+        return out
+
+
+def held_by_driver(result) -> dict[str, float]:
+    """MB of the large objects the driver still holds after a scan (torch tensors and the pairs table)."""
+    import torch
+
+    stats = result.stats
+    tensors = {"mean_codes [texts, latents]": stats.mean_codes, "top activations": stats.top_values,
+               "SAE weights": torch.cat([p.detach().flatten() for p in result.sae.parameters()])}
+    out = {name: t.numel() * t.element_size() / 1e6 for name, t in tensors.items()}
+    out["texts (str, chars)"] = sum(len(t.text) for t in result.texts) / 1e6
+    out["pairs table (polars)"] = result.pairs.estimated_size() / 1e6
+    out["n_latents"] = int(stats.mean_codes.shape[1])
+    return out
+
+
 def cache_bytes(directory: Path) -> int:
     return sum(p.stat().st_size for p in directory.rglob("shard-*.safetensors"))
 
@@ -63,8 +167,18 @@ def run(data: str, engine: str, workers: int | None, args, cache: Path) -> dict:
                                                      batch_size=args.batch_size, cache_dir=cache, engine=engine,
                                                      ray_workers=workers, cache_dtype=args.cache_dtype))
     config.sae_train.max_tokens = args.sae_tokens
+    if engine == "ray":
+        start_ray()
+    load_before = os.getloadavg()[0]
     start = time.perf_counter()
-    result = run_scan(data, config)
+    try:
+        with RssSampler() as sampler:
+            result = run_scan(data, config)
+    finally:
+        if engine == "ray":
+            import ray
+
+            ray.shutdown()  # stops the raylet, GCS and workers this process started
     seconds = time.perf_counter() - start
     worker_rss = None
     if engine == "ray":
@@ -72,13 +186,31 @@ def run(data: str, engine: str, workers: int | None, args, cache: Path) -> dict:
 
         worker_rss = LAST_RUN.get("worker_peak_rss")
     pairs = len(result.pairs)
-    return {"engine": f"{engine}" + (f" x{workers}" if workers else ""), "pairs": pairs,
+    name = f"{engine}" + (f" x{workers}" if workers else "")
+    return {"engine": name + ("" if args.cache_dtype == "float32" else f" {args.cache_dtype}"), "pairs": pairs,
             "extract_pairs_per_s": pairs / result.timings["activations"], "scan_s": seconds,
+            "timings": result.timings, "load": [load_before, os.getloadavg()[0]],
+            "driver_rss_by_stage_mb": sampler.by_stage(start, result.timings), "held_mb": held_by_driver(result),
             "ranking": [f.pair_id for f in result.report.findings],
             "scores": {f.pair_id: f.suspicion for f in result.report.findings},
+            "flagged": sorted(f.pair_id for f in result.report.findings if str(f.category) in ("flipped", "noisy")),
             "cache_mb_per_1k": cache_bytes(cache) / 1e6 / pairs * 1000,
             "driver_peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
             "worker_peak_rss_mb": worker_rss}
+
+
+def table_line(row: dict, base: dict) -> str:
+    """One run's row of the table, compared with ``base`` (the first run)."""
+    keys = list(base["scores"])
+    diff = max(abs(row["scores"][k] - base["scores"][k]) for k in keys)
+    rho = spearman([base["scores"][k] for k in keys], [row["scores"][k] for k in keys])
+    both = len(set(row["flagged"]) & set(base["flagged"]))
+    overlap = f"{both}/{len(base['flagged'])} (+{len(row['flagged']) - both})"
+    worker = f"{row['worker_peak_rss_mb']:.0f}" if row["worker_peak_rss_mb"] else "-"
+    return (f"| {row['engine']} | {row['pairs']} | {row['extract_pairs_per_s']:.1f} | {row['scan_s']:.1f} | "
+            f"{row['load'][0]:.2f}/{row['load'][1]:.2f} | {'yes' if row['ranking'] == base['ranking'] else 'NO'} | "
+            f"{diff:.1e} | {rho:.6f} | {overlap} | {row['driver_peak_rss_mb']:.0f} | {worker} | "
+            f"{row['cache_mb_per_1k']:.1f} |")
 
 
 def main() -> int:
@@ -90,14 +222,18 @@ def main() -> int:
     parser.add_argument("--layer", type=int, default=3)
     parser.add_argument("--max-length", type=int, default=512)
     parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--cache-dtype", default="float32")
+    parser.add_argument("--cache-dtype", default="float32", help="comma-separated: one run per dtype")
     parser.add_argument("--sae-tokens", type=int, default=1_000_000)
     parser.add_argument("--engines", default="local,ray", help="comma-separated: local, ray")
     parser.add_argument("--workers", default="1,2", help="Ray actor counts to run, comma-separated")
     parser.add_argument("--json", type=Path, default=None, help="also write the rows as JSON")
+    parser.add_argument("--build-tiny", type=Path, default=None, metavar="DIR", help="write the tiny model, exit")
     parser.add_argument("--one", default=None, help=argparse.SUPPRESS)  # ENGINE:WORKERS, in a child process
     args = parser.parse_args()
 
+    if args.build_tiny:
+        print(build_tiny(args.build_tiny))
+        return 0
     work = Path(tempfile.mkdtemp(prefix="bench-ray-"))
     data = args.data
     if args.synthetic and not args.one:
@@ -111,35 +247,51 @@ def main() -> int:
         data = str(work / "head.jsonl")
     if args.one:
         engine, workers = args.one.split(":")
-        row = run(data, engine, int(workers) if workers else None, args, work / "cache")
+        try:
+            row = run(data, engine, int(workers) if workers else None, args, work / "cache")
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
         print(json.dumps(row))
         return 0
     import subprocess
 
     rows = []
-    for engine in args.engines.split(","):
-        for workers in ([int(w) for w in args.workers.split(",")] if engine == "ray" else [None]):
-            # one process per engine: peak RSS is a per-process high-water mark
-            command = [sys.executable, __file__, "--data", data, "--one", f"{engine}:{workers or ''}",
-                       "--layer", str(args.layer), "--max-length", str(args.max_length), "--batch-size",
-                       str(args.batch_size), "--cache-dtype", args.cache_dtype, "--sae-tokens", str(args.sae_tokens)]
-            if args.model:
-                command += ["--model", args.model]
-            out = subprocess.run(command, check=True, capture_output=True, text=True).stdout
-            rows.append(json.loads(out.strip().splitlines()[-1]))
-            print(f"done: {rows[-1]['engine']}", file=sys.stderr, flush=True)
-    base = rows[0]
-    print("| engine | pairs | extraction pairs/s | scan s | same ranking | max |suspicion diff| | driver peak RSS MB "
+    print("| run | pairs | extraction pairs/s | scan s | load avg (before/after) | same ranking "
+          "| max abs suspicion diff | Spearman suspicion | flagged overlap | driver peak RSS MB "
           "| worker peak RSS MB | cache MB / 1k pairs |")
-    print("|---|---:|---:|---:|---|---:|---:|---:|---:|")
+    print("|---|---:|---:|---:|---|---|---:|---:|---|---:|---:|---:|", flush=True)
+    dtypes = args.cache_dtype.split(",")
+    for dtype in dtypes:
+        # past the first dtype only the local engine runs: a dtype changes what is stored, not who computes it
+        for engine in args.engines.split(",") if dtype == dtypes[0] else ["local"]:
+            for workers in ([int(w) for w in args.workers.split(",")] if engine == "ray" else [None]):
+                # one process per run: peak RSS is a per-process high-water mark, and each gets its own empty cache
+                command = [sys.executable, __file__, "--data", data, "--one", f"{engine}:{workers or ''}",
+                           "--layer", str(args.layer), "--max-length", str(args.max_length), "--batch-size",
+                           str(args.batch_size), "--cache-dtype", dtype, "--sae-tokens", str(args.sae_tokens)]
+                if args.model:
+                    command += ["--model", args.model]
+                done = subprocess.run(command, capture_output=True, text=True)
+                if done.returncode:
+                    sys.stderr.write(done.stderr[-4000:])
+                    raise SystemExit(f"run {engine}:{workers or ''} {dtype} failed ({done.returncode})")
+                out = done.stdout
+                rows.append(json.loads(out.strip().splitlines()[-1]))
+                print(table_line(rows[-1], rows[0]), flush=True)
+                print(f"done: {rows[-1]['engine']} {rows[-1]['scan_s']:.0f} s; driver RSS by stage "
+                      f"{json.dumps(rows[-1]['driver_rss_by_stage_mb'])}; held {json.dumps(rows[-1]['held_mb'])}",
+                      file=sys.stderr, flush=True)
+    shutil.rmtree(work, ignore_errors=True)
+    print("\nDriver RSS, peak MB within each scan stage:\n")
+    stages = list(rows[0]["driver_rss_by_stage_mb"])
+    print("| run | " + " | ".join(stages) + " |")
+    print("|---|" + "---:|" * len(stages))
     for row in rows:
-        diff = max(abs(row["scores"][k] - base["scores"][k]) for k in base["scores"])
-        worker = f"{row['worker_peak_rss_mb']:.0f}" if row["worker_peak_rss_mb"] else "-"
-        print(f"| {row['engine']} | {row['pairs']} | {row['extract_pairs_per_s']:.1f} | {row['scan_s']:.1f} | "
-              f"{'yes' if row['ranking'] == base['ranking'] else 'NO'} | {diff:.1e} | "
-              f"{row['driver_peak_rss_mb']:.0f} | {worker} | {row['cache_mb_per_1k']:.1f} |")
+        print(f"| {row['engine']} | " + " | ".join(f"{row['driver_rss_by_stage_mb'].get(s) or 0:.0f}" for s in stages)
+              + " |")
+    print("\nHeld by the driver after the scan, MB:", json.dumps(rows[-1]["held_mb"]))
     if args.json:
-        args.json.write_text(json.dumps([{k: v for k, v in r.items() if k not in ("ranking", "scores")}
+        args.json.write_text(json.dumps([{k: v for k, v in r.items() if k not in ("ranking", "scores", "flagged")}
                                          for r in rows], indent=1))
     return 0
 

@@ -146,6 +146,8 @@ class _Param:
         kwargs: dict = {"help": meta["help"], "default": default}
         if spec.kind is bool:
             kwargs["is_flag"] = True
+        elif meta.get("multiple"):  # a tuple of strings, the option repeated
+            kwargs["multiple"], kwargs["default"] = True, ()
         elif spec.choices is not None:
             kwargs["type"] = click.Choice(spec.choices)
         elif "pattern" in meta:
@@ -205,6 +207,8 @@ def _build(cls, params: list[_Param], values: dict, depth: int = 0):
             kwargs[spec.name] = {p.path[-1]: values[p.name] for p in mine if values[p.name] is not None}
         elif len(mine[0].path) > depth + 1:
             kwargs[spec.name] = _build(spec.kind, mine, values, depth + 1)
+        elif spec.metadata.get("multiple"):  # repeated: in order, once each; none given is the default
+            kwargs[spec.name] = tuple(dict.fromkeys(values[spec.name])) or spec.default
         elif values[spec.name] is not None or spec.default is not MISSING:
             kwargs[spec.name] = values[spec.name]
     return cls(**kwargs)
@@ -244,31 +248,45 @@ def field_option(cls, name: str):
     return next(p for p in _params(cls, None, ()) if p.name == name).option()
 
 
-def _same_seeds(config: ScanConfig) -> ScanConfig:
+def _finish_scan_config(config: ScanConfig) -> ScanConfig:
     config.seed = config.sae_train.seed  # --seed seeds the SAE training and the cross-fitting folds alike
+    _check_judges(config.judges)
     return config
 
 
 def scan_options(*groups: str, exclude: tuple[str, ...] = ()):
     """The ScanConfig options of ``groups`` (model, data, sae, category, labels), as one ``config``."""
-    return options_from(ScanConfig, "config", groups=groups, exclude=exclude, finish=_same_seeds)
+    return options_from(ScanConfig, "config", groups=groups, exclude=exclude, finish=_finish_scan_config)
 
 
 SCAN_GROUPS = ("model", "data", "sae")  # what every command that may scan takes
 cache_dir_option = field_option(ActivationConfig, "cache_dir")
 # scan's options, to build a ScanConfig from any command's params (tests)
-scan_config_from = scan_options(*SCAN_GROUPS, "category", "labels").build
+scan_config_from = scan_options(*SCAN_GROUPS, "report", "category", "judges", "ranking", "labels").build
 
 
 def _steps(quiet: bool) -> ProgressBar:
     return ProgressBar(Console(stderr=True), enabled=not quiet)
 
 
+def _check_judges(names: tuple[str, ...] | None) -> None:
+    """The judges of --judge, checked before any long work."""
+    from .judges import make_judge
+
+    for name in names or ():
+        make_judge(name)  # ConfigError names the known judges; makes a client, sends nothing
+
+
+def _print_judge_costs(costs: dict) -> None:
+    for name, cost in costs.items():
+        click.echo(inert(f"judge {name}: " + ", ".join(f"{key} {value}" for key, value in cost.items())), err=True)
+
+
 # ------------------------------------------------------------------------------ scan
 
 @cli.command()
 @click.argument("data")
-@scan_options(*SCAN_GROUPS, "category", "labels")
+@scan_options(*SCAN_GROUPS, "report", "category", "judges", "ranking", "labels")
 @click.option("--top", type=click.IntRange(0), default=20, show_default=True, help="Suspects shown in the terminal.")
 @click.option("--output", "-o", "outputs", multiple=True, type=click.Path(dir_okay=False, path_type=Path),
               help="Write the report here (repeatable); the format comes from the extension.")
@@ -299,6 +317,7 @@ def scan(data, top, outputs, output_format, quiet, config: ScanConfig):
 
     result = run_scan(data, config, steps=_steps(quiet).step, warn=warn)
     print_report(result.report, stdout_console(), top=top)
+    _print_judge_costs(result.judge_costs)
     for path in outputs:
         export_report(result.report, path, output_format)
         click.echo(f"wrote {inert(path)}", err=True)
@@ -338,7 +357,8 @@ def features(data, top, out, quiet, config: ScanConfig):
     result = run_scan(data, config, steps=_steps(quiet).step)
     print_feature_cards(result.report.features[:top], stdout_console())
     if out is not None:
-        write_atomic(out, features_file_text(result.features, json_format=out.suffix == ".json"),
+        write_atomic(out, features_file_text(result.features, json_format=out.suffix == ".json",
+                                             cards=result.report.features),
                      protect=[data])
         click.echo(inert(f"wrote {out}: set include: true / false and labels, then scan --features {out}"), err=True)
 
@@ -443,7 +463,7 @@ def review(data, report_path, decisions_path, reviewer, review_all, quiet, confi
 
 @cli.command()
 @click.argument("data")
-@scan_options(*SCAN_GROUPS, exclude=("activations.positions", "sae_train.seed"))
+@scan_options(*SCAN_GROUPS, "judges", exclude=("activations.positions", "sae_train.seed"))
 @click.option("--positions", type=click.Choice(POSITIONS), multiple=True, default=EVALUATE_POSITIONS,
               show_default=True, help="Position sets whose score_safe is measured (repeatable); the first one is "
                                       "also used for the other scorers.")
@@ -451,15 +471,22 @@ def review(data, report_path, decisions_path, reviewer, review_all, quiet, confi
               help="Fraction of pairs flipped (chosen and rejected swapped) in the copy that is scanned.")
 @click.option("--seed", "seeds", type=int, multiple=True, default=(0,), show_default=True,
               help="Seed of the flips and the cross-fitting folds (repeatable: mean and spread over seeds).")
+@click.option("--flip-mode", "flip_modes", type=click.Choice(["uniform", "length", "margin"]), multiple=True,
+              default=("uniform",), show_default=True,
+              help="Which pairs are likelier flipped (repeatable): any alike; those whose rejected response is "
+                   "longer (annotators prefer length); those the reward margin finds close.")
 @click.option("--output", "-o", "output", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Write the results as JSON.")
 @quiet_option
-def evaluate(data, positions, flip_rate, seeds, output, quiet, config: ScanConfig):
+def evaluate(data, positions, flip_rate, seeds, flip_modes, output, quiet, config: ScanConfig):
     """Measure how well each scorer finds pairs flipped on purpose in a copy of DATA.
 
     Reports AUROC and precision at the top 1/5/10% for score_safe at each position set,
-    the reward margin, the SAE-head margin, the combined ranking, response length and
-    random, all on the same flipped copies.
+    every judge (the reward margin, the SAE-head margin, those of --judge) and its
+    length-residualised variant, the combined ranking, the stacked judges, an oracle stack
+    fitted on the true flips (an upper bound), response length and random, all on the same
+    flipped copies; and each judge's correlation with the length difference. Each
+    --flip-mode is measured separately.
     """
     from .evaluate import evaluate as run_evaluation
     from .files import write_atomic
@@ -468,23 +495,32 @@ def evaluate(data, positions, flip_rate, seeds, output, quiet, config: ScanConfi
     config = replace(config, activations=replace(config.activations, positions=positions[0]))
     pairs = read_data(data, config).pairs
     console = stdout_console()
-    result = run_evaluation(pairs, config, flip_rate=flip_rate, seeds=seeds, positions=tuple(positions),
-                            source=data, steps=_steps(quiet).step,
-                            on_seed=lambda seed, _s: console.print(f"seed {seed} done", style="dim"))
-    table = Table(title=f"Finding {result.flipped} flipped of {result.pairs} pairs "
-                        f"({flip_rate:.0%}), {len(seeds)} seed(s): mean ± sd")
-    summary = result.summary()
-    metrics = list(next(iter(summary.values())))
-    table.add_column("scorer", no_wrap=True)
-    for metric in metrics:
-        table.add_column(metric.upper() if metric == "auroc" else metric, justify="right", no_wrap=True)
-    for scorer, values in sorted(summary.items(), key=lambda item: -item[1]["auroc"][0]):
-        # Text, not a markup string: "[response]" would be read as a style tag
-        table.add_row(plain(scorer), *(f"{values[m][0]:.3f}±{values[m][1]:.3f}".replace("0.", ".")
-                                      for m in metrics))
-    console.print(table)
+    results = []
+    for flip_mode in dict.fromkeys(flip_modes):
+        result = run_evaluation(pairs, config, flip_rate=flip_rate, seeds=seeds, positions=tuple(positions),
+                                source=data, flip_mode=flip_mode, steps=_steps(quiet).step,
+                                on_seed=lambda seed, _s, mode=flip_mode: console.print(f"{mode}: seed {seed} done",
+                                                                                       style="dim"))
+        results.append(result)
+        table = Table(title=f"Finding {result.flipped} flipped of {result.pairs} pairs "
+                            f"({flip_rate:.0%}, {flip_mode} flips), {len(seeds)} seed(s): mean ± sd")
+        summary = result.summary()
+        correlations = result.length_correlations()
+        metrics = list(next(iter(summary.values())))
+        table.add_column("scorer", no_wrap=True)
+        for metric in metrics:
+            table.add_column(metric.upper() if metric == "auroc" else metric, justify="right", no_wrap=True)
+        table.add_column("ρ length", justify="right", no_wrap=True)
+        for scorer, values in sorted(summary.items(), key=lambda item: -item[1]["auroc"][0]):
+            # Text, not a markup string: "[response]" would be read as a style tag
+            rho = f"{correlations[scorer]:+.2f}" if scorer in correlations else ""
+            table.add_row(plain(scorer), *(f"{values[m][0]:.3f}±{values[m][1]:.3f}".replace("0.", ".")
+                                          for m in metrics), rho)
+        console.print(table)
     if output is not None:
-        write_atomic(output, json.dumps(result.to_dict(), indent=2) + "\n", protect=[data])
+        # one mode: its results; several: a list of them, in the order asked
+        payload = results[0].to_dict() if len(results) == 1 else {"modes": [r.to_dict() for r in results]}
+        write_atomic(output, json.dumps(payload, indent=2) + "\n", protect=[data])
         click.echo(f"wrote {inert(output)}", err=True)
 
 

@@ -24,6 +24,7 @@ Preference = Literal["better", "safer"]
 CacheDtype = Literal["float32", "float16", "bfloat16"]
 Engine = Literal["local", "ray"]
 Selection = Literal["salience", "safety"]
+Aggregation = Literal["mean-rank", "stacked"]
 Dtype = Literal["auto", "float32", "bfloat16", "float16"]
 
 POSITIONS: tuple[str, ...] = get_args(Position)
@@ -32,6 +33,7 @@ PREFERENCES: tuple[str, ...] = get_args(Preference)
 CACHE_DTYPES: tuple[str, ...] = get_args(CacheDtype)
 ENGINES: tuple[str, ...] = get_args(Engine)
 SELECTIONS: tuple[str, ...] = get_args(Selection)
+AGGREGATIONS: tuple[str, ...] = get_args(Aggregation)
 DTYPES: tuple[str, ...] = get_args(Dtype)
 DEFAULT_POSITIONS = "response"  # measured: response > all >> punctuation on HH with MiniLM
 # evaluate's default: every position set, the default first (its run also measures the margins)
@@ -250,12 +252,23 @@ class ScanConfig:
     # sae_margin is still computed and reported, but adding it did not help
     ranking: dict[str, float] = field(default_factory=lambda: {
         "score_safe": 1.0, "reward_margin": 1.0, "sae_margin": 0.0})
+    # the judges the ranking combines (safer_audit.judges; None: the built-in signals weighted by
+    # ``ranking``) and how: mean percentile rank (measured, BENCHMARKS.md) or the cross-fitted stack
+    judges: tuple[str, ...] | None = option(
+        None, "A judge the ranking combines (repeatable; see `safer-audit plugins`; NAME-lenres removes its length "
+              "dependence). Default: score_safe and reward_margin.", group="judges", flag="--judge", multiple=True,
+        metavar="NAME")
+    aggregation: Aggregation = option("mean-rank", "How the judges are combined: mean percentile rank, or a "
+                                                   "cross-fitted Bradley-Terry stack.", group="ranking")
     flipped_fraction: float = option(0.04, "Most suspicious fraction whose pairs are 'flipped' when every ranked "
                                            "signal agrees.", group="category", min=0, max=1)  # the paper's best
     noisy_fraction: float = option(0.10, "Most suspicious fraction whose other pairs are 'noisy'.", group="category",
                                    min=0, max=1)
     top_features_per_pair: int = 5
-    cards_with_contexts: int = 32  # feature cards (largest |salience| first) that show text contexts
+    # feature cards (by contribution to the flagged pairs) that show text contexts
+    cards_with_contexts: int = option(32, "Feature cards with examples (the top features by contribution to the "
+                                          "flagged pairs) that the HTML report shows; the JSON report keeps every "
+                                          "selected feature.", group="report", flag="--cards", min=0)
     # feature labels (issue 12): which labeller, its options, and how features are selected
     labeller: str = option("offline", "Feature labeller (see `safer-audit plugins`): offline (embedded model, no "
                                       "network), llm (with --labeller-url), or none.", group="labels",

@@ -90,5 +90,12 @@ def register_feature_labellers(register):
 
 
 @hookspec
+def register_judges(register):
+    """Register judges: ``register(name, factory)``; ``factory()`` returns a ``judges.Judge`` (``name``,
+    ``description``, ``judge(context)`` -> one signed float per pair that never learnt from that pair's
+    label). A judge that costs (an LLM) must send nothing until ``judge`` is called: listing it is free."""
+
+
+@hookspec
 def register_commands(cli):
     """Add extra commands to the ``safer-audit`` click group."""

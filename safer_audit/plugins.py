@@ -22,6 +22,7 @@ DEFAULT_PLUGINS = (
     "safer_audit.backends.topk",
     "safer_audit.backends.exporters",
     "safer_audit.backends.labellers",
+    "safer_audit.backends.judges",
 )
 
 ENTRY_POINT_GROUP = "safer_audit"
@@ -114,6 +115,16 @@ def feature_labellers() -> dict:
     return {name: label for name, label in _collect("register_feature_labellers")}
 
 
+def judges() -> dict:
+    """Judge factories by name (``factory()`` returns a judges.Judge); a name registered twice is an error."""
+    found: dict = {}
+    for name, factory in _collect("register_judges"):
+        if name in found:
+            raise PluginError(f"judge {name!r} is registered twice")
+        found[name] = factory
+    return found
+
+
 @dataclass
 class PluginInfo:
     name: str
@@ -127,6 +138,7 @@ _REGISTER_HOOKS = (
     ("register_sae_backends", "saes"),
     ("register_exporters", "exporters"),
     ("register_feature_labellers", "labellers"),
+    ("register_judges", "judges"),
 )
 
 

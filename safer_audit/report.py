@@ -120,6 +120,7 @@ class FeatureContext:
     token: str
     text_after: str
     value: float
+    sample: str = "top"  # "top": among the latent's strongest activations; "p50" / "p25": from lower quantiles
 
 
 @dataclass
@@ -138,6 +139,15 @@ class FeatureCard:
     relevance: float | None = None  # the labeller's safety relevance in [0, 1]
     category: str | None = None  # the labeller's safety category
     labelled_by: dict | None = None  # provenance: labeller, model, version, and the labeller's own label
+    # what a reader needs to judge the feature (issue 12); defaults so older reports still load
+    chosen_fires: float | None = None  # fraction of chosen texts where its mean code is > 0
+    rejected_fires: float | None = None  # and of rejected texts
+    histogram: dict | None = None  # per-text mean activation where > 0: {"edges", "chosen", "rejected"} counts
+    length_correlation: float | None = None  # Pearson r of the per-text mean code with the text's read positions
+    length_driven: bool = False  # |length_correlation| >= salience.LENGTH_DRIVEN
+    contribution: float = 0.0  # its share of the flagged pairs' summed |feature terms|
+    flagged_pairs: int = 0  # flagged (flipped / noisy) pairs it is a top feature of
+    featured: bool = True  # among the top --cards by contribution: the HTML shows it, with examples
 
 
 @dataclass
@@ -509,16 +519,27 @@ def print_report(report: Report, console: Console, top: int = 20) -> None:
 
 
 def print_feature_cards(cards: list[FeatureCard], console: Console) -> None:
-    """One panel per feature: salience, totals, firing rate, top tokens and strongest contexts."""
+    """One panel per feature: label and its provenance, contribution, salience, totals, firing on each
+    side, length correlation, top tokens, the strongest contexts and a few weaker ones."""
     marks = not console.is_terminal or console.color_system is None
     for card in cards:
         head = Text(f"salience {format_number(card.salience)}  ({'F+' if card.sign == '+' else 'F-'}: fires more on "
                     f"{'chosen' if card.sign == '+' else 'rejected'})  C {card.chosen_total:,.1f}  "
                     f"R {card.rejected_total:,.1f}  fires on {card.fire_rate:.2%} of read tokens")
-        tokens = Text("top tokens: " + (", ".join(f"{inert(tok)} ({n})" for tok, n in card.top_tokens) or "-"))
-        lines = [head, tokens]
+        lines = [head]
+        lines.append(Text(f"contribution {card.contribution:.1%} of the flagged pairs' feature scores; "
+                          f"a top feature of {card.flagged_pairs:,} flagged pair(s)"))
+        if card.chosen_fires is not None and card.rejected_fires is not None:
+            fires = Text(f"fires in {card.chosen_fires:.0%} of chosen texts, {card.rejected_fires:.0%} of rejected")
+            if card.length_correlation is not None:
+                fires.append(f"; length r {card.length_correlation:+.2f}")
+                if card.length_driven:
+                    fires.append(" LENGTH-DRIVEN", style="bold red")
+            lines.append(fires)
+        lines.append(Text("top tokens: " + (", ".join(f"{inert(tok)} ({n})" for tok, n in card.top_tokens) or "-")))
         for ctx in card.contexts:
-            line = Text(f"{ctx.value:5.2f} {inert(ctx.side[:1].upper())} {inert(ctx.pair_id)}  ", style="dim")
+            tag = "" if ctx.sample == "top" else f" {inert(ctx.sample)}"
+            line = Text(f"{ctx.value:5.2f} {inert(ctx.side[:1].upper())}{tag} {inert(ctx.pair_id)}  ", style="dim")
             line.append("…" + inert(_squash(ctx.text_before)[-80:]))
             token = inert(_squash(ctx.token))
             line.append(f"[{token}]" if marks else token, style="bold reverse")
@@ -526,9 +547,11 @@ def print_feature_cards(cards: list[FeatureCard], console: Console) -> None:
             lines.append(line)
         # A Text title: a str title would be parsed as markup, and labels are the user's text
         rating = f" [{card.category}, relevance {card.relevance:.2f}]" if card.relevance is not None else ""
-        title = plain(f"latent {card.latent}" + (f": {card.label}" if card.label else "") + rating)
-        if card.labelled_by:
+        title = plain(f"latent {card.latent}: " + (card.label or "unlabelled") + rating)
+        if card.labelled_by and card.labelled_by.get("label") == card.label:
             lines.insert(1, plain(f"labelled by {card.labelled_by.get('labeller')} "
                                   f"v{card.labelled_by.get('version')} ({card.labelled_by.get('model') or 'no model'})",
                                   style="dim"))
+        elif card.label:
+            lines.insert(1, plain("label from the features file", style="dim"))
         console.print(Panel(Group(*lines), title=title, title_align="left", box=box.ROUNDED))

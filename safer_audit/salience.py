@@ -238,12 +238,18 @@ def read_features_file(path: Path) -> list[dict]:
 
 # ------------------------------------------------------------------------- feature cards
 
+HISTOGRAM_BINS = 12  # bins of a card's per-text activation histogram
+LENGTH_DRIVEN = 0.5  # |Pearson r| of a latent's per-text mean code with the text's length that flags it
+QUANTILE_SAMPLES = (("p50", 0.5), ("p25", 0.75))  # lower-activation examples: where in the strongest list
+
+
 @dataclass
 class CardContext:
     text_index: int
     position: int  # token index in the truncated model input
     token_id: int
     value: float
+    sample: str = "top"  # "top": among the strongest; "p50" / "p25": from that quantile of the strongest
 
 
 @dataclass
@@ -255,20 +261,99 @@ class CardData:
     rejected_total: float
     fire_rate: float
     top_tokens: list[tuple[int, int]] = field(default_factory=list)  # (token id, count)
-    contexts: list[CardContext] = field(default_factory=list)
+    contexts: list[CardContext] = field(default_factory=list)  # one per pair; the strongest, then quantile samples
     token_mass: list[tuple[int, float]] = field(default_factory=list)  # (token id, activation sum), strongest first
     token_rates: list[float] = field(default_factory=list)  # each token_mass token's share of all read tokens
+    chosen_fires: float = 0.0  # fraction of chosen texts whose mean code is > 0
+    rejected_fires: float = 0.0  # and of rejected texts
+    histogram: dict = field(default_factory=dict)  # {"edges", "chosen", "rejected"}: per-text mean codes where > 0
+    length_correlation: float | None = None  # Pearson r of the per-text mean code with read positions
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
+def _pick_contexts(stats: CodeStats, j: int, n_contexts: int) -> list[CardContext]:
+    """The strongest activations of latent ``j``, at most one per pair, then a few from lower quantiles.
+
+    One pair can hold many of a latent's strongest activations (a long answer that repeats
+    a phrase); a card that shows it six times shows one example, not six. Candidates beyond
+    ``n_contexts`` are kept so the renderer can still fill the card after it drops windows
+    of identical text.
+    """
+    ranks = torch.nonzero(stats.top_values[:, j] > 0).flatten().tolist()
+
+    def context(r: int, sample: str) -> CardContext:
+        return CardContext(int(stats.top_texts[r, j]), int(stats.top_positions[r, j]), int(stats.top_tokens[r, j]),
+                           float(stats.top_values[r, j]), sample)
+
+    seen: set[int] = set()
+    first_of_pair = []
+    for r in ranks:
+        pair = int(stats.top_texts[r, j]) // 2
+        if pair not in seen:
+            seen.add(pair)
+            first_of_pair.append(r)
+    top = first_of_pair[:2 * n_contexts]
+    shown = set(first_of_pair[:n_contexts])
+    out = [context(r, "top") for r in top]
+    used = {int(stats.top_texts[r, j]) // 2 for r in shown}
+    for sample, where in QUANTILE_SAMPLES:
+        # the first activation at or below that quantile of the strongest list from a pair not shown yet
+        for r in ranks[int(where * len(ranks)):]:
+            pair = int(stats.top_texts[r, j]) // 2
+            if pair not in used and r not in shown:
+                used.add(pair)
+                out.append(context(r, sample))
+                break
+    return out
+
+
+def _histograms(codes: torch.Tensor) -> list[dict]:
+    """Per feature (column of ``codes``, text 2i chosen, 2i+1 rejected): HISTOGRAM_BINS bins from 0 to the
+    largest per-text mean code, counting the texts where it fires on each side."""
+    out = []
+    for column in codes.T:
+        top = float(column.max()) if len(column) else 0.0
+        if top <= 0:
+            out.append({"edges": [], "chosen": [], "rejected": []})
+            continue
+        edges = torch.linspace(0, top, HISTOGRAM_BINS + 1)
+        sides = {}
+        for name, values in (("chosen", column[0::2]), ("rejected", column[1::2])):
+            firing = values[values > 0]
+            sides[name] = [int(c) for c in torch.histc(firing, bins=HISTOGRAM_BINS, min=0, max=top)]
+        out.append({"edges": [round(float(e), 6) for e in edges], **sides})
+    return out
+
+
+def _length_correlations(codes: torch.Tensor, lengths: torch.Tensor) -> list[float | None]:
+    """Pearson r of each column of ``codes`` with ``lengths`` over texts with read positions
+    (None where either does not vary)."""
+    read = lengths > 0
+    x, y = codes[read].double(), lengths[read].double()
+    if len(y) < 3:
+        return [None] * codes.shape[1]
+    x, y = x - x.mean(0), y - y.mean()
+    sx, sy = x.norm(dim=0), y.norm()
+    r = (x * y.unsqueeze(1)).sum(0) / (sx * sy)
+    return [None if s <= 1e-12 or float(sy) <= 1e-12 else round(v, 6)
+            for v, s in zip(r.tolist(), sx.tolist(), strict=True)]
+
+
 def feature_cards(stats: CodeStats, features: FeatureSet, *, n_contexts: int = 10) -> list[CardData]:
-    """Card data for every selected feature: totals, firing rate, top tokens and contexts."""
+    """Card data for every selected feature: totals, firing rates, histogram, length correlation,
+    top tokens and example contexts (all from CodeStats: no pass over the data)."""
     chosen_totals, rejected_totals = stats.totals()
     n_tokens = max(stats.n_tokens, 1)
+    latents = features.latents
+    codes = stats.mean_codes[:, latents].float() if len(latents) else torch.zeros(len(stats.mean_codes), 0)
+    chosen_fires = (codes[0::2] > 0).float().mean(0) if len(codes[0::2]) else torch.zeros(len(latents))
+    rejected_fires = (codes[1::2] > 0).float().mean(0) if len(codes[1::2]) else torch.zeros(len(latents))
+    histograms = _histograms(codes)
+    correlations = _length_correlations(codes, stats.n_positions)
     cards = []
-    for feature in features.features:
+    for n, feature in enumerate(features.features):
         j = feature.latent
         valid = stats.top_values[:, j] > 0
         tokens = stats.top_tokens[valid, j]
@@ -276,14 +361,13 @@ def feature_cards(stats: CodeStats, features: FeatureSet, *, n_contexts: int = 1
         order = torch.argsort(counts, descending=True, stable=True)[:10]
         mass = torch.zeros(len(ids)).index_add_(0, inverse, stats.top_values[valid, j])
         by_mass = torch.argsort(mass, descending=True, stable=True)[:20]
-        contexts = [CardContext(int(stats.top_texts[r, j]), int(stats.top_positions[r, j]),
-                                int(stats.top_tokens[r, j]), float(stats.top_values[r, j]))
-                    for r in torch.nonzero(valid).flatten()[:n_contexts].tolist()]
         cards.append(CardData(feature, float(chosen_totals[j]), float(rejected_totals[j]),
                               float(stats.fire_counts[j]) / n_tokens,
-                              [(int(ids[i]), int(counts[i])) for i in order], contexts,
+                              [(int(ids[i]), int(counts[i])) for i in order], _pick_contexts(stats, j, n_contexts),
                               [(int(ids[i]), round(float(mass[i]), 6)) for i in by_mass],
-                              [stats.token_rate(int(ids[i])) for i in by_mass]))
+                              [stats.token_rate(int(ids[i])) for i in by_mass],
+                              round(float(chosen_fires[n]), 6), round(float(rejected_fires[n]), 6),
+                              histograms[n], correlations[n]))
     return cards
 
 
@@ -297,19 +381,35 @@ def select_by_safety(candidates: FeatureSet, relevance: dict[int, float], thresh
 
 
 FEATURES_FILE_HEADER = """\
-# safer-audit features file. Review each latent (safer-audit features shows its cards),
-# then: include: true pins it in, include: false excludes it, label names it, note is yours.
-# Use it with: safer-audit scan DATA --features THIS_FILE
+# safer-audit features file: the selected latents, the ones behind most of the flagged pairs first
+# (contribution: share of the flagged pairs' feature scores; flagged_pairs: how many of them it is a
+# top feature of). Review each latent (safer-audit features shows its cards), then: include: true
+# pins it in, include: false excludes it, label names it (a labeller's label is a suggestion to
+# check), note is yours. Use it with: safer-audit scan DATA --features THIS_FILE
 """
 
 
-def features_file_text(features: FeatureSet, *, json_format: bool = False) -> str:
-    """A features file listing the selected latents, for a person to review and edit."""
+def features_file_text(features: FeatureSet, *, json_format: bool = False, cards=None) -> str:
+    """A features file listing the selected latents, for a person to review and edit.
+
+    With ``cards`` (the report's FeatureCards), the latents come in the cards' order (by
+    contribution to the flagged pairs) with their labels, contribution and flagged-pair count.
+    """
     import yaml
 
+    by_latent = {card.latent: card for card in cards or []}
+    order = {card.latent: n for n, card in enumerate(cards or [])}
+    selected = sorted(features.features, key=lambda f: order.get(f.latent, len(order)))
     entries = []
-    for f in features.features:
-        entry = {"latent": f.latent, "sign": f.sign, "salience": round(f.salience, 6), "label": f.label}
+    for f in selected:
+        card = by_latent.get(f.latent)
+        label = f.label or (card.label if card is not None else None)
+        entry = {"latent": f.latent, "sign": f.sign, "salience": round(f.salience, 6), "label": label}
+        if card is not None:
+            if not f.label and card.labelled_by and label:
+                entry["labelled_by"] = card.labelled_by.get("labeller")
+            entry["contribution"] = round(card.contribution, 6)
+            entry["flagged_pairs"] = card.flagged_pairs
         if f.pinned:
             entry["include"] = True
         if f.note:

@@ -44,6 +44,7 @@ from .report import (
 from .sae import TopKSAE
 from .salience import (
     CONTEXT_TOKENS,
+    LENGTH_DRIVEN,
     CodeStats,
     Feature,
     FeatureSet,
@@ -57,11 +58,11 @@ from .scoring import (
     SIGNALS,
     Category,
     HeadFit,
+    aggregate,
     categorise,
     compute_signals,
     feature_contributions,
     ranked_signals,
-    suspicion,
 )
 
 TRAINING_CHUNK = 65_536  # tokens per chunk handed to the trainer (it re-batches and shuffles them)
@@ -88,6 +89,11 @@ class ScanResult:
     def labels(self) -> dict[int, FeatureLabel]:
         """The labeller's labels made for this scan, by latent."""
         return dict(self.labelling.labels) if self.labelling is not None else {}
+
+    # per pair: the stacked judges' probability that the rejected response is the better one
+    flip_probability: torch.Tensor | None = None
+    stack_weights: dict[str, float] = field(default_factory=dict)  # how much the stack trusts each judge
+    judge_costs: dict[str, dict] = field(default_factory=dict)  # judge -> requests, tokens (judges that spend)
 
 
 def _dataset_fingerprint(keys: list[str]) -> str:
@@ -300,13 +306,9 @@ def scan_pairs(pairs: pl.DataFrame, config: ScanConfig, *, source: str, steps=no
                             f">= {config.relevance_threshold:g}; lower --relevance-threshold or use --select salience")
         lap("labels")
 
-    with steps("Scores", "signals") as update:
+    with steps("Scores", "judges") as update:
         update(0, 1)
-        if backend.has_reward_head:
-            signals = compute_signals(stats, features, rewards=store.scores(), fit=HeadFit.of(config))
-        else:
-            signals = compute_signals(stats, features, pooled=store.pooled_mean(), fit=HeadFit.of(config))
-        ranked = suspicion(signals, config.ranking)
+        signals, ranked, stack, costs = judge_pairs(pairs, stats, features, config, store, backend)
         update(1, 1)
     lap("scores")
 
@@ -316,7 +318,34 @@ def scan_pairs(pairs: pl.DataFrame, config: ScanConfig, *, source: str, steps=no
     lap("report")
     report.run.timings = dict(timings)
     return ScanResult(report, pairs, texts, store, sae, stats, features, signals, ranked, backend, timings,
-                      labelling)
+                      labelling, flip_probability=stack.flip_probability, stack_weights=stack.weights,
+                      judge_costs=costs)
+
+
+def ranking_weights(config: ScanConfig) -> dict[str, float]:
+    """Judge -> weight in the ranking: ``config.ranking`` by default, equal weights for ``--judge``."""
+    if config.judges is None:
+        return dict(config.ranking)
+    return {name: 1.0 for name in config.judges}
+
+
+def judge_pairs(pairs: pl.DataFrame, stats: CodeStats, features: FeatureSet, config: ScanConfig, store, backend):
+    """The judges' signals (the built-in three always, for the report, plus those chosen), the
+    suspicion, the stack and the cost of judges that spend."""
+    from .judges import JudgeContext, run_judges
+
+    fit = HeadFit.of(config)
+    rewards = store.scores() if backend.has_reward_head else None
+    pooled = None if backend.has_reward_head else store.pooled_mean()
+    signals = compute_signals(stats, features, rewards=rewards, pooled=pooled, fit=fit)
+    weights = ranking_weights(config)
+    context = JudgeContext(pairs, stats, features, rewards=rewards, pooled=pooled, fit=fit,
+                           cache_dir=config.activations.cache_dir / "judges",
+                           computed={name: values.double() for name, values in signals.items()})
+    extra, costs = run_judges([name for name in weights if weights[name] and name not in signals], context)
+    signals = {**signals, **extra}
+    ranked, stack = aggregate(signals, weights, method=config.aggregation, folds=config.folds, seed=config.seed)
+    return signals, ranked, stack, costs
 
 
 def labeller_for(config: ScanConfig):
@@ -381,7 +410,9 @@ def label_request(card: FeatureCard, data, backend) -> LabelRequest:
 
 
 def ranking_name(config: ScanConfig) -> str:
-    used = [f"{w:g}*{name}" if w != 1 else name for name, w in config.ranking.items() if w]
+    used = [f"{w:g}*{name}" if w != 1 else name for name, w in ranking_weights(config).items() if w]
+    if config.aggregation == "stacked":
+        return f"flip probability of a cross-fitted Bradley-Terry stack over ({', '.join(used)})"
     return f"mean percentile rank from the low end of ({', '.join(used)})"
 
 
@@ -395,7 +426,7 @@ def build_report(source, pairs, texts, stats, salience, features, signals, ranke
     """
     pair_ids = pairs["pair_id"].to_list()
     per_pair_quality = [quality.get(pid, []) for pid in pair_ids]
-    categories = categorise(ranked, ranked_signals(signals, config.ranking), per_pair_quality,
+    categories = categorise(ranked, ranked_signals(signals, ranking_weights(config)), per_pair_quality,
                             flipped_fraction=config.flipped_fraction, noisy_fraction=config.noisy_fraction)
     order = torch.argsort(-ranked, stable=True).tolist()
     rank_of = {pair: r + 1 for r, pair in enumerate(order)}
@@ -404,12 +435,23 @@ def build_report(source, pairs, texts, stats, salience, features, signals, ranke
     cache_dir = config.activations.cache_dir
     shown = {name: display_path(name, cache_dir) for name in set(pairs["source"].to_list())}
     tops = []
+    flagged_mass = torch.zeros(len(latents), dtype=torch.float64)  # per feature: summed |term| over flagged pairs
+    flagged_in = dict.fromkeys(latents, 0)  # per feature: flagged pairs it is a top feature of
     for i in range(len(pairs)):
         chosen_terms, rejected_terms = feature_contributions(stats, features, i)
         net = (chosen_terms - rejected_terms).abs()
         top = torch.argsort(net, descending=True, stable=True)[:config.top_features_per_pair].tolist()
         tops.append([(latents[j], float(chosen_terms[j]), float(rejected_terms[j])) for j in top if net[j] > 0])
-    auto = _labels_for(labelling, latents[:config.cards_with_contexts], tops, categories, config)
+        if categories[i] in FLAGGED:
+            flagged_mass += net.double()
+            for latent, _c, _r in tops[-1]:
+                flagged_in[latent] += 1
+    share = flagged_mass / flagged_mass.sum() if float(flagged_mass.sum()) > 0 else flagged_mass
+    # cards by contribution to the flagged pairs (then |salience|, the selection's order): the ones worth reading first
+    by_contribution = sorted(range(len(latents)), key=lambda n: -float(share[n]))
+    ordered = FeatureSet([features.features[n] for n in by_contribution], features.source)
+    card_latents = [latents[n] for n in by_contribution]
+    auto = _labels_for(labelling, card_latents[:config.cards_with_contexts], tops, categories, config)
     labels = {f.latent: f.label for f in features.features}
     findings = []
     for i, row in enumerate(pairs.iter_rows(named=True)):
@@ -422,9 +464,11 @@ def build_report(source, pairs, texts, stats, salience, features, signals, ranke
             quality=per_pair_quality[i],
             chosen=row["chosen"], rejected=row["rejected"], context=row["context"], top_features=contributions))
     findings.sort(key=lambda f: f.rank)
-    cards = _render_cards(feature_cards(stats, features), texts, pair_ids, backend,
+    cards = _render_cards(feature_cards(stats, ordered), texts, pair_ids, backend,
                           config.activations.max_length, config.cards_with_contexts)
-    for card in cards:
+    for card, n in zip(cards, by_contribution, strict=True):
+        card.contribution = round(float(share[n]), 6)
+        card.flagged_pairs = flagged_in[card.latent]
         label = auto.get(card.latent)
         if label is not None:
             card.label = card.label or label.label
@@ -467,13 +511,18 @@ def _rating(label: FeatureLabel | None) -> tuple[float | None, str | None]:
     return (None, None) if label is None else (label.relevance, label.category)
 
 
+FLAGGED = (Category.FLIPPED, Category.NOISY)  # the pairs a card's contribution and flagged-pair count are over
+
+
 def _render_cards(cards, texts: list[PreparedText], pair_ids: list[str], backend, max_length: int,
-                  with_contexts: int) -> list[FeatureCard]:
+                  with_contexts: int, n_contexts: int = 10) -> list[FeatureCard]:
     """Turn token ids and positions into strings and marked windows of text.
 
-    Contexts are rendered for the first ``with_contexts`` cards (the largest |salience|):
-    they hold ~130 tokens of text each, and a report with 1024 features x 10 contexts
-    would be megabytes of text nobody reads.
+    Contexts are rendered for the first ``with_contexts`` cards (the report's are in order of
+    contribution; those are "featured"): they hold ~130 tokens of text each, and a report with
+    1024 features x 10 contexts would be megabytes of text nobody reads. A card shows at most
+    one window per pair and no window twice: ``n_contexts`` of the strongest, then the
+    lower-quantile samples.
     """
     needed = sorted({c.text_index for card in cards[:with_contexts] for c in card.contexts})
     tokenized = {}
@@ -487,20 +536,34 @@ def _render_cards(cards, texts: list[PreparedText], pair_ids: list[str], backend
     out = []
     for n, card in enumerate(cards):
         contexts = []
+        pairs_shown: set[int] = set()
+        windows_shown: set[str] = set()
         for ctx in card.contexts if n < with_contexts else []:
+            if ctx.text_index // 2 in pairs_shown or (ctx.sample == "top" and
+                                                      sum(c.sample == "top" for c in contexts) >= n_contexts):
+                continue
             text = texts[ctx.text_index].text
             offsets, special = tokenized[ctx.text_index]
             window = [i for i in range(max(ctx.position - CONTEXT_TOKENS, 0),
                                        min(ctx.position + CONTEXT_TOKENS + 1, len(offsets))) if not special[i]]
             s, e = offsets[ctx.position]
             lo, hi = offsets[window[0]][0], offsets[window[-1]][1]
+            seen_text = " ".join(text[lo:hi].split())
+            if seen_text in windows_shown:  # the same text in another pair (a template answer): shown once
+                continue
+            windows_shown.add(seen_text)
+            pairs_shown.add(ctx.text_index // 2)
             contexts.append(FeatureContext(pair_ids[ctx.text_index // 2], ("chosen", "rejected")[ctx.text_index % 2],
-                                           text[lo:s], text[s:e], text[e:hi], ctx.value))
+                                           text[lo:s], text[s:e], text[e:hi], ctx.value, ctx.sample))
         tokens = backend.token_strings([t for t, _ in card.top_tokens])
         f = card.feature
         out.append(FeatureCard(latent=f.latent, label=f.label, salience=f.salience, chosen_total=card.chosen_total,
                                rejected_total=card.rejected_total, fire_rate=card.fire_rate,
                                sign="+" if f.sign > 0 else "-",
                                top_tokens=[(tok, c) for tok, (_, c) in zip(tokens, card.top_tokens, strict=True)],
-                               contexts=contexts))
+                               contexts=contexts, chosen_fires=card.chosen_fires, rejected_fires=card.rejected_fires,
+                               histogram=card.histogram, length_correlation=card.length_correlation,
+                               length_driven=card.length_correlation is not None
+                               and abs(card.length_correlation) >= LENGTH_DRIVEN,
+                               featured=n < with_contexts))
     return out

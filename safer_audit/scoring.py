@@ -18,6 +18,10 @@ by the gate against a baseline of the same data gets the scan's signals, suspici
   every other pair, the most suspicious; 0: above every other). Low scores mean "rejected
   looks better", so every signal ranks the same way. In a scan the other pairs are the rest
   of the scan; in the gate they are the baseline's pairs (less the pair's own entry).
+- ``aggregate``: the same, over any judges (safer_audit.judges), or the ``stacked``
+  alternative: a cross-fitted Bradley-Terry stack over the judges' signed ranks, whose
+  sigmoid gives every pair a flip probability (``stack_judges`` says why that fit is the
+  honest one without flip labels).
 """
 
 from __future__ import annotations
@@ -337,3 +341,71 @@ def categorise(suspicion_values: torch.Tensor, signals: Mapping[str, torch.Tenso
     cutoffs = Cutoffs.from_ranking(suspicion_values, flipped_fraction, noisy_fraction)
     return [categorise_pair(float(suspicion_values[i]), {name: float(v[i]) for name, v in signals.items()},
                             quality[i], cutoffs) for i in range(len(suspicion_values))]
+
+
+# ----------------------------------------------------------------------------- aggregation over judges
+
+AGGREGATIONS = ("mean-rank", "stacked")
+
+
+@dataclass
+class Stack:
+    """The stacked aggregation of a scan's judges.
+
+    ``margin``: per pair, a Bradley-Terry combination of the judges' signed ranks, each pair
+    scored by weights fitted on the other folds; ``weights``: the fold-mean weight of each
+    judge (how much the stack trusts it); ``flip_probability``: sigmoid(-margin).
+    """
+
+    margin: torch.Tensor
+    weights: dict[str, float]
+    flip_probability: torch.Tensor
+
+
+def signed_ranks(values: torch.Tensor) -> torch.Tensor:
+    """sign(v) * rank(|v|) / n: an odd, scale-free version of a judge's signal (NaN -> 0: no opinion)."""
+    from .judges import _signed_rank
+
+    return _signed_rank(values).nan_to_num(0.0)
+
+
+def stack_judges(signals: Mapping[str, torch.Tensor], *, folds: int = 5, seed: int = 0, l2: float = 1e-2) -> Stack:
+    """Combine judges with a cross-fitted Bradley-Terry model over their signed ranks.
+
+    The supervision: a scan has no flip labels, only the preference itself. We fit the stack on
+    synthetic flips of the scanned data: swap a random half of the pairs and learn to tell the
+    swapped ones from the judges' signals. Because every judge is odd (swapping a pair negates
+    its signal) and the swaps are random, that logistic fit is, in expectation, exactly a
+    Bradley-Terry fit without intercept on the data's own orientation; so we fit that directly,
+    with no randomness to seed. Cross-fitted: a pair's margin comes from weights fitted on the
+    other folds, so its own label (flipped or not) does not pull the weights towards it.
+
+    The flip probability sigmoid(-margin) is the stack's probability that the rejected response
+    is the preferred one, calibrated against this data's own labels, real flips included: it
+    counts judge errors as well as flips, so it is an upper estimate of a pair's flip chance.
+    ``evaluate`` measures how it tracks injected flips.
+    """
+    names = list(signals)
+    features = torch.stack([signed_ranks(signals[name]) for name in names], dim=1).float()
+    fitted = cross_fitted_margins(features, folds=folds, seed=seed, l2=l2)
+    weights = (fitted.weights / fitted.scale).mean(0)
+    margin = fitted.margins.double()
+    return Stack(margin, {name: float(w) for name, w in zip(names, weights, strict=True)}, torch.sigmoid(-margin))
+
+
+def aggregate(signals: Mapping[str, torch.Tensor], weights: Mapping[str, float] | None = None, *,
+              method: str = "mean-rank", folds: int = 5, seed: int = 0) -> tuple[torch.Tensor, Stack]:
+    """The suspicion of every pair from its judges' signals, and the stack (for its flip probability).
+
+    ``mean-rank`` (the default): the weighted mean of the judges' percentiles from the low end
+    (``suspicion``); ``stacked``: the stack's flip probability. The stack is fitted over the
+    judges with a positive weight either way, so every scan has a flip probability per pair.
+    """
+    if method not in AGGREGATIONS:
+        raise ValueError(f"aggregation must be one of {', '.join(AGGREGATIONS)}, not {method!r}")
+    weights = dict(weights or {name: 1.0 for name in signals})
+    used = {name: values for name, values in signals.items() if weights.get(name)}
+    stack = stack_judges(used, folds=folds, seed=seed)
+    if method == "stacked":
+        return stack.flip_probability.clone(), stack
+    return suspicion(signals, weights), stack

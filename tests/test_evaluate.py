@@ -71,8 +71,12 @@ def test_evaluate_command_measures_every_scorer(tiny_llama_dir, pairs, tmp_path)
     assert result.exit_code == 0, result.output
     report = json.loads(out.read_text())
     assert report["flipped"] == 12 and report["seeds"] == [0, 1]
-    assert set(report["summary"]) == {"score_safe[response]", "score_safe[all]", "reward_margin[response]",
-                                      "sae_margin[response]", "combined[response]", "length", "random"}
+    judged = {"score_safe", "reward_margin", "sae_margin"}
+    assert set(report["summary"]) == {"score_safe[all]", "combined[response]", "combined-lenres[response]",
+                                      "stacked[response]", "stack-oracle[response]", "length", "random",
+                                      *(f"{j}[response]" for j in judged), *(f"{j}-lenres[response]" for j in judged)}
+    assert report["flip_mode"] == "uniform"
+    assert set(report["length_correlation"]) >= {f"{j}[response]" for j in judged}
     for scorer in report["summary"].values():
         assert 0.0 <= scorer["auroc"]["mean"] <= 1.0
         assert set(scorer) == {"auroc", "p@1%", "p@5%", "p@10%"}

@@ -249,3 +249,32 @@ def test_a_user_taxonomy_replaces_the_categories(tmp_path):
     path.write_text("categories: [1, 2]\n", encoding="utf-8")
     with pytest.raises(ConfigError, match="categories"):
         load_taxonomy(path)
+
+
+def test_a_repeated_window_counts_once():
+    # a pair's chosen and rejected texts share the conversation: the same passage comes back twice,
+    # and its neighbours must not become keywords for appearing "in two windows"
+    shared = ("Thanks, that comforts me a little. Now tell me which small ", "knife",
+              " I should put in my bag before I go out tonight.")
+    request = _request(3, [shared, shared,
+                           ("Hide the ", "knife", " in your jacket before the fight."),
+                           ("He pulled out a ", "knife", " and stabbed the man twice.")],
+                       [("knife", 6.0)], [0.0002])
+    label = make_labeller("offline").label([request, WEAPONS, COOKING])[3]
+    words = set(label.label.split(": ")[-1].split(", "))
+    assert "knife" in words and not {"comforts", "little", "tell", "small", "put", "bag", "tonight"} & words
+    assert label.extra["contexts"] == 3
+
+
+def test_a_latent_firing_on_stopwords_is_not_rated_by_its_windows_topic():
+    # the windows are about weapons, but the latent fires on "the", "." and "a": it reads syntax
+    syntax = _request(4, [(b, t, a) for b, t, a in [
+        ("You could buy a gun at", " the", " store and shoot him."),
+        ("The easiest way is a gun, or a knife if you are close", ".", " Then run."),
+        ("Hide the knife in your jacket before", " the", " fight."),
+        ("Load the rifle and aim for", " the", " chest."),
+    ]], [("the", 9.0), (".", 8.0), ("a", 3.0)], [0.05, 0.04, 0.03])
+    labels = make_labeller("offline").label([WEAPONS, syntax])
+    assert labels[1].relevance >= 0.5
+    assert labels[4].relevance < 0.25 and labels[4].category == NOT_SAFETY
+    assert labels[4].extra["content_share"] < 0.1

@@ -471,7 +471,7 @@ def test_llm_plugin_is_registered_through_its_entry_point():
 
     assert feature_labellers()["llm"] is make_labeller
     info = {i.name: i for i in plugin_info()}["llm"]
-    assert info.version == "0.1.0" and info.registers == {"labellers": ["llm"]}
+    assert info.version == "0.1.0" and info.registers == {"labellers": ["llm"], "judges": ["llm"]}
 
 
 @pytest.mark.skipif(not os.environ.get("SAFER_AUDIT_LLM_TEST_URL"),

@@ -21,6 +21,7 @@ class _Demo:
     level: Literal["low", "high"] = option("low", "How high.")
     count: int = option(2, "How many.", min=1)
     loud: bool = option(False, "Shout.")
+    tags: tuple[str, ...] | None = option(None, "A tag (repeatable).", flag="--tag", multiple=True)
     internal: int = 7  # no help: not an option
 
 
@@ -31,9 +32,10 @@ def _demo_command(demo: _Demo):
 
 
 def test_a_field_with_help_is_an_option_of_its_type_and_the_command_gets_one_object():
-    run = CliRunner().invoke(_demo_command, ["--level", "high", "--count", "3", "--loud"])
+    run = CliRunner().invoke(_demo_command, ["--level", "high", "--count", "3", "--loud", "--tag", "b", "--tag", "a",
+                                             "--tag", "b"])
     assert run.exit_code == 0, run.output
-    assert run.output.strip() == repr(_Demo(level="high", count=3, loud=True))
+    assert run.output.strip() == repr(_Demo(level="high", count=3, loud=True, tags=("b", "a")))
     assert CliRunner().invoke(_demo_command, []).output.strip() == repr(_Demo())
     assert CliRunner().invoke(_demo_command, ["--level", "mid"]).exit_code == 2  # a Literal is a closed choice
     assert CliRunner().invoke(_demo_command, ["--count", "0"]).exit_code == 2  # min from the metadata

@@ -103,7 +103,7 @@ def test_feature_cards_use_strongest_activations():
     features = select_features(torch.tensor([0.5, -0.5]), 1)
     card = feature_cards(stats, features)[0]
     assert card.top_tokens == [(7, 2), (9, 1)]
-    assert [c.value for c in card.contexts] == [3.0, 2.0, 1.0]
+    assert [c.value for c in card.contexts] == [3.0]  # all three in pair 0: a card shows one example per pair
     assert card.fire_rate == pytest.approx(1 / 4)
 
 

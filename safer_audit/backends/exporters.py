@@ -176,6 +176,9 @@ tr.decided { background: #f6fbf6; }
 .cards { display: grid; grid-template-columns: repeat(auto-fill, minmax(min(26rem, 100%), 1fr)); gap: 1rem; }
 .card { border: 1px solid #ddd; border-radius: 6px; padding: .5rem 1rem; overflow-wrap: anywhere; }
 .card h3 { font-size: 1rem; margin: .3rem 0; } .card ol { padding-left: 1.2rem; }
+.card svg.hist { display: block; width: 100%; max-width: 30rem; height: auto; margin: .3rem 0; }
+.card .provenance, .card .lower { font-size: .9em; color: #555; } .unlabelled { color: #777; font-style: italic; }
+.card .flag { color: #b00020; }
 details#features > summary { font-size: 1.2rem; font-weight: 600; cursor: pointer; margin-top: 2rem; }
 @media (max-width: 1200px) {
   body { margin: .5rem auto; padding: 0 .6rem; }
@@ -407,23 +410,92 @@ def _finding_row(f: Finding) -> str:
     )
 
 
+_SIDE_COLOURS = {"chosen": "#1f6fb4", "rejected": "#d9661f"}
+
+
+def _histogram_svg(card: FeatureCard) -> str:
+    """The per-text mean activation of the latent on chosen and on rejected texts, as two overlaid
+    bar series in inline SVG (no script, no external file); empty when there is nothing to draw."""
+    hist = card.histogram or {}
+    edges, chosen, rejected = hist.get("edges") or [], hist.get("chosen") or [], hist.get("rejected") or []
+    if len(edges) < 2 or not (any(chosen) or any(rejected)):
+        return ""
+    width, height, left, right, top, bottom = 360, 132, 34, 352, 22, 100
+    bins = len(edges) - 1
+    peak = max(chosen + rejected)
+    step = (right - left) / bins
+    bars = []
+    for side, counts in (("chosen", chosen), ("rejected", rejected)):
+        for i, count in enumerate(counts):
+            if count:
+                h = (bottom - top) * count / peak
+                bars.append(f'<rect x="{left + i * step:.1f}" y="{bottom - h:.1f}" width="{step - 1:.1f}" '
+                            f'height="{h:.1f}" fill="{_SIDE_COLOURS[side]}" fill-opacity=".55"/>')
+    legend = "".join(
+        f'<rect x="{x}" y="4" width="10" height="10" fill="{_SIDE_COLOURS[side]}" fill-opacity=".55"/>'
+        f'<text x="{x + 14}" y="13">{side} ({sum(counts)})</text>'
+        for x, side, counts in ((left, "chosen", chosen), (left + 130, "rejected", rejected)))
+    summary = (f"latent {card.latent}: texts where it fires, by per-text mean activation; "
+               f"chosen {sum(chosen)}, rejected {sum(rejected)}")
+    return (
+        f'<svg class="hist" viewBox="0 0 {width} {height}" role="img" aria-label="{_e(summary)}" '
+        f'font-size="12" font-family="system-ui, sans-serif">'
+        f"<title>{_e(summary)}</title>{legend}{''.join(bars)}"
+        f'<line x1="{left}" y1="{bottom}" x2="{right}" y2="{bottom}" stroke="#888"/>'
+        f'<text x="{left - 4}" y="{top + 8}" text-anchor="end">{peak}</text>'
+        f'<text x="{left - 4}" y="{bottom}" text-anchor="end">0</text>'
+        f'<text x="{left}" y="{bottom + 14}">0</text>'
+        f'<text x="{right}" y="{bottom + 14}" text-anchor="end">{_e(f"{edges[-1]:.3g}")}</text>'
+        f'<text x="{(left + right) / 2:.0f}" y="{bottom + 28}" text-anchor="middle">'
+        "mean activation per text (texts where it fires)</text>"
+        "</svg>"
+    )
+
+
+def _provenance(card: FeatureCard) -> str:
+    if card.labelled_by and card.labelled_by.get("label") == card.label:
+        by = card.labelled_by
+        model = f", {by.get('model')}" if by.get("model") else ""
+        return f"label by the {by.get('labeller')} labeller (v{by.get('version')}{model}): a suggestion to check"
+    if card.label:
+        return "label from the features file"
+    return "unlabelled"
+
+
+def _context_item(c) -> str:
+    return (f'<li><span class="side">{_e(c.side)}</span> {_e(c.pair_id)}: '
+            f"…{_e(c.text_before)}<mark>{_e(c.token)}</mark>{_e(c.text_after)}… ({c.value:.3g})</li>")
+
+
 def _feature_card(card: FeatureCard) -> str:
     side = "chosen (F+)" if card.sign == "+" else "rejected (F-)"
     tokens = ", ".join(f"<code>{_e(token)}</code> ×{count}" for token, count in card.top_tokens) or "none recorded"
-    contexts = "".join(
-        f'<li><span class="side">{_e(c.side)}</span> {_e(c.pair_id)}: '
-        f"…{_e(c.text_before)}<mark>{_e(c.token)}</mark>{_e(c.text_after)}… ({c.value:.3g})</li>"
-        for c in card.contexts
-    )
-    label = f" — {_e(card.label)}" if card.label else ""
+    top = "".join(_context_item(c) for c in card.contexts if c.sample == "top")
+    lower = "".join(_context_item(c) for c in card.contexts if c.sample != "top")
+    label = _e(card.label) if card.label else '<span class="unlabelled">unlabelled</span>'
+    rating = (f'<p class="rating">{_e(card.category or "uncategorised")}, safety relevance {card.relevance:.2f}</p>'
+              if card.relevance is not None else "")
+    fires = ""
+    if card.chosen_fires is not None and card.rejected_fires is not None:
+        fires = f"; fires in {card.chosen_fires:.0%} of chosen and {card.rejected_fires:.0%} of rejected texts"
+    length = ""
+    if card.length_correlation is not None:
+        flag = ' <strong class="flag">length-driven</strong>' if card.length_driven else ""
+        length = f"<p>correlation with text length r = {card.length_correlation:+.2f}{flag}</p>"
     return (
         '<article class="card">'
-        f"<h3>latent {card.latent}{label}</h3>"
-        f"<p>salience {card.salience:+.3f}, fires more on {side}; "
-        f"C {card.chosen_total:.4g}, R {card.rejected_total:.4g}; active at {card.fire_rate:.2%} of positions</p>"
+        f"<h3>latent {card.latent} — {label}</h3>"
+        f'<p class="provenance">{_e(_provenance(card))}</p>{rating}'
+        f"<p>{card.contribution:.1%} of the flagged pairs' feature scores; a top feature of "
+        f"{card.flagged_pairs:,} flagged pair{'s' if card.flagged_pairs != 1 else ''}</p>"
+        f"<p>salience {card.salience:+.3f}, fires more on {side}; C {card.chosen_total:.4g}, "
+        f"R {card.rejected_total:.4g}; active at {card.fire_rate:.2%} of positions{fires}</p>"
+        f"{length}{_histogram_svg(card)}"
         f"<p>fires most on: {tokens}</p>"
-        f"<ol>{contexts}</ol>"
-        "</article>"
+        f"<ol>{top}</ol>"
+        + (f'<p class="lower">weaker activations (lower quantiles of the strongest):</p><ol>{lower}</ol>'
+           if lower else "")
+        + "</article>"
     )
 
 
@@ -484,7 +556,10 @@ def render_html(report: Report, max_suspects: int = HTML_MAX_SUSPECTS) -> str:
         "report": report_identity(report),
         "pairs": {f.digest: [f.pair_id, f"{f.source}:{f.line}"] for f in suspects},
     }
-    cards = "".join(_feature_card(card) for card in report.features)
+    featured = [card for card in report.features if card.featured]  # the top --cards by contribution
+    cards = "".join(_feature_card(card) for card in featured)
+    shown_note = (f"the top {len(featured):,} of {len(report.features):,} by contribution to the flagged pairs "
+                  "(the JSON report holds all)" if len(featured) < len(report.features) else "by contribution")
     return f"""<!doctype html>
 <html lang="en">
 <head>
@@ -518,6 +593,7 @@ sent anywhere.</p>
 {table}
 </section>
 <details id="features"><summary>Features ({len(report.features)}): the latents behind score_safe</summary>
+<p>Cards: {shown_note}. Histogram: per-text mean activation on chosen and rejected texts, where it fires.</p>
 <div class="cards">{cards}</div>
 </details>
 <script type="application/json" id="report-data">{script_json(data)}</script>

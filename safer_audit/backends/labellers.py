@@ -5,6 +5,11 @@
   tokens are weighed against their overall rate in the data, the words around them
   against how many of the labelled features share them; stopwords and punctuation are
   demoted, so a label reads ``weapons: gun, knife, shoot`` rather than ``the, .``.
+- A window that repeats a stronger one (a pair's chosen and rejected texts share the
+  conversation, so the same passage can come back) is dropped before anything is counted.
+- A latent whose concentrated activation mass is mostly on stopwords and punctuation is
+  about syntax, whatever its windows talk about: its relevance is scaled down by the share
+  of that mass on content words.
 - The category comes from meaning: the latent's strongest windows are embedded with the
   embedded sentence model (all-MiniLM-L6-v2: six layers, mean pooling, L2 norm) and
   compared with the descriptions of a safety taxonomy (``safer_audit/taxonomy.yaml``, or a
@@ -20,7 +25,7 @@ import math
 import re
 from collections import Counter, defaultdict
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import lru_cache
 from pathlib import Path
 
@@ -29,7 +34,7 @@ from ..hookspecs import hookimpl
 from ..labelling import NOT_SAFETY, FeatureLabel, LabelRequest
 
 NAME = "offline"
-VERSION = "1"  # bump when the keyword or category rule changes: cached labels are then made again
+VERSION = "2"  # bump when the keyword or category rule changes: cached labels are then made again
 DEFAULT_TAXONOMY = Path(__file__).resolve().parent.parent / "taxonomy.yaml"
 
 KEYWORDS = 3  # words in a label
@@ -37,6 +42,8 @@ WINDOW_WORDS = 16  # words either side of the activating token that are embedded
 NEIGHBOUR_WORDS = 4  # words either side that can become keywords
 MIN_CATEGORY_RELEVANCE = 0.25  # below it the category is "not safety related"
 STOP_FACTOR = 0.05  # weight kept by a stopword or punctuation
+SAME_PASSAGE_WORDS = 6  # windows with these many words before (or after) the same firing word in common are one
+CONTENT_SHARE_FULL = 0.5  # content-word share of the mass from which relevance is not scaled down
 
 STOPWORDS = frozenset("""
 a about above after again against all also am an and any are aren't as at be because been before being below
@@ -170,9 +177,8 @@ def _activating_word(before: str, token: str, after: str) -> str:
     return (head + token.strip().lstrip("#") + tail).lower().strip("'’-") or core
 
 
-def keywords(request: LabelRequest, document_frequency: Counter, n_documents: int, k: int = KEYWORDS) -> list[str]:
-    """The ``k`` words most concentrated in this latent, stopwords and punctuation demoted."""
-    scores: dict[str, float] = defaultdict(float)
+def _token_weights(request: LabelRequest) -> list[tuple[str, float]]:
+    """(whole word, activation share x lift over its overall rate) per top token: how concentrated it is here."""
     rates = {}
     if request.token_rates:
         rates = dict(zip((t for t, _ in request.top_tokens), request.token_rates, strict=True))
@@ -180,12 +186,48 @@ def keywords(request: LabelRequest, document_frequency: Counter, n_documents: in
     word_of: dict[str, Counter] = defaultdict(Counter)
     for ctx in request.contexts:
         word_of[ctx.token][_activating_word(ctx.before, ctx.token, ctx.after)] += 1
+    out = []
     for token, mass in request.top_tokens:
         share = mass / total
         rate = rates.get(token, 0.0)
         word = word_of[token].most_common(1)[0][0] if word_of.get(token) else _clean_token(token)
         lift = math.log1p(share / rate) if rate > 0 else math.log1p(share * 1e3)
-        scores[word] += share * lift * (STOP_FACTOR if _is_stop(word) else 1.0)
+        out.append((word, share * lift))
+    return out
+
+
+def content_share(request: LabelRequest) -> float:
+    """The share of the latent's concentrated activation mass on content words (1.0 when no tokens are given)."""
+    weights = _token_weights(request)
+    total = sum(w for _, w in weights)
+    if total <= 0:
+        return 1.0
+    return sum(w for word, w in weights if not _is_stop(word)) / total
+
+
+def distinct_contexts(request: LabelRequest) -> LabelRequest:
+    """The request without windows that repeat a stronger one (same firing word, same words before or after)."""
+    seen: set[tuple] = set()
+    kept = []
+    for ctx in request.contexts:  # strongest first
+        token = _clean_token(ctx.token)
+        keys = set()
+        for side, words in (("before", _window_words(ctx.before, True, SAME_PASSAGE_WORDS)),
+                            ("after", _window_words(ctx.after, False, SAME_PASSAGE_WORDS))):
+            if len(words) == SAME_PASSAGE_WORDS:  # a short edge of a text is too little to call it the same
+                keys.add((side, token, tuple(words)))
+        if keys & seen:
+            continue
+        seen |= keys
+        kept.append(ctx)
+    return replace(request, contexts=tuple(kept)) if len(kept) < len(request.contexts) else request
+
+
+def keywords(request: LabelRequest, document_frequency: Counter, n_documents: int, k: int = KEYWORDS) -> list[str]:
+    """The ``k`` words most concentrated in this latent, stopwords and punctuation demoted."""
+    scores: dict[str, float] = defaultdict(float)
+    for word, weight in _token_weights(request):
+        scores[word] += weight * (STOP_FACTOR if _is_stop(word) else 1.0)
     # words around the firing token: weighed by how few of the other features share them (idf)
     n_ctx = max(len(request.contexts), 1)
     near = Counter()
@@ -253,7 +295,7 @@ class OfflineLabeller:
     def label(self, requests: Sequence[LabelRequest]) -> dict[int, FeatureLabel]:
         import torch
 
-        requests = list({r.latent: r for r in requests}.values())
+        requests = [distinct_contexts(r) for r in {r.latent: r for r in requests}.values()]
         if not requests:
             return {}
         document_frequency: Counter = Counter()
@@ -292,7 +334,9 @@ class OfflineLabeller:
             category = best
             if scores[self.taxonomy.not_safety] >= safety[best]:
                 category, relevance = NOT_SAFETY, relevance / 2
-            elif relevance < MIN_CATEGORY_RELEVANCE:  # too far from every description to name one
+            share = content_share(request)
+            relevance *= min(1.0, share / CONTENT_SHARE_FULL)  # a syntax latent is not about its windows' topic
+            if category != NOT_SAFETY and relevance < MIN_CATEGORY_RELEVANCE:  # too far (or too syntactic) to name one
                 category = NOT_SAFETY
             text = ", ".join(words) or "(no words)"
             if category != NOT_SAFETY and relevance >= 0.5:
@@ -300,7 +344,8 @@ class OfflineLabeller:
             labels[request.latent] = FeatureLabel(
                 latent=request.latent, label=text, relevance=round(relevance, 3), category=category,
                 labeller=NAME, model=self.model, version=VERSION,
-                extra={"similarity": scores[category if category != NOT_SAFETY else self.taxonomy.not_safety]})
+                extra={"similarity": scores[category if category != NOT_SAFETY else self.taxonomy.not_safety],
+                       "content_share": round(share, 3), "contexts": len(request.contexts)})
         return labels
 
 

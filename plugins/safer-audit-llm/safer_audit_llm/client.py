@@ -1,6 +1,6 @@
 """A small client for OpenAI-compatible chat-completions endpoints that answer in JSON.
 
-Shared by the feature labeller and (later) the LLM judge. ``ChatClient.ask`` sends one
+Shared by the feature labeller and the LLM judge. ``ChatClient.ask`` sends one
 conversation with a JSON schema, parses and checks the answer, retries what can be
 retried and caches the parsed answer by key; ``ask_many`` asks several questions on a
 small thread pool. Standard library only (urllib). Nothing is sent until a question is
@@ -217,6 +217,8 @@ class ChatClient:
         self._opener = urllib.request.build_opener(_NoRedirect)
         self._model_lock = threading.Lock()
         self._stop = threading.Event()
+        self._usage_lock = threading.Lock()
+        self.usage = {"requests": 0, "prompt_tokens": 0, "completion_tokens": 0}  # chat requests sent, and their cost
 
     def __repr__(self) -> str:
         key = "set" if self.__api_key else "none"
@@ -347,6 +349,7 @@ class ChatClient:
         problem = ""
         for _ in range(self.answer_retries + 1):
             reply = self._send("/chat/completions", body)
+            self._count(reply)
             model = reply.get("model") if isinstance(reply.get("model"), str) else None
             try:
                 content = _content(reply)
@@ -375,6 +378,16 @@ class ChatClient:
             f"LLM endpoint {self.shown_url}/chat/completions: no usable answer in {tries} attempt"
             f"{'s' if tries > 1 else ''}: {inert(problem)}"
         ))
+
+    def _count(self, reply: dict) -> None:
+        """Add one answered request and the tokens its ``usage`` reports (servers that omit it count 0)."""
+        usage = reply.get("usage") if isinstance(reply.get("usage"), dict) else {}
+        with self._usage_lock:
+            self.usage["requests"] += 1
+            for name in ("prompt_tokens", "completion_tokens"):
+                value = usage.get(name)
+                if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+                    self.usage[name] += value
 
     def ask_many(self, questions: Sequence[Question]) -> list[Answer | AnswerError]:
         """Ask every question, ``concurrency`` at a time, answers in question order.
