@@ -23,6 +23,7 @@ from filelock import FileLock
 
 from . import __version__
 from .activations import ActivationStore, PreparedText, extract_activations, load_backend, pair_texts, resolve_layer
+from .codes import CodeCache
 from .config import ActivationConfig, SaeTrainConfig, ScanConfig
 from .data import find_quality_issues, load_pairs, tokenizer_counter
 from .digests import sha256_text, short_digest
@@ -272,12 +273,13 @@ def scan_pairs(pairs: pl.DataFrame, config: ScanConfig, *, source: str, steps=no
     sae, sae_dir = get_sae(store, config, backend, layer, steps)
     lap("sae")
     with steps("Encoding", "pairs", scale=0.5) as update:
-        stats = encode_store(store, sae, progress=update)
+        stats = encode_store(store, sae, progress=update, cache=CodeCache.for_store(store, sae))
     if config.salience_from:
         reference = read_data(config.salience_from, config).pairs
         _, reference_store = _activations_for(reference, backend, config, steps, "Reference activations")
         with steps("Reference encoding", "pairs", scale=0.5) as update:
-            reference_stats = encode_store(reference_store, sae, progress=update)
+            reference_stats = encode_store(reference_store, sae, progress=update,
+                                           cache=CodeCache.for_store(reference_store, sae))
         totals = reference_stats.totals()
     else:
         totals = stats.totals()
@@ -300,9 +302,9 @@ def scan_pairs(pairs: pl.DataFrame, config: ScanConfig, *, source: str, steps=no
     with steps("Scores", "signals") as update:
         update(0, 1)
         if backend.has_reward_head:
-            signals = compute_signals(stats, features, rewards=store.scores(), fit=HeadFit.of(config))
-        else:
-            signals = compute_signals(stats, features, pooled=store.pooled_mean(), fit=HeadFit.of(config))
+            signals = compute_signals(stats, features, rewards=stats.scores, fit=HeadFit.of(config))
+        else:  # the encoding pass pooled the activations (and cached them): no second pass over the store
+            signals = compute_signals(stats, features, pooled=stats.pooled, fit=HeadFit.of(config))
         ranked = suspicion(signals, config.ranking)
         update(1, 1)
     lap("scores")
