@@ -186,6 +186,8 @@ def _ranges(starts: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
 
 def select_rows(block: dict[str, torch.Tensor], rows: torch.Tensor) -> dict[str, torch.Tensor]:
     """The entries of ``rows`` of a block, as a block of their own (rows may repeat)."""
+    if len(rows) == len(block["n_positions"]) and torch.equal(rows, torch.arange(len(rows))):
+        return block  # all of it, in order: no copy of the firings (the bulk of a warm scan's memory)
     out = {field: block[field][rows] for field in PER_TEXT}
     for group, fields in SEGMENTS.items():
         offsets = block[f"{group}_offsets"]
