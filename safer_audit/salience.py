@@ -1,9 +1,9 @@
-"""Feature salience, feature selection and feature cards (METHOD.md sections 3 and 4).
+"""Feature salience, feature selection and feature cards (docs/method.md sections 3 and 4).
 
 One streamed pass of the SAE over the activation store gives, per text, the mean code
 over its read positions. Everything later is a function of those means: the totals
 C_j and R_j are mean times number of positions summed over chosen / rejected texts,
-and V(t) of METHOD.md section 5 is a signed sum of the mean codes of the features.
+and V(t) of docs/method.md section 5 is a signed sum of the mean codes of the features.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import torch
 from .errors import FeaturesFileError
 
 TOP_ACTIVATIONS = 50  # strongest activations kept per latent: contexts and top tokens come from these
-CONTEXT_TOKENS = 64  # tokens either side of a firing token in a feature card (METHOD.md section 4)
+CONTEXT_TOKENS = 64  # tokens either side of a firing token in a feature card (docs/method.md section 4)
 
 
 @dataclass
@@ -48,7 +48,7 @@ class CodeStats:
         return int(self.n_positions.sum())
 
     def totals(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """C and R of METHOD.md section 3: summed codes over chosen and over rejected texts."""
+        """C and R of docs/method.md section 3: summed codes over chosen and over rejected texts."""
         sums = self.mean_codes * self.n_positions.unsqueeze(1).to(self.mean_codes.dtype)
         return sums[0::2].sum(0), sums[1::2].sum(0)
 
