@@ -106,7 +106,7 @@ def parse_hh_transcript(text: str) -> list[dict[str, str]]:
     if preamble.strip():
         messages.append({"role": "system", "content": preamble})
     ends = [marker.start() for marker in markers[1:]] + [len(text)]
-    for marker, end in zip(markers, ends):
+    for marker, end in zip(markers, ends, strict=False):
         messages.append({"role": _NAME_ROLES[marker.group(1)], "content": text[marker.end() : end]})
     return messages
 
@@ -854,7 +854,7 @@ class _QualityChecker:
             found.append(finding("empty_response", "both responses are empty" if len(empty) == 2
                                  else f"{empty[0]} response is empty"))
         if chosen_context != rejected_context:
-            turn = next((i for i, (a, b) in enumerate(zip(chosen_context, rejected_context)) if a != b),
+            turn = next((i for i, (a, b) in enumerate(zip(chosen_context, rejected_context, strict=False)) if a != b),
                         min(len(chosen_context), len(rejected_context)))
             found.append(finding("context_mismatch", f"chosen and rejected contexts differ at message {turn + 1}"))
         if self.max_length is not None:
