@@ -1,4 +1,4 @@
-"""Benchmark: the paper's denoise and poison experiments at CPU scale (METHOD.md section 6).
+"""Benchmark: the paper's denoise and poison experiments at CPU scale (docs/method.md section 7).
 
     python benchmarks/bench_denoise.py [--seeds 0 1 2 3 4] [--limit N] [--json FILE] [--plot FILE]
 

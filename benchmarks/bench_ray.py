@@ -274,6 +274,7 @@ def main() -> int:
                 done = subprocess.run(command, capture_output=True, text=True)
                 if done.returncode:
                     sys.stderr.write(done.stderr[-4000:])
+                    shutil.rmtree(work, ignore_errors=True)  # the synthetic or head file
                     raise SystemExit(f"run {engine}:{workers or ''} {dtype} failed ({done.returncode})")
                 out = done.stdout
                 rows.append(json.loads(out.strip().splitlines()[-1]))

@@ -8,7 +8,7 @@ first batch's mean, decoder renormalised every step, gradient parallel to the de
 removed); it sees the inputs already layer-normed exactly as our SAE normalises them,
 because sparsify has no input normalisation of its own.
 
-Both are then evaluated the same way over all the activations: FVU as METHOD.md defines
+Both are then evaluated the same way over all the activations: FVU as docs/method.md defines
 it (mean over tokens of ||x_hat - x||^2 / ||x||^2), FVU as sparsify defines it (summed
 squared error over the total variance around the mean token), mean L0, and the fraction
 of latents that never fire.
@@ -221,7 +221,7 @@ def main(argv=None) -> None:
           f"epochs={cfg.epochs} ({steps} steps), lr={cfg.lr or default_lr(n_latents):.3g}, auxk_alpha={cfg.auxk_alpha:.4g}, "
           f"dead_tokens={cfg.dead_tokens}, threads={args.threads}, torch {torch.__version__}; "
           f"{args.repeats} interleaved runs each, 1-min load average {load_before:.1f} before, {load_after:.1f} after\n")
-    print("| trainer | median seconds | runs (s) | tokens/s | FVU (METHOD) | FVU (sparsify) | L0 | dead fraction |")
+    print("| trainer | median seconds | runs (s) | tokens/s | FVU (ours) | FVU (sparsify) | L0 | dead fraction |")
     print("|---|---:|---|---:|---:|---:|---:|---:|")
     for name, secs, tokens, fig in rows:
         med = statistics.median(secs)

@@ -2,7 +2,7 @@
 
 Every chosen and rejected conversation becomes one *text*; a pair ``i`` has its chosen
 text at index ``2*i`` and its rejected text at ``2*i + 1``. For each text we keep the
-hidden states of one layer at the read positions (METHOD.md section 1), the token ids
+hidden states of one layer at the read positions (docs/method.md section 1), the token ids
 there, and the reward score when the model has a head.
 
 The cache is content-addressed: a text's key hashes the model fingerprint, layer,
@@ -49,7 +49,7 @@ PUNCTUATION_MIN_GAP = 5
 
 def read_positions(text: str, offsets: Sequence[tuple[int, int]], special: Sequence[int],
                    response_start: int, positions: str) -> list[int]:
-    """Token indices to read for one tokenized text (METHOD.md section 1).
+    """Token indices to read for one tokenized text (docs/method.md section 1).
 
     ``all``: every non-special token. ``response``: the tokens of the final turn.
     ``punctuation``: the token ending each run of ``. , ? ! ;`` or a line break, at least

@@ -1,4 +1,4 @@
-"""How well a scan finds flipped pairs (METHOD.md section 7).
+"""How well a scan finds flipped pairs (docs/method.md section 7).
 
 Flip a seeded random fraction of the pairs (swap chosen and rejected), scan the flipped
 copy, and measure how well each scorer ranks the flipped pairs first: AUROC and

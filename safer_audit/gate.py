@@ -78,6 +78,7 @@ from safetensors.torch import save as save_safetensors
 
 from . import __version__
 from .activations import extract_activations, load_backend, pair_texts
+from .codes import CodeCache
 from .config import POSITIONS, ActivationConfig, ReadOptions, ScanConfig, option_fields
 from .data import find_quality_issues, load_pairs, pair_digest
 from .digests import DIGEST_LENGTH, is_short_digest, sha256_file, short_digest
@@ -436,7 +437,7 @@ def build_baseline(sources: list[str], out: str | os.PathLike, config: ScanConfi
     else:
         sae_dir = Path(config.sae_path)
     heads_path = out.with_name(f"{out.stem}-heads.safetensors")
-    pooled = None if result.backend.has_reward_head else result.store.pooled_mean()
+    pooled = None if result.backend.has_reward_head else result.stats.pooled
     heads = fit_heads(result.stats, HeadFit.of(config), pooled)
     write_atomic(heads_path, save_safetensors(heads), protect=sources)
 
@@ -637,11 +638,11 @@ def score_frozen(pairs: pl.DataFrame, baseline: Baseline, backend, sae: TopKSAE,
     texts = pair_texts(pairs, backend)
     with steps("Activations", "pairs", scale=0.5) as update:
         store = extract_activations(texts, backend, config, progress=update)
-    stats = encode_store(store, sae)
+    stats = encode_store(store, sae, cache=CodeCache.for_store(store, sae))
     try:
         if backend.has_reward_head:
-            return compute_signals(stats, baseline.features, rewards=store.scores(), heads=heads)
-        return compute_signals(stats, baseline.features, pooled=store.pooled_mean(), heads=heads)
+            return compute_signals(stats, baseline.features, rewards=stats.scores, heads=heads)
+        return compute_signals(stats, baseline.features, pooled=stats.pooled, heads=heads)
     except KeyError as exc:
         raise BaselineError(f"{heads_path}: the heads file has no tensor {exc}; make a new baseline") from None
 

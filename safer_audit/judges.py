@@ -14,7 +14,7 @@ activations, how heads are fitted) and returns one float per pair, in table orde
   a pair's label would agree with it, flipped or not, and hide the flip.
 
   score_safe's features are chosen by salience on the scanned pairs, labels included: a
-  documented exception kept from METHOD.md (1,024 of 3,072 latents, a weak dependence).
+  documented exception kept from the paper's method (docs/method.md section 4) (1,024 of 3,072 latents, a weak dependence).
 
 Built-in judges (safer_audit.backends.judges registers them): ``score_safe``, ``reward_margin``
 and ``sae_margin`` (the scan's signals), ``length`` (the response-length difference, its

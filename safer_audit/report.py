@@ -61,7 +61,7 @@ def few_pairs_warning(pairs: int) -> str | None:
 
 @dataclass
 class FeatureContribution:
-    """One latent's share of V(chosen) and V(rejected), signed as in METHOD.md section 5."""
+    """One latent's share of V(chosen) and V(rejected), signed as in docs/method.md section 5."""
 
     latent: int
     label: str | None  # a features file's label, else the labeller's

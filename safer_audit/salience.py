@@ -1,9 +1,9 @@
-"""Feature salience, feature selection and feature cards (METHOD.md sections 3 and 4).
+"""Feature salience, feature selection and feature cards (docs/method.md sections 3 and 4).
 
 One streamed pass of the SAE over the activation store gives, per text, the mean code
 over its read positions. Everything later is a function of those means: the totals
 C_j and R_j are mean times number of positions summed over chosen / rejected texts,
-and V(t) of METHOD.md section 5 is a signed sum of the mean codes of the features.
+and V(t) of docs/method.md section 5 is a signed sum of the mean codes of the features.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import torch
 from .errors import FeaturesFileError
 
 TOP_ACTIVATIONS = 50  # strongest activations kept per latent: contexts and top tokens come from these
-CONTEXT_TOKENS = 64  # tokens either side of a firing token in a feature card (METHOD.md section 4)
+CONTEXT_TOKENS = 64  # tokens either side of a firing token in a feature card (docs/method.md section 4)
 
 
 @dataclass
@@ -33,6 +33,9 @@ class CodeStats:
     top_tokens: torch.Tensor  # [TOP_ACTIVATIONS, n_latents] their token id
     fvu: float = float("nan")  # the SAE's fraction of variance unexplained on this data
     token_counts: torch.Tensor | None = None  # [vocab seen] read positions per token id (keyword contrast)
+    pooled: torch.Tensor | None = None  # [n_texts, d_model] mean activation per text (ActivationStore.pooled_mean)
+    scores: torch.Tensor | None = None  # [n_texts] reward score per text (ActivationStore.scores)
+    n_encoded: int = 0  # texts this pass ran through the SAE (the rest came from the codes cache)
 
     def token_rate(self, token_id: int) -> float:
         """The token's share of all read positions (0 when unknown)."""
@@ -45,63 +48,20 @@ class CodeStats:
         return int(self.n_positions.sum())
 
     def totals(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """C and R of METHOD.md section 3: summed codes over chosen and over rejected texts."""
+        """C and R of docs/method.md section 3: summed codes over chosen and over rejected texts."""
         sums = self.mean_codes * self.n_positions.unsqueeze(1).to(self.mean_codes.dtype)
         return sums[0::2].sum(0), sums[1::2].sum(0)
 
 
-@torch.inference_mode()
-def encode_store(store, sae, *, progress=None) -> CodeStats:
-    """One pass of ``sae`` over every read position of ``store``.
+def encode_store(store, sae, *, progress=None, cache=None) -> CodeStats:
+    """One pass of ``sae`` over every read position of ``store`` (codes.encode_store).
 
-    Works on the sparse top-k codes (k per token) rather than dense [tokens, latents]
-    rows: sums, firing counts and the running strongest activations per latent are all
-    scatter / sort operations over k x tokens entries.
+    With ``cache`` (a codes.CodeCache), texts encoded before are read back and only the
+    others run through the SAE; the result is the same either way.
     """
-    n_latents = sae.cfg.n_latents
-    mean_codes = torch.zeros(store.n_texts, n_latents)
-    n_positions = torch.zeros(store.n_texts, dtype=torch.long)
-    fire_counts = torch.zeros(n_latents, dtype=torch.long)
-    # the running strongest activations, as flat entries (latent, value, text, position, token)
-    top = {name: torch.zeros(0, dtype=dtype) for name, dtype in
-           (("latent", torch.long), ("value", torch.float32), ("text", torch.long), ("position", torch.long),
-            ("token", torch.long))}
-    device = next(sae.parameters()).device
-    done = fvu_sum = 0
-    token_counts = torch.zeros(0, dtype=torch.long)
-    for texts, offsets, tensors in store.iter_chunks():
-        lengths = offsets[1:] - offsets[:-1]
-        n_positions[texts] = lengths
-        if int(offsets[-1]) == 0:
-            continue
-        counts = torch.bincount(tensors["token_ids"].long())
-        if len(counts) > len(token_counts):
-            token_counts = torch.cat([token_counts, torch.zeros(len(counts) - len(token_counts), dtype=torch.long)])
-        token_counts[:len(counts)] += counts
-        out = sae(tensors["acts"].to(device))
-        values, latents = out.top_vals.float().cpu(), out.top_idx.cpu()
-        fvu_sum += float(out.fvu) * len(values)
-        segment = torch.repeat_interleave(torch.arange(len(texts)), lengths)  # chunk text of each token
-        flat = (segment.unsqueeze(1) * n_latents + latents).flatten()
-        sums = torch.zeros(len(texts) * n_latents).index_add_(0, flat, values.flatten()).view(len(texts), n_latents)
-        mean_codes[texts] = sums / lengths.clamp(min=1).unsqueeze(1)
-        active = values > 0
-        fire_counts += torch.bincount(latents[active], minlength=n_latents)
-        rows = torch.arange(len(values)).unsqueeze(1).expand_as(latents)[active]
-        chunk = {"latent": latents[active], "value": values[active], "text": texts[segment[rows]],
-                 "position": tensors["positions"].long()[rows], "token": tensors["token_ids"][rows]}
-        top = _keep_strongest({name: torch.cat([top[name], chunk[name]]) for name in top}, n_latents)
-        done += len(texts)
-        if progress is not None:
-            progress(done, store.n_texts)
-    dense = {name: torch.full((TOP_ACTIVATIONS, n_latents), fill, dtype=top[name].dtype)
-             for name, fill in (("value", -1.0), ("text", -1), ("position", 0), ("token", 0))}
-    rank = _rank_within_latent(top["latent"], n_latents)
-    for name in dense:
-        dense[name][rank, top["latent"]] = top[name]
-    fvu = fvu_sum / max(int(n_positions.sum()), 1)
-    return CodeStats(mean_codes, n_positions, fire_counts, dense["value"], dense["text"], dense["position"],
-                     dense["token"], fvu, token_counts)
+    from .codes import encode_store as encode
+
+    return encode(store, sae, progress=progress, cache=cache)
 
 
 def _rank_within_latent(latents: torch.Tensor, n_latents: int) -> torch.Tensor:

@@ -23,6 +23,7 @@ from filelock import FileLock
 
 from . import __version__
 from .activations import ActivationStore, PreparedText, extract_activations, load_backend, pair_texts, resolve_layer
+from .codes import CodeCache
 from .config import ActivationConfig, ReadOptions, SaeTrainConfig, ScanConfig
 from .data import find_quality_issues, load_pairs, tokenizer_counter
 from .digests import sha256_text, short_digest
@@ -281,12 +282,13 @@ def scan_pairs(pairs: pl.DataFrame, config: ScanConfig, *, source: str, steps=no
     sae, sae_dir = get_sae(store, config, backend, layer, steps)
     lap("sae")
     with steps("Encoding", "pairs", scale=0.5) as update:
-        stats = encode_store(store, sae, progress=update)
+        stats = encode_store(store, sae, progress=update, cache=CodeCache.for_store(store, sae))
     if config.salience_from:
         reference = read_data(config.salience_from, config).pairs
         _, reference_store = _activations_for(reference, backend, config, steps, "Reference activations")
         with steps("Reference encoding", "pairs", scale=0.5) as update:
-            reference_stats = encode_store(reference_store, sae, progress=update)
+            reference_stats = encode_store(reference_store, sae, progress=update,
+                                           cache=CodeCache.for_store(reference_store, sae))
         totals = reference_stats.totals()
     else:
         totals = stats.totals()
@@ -335,8 +337,9 @@ def judge_pairs(pairs: pl.DataFrame, stats: CodeStats, features: FeatureSet, con
     from .judges import JudgeContext, run_judges
 
     fit = HeadFit.of(config)
-    rewards = store.scores() if backend.has_reward_head else None
-    pooled = None if backend.has_reward_head else store.pooled_mean()
+    # the encoding pass pooled the activations (and cached them): no second pass over the store
+    rewards = stats.scores if backend.has_reward_head else None
+    pooled = None if backend.has_reward_head else stats.pooled
     signals = compute_signals(stats, features, rewards=rewards, pooled=pooled, fit=fit)
     weights = ranking_weights(config)
     context = JudgeContext(pairs, stats, features, rewards=rewards, pooled=pooled, fit=fit,

@@ -1,4 +1,4 @@
-"""Per-pair scores, the suspicion ranking and the categories (METHOD.md section 5, and our additions).
+"""Per-pair scores, the suspicion ranking and the categories (docs/method.md section 5, and our additions).
 
 The one scoring path of both ``scan`` and ``gate``: ``compute_signals`` turns a pair's codes,
 features and reward (or pooled activations) into the signals, with heads cross-fitted on the

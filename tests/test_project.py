@@ -6,6 +6,7 @@ import re
 import runpy
 
 import click
+import pytest
 from click.testing import CliRunner
 
 from safer_audit import __version__
@@ -80,3 +81,16 @@ def test_readme_never_clears_the_cache_unasked():
     for line in lines:
         command = line.split("#")[0]
         assert "--yes" in command and "|" not in command, line
+
+
+def test_ruff_is_clean():
+    """The lint rules in pyproject.toml hold for the whole tree (CI runs this test)."""
+    import shutil
+    import subprocess
+
+    ruff = shutil.which("ruff")
+    if ruff is None:
+        pytest.skip("ruff is not installed (pip install -e '.[test]' brings it)")
+    completed = subprocess.run([ruff, "check", "--no-cache", "."], cwd=ROOT, capture_output=True, text=True,
+                               timeout=120)
+    assert completed.returncode == 0, completed.stdout + completed.stderr

@@ -105,7 +105,7 @@ def test_auxk_loss_only_with_dead_latents_and_only_reaches_them():
 
 
 def dense_forward_loss(sae: TopKSAE, h: torch.Tensor, dead: torch.Tensor, auxk_alpha: float) -> torch.Tensor:
-    """The training loss written densely, straight from METHOD.md: the reference for the sparse backward."""
+    """The training loss written densely, straight from docs/method.md: the reference for the sparse backward."""
     x = sae.normalize(h)
     pre = (x - sae.b_pre) @ sae.W_enc + sae.b_enc
     codes = dense_codes(pre, sae.k)

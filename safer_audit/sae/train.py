@@ -20,7 +20,7 @@ STATS_WINDOW = 0.1
 
 @dataclass
 class TrainStats:
-    """Training figures (METHOD.md section 2), stored in the SAE's metadata on save.
+    """Training figures (docs/method.md section 2), stored in the SAE's metadata on save.
 
     ``fvu`` and ``l0`` are token-weighted means over the last tenth of training;
     ``dead_fraction`` counts latents silent over the last ``min(dead_tokens, tokens_seen)``
@@ -114,7 +114,7 @@ def train_sae(
     ``progress(step, total_steps, {"loss", "fvu", "auxk", "dead_fraction", "lr"})`` is
     called after every step. Deterministic for the same inputs, config and seed on CPU.
 
-    b_pre starts at the mean of the first (shuffled) batch rather than METHOD's 0: on
+    b_pre starts at the mean of the first (shuffled) batch rather than the paper's 0: on
     MiniLM layer-3 response activations of HH-RLHF harmless (203k tokens, defaults) that
     measured FVU 0.281 against 0.295, and 0.0% dead latents against 0.1%.
     """

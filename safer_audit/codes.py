@@ -1,0 +1,317 @@
+"""The SAE pass over an activation store, and its per-text cache (issue 15).
+
+Per text, everything downstream of the SAE (salience, scores, feature cards, the labeller,
+the reward head's pooled means) needs only: for each latent firing in the text the sum of its
+codes, its firing count and its strongest value; every firing (value, position, token) so the
+global strongest activations per latent come out exactly as one pass would give them; the
+text's read positions, token ids, FVU contribution, pooled activation and reward score.
+
+These are kept in shards beside the activations, under ``codes/<SAE digest>/``, keyed by the
+text key (a digest of the text), so a warm scan reads them instead of running the SAE again
+and a scan with a few new pairs encodes only those texts. CodeStats is always assembled from
+the per-text entries, freshly encoded or read back, so cold and warm scans take one path.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import struct
+from pathlib import Path
+
+import torch
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save as save_safetensors
+
+from .digests import short_digest
+from .files import remove_stale_temporaries, write_atomic
+
+CODES_FORMAT = 1
+# fields with one row per text; the others are segments per text, delimited by the named offsets
+PER_TEXT = ("n_positions", "fvu", "score", "pooled")
+SEGMENTS = {"agg": ("agg_latent", "agg_sum", "agg_count", "agg_max"),
+            "fire": ("fire_latent", "fire_value", "fire_position", "fire_token"),
+            "tok": ("token_ids",)}
+
+
+def sae_digest(sae) -> str:
+    """A digest of the SAE's configuration and weights: the codes cache is keyed by what encodes."""
+    h = hashlib.sha256(f"codes-{CODES_FORMAT}".encode())
+    h.update(json.dumps(dataclasses.asdict(sae.cfg), sort_keys=True, default=str).encode())
+    for name, tensor in sorted(sae.state_dict().items()):
+        h.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
+        h.update(tensor.detach().cpu().contiguous().flatten().view(torch.uint8).numpy().tobytes())
+    return short_digest(h.hexdigest())
+
+
+class CodeCache:
+    """Shards of per-text SAE results for one SAE and one activation cache."""
+
+    def __init__(self, directory: Path):
+        self.directory = Path(directory)
+        self.directory.mkdir(parents=True, exist_ok=True)
+        remove_stale_temporaries(self.directory)  # debris of killed writes; live writers' stay
+        self.index: dict[str, tuple[Path, int]] = {}
+        for shard in sorted(self.directory.glob("shard-*.safetensors")):
+            keys = _header_keys(shard)
+            if keys is None:
+                shard.unlink(missing_ok=True)
+                continue
+            for row, key in enumerate(keys):
+                self.index.setdefault(key, (shard, row))
+
+    @classmethod
+    def for_store(cls, store, sae) -> CodeCache | None:
+        """The cache beside ``store``'s activations for ``sae``; None for a store without a cache."""
+        cache = getattr(store, "cache", None)
+        if cache is None or getattr(store, "keys", None) is None:
+            return None
+        return cls(Path(cache.directory) / "codes" / sae_digest(sae))
+
+    def add(self, keys: list[str], block: dict[str, torch.Tensor]) -> None:
+        """Write one block (encode_chunk's layout) atomically and index it."""
+        if not keys:
+            return
+        name = short_digest(hashlib.sha256(json.dumps(keys).encode()).hexdigest())
+        path = self.directory / f"shard-{name}.safetensors"
+        data = save_safetensors({k: v.contiguous() for k, v in block.items()},
+                                metadata={"keys": json.dumps(keys), "format": str(CODES_FORMAT)})
+        write_atomic(path, data)
+        for row, key in enumerate(keys):
+            self.index.setdefault(key, (path, row))
+
+    def load(self, path: Path) -> dict[str, torch.Tensor] | None:
+        """A shard's block, or None (and the shard deleted, its texts to encode again) if unreadable."""
+        try:
+            block = load_safetensors(path.read_bytes())
+            _check_block(block)
+        except (OSError, ValueError, RuntimeError, KeyError, TypeError, AssertionError):
+            path.unlink(missing_ok=True)
+            self.index = {k: v for k, v in self.index.items() if v[0] != path}
+            return None
+        return block
+
+
+def _header_keys(path: Path) -> list[str] | None:
+    try:
+        with path.open("rb") as handle:
+            size = struct.unpack("<Q", handle.read(8))[0]
+            header = json.loads(handle.read(size))
+        meta = header["__metadata__"]
+        if meta.get("format") != str(CODES_FORMAT):
+            return None
+        keys = json.loads(meta["keys"])
+        return keys if isinstance(keys, list) else None
+    except (OSError, ValueError, KeyError, TypeError, struct.error):
+        return None
+
+
+def _check_block(block: dict[str, torch.Tensor]) -> None:
+    n = len(block["n_positions"])
+    for field in PER_TEXT:
+        assert len(block[field]) == n
+    for group, fields in SEGMENTS.items():
+        offsets = block[f"{group}_offsets"]
+        assert len(offsets) == n + 1 and int(offsets[0]) == 0
+        for field in fields:
+            assert len(block[field]) == int(offsets[-1])
+
+
+@torch.inference_mode()
+def encode_chunk(sae, offsets: torch.Tensor, tensors: dict[str, torch.Tensor], device) -> dict[str, torch.Tensor]:
+    """The per-text entries of one chunk of texts (ActivationStore.iter_chunks' layout), in chunk order."""
+    n_texts, n_latents = len(offsets) - 1, sae.cfg.n_latents
+    lengths = offsets[1:] - offsets[:-1]
+    acts = tensors["acts"]
+    segment = torch.repeat_interleave(torch.arange(n_texts), lengths)  # chunk text of each token
+    scores = tensors.get("scores")
+    block = {
+        "n_positions": lengths.long(),
+        "fvu": torch.zeros(n_texts, dtype=torch.float64),
+        "score": scores.float() if scores is not None else torch.full((n_texts,), float("nan")),
+        # the reward head's input (ActivationStore.pooled_mean), so a warm scan needs no activations
+        "pooled": torch.zeros(n_texts, acts.shape[1]).index_add_(0, segment, acts)
+        / lengths.clamp(min=1).unsqueeze(1),
+        "token_ids": tensors["token_ids"].long(),
+    }
+    if len(acts):
+        out = sae(acts.to(device))
+        values, latents = out.top_vals.float().cpu(), out.top_idx.cpu()
+        # each token's share of ForwardOutput.fvu (a mean over tokens), summed per text
+        norm2 = out.x.pow(2).sum(dim=-1).clamp_min(1e-12)
+        token_fvu = ((out.x - out.x_hat).pow(2).sum(dim=-1) / norm2).double().cpu()
+        block["fvu"].index_add_(0, segment, token_fvu)
+        active = values > 0
+        rows = torch.arange(len(values)).unsqueeze(1).expand_as(latents)[active]
+        fire_text, fire_latent, fire_value = segment[rows], latents[active], values[active]
+        # rows are in token order, so firings are already grouped by text
+        pair = fire_text * n_latents + fire_latent
+        unique, inverse = torch.unique(pair, return_inverse=True)  # sorted: grouped by text, then latent
+        agg_text = unique // n_latents
+        block.update({
+            "agg_latent": (unique % n_latents).int(),
+            "agg_sum": torch.zeros(len(unique)).index_add_(0, inverse, fire_value),
+            "agg_count": torch.bincount(inverse, minlength=len(unique)).int(),
+            "agg_max": torch.zeros(len(unique)).scatter_reduce_(0, inverse, fire_value, "amax"),
+            "fire_latent": fire_latent.int(), "fire_value": fire_value,
+            "fire_position": tensors["positions"].int()[rows], "fire_token": tensors["token_ids"].long()[rows],
+        })
+    else:
+        agg_text = fire_text = torch.zeros(0, dtype=torch.long)
+        block.update({"agg_latent": torch.zeros(0, dtype=torch.int32), "agg_sum": torch.zeros(0),
+                      "agg_count": torch.zeros(0, dtype=torch.int32), "agg_max": torch.zeros(0),
+                      "fire_latent": torch.zeros(0, dtype=torch.int32), "fire_value": torch.zeros(0),
+                      "fire_position": torch.zeros(0, dtype=torch.int32), "fire_token": torch.zeros(0, dtype=torch.long)})
+    block["agg_offsets"] = _offsets(torch.bincount(agg_text, minlength=n_texts))
+    block["fire_offsets"] = _offsets(torch.bincount(fire_text, minlength=n_texts))
+    block["tok_offsets"] = _offsets(lengths.long())
+    return block
+
+
+def _offsets(counts: torch.Tensor) -> torch.Tensor:
+    out = torch.zeros(len(counts) + 1, dtype=torch.long)
+    out[1:] = torch.cumsum(counts, 0)
+    return out
+
+
+def _ranges(starts: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """Concatenated arange(start, start + length) for each pair, without a Python loop."""
+    total = int(lengths.sum())
+    if total == 0:
+        return torch.zeros(0, dtype=torch.long)
+    shift = starts - (torch.cumsum(lengths, 0) - lengths)
+    return torch.repeat_interleave(shift, lengths) + torch.arange(total)
+
+
+def select_rows(block: dict[str, torch.Tensor], rows: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The entries of ``rows`` of a block, as a block of their own (rows may repeat)."""
+    if len(rows) == len(block["n_positions"]) and torch.equal(rows, torch.arange(len(rows))):
+        return block  # all of it, in order: no copy of the firings (the bulk of a warm scan's memory)
+    out = {field: block[field][rows] for field in PER_TEXT}
+    for group, fields in SEGMENTS.items():
+        offsets = block[f"{group}_offsets"]
+        starts, lengths = offsets[rows], offsets[rows + 1] - offsets[rows]
+        gather = _ranges(starts, lengths)
+        out[f"{group}_offsets"] = _offsets(lengths)
+        out.update({field: block[field][gather] for field in fields})
+    return out
+
+
+def concat_blocks(blocks: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    out = {field: torch.cat([b[field] for b in blocks]) for field in PER_TEXT}
+    for group, fields in SEGMENTS.items():
+        out[f"{group}_offsets"] = _offsets(torch.cat([b[f"{group}_offsets"].diff() for b in blocks]))
+        out.update({field: torch.cat([b[field] for b in blocks]) for field in fields})
+    return out
+
+
+def encode_store(store, sae, *, progress=None, cache: CodeCache | None = None):
+    """salience.CodeStats of ``store``: cached texts are read from ``cache``, only the others encoded."""
+    from .activations import ActivationStore
+
+    n_texts = store.n_texts
+    device = next(sae.parameters()).device
+    parts: list[tuple[torch.Tensor, dict[str, torch.Tensor]]] = []  # (dataset text indices, their block)
+    n_encoded = 0
+    if cache is None:
+        for texts, offsets, tensors in store.iter_chunks():
+            parts.append((texts, encode_chunk(sae, offsets, tensors, device)))
+            n_encoded += len(texts)
+            if progress is not None:
+                progress(n_encoded, n_texts)
+    else:
+        keys = list(store.keys)
+        by_shard: dict[Path, list[tuple[int, int]]] = {}
+        for text, key in enumerate(keys):
+            if key in cache.index:
+                shard, row = cache.index[key]
+                by_shard.setdefault(shard, []).append((text, row))
+        done = 0
+        for shard, served in by_shard.items():
+            block = cache.load(shard)
+            if block is None:
+                continue  # unreadable: its texts are encoded below
+            texts = torch.tensor([t for t, _ in served])
+            parts.append((texts, select_rows(block, torch.tensor([r for _, r in served]))))
+            done += len(served)
+        cached = set() if not parts else {int(t) for texts, _ in parts for t in texts.tolist()}
+        missing = list(dict.fromkeys(k for t, k in enumerate(keys) if t not in cached))
+        if progress is not None:
+            progress(done, n_texts)
+        if missing:
+            wanted: dict[str, list[int]] = {}
+            for text, key in enumerate(keys):
+                if text not in cached:
+                    wanted.setdefault(key, []).append(text)
+            # a store of just the missing texts streams only the activation shards that hold them
+            sub = ActivationStore(store.cache, missing, store.d_model, store.backend_identity)
+            for texts, offsets, tensors in sub.iter_chunks():
+                block = encode_chunk(sae, offsets, tensors, device)
+                chunk_keys = [missing[t] for t in texts.tolist()]
+                cache.add(chunk_keys, block)
+                n_encoded += len(chunk_keys)
+                # a text that occurs twice in the data is encoded once and used for both
+                rows = [r for r, key in enumerate(chunk_keys) for _ in wanted[key]]
+                parts.append((torch.tensor([t for key in chunk_keys for t in wanted[key]]),
+                              select_rows(block, torch.tensor(rows, dtype=torch.long))))
+                done += len(rows)
+                if progress is not None:
+                    progress(done, n_texts)
+    stats = assemble(n_texts, sae.cfg.n_latents, parts)
+    stats.n_encoded = n_encoded
+    return stats
+
+
+def assemble(n_texts: int, n_latents: int, parts: list[tuple[torch.Tensor, dict[str, torch.Tensor]]]):
+    """CodeStats from per-text entries, in any order: the same result however they were grouped."""
+    from .salience import TOP_ACTIVATIONS, CodeStats, _keep_strongest, _rank_within_latent
+
+    if parts:
+        index = torch.cat([texts for texts, _ in parts]).long()
+        block = concat_blocks([b for _, b in parts])
+        # dataset order, so float sums do not depend on which texts came from the cache
+        order = torch.argsort(index, stable=True)
+        index, block = index[order], select_rows(block, order)
+    else:
+        index, block = torch.zeros(0, dtype=torch.long), None
+    n_positions = torch.zeros(n_texts, dtype=torch.long)
+    pooled = scores = None
+    mean_codes = torch.zeros(n_texts, n_latents)
+    fire_counts = torch.zeros(n_latents, dtype=torch.long)
+    token_counts = torch.zeros(0, dtype=torch.long)
+    dense = {name: torch.full((TOP_ACTIVATIONS, n_latents), fill, dtype=dtype)
+             for name, fill, dtype in (("value", -1.0, torch.float32), ("text", -1, torch.long),
+                                       ("position", 0, torch.long), ("token", 0, torch.long))}
+    fvu = 0.0
+    if block is not None:
+        n_positions[index] = block["n_positions"]
+        pooled = torch.zeros(n_texts, block["pooled"].shape[1])
+        pooled[index] = block["pooled"]
+        scores = torch.full((n_texts,), float("nan"))
+        scores[index] = block["score"]
+        agg_text = torch.repeat_interleave(index, block["agg_offsets"].diff())
+        agg_latent = block["agg_latent"].long()
+        mean_codes[agg_text, agg_latent] = block["agg_sum"] / n_positions[agg_text].clamp(min=1)
+        fire_counts.index_add_(0, agg_latent, block["agg_count"].long())
+        if len(block["token_ids"]):
+            token_counts = torch.bincount(block["token_ids"])
+        fvu = float(block["fvu"].sum()) / max(int(n_positions.sum()), 1)
+        # the 50th strongest per-text maximum of a latent bounds its 50th strongest firing from below:
+        # only firings at or above it can be among its strongest, so only those are sorted
+        threshold = torch.zeros(n_latents)
+        by_max = torch.argsort(block["agg_max"], descending=True, stable=True)
+        by_max = by_max[torch.argsort(agg_latent[by_max], stable=True)]
+        last = _rank_within_latent(agg_latent[by_max], n_latents) == TOP_ACTIVATIONS - 1
+        threshold[agg_latent[by_max][last]] = block["agg_max"][by_max][last]
+        fire_latent = block["fire_latent"].long()
+        keep = block["fire_value"] >= threshold[fire_latent]
+        fire_text = torch.repeat_interleave(index, block["fire_offsets"].diff())
+        top = _keep_strongest({"latent": fire_latent[keep], "value": block["fire_value"][keep],
+                               "text": fire_text[keep], "position": block["fire_position"][keep].long(),
+                               "token": block["fire_token"][keep]}, n_latents)
+        rank = _rank_within_latent(top["latent"], n_latents)
+        for name in dense:
+            dense[name][rank, top["latent"]] = top[name]
+    return CodeStats(mean_codes, n_positions, fire_counts, dense["value"], dense["text"], dense["position"],
+                     dense["token"], fvu, token_counts, pooled=pooled, scores=scores)

@@ -1,0 +1,86 @@
+"""The per-text SAE codes cache (issue 15): a warm scan encodes nothing and reports the same."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+import torch
+
+from safer_audit.codes import _header_keys
+from safer_audit.config import ActivationConfig, SaeTrainConfig, ScanConfig
+from safer_audit.salience import encode_store
+from safer_audit.scan import run_scan
+
+from .conftest import hh_records
+
+
+def write_pairs(path, n: int):
+    path.write_text("".join(json.dumps(r) + "\n" for r in hh_records(n)), encoding="utf-8")
+    return path
+
+
+def config(model_dir, cache_dir, **extra) -> ScanConfig:
+    return ScanConfig(activations=ActivationConfig(model=str(model_dir), layer=1, max_length=64, cache_dir=cache_dir),
+                      sae_train=SaeTrainConfig(n_latents=64, k=4), n_features=16,
+                      **{"labeller": "none", **extra})
+
+
+def assert_same_stats(a, b, texts=slice(None)):
+    torch.testing.assert_close(a.mean_codes[texts], b.mean_codes[texts])
+    assert torch.equal(a.n_positions[texts], b.n_positions[texts])
+    for name in ("fire_counts", "top_values", "top_texts", "top_positions", "top_tokens", "token_counts"):
+        assert torch.equal(getattr(a, name), getattr(b, name)), name
+    assert a.fvu == pytest.approx(b.fvu, rel=1e-5)
+
+
+def assert_same_report(a, b):
+    assert [f.pair_id for f in a.findings] == [f.pair_id for f in b.findings]  # the same ranking
+    assert [f.category for f in a.findings] == [f.category for f in b.findings]
+    assert [f.suspicion for f in a.findings] == pytest.approx([f.suspicion for f in b.findings], abs=1e-6)
+    assert [f.score_safe for f in a.findings] == pytest.approx([f.score_safe for f in b.findings], abs=1e-5)
+    cards = [dataclasses.asdict(c) for c in a.features], [dataclasses.asdict(c) for c in b.features]
+    assert [c["latent"] for c in cards[0]] == [c["latent"] for c in cards[1]]
+    assert [c["contexts"] for c in cards[0]] == [c["contexts"] for c in cards[1]]
+    assert [c["top_tokens"] for c in cards[0]] == [c["top_tokens"] for c in cards[1]]
+
+
+@pytest.mark.parametrize("model", ["tiny_llama_dir", "tiny_bert_dir"])  # a reward head, and pooled means
+def test_warm_scan_encodes_nothing_and_reports_the_same(model, request, tmp_path):
+    model_dir = request.getfixturevalue(model)
+    data = write_pairs(tmp_path / "pairs.jsonl", 30)
+    cold = run_scan(str(data), config(model_dir, tmp_path / "cache"))
+    warm = run_scan(str(data), config(model_dir, tmp_path / "cache"))
+    assert cold.stats.n_encoded == 60 and warm.stats.n_encoded == 0
+    assert_same_stats(cold.stats, warm.stats)
+    assert_same_report(cold.report, warm.report)
+    # the same as one uncached pass over the activations, and the pooled means and scores a scan needs
+    assert_same_stats(encode_store(cold.store, cold.sae), warm.stats)
+    torch.testing.assert_close(warm.stats.pooled, cold.store.pooled_mean())
+    torch.testing.assert_close(warm.stats.scores, cold.store.scores(), equal_nan=True)
+
+
+def test_scan_with_two_new_pairs_encodes_only_their_texts(tiny_llama_dir, tmp_path):
+    first = run_scan(str(write_pairs(tmp_path / "a.jsonl", 30)), config(tiny_llama_dir, tmp_path / "cache"))
+    sae_dir = tmp_path / "sae"
+    first.sae.save(sae_dir)
+    frozen = config(tiny_llama_dir, tmp_path / "cache", sae_path=str(sae_dir))
+    before = run_scan(str(write_pairs(tmp_path / "b.jsonl", 30)), frozen)  # the same SAE, read from a directory
+    assert before.stats.n_encoded == 0  # the cache is keyed by the SAE's weights, not by where it came from
+    grown = run_scan(str(write_pairs(tmp_path / "c.jsonl", 32)), frozen)
+    assert grown.stats.n_encoded == 4
+    reference = encode_store(grown.store, grown.sae)
+    assert_same_stats(reference, grown.stats)
+
+
+def test_an_unreadable_codes_shard_is_encoded_again(tiny_llama_dir, tmp_path):
+    data = write_pairs(tmp_path / "pairs.jsonl", 30)
+    cold = run_scan(str(data), config(tiny_llama_dir, tmp_path / "cache"))
+    shards = sorted((tmp_path / "cache").rglob("codes/*/shard-*.safetensors"))
+    keys = _header_keys(shards[0])
+    shards[0].write_bytes(shards[0].read_bytes()[:100])  # truncated
+    warm = run_scan(str(data), config(tiny_llama_dir, tmp_path / "cache"))
+    assert warm.stats.n_encoded == len(set(keys))
+    assert_same_stats(cold.stats, warm.stats)
+    assert_same_report(cold.report, warm.report)
