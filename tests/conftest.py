@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import os
@@ -86,3 +87,22 @@ def hh_records(n: int) -> list[dict]:
     if len(records) < n:
         pytest.skip(f"needs {n} HH pairs; the committed sample {HH_SAMPLE.name} holds {len(records)}")
     return records
+
+
+@contextlib.contextmanager
+def registered_plugin(plugin, name: str):
+    """``plugin`` registered with the plugin manager for the duration (a test plugin)."""
+    from safer_audit.plugins import load_plugins
+
+    pm = load_plugins()
+    pm.register(plugin, name=name)
+    try:
+        yield plugin
+    finally:
+        pm.unregister(plugin)
+
+
+def write_hh_pairs(path: Path, n: int) -> Path:
+    """The first ``n`` real HH pairs (from the committed sample) as JSON Lines at ``path``."""
+    path.write_text("".join(json.dumps(r) + "\n" for r in hh_records(n)), encoding="utf-8")
+    return path

@@ -19,12 +19,11 @@ from safer_audit.config import ActivationConfig, SaeTrainConfig, ScanConfig
 from safer_audit.domain import Category
 from safer_audit.hookspecs import hookimpl
 from safer_audit.labelling import NOT_SAFETY, FeatureLabel
-from safer_audit.plugins import load_plugins
 from safer_audit.report import Report
 from safer_audit.salience import TOP_ACTIVATIONS, CodeStats, feature_cards, select_features
 from safer_audit.scan import run_scan
 
-from .conftest import hh_records
+from .conftest import registered_plugin, write_hh_pairs
 
 HOSTILE = "<script>alert(1)</script>"
 NEW_CARD_FIELDS = ("chosen_fires", "rejected_fires", "histogram", "length_correlation", "length_driven",
@@ -50,18 +49,13 @@ class HostilePlugin:
 
 @pytest.fixture
 def hostile_plugin():
-    pm = load_plugins()
-    plugin = HostilePlugin()
-    pm.register(plugin, name="test-hostile")
-    yield plugin
-    pm.unregister(plugin)
+    with registered_plugin(HostilePlugin(), "test-hostile") as plugin:
+        yield plugin
 
 
 @pytest.fixture(scope="module")
 def data_file(tmp_path_factory):
-    path = tmp_path_factory.mktemp("data") / "pairs.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in hh_records(40)), encoding="utf-8")
-    return path
+    return write_hh_pairs(tmp_path_factory.mktemp("data") / "pairs.jsonl", 40)
 
 
 def scan_config(model_dir, cache_dir, **changes) -> ScanConfig:

@@ -16,12 +16,12 @@ from safer_audit.errors import ConfigError, ScanError
 from safer_audit.hookspecs import hookimpl
 from safer_audit.labelling import NOT_SAFETY, FeatureLabel, LabelContext, LabelRequest
 from safer_audit.labels import make_labeller
-from safer_audit.plugins import feature_labellers, load_plugins, plugin_info
+from safer_audit.plugins import feature_labellers, plugin_info
 from safer_audit.report import Report, export_report, print_feature_cards, print_report
 from safer_audit.salience import Feature, FeatureSet, select_by_safety
 from safer_audit.scan import run_scan
 
-from .conftest import hh_records
+from .conftest import registered_plugin, write_hh_pairs
 
 HOSTILE = "<script>alert(1)</script>\x1b]52;c;ZXZpbA==\x07\x1b[31m"
 
@@ -63,18 +63,13 @@ class CountingPlugin:
 
 @pytest.fixture
 def counting_plugin():
-    pm = load_plugins()
-    plugin = CountingPlugin()
-    pm.register(plugin, name="test-counting")
-    yield plugin
-    pm.unregister(plugin)
+    with registered_plugin(CountingPlugin(), "test-counting") as plugin:
+        yield plugin
 
 
 @pytest.fixture(scope="module")
 def data_file(tmp_path_factory):
-    path = tmp_path_factory.mktemp("data") / "pairs.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in hh_records(40)), encoding="utf-8")
-    return path
+    return write_hh_pairs(tmp_path_factory.mktemp("data") / "pairs.jsonl", 40)
 
 
 def scan_config(model_dir, cache_dir, **changes) -> ScanConfig:
