@@ -44,9 +44,9 @@ from typing import Any
 
 import polars as pl
 
-from .config import MAX_RECORD_BYTES, PREFERENCES, SCHEMAS, ReadOptions  # noqa: F401 (declared in config)
-from .digests import sha256_text, short_digest
-from .errors import ConfigError, DataError, DataErrors
+from ..config import MAX_RECORD_BYTES, PREFERENCES, SCHEMAS, ReadOptions  # noqa: F401 (declared in config)
+from ..digests import sha256_text, short_digest
+from ..errors import ConfigError, DataError, DataErrors
 
 ROLES = ("user", "assistant", "system")
 FINDING_KINDS = ("duplicate", "contradiction", "identical", "empty_response", "context_mismatch", "truncated")
