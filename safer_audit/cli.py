@@ -300,9 +300,10 @@ def scan(data, top, outputs, output_format, quiet, config: ScanConfig):
     hub dataset id when online. Activations and a trained SAE are cached, so a re-run on
     the same data is fast.
     """
+    from .backends.view import print_report
     from .errors import ConfigError
     from .files import refuse_inputs
-    from .report import export_report, find_exporter, print_report
+    from .report import export_report, find_exporter
     from .scan import run_scan
 
     for path in outputs:  # fail on what would fail at the end before the long work
@@ -348,8 +349,8 @@ def scan(data, top, outputs, output_format, quiet, config: ScanConfig):
 @quiet_option
 def features(data, top, out, quiet, config: ScanConfig):
     """Show the safety features of DATA as cards, and write a features file to review."""
+    from .backends.view import print_feature_cards
     from .files import write_atomic
-    from .report import print_feature_cards
     from .salience import features_file_text
     from .scan import run_scan
 
