@@ -1,6 +1,6 @@
 """The record schemas: one record -> (chosen conversation, rejected conversation), and what a pair is.
 
-Schemas (``SCHEMAS``), detected from the first record's fields unless forced:
+Schemas (``config.Schema``), detected from the first record's fields unless forced:
 
 - ``hh``: ``chosen`` / ``rejected`` HH-RLHF transcripts (``\\n\\nHuman: ...\\n\\nAssistant: ...``);
   texts without turn markers are single responses with an empty context;
