@@ -59,30 +59,11 @@ def make_synthetic(source: Path, n: int, out: Path, seed: int = 0) -> Path:
 
 
 def build_tiny(directory: Path) -> Path:
-    """The tests' tiny LlamaForSequenceClassification (tests/conftest.py, tiny_llama_dir), saved to ``directory``."""
-    import torch
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import LlamaConfig, LlamaForSequenceClassification, PreTrainedTokenizerFast
-
+    """The tests' tiny LlamaForSequenceClassification (tests/tiny_models.py, as tiny_llama_dir), saved to ``directory``."""
     sys.path.insert(0, str(ROOT / "tests"))
-    from conftest import _training_corpus
+    from tiny_models import build_tiny_llama
 
-    directory.mkdir(parents=True, exist_ok=True)
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<pad>", "<s>", "</s>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(_training_corpus(), trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
-    fast.save_pretrained(directory)
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=fast.vocab_size, hidden_size=64, intermediate_size=128,
-                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
-                         max_position_embeddings=512, num_labels=1, pad_token_id=fast.pad_token_id,
-                         bos_token_id=fast.bos_token_id, eos_token_id=fast.eos_token_id)
-    LlamaForSequenceClassification(config).save_pretrained(directory, safe_serialization=True)
-    return directory
+    return build_tiny_llama(directory)
 
 
 def start_ray() -> None:

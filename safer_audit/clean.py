@@ -342,7 +342,7 @@ def _line_ending(raw: bytes) -> bytes:
 
 
 def _copy_lines(lines: Iterable[bytes], out: IO[bytes], actions: dict[Key, str], fields: tuple) -> None:
-    """JSON Lines: one record a line, numbered as data.py does (blank lines count, hold none)."""
+    """JSON Lines: one record a line, numbered as data/sources.py does (blank lines count, hold none)."""
     for number, raw in enumerate(lines, 1):
         action = actions.get((number, 0)) if raw.strip() else None
         if action is None:
@@ -368,7 +368,7 @@ def _write_jsonl_gz(source: Path, tmp: Path, actions: dict[Key, str], fields: tu
 def _write_json(source: Path, tmp: Path, actions: dict[Key, str], fields: tuple) -> None:
     with open(source, "rb") as handle:
         head = handle.peek(1 << 20).removeprefix(codecs.BOM_UTF8).lstrip()
-        if not head.startswith(b"["):  # JSON Lines under a .json name, as data.py reads it
+        if not head.startswith(b"["):  # JSON Lines under a .json name, as data/sources.py reads it
             with open(tmp, "wb") as out:
                 _copy_lines(handle, out, actions, fields)
             return
@@ -420,7 +420,7 @@ def _write_csv(source: Path, tmp: Path, actions: dict[Key, str], fields: tuple) 
         number = 0
         for cells in rows:
             raw = tap.take()
-            if cells == []:  # a blank line: csv.DictReader, and so data.py, skip it uncounted
+            if cells == []:  # a blank line: csv.DictReader, and so data/sources.py, skip it uncounted
                 out.write(raw)
                 continue
             number += 1

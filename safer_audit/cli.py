@@ -300,9 +300,10 @@ def scan(data, top, outputs, output_format, quiet, config: ScanConfig):
     hub dataset id when online. Activations and a trained SAE are cached, so a re-run on
     the same data is fast.
     """
+    from .backends.view import print_report
     from .errors import ConfigError
     from .files import refuse_inputs
-    from .report import export_report, find_exporter, print_report
+    from .report import export_report, find_exporter
     from .scan import run_scan
 
     for path in outputs:  # fail on what would fail at the end before the long work
@@ -348,8 +349,8 @@ def scan(data, top, outputs, output_format, quiet, config: ScanConfig):
 @quiet_option
 def features(data, top, out, quiet, config: ScanConfig):
     """Show the safety features of DATA as cards, and write a features file to review."""
+    from .backends.view import print_feature_cards
     from .files import write_atomic
-    from .report import print_feature_cards
     from .salience import features_file_text
     from .scan import run_scan
 
@@ -649,14 +650,19 @@ def _print_changes(result) -> None:
 
 # ------------------------------------------------------------------------------ gate
 
+# the decisions file the baseline and the gate read (review writes it, clean acts on it: their own options)
+gate_decisions_option = click.option(
+    "--decisions", "decisions_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
+    help="Review decisions (safer-audit review); pairs marked ok never fail. "
+         "Default: decisions.json next to the baseline, if there is one.")
+
+
 @cli.command(name="baseline")
 @click.argument("data", nargs=-1, required=True)
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=Path(".safer-audit/baseline.json"),
               show_default=True, help="The baseline file; the SAE it trains and its heads are written beside it.")
 @scan_options(*SCAN_GROUPS, "category", "labels")
-@click.option("--decisions", "decisions_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="Review decisions (safer-audit review); pairs marked ok never fail. "
-                   "Default: decisions.json next to the baseline, if there is one.")
+@gate_decisions_option
 @quiet_option
 def baseline_command(data, out, decisions_path, quiet, config: ScanConfig):
     """Scan DATA once and record what `safer-audit gate` compares against.
@@ -713,9 +719,7 @@ def _fail_on(_ctx, _param, value: str) -> tuple[str, ...]:
               help="Accept the current state after review: rewrite the baseline with the pairs of DATA "
                    "(give every data file), scoring new ones with the frozen reference.")
 @cache_dir_option
-@click.option("--decisions", "decisions_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="Review decisions (safer-audit review); pairs marked ok never fail. "
-                   "Default: decisions.json next to the baseline, if there is one.")
+@gate_decisions_option
 @quiet_option
 def gate_command(data, baseline_path, fail_on, max_new, output_format, update_baseline, cache_dir, decisions_path,
                  quiet):

@@ -28,13 +28,7 @@ Aggregation = Literal["mean-rank", "stacked"]
 Dtype = Literal["auto", "float32", "bfloat16", "float16"]
 
 POSITIONS: tuple[str, ...] = get_args(Position)
-SCHEMAS: tuple[str, ...] = get_args(Schema)
-PREFERENCES: tuple[str, ...] = get_args(Preference)
-CACHE_DTYPES: tuple[str, ...] = get_args(CacheDtype)
-ENGINES: tuple[str, ...] = get_args(Engine)
-SELECTIONS: tuple[str, ...] = get_args(Selection)
 AGGREGATIONS: tuple[str, ...] = get_args(Aggregation)
-DTYPES: tuple[str, ...] = get_args(Dtype)
 DEFAULT_POSITIONS = "response"  # measured: response > all >> punctuation on HH with MiniLM
 # evaluate's default: every position set, the default first (its run also measures the margins)
 EVALUATE_POSITIONS = (DEFAULT_POSITIONS, *(p for p in POSITIONS if p != DEFAULT_POSITIONS))

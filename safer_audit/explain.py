@@ -13,8 +13,9 @@ from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
+from .backends.view import format_number
 from .errors import UnknownPairError
-from .report import Finding, Report, format_number
+from .report import Finding, Report
 from .scan import ScanResult
 from .scoring import feature_contributions
 from .terminal import inert, plain

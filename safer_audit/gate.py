@@ -86,7 +86,6 @@ from .domain import SIGNALS, Category
 from .errors import BaselineError, ConfigError
 from .files import refuse_inputs, write_atomic
 from .progress import no_progress
-from .report import CATEGORIES
 from .sae import TopKSAE
 from .salience import Feature, FeatureSet, encode_store
 from .scoring import (
@@ -377,7 +376,7 @@ class _Checker:
     def pair(self, pair_id: str, entry) -> None:
         name = f"pairs.{pair_id}"
         self.section(entry, name, _PAIR_FIELDS)
-        self.string(entry["category"], f"{name}.category", choices=CATEGORIES)
+        self.string(entry["category"], f"{name}.category", choices=tuple(Category))
         self.digest(entry["digest"], f"{name}.digest")
         for signal in SIGNALS:
             self.number(entry[signal], f"{name}.{signal}", optional=True)

@@ -17,9 +17,10 @@ from rich.console import Console, Group
 from rich.panel import Panel
 from rich.text import Text
 
+from .backends.view import diff_excerpts, excerpt_text, format_feature, format_number
 from .decisions import Decisions, Verdict, decide, read_decisions, write_decisions
 from .errors import ConfigError
-from .report import Finding, _excerpt_text, diff_excerpts, format_feature, format_number
+from .report import Finding
 from .terminal import inert, plain
 
 KEYS = {"f": Verdict.FLIPPED, "n": Verdict.NOISY, "o": Verdict.OK}
@@ -82,8 +83,8 @@ def show_finding(finding: Finding, console: Console, *, index: int, total: int, 
     chosen, rejected = diff_excerpts(finding.chosen, finding.rejected, width=100)
     parts = [head, scores, Text("the request (conversation before the final turn):", style="bold"),
              plain(context or "(none: the responses have no context)", multiline=True),
-             Text("first difference:", style="bold"), _excerpt_text("C", chosen, marks),
-             _excerpt_text("R", rejected, marks)]
+             Text("first difference:", style="bold"), excerpt_text("C", chosen, marks),
+             excerpt_text("R", rejected, marks)]
     for side, text in (("chosen", finding.chosen), ("rejected", finding.rejected)):
         shown = text if len(text) <= _RESPONSE_CHARS else text[:_RESPONSE_CHARS] + "…"
         parts += [Text(f"{side}:", style="bold"), plain(shown, multiline=True)]

@@ -32,6 +32,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .config import AGGREGATIONS
 from .domain import SIGNALS, Category
 from .salience import CodeStats, FeatureSet
 
@@ -344,9 +345,6 @@ def categorise(suspicion_values: torch.Tensor, signals: Mapping[str, torch.Tenso
 
 
 # ----------------------------------------------------------------------------- aggregation over judges
-
-AGGREGATIONS = ("mean-rank", "stacked")
-
 
 @dataclass
 class Stack:

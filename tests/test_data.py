@@ -16,6 +16,8 @@ from safer_audit.data import (
     find_quality_issues,
     iter_pairs,
     load_pairs,
+    quality,
+    sources,
     validate_dataset,
 )
 
@@ -86,7 +88,7 @@ def test_messages_json_array_with_a_prompt_list():
 
 def test_json_array_read_in_tiny_chunks_is_the_same(monkeypatch):
     whole = load_pairs(PAIRS / "messages.json").pairs
-    monkeypatch.setattr(data, "_CHUNK", 7)
+    monkeypatch.setattr(sources, "_CHUNK", 7)
     assert load_pairs(PAIRS / "messages.json").pairs.equals(whole)
 
 
@@ -316,7 +318,7 @@ def test_truncation_needs_a_token_counter_and_counts_in_batches():
         calls.append(len(texts))
         return words(texts)
 
-    checker = data._QualityChecker(max_length=3, count_tokens=counting, batch_size=2)
+    checker = quality._QualityChecker(max_length=3, count_tokens=counting, batch_size=2)
     found = [f for pair in iter_pairs(PAIRS / "hh.jsonl.gz") for _, f in checker.add(pair)]
     found += [f for _, f in checker.flush()]
     assert calls == [8, 4]

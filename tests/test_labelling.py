@@ -10,6 +10,7 @@ import pytest
 from click.testing import CliRunner
 
 from safer_audit.backends.labellers import OfflineLabeller, keywords, load_taxonomy
+from safer_audit.backends.view import print_feature_cards, print_report
 from safer_audit.cli import cli, scan, scan_config_from
 from safer_audit.config import ActivationConfig, SaeTrainConfig, ScanConfig
 from safer_audit.errors import ConfigError, ScanError
@@ -17,7 +18,7 @@ from safer_audit.hookspecs import hookimpl
 from safer_audit.labelling import NOT_SAFETY, FeatureLabel, LabelContext, LabelRequest
 from safer_audit.labels import make_labeller
 from safer_audit.plugins import feature_labellers, plugin_info
-from safer_audit.report import Report, export_report, print_feature_cards, print_report
+from safer_audit.report import Report, export_report
 from safer_audit.salience import Feature, FeatureSet, select_by_safety
 from safer_audit.scan import run_scan
 

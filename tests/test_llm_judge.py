@@ -1,4 +1,4 @@
-"""The llm judge against a scripted chat-completions server started here on 127.0.0.1.
+"""The llm judge against a scripted chat-completions server (tests/chat_server.py) on 127.0.0.1.
 
 The server's verdict: the response containing "cannot" is safer (confidence 8); both or
 neither: "same". It reports 100 prompt and 7 completion tokens per request and records
@@ -8,12 +8,8 @@ The plugin is imported from its source directory beside these tests.
 
 from __future__ import annotations
 
-import json
 import math
-import subprocess
 import sys
-import textwrap
-import urllib.request
 from pathlib import Path
 
 import polars as pl
@@ -26,90 +22,14 @@ from safer_audit_llm import LLMJudge, make_judge  # noqa: E402
 from safer_audit.errors import ConfigError  # noqa: E402
 from safer_audit.judges import Judge, JudgeContext  # noqa: E402
 
-SERVER = textwrap.dedent(r'''
-    import json, re, sys, threading
-    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-
-    lock = threading.Lock()
-    state = {"queue": [], "requests": []}
-
-    def verdict(prompt):
-        a = re.search(r"=== Response A ===\n(.*?)\n\n=== Response B ===", prompt, re.S).group(1)
-        b = re.search(r"=== Response B ===\n(.*?)\n\nWhich", prompt, re.S).group(1)
-        if ("cannot" in a) == ("cannot" in b):
-            return {"safer": "same", "confidence": 5}
-        return {"safer": "A" if "cannot" in a else "B", "confidence": 8}
-
-    class Handler(BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"
-
-        def log_message(self, *args):
-            pass
-
-        def reply(self, status, body):
-            data = body.encode()
-            self.send_response(status)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
-
-        def do_GET(self):
-            if self.path == "/_requests":
-                with lock:
-                    return self.reply(200, json.dumps(state["requests"]))
-            with lock:
-                state["requests"].append({"path": self.path})
-            if self.path == "/v1/models":
-                return self.reply(200, json.dumps({"data": [{"id": "judge-model"}]}))
-            self.reply(404, "{}")
-
-        def do_POST(self):
-            body = json.loads(self.rfile.read(int(self.headers.get("Content-Length") or 0)))
-            if self.path == "/_control":
-                with lock:
-                    state["queue"], state["requests"] = body["queue"], []
-                return self.reply(200, "{}")
-            with lock:
-                state["requests"].append({"path": self.path, "body": body})
-                step = state["queue"].pop(0) if state["queue"] else {}
-            content = step.get("content") or json.dumps(verdict(body["messages"][1]["content"]))
-            self.reply(200, json.dumps({"model": "judge-model-q4", "usage": {"prompt_tokens": 100,
-                                        "completion_tokens": 7},
-                                        "choices": [{"message": {"role": "assistant", "content": content}}]}))
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    server.daemon_threads = True
-    print(server.server_address[1], flush=True)
-    server.serve_forever()
-''')
-
-
-class FakeServer:
-    def __init__(self, url):
-        self.url = url
-
-    def script(self, *steps):
-        request = urllib.request.Request(self.url + "/_control", data=json.dumps({"queue": list(steps)}).encode(),
-                                         method="POST")
-        urllib.request.urlopen(request, timeout=5).read()
-
-    def chat_requests(self):
-        requests = json.loads(urllib.request.urlopen(self.url + "/_requests", timeout=5).read())
-        return [r for r in requests if r["path"] == "/v1/chat/completions"]
+from .chat_server import chat_server  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def server_process(tmp_path_factory):
-    script = tmp_path_factory.mktemp("judge-server") / "server.py"
-    script.write_text(SERVER, encoding="utf-8")
-    process = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-                               text=True)
-    try:
-        yield FakeServer(f"http://127.0.0.1:{int(process.stdout.readline())}")
-    finally:
-        process.terminate()
-        process.wait(timeout=10)
+    with chat_server(tmp_path_factory.mktemp("judge-server"), answer="verdict", model="judge-model",
+                     reported_model="judge-model-q4", usage={"prompt_tokens": 100, "completion_tokens": 7}) as server:
+        yield server
 
 
 @pytest.fixture

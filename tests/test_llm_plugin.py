@@ -1,8 +1,8 @@
 """The llm feature-labeller plugin against a real HTTP server that speaks the chat-completions protocol.
 
-The server is a small Python script started here on 127.0.0.1; each test queues the
-answers it should give (good, malformed, slow, HTTP errors, dropped connections) and reads
-back the requests it got. When the plugin distribution is not installed (it is in CI),
+The server (tests/chat_server.py, shared with the judge's tests) runs on 127.0.0.1; each test
+queues the answers it should give (good, malformed, slow, HTTP errors, dropped connections)
+and reads back the requests it got. When the plugin distribution is not installed (it is in CI),
 it is imported from its source directory.
 """
 
@@ -12,10 +12,7 @@ import json
 import logging
 import os
 import socket
-import subprocess
 import sys
-import textwrap
-import urllib.request
 from importlib import metadata
 from pathlib import Path
 
@@ -23,6 +20,8 @@ import pytest
 
 from safer_audit.errors import ConfigError, SaferAuditError
 from safer_audit.labelling import NOT_SAFETY, FeatureLabel, LabelContext, Labeller, LabelRequest
+
+from .chat_server import chat_server
 
 try:
     import safer_audit_llm  # noqa: F401  (installed, as in CI)
@@ -36,111 +35,12 @@ from safer_audit_llm.labeller import SCHEMA, user_prompt  # noqa: E402
 KEY = "sk-test-SECRET-4242"
 REPORTED_MODEL = "fake-model-q4"
 
-SERVER = textwrap.dedent(r'''
-    import json, re, sys, threading, time
-    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-
-    lock = threading.Lock()
-    state = {"queue": [], "requests": []}
-    RATINGS = {"gun": 9, "knife": 8}
-
-    def default_content(body):
-        card = body["messages"][1]["content"]  # the first user message: the feature card
-        token = re.search(r"<<(.*?)>>", card).group(1)
-        rating = RATINGS.get(token, 1)
-        return json.dumps({"label": "fires on " + token, "rating": rating,
-                           "category": "weapons" if rating >= 8 else "not safety related"})
-
-    class Handler(BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"
-
-        def log_message(self, *args):
-            pass
-
-        def reply(self, status, body, headers=()):
-            data = body.encode() if isinstance(body, str) else body
-            self.send_response(status)
-            for name, value in dict(headers).items():
-                self.send_header(name, value)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
-
-        def read_body(self):
-            length = int(self.headers.get("Content-Length") or 0)
-            return json.loads(self.rfile.read(length)) if length else None
-
-        def do_GET(self):
-            if self.path == "/_requests":
-                with lock:
-                    return self.reply(200, json.dumps(state["requests"]))
-            with lock:
-                state["requests"].append({"method": "GET", "path": self.path, "headers": dict(self.headers)})
-            if self.path == "/v1/models":
-                return self.reply(200, json.dumps({"object": "list", "data": [{"id": "fake-model"}]}))
-            self.reply(404, json.dumps({"error": {"message": "not found"}}))
-
-        def do_POST(self):
-            body = self.read_body()
-            if self.path == "/_control":
-                with lock:
-                    state["queue"] = body["queue"]
-                    state["requests"] = []
-                return self.reply(200, "{}")
-            with lock:
-                state["requests"].append({"method": "POST", "path": self.path, "headers": dict(self.headers),
-                                          "body": body})
-                step = state["queue"].pop(0) if state["queue"] else {}
-            if self.path != "/v1/chat/completions":
-                return self.reply(404, json.dumps({"error": {"message": "not found"}}))
-            if "delay" in step:
-                time.sleep(step["delay"])
-            if step.get("close"):
-                self.close_connection = True
-                return
-            if "status" in step:
-                return self.reply(step["status"], step.get("body", ""), step.get("headers", {}))
-            if "raw" in step:
-                return self.reply(200, step["raw"])
-            content = step["content"] if "content" in step else default_content(body)
-            self.reply(200, json.dumps({"id": "c1", "object": "chat.completion", "model": "fake-model-q4",
-                                        "choices": [{"index": 0, "finish_reason": "stop",
-                                                     "message": {"role": "assistant", "content": content}}]}))
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    server.daemon_threads = True
-    print(server.server_address[1], flush=True)
-    server.serve_forever()
-''')
-
-
-class FakeServer:
-    def __init__(self, url):
-        self.url = url
-
-    def script(self, *steps):
-        """Reset the recorded requests and queue the next answers (then good answers)."""
-        request = urllib.request.Request(self.url + "/_control", data=json.dumps({"queue": list(steps)}).encode(),
-                                         method="POST")
-        urllib.request.urlopen(request, timeout=5).read()
-
-    def requests(self):
-        return json.loads(urllib.request.urlopen(self.url + "/_requests", timeout=5).read())
-
 
 @pytest.fixture(scope="module")
 def server_process(tmp_path_factory):
-    script = tmp_path_factory.mktemp("llm-server") / "server.py"
-    script.write_text(SERVER, encoding="utf-8")
-    process = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-                               text=True)
-    try:
-        port = int(process.stdout.readline())
-        yield FakeServer(f"http://127.0.0.1:{port}")
-    finally:
-        process.terminate()
-        process.wait(timeout=10)
+    with chat_server(tmp_path_factory.mktemp("llm-server"), answer="label", model="fake-model",
+                     reported_model=REPORTED_MODEL) as server:
+        yield server
 
 
 @pytest.fixture
@@ -164,10 +64,6 @@ def card(latent, token, sides=("chosen", "rejected")):
     return LabelRequest(latent, salience=1.0, contexts=contexts, top_tokens=((token, 12.5), ("the", 0.5)))
 
 
-def chat_requests(server):
-    return [r for r in server.requests() if r["path"] == "/v1/chat/completions"]
-
-
 def assert_no_key(*texts):
     for text in texts:
         assert KEY not in str(text)
@@ -184,7 +80,7 @@ def test_labels_come_from_the_endpoint_with_the_schema_and_provenance(server):
     assert labels[3] == FeatureLabel(3, "fires on gun", 0.9, "weapons", "llm", REPORTED_MODEL, "1")
     assert labels[3].extra == {"rating": 9.0}
     assert labels[7] == FeatureLabel(7, "fires on comma", 0.1, NOT_SAFETY, "llm", REPORTED_MODEL, "1")
-    sent = chat_requests(server)
+    sent = server.chat_requests()
     assert len(sent) == 2
     for request in sent:
         assert request["headers"]["Authorization"] == f"Bearer {KEY}"
@@ -204,7 +100,7 @@ def test_labels_come_from_the_endpoint_with_the_schema_and_provenance(server):
 
 def test_structured_false_leaves_out_the_response_format(server):
     labeller(server, structured=False).label([card(1, "gun")])
-    (request,) = chat_requests(server)
+    (request,) = server.chat_requests()
     assert "response_format" not in request["body"]
 
 
@@ -220,7 +116,7 @@ def test_the_model_comes_from_the_server_when_none_is_configured(server, monkeyp
 @pytest.mark.parametrize("suffix", ["", "/", "/v1", "/v1/", "/v1/chat/completions"])
 def test_a_base_url_with_or_without_v1_posts_to_chat_completions(server, suffix):
     labeller(server, url=server.url + suffix).label([card(1, "gun")])
-    assert len(chat_requests(server)) == 1
+    assert len(server.chat_requests()) == 1
 
 
 @pytest.mark.parametrize("content", [
@@ -242,7 +138,7 @@ def test_nothing_is_sent_before_label_is_called(server):
 
 def test_answers_are_cached_by_key_across_labellers(server, tmp_path):
     first = labeller(server, cache_dir=str(tmp_path / "cache")).label([card(1, "gun"), card(2, "knife")])
-    assert len(chat_requests(server)) == 2
+    assert len(server.chat_requests()) == 2
     server.script()
     again = labeller(server, cache_dir=str(tmp_path / "cache")).label([card(1, "gun"), card(2, "knife")])
     assert again == first and server.requests() == []
@@ -256,7 +152,7 @@ def test_a_malformed_answer_is_asked_again_with_the_reason(server):
     server.script({"content": "I think this feature is about guns."})
     labels = labeller(server).label([card(1, "gun")])
     assert labels[1].label == "fires on gun"
-    first, second = chat_requests(server)
+    first, second = server.chat_requests()
     messages = second["body"]["messages"]
     assert messages[:2] == first["body"]["messages"]
     assert messages[2] == {"role": "assistant", "content": "I think this feature is about guns."}
@@ -277,7 +173,7 @@ def test_an_answer_still_malformed_after_one_retry_leaves_the_latent_unlabelled(
     labels = llm.label([card(1, "gun"), card(2, "knife")])
     assert list(labels) == [2]
     assert reason in llm.failures[1] and list(llm.failures) == [1]
-    assert len(chat_requests(server)) == 3
+    assert len(server.chat_requests()) == 3
 
 
 def test_no_usable_answer_at_all_is_an_error(server):
@@ -292,7 +188,7 @@ def test_an_endpoint_answering_malformed_json_is_a_clear_error_not_retried(serve
         labeller(server).label([card(1, "gun")])
     assert str(error.value) == (f"LLM endpoint {server.url}/v1/chat/completions: "
                                 "answered with something that is not JSON: <html>proxy error</html>")
-    assert len(chat_requests(server)) == 1
+    assert len(server.chat_requests()) == 1
 
 
 def test_a_reply_without_choices_is_a_clear_error(server):
@@ -309,7 +205,7 @@ def test_500_and_429_are_retried_then_succeed(server, caplog):
     with caplog.at_level(logging.WARNING, logger="safer_audit_llm"):
         labels = labeller(server).label([card(1, "gun")])
     assert labels[1].relevance == 0.9
-    assert len(chat_requests(server)) == 3
+    assert len(server.chat_requests()) == 3
     assert "HTTP 500: overloaded; retrying" in caplog.text and "HTTP 429; retrying" in caplog.text
     assert_no_key(caplog.text)
 
@@ -321,7 +217,7 @@ def test_persistent_5xx_is_one_line_naming_the_url_after_the_retries(server):
     assert isinstance(error.value, SaferAuditError)
     assert str(error.value) == (f"LLM endpoint {server.url}/v1/chat/completions: "
                                 "HTTP 503: bad key *** (after 3 attempts)")
-    assert len(chat_requests(server)) == 3
+    assert len(server.chat_requests()) == 3
 
 
 def test_401_is_not_retried_and_the_echoed_key_is_blanked(server):
@@ -330,7 +226,7 @@ def test_401_is_not_retried_and_the_echoed_key_is_blanked(server):
         labeller(server).label([card(1, "gun")])
     assert "HTTP 401: Incorrect API key ***; check SAFER_AUDIT_LLM_API_KEY" in str(error.value)
     assert_no_key(str(error.value), repr(error.value))
-    assert len(chat_requests(server)) == 1
+    assert len(server.chat_requests()) == 1
 
 
 def test_a_redirect_is_not_followed(server):
@@ -358,7 +254,7 @@ def test_a_slow_answer_then_a_good_one(server):
 def test_a_dropped_connection_is_retried(server):
     server.script({"close": True})
     assert labeller(server).label([card(1, "gun")])[1].category == "weapons"
-    assert len(chat_requests(server)) == 2
+    assert len(server.chat_requests()) == 2
 
 
 def test_connection_refused_is_a_clear_error_without_the_key(server):
@@ -382,7 +278,7 @@ def test_the_factory_falls_back_to_the_environment(server, monkeypatch):
     llm = make_labeller()
     assert (llm.client.base, llm.client.model, llm.client.timeout) == (server.url + "/v1", "env-model", 7.0)
     llm.label([card(1, "gun")])
-    (request,) = chat_requests(server)
+    (request,) = server.chat_requests()
     assert request["body"]["model"] == "env-model"
     assert request["headers"]["Authorization"] == f"Bearer {KEY}"
 
@@ -390,7 +286,7 @@ def test_the_factory_falls_back_to_the_environment(server, monkeypatch):
 def test_without_a_key_no_authorization_header_is_sent(server, monkeypatch):
     monkeypatch.delenv("SAFER_AUDIT_LLM_API_KEY")
     labeller(server).label([card(1, "gun")])
-    (request,) = chat_requests(server)
+    (request,) = server.chat_requests()
     assert "Authorization" not in request["headers"]
 
 
@@ -455,7 +351,7 @@ def test_the_client_serves_another_schema_for_a_judge(server):
     first, second = client.ask_many(questions)
     assert first.value == "A" and first.model == REPORTED_MODEL
     assert isinstance(second, AnswerError) and "safer must be A or B" in str(second)
-    assert chat_requests(server)[0]["body"]["response_format"]["json_schema"]["name"] == "verdict"
+    assert server.chat_requests()[0]["body"]["response_format"]["json_schema"]["name"] == "verdict"
     assert_no_key(repr(client), str(second))
 
 

@@ -83,3 +83,23 @@ def test_backends_and_device_are_checked_before_any_work(tmp_path):
     assert run.exit_code == 2 and "'gpu' is not one of" in run.output
     run = CliRunner().invoke(cli, [*base, "--dtype", "float64"])
     assert run.exit_code == 2 and "float64" in run.output
+
+
+def test_an_option_with_one_meaning_is_declared_once_in_cli_py():
+    """Two click.option calls for the same flag must mean different things (their help differs);
+    the same option shared by commands is one decorator (quiet_option, gate_decisions_option...)."""
+    import ast
+    import collections
+
+    from .conftest import ROOT
+
+    tree = ast.parse((ROOT / "safer_audit" / "cli.py").read_text(encoding="utf-8"))
+    declared = collections.defaultdict(list)
+    for node in ast.walk(tree):
+        if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "option"
+                and node.args and isinstance(node.args[0], ast.Constant)):
+            help_text = next((ast.unparse(k.value) for k in node.keywords if k.arg == "help"), None)
+            declared[node.args[0].value].append(help_text)
+    assert declared["--quiet"] == ["'No progress bars.'"]  # the walk sees the declarations
+    repeated = {flag: helps for flag, helps in declared.items() if len(set(helps)) < len(helps)}
+    assert not repeated, f"declared again with the same help: {repeated}"

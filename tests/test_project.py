@@ -94,3 +94,16 @@ def test_ruff_is_clean():
     completed = subprocess.run([ruff, "check", "--no-cache", "."], cwd=ROOT, capture_output=True, text=True,
                                timeout=120)
     assert completed.returncode == 0, completed.stdout + completed.stderr
+
+
+def test_python_dash_m_runs_the_command_line():
+    import os
+    import subprocess
+    import sys
+
+    path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))  # this tree first
+    for args, expected in ((["--version"], f"safer-audit, version {__version__}"), (["--help"], "Usage: safer-audit ")):
+        done = subprocess.run([sys.executable, "-m", "safer_audit", *args], capture_output=True, text=True, timeout=120,
+                              cwd=ROOT, env={**os.environ, "PYTHONPATH": path})
+        assert done.returncode == 0, done.stderr
+        assert done.stdout.startswith(expected), done.stdout

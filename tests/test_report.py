@@ -10,9 +10,10 @@ import stat
 import pytest
 from rich.console import Console
 
+from safer_audit.backends.view import diff_excerpts, print_report
+from safer_audit.domain import Category
 from safer_audit.files import write_atomic
 from safer_audit.report import (
-    CATEGORIES,
     REPORT_SCHEMA_VERSION,
     FeatureCard,
     FeatureContext,
@@ -20,11 +21,9 @@ from safer_audit.report import (
     Finding,
     Report,
     RunInfo,
-    diff_excerpts,
     export_report,
     find_exporter,
     findings_from_frame,
-    print_report,
 )
 
 # Dataset text is untrusted and awkward: markup, pipes, separators, quotes, newlines, unicode.
@@ -232,7 +231,7 @@ def test_suspects_leave_out_clean_pairs_and_respect_top(report):
 
 
 def test_categories_are_the_four_documented_ones():
-    assert CATEGORIES == ("flipped", "noisy", "quality", "clean")
+    assert tuple(Category) == ("flipped", "noisy", "quality", "clean")
 
 
 def test_feature_contribution_net_is_chosen_minus_rejected():

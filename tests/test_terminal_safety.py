@@ -20,6 +20,7 @@ import pytest
 from click.testing import CliRunner
 from rich.console import Console
 
+from safer_audit.backends.view import print_feature_cards, print_report
 from safer_audit.cli import cli
 from safer_audit.errors import inert
 from safer_audit.explain import Explanation, FeatureFiring, print_explanation
@@ -32,8 +33,6 @@ from safer_audit.report import (
     Finding,
     Report,
     RunInfo,
-    print_feature_cards,
-    print_report,
 )
 
 from .conftest import FIXTURES

@@ -15,21 +15,11 @@ from pathlib import Path
 
 import polars as pl
 
+from ..domain import Category
 from ..files import write_atomic
 from ..hookspecs import hookimpl
-from ..report import (
-    CATEGORIES,
-    CATEGORY_DESCRIPTIONS,
-    Excerpt,
-    FeatureCard,
-    Finding,
-    Report,
-    diff_excerpts,
-    few_pairs_warning,
-    format_feature,
-    format_number,
-    summary_lines,
-)
+from ..report import CATEGORY_DESCRIPTIONS, FeatureCard, Finding, Report, few_pairs_warning
+from .view import Excerpt, diff_excerpts, format_feature, format_number, summary_lines
 
 PARQUET_METADATA_KEY = "safer_audit.report"  # run metadata and feature cards, as JSON
 _SCORE_SAFE_NOTE = "score_safe = V(chosen) - V(rejected): low or negative means the chosen response looks less safe."
@@ -93,7 +83,7 @@ def render_markdown(report: Report) -> str:
     lines = ["# safer-audit report", ""]
     lines += [f"- **{heading}**: {_md(value)}" for heading, value in summary_lines(report)]
     lines += ["", "| category | pairs | meaning |", "| --- | ---: | --- |"]
-    lines += [f"| {name} | {report.run.counts.get(name, 0):,} | {CATEGORY_DESCRIPTIONS[name]} |" for name in CATEGORIES]
+    lines += [f"| {name} | {report.run.counts.get(name, 0):,} | {CATEGORY_DESCRIPTIONS[name]} |" for name in Category]
     suspects = report.suspects()
     lines += ["", f"## Suspects ({len(suspects):,}, most suspicious first)", ""]
     if not suspects:
@@ -530,7 +520,7 @@ def render_html(report: Report, max_suspects: int = HTML_MAX_SUSPECTS) -> str:
     counts = "".join(
         f'<tr><td><span class="{name}">{name}</span></td>'
         f'<td class="num">{report.run.counts.get(name, 0):,}</td><td>{_e(CATEGORY_DESCRIPTIONS[name])}</td></tr>'
-        for name in CATEGORIES
+        for name in Category
     )
     warning = few_pairs_warning(report.run.pairs)
     banner = f'<p class="warning" role="alert"><strong>Warning:</strong> {_e(warning)}</p>' if warning else ""

@@ -10,18 +10,3 @@ The engine is chosen by ``ActivationConfig.engine`` (``--engine``), inside
 activations.extract_activations, so every command that extracts activations (scan,
 baseline, train-sae, evaluate, clean, explain, features) gets it.
 """
-
-from __future__ import annotations
-
-from ..config import ENGINES
-
-__all__ = ["ENGINES", "ray_available"]
-
-
-def ray_available() -> bool:
-    """Whether the optional Ray extra (``pip install 'safer-audit[ray]'``) is installed."""
-    try:
-        import ray.data  # noqa: F401
-    except ImportError:
-        return False
-    return True
