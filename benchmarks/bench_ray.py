@@ -127,12 +127,15 @@ def held_by_driver(result) -> dict[str, float]:
     import torch
 
     stats = result.stats
-    tensors = {"mean_codes [texts, latents]": stats.mean_codes, "top activations": stats.top_values,
+    tensors = {"top activations": stats.top_values, "n_positions": stats.n_positions,
                "SAE weights": torch.cat([p.detach().flatten() for p in result.sae.parameters()])}
     out = {name: t.numel() * t.element_size() / 1e6 for name, t in tensors.items()}
+    # the per-text code means: in a temporary file read a range of pairs at a time (0 MB held) or in memory
+    rows, width = stats.codes.shape
+    out["mean_codes [texts, latents] in memory"] = 0.0 if stats.codes._file is not None else rows * width * 4 / 1e6
     out["texts (str, chars)"] = sum(len(t.text) for t in result.texts) / 1e6
     out["pairs table (polars)"] = result.pairs.estimated_size() / 1e6
-    out["n_latents"] = int(stats.mean_codes.shape[1])
+    out["n_latents"] = int(width)
     return out
 
 

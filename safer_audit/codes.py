@@ -206,17 +206,183 @@ def concat_blocks(blocks: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tens
     return out
 
 
+class TextRows:
+    """A ``[n_rows, width]`` float32 matrix, one row per text, written and read by rows.
+
+    With ``directory`` the rows live in an unnamed temporary file there (deleted when closed or
+    collected) and are read back with ``pread``, so the driver never holds the whole matrix: a
+    scan of 100k pairs keeps a row range at a time. Page-cache pages of the file are not the
+    process's RSS (unlike a memory map). Without ``directory`` (or given ``tensor``), the rows
+    are an in-memory tensor.
+    """
+
+    def __init__(self, n_rows: int, width: int, directory: Path | None = None, *, tensor: torch.Tensor | None = None):
+        self.n_rows, self.width = n_rows, width
+        self._tensor = tensor
+        self._file = None
+        if tensor is not None:
+            self.n_rows, self.width = int(tensor.shape[0]), int(tensor.shape[1])
+        elif directory is None:
+            self._tensor = torch.zeros(n_rows, width)
+        else:
+            import tempfile
+
+            Path(directory).mkdir(parents=True, exist_ok=True)
+            self._file = tempfile.TemporaryFile(dir=directory, prefix="rows-")
+            self._file.truncate(n_rows * width * 4)  # sparse: unwritten rows read as zeros
+
+    @classmethod
+    def of(cls, value) -> TextRows | None:
+        """``value`` as TextRows (a tensor is wrapped, not copied); None stays None."""
+        if value is None or isinstance(value, TextRows):
+            return value
+        return cls(0, 0, tensor=value)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.n_rows, self.width)
+
+    def write(self, rows: torch.Tensor, values: torch.Tensor) -> None:
+        """Set the rows ``rows`` (any order) to ``values`` ``[len(rows), width]``."""
+        if self._file is None:
+            self._tensor[rows] = values.to(self._tensor.dtype)
+            return
+        import os
+
+        data = values.to(torch.float32).contiguous().numpy()
+        fd, size = self._file.fileno(), self.width * 4
+        for n, row in enumerate(rows.tolist()):
+            os.pwrite(fd, data[n].tobytes(), row * size)
+
+    def read(self, start: int, stop: int) -> torch.Tensor:
+        """Rows ``start`` to ``stop`` (a new tensor)."""
+        if self._file is None:
+            return self._tensor[start:stop]
+        import os
+
+        import numpy as np
+
+        stop = min(stop, self.n_rows)
+        if stop <= start:
+            return torch.zeros(0, self.width)
+        size = self.width * 4
+        data = os.pread(self._file.fileno(), (stop - start) * size, start * size)
+        return torch.from_numpy(np.frombuffer(data, dtype=np.float32).copy()).view(stop - start, self.width)
+
+    def take(self, rows: torch.Tensor) -> torch.Tensor:
+        """The rows ``rows`` (any order, repeats allowed), as ``[len(rows), width]``."""
+        if self._file is None:
+            return self._tensor[rows]
+        out = torch.zeros(len(rows), self.width)
+        for n, row in enumerate(rows.tolist()):
+            out[n] = self.read(row, row + 1)[0]
+        return out
+
+    def dense(self) -> torch.Tensor:
+        """The whole matrix in memory: for small data and callers that need it (not the scan)."""
+        return self._tensor if self._file is None else self.read(0, self.n_rows)
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+
+
+class _Accumulator:
+    """CodeStats built block by block, in any order, holding only per-text numbers, running sums and
+    the strongest activations: the per-text code means (and pooled activations) go to TextRows."""
+
+    def __init__(self, n_texts: int, n_latents: int, directory: Path | None):
+        self.n_texts, self.n_latents, self.directory = n_texts, n_latents, directory
+        self.n_positions = torch.zeros(n_texts, dtype=torch.long)
+        self.fvu = torch.zeros(n_texts, dtype=torch.float64)
+        self.scores = torch.full((n_texts,), float("nan"))
+        self.codes = TextRows(n_texts, n_latents, directory)
+        self.pooled: TextRows | None = None
+        self.fire_counts = torch.zeros(n_latents, dtype=torch.long)
+        self.token_counts = torch.zeros(0, dtype=torch.long)
+        self.top: dict[str, torch.Tensor] | None = None
+        self.seen = False
+
+    def add(self, index: torch.Tensor, block: dict[str, torch.Tensor]) -> None:
+        """The per-text entries ``block`` (encode_chunk's layout) of the dataset texts ``index``."""
+        from .salience import TOP_ACTIVATIONS, _keep_strongest, _rank_within_latent
+
+        index = index.long()
+        n = len(index)
+        if n == 0:
+            return
+        self.seen = True
+        n_positions = block["n_positions"].long()
+        self.n_positions[index] = n_positions
+        self.fvu[index] = block["fvu"].double()
+        self.scores[index] = block["score"].float()
+        if self.pooled is None:
+            self.pooled = TextRows(self.n_texts, block["pooled"].shape[1], self.directory)
+        self.pooled.write(index, block["pooled"])
+        agg_local = torch.repeat_interleave(torch.arange(n), block["agg_offsets"].diff())
+        agg_latent = block["agg_latent"].long()
+        means = torch.zeros(n, self.n_latents)
+        means[agg_local, agg_latent] = block["agg_sum"] / n_positions[agg_local].clamp(min=1)
+        self.codes.write(index, means)
+        self.fire_counts.index_add_(0, agg_latent, block["agg_count"].long())
+        if len(block["token_ids"]):
+            counts = torch.bincount(block["token_ids"].long())
+            if len(counts) > len(self.token_counts):
+                counts[:len(self.token_counts)] += self.token_counts
+                self.token_counts = counts
+            else:
+                self.token_counts[:len(counts)] += counts
+        if not len(agg_latent):
+            return
+        # the 50th strongest per-text maximum of a latent bounds its 50th strongest firing in this block
+        # from below: only firings at or above it can be among its strongest, so only those are kept
+        threshold = torch.zeros(self.n_latents)
+        by_max = torch.argsort(block["agg_max"], descending=True, stable=True)
+        by_max = by_max[torch.argsort(agg_latent[by_max], stable=True)]
+        last = _rank_within_latent(agg_latent[by_max], self.n_latents) == TOP_ACTIVATIONS - 1
+        threshold[agg_latent[by_max][last]] = block["agg_max"][by_max][last]
+        fire_latent = block["fire_latent"].long()
+        keep = block["fire_value"] >= threshold[fire_latent]
+        fire_text = torch.repeat_interleave(index, block["fire_offsets"].diff())
+        entries = {"latent": fire_latent[keep], "value": block["fire_value"][keep].float(), "text": fire_text[keep],
+                   "position": block["fire_position"][keep].long(), "token": block["fire_token"][keep].long()}
+        if self.top is not None:  # a total order (latent, value, text, position): merging gives the one-pass top
+            entries = {name: torch.cat([self.top[name], values]) for name, values in entries.items()}
+        self.top = _keep_strongest(entries, self.n_latents)
+
+    def finish(self):
+        from .salience import TOP_ACTIVATIONS, CodeStats, _rank_within_latent
+
+        n_latents = self.n_latents
+        dense = {name: torch.full((TOP_ACTIVATIONS, n_latents), fill, dtype=dtype)
+                 for name, fill, dtype in (("value", -1.0, torch.float32), ("text", -1, torch.long),
+                                           ("position", 0, torch.long), ("token", 0, torch.long))}
+        if self.top is not None:
+            rank = _rank_within_latent(self.top["latent"], n_latents)
+            for name in dense:
+                dense[name][rank, self.top["latent"]] = self.top[name]
+        fvu = float(self.fvu.sum()) / max(int(self.n_positions.sum()), 1) if self.seen else 0.0
+        return CodeStats(self.codes, self.n_positions, self.fire_counts, dense["value"], dense["text"],
+                         dense["position"], dense["token"], fvu, self.token_counts,
+                         pooled=self.pooled if self.seen else None, scores=self.scores if self.seen else None)
+
+
 def encode_store(store, sae, *, progress=None, cache: CodeCache | None = None):
-    """salience.CodeStats of ``store``: cached texts are read from ``cache``, only the others encoded."""
+    """salience.CodeStats of ``store``: cached texts are read from ``cache``, only the others encoded.
+
+    Streamed: each shard (read back or freshly encoded) is folded into the result and let go,
+    so the driver's memory does not grow with the number of texts beyond a few numbers per text;
+    with a cache, the per-text code means go to a temporary file in it (TextRows).
+    """
     from .activations import ActivationStore
 
     n_texts = store.n_texts
     device = next(sae.parameters()).device
-    parts: list[tuple[torch.Tensor, dict[str, torch.Tensor]]] = []  # (dataset text indices, their block)
+    acc = _Accumulator(n_texts, sae.cfg.n_latents, cache.directory if cache is not None else None)
     n_encoded = 0
     if cache is None:
         for texts, offsets, tensors in store.iter_chunks():
-            parts.append((texts, encode_chunk(sae, offsets, tensors, device)))
+            acc.add(texts, encode_chunk(sae, offsets, tensors, device))
             n_encoded += len(texts)
             if progress is not None:
                 progress(n_encoded, n_texts)
@@ -228,14 +394,15 @@ def encode_store(store, sae, *, progress=None, cache: CodeCache | None = None):
                 shard, row = cache.index[key]
                 by_shard.setdefault(shard, []).append((text, row))
         done = 0
+        cached: set[int] = set()
         for shard, served in by_shard.items():
             block = cache.load(shard)
             if block is None:
                 continue  # unreadable: its texts are encoded below
-            texts = torch.tensor([t for t, _ in served])
-            parts.append((texts, select_rows(block, torch.tensor([r for _, r in served]))))
+            acc.add(torch.tensor([t for t, _ in served]), select_rows(block, torch.tensor([r for _, r in served])))
+            cached.update(t for t, _ in served)
             done += len(served)
-        cached = set() if not parts else {int(t) for texts, _ in parts for t in texts.tolist()}
+            del block
         missing = list(dict.fromkeys(k for t, k in enumerate(keys) if t not in cached))
         if progress is not None:
             progress(done, n_texts)
@@ -253,65 +420,19 @@ def encode_store(store, sae, *, progress=None, cache: CodeCache | None = None):
                 n_encoded += len(chunk_keys)
                 # a text that occurs twice in the data is encoded once and used for both
                 rows = [r for r, key in enumerate(chunk_keys) for _ in wanted[key]]
-                parts.append((torch.tensor([t for key in chunk_keys for t in wanted[key]]),
-                              select_rows(block, torch.tensor(rows, dtype=torch.long))))
+                acc.add(torch.tensor([t for key in chunk_keys for t in wanted[key]]),
+                        select_rows(block, torch.tensor(rows, dtype=torch.long)))
                 done += len(rows)
                 if progress is not None:
                     progress(done, n_texts)
-    stats = assemble(n_texts, sae.cfg.n_latents, parts)
+    stats = acc.finish()
     stats.n_encoded = n_encoded
     return stats
 
 
 def assemble(n_texts: int, n_latents: int, parts: list[tuple[torch.Tensor, dict[str, torch.Tensor]]]):
     """CodeStats from per-text entries, in any order: the same result however they were grouped."""
-    from .salience import TOP_ACTIVATIONS, CodeStats, _keep_strongest, _rank_within_latent
-
-    if parts:
-        index = torch.cat([texts for texts, _ in parts]).long()
-        block = concat_blocks([b for _, b in parts])
-        # dataset order, so float sums do not depend on which texts came from the cache
-        order = torch.argsort(index, stable=True)
-        index, block = index[order], select_rows(block, order)
-    else:
-        index, block = torch.zeros(0, dtype=torch.long), None
-    n_positions = torch.zeros(n_texts, dtype=torch.long)
-    pooled = scores = None
-    mean_codes = torch.zeros(n_texts, n_latents)
-    fire_counts = torch.zeros(n_latents, dtype=torch.long)
-    token_counts = torch.zeros(0, dtype=torch.long)
-    dense = {name: torch.full((TOP_ACTIVATIONS, n_latents), fill, dtype=dtype)
-             for name, fill, dtype in (("value", -1.0, torch.float32), ("text", -1, torch.long),
-                                       ("position", 0, torch.long), ("token", 0, torch.long))}
-    fvu = 0.0
-    if block is not None:
-        n_positions[index] = block["n_positions"]
-        pooled = torch.zeros(n_texts, block["pooled"].shape[1])
-        pooled[index] = block["pooled"]
-        scores = torch.full((n_texts,), float("nan"))
-        scores[index] = block["score"]
-        agg_text = torch.repeat_interleave(index, block["agg_offsets"].diff())
-        agg_latent = block["agg_latent"].long()
-        mean_codes[agg_text, agg_latent] = block["agg_sum"] / n_positions[agg_text].clamp(min=1)
-        fire_counts.index_add_(0, agg_latent, block["agg_count"].long())
-        if len(block["token_ids"]):
-            token_counts = torch.bincount(block["token_ids"])
-        fvu = float(block["fvu"].sum()) / max(int(n_positions.sum()), 1)
-        # the 50th strongest per-text maximum of a latent bounds its 50th strongest firing from below:
-        # only firings at or above it can be among its strongest, so only those are sorted
-        threshold = torch.zeros(n_latents)
-        by_max = torch.argsort(block["agg_max"], descending=True, stable=True)
-        by_max = by_max[torch.argsort(agg_latent[by_max], stable=True)]
-        last = _rank_within_latent(agg_latent[by_max], n_latents) == TOP_ACTIVATIONS - 1
-        threshold[agg_latent[by_max][last]] = block["agg_max"][by_max][last]
-        fire_latent = block["fire_latent"].long()
-        keep = block["fire_value"] >= threshold[fire_latent]
-        fire_text = torch.repeat_interleave(index, block["fire_offsets"].diff())
-        top = _keep_strongest({"latent": fire_latent[keep], "value": block["fire_value"][keep],
-                               "text": fire_text[keep], "position": block["fire_position"][keep].long(),
-                               "token": block["fire_token"][keep]}, n_latents)
-        rank = _rank_within_latent(top["latent"], n_latents)
-        for name in dense:
-            dense[name][rank, top["latent"]] = top[name]
-    return CodeStats(mean_codes, n_positions, fire_counts, dense["value"], dense["text"], dense["position"],
-                     dense["token"], fvu, token_counts, pooled=pooled, scores=scores)
+    acc = _Accumulator(n_texts, n_latents, None)
+    for texts, block in parts:
+        acc.add(texts, block)
+    return acc.finish()

@@ -239,6 +239,10 @@ class ScanConfig:
     salience_from: str | None = option(None, "Compute salience on this reference dataset instead of the scanned "
                                              "one.", group="sae", metavar="DATA")
     folds: int = 5  # cross-fitting folds of the reward heads
+    head_pairs: int = option(4096, "Pairs the cross-fitted Bradley-Terry heads are fitted on: a seeded sample "
+                                   "when the data has more (every pair is still scored, by a head that did not "
+                                   "see it). Default: above the 2,312-pair HH sample.", group="ranking", min=2,
+                             metavar="N")
     margin_l2: float = 1.0  # ridge of the Bradley-Terry head on pooled activations (measured, BENCHMARKS.md)
     sae_l1: float = 2e-2  # L1 of the sparse Bradley-Terry head on SAE codes (measured)
     sae_l2: float = 1e-4  # and its ridge

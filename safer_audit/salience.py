@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -20,11 +21,20 @@ TOP_ACTIVATIONS = 50  # strongest activations kept per latent: contexts and top 
 CONTEXT_TOKENS = 64  # tokens either side of a firing token in a feature card (docs/method.md section 4)
 
 
+STREAM_PAIRS = 4096  # pairs per row range when a pass reads the per-text code means (HH: one range)
+
+
 @dataclass
 class CodeStats:
-    """Per-text SAE code statistics of one dataset (text 2i chosen, 2i+1 rejected)."""
+    """Per-text SAE code statistics of one dataset (text 2i chosen, 2i+1 rejected).
 
-    mean_codes: torch.Tensor  # [n_texts, n_latents] mean of z over read positions, 0 if none
+    The per-text code means (and pooled activations) are TextRows: read in ranges of
+    STREAM_PAIRS pairs (``pair_batches``), so passes over them hold one range at a time. Data of
+    at most STREAM_PAIRS pairs is one range, and every pass computes exactly what one dense
+    matrix gave. ``mean_codes`` and ``pooled`` give the whole matrix, for small data only.
+    """
+
+    codes: Any  # codes.TextRows (or a tensor, wrapped) [n_texts, n_latents] mean of z over read positions, 0 if none
     n_positions: torch.Tensor  # [n_texts] read positions per text
     fire_counts: torch.Tensor  # [n_latents] positions where z_j > 0
     top_values: torch.Tensor  # [TOP_ACTIVATIONS, n_latents] strongest activations
@@ -33,9 +43,44 @@ class CodeStats:
     top_tokens: torch.Tensor  # [TOP_ACTIVATIONS, n_latents] their token id
     fvu: float = float("nan")  # the SAE's fraction of variance unexplained on this data
     token_counts: torch.Tensor | None = None  # [vocab seen] read positions per token id (keyword contrast)
-    pooled: torch.Tensor | None = None  # [n_texts, d_model] mean activation per text (ActivationStore.pooled_mean)
+    # TextRows (or a tensor) [n_texts, d_model] mean activation per text (ActivationStore.pooled_mean)
+    pooled_rows: Any = None
     scores: torch.Tensor | None = None  # [n_texts] reward score per text (ActivationStore.scores)
     n_encoded: int = 0  # texts this pass ran through the SAE (the rest came from the codes cache)
+
+    def __init__(self, codes, n_positions, fire_counts, top_values, top_texts, top_positions, top_tokens,
+                 fvu: float = float("nan"), token_counts=None, pooled=None, scores=None, n_encoded: int = 0):
+        from .codes import TextRows
+
+        self.codes = TextRows.of(codes)
+        self.n_positions, self.fire_counts = n_positions, fire_counts
+        self.top_values, self.top_texts, self.top_positions, self.top_tokens = (top_values, top_texts,
+                                                                                top_positions, top_tokens)
+        self.fvu, self.token_counts, self.scores, self.n_encoded = fvu, token_counts, scores, n_encoded
+        self.pooled_rows = TextRows.of(pooled)
+
+    @property
+    def mean_codes(self) -> torch.Tensor:
+        """[n_texts, n_latents] in memory: for small data (tests, explain); passes use ``pair_batches``."""
+        return self.codes.dense()
+
+    @property
+    def pooled(self) -> torch.Tensor | None:
+        """[n_texts, d_model] in memory (None when unknown): for small data; the scan reads ``pooled_rows``."""
+        return None if self.pooled_rows is None else self.pooled_rows.dense()
+
+    @property
+    def n_texts(self) -> int:
+        return len(self.n_positions)
+
+    def pair_batches(self, columns: torch.Tensor | None = None, rows=None):
+        """``(first pair, codes)``: the code means of STREAM_PAIRS pairs at a time (texts 2p..), in order,
+        restricted to ``columns`` when given; ``rows`` reads another TextRows (the pooled activations)."""
+        rows = self.codes if rows is None else rows
+        n_texts = rows.shape[0]
+        for start in range(0, max(n_texts, 1), 2 * STREAM_PAIRS):
+            codes = rows.read(start, start + 2 * STREAM_PAIRS)
+            yield start // 2, codes if columns is None else codes[:, columns]
 
     def token_rate(self, token_id: int) -> float:
         """The token's share of all read positions (0 when unknown)."""
@@ -48,9 +93,15 @@ class CodeStats:
         return int(self.n_positions.sum())
 
     def totals(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """C and R of docs/method.md section 3: summed codes over chosen and over rejected texts."""
-        sums = self.mean_codes * self.n_positions.unsqueeze(1).to(self.mean_codes.dtype)
-        return sums[0::2].sum(0), sums[1::2].sum(0)
+        """C and R of docs/method.md section 3: summed codes over chosen and over rejected texts (streamed)."""
+        chosen = rejected = None
+        for first, codes in self.pair_batches():
+            n_positions = self.n_positions[2 * first:2 * first + len(codes)]
+            sums = codes * n_positions.unsqueeze(1).to(codes.dtype)
+            c, r = sums[0::2].sum(0), sums[1::2].sum(0)
+            chosen = c if chosen is None else chosen + c
+            rejected = r if rejected is None else rejected + r
+        return chosen, rejected
 
 
 def encode_store(store, sae, *, progress=None, cache=None) -> CodeStats:
@@ -301,17 +352,72 @@ def _length_correlations(codes: torch.Tensor, lengths: torch.Tensor) -> list[flo
             for v, s in zip(r.tolist(), sx.tolist(), strict=True)]
 
 
+def _column_summaries(stats: CodeStats, latents: torch.Tensor):
+    """Per selected latent: the fraction of chosen and of rejected texts where it fires, its histogram
+    and its length correlation. One range of pairs: from the dense columns; more: streamed in two
+    passes (maxima and means, then counts and centred sums), holding one range at a time."""
+    batches = list(range(0, stats.n_texts, 2 * STREAM_PAIRS))
+    if len(batches) <= 1:
+        codes = next(stats.pair_batches(latents))[1].float() if len(latents) else torch.zeros(stats.n_texts, 0)
+        chosen_fires = (codes[0::2] > 0).float().mean(0) if len(codes[0::2]) else torch.zeros(len(latents))
+        rejected_fires = (codes[1::2] > 0).float().mean(0) if len(codes[1::2]) else torch.zeros(len(latents))
+        return chosen_fires, rejected_fires, _histograms(codes), _length_correlations(codes, stats.n_positions)
+    n_columns = len(latents)
+    top = torch.zeros(n_columns)
+    fires = torch.zeros(2, n_columns, dtype=torch.float64)
+    read = stats.n_positions > 0
+    x_sum = torch.zeros(n_columns, dtype=torch.float64)
+    for first, codes in stats.pair_batches(latents):
+        codes = codes.float()
+        top = torch.maximum(top, codes.max(0).values)
+        fires[0] += (codes[0::2] > 0).double().sum(0)
+        fires[1] += (codes[1::2] > 0).double().sum(0)
+        x_sum += codes[read[2 * first:2 * first + len(codes)]].double().sum(0)
+    n_read = int(read.sum())
+    y = stats.n_positions[read].double()
+    x_mean, y_mean = x_sum / max(n_read, 1), y.mean() if n_read else torch.tensor(0.0, dtype=torch.float64)
+    counts = torch.zeros(2, n_columns, HISTOGRAM_BINS, dtype=torch.long)
+    sxy = torch.zeros(n_columns, dtype=torch.float64)
+    sxx = torch.zeros(n_columns, dtype=torch.float64)
+    for first, codes in stats.pair_batches(latents):
+        codes = codes.float()
+        for side in (0, 1):
+            values = codes[side::2]
+            for n in range(n_columns):
+                if top[n] > 0:
+                    firing = values[:, n][values[:, n] > 0]
+                    counts[side, n] += torch.histc(firing, bins=HISTOGRAM_BINS, min=0, max=float(top[n])).long()
+        where = read[2 * first:2 * first + len(codes)]
+        x = codes[where].double() - x_mean
+        yc = stats.n_positions[2 * first:2 * first + len(codes)][where].double() - y_mean
+        sxy += (x * yc.unsqueeze(1)).sum(0)
+        sxx += (x * x).sum(0)
+    n_pairs = stats.n_texts // 2
+    histograms = []
+    for n in range(n_columns):
+        if top[n] <= 0:
+            histograms.append({"edges": [], "chosen": [], "rejected": []})
+            continue
+        edges = torch.linspace(0, float(top[n]), HISTOGRAM_BINS + 1)
+        histograms.append({"edges": [round(float(e), 6) for e in edges], "chosen": counts[0, n].tolist(),
+                           "rejected": counts[1, n].tolist()})
+    sy = float(((y - y_mean) ** 2).sum()) ** 0.5
+    if n_read < 3:
+        correlations = [None] * n_columns
+    else:
+        sx = sxx.sqrt()
+        correlations = [None if float(sx[n]) <= 1e-12 or sy <= 1e-12 else round(float(sxy[n] / (sx[n] * sy)), 6)
+                        for n in range(n_columns)]
+    return (fires[0] / max(n_pairs, 1)).float(), (fires[1] / max(n_pairs, 1)).float(), histograms, correlations
+
+
 def feature_cards(stats: CodeStats, features: FeatureSet, *, n_contexts: int = 10) -> list[CardData]:
     """Card data for every selected feature: totals, firing rates, histogram, length correlation,
     top tokens and example contexts (all from CodeStats: no pass over the data)."""
     chosen_totals, rejected_totals = stats.totals()
     n_tokens = max(stats.n_tokens, 1)
     latents = features.latents
-    codes = stats.mean_codes[:, latents].float() if len(latents) else torch.zeros(len(stats.mean_codes), 0)
-    chosen_fires = (codes[0::2] > 0).float().mean(0) if len(codes[0::2]) else torch.zeros(len(latents))
-    rejected_fires = (codes[1::2] > 0).float().mean(0) if len(codes[1::2]) else torch.zeros(len(latents))
-    histograms = _histograms(codes)
-    correlations = _length_correlations(codes, stats.n_positions)
+    chosen_fires, rejected_fires, histograms, correlations = _column_summaries(stats, latents)
     cards = []
     for n, feature in enumerate(features.features):
         j = feature.latent

@@ -60,9 +60,9 @@ from .scoring import (
     Category,
     HeadFit,
     aggregate,
+    all_feature_contributions,
     categorise,
     compute_signals,
-    feature_contributions,
     ranked_signals,
 )
 
@@ -339,7 +339,7 @@ def judge_pairs(pairs: pl.DataFrame, stats: CodeStats, features: FeatureSet, con
     fit = HeadFit.of(config)
     # the encoding pass pooled the activations (and cached them): no second pass over the store
     rewards = stats.scores if backend.has_reward_head else None
-    pooled = None if backend.has_reward_head else stats.pooled
+    pooled = None if backend.has_reward_head else stats.pooled_rows  # read a range of pairs at a time
     signals = compute_signals(stats, features, rewards=rewards, pooled=pooled, fit=fit)
     weights = ranking_weights(config)
     context = JudgeContext(pairs, stats, features, rewards=rewards, pooled=pooled, fit=fit,
@@ -440,8 +440,7 @@ def build_report(source, pairs, texts, stats, salience, features, signals, ranke
     tops = []
     flagged_mass = torch.zeros(len(latents), dtype=torch.float64)  # per feature: summed |term| over flagged pairs
     flagged_in = dict.fromkeys(latents, 0)  # per feature: flagged pairs it is a top feature of
-    for i in range(len(pairs)):
-        chosen_terms, rejected_terms = feature_contributions(stats, features, i)
+    for i, (chosen_terms, rejected_terms) in enumerate(all_feature_contributions(stats, features)):
         net = (chosen_terms - rejected_terms).abs()
         top = torch.argsort(net, descending=True, stable=True)[:config.top_features_per_pair].tolist()
         tops.append([(latents[j], float(chosen_terms[j]), float(rejected_terms[j])) for j in top if net[j] > 0])

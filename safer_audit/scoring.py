@@ -36,10 +36,15 @@ from .config import AGGREGATIONS
 from .domain import SIGNALS, Category
 from .salience import CodeStats, FeatureSet
 
+# pairs a Bradley-Terry head is fitted on (--head-pairs): above the 2,312-pair HH sample, so its
+# reports are those of a fit on every pair; ~4096 x width x 16 B (scaled copy, float64 in the fit)
+HEAD_PAIRS = 4096
+
 
 def text_values(stats: CodeStats, features: FeatureSet) -> torch.Tensor:
-    """V(t) for every text: mean over read positions of sum F+ z minus sum F- z."""
-    return stats.mean_codes[:, features.latents] @ features.signs
+    """V(t) for every text: mean over read positions of sum F+ z minus sum F- z (streamed over pairs)."""
+    parts = [codes @ features.signs for _, codes in stats.pair_batches(features.latents)]
+    return torch.cat(parts) if len(parts) > 1 else parts[0]
 
 
 def score_safe(stats: CodeStats, features: FeatureSet) -> torch.Tensor:
@@ -50,8 +55,16 @@ def score_safe(stats: CodeStats, features: FeatureSet) -> torch.Tensor:
 
 def feature_contributions(stats: CodeStats, features: FeatureSet, pair: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Each selected feature's signed term in V(chosen) and in V(rejected) of one pair."""
-    codes = stats.mean_codes[[2 * pair, 2 * pair + 1]][:, features.latents] * features.signs
+    codes = stats.codes.take(torch.tensor([2 * pair, 2 * pair + 1]))[:, features.latents] * features.signs
     return codes[0], codes[1]
+
+
+def all_feature_contributions(stats: CodeStats, features: FeatureSet):
+    """feature_contributions of every pair, in order, read a range of pairs at a time."""
+    for _, codes in stats.pair_batches(features.latents):
+        terms = codes * features.signs
+        for i in range(len(terms) // 2):
+            yield terms[2 * i], terms[2 * i + 1]
 
 
 def fold_ids(n_pairs: int, folds: int, seed: int) -> torch.Tensor:
@@ -126,6 +139,7 @@ class CrossFit:
     fold: torch.Tensor  # [n_pairs] fold of each pair
     weights: torch.Tensor  # [folds, n_features] the head of each fold
     scale: torch.Tensor  # [n_features] the column scale the weights apply to
+    sample: torch.Tensor | None = None  # [<= max_pairs] the pairs the heads were fitted on (None: every pair)
 
 
 def cross_fitted_margins(diffs: torch.Tensor, *, folds: int = 5, seed: int = 0, l2: float = 1e-2,
@@ -170,11 +184,13 @@ class HeadFit:
     margin_l2: float = 1.0
     sae_l1: float = 2e-2
     sae_l2: float = 1e-4
+    max_pairs: int = HEAD_PAIRS  # pairs a head is fitted on: a seeded sample when there are more
 
     @classmethod
     def of(cls, config) -> HeadFit:
         """The fit a ScanConfig asks for."""
-        return cls(config.folds, config.seed, config.margin_l2, config.sae_l1, config.sae_l2)
+        return cls(config.folds, config.seed, config.margin_l2, config.sae_l1, config.sae_l2,
+                   getattr(config, "head_pairs", HEAD_PAIRS))
 
     def penalties(self, signal: str) -> tuple[float, float]:
         """(l2, l1) of the head behind ``signal``: ridge on activations, sparse on SAE codes."""
@@ -182,13 +198,92 @@ class HeadFit:
 
 
 def head_inputs(stats: CodeStats, pooled: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-    """What each Bradley-Terry head reads, per pair: the difference of the mean SAE codes
-    (``sae_margin``) and, given pooled activations per text, their difference (``reward_margin``)."""
+    """What each Bradley-Terry head reads, per pair, in memory (small data; the scan streams pair_inputs):
+    the difference of the mean SAE codes (``sae_margin``) and, given pooled activations per text, their
+    difference (``reward_margin``)."""
+    return {name: diffs.take(torch.arange(diffs.n)) for name, diffs in pair_inputs(stats, pooled).items()}
+
+
+class PairDiffs:
+    """Per pair, the chosen text's row minus the rejected one's, of a TextRows (or tensor) ``[2 x pairs, width]``:
+    read for chosen pairs (``take``) or a range of pairs at a time (``batches``), never all at once."""
+
+    def __init__(self, rows):
+        from .codes import TextRows
+
+        self.rows = TextRows.of(rows)
+        self.n = self.rows.shape[0] // 2
+
+    def take(self, pairs: torch.Tensor) -> torch.Tensor:
+        """``[len(pairs), width]`` differences of the pairs ``pairs``."""
+        if len(pairs) == self.n and torch.equal(pairs, torch.arange(self.n)):
+            parts = [diffs for _, diffs in self.batches()]
+            return torch.cat(parts) if len(parts) > 1 else parts[0]
+        texts = torch.stack([2 * pairs, 2 * pairs + 1], dim=1).flatten()
+        rows = self.rows.take(texts)
+        return rows[0::2] - rows[1::2]
+
+    def batches(self):
+        """``(first pair, differences)`` of STREAM_PAIRS pairs at a time, in order."""
+        from .salience import STREAM_PAIRS
+
+        for start in range(0, max(self.n, 1), STREAM_PAIRS):
+            rows = self.rows.read(2 * start, 2 * (start + STREAM_PAIRS))
+            yield start, rows[0::2] - rows[1::2]
+
+
+def pair_inputs(stats: CodeStats, pooled=None) -> dict[str, PairDiffs]:
+    """What each Bradley-Terry head reads, per pair, as PairDiffs: ``reward_margin`` (given pooled
+    activations per text, a TextRows or tensor) and ``sae_margin`` (the mean SAE codes)."""
     inputs = {}
     if pooled is not None:
-        inputs["reward_margin"] = pooled[0::2] - pooled[1::2]
-    inputs["sae_margin"] = stats.mean_codes[0::2] - stats.mean_codes[1::2]
+        inputs["reward_margin"] = PairDiffs(pooled)
+    inputs["sae_margin"] = PairDiffs(stats.codes)
     return inputs
+
+
+def head_sample(n_pairs: int, max_pairs: int, seed: int) -> torch.Tensor:
+    """The pairs a head is fitted on, in table order: every pair up to ``max_pairs``; past it, the
+    first ``max_pairs`` of the seeded permutation fold_ids deals the folds from (so each fold
+    keeps its share of the sample)."""
+    if n_pairs <= max_pairs:
+        return torch.arange(n_pairs)
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randperm(n_pairs, generator=generator)[:max_pairs].sort().values
+
+
+def cross_fitted_head(name: str, diffs: PairDiffs, fit: HeadFit) -> CrossFit:
+    """The cross-fitted Bradley-Terry head behind the signal ``name`` and its margin for every pair.
+
+    Every pair gets a fold (fold_ids over all pairs); the head of fold k is fitted on the pairs of
+    the bounded sample (head_sample, ``fit.max_pairs``) outside fold k, and scores every pair of
+    fold k, in or out of the sample, a range of pairs at a time: no pair is scored by a head that
+    saw it, and no more than ``fit.max_pairs`` pairs' differences are held. Up to the bound this is
+    exactly cross_fitted_margins on the whole table.
+    """
+    n = diffs.n
+    folds = max(2, min(fit.folds, n))
+    ids = fold_ids(n, folds, fit.seed)
+    sample = head_sample(n, max(fit.max_pairs, 2), fit.seed)
+    l2, l1 = fit.penalties(name)
+    train = diffs.take(sample)
+    scale = column_scale(train)
+    scaled = train / scale
+    del train
+    sample_ids = ids[sample]
+    weights = torch.zeros(folds, scaled.shape[1])
+    for k in range(folds):
+        weights[k] = fit_bradley_terry(scaled[sample_ids != k], l2=l2, l1=l1)
+    del scaled
+    margins = torch.zeros(n)
+    for start, batch in diffs.batches():
+        batch_scaled = batch / scale
+        batch_ids = ids[start:start + len(batch)]
+        out = margins[start:start + len(batch)]
+        for k in range(folds):
+            held = batch_ids == k
+            out[held] = batch_scaled[held] @ weights[k]
+    return CrossFit(margins, ids, weights, scale, sample)
 
 
 def fit_heads(stats: CodeStats, fit: HeadFit, pooled: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
@@ -222,16 +317,19 @@ def compute_signals(stats: CodeStats, features: FeatureSet, *, rewards: torch.Te
     if (rewards is None) == (pooled is None):
         raise ValueError("give the rewards (a reward model) or the pooled activations, not both or neither")
     signals = {"score_safe": score_safe(stats, features)}
-    inputs = head_inputs(stats, pooled)
     if rewards is not None:
         signals["reward_margin"] = rewards[0::2] - rewards[1::2]
-    for name, diffs in inputs.items():
-        if heads is not None:
-            signals[name] = frozen_margins(heads, name, diffs)
-        else:
-            l2, l1 = fit.penalties(name)
-            signals[name] = cross_fitted_margins(diffs, folds=fit.folds, seed=fit.seed, l2=l2, l1=l1).margins
+    for name, diffs in pair_inputs(stats, pooled).items():
+        signals[name] = head_margins(name, diffs, fit, heads)
     return {name: signals[name] for name in SIGNALS}
+
+
+def head_margins(name: str, diffs: PairDiffs, fit: HeadFit, heads: Mapping[str, torch.Tensor] | None = None):
+    """The margins of the head ``name`` for every pair: frozen ``heads`` (streamed), or cross-fitted."""
+    if heads is None:
+        return cross_fitted_head(name, diffs, fit).margins
+    parts = [frozen_margins(heads, name, batch) for _, batch in diffs.batches()]
+    return torch.cat(parts) if len(parts) > 1 else parts[0]
 
 
 # -------------------------------------------------------------------------------- ranking

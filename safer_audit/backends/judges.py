@@ -10,15 +10,10 @@ from ..judges import FunctionJudge, JudgeContext
 
 def _margin(name: str, context: JudgeContext) -> torch.Tensor:
     """A Bradley-Terry head's margins: frozen heads (the gate) or cross-fitted on these pairs."""
-    from ..scoring import HeadFit, cross_fitted_margins, frozen_margins, head_inputs
+    from ..scoring import HeadFit, head_margins, pair_inputs
 
-    inputs = head_inputs(context.stats, context.pooled)
-    diffs = inputs[name]
-    if context.heads is not None:
-        return frozen_margins(context.heads, name, diffs)
-    fit = context.fit or HeadFit()
-    l2, l1 = fit.penalties(name)
-    return cross_fitted_margins(diffs, folds=fit.folds, seed=fit.seed, l2=l2, l1=l1).margins
+    return head_margins(name, pair_inputs(context.stats, context.pooled)[name], context.fit or HeadFit(),
+                        context.heads)
 
 
 def score_safe(context: JudgeContext) -> torch.Tensor:
