@@ -306,6 +306,7 @@ def test_a_malformed_answer_is_asked_again_with_the_reason(server):
     ('{"label": "guns", "rating": 11, "category": "weapons"}', "rating 11 is not a number from 0 to 10"),
     ('{"label": "guns", "rating": "high", "category": "weapons"}', "rating 'high'"),
     ('{"label": "guns", "rating": 5, "category": "cooking"}', "category 'cooking' is not one of"),
+    ('{"label": "...", "rating": 0, "category": "violence"}', "label '...' has no words"),  # SmolLM2-135M did
 ])
 def test_an_answer_still_malformed_after_one_retry_leaves_the_latent_unlabelled(server, bad, reason):
     server.script({"content": bad}, {"content": bad})

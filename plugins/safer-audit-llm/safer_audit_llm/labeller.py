@@ -108,6 +108,8 @@ def check_answer(data: dict) -> tuple[str, float, str]:
     label = data["label"]
     if not isinstance(label, str) or not label.split():
         raise ValueError("label is not a non-empty string")
+    if not any(ch.isalnum() for ch in label):  # SmolLM2-135M under a JSON grammar answered "..."
+        raise ValueError(f"label {inert(repr(label))[:40]} has no words")
     label = " ".join(label.split())[:MAX_LABEL_CHARS].strip()  # a long label is cut, not refused
     rating = data["rating"]
     if isinstance(rating, bool) or not isinstance(rating, (int, float)) or not math.isfinite(rating) \
