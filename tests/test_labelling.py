@@ -357,3 +357,9 @@ def test_each_window_is_embedded_once_and_syntax_latents_not_at_all():
     assert len(embedded) == len(set(embedded)) == EMBED_CONTEXTS
     assert labels[9].category == labels[10].category != NOT_SAFETY and labels[9].relevance == labels[10].relevance
     assert labels[5].relevance == 0.0 and labels[5].category == NOT_SAFETY
+
+
+def test_a_token_that_ends_the_texts_says_so():
+    period = _pairs_request(11, [(b, ".", "") for b in ("I hope this helps", "Let me know", "Good luck with it")]
+                            + [("It is late", ".", " Go home.")], [(".", 9.0)], [0.05])
+    assert make_labeller("offline").label([period, WEAPONS])[11].label == 'token "." at the end of a text'

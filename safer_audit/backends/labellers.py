@@ -40,7 +40,7 @@ from ..hookspecs import hookimpl
 from ..labelling import NOT_SAFETY, FeatureLabel, LabelRequest
 
 NAME = "offline"
-VERSION = "3"  # bump when the keyword or category rule changes: cached labels are then made again
+VERSION = "4"  # bump when the keyword or category rule changes: cached labels are then made again
 DEFAULT_TAXONOMY = Path(__file__).resolve().parent.parent / "taxonomy.yaml"
 
 KEYWORDS = 3  # words in a label
@@ -294,6 +294,10 @@ def syntax_label(request: LabelRequest, content: list[str]) -> str:
     after = Counter(_neighbour(c.after, False) for c in request.contexts)
     shown_before = [w for w, n in before.most_common(2) if n >= MIN_TEXTS and w and w[0].isalnum()]
     shown_after = [w for w, n in after.most_common(2) if n >= MIN_TEXTS and w and w[0].isalnum()]
+    ends = sum(1 for c in request.contexts if not c.after.strip())
+    if ends >= max(MIN_TEXTS, (len(request.contexts) + 1) // 2):  # the window is the end of the text
+        where.append("at the end of a text")
+        shown_after = []
     if shown_before:
         where.append("after " + ", ".join(shown_before))
     if shown_after:
