@@ -363,3 +363,10 @@ def test_a_token_that_ends_the_texts_says_so():
     period = _pairs_request(11, [(b, ".", "") for b in ("I hope this helps", "Let me know", "Good luck with it")]
                             + [("It is late", ".", " Go home.")], [(".", 9.0)], [0.05])
     assert make_labeller("offline").label([period, WEAPONS])[11].label == 'token "." at the end of a text'
+
+
+def test_words_before_and_after_the_token_are_kept_apart():
+    you = _pairs_request(12, [("Even if", " you", " can run, hide."), ("But if", " you", " can pay, go."),
+                              ("Only if", " you", " can swim."), ("I think", " you", " should stop.")],
+                         [("you", 9.0)], [0.05])
+    assert make_labeller("offline").label([you, WEAPONS])[12].label == 'token "you" after if; before can'

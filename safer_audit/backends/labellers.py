@@ -310,7 +310,7 @@ def syntax_label(request: LabelRequest, content: list[str]) -> str:
             where.insert(0, "in lists")
     text = "token " + " / ".join(_quoted(t) for t in tokens) if tokens else "(no token)"
     if where:
-        text += " " + " and ".join(where)
+        text += " " + "; ".join(where)
     if content:
         text += "; near " + ", ".join(content)
     return text
