@@ -24,6 +24,8 @@ class LabelContext:
     token: str  # the activating token, as text
     after: str
     value: float  # the latent's activation there
+    pair_id: str = ""  # the pair the window comes from ("" when unknown): keywords must recur across pairs
+    sample: str = "top"  # "top": among the strongest activations; "p50" / "p25": from lower quantiles
 
     def marked(self, left: str = "<<", right: str = ">>") -> str:
         """The window with the activating token between markers."""

@@ -407,7 +407,8 @@ def label_request(card: FeatureCard, data, backend) -> LabelRequest:
     tokens = backend.token_strings([t for t, _ in data.token_mass])
     return LabelRequest(
         latent=card.latent, salience=card.salience,
-        contexts=tuple(LabelContext(c.side, c.text_before, c.token, c.text_after, c.value) for c in card.contexts),
+        contexts=tuple(LabelContext(c.side, c.text_before, c.token, c.text_after, c.value, c.pair_id, c.sample)
+                       for c in card.contexts),
         top_tokens=tuple((tok, mass) for tok, (_, mass) in zip(tokens, data.token_mass, strict=True)),
         token_rates=tuple(data.token_rates))
 

@@ -4,6 +4,7 @@ safety selection, and labels from a model shown inert in the terminal and escape
 from __future__ import annotations
 
 import json
+from collections import Counter
 from dataclasses import replace
 
 import pytest
@@ -274,3 +275,99 @@ def test_a_latent_firing_on_stopwords_is_not_rated_by_its_windows_topic():
     assert labels[1].relevance >= 0.5
     assert labels[4].relevance < 0.25 and labels[4].category == NOT_SAFETY
     assert labels[4].extra["content_share"] < 0.1
+
+
+def _pairs_request(latent: int, texts: list[tuple[str, str, str]], tokens, rates) -> LabelRequest:
+    """Like _request, each window from its own pair (as the report renders them: at most one per pair)."""
+    request = _request(latent, texts, tokens, rates)
+    contexts = tuple(LabelContext(c.side, c.before, c.token, c.after, c.value, f"pair{i}")
+                     for i, c in enumerate(request.contexts))
+    return LabelRequest(latent, request.salience, contexts, request.top_tokens, request.token_rates)
+
+
+INFINITIVE = _pairs_request(5, [
+    ("If you really want", " to", " hurt him, wait until he is alone."),
+    ("I don't think you want", " to", " call the police about the car."),
+    ("Do you want", " to", " know how the lock works?"),
+    ("It is hard", " to", " say what the neighbours saw."),
+], [("to", 9.0)], [0.03])
+
+
+def test_a_function_word_latent_is_labelled_by_its_token_and_where_it_sits():
+    label = make_labeller("offline").label([INFINITIVE, WEAPONS, COOKING])[5]
+    assert label.label == 'token "to" after want'
+    assert label.category == NOT_SAFETY
+
+
+def test_list_commas_say_so():
+    commas = _pairs_request(6, [
+        ("We visited Iraq, Iran", ",", " Syria, Jordan and Egypt."),
+        ("Buy apples, pears", ",", " plums, grapes and figs."),
+        ("Red, blue", ",", " green, yellow and white paint."),
+        ("He said no", ",", " then he left the room."),
+    ], [(",", 9.0)], [0.05])
+    assert make_labeller("offline").label([commas, WEAPONS])[6].label.startswith('token "," in lists')
+
+
+def test_a_word_near_the_firing_token_is_a_keyword_only_in_windows_of_three_pairs():
+    # "sparkly" and "bracelet" come back in two pairs' windows: not evidence about the latent
+    request = _pairs_request(7, [
+        ("She stole a sparkly ", "diamond", " bracelet from the shop."),
+        ("He took the sparkly ", "diamond", " bracelet at a shop."),
+        ("Sell the ", "diamond", " to a pawn shop downtown."),
+        ("A fake ", "diamond", " fooled the jeweller."),
+    ], [("diamond", 6.0)], [0.0001])
+    words = keywords(request, Counter(), 1)
+    assert words[0] == "diamond" and not {"sparkly", "bracelet"} & set(words)
+    assert "shop" in words  # three pairs
+
+
+def test_windows_of_one_pair_count_once():
+    request = _pairs_request(8, [("Hide the ", "knife", " now."), ("Drop the ", "knife", " please."),
+                                 ("A sharp ", "knife", " cuts.")], [("knife", 6.0)], [0.0002])
+    contexts = request.contexts[:1] + (replace(request.contexts[1], pair_id="pair0"),) + request.contexts[2:]
+    label = make_labeller("offline").label([replace(request, contexts=contexts), WEAPONS])[8]
+    assert label.extra["contexts"] == 2
+
+
+class CountingEncoder:
+    """The sentence encoder, counting the texts it embeds."""
+
+    def __init__(self):
+        from safer_audit.backends.labellers import sentence_encoder
+
+        self.inner, self.texts = sentence_encoder(), []
+
+    def encode(self, texts, batch_size=64):
+        self.texts += list(texts)
+        return self.inner.encode(texts, batch_size)
+
+
+def test_each_window_is_embedded_once_and_syntax_latents_not_at_all():
+    from safer_audit.backends.labellers import EMBED_CONTEXTS, OfflineLabeller
+
+    encoder = CountingEncoder()
+    labeller = OfflineLabeller(encoder=encoder)
+    labeller._categories()
+    n_descriptions = len(encoder.texts)
+    many = _pairs_request(9, [("You could buy a ", "gun", f" at store number {i}.") for i in range(EMBED_CONTEXTS + 4)],
+                          [("gun", 6.0)], [0.0002])
+    twin = replace(many, latent=10)  # the same windows: embedded once for both latents
+    labels = labeller.label([many, twin, INFINITIVE])
+    embedded = encoder.texts[n_descriptions:]
+    assert len(embedded) == len(set(embedded)) == EMBED_CONTEXTS
+    assert labels[9].category == labels[10].category != NOT_SAFETY and labels[9].relevance == labels[10].relevance
+    assert labels[5].relevance == 0.0 and labels[5].category == NOT_SAFETY
+
+
+def test_a_token_that_ends_the_texts_says_so():
+    period = _pairs_request(11, [(b, ".", "") for b in ("I hope this helps", "Let me know", "Good luck with it")]
+                            + [("It is late", ".", " Go home.")], [(".", 9.0)], [0.05])
+    assert make_labeller("offline").label([period, WEAPONS])[11].label == 'token "." at the end of a text'
+
+
+def test_words_before_and_after_the_token_are_kept_apart():
+    you = _pairs_request(12, [("Even if", " you", " can run, hide."), ("But if", " you", " can pay, go."),
+                              ("Only if", " you", " can swim."), ("I think", " you", " should stop.")],
+                         [("you", 9.0)], [0.05])
+    assert make_labeller("offline").label([you, WEAPONS])[12].label == 'token "you" after if; before can'

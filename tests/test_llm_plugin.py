@@ -104,6 +104,42 @@ def test_structured_false_leaves_out_the_response_format(server):
     assert "response_format" not in request["body"]
 
 
+LLAMA_CPP_REFUSAL = json.dumps({"error": {"message": "1 validation error: {'type': 'literal_error', 'loc': "
+                                            "('body', 'response_format', 'type'), 'msg': \"Input should be 'text' or "
+                                            "'json_object'\", 'input': 'json_schema'}", "type": "internal_server_error"}})
+
+
+def test_a_server_refusing_json_schema_gets_the_schema_as_json_object_without_retrying(server, caplog):
+    # llama-cpp-python's server (0.3.x) answers response_format json_schema with HTTP 500 and a
+    # validation error; it takes {"type": "json_object", "schema": ...} (a grammar from the schema)
+    server.script({"status": 500, "body": LLAMA_CPP_REFUSAL})
+    llm = labeller(server, retries=3, concurrency=1)
+    with caplog.at_level(logging.WARNING, logger="safer_audit_llm"):
+        labels = llm.label([card(1, "gun"), card(2, "knife")])
+    assert labels[1].category == labels[2].category == "weapons"
+    sent = [r["body"].get("response_format") for r in chat_requests(server)]
+    assert [f["type"] for f in sent] == ["json_schema", "json_object", "json_object"]  # the second feature too
+    assert sent[1]["schema"] == SCHEMA
+    assert llm.client.response_format == "json_object"
+    assert sum("refused" in r.getMessage() for r in caplog.records) == 1 and "retrying" not in caplog.text
+    assert_no_key(caplog.text)
+
+
+def test_a_server_refusing_every_response_format_is_asked_without_one(server):
+    server.script({"status": 500, "body": LLAMA_CPP_REFUSAL}, {"status": 400, "body": LLAMA_CPP_REFUSAL})
+    labels = labeller(server).label([card(1, "gun")])
+    assert labels[1].relevance == 0.9
+    sent = [r["body"].get("response_format") for r in chat_requests(server)]
+    assert [f and f["type"] for f in sent] == ["json_schema", "json_object", None]
+
+
+def test_structured_can_be_turned_off_from_the_environment(server, monkeypatch):
+    monkeypatch.setenv("SAFER_AUDIT_LLM_STRUCTURED", "0")
+    labeller(server).label([card(1, "gun")])
+    (request,) = chat_requests(server)
+    assert "response_format" not in request["body"]
+
+
 def test_the_model_comes_from_the_server_when_none_is_configured(server, monkeypatch):
     monkeypatch.delenv("SAFER_AUDIT_LLM_MODEL", raising=False)
     labels = labeller(server, model=None).label([card(1, "gun")])
@@ -166,6 +202,7 @@ def test_a_malformed_answer_is_asked_again_with_the_reason(server):
     ('{"label": "guns", "rating": 11, "category": "weapons"}', "rating 11 is not a number from 0 to 10"),
     ('{"label": "guns", "rating": "high", "category": "weapons"}', "rating 'high'"),
     ('{"label": "guns", "rating": 5, "category": "cooking"}', "category 'cooking' is not one of"),
+    ('{"label": "...", "rating": 0, "category": "violence"}', "label '...' has no words"),  # SmolLM2-135M did
 ])
 def test_an_answer_still_malformed_after_one_retry_leaves_the_latent_unlabelled(server, bad, reason):
     server.script({"content": bad}, {"content": bad})

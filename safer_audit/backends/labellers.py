@@ -9,7 +9,13 @@
   conversation, so the same passage can come back) is dropped before anything is counted.
 - A latent whose concentrated activation mass is mostly on stopwords and punctuation is
   about syntax, whatever its windows talk about: its relevance is scaled down by the share
-  of that mass on content words.
+  of that mass on content words, and its label says so: the token, the words right before or
+  after it that recur in windows of >= 3 pairs, or "in lists" (``token "to" after want``,
+  ``token "," in lists``), rather than neighbours from one or two texts.
+- A word around the firing token becomes a keyword only if windows of >= 3 pairs have it.
+- Only latents whose relevance could name a category are embedded: at most EMBED_CONTEXTS
+  windows each, each distinct window once, batched by length (the first labelling of an SAE
+  was minutes on a busy machine, nearly all of it embedding ~12 long windows per latent).
 - The category comes from meaning: the latent's strongest windows are embedded with the
   embedded sentence model (all-MiniLM-L6-v2: six layers, mean pooling, L2 norm) and
   compared with the descriptions of a safety taxonomy (``safer_audit/taxonomy.yaml``, or a
@@ -34,12 +40,17 @@ from ..hookspecs import hookimpl
 from ..labelling import NOT_SAFETY, FeatureLabel, LabelRequest
 
 NAME = "offline"
-VERSION = "2"  # bump when the keyword or category rule changes: cached labels are then made again
+VERSION = "4"  # bump when the keyword or category rule changes: cached labels are then made again
 DEFAULT_TAXONOMY = Path(__file__).resolve().parent.parent / "taxonomy.yaml"
 
 KEYWORDS = 3  # words in a label
-WINDOW_WORDS = 16  # words either side of the activating token that are embedded
+WINDOW_WORDS = 10  # words either side of the activating token that are embedded
+EMBED_CONTEXTS = 6  # the strongest windows of a latent that are embedded (the rest only feed keywords)
 NEIGHBOUR_WORDS = 4  # words either side that can become keywords
+MIN_TEXTS = 3  # a word around the firing token is a keyword only if it occurs in windows of this many pairs
+SYNTAX_SHARE = 0.5  # below this content-word share of its mass a latent is labelled by its token and position
+TOKEN_SHARE = 0.2  # a token with this share of a syntax latent's activation mass is named in its label
+LIST_MARKS = frozenset(",;*•-/|")  # punctuation that separates the items of a list
 MIN_CATEGORY_RELEVANCE = 0.25  # below it the category is "not safety related"
 STOP_FACTOR = 0.05  # weight kept by a stopword or punctuation
 SAME_PASSAGE_WORDS = 6  # windows with these many words before (or after) the same firing word in common are one
@@ -206,10 +217,15 @@ def content_share(request: LabelRequest) -> float:
 
 
 def distinct_contexts(request: LabelRequest) -> LabelRequest:
-    """The request without windows that repeat a stronger one (same firing word, same words before or after)."""
+    """The request without windows that repeat a stronger one: from the same pair, or with the same firing
+    word and the same words before or after (a pair's texts, or a template answer, repeat a passage)."""
     seen: set[tuple] = set()
     kept = []
     for ctx in request.contexts:  # strongest first
+        if ctx.pair_id:
+            if ("pair", ctx.pair_id) in seen:
+                continue
+            seen.add(("pair", ctx.pair_id))
         token = _clean_token(ctx.token)
         keys = set()
         for side, words in (("before", _window_words(ctx.before, True, SAME_PASSAGE_WORDS)),
@@ -235,7 +251,7 @@ def keywords(request: LabelRequest, document_frequency: Counter, n_documents: in
         near.update(set(_window_words(ctx.before, True, NEIGHBOUR_WORDS)
                         + _window_words(ctx.after, False, NEIGHBOUR_WORDS)))
     for word, count in near.items():
-        if count < 2 or _is_stop(word):
+        if count < MIN_TEXTS or _is_stop(word):  # a word of one or two passages says nothing about the latent
             continue
         idf = math.log((1 + n_documents) / (1 + document_frequency[word]))
         scores[word] += 0.5 * (count / n_ctx) * idf
@@ -248,6 +264,75 @@ def keywords(request: LabelRequest, document_frequency: Counter, n_documents: in
         if len(picked) == k:
             break
     return picked
+
+
+def _neighbour(text: str, last: bool) -> str:
+    """The word (or punctuation mark) right before (``last``) or after the firing token."""
+    parts = re.findall(r"[A-Za-z0-9][A-Za-z0-9'’-]*|[^\sA-Za-z0-9]", text)
+    part = (parts[-1] if last else parts[0]) if parts else ""
+    return part.lower().strip("'’-")
+
+
+def _quoted(word: str) -> str:
+    return '"' + word.replace('"', "'") + '"'
+
+
+def syntax_label(request: LabelRequest, content: list[str]) -> str:
+    """A label for a latent that fires on function words or punctuation: the token, where it sits
+    (the words right before or after it that recur in windows of >= MIN_TEXTS pairs, or "in lists"),
+    and content words that recur around it (``content``), e.g. ``token "to" after want, how``."""
+    mass: Counter = Counter()
+    for word, weight in _token_masses(request):
+        mass[word] += weight
+    total = sum(mass.values()) or 1.0
+    tokens = [w for w, m in sorted(mass.items(), key=lambda item: (-item[1], item[0])) if m / total >= TOKEN_SHARE][:2]
+    if not tokens:
+        tokens = [w for w, _ in Counter(_activating_word(c.before, c.token, c.after) for c in request.contexts)
+                  .most_common(1)]
+    where = []
+    before = Counter(_neighbour(c.before, True) for c in request.contexts)
+    after = Counter(_neighbour(c.after, False) for c in request.contexts)
+    shown_before = [w for w, n in before.most_common(2) if n >= MIN_TEXTS and w and w[0].isalnum()]
+    shown_after = [w for w, n in after.most_common(2) if n >= MIN_TEXTS and w and w[0].isalnum()]
+    ends = sum(1 for c in request.contexts if not c.after.strip())
+    if ends >= max(MIN_TEXTS, (len(request.contexts) + 1) // 2):  # the window is the end of the text
+        where.append("at the end of a text")
+        shown_after = []
+    if shown_before:
+        where.append("after " + ", ".join(shown_before))
+    if shown_after:
+        where.append("before " + ", ".join(shown_after))
+    marks = [t for t in tokens if t and t in LIST_MARKS]
+    if marks:
+        in_lists = sum(1 for c in request.contexts
+                       if (c.before[-60:] + c.after[:60]).count(_clean_token(c.token) or marks[0]) >= 2)
+        if in_lists >= max(MIN_TEXTS, (len(request.contexts) + 1) // 2):
+            where.insert(0, "in lists")
+    text = "token " + " / ".join(_quoted(t) for t in tokens) if tokens else "(no token)"
+    if where:
+        text += " " + "; ".join(where)
+    if content:
+        text += "; near " + ", ".join(content)
+    return text
+
+
+def _token_masses(request: LabelRequest) -> list[tuple[str, float]]:
+    """(whole word, activation mass) per top token."""
+    word_of: dict[str, Counter] = defaultdict(Counter)
+    for ctx in request.contexts:
+        word_of[ctx.token][_activating_word(ctx.before, ctx.token, ctx.after)] += 1
+    return [(word_of[t].most_common(1)[0][0] if word_of.get(t) else _clean_token(t), m) for t, m in request.top_tokens]
+
+
+def _recurring_content(request: LabelRequest, document_frequency: Counter, n_documents: int) -> list[str]:
+    """Content words around the firing token that recur in windows of >= MIN_TEXTS pairs, rarest first."""
+    near = Counter()
+    for ctx in request.contexts:
+        near.update(set(_window_words(ctx.before, True, NEIGHBOUR_WORDS)
+                        + _window_words(ctx.after, False, NEIGHBOUR_WORDS)))
+    scored = [(-count * math.log((1 + n_documents) / (1 + document_frequency[w])), w)
+              for w, count in near.items() if count >= MIN_TEXTS and not _is_stop(w)]
+    return [w for _, w in sorted(scored)[:2]]
 
 
 def _embed_text(ctx) -> str:
@@ -292,9 +377,47 @@ class OfflineLabeller:
             self._category_vectors = out
         return self._category_vectors
 
-    def label(self, requests: Sequence[LabelRequest]) -> dict[int, FeatureLabel]:
+    def _similarities(self, requests: list[LabelRequest], rated: list[bool]):
+        """Per request, the mean over its embedded windows of each category's best-matching description
+        (a [requests, categories] tensor; zeros for requests not rated), with the category names.
+
+        Each distinct window is embedded once, in batches of similar length (little padding); the
+        scoring is a handful of tensor operations whatever the number of latents.
+        """
         import torch
 
+        categories = self._categories()
+        names = list(categories)
+        rows: dict[str, int] = {}
+        owner, row_of = [], []
+        for i, request in enumerate(requests):
+            if not rated[i]:
+                continue
+            strongest = [c for c in request.contexts if c.sample == "top"] or list(request.contexts)
+            for ctx in strongest[:EMBED_CONTEXTS]:
+                text = _embed_text(ctx)
+                owner.append(i)
+                row_of.append(rows.setdefault(text, len(rows)))
+        scores = torch.zeros(len(requests), len(names))
+        if not rows:
+            return scores, names
+        texts = sorted(rows, key=lambda t: (len(t), t))
+        position = {t: n for n, t in enumerate(texts)}
+        order = torch.tensor([position[t] for t in rows])
+        vectors = self.encoder.encode(texts)[order]  # back in first-seen order
+        sims = vectors @ torch.cat([categories[n] for n in names]).T  # [windows, descriptions]
+        per_category, start = [], 0
+        for name in names:  # the best-matching description of each category: one odd description cannot decide
+            n = len(self.taxonomy.categories[name])
+            per_category.append(sims[:, start:start + n].max(1).values)
+            start += n
+        per_window = torch.stack(per_category, 1)[torch.tensor(row_of)]  # [embedded windows, categories]
+        owners = torch.tensor(owner)
+        scores.index_add_(0, owners, per_window)  # mean over windows: one odd window cannot decide
+        counts = torch.bincount(owners, minlength=len(requests)).clamp(min=1).unsqueeze(1)
+        return scores / counts, names
+
+    def label(self, requests: Sequence[LabelRequest]) -> dict[int, FeatureLabel]:
         requests = [distinct_contexts(r) for r in {r.latent: r for r in requests}.values()]
         if not requests:
             return {}
@@ -305,47 +428,40 @@ class OfflineLabeller:
                 words.update(_window_words(ctx.before, True, NEIGHBOUR_WORDS))
                 words.update(_window_words(ctx.after, False, NEIGHBOUR_WORDS))
             document_frequency.update(words)
-        texts, owner = [], []
-        for i, request in enumerate(requests):
-            for ctx in request.contexts:
-                texts.append(_embed_text(ctx))
-                owner.append(i)
-        vectors = self.encoder.encode(texts)
-        categories = self._categories()
-        names = list(categories)
+        shares = [content_share(r) for r in requests]
+        # relevance is scaled by min(1, share / CONTENT_SHARE_FULL): below MIN_CATEGORY_RELEVANCE no category can
+        # be named, so a syntax latent's windows are not embedded at all (most of the strongest latents are such)
+        rated = [bool(r.contexts) and min(1.0, s / CONTENT_SHARE_FULL) >= MIN_CATEGORY_RELEVANCE
+                 for r, s in zip(requests, shares, strict=True)]
+        similarities, names = self._similarities(requests, rated)
+        similarities = similarities.tolist()
         labels = {}
         for i, request in enumerate(requests):
-            rows = [n for n, o in enumerate(owner) if o == i]
-            words = keywords(request, document_frequency, len(requests))
-            if rows:
-                sims = vectors[rows] @ torch.cat([categories[n] for n in names]).T  # [contexts, descriptions]
-                per_category, start = [], 0
-                for name in names:
-                    n = len(self.taxonomy.categories[name])
-                    # mean over contexts of the best-matching description: one odd window cannot decide
-                    per_category.append(float(sims[:, start:start + n].max(1).values.mean()))
-                    start += n
-                scores = {name: round(s, 4) for name, s in zip(names, per_category, strict=True)}
+            share = shares[i]
+            if share < SYNTAX_SHARE:
+                text = syntax_label(request, _recurring_content(request, document_frequency, len(requests)))
             else:
-                scores = {name: 0.0 for name in names}
-            safety = {n: s for n, s in scores.items() if n != self.taxonomy.not_safety}
-            best = min(safety, key=lambda n: (-safety[n], n))
-            relevance = self.taxonomy.relevance(safety[best])
-            category = best
-            if scores[self.taxonomy.not_safety] >= safety[best]:
-                category, relevance = NOT_SAFETY, relevance / 2
-            share = content_share(request)
-            relevance *= min(1.0, share / CONTENT_SHARE_FULL)  # a syntax latent is not about its windows' topic
-            if category != NOT_SAFETY and relevance < MIN_CATEGORY_RELEVANCE:  # too far (or too syntactic) to name one
-                category = NOT_SAFETY
-            text = ", ".join(words) or "(no words)"
+                text = ", ".join(keywords(request, document_frequency, len(requests))) or "(no words)"
+            if rated[i]:
+                scores = {name: round(s, 4) for name, s in zip(names, similarities[i], strict=True)}
+                safety = {n: s for n, s in scores.items() if n != self.taxonomy.not_safety}
+                best = min(safety, key=lambda n: (-safety[n], n))
+                relevance = self.taxonomy.relevance(safety[best])
+                category = best
+                if scores[self.taxonomy.not_safety] >= safety[best]:
+                    category, relevance = NOT_SAFETY, relevance / 2
+                relevance *= min(1.0, share / CONTENT_SHARE_FULL)  # a syntax latent is not about its windows' topic
+                if category != NOT_SAFETY and relevance < MIN_CATEGORY_RELEVANCE:  # too far (or syntactic) to name
+                    category = NOT_SAFETY
+                similarity = scores[category if category != NOT_SAFETY else self.taxonomy.not_safety]
+            else:
+                category, relevance, similarity = NOT_SAFETY, 0.0, None
             if category != NOT_SAFETY and relevance >= 0.5:
                 text = f"{category}: {text}"
             labels[request.latent] = FeatureLabel(
                 latent=request.latent, label=text, relevance=round(relevance, 3), category=category,
                 labeller=NAME, model=self.model, version=VERSION,
-                extra={"similarity": scores[category if category != NOT_SAFETY else self.taxonomy.not_safety],
-                       "content_share": round(share, 3), "contexts": len(request.contexts)})
+                extra={"similarity": similarity, "content_share": round(share, 3), "contexts": len(request.contexts)})
         return labels
 
 

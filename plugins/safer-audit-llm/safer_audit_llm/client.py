@@ -36,6 +36,7 @@ from safer_audit.files import write_atomic
 
 log = logging.getLogger("safer_audit_llm")
 
+FORMATS = ("json_schema", "json_object", None)  # response_format forms, tried in this order
 MAX_RESPONSE_BYTES = 4 * 1024 * 1024  # a chat answer bounded by max_tokens is far smaller
 MAX_RETRY_DELAY = 30.0  # seconds; also the most a Retry-After header can make us wait
 RETRY_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
@@ -167,6 +168,14 @@ class DirCache:
         write_atomic(self._path(key), json.dumps(value, ensure_ascii=False))
 
 
+class _FormatRefused(Exception):
+    """The server refused the request's ``response_format``: try the next form, not the same again."""
+
+    def __init__(self, what: str):
+        super().__init__(what)
+        self.what = what
+
+
 class _Transient(Exception):
     """A failure worth another attempt; ``what`` says what happened, without secrets."""
 
@@ -185,7 +194,14 @@ class ChatClient:
     more attempts follow a connection error, a timeout, HTTP 408/429 or 5xx, waiting
     ``backoff * 2**n`` seconds (or what Retry-After says, at most 30 s). An answer that
     fails its check is asked again ``answer_retries`` times, telling the model what was
-    wrong. ``structured=False`` leaves out ``response_format`` for servers that refuse it.
+    wrong.
+
+    The answer is constrained by the JSON schema where the server can: first the OpenAI form
+    (``response_format: {type: json_schema}``: vLLM, Ollama, hosted APIs), and if the server
+    refuses that, llama-cpp-python's (``{type: json_object, schema}``, a grammar from the
+    schema), then no ``response_format`` at all (the prompt asks for JSON; the answer is
+    checked either way). ``structured=False`` starts without it. ``response_format`` says
+    which form is in use.
     """
 
     def __init__(
@@ -213,6 +229,7 @@ class ChatClient:
         self.timeout, self.retries, self.backoff = float(timeout), int(retries), float(backoff)
         self.answer_retries, self.max_tokens = int(answer_retries), int(max_tokens)
         self.concurrency, self.structured = int(concurrency), bool(structured)
+        self.response_format = "json_schema" if self.structured else None  # see FORMATS
         self.cache = {} if cache is None else cache
         self._opener = urllib.request.build_opener(_NoRedirect)
         self._model_lock = threading.Lock()
@@ -276,6 +293,9 @@ class ChatClient:
         except (ValueError, AttributeError):
             detail = text
         what = f"HTTP {exc.code}" + (f": {_excerpt(self._scrub(str(detail)), 200)}" if str(detail).strip() else "")
+        if exc.code in (400, 422, 500) and "response_format" in text:
+            # llama-cpp-python answers an unknown response_format with a validation error (as HTTP 500)
+            raise _FormatRefused(what)
         if exc.code in RETRY_STATUSES:
             raise _Transient(what, _retry_after(exc.headers.get("Retry-After"))) from None
         hint = {
@@ -285,8 +305,6 @@ class ChatClient:
         }.get(exc.code, "")
         if 300 <= exc.code < 400:
             hint = "; redirects are not followed, give the final URL"
-        elif exc.code == 400 and "response_format" in text:
-            hint = "; this server may not take JSON-schema answers: use structured=False"
         raise self._fail(path, what + hint) from None
 
     def _send(self, path: str, body: dict | None = None) -> dict:
@@ -328,12 +346,25 @@ class ChatClient:
             "temperature": 0,
             "max_tokens": self.max_tokens,
         }
-        if self.structured:
+        if self.response_format == "json_schema":
             body["response_format"] = {
                 "type": "json_schema",
                 "json_schema": {"name": name, "strict": True, "schema": schema},
             }
+        elif self.response_format == "json_object":
+            body["response_format"] = {"type": "json_object", "schema": schema}
         return body
+
+    def _refused(self, refused: str | None, what: str) -> None:
+        """The server refused ``response_format`` form ``refused``: fall back to the next one (once, for all threads)."""
+        with self._model_lock:
+            if self.response_format != refused:
+                return  # another thread fell back already
+            if refused is None:
+                raise self._fail("/chat/completions", what)
+            self.response_format = FORMATS[FORMATS.index(refused) + 1]
+            log.warning("%s", self._scrub(f"LLM endpoint {self.shown_url}: response_format {refused} refused "
+                                          f"({what}); using {self.response_format or 'none'}"))
 
     def ask(self, question: Question) -> Answer:
         """Send one question; return its checked answer, or raise AnswerError (bad answers) or LLMError."""
@@ -348,7 +379,13 @@ class ChatClient:
                 pass  # a cached answer the check now refuses: ask again
         problem = ""
         for _ in range(self.answer_retries + 1):
-            reply = self._send("/chat/completions", body)
+            while True:
+                try:
+                    reply = self._send("/chat/completions", body)
+                    break
+                except _FormatRefused as exc:
+                    self._refused(body.get("response_format", {}).get("type"), exc.what)
+                    body = self.request_body(body["messages"], question.schema, question.name)
             self._count(reply)
             model = reply.get("model") if isinstance(reply.get("model"), str) else None
             try:

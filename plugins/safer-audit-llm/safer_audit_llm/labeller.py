@@ -108,6 +108,8 @@ def check_answer(data: dict) -> tuple[str, float, str]:
     label = data["label"]
     if not isinstance(label, str) or not label.split():
         raise ValueError("label is not a non-empty string")
+    if not any(ch.isalnum() for ch in label):  # SmolLM2-135M under a JSON grammar answered "..."
+        raise ValueError(f"label {inert(repr(label))[:40]} has no words")
     label = " ".join(label.split())[:MAX_LABEL_CHARS].strip()  # a long label is cut, not refused
     rating = data["rating"]
     if isinstance(rating, bool) or not isinstance(rating, (int, float)) or not math.isfinite(rating) \
@@ -206,6 +208,7 @@ ENV_URL = "SAFER_AUDIT_LLM_URL"
 ENV_MODEL = "SAFER_AUDIT_LLM_MODEL"
 ENV_API_KEY = "SAFER_AUDIT_LLM_API_KEY"
 ENV_TIMEOUT = "SAFER_AUDIT_LLM_TIMEOUT"
+ENV_STRUCTURED = "SAFER_AUDIT_LLM_STRUCTURED"  # 0/false/no: send no response_format (a server that crashes on it)
 
 
 def _number(name: str, value, kind=float):
@@ -228,7 +231,7 @@ def make_labeller(
     backoff: float = 1.0,
     max_tokens: int = 256,
     max_contexts: int = 10,
-    structured: bool = True,
+    structured: bool | None = None,
     cache_dir: str | None = None,
     **unknown,
 ) -> LLMLabeller:
@@ -237,7 +240,8 @@ def make_labeller(
     SAFER_AUDIT_LLM_API_KEY. ``concurrency`` (alias ``batch_size``) is how many requests
     are in flight at once, one feature each (default 4); ``retries`` more attempts follow a
     connection error, timeout, 429 or 5xx, ``backoff * 2**n`` seconds apart. ``cache_dir``
-    keeps answers across runs. Nothing is sent until ``label`` is called."""
+    keeps answers across runs. ``structured`` (default SAFER_AUDIT_LLM_STRUCTURED, else true)
+    constrains answers with the JSON schema. Nothing is sent until ``label`` is called."""
     if unknown:
         raise ConfigError(f"llm labeller: unknown option(s) {', '.join(sorted(map(inert, unknown)))}")
     url = url or os.environ.get(ENV_URL)
@@ -248,6 +252,7 @@ def make_labeller(
         raise ConfigError("llm labeller: give concurrency or batch_size (the same thing), not both")
     in_flight = concurrency if concurrency is not None else batch_size if batch_size is not None else 4
     timeout = timeout if timeout is not None else os.environ.get(ENV_TIMEOUT) or 60.0
+    structured = structured if structured is not None else os.environ.get(ENV_STRUCTURED, True)
     client = ChatClient(
         url,
         model or os.environ.get(ENV_MODEL) or None,
