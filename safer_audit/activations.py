@@ -277,16 +277,27 @@ def _keys_from_header(header: bytes) -> list[str] | None:
     return keys if isinstance(keys, list) and all(isinstance(k, str) for k in keys) else None
 
 
+CACHE_PARTS = {"saes": "sae_bytes", "codes": "codes_bytes", "heads": "heads_bytes"}  # sub-directory -> its row field
+
+
+def _tree_bytes(directory: Path) -> int:
+    return sum(p.stat().st_size for p in directory.rglob("*") if p.is_file()) if directory.is_dir() else 0
+
+
 def cache_info(root: Path) -> list[dict]:
-    """One row per cached configuration: model, layer, positions, texts, bytes."""
+    """One row per cached configuration: model, layer, positions, texts, and bytes on disk: ``bytes`` all of
+    the entry, of which ``activation_bytes`` the activation shards, ``sae_bytes`` the trained SAEs (and their
+    labels), ``codes_bytes`` the per-text SAE results and ``heads_bytes`` the fitted heads."""
     rows = []
     base = Path(root) / "activations"
     for directory in sorted(base.glob("*")) if base.exists() else []:
         meta = _read_cache_meta(directory / "config.json")
         shards = list(directory.glob("shard-*.safetensors"))
         texts = sum(len(_shard_keys(s) or []) for s in shards)
+        parts = {field: _tree_bytes(directory / name) for name, field in CACHE_PARTS.items()}
         rows.append({"key": directory.name, **meta, "shards": len(shards), "texts": texts,
-                     "bytes": sum(s.stat().st_size for s in shards)})
+                     "bytes": _tree_bytes(directory), "activation_bytes": sum(s.stat().st_size for s in shards),
+                     **parts})
     return rows
 
 

@@ -58,6 +58,7 @@ from .salience import (
 from .scoring import (
     SIGNALS,
     Category,
+    HeadCache,
     HeadFit,
     aggregate,
     categorise,
@@ -340,7 +341,10 @@ def judge_pairs(pairs: pl.DataFrame, stats: CodeStats, features: FeatureSet, con
     # the encoding pass pooled the activations (and cached them): no second pass over the store
     rewards = stats.scores if backend.has_reward_head else None
     pooled = None if backend.has_reward_head else stats.pooled
-    signals = compute_signals(stats, features, rewards=rewards, pooled=pooled, fit=fit)
+    # the heads' fits are cached beside the activations, keyed by their input rows and options
+    cache = getattr(store, "cache", None)
+    head_cache = HeadCache(Path(cache.directory) / "heads") if cache is not None else None
+    signals = compute_signals(stats, features, rewards=rewards, pooled=pooled, fit=fit, head_cache=head_cache)
     weights = ranking_weights(config)
     context = JudgeContext(pairs, stats, features, rewards=rewards, pooled=pooled, fit=fit,
                            cache_dir=config.activations.cache_dir / "judges",

@@ -26,13 +26,20 @@ by the gate against a baseline of the same data gets the scan's signals, suspici
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save as save_safetensors
 
 from .domain import SIGNALS, Category
+from .files import write_atomic
 from .salience import CodeStats, FeatureSet
 
 
@@ -127,9 +134,70 @@ class CrossFit:
     scale: torch.Tensor  # [n_features] the column scale the weights apply to
 
 
+HEADS_FORMAT = 1  # bump when the fit (fit_bradley_terry, fold_ids, column_scale) changes what it returns
+CROSS_FIT_FIELDS = ("margins", "fold", "weights", "scale")
+
+
+class HeadCache:
+    """Fitted cross-fitted heads on disk, content-addressed (issue 15).
+
+    A head is a function of its input rows (the per-pair differences of the SAE codes or of the
+    pooled activations: what the SAE, the texts and which side is chosen determine), the folds,
+    the seed, the penalties, the fitting code and torch's numerics. The key hashes exactly
+    those, so a warm scan reads the heads back bit for bit and any change of data, SAE or
+    option fits again. One small safetensors file per head (its margins, folds, weights and
+    column scale), written atomically.
+    """
+
+    def __init__(self, directory: Path):
+        self.directory = Path(directory)
+
+    @staticmethod
+    def key(diffs: torch.Tensor, *, folds: int, seed: int, l2: float, l1: float) -> str:
+        rows = diffs.detach().cpu().contiguous()
+        h = hashlib.sha256(json.dumps({"format": HEADS_FORMAT, "torch": torch.__version__, "folds": folds,
+                                       "seed": seed, "l2": float(l2).hex(), "l1": float(l1).hex(),
+                                       "dtype": str(rows.dtype), "shape": list(rows.shape)}, sort_keys=True).encode())
+        h.update(rows.view(torch.uint8).numpy().tobytes() if rows.numel() else b"")
+        return h.hexdigest()[:32]
+
+    def path(self, key: str) -> Path:
+        return self.directory / f"head-{key}.safetensors"
+
+    def get(self, key: str, n_pairs: int) -> CrossFit | None:
+        """The cached fit, or None (missing, unreadable or the wrong shape: it is fitted again)."""
+        path = self.path(key)
+        try:
+            tensors = load_safetensors(path.read_bytes())
+            fit = CrossFit(*(tensors[name] for name in CROSS_FIT_FIELDS))
+        except (OSError, ValueError, RuntimeError, KeyError, TypeError, SafetensorError):
+            return None
+        if len(fit.margins) != n_pairs or len(fit.fold) != n_pairs:
+            return None
+        return fit
+
+    def put(self, key: str, fit: CrossFit) -> None:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        data = save_safetensors({name: getattr(fit, name).contiguous() for name in CROSS_FIT_FIELDS},
+                                metadata={"format": str(HEADS_FORMAT)})
+        write_atomic(self.path(key), data)
+
+
 def cross_fitted_margins(diffs: torch.Tensor, *, folds: int = 5, seed: int = 0, l2: float = 1e-2,
-                         l1: float = 0.0) -> CrossFit:
-    """Bradley-Terry margins w_k . d for the pairs of fold k, w_k fitted on the other folds."""
+                         l1: float = 0.0, cache: HeadCache | None = None) -> CrossFit:
+    """Bradley-Terry margins w_k . d for the pairs of fold k, w_k fitted on the other folds.
+
+    ``cache``: read the fit from there when the same rows were fitted with the same options,
+    and store it there otherwise (HeadCache).
+    """
+    if cache is not None:
+        key = HeadCache.key(diffs, folds=folds, seed=seed, l2=l2, l1=l1)
+        cached = cache.get(key, len(diffs))
+        if cached is not None:
+            return cached
+        fitted = cross_fitted_margins(diffs, folds=folds, seed=seed, l2=l2, l1=l1)
+        cache.put(key, fitted)
+        return fitted
     n = len(diffs)
     folds = max(2, min(folds, n))
     ids = fold_ids(n, folds, seed)
@@ -210,13 +278,14 @@ def frozen_margins(heads: Mapping[str, torch.Tensor], name: str, diffs: torch.Te
 
 def compute_signals(stats: CodeStats, features: FeatureSet, *, rewards: torch.Tensor | None = None,
                     pooled: torch.Tensor | None = None, heads: Mapping[str, torch.Tensor] | None = None,
-                    fit: HeadFit = HeadFit()) -> dict[str, torch.Tensor]:
+                    fit: HeadFit = HeadFit(), head_cache: HeadCache | None = None) -> dict[str, torch.Tensor]:
     """The signals of every pair, in SIGNALS order.
 
     ``rewards``: the model's reward per text (chosen, rejected interleaved), for a model with a
     reward head; else ``pooled``: pooled activations per text, read by a Bradley-Terry head.
     ``heads``: frozen heads (fit_heads' layout) for pairs they never saw (the gate); None
-    cross-fits them on these pairs (a scan), so no pair is scored by a head that saw it.
+    cross-fits them on these pairs (a scan), so no pair is scored by a head that saw it;
+    ``head_cache`` keeps those fits for a re-scan of the same pairs (HeadCache).
     """
     if (rewards is None) == (pooled is None):
         raise ValueError("give the rewards (a reward model) or the pooled activations, not both or neither")
@@ -229,7 +298,8 @@ def compute_signals(stats: CodeStats, features: FeatureSet, *, rewards: torch.Te
             signals[name] = frozen_margins(heads, name, diffs)
         else:
             l2, l1 = fit.penalties(name)
-            signals[name] = cross_fitted_margins(diffs, folds=fit.folds, seed=fit.seed, l2=l2, l1=l1).margins
+            signals[name] = cross_fitted_margins(diffs, folds=fit.folds, seed=fit.seed, l2=l2, l1=l1,
+                                                 cache=head_cache).margins
     return {name: signals[name] for name in SIGNALS}
 
 
