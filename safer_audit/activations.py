@@ -692,19 +692,18 @@ def compute_shard(batches: list[list[tuple[str, PreparedText]]], backend, config
         hidden, score = backend.forward(input_ids, mask, layer=layer, want_score=want_score)
         keeps = [read_positions(prepared.text, offsets, special, prepared.response_start, config.positions)
                  for (_key, prepared), (_ids, offsets, special) in zip(batch, encoded, strict=False)]
-        if hidden.device.type == "cpu":
-            rows = None
-        else:  # on a GPU: gather the read positions there and copy only those back, as float32
-            flat = torch.tensor([(b, p) for b, keep in enumerate(keeps) for p in keep], dtype=torch.long)
-            flat = flat.reshape(-1, 2).to(hidden.device)
-            rows = hidden[flat[:, 0], flat[:, 1]].float().cpu().split([len(keep) for keep in keeps])
+        # the read positions of the whole batch in one gather (one indexing per text cost ~6 ms each on a
+        # busy CPU); on a GPU the gather runs there and only those rows come back, as float32
+        flat = torch.tensor([(b, p) for b, keep in enumerate(keeps) for p in keep], dtype=torch.long).reshape(-1, 2)
+        if hidden.device.type != "cpu":
+            flat = flat.to(hidden.device)
             score = score.float().cpu() if score is not None else None
+        rows = hidden[flat[:, 0], flat[:, 1]].float().cpu().split([len(keep) for keep in keeps])
         for b, ((key, _prepared), (ids, _offsets, _special)) in enumerate(zip(batch, encoded, strict=False)):
-            index = torch.tensor(keeps[b], dtype=torch.long)
             keys.append(key)
             items.append(TextActivations(
-                hidden[b, index].clone() if rows is None else rows[b], torch.tensor(ids, dtype=torch.long)[index],
-                index.int(), float(score[b]) if score is not None else float("nan")))
+                rows[b], torch.tensor([ids[p] for p in keeps[b]], dtype=torch.long),
+                torch.tensor(keeps[b], dtype=torch.int32), float(score[b]) if score is not None else float("nan")))
         if on_batch is not None:
             on_batch(len(batch))
     return keys, items
