@@ -350,7 +350,8 @@ def judge_pairs(pairs: pl.DataFrame, stats: CodeStats, features: FeatureSet, con
                            computed={name: values.double() for name, values in signals.items()})
     extra, costs = run_judges([name for name in weights if weights[name] and name not in signals], context)
     signals = {**signals, **extra}
-    ranked, stack = aggregate(signals, weights, method=config.aggregation, folds=config.folds, seed=config.seed)
+    ranked, stack = aggregate(signals, weights, method=config.aggregation, folds=config.folds, seed=config.seed,
+                              head_cache=head_cache)
     return signals, ranked, stack, costs
 
 

@@ -439,7 +439,8 @@ def signed_ranks(values: torch.Tensor) -> torch.Tensor:
     return _signed_rank(values).nan_to_num(0.0)
 
 
-def stack_judges(signals: Mapping[str, torch.Tensor], *, folds: int = 5, seed: int = 0, l2: float = 1e-2) -> Stack:
+def stack_judges(signals: Mapping[str, torch.Tensor], *, folds: int = 5, seed: int = 0, l2: float = 1e-2,
+                 cache: HeadCache | None = None) -> Stack:
     """Combine judges with a cross-fitted Bradley-Terry model over their signed ranks.
 
     The supervision: a scan has no flip labels, only the preference itself. We fit the stack on
@@ -457,14 +458,15 @@ def stack_judges(signals: Mapping[str, torch.Tensor], *, folds: int = 5, seed: i
     """
     names = list(signals)
     features = torch.stack([signed_ranks(signals[name]) for name in names], dim=1).float()
-    fitted = cross_fitted_margins(features, folds=folds, seed=seed, l2=l2)
+    fitted = cross_fitted_margins(features, folds=folds, seed=seed, l2=l2, cache=cache)
     weights = (fitted.weights / fitted.scale).mean(0)
     margin = fitted.margins.double()
     return Stack(margin, {name: float(w) for name, w in zip(names, weights, strict=True)}, torch.sigmoid(-margin))
 
 
 def aggregate(signals: Mapping[str, torch.Tensor], weights: Mapping[str, float] | None = None, *,
-              method: str = "mean-rank", folds: int = 5, seed: int = 0) -> tuple[torch.Tensor, Stack]:
+              method: str = "mean-rank", folds: int = 5, seed: int = 0,
+              head_cache: HeadCache | None = None) -> tuple[torch.Tensor, Stack]:
     """The suspicion of every pair from its judges' signals, and the stack (for its flip probability).
 
     ``mean-rank`` (the default): the weighted mean of the judges' percentiles from the low end
@@ -475,7 +477,7 @@ def aggregate(signals: Mapping[str, torch.Tensor], weights: Mapping[str, float] 
         raise ValueError(f"aggregation must be one of {', '.join(AGGREGATIONS)}, not {method!r}")
     weights = dict(weights or {name: 1.0 for name in signals})
     used = {name: values for name, values in signals.items() if weights.get(name)}
-    stack = stack_judges(used, folds=folds, seed=seed)
+    stack = stack_judges(used, folds=folds, seed=seed, cache=head_cache)  # a warm scan reads the stack's fit too
     if method == "stacked":
         return stack.flip_probability.clone(), stack
     return suspicion(signals, weights), stack

@@ -30,17 +30,21 @@ def config(model_dir, cache_dir, **extra) -> ScanConfig:
 
 @pytest.fixture
 def fits(monkeypatch):
-    """Counts the Bradley-Terry fits of the scan's heads (the stack over the judges has 3 columns: not counted)."""
-    calls = []
+    """Counts the Bradley-Terry fits of the scan's heads, and of the stack over the judges (in ``fits.stack``)."""
+    counted = Fits()
+    counted.stack = []
     real = scoring.fit_bradley_terry
 
     def counting(diffs, **kwargs):
-        if diffs.shape[1] > 3:
-            calls.append(diffs.shape)
+        (counted if diffs.shape[1] > 3 else counted.stack).append(diffs.shape)
         return real(diffs, **kwargs)
 
     monkeypatch.setattr(scoring, "fit_bradley_terry", counting)
-    return calls
+    return counted
+
+
+class Fits(list):
+    stack: list
 
 
 def json_bytes(result, path) -> bytes:
@@ -55,10 +59,12 @@ def test_warm_scan_reads_the_heads_and_writes_the_same_json(model, request, tmp_
     cold = run_scan(str(data), config(model_dir, tmp_path / "cache"))
     heads = 1 if model == "tiny_llama_dir" else 2  # sae_margin; and reward_margin without a reward head
     assert len(fits) == 5 * heads
-    assert len(list((tmp_path / "cache").rglob("heads/head-*.safetensors"))) == heads
+    assert len(fits.stack) == 5
+    assert len(list((tmp_path / "cache").rglob("heads/head-*.safetensors"))) == heads + 1  # and the stack
     fits.clear()
+    fits.stack.clear()
     warm = run_scan(str(data), config(model_dir, tmp_path / "cache"))
-    assert fits == []  # nothing fitted: every head came from the cache
+    assert fits == [] and fits.stack == []  # nothing fitted: every head and the stack came from the cache
     assert json_bytes(cold, tmp_path / "cold.json") == json_bytes(warm, tmp_path / "warm.json")
     for name in warm.signals:
         assert torch.equal(cold.signals[name], warm.signals[name]), name
