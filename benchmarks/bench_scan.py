@@ -1,6 +1,7 @@
 """Benchmark: a cold and a warm scan of the HH file, against the bare forward pass to the layer.
 
-    python benchmarks/bench_scan.py [--data FILE] [--limit N] [--profile FILE]
+    python benchmarks/bench_scan.py [--data FILE] [--limit N] [--profile FILE] [--profile-cold FILE]
+                                    [--cache-dir DIR [--warm-only]]
 
 Measured in one run, one after the other (issue 15):
 - bare forward to the layer: the model cut after the read layer over the scan's texts, in
@@ -10,6 +11,10 @@ Measured in one run, one after the other (issue 15):
 - warm scan: the same call again on the same cache (nothing to extract, train or encode),
   under cProfile when ``--profile`` names a file for its top functions by cumulative time.
 Prints a Markdown table for BENCHMARKS.md. Exporters (HTML, JSON) are not run.
+
+``--cache-dir`` keeps the cache (default: a temporary directory, removed); ``--warm-only`` then runs
+just a warm scan on it, e.g. with an older checkout first on PYTHONPATH, to profile that code's warm
+scan on the same cache. ``--profile-cold`` profiles the cold scan too.
 """
 
 from __future__ import annotations
@@ -37,7 +42,12 @@ def main() -> int:
     parser.add_argument("--data", default=str(DEFAULT_DATA))
     parser.add_argument("--limit", type=int, default=None, help="first N pairs only")
     parser.add_argument("--profile", type=Path, default=None, help="write the warm scan's profile here")
+    parser.add_argument("--profile-cold", type=Path, default=None, help="write the cold scan's profile here")
+    parser.add_argument("--cache-dir", type=Path, default=None, help="keep the cache here (default: temporary)")
+    parser.add_argument("--warm-only", action="store_true", help="only a warm scan on --cache-dir")
     args = parser.parse_args()
+    if args.warm_only and args.cache_dir is None:
+        parser.error("--warm-only needs the --cache-dir of an earlier run")
 
     from safer_audit.activations import load_backend, pair_texts
     from safer_audit.config import ActivationConfig, ScanConfig
@@ -50,13 +60,16 @@ def main() -> int:
     source = str(args.data)
     timings: dict[str, float] = {}
     stages: dict[str, dict] = {}
-    with tempfile.TemporaryDirectory() as cache_dir:
+    with tempfile.TemporaryDirectory() as temporary:
+        cache_dir = args.cache_dir or temporary
         config = ScanConfig(activations=ActivationConfig(cache_dir=Path(cache_dir)))
         act = config.activations
         backend = load_backend(act)
         texts = pair_texts(pairs, backend)
         start = time.perf_counter()
         with torch.inference_mode():
+            if args.warm_only:
+                texts = []
             for special in (False, True):
                 group = [t.text for t in texts if t.has_special_tokens == special]
                 if not group:
@@ -70,8 +83,11 @@ def main() -> int:
         timings["bare forward to the layer (tokenize + forward)"] = time.perf_counter() - start
         del backend
 
-        for run in ("cold scan", "warm scan"):
-            profiler = cProfile.Profile() if run == "warm scan" and args.profile else None
+        if args.warm_only:
+            timings.clear()
+        for run in ("warm scan",) if args.warm_only else ("cold scan", "warm scan"):
+            profile_file = args.profile if run == "warm scan" else args.profile_cold
+            profiler = cProfile.Profile() if profile_file else None
             start = time.perf_counter()
             if profiler:
                 profiler.enable()
@@ -84,15 +100,23 @@ def main() -> int:
             stages[run]["texts extracted"] = result.store.n_forward_texts
             if profiler:
                 text = io.StringIO()
-                pstats.Stats(profiler, stream=text).sort_stats("cumulative").print_stats(40)
-                args.profile.write_text(text.getvalue())
+                pstats.Stats(profiler, stream=text).sort_stats("cumulative").print_stats(45)
+                pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(25)
+                profile_file.write_text(text.getvalue())
             ranking = [f.pair_id for f in result.report.findings]
             stages[run]["ranking"] = ranking
-        assert stages["cold scan"].pop("ranking") == stages["warm scan"].pop("ranking"), "warm ranking differs"
+        if not args.warm_only:
+            assert stages["cold scan"].pop("ranking") == stages["warm scan"].pop("ranking"), "warm ranking differs"
+        else:
+            stages["warm scan"].pop("ranking")
         codes_bytes = sum(p.stat().st_size for p in Path(cache_dir).rglob("codes/*/*.safetensors"))
+        heads_bytes = sum(p.stat().st_size for p in Path(cache_dir).rglob("heads/*.safetensors"))
         n_read = int(result.stats.n_positions.sum())
 
     peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    if args.warm_only:
+        print(f"\nwarm scan only: {timings['warm scan']:.2f} s; stages: {stages['warm scan']}")
+        return 0
     bare = timings["bare forward to the layer (tokenize + forward)"]
     cold, warm = timings["cold scan"], timings["warm scan"]
     print(f"\n{len(pairs)} pairs ({2 * len(pairs)} texts, {n_read:,} read positions), layer {config.activations.layer}, "
@@ -104,7 +128,8 @@ def main() -> int:
         print(f"| {name} | {seconds:.2f} | {seconds / bare:.3f}x | {detail} |")
     print(f"\nwarm / cold: 1/{cold / warm:.1f} (target <= 1/20); cold / bare forward to the layer: "
           f"{cold / bare:.2f}x (target <= 1.5x)")
-    print(f"codes cache on disk: {codes_bytes / 2**20:.1f} MiB; peak RSS of this process: {peak_rss:.0f} MiB")
+    print(f"codes cache on disk: {codes_bytes / 2**20:.1f} MiB; heads: {heads_bytes / 2**10:.0f} KiB; "
+          f"peak RSS of this process: {peak_rss:.0f} MiB")
     print(f"\ncommand: python {' '.join(sys.argv)}")
     return 0
 

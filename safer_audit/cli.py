@@ -776,7 +776,8 @@ def cache():
 @cache_dir_option
 @json_option
 def cache_info_command(cache_dir, as_json):
-    """List what the cache holds: one row per model, layer, positions and max length."""
+    """List what the cache holds: one row per model, layer, positions and max length, and its size on disk
+    (activations, trained SAEs, per-text SAE codes and fitted heads)."""
     from .activations import cache_info
 
     root = cache_dir or default_cache_dir()
@@ -785,11 +786,13 @@ def cache_info_command(cache_dir, as_json):
         click.echo(json_text({"cache_dir": str(root), "entries": rows}, indent=2))
         return
     table = Table(title=plain(f"Activation cache: {root}"))
-    for column in ("model", "layer", "positions", "max length", "texts", "size"):
+    sizes = {"activations": "activation_bytes", "SAEs": "sae_bytes", "codes": "codes_bytes", "heads": "heads_bytes",
+             "size": "bytes"}
+    for column in ("model", "layer", "positions", "max length", "texts", *sizes):
         table.add_column(column)
     for row in rows:
         table.add_row(*(plain(row.get(name, "?")) for name in ("model", "layer", "positions", "max_length")),
-                      f"{row['texts']:,}", f"{row['bytes'] / 2**20:.1f} MiB")
+                      f"{row['texts']:,}", *(f"{row[field] / 2**20:.1f} MiB" for field in sizes.values()))
     stdout_console().print(table if rows else plain(f"Activation cache {root} is empty."))
 
 

@@ -151,6 +151,9 @@ class ActivationConfig:
                                  "Token positions read: every token, the final turn, or clause ends.")
     max_length: int = option(512, "Tokens per conversation; longer ones lose their start.", min=8)
     batch_size: int = option(16, "Texts per forward pass.", min=1)
+    # 0 keeps the CPU plan as it was (batches of batch_size texts); on a GPU a token budget fills memory evenly
+    batch_tokens: int = option(0, "Padded tokens per forward pass (texts x the longest one): batches sized by "
+                                  "tokens instead of --batch-size texts; at least --max-length. 0: off.", min=0)
     device: str = option("auto", "auto, cpu, cuda, cuda:N or mps.", pattern=DEVICE_PATTERN)
     # the CLI offers these four; the library passes any other name on (the hf backend takes bf16, fp16)
     dtype: Dtype = option("auto", "auto (bfloat16 on GPU, float32 on CPU), float32, bfloat16 or float16.",

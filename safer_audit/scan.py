@@ -58,9 +58,9 @@ from .salience import (
 from .scoring import (
     SIGNALS,
     Category,
+    HeadCache,
     HeadFit,
     aggregate,
-    all_feature_contributions,
     categorise,
     compute_signals,
     ranked_signals,
@@ -340,14 +340,18 @@ def judge_pairs(pairs: pl.DataFrame, stats: CodeStats, features: FeatureSet, con
     # the encoding pass pooled the activations (and cached them): no second pass over the store
     rewards = stats.scores if backend.has_reward_head else None
     pooled = None if backend.has_reward_head else stats.pooled_rows  # read a range of pairs at a time
-    signals = compute_signals(stats, features, rewards=rewards, pooled=pooled, fit=fit)
+    # the heads' fits are cached beside the activations, keyed by their input rows and options
+    cache = getattr(store, "cache", None)
+    head_cache = HeadCache(Path(cache.directory) / "heads") if cache is not None else None
+    signals = compute_signals(stats, features, rewards=rewards, pooled=pooled, fit=fit, head_cache=head_cache)
     weights = ranking_weights(config)
     context = JudgeContext(pairs, stats, features, rewards=rewards, pooled=pooled, fit=fit,
                            cache_dir=config.activations.cache_dir / "judges",
                            computed={name: values.double() for name, values in signals.items()})
     extra, costs = run_judges([name for name in weights if weights[name] and name not in signals], context)
     signals = {**signals, **extra}
-    ranked, stack = aggregate(signals, weights, method=config.aggregation, folds=config.folds, seed=config.seed)
+    ranked, stack = aggregate(signals, weights, method=config.aggregation, folds=config.folds, seed=config.seed,
+                              head_cache=head_cache)
     return signals, ranked, stack, costs
 
 
@@ -441,14 +445,23 @@ def build_report(source, pairs, texts, stats, salience, features, signals, ranke
     tops = []
     flagged_mass = torch.zeros(len(latents), dtype=torch.float64)  # per feature: summed |term| over flagged pairs
     flagged_in = dict.fromkeys(latents, 0)  # per feature: flagged pairs it is a top feature of
-    for i, (chosen_terms, rejected_terms) in enumerate(all_feature_contributions(stats, features)):
-        net = (chosen_terms - rejected_terms).abs()
-        top = torch.argsort(net, descending=True, stable=True)[:config.top_features_per_pair].tolist()
-        tops.append([(latents[j], float(chosen_terms[j]), float(rejected_terms[j])) for j in top if net[j] > 0])
-        if categories[i] in FLAGGED:
-            flagged_mass += net.double()
-            for latent, _c, _r in tops[-1]:
-                flagged_in[latent] += 1
+    # every pair's terms a range of pairs at a time (scoring.feature_contributions' values, bit for bit), each
+    # range in a few tensor ops: one call per pair cost ~10 ms, most of a warm scan of HH
+    for first, codes in stats.pair_batches(features.latents):
+        terms = codes * features.signs
+        chosen_all, rejected_all = terms[0::2], terms[1::2]
+        net_all = (chosen_all - rejected_all).abs()
+        top_all = torch.argsort(net_all, dim=1, descending=True, stable=True)[:, :config.top_features_per_pair]
+        top_rows = zip(top_all.tolist(), chosen_all.gather(1, top_all).tolist(),
+                       rejected_all.gather(1, top_all).tolist(), (net_all.gather(1, top_all) > 0).tolist(), strict=True)
+        for offset, (top, chosen_top, rejected_top, nonzero) in enumerate(top_rows):
+            i = first + offset
+            tops.append([(latents[j], c, r) for j, c, r, positive in zip(top, chosen_top, rejected_top, nonzero,
+                                                                         strict=True) if positive])
+            if categories[i] in FLAGGED:
+                flagged_mass += net_all[offset].double()
+                for latent, _c, _r in tops[-1]:
+                    flagged_in[latent] += 1
     share = flagged_mass / flagged_mass.sum() if float(flagged_mass.sum()) > 0 else flagged_mass
     # cards by contribution to the flagged pairs (then |salience|, the selection's order): the ones worth reading first
     by_contribution = sorted(range(len(latents)), key=lambda n: -float(share[n]))

@@ -26,14 +26,21 @@ by the gate against a baseline of the same data gets the scan's signals, suspici
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save as save_safetensors
 
 from .config import AGGREGATIONS
 from .domain import SIGNALS, Category
+from .files import write_atomic
 from .salience import CodeStats, FeatureSet
 
 # pairs a Bradley-Terry head is fitted on (--head-pairs): above the 2,312-pair HH sample, so its
@@ -57,14 +64,6 @@ def feature_contributions(stats: CodeStats, features: FeatureSet, pair: int) -> 
     """Each selected feature's signed term in V(chosen) and in V(rejected) of one pair."""
     codes = stats.codes.take(torch.tensor([2 * pair, 2 * pair + 1]))[:, features.latents] * features.signs
     return codes[0], codes[1]
-
-
-def all_feature_contributions(stats: CodeStats, features: FeatureSet):
-    """feature_contributions of every pair, in order, read a range of pairs at a time."""
-    for _, codes in stats.pair_batches(features.latents):
-        terms = codes * features.signs
-        for i in range(len(terms) // 2):
-            yield terms[2 * i], terms[2 * i + 1]
 
 
 def fold_ids(n_pairs: int, folds: int, seed: int) -> torch.Tensor:
@@ -142,9 +141,90 @@ class CrossFit:
     sample: torch.Tensor | None = None  # [<= max_pairs] the pairs the heads were fitted on (None: every pair)
 
 
+HEADS_FORMAT = 1  # bump when the fit (fit_bradley_terry, fold_ids, column_scale) changes what it returns
+CROSS_FIT_FIELDS = ("margins", "fold", "weights", "scale")
+
+
+class HeadCache:
+    """Fitted cross-fitted heads on disk, content-addressed (issue 15).
+
+    A head is a function of its input rows (the per-pair differences of the SAE codes or of the
+    pooled activations: what the SAE, the texts and which side is chosen determine), the folds,
+    the seed, the penalties, the fitting code and torch's numerics. The key hashes exactly
+    those, so a warm scan reads the heads back bit for bit and any change of data, SAE or
+    option fits again. One small safetensors file per head (its margins, folds, weights and
+    column scale), written atomically.
+    """
+
+    def __init__(self, directory: Path):
+        self.directory = Path(directory)
+
+    @staticmethod
+    def key(diffs: torch.Tensor, *, folds: int, seed: int, l2: float, l1: float, pairs: int | None = None) -> str:
+        """``pairs``: the number of pairs the folds are dealt over, when ``diffs`` is a sample of them."""
+        rows = diffs.detach().cpu().contiguous()
+        fields = {"format": HEADS_FORMAT, "torch": torch.__version__, "folds": folds, "seed": seed,
+                  "l2": float(l2).hex(), "l1": float(l1).hex(), "dtype": str(rows.dtype), "shape": list(rows.shape)}
+        if pairs is not None:
+            fields["pairs"] = pairs
+        h = hashlib.sha256(json.dumps(fields, sort_keys=True).encode())
+        h.update(rows.view(torch.uint8).numpy().tobytes() if rows.numel() else b"")
+        return h.hexdigest()[:32]
+
+    def path(self, key: str) -> Path:
+        return self.directory / f"head-{key}.safetensors"
+
+    def get(self, key: str, n_pairs: int) -> CrossFit | None:
+        """The cached fit, or None (missing, unreadable or the wrong shape: it is fitted again)."""
+        path = self.path(key)
+        try:
+            tensors = load_safetensors(path.read_bytes())
+            fit = CrossFit(*(tensors[name] for name in CROSS_FIT_FIELDS))
+        except (OSError, ValueError, RuntimeError, KeyError, TypeError, SafetensorError):
+            return None
+        if len(fit.margins) != n_pairs or len(fit.fold) != n_pairs:
+            return None
+        return fit
+
+    def put(self, key: str, fit: CrossFit) -> None:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        data = save_safetensors({name: getattr(fit, name).contiguous() for name in CROSS_FIT_FIELDS},
+                                metadata={"format": str(HEADS_FORMAT)})
+        write_atomic(self.path(key), data)
+
+    def get_head(self, key: str, folds: int, width: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The cached fold heads (weights [folds, width], column scale [width]) of a bounded fit, or None."""
+        try:
+            tensors = load_safetensors(self.path(key).read_bytes())
+            weights, scale = tensors["weights"], tensors["scale"]
+        except (OSError, ValueError, RuntimeError, KeyError, TypeError, SafetensorError):
+            return None
+        if tuple(weights.shape) != (folds, width) or tuple(scale.shape) != (width,):
+            return None
+        return weights, scale
+
+    def put_head(self, key: str, weights: torch.Tensor, scale: torch.Tensor) -> None:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        data = save_safetensors({"weights": weights.contiguous(), "scale": scale.contiguous()},
+                                metadata={"format": str(HEADS_FORMAT)})
+        write_atomic(self.path(key), data)
+
+
 def cross_fitted_margins(diffs: torch.Tensor, *, folds: int = 5, seed: int = 0, l2: float = 1e-2,
-                         l1: float = 0.0) -> CrossFit:
-    """Bradley-Terry margins w_k . d for the pairs of fold k, w_k fitted on the other folds."""
+                         l1: float = 0.0, cache: HeadCache | None = None) -> CrossFit:
+    """Bradley-Terry margins w_k . d for the pairs of fold k, w_k fitted on the other folds.
+
+    ``cache``: read the fit from there when the same rows were fitted with the same options,
+    and store it there otherwise (HeadCache).
+    """
+    if cache is not None:
+        key = HeadCache.key(diffs, folds=folds, seed=seed, l2=l2, l1=l1)
+        cached = cache.get(key, len(diffs))
+        if cached is not None:
+            return cached
+        fitted = cross_fitted_margins(diffs, folds=folds, seed=seed, l2=l2, l1=l1)
+        cache.put(key, fitted)
+        return fitted
     n = len(diffs)
     folds = max(2, min(folds, n))
     ids = fold_ids(n, folds, seed)
@@ -252,7 +332,7 @@ def head_sample(n_pairs: int, max_pairs: int, seed: int) -> torch.Tensor:
     return torch.randperm(n_pairs, generator=generator)[:max_pairs].sort().values
 
 
-def cross_fitted_head(name: str, diffs: PairDiffs, fit: HeadFit) -> CrossFit:
+def cross_fitted_head(name: str, diffs: PairDiffs, fit: HeadFit, cache: HeadCache | None = None) -> CrossFit:
     """The cross-fitted Bradley-Terry head behind the signal ``name`` and its margin for every pair.
 
     Every pair gets a fold (fold_ids over all pairs); the head of fold k is fitted on the pairs of
@@ -260,6 +340,10 @@ def cross_fitted_head(name: str, diffs: PairDiffs, fit: HeadFit) -> CrossFit:
     fold k, in or out of the sample, a range of pairs at a time: no pair is scored by a head that
     saw it, and no more than ``fit.max_pairs`` pairs' differences are held. Up to the bound this is
     exactly cross_fitted_margins on the whole table.
+
+    ``cache``: the fold heads (weights and column scale) are read from there when the same sample rows
+    were fitted with the same folds, seed, penalties and number of pairs; the margins are always computed
+    again from the current rows, so a changed pair outside the sample is never scored from stale values.
     """
     n = diffs.n
     folds = max(2, min(fit.folds, n))
@@ -267,14 +351,24 @@ def cross_fitted_head(name: str, diffs: PairDiffs, fit: HeadFit) -> CrossFit:
     sample = head_sample(n, max(fit.max_pairs, 2), fit.seed)
     l2, l1 = fit.penalties(name)
     train = diffs.take(sample)
-    scale = column_scale(train)
-    scaled = train / scale
-    del train
-    sample_ids = ids[sample]
-    weights = torch.zeros(folds, scaled.shape[1])
-    for k in range(folds):
-        weights[k] = fit_bradley_terry(scaled[sample_ids != k], l2=l2, l1=l1)
-    del scaled
+    key = None
+    if cache is not None:  # the fold assignment is a function of (n, folds, seed): all in the key
+        key = HeadCache.key(train, folds=folds, seed=fit.seed, l2=l2, l1=l1, pairs=n)
+        cached = cache.get_head(key, folds, train.shape[1])
+    if cache is not None and cached is not None:
+        weights, scale = cached
+        del train
+    else:
+        scale = column_scale(train)
+        scaled = train / scale
+        del train
+        sample_ids = ids[sample]
+        weights = torch.zeros(folds, scaled.shape[1])
+        for k in range(folds):
+            weights[k] = fit_bradley_terry(scaled[sample_ids != k], l2=l2, l1=l1)
+        del scaled
+        if cache is not None:
+            cache.put_head(key, weights, scale)
     margins = torch.zeros(n)
     for start, batch in diffs.batches():
         batch_scaled = batch / scale
@@ -306,13 +400,14 @@ def frozen_margins(heads: Mapping[str, torch.Tensor], name: str, diffs: torch.Te
 
 def compute_signals(stats: CodeStats, features: FeatureSet, *, rewards: torch.Tensor | None = None,
                     pooled: torch.Tensor | None = None, heads: Mapping[str, torch.Tensor] | None = None,
-                    fit: HeadFit = HeadFit()) -> dict[str, torch.Tensor]:
+                    fit: HeadFit = HeadFit(), head_cache: HeadCache | None = None) -> dict[str, torch.Tensor]:
     """The signals of every pair, in SIGNALS order.
 
     ``rewards``: the model's reward per text (chosen, rejected interleaved), for a model with a
     reward head; else ``pooled``: pooled activations per text, read by a Bradley-Terry head.
     ``heads``: frozen heads (fit_heads' layout) for pairs they never saw (the gate); None
-    cross-fits them on these pairs (a scan), so no pair is scored by a head that saw it.
+    cross-fits them on these pairs (a scan), so no pair is scored by a head that saw it;
+    ``head_cache`` keeps those fits for a re-scan of the same pairs (HeadCache).
     """
     if (rewards is None) == (pooled is None):
         raise ValueError("give the rewards (a reward model) or the pooled activations, not both or neither")
@@ -320,14 +415,16 @@ def compute_signals(stats: CodeStats, features: FeatureSet, *, rewards: torch.Te
     if rewards is not None:
         signals["reward_margin"] = rewards[0::2] - rewards[1::2]
     for name, diffs in pair_inputs(stats, pooled).items():
-        signals[name] = head_margins(name, diffs, fit, heads)
+        signals[name] = head_margins(name, diffs, fit, heads, cache=head_cache)
     return {name: signals[name] for name in SIGNALS}
 
 
-def head_margins(name: str, diffs: PairDiffs, fit: HeadFit, heads: Mapping[str, torch.Tensor] | None = None):
-    """The margins of the head ``name`` for every pair: frozen ``heads`` (streamed), or cross-fitted."""
+def head_margins(name: str, diffs: PairDiffs, fit: HeadFit, heads: Mapping[str, torch.Tensor] | None = None,
+                 cache: HeadCache | None = None):
+    """The margins of the head ``name`` for every pair: frozen ``heads`` (streamed), or cross-fitted
+    (its fits read from ``cache`` when the same sample was fitted with the same options)."""
     if heads is None:
-        return cross_fitted_head(name, diffs, fit).margins
+        return cross_fitted_head(name, diffs, fit, cache=cache).margins
     parts = [frozen_margins(heads, name, batch) for _, batch in diffs.batches()]
     return torch.cat(parts) if len(parts) > 1 else parts[0]
 
@@ -465,7 +562,8 @@ def signed_ranks(values: torch.Tensor) -> torch.Tensor:
     return _signed_rank(values).nan_to_num(0.0)
 
 
-def stack_judges(signals: Mapping[str, torch.Tensor], *, folds: int = 5, seed: int = 0, l2: float = 1e-2) -> Stack:
+def stack_judges(signals: Mapping[str, torch.Tensor], *, folds: int = 5, seed: int = 0, l2: float = 1e-2,
+                 cache: HeadCache | None = None) -> Stack:
     """Combine judges with a cross-fitted Bradley-Terry model over their signed ranks.
 
     The supervision: a scan has no flip labels, only the preference itself. We fit the stack on
@@ -483,14 +581,15 @@ def stack_judges(signals: Mapping[str, torch.Tensor], *, folds: int = 5, seed: i
     """
     names = list(signals)
     features = torch.stack([signed_ranks(signals[name]) for name in names], dim=1).float()
-    fitted = cross_fitted_margins(features, folds=folds, seed=seed, l2=l2)
+    fitted = cross_fitted_margins(features, folds=folds, seed=seed, l2=l2, cache=cache)
     weights = (fitted.weights / fitted.scale).mean(0)
     margin = fitted.margins.double()
     return Stack(margin, {name: float(w) for name, w in zip(names, weights, strict=True)}, torch.sigmoid(-margin))
 
 
 def aggregate(signals: Mapping[str, torch.Tensor], weights: Mapping[str, float] | None = None, *,
-              method: str = "mean-rank", folds: int = 5, seed: int = 0) -> tuple[torch.Tensor, Stack]:
+              method: str = "mean-rank", folds: int = 5, seed: int = 0,
+              head_cache: HeadCache | None = None) -> tuple[torch.Tensor, Stack]:
     """The suspicion of every pair from its judges' signals, and the stack (for its flip probability).
 
     ``mean-rank`` (the default): the weighted mean of the judges' percentiles from the low end
@@ -501,7 +600,7 @@ def aggregate(signals: Mapping[str, torch.Tensor], weights: Mapping[str, float] 
         raise ValueError(f"aggregation must be one of {', '.join(AGGREGATIONS)}, not {method!r}")
     weights = dict(weights or {name: 1.0 for name in signals})
     used = {name: values for name, values in signals.items() if weights.get(name)}
-    stack = stack_judges(used, folds=folds, seed=seed)
+    stack = stack_judges(used, folds=folds, seed=seed, cache=head_cache)  # a warm scan reads the stack's fit too
     if method == "stacked":
         return stack.flip_probability.clone(), stack
     return suspicion(signals, weights), stack

@@ -118,3 +118,30 @@ def test_text_rows_on_disk_read_back_what_was_written(tmp_path):
     assert torch.equal(rows.take(torch.tensor([6, 5, 6])), values[[3, 0, 3]])
     assert list(tmp_path.iterdir()) == []  # an unnamed file: nothing left behind
     rows.close()
+
+
+def test_cached_bounded_heads_score_a_changed_pair_outside_the_sample_from_its_current_rows(tmp_path, monkeypatch):
+    from safer_audit.scoring import HeadCache
+
+    n, bound = 40, 9
+    rows = _pairs(n, 6)
+    fit = HeadFit(folds=3, seed=1, max_pairs=bound)
+    cache = HeadCache(tmp_path / "heads")
+    first = cross_fitted_head("sae_margin", PairDiffs(rows), fit, cache=cache)
+    outside = [p for p in range(n) if p not in set(first.sample.tolist())]
+    p = outside[0]
+    flipped = rows.clone()
+    flipped[[2 * p, 2 * p + 1]] = rows[[2 * p + 1, 2 * p]]
+    fits = []
+    fit_bradley_terry = scoring.fit_bradley_terry
+    monkeypatch.setattr(scoring, "fit_bradley_terry", lambda d, **kw: fits.append(len(d)) or fit_bradley_terry(d, **kw))
+    again = cross_fitted_head("sae_margin", PairDiffs(flipped), fit, cache=cache)
+    assert fits == []  # the sample did not change: the heads come from the cache
+    plain = cross_fitted_head("sae_margin", PairDiffs(flipped), fit)
+    assert torch.equal(again.weights, plain.weights) and torch.equal(again.margins, plain.margins)
+    assert float(again.margins[p]) == pytest.approx(-float(first.margins[p]), abs=1e-6)  # not a stale margin
+    changed = rows.clone()
+    changed[2 * int(first.sample[0])] += 1.0  # a pair inside the sample: fitted again
+    fits.clear()
+    cross_fitted_head("sae_margin", PairDiffs(changed), fit, cache=cache)
+    assert len(fits) == 3

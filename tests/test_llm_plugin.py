@@ -117,7 +117,7 @@ def test_a_server_refusing_json_schema_gets_the_schema_as_json_object_without_re
     with caplog.at_level(logging.WARNING, logger="safer_audit_llm"):
         labels = llm.label([card(1, "gun"), card(2, "knife")])
     assert labels[1].category == labels[2].category == "weapons"
-    sent = [r["body"].get("response_format") for r in chat_requests(server)]
+    sent = [r["body"].get("response_format") for r in server.chat_requests()]
     assert [f["type"] for f in sent] == ["json_schema", "json_object", "json_object"]  # the second feature too
     assert sent[1]["schema"] == SCHEMA
     assert llm.client.response_format == "json_object"
@@ -129,14 +129,14 @@ def test_a_server_refusing_every_response_format_is_asked_without_one(server):
     server.script({"status": 500, "body": LLAMA_CPP_REFUSAL}, {"status": 400, "body": LLAMA_CPP_REFUSAL})
     labels = labeller(server).label([card(1, "gun")])
     assert labels[1].relevance == 0.9
-    sent = [r["body"].get("response_format") for r in chat_requests(server)]
+    sent = [r["body"].get("response_format") for r in server.chat_requests()]
     assert [f and f["type"] for f in sent] == ["json_schema", "json_object", None]
 
 
 def test_structured_can_be_turned_off_from_the_environment(server, monkeypatch):
     monkeypatch.setenv("SAFER_AUDIT_LLM_STRUCTURED", "0")
     labeller(server).label([card(1, "gun")])
-    (request,) = chat_requests(server)
+    (request,) = server.chat_requests()
     assert "response_format" not in request["body"]
 
 

@@ -232,6 +232,9 @@ class HFModelBackend:
         for row, seq in enumerate(sequences):
             ids[row, : len(seq)] = torch.tensor(seq, dtype=torch.long)
             mask[row, : len(seq)] = 1
+        if self.device.type == "cuda":  # pinned host memory: the copies run asynchronously
+            return ids.pin_memory().to(self.device, non_blocking=True), mask.pin_memory().to(self.device,
+                                                                                             non_blocking=True)
         return ids.to(self.device), mask.to(self.device)
 
     def forward(self, input_ids, attention_mask, *, layer: int, want_score: bool):
@@ -252,7 +255,9 @@ class HFModelBackend:
         handle = self._layers[layer - 1].register_forward_hook(hook)
         score = None
         try:
-            with torch.inference_mode():
+            # on CUDA in bfloat16/float16: autocast keeps softmax and norms in float32 around the half matmuls
+            half = self.device.type == "cuda" and self.dtype in (torch.bfloat16, torch.float16)
+            with torch.inference_mode(), torch.autocast("cuda", dtype=self.dtype, enabled=half):
                 output = self.model(input_ids=input_ids, attention_mask=attention_mask)
             if want_score:
                 score = output.logits[:, 0].float()

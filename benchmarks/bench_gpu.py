@@ -1,0 +1,91 @@
+"""Benchmark: extraction on a CUDA GPU -- pairs/s and peak GPU memory, the default model and a causal model.
+
+    python benchmarks/bench_gpu.py [--data FILE] [--limit N] [--model PATH] [--batch-tokens N]
+                                   [--dtype auto|float32|bfloat16] [--layer N]
+
+For the embedded default model (all-MiniLM-L6-v2) and, with ``--model PATH``, a causal model
+(a 1B-class Llama-like directory), runs a cold extraction (safer_audit.activations
+.extract_activations, into an empty cache) on ``cuda`` and reports pairs/s, tokens/s and
+torch.cuda.max_memory_allocated. bfloat16 by default on the GPU (``--dtype auto``), batches by
+``--batch-tokens`` padded tokens. Prints a Markdown table for BENCHMARKS.md. Exits with status 2
+and a message on a machine without CUDA.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_DATA = ROOT.parent / "shared" / "data" / "hh-rlhf-harmless-base-test.jsonl.gz"
+
+
+def measure(pairs, model: str | None, args) -> dict:
+    import torch
+
+    from safer_audit.activations import extract_activations, load_backend, pair_texts
+    from safer_audit.config import ActivationConfig
+
+    with tempfile.TemporaryDirectory() as cache_dir:
+        config = ActivationConfig(model=model, device="cuda", dtype=args.dtype, batch_tokens=args.batch_tokens,
+                                  cache_dir=Path(cache_dir), **({"layer": args.layer} if args.layer else {}))
+        torch.cuda.reset_peak_memory_stats()
+        backend = load_backend(config)
+        texts = pair_texts(pairs, backend)
+        loaded = torch.cuda.max_memory_allocated()
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        store = extract_activations(texts, backend, config)
+        torch.cuda.synchronize()
+        seconds = time.perf_counter() - start
+        positions = store.n_tokens()
+    return {"model": backend.identity, "dtype": str(backend.dtype).removeprefix("torch."), "layer": config.layer,
+            "pairs": len(pairs), "seconds": seconds, "pairs/s": len(pairs) / seconds,
+            "read positions": positions, "weights GiB": loaded / 2**30,
+            "peak GiB": torch.cuda.max_memory_allocated() / 2**30}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", default=str(DEFAULT_DATA))
+    parser.add_argument("--limit", type=int, default=None, help="first N pairs only")
+    parser.add_argument("--model", default=None, help="a causal model directory, measured after the default model")
+    parser.add_argument("--batch-tokens", type=int, default=16_384, help="padded tokens per forward pass")
+    parser.add_argument("--dtype", default="auto", help="auto (bfloat16 on the GPU), float32, bfloat16")
+    parser.add_argument("--layer", type=int, default=None, help="layer of --model (default: the scan's default)")
+    args = parser.parse_args()
+
+    import torch
+
+    if not torch.cuda.is_available():
+        print("bench_gpu: no CUDA device here (torch.cuda.is_available() is False; torch "
+              f"{torch.__version__}, CUDA build {torch.version.cuda}). Run it on a machine with an NVIDIA GPU "
+              "and a CUDA build of torch.", file=sys.stderr)
+        return 2
+
+    from safer_audit.data import load_pairs
+
+    pairs = load_pairs(args.data).pairs
+    if args.limit:
+        pairs = pairs.head(args.limit)
+    rows = [measure(pairs, None, args)]
+    if args.model:
+        rows.append(measure(pairs, args.model, args))
+    print(f"\nGPU: {torch.cuda.get_device_name()}, torch {torch.__version__}, batch tokens {args.batch_tokens}\n")
+    columns = list(rows[0])
+    print("| " + " | ".join(columns) + " |")
+    print("|" + "---|" * len(columns))
+    for row in rows:
+        print("| " + " | ".join(f"{v:,.2f}" if isinstance(v, float) else f"{v:,}" if isinstance(v, int) else str(v)
+                                for v in row.values()) + " |")
+    print(f"\ncommand: python {' '.join(sys.argv)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
