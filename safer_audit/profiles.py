@@ -33,7 +33,7 @@ class ProfileModel:
     model: str  # --model value (a short name, a directory or a .gguf file)
     layer: int
     positions: str = "response"
-    max_length: int = 384  # SmolLM2 costs about 10x MiniLM per token: measured at 384 (BENCHMARKS.md)
+    max_length: int = 384  # the length the layers were measured at (BENCHMARKS.md "SmolLM2"); bounds its cost
 
 
 # measured: BENCHMARKS.md "SmolLM2: which layer and positions"
