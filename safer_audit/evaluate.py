@@ -244,6 +244,9 @@ def judge_scorers(result, config: ScanConfig, positive: torch.Tensor, position_s
         residual[name] = residualise_on_length(values, length, folds=config.folds, seed=config.seed)
         scorers[f"{name}-lenres[{position_set}]"] = measure(-residual[name], positive, length)
     scorers[f"combined[{position_set}]"] = measure(result.suspicion, positive, length)
+    if result.models:  # a profile's ranking; also the first model's alone (what --profile fast ranks by)
+        own = {name: w for name, w in ranking_weights(config).items() if w}
+        scorers[f"combined-fast[{position_set}]"] = measure(suspicion(result.signals, own), positive, length)
     scorers[f"combined-lenres[{position_set}]"] = measure(suspicion(residual, weights), positive, length)
     stacked, _ = aggregate(result.signals, weights, method="stacked", folds=config.folds, seed=config.seed)
     scorers[f"stacked[{position_set}]"] = measure(stacked, positive, length)

@@ -208,8 +208,12 @@ def test_evaluate_measures_both_models_judges_under_thorough(tiny_llama_dir, tin
     result = evaluate(pairs, _config(tiny_llama_dir, tmp_path, profile="thorough"), seeds=(0,),
                       positions=("response",))
     scorers = result.runs[0]
-    assert {"second/score_safe[response]", "second/reward_margin[response]", "combined[response]"} <= set(scorers)
+    assert {"second/score_safe[response]", "second/reward_margin[response]", "combined[response]",
+            "combined-fast[response]"} <= set(scorers)
     assert result.config["profile"] == "thorough"
+    fast = evaluate(pairs, _config(tiny_llama_dir, tmp_path), seeds=(0,), positions=("response",)).runs[0]
+    assert scorers["combined-fast[response]"] == fast["combined[response]"]
+    assert scorers["score_safe[response]"] == fast["score_safe[response]"]
 
 
 def test_profile_is_an_option_with_two_choices():
