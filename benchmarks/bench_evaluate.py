@@ -13,7 +13,8 @@ seeds; the same table on the confirm seeds shows whether the choice holds.
 
 measures instead every judge, its length-residualised variant and the aggregations (evaluate's
 scorers) under each flip mode (issue 14), with each judge's correlation with the length
-difference and the calibration of the stack's flip probability.
+difference, the calibration of the stack's flip probability and the wall time of each mode;
+``--profile thorough`` adds SmolLM2's judges (``smollm2/NAME``) to the same flipped copies.
 """
 
 from __future__ import annotations
@@ -111,6 +112,10 @@ def main() -> int:
     parser.add_argument("--flip-modes", nargs="+", default=None, choices=["uniform", "length", "margin"],
                         help="Measure the judges under these flip modes (evaluate's scorers) instead of the variants.")
     parser.add_argument("--judge", action="append", default=None, help="Judges of the ranking (repeatable).")
+    parser.add_argument("--profile", choices=["fast", "thorough"], default="fast",
+                        help="Models the scan reads (safer_audit.profiles): fast = MiniLM, thorough = + SmolLM2.")
+    parser.add_argument("--smollm2-layer", type=int, default=None, help="thorough: SmolLM2's layer (default: the profile's)")
+    parser.add_argument("--smollm2-positions", default=None, help="thorough: SmolLM2's positions (default: the profile's)")
     args = parser.parse_args()
     if args.flip_modes:
         return judges_main(args)
@@ -186,6 +191,14 @@ def judges_main(args) -> int:
         pairs = pairs.head(args.limit)
     base = ScanConfig(activations=ActivationConfig(layer=args.layer, cache_dir=args.cache_dir))
     base.judges = tuple(args.judge) if args.judge else None
+    base.profile = args.profile
+    if args.smollm2_layer or args.smollm2_positions:  # measure another layer/positions than the profile's
+        from safer_audit import profiles
+
+        model = profiles.SMOLLM2
+        model = replace(model, layer=args.smollm2_layer or model.layer,
+                        positions=args.smollm2_positions or model.positions)
+        profiles.PROFILES["thorough"] = (model,)
     if args.k:
         base.sae_train.k = args.k
     backend = load_backend(base.activations)
@@ -198,10 +211,11 @@ def judges_main(args) -> int:
                           source=args.data, flip_mode=mode, backend=backend,
                           on_seed=lambda seed, _s, mode=mode, t=t: print(
                               f"{mode} seed {seed}: {time.perf_counter() - t:.0f} s", file=sys.stderr, flush=True))
-        out[mode] = result.to_dict()
+        wall = time.perf_counter() - t
+        out[mode] = {**result.to_dict(), "wall_seconds": round(wall, 1)}
         summary, rho = result.summary(), result.length_correlations()
-        print(f"\n#### Flip mode {mode} (seeds {', '.join(map(str, seeds))}; {result.pairs} pairs, "
-              f"{result.flipped} flipped; mean ± sd)\n")
+        print(f"\n#### Flip mode {mode}, profile {args.profile} (seeds {', '.join(map(str, seeds))}; {result.pairs} "
+              f"pairs, {result.flipped} flipped; mean ± sd; wall time {wall:.0f} s)\n")
         print("| scorer | AUROC | precision@5% | precision@10% | ρ with length difference |")
         print("|---|---:|---:|---:|---:|")
         for name, m in sorted(summary.items(), key=lambda item: -item[1]["auroc"][0]):

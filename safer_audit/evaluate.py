@@ -27,6 +27,7 @@ import torch
 
 from .config import EVALUATE_POSITIONS, ScanConfig
 from .errors import ConfigError
+from .profiles import scan_profile
 from .progress import no_progress
 from .scan import scan_pairs
 from .scoring import average_ranks, cross_fitted_margins
@@ -229,11 +230,13 @@ def judge_scorers(result, config: ScanConfig, positive: torch.Tensor, position_s
     (``combined-lenres``), the stack a scan can fit (``stacked``) and the oracle stack
     fitted on the true flips (``stack-oracle``: an upper bound, not available to a scan)."""
     from .judges import JudgeContext, residualise_on_length
+    from .profiles import profile_weights
     from .scan import ranking_weights
     from .scoring import aggregate, suspicion
 
     length = JudgeContext(result.pairs).length_difference()
-    weights = {name: w for name, w in ranking_weights(config).items() if w}
+    weights = (profile_weights(config, list(result.models)) if result.models
+               else {name: w for name, w in ranking_weights(config).items() if w})
     scorers: dict[str, ScorerResult] = {}
     residual = {}
     for name, values in result.signals.items():
@@ -241,6 +244,9 @@ def judge_scorers(result, config: ScanConfig, positive: torch.Tensor, position_s
         residual[name] = residualise_on_length(values, length, folds=config.folds, seed=config.seed)
         scorers[f"{name}-lenres[{position_set}]"] = measure(-residual[name], positive, length)
     scorers[f"combined[{position_set}]"] = measure(result.suspicion, positive, length)
+    if result.models:  # a profile's ranking; also the first model's alone (what --profile fast ranks by)
+        own = {name: w for name, w in ranking_weights(config).items() if w}
+        scorers[f"combined-fast[{position_set}]"] = measure(suspicion(result.signals, own), positive, length)
     scorers[f"combined-lenres[{position_set}]"] = measure(suspicion(residual, weights), positive, length)
     stacked, _ = aggregate(result.signals, weights, method="stacked", folds=config.folds, seed=config.seed)
     scorers[f"stacked[{position_set}]"] = measure(stacked, positive, length)
@@ -278,6 +284,7 @@ def evaluate(pairs: pl.DataFrame, config: ScanConfig, *, flip_rate: float = 0.1,
         reference = reference_signal(pairs, config, judge=reference_judge, source=source, backend=backend,
                                      steps=steps)
     weights = flip_weights(pairs, flip_mode, reference)
+    backends: dict = {}  # a profile's other models, loaded once
     runs: dict[int, dict[str, ScorerResult]] = {}
     calibrations: dict[int, dict[str, float]] = {}
     flipped_count = 0
@@ -287,7 +294,11 @@ def evaluate(pairs: pl.DataFrame, config: ScanConfig, *, flip_rate: float = 0.1,
         scorers: dict[str, ScorerResult] = {}
         for i, position_set in enumerate(positions):
             run_config = replace(config, activations=replace(config.activations, positions=position_set), seed=seed)
-            result = scan_pairs(flipped_pairs, run_config, source=source, steps=steps, backend=backend)
+            if i == 0:  # the profile's other models (if any) join the first position set's judges
+                result = scan_profile(flipped_pairs, run_config, source=source, steps=steps, backend=backend,
+                                      backends=backends)
+            else:
+                result = scan_pairs(flipped_pairs, run_config, source=source, steps=steps, backend=backend)
             if i == 0:
                 scorers.update(judge_scorers(result, run_config, positive, position_set))
                 calibrations[seed] = calibration(result.flip_probability, positive)
@@ -305,5 +316,6 @@ def evaluate(pairs: pl.DataFrame, config: ScanConfig, *, flip_rate: float = 0.1,
                                     "sae": config.sae_train.to_dict(), "ranking": config.ranking,
                                     "judges": list(config.judges) if config.judges else None,
                                     "aggregation": config.aggregation,
+                                    "profile": config.profile,
                                     **({"reference_judge": reference_judge} if flip_mode == "margin" else {})},
                             flip_mode=flip_mode, calibration=calibrations)

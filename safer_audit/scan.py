@@ -95,6 +95,7 @@ class ScanResult:
     flip_probability: torch.Tensor | None = None
     stack_weights: dict[str, float] = field(default_factory=dict)  # how much the stack trusts each judge
     judge_costs: dict[str, dict] = field(default_factory=dict)  # judge -> requests, tokens (judges that spend)
+    models: dict[str, ScanResult] = field(default_factory=dict)  # a profile's other models' scans, by prefix
 
 
 def _dataset_fingerprint(keys: list[str]) -> str:
@@ -233,10 +234,12 @@ def run_scan(source: str, config: ScanConfig, *, steps=no_progress, warn=None) -
 
     ``warn(message)`` is told, before the long work, when the data is too small to trust the result.
     """
+    from .profiles import scan_profile
+
     start = time.perf_counter()
     pairs = read_data(source, config).pairs
-    return scan_pairs(pairs, config, source=str(source), steps=steps, warn=warn,
-                      timings={"load": round(time.perf_counter() - start, 3)})
+    return scan_profile(pairs, config, source=str(source), steps=steps, warn=warn,
+                        timings={"load": round(time.perf_counter() - start, 3)})
 
 
 @contextmanager

