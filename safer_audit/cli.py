@@ -20,6 +20,7 @@ from rich.text import Text
 
 from . import __version__
 from .config import (
+    COMMAND_GROUPS,
     EVALUATE_POSITIONS,
     POSITIONS,
     ActivationConfig,
@@ -259,10 +260,9 @@ def scan_options(*groups: str, exclude: tuple[str, ...] = ()):
     return options_from(ScanConfig, "config", groups=groups, exclude=exclude, finish=_finish_scan_config)
 
 
-SCAN_GROUPS = ("model", "data", "sae")  # what every command that may scan takes
 cache_dir_option = field_option(ActivationConfig, "cache_dir")
 # scan's options, to build a ScanConfig from any command's params (tests)
-scan_config_from = scan_options(*SCAN_GROUPS, "report", "category", "judges", "ranking", "labels").build
+scan_config_from = scan_options(*COMMAND_GROUPS["scan"]).build
 
 
 def _steps(quiet: bool) -> ProgressBar:
@@ -286,7 +286,7 @@ def _print_judge_costs(costs: dict) -> None:
 
 @cli.command()
 @click.argument("data")
-@scan_options(*SCAN_GROUPS, "report", "category", "judges", "ranking", "labels")
+@scan_options(*COMMAND_GROUPS["scan"])
 @click.option("--top", type=click.IntRange(0), default=20, show_default=True, help="Suspects shown in the terminal.")
 @click.option("--output", "-o", "outputs", multiple=True, type=click.Path(dir_okay=False, path_type=Path),
               help="Write the report here (repeatable); the format comes from the extension.")
@@ -342,7 +342,7 @@ def scan(data, top, outputs, output_format, quiet, config: ScanConfig):
 
 @cli.command()
 @click.argument("data")
-@scan_options(*SCAN_GROUPS, "labels")
+@scan_options(*COMMAND_GROUPS["features"])
 @click.option("--top", type=click.IntRange(1), default=10, show_default=True, help="Feature cards shown.")
 @click.option("--out", "out", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Write a features file (YAML, or JSON by extension) to review, edit and pass to --features.")
@@ -369,7 +369,7 @@ def features(data, top, out, quiet, config: ScanConfig):
 @click.argument("pair")
 @click.option("--report", "report_path", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
               help="Read the pair's scores and features from this scan report (JSON) instead of rescanning.")
-@scan_options(*SCAN_GROUPS)
+@scan_options(*COMMAND_GROUPS["explain"])
 @quiet_option
 def explain(data, pair, report_path, quiet, config: ScanConfig):
     """Show one pair in full: the request, both responses, its scores, and the features behind them.
@@ -427,7 +427,7 @@ def _read_line(prompt: str) -> str:
               help="The decisions file to add to (made if missing; its directory too).")
 @click.option("--reviewer", default=None, help="Who decides. Default: git config user.name and user.email.")
 @click.option("--all", "review_all", is_flag=True, help="Show pairs decided before too (to change a decision).")
-@scan_options(*SCAN_GROUPS)
+@scan_options(*COMMAND_GROUPS["review"])
 @quiet_option
 def review(data, report_path, decisions_path, reviewer, review_all, quiet, config: ScanConfig):
     """Walk the suspects of DATA one by one and record a decision for each.
@@ -464,7 +464,7 @@ def review(data, report_path, decisions_path, reviewer, review_all, quiet, confi
 
 @cli.command()
 @click.argument("data")
-@scan_options(*SCAN_GROUPS, "judges", exclude=("activations.positions", "sae_train.seed"))
+@scan_options(*COMMAND_GROUPS["evaluate"], exclude=("activations.positions", "sae_train.seed"))
 @click.option("--positions", type=click.Choice(POSITIONS), multiple=True, default=EVALUATE_POSITIONS,
               show_default=True, help="Position sets whose score_safe is measured (repeatable); the first one is "
                                       "also used for the other scorers.")
@@ -569,7 +569,7 @@ def train_sae_command(data, out, sae_backend, quiet, activations: ActivationConf
               help="Where to write the manifest. Default: OUT.manifest.json.")
 @click.option("--force", is_flag=True, help="Replace an existing output and manifest.")
 @click.option("--dry-run", is_flag=True, help="Show what would change and write nothing.")
-@scan_options(*SCAN_GROUPS)
+@scan_options(*COMMAND_GROUPS["clean"])
 @quiet_option
 def clean(data, out, report_path, decisions_path, only, drop_fraction, threshold, mode, manifest, force, dry_run,
           quiet, config: ScanConfig):
@@ -661,7 +661,7 @@ gate_decisions_option = click.option(
 @click.argument("data", nargs=-1, required=True)
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=Path(".safer-audit/baseline.json"),
               show_default=True, help="The baseline file; the SAE it trains and its heads are written beside it.")
-@scan_options(*SCAN_GROUPS, "category", "labels")
+@scan_options(*COMMAND_GROUPS["baseline"])
 @gate_decisions_option
 @quiet_option
 def baseline_command(data, out, decisions_path, quiet, config: ScanConfig):

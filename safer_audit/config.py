@@ -219,12 +219,26 @@ class LabellerOptions:
                                          "built-in one.", path={"exists": True, "dir_okay": False})
 
 
+# The option groups each command takes (cli.py builds its options from this): a new group is its
+# ScanConfig fields with ``group="name"`` plus its name here -- a change to this file only.
+SCAN_GROUPS = ("model", "data", "sae")  # what every command that may scan takes
+COMMAND_GROUPS: dict[str, tuple[str, ...]] = {
+    "scan": (*SCAN_GROUPS, "report", "category", "judges", "ranking", "labels"),
+    "features": (*SCAN_GROUPS, "labels"),
+    "explain": SCAN_GROUPS,
+    "review": SCAN_GROUPS,
+    "evaluate": (*SCAN_GROUPS, "judges"),
+    "clean": SCAN_GROUPS,
+    "baseline": (*SCAN_GROUPS, "category", "labels"),
+}
+
+
 @dataclass
 class ScanConfig:
     """A scan: which data, which activations, which SAE and features, how pairs are ranked.
 
     A field with ``group`` metadata is a command-line option of the commands that take that
-    group (cli.scan_options): model, data, sae, category, labels.
+    group (COMMAND_GROUPS, turned into options by cli.scan_options).
     """
 
     activations: ActivationConfig = option(factory=ActivationConfig, group="model")

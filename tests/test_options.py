@@ -103,3 +103,19 @@ def test_an_option_with_one_meaning_is_declared_once_in_cli_py():
     assert declared["--quiet"] == ["'No progress bars.'"]  # the walk sees the declarations
     repeated = {flag: helps for flag, helps in declared.items() if len(set(helps)) < len(helps)}
     assert not repeated, f"declared again with the same help: {repeated}"
+
+
+def test_each_command_takes_exactly_the_options_of_its_groups_in_config_py():
+    """A new option group is a change to config.py alone: its fields plus its name in COMMAND_GROUPS."""
+    from safer_audit.cli import _params, cli
+    from safer_audit.config import COMMAND_GROUPS, ScanConfig, option_fields
+
+    declared = {spec.metadata.get("group") for spec in option_fields(ScanConfig)} - {None}
+    assert declared == set().union(*COMMAND_GROUPS.values())  # every group reaches some command, none is unknown
+    excluded = {"evaluate": ("activations.positions", "sae_train.seed")}  # evaluate declares these itself
+    for command, groups in COMMAND_GROUPS.items():
+        expected = {p.name for p in _params(ScanConfig, groups, excluded.get(command, ()))}
+        others = {p.name for p in _params(ScanConfig, tuple(declared - set(groups)), ())} - expected
+        got = {p.name for p in cli.commands[command].params}
+        assert expected <= got, command
+        assert not others & got, command
