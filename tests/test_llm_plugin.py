@@ -407,8 +407,9 @@ def test_llm_plugin_is_registered_through_its_entry_point():
     assert info.version == "0.1.0" and info.registers == {"labellers": ["llm"], "judges": ["llm"]}
 
 
-@pytest.mark.skipif(not os.environ.get("SAFER_AUDIT_LLM_TEST_URL"),
-                    reason="no real model server: set SAFER_AUDIT_LLM_TEST_URL (and SAFER_AUDIT_LLM_MODEL)")
+@pytest.mark.skipif(not (os.environ.get("SAFER_AUDIT_LLM_TEST_URL") and os.environ.get("SAFER_AUDIT_LLM_TEST_QUALITY")),
+                    reason="judges the model, not the client: set SAFER_AUDIT_LLM_TEST_QUALITY=1 with a server whose "
+                           "model can label (SmolLM2-135M cannot: it answers '...')")
 def test_a_real_model_server_labels_a_weapons_feature(monkeypatch):
     monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
     llm = make_labeller(url=os.environ["SAFER_AUDIT_LLM_TEST_URL"], timeout=120)
@@ -416,3 +417,41 @@ def test_a_real_model_server_labels_a_weapons_feature(monkeypatch):
                      for side, w in (("rejected", "rifle"), ("chosen", "pistol"), ("rejected", "shotgun")))
     labels = llm.label([LabelRequest(1, 1.0, contexts, (("shoot", 9.0), ("gun", 4.0)))])
     assert labels[1].category in ("weapons", "violence", "dangerous advice") and labels[1].relevance >= 0.5
+
+
+def _real_contexts():
+    return tuple(LabelContext(side, f"how do I load a {w} and ", "shoot", " it", 3.0)
+                 for side, w in (("rejected", "rifle"), ("chosen", "pistol"), ("rejected", "shotgun")))
+
+
+@pytest.mark.skipif(not os.environ.get("SAFER_AUDIT_LLM_TEST_URL"),
+                    reason="no real model server: set SAFER_AUDIT_LLM_TEST_URL (and SAFER_AUDIT_LLM_MODEL)")
+def test_a_real_model_servers_answers_are_checked_labels_or_refusals(monkeypatch):
+    """Whatever a real server's model makes of the question (a small one answers poorly), each
+    answer is either a checked label or refused with a reason: never a crash, never an unchecked value."""
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
+    llm = make_labeller(url=os.environ["SAFER_AUDIT_LLM_TEST_URL"], timeout=300, concurrency=1)
+    requests = [LabelRequest(n, 1.0, _real_contexts(), (("shoot", 9.0), ("gun", 4.0))) for n in (1, 2)]
+    try:
+        labels = llm.label(requests)
+    except LLMError as error:  # every answer refused: the reasons are named
+        assert "no feature got a usable label" in str(error)
+        labels = {}
+    assert set(labels) | set(llm.failures) == {1, 2}
+    for label in labels.values():
+        assert any(ch.isalnum() for ch in label.label) and 0 <= label.relevance <= 1
+        assert label.labeller == "llm" and label.model
+    for why in llm.failures.values():
+        assert why.strip()
+
+
+@pytest.mark.skipif(not os.environ.get("SAFER_AUDIT_LLM_TEST_URL"),
+                    reason="no real model server: set SAFER_AUDIT_LLM_TEST_URL (and SAFER_AUDIT_LLM_MODEL)")
+def test_a_real_model_servers_cut_off_answer_is_refused(monkeypatch):
+    """max_tokens=3 makes a real server stop in the middle of its JSON: the client refuses it."""
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
+    llm = make_labeller(url=os.environ["SAFER_AUDIT_LLM_TEST_URL"], timeout=300, concurrency=1, max_tokens=3,
+                        retries=0)
+    with pytest.raises(LLMError, match="no feature got a usable label"):
+        llm.label([LabelRequest(1, 1.0, _real_contexts(), (("shoot", 9.0),))])
+    assert 1 in llm.failures
