@@ -27,7 +27,7 @@ from safetensors.torch import save as save_safetensors
 from .digests import short_digest
 from .files import remove_stale_temporaries, write_atomic
 
-CODES_FORMAT = 1
+CODES_FORMAT = 2  # 2: each shard carries its content digest (a warm scan trusts nothing else it reads)
 # fields with one row per text; the others are segments per text, delimited by the named offsets
 PER_TEXT = ("n_positions", "fvu", "score", "pooled")
 SEGMENTS = {"agg": ("agg_latent", "agg_sum", "agg_count", "agg_max"),
@@ -75,8 +75,9 @@ class CodeCache:
             return
         name = short_digest(hashlib.sha256(json.dumps(keys).encode()).hexdigest())
         path = self.directory / f"shard-{name}.safetensors"
-        data = save_safetensors({k: v.contiguous() for k, v in block.items()},
-                                metadata={"keys": json.dumps(keys), "format": str(CODES_FORMAT)})
+        tensors = {k: v.contiguous() for k, v in block.items()}
+        data = save_safetensors(tensors, metadata={"keys": json.dumps(keys), "format": str(CODES_FORMAT),
+                                                   "digest": block_digest(keys, tensors)})
         write_atomic(path, data)
         for row, key in enumerate(keys):
             self.index.setdefault(key, (path, row))
@@ -84,13 +85,28 @@ class CodeCache:
     def load(self, path: Path) -> dict[str, torch.Tensor] | None:
         """A shard's block, or None (and the shard deleted, its texts to encode again) if unreadable."""
         try:
-            block = load_safetensors(path.read_bytes())
+            data = path.read_bytes()
+            block = load_safetensors(data)
             _check_block(block)
+            size = struct.unpack("<Q", data[:8])[0]
+            meta = json.loads(data[8:8 + size])["__metadata__"]
+            assert meta.get("digest") == block_digest(json.loads(meta["keys"]), block)  # flipped bytes: encoded again
         except (OSError, ValueError, RuntimeError, KeyError, TypeError, AssertionError):
             path.unlink(missing_ok=True)
             self.index = {k: v for k, v in self.index.items() if v[0] != path}
             return None
         return block
+
+
+def block_digest(keys: list[str], block: dict[str, torch.Tensor]) -> str:
+    """The hash of a codes shard's keys and tensors (by name), stored in its header and checked on reading."""
+    digest = hashlib.blake2b(digest_size=16)
+    digest.update(json.dumps([CODES_FORMAT, list(keys)]).encode())
+    for name in sorted(block):
+        tensor = block[name].contiguous()
+        digest.update(f"\n{name}:{tensor.dtype}:{list(tensor.shape)}\n".encode())
+        digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+    return digest.hexdigest()
 
 
 def _header_keys(path: Path) -> list[str] | None:
@@ -411,6 +427,8 @@ def encode_store(store, sae, *, progress=None, cache: CodeCache | None = None):
             for text, key in enumerate(keys):
                 if text not in cached:
                     wanted.setdefault(key, []).append(text)
+            if hasattr(store, "ensure_verified"):
+                store.ensure_verified()  # a lazily extracted store checks (or computes again) its shards now
             # a store of just the missing texts streams only the activation shards that hold them
             sub = ActivationStore(store.cache, missing, store.d_model, store.backend_identity)
             for texts, offsets, tensors in sub.iter_chunks():

@@ -195,10 +195,10 @@ def read_data(source: str, config: ScanConfig):
     return load_pairs(source, config.read)
 
 
-def _activations_for(pairs: pl.DataFrame, backend, config: ScanConfig, steps, label: str):
+def _activations_for(pairs: pl.DataFrame, backend, config: ScanConfig, steps, label: str, *, lazy: bool = False):
     texts = pair_texts(pairs, backend)
     with steps(label, "pairs", scale=0.5) as update:
-        store = extract_activations(texts, backend, config.activations, progress=update)
+        store = extract_activations(texts, backend, config.activations, progress=update, lazy=lazy)
     return texts, store
 
 
@@ -272,7 +272,8 @@ def scan_pairs(pairs: pl.DataFrame, config: ScanConfig, *, source: str, steps=no
             backend = load_backend(config.activations)
     layer = resolve_layer(config.activations.layer, backend.n_layers)
     lap("model")
-    texts, store = _activations_for(pairs, backend, config, steps, "Activations")
+    # lazy: cached shards are checked when first read; a warm scan (every text's codes cached) reads none
+    texts, store = _activations_for(pairs, backend, config, steps, "Activations", lazy=True)
     lap("activations")
 
     with _one_step(steps, "Quality checks"):
@@ -288,7 +289,8 @@ def scan_pairs(pairs: pl.DataFrame, config: ScanConfig, *, source: str, steps=no
         stats = encode_store(store, sae, progress=update, cache=CodeCache.for_store(store, sae))
     if config.salience_from:
         reference = read_data(config.salience_from, config).pairs
-        _, reference_store = _activations_for(reference, backend, config, steps, "Reference activations")
+        _, reference_store = _activations_for(reference, backend, config, steps, "Reference activations",
+                                               lazy=True)
         with steps("Reference encoding", "pairs", scale=0.5) as update:
             reference_stats = encode_store(reference_store, sae, progress=update,
                                            cache=CodeCache.for_store(reference_store, sae))

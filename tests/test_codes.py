@@ -84,3 +84,62 @@ def test_an_unreadable_codes_shard_is_encoded_again(tiny_llama_dir, tmp_path):
     assert warm.stats.n_encoded == len(set(keys))
     assert_same_stats(cold.stats, warm.stats)
     assert_same_report(cold.report, warm.report)
+
+
+def _count_calls(monkeypatch, owner, name):
+    calls = []
+    original = getattr(owner, name)
+
+    def counted(*args, **kwargs):
+        calls.append(args)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(owner, name, counted)
+    return calls
+
+
+def test_a_warm_scan_reads_no_activation_shard(tiny_llama_dir, tmp_path, monkeypatch):
+    from safer_audit.activations import ActivationCache
+
+    data = write_pairs(tmp_path / "pairs.jsonl", 30)
+    cold = run_scan(str(data), config(tiny_llama_dir, tmp_path / "cache"))
+    loads = _count_calls(monkeypatch, ActivationCache, "load_shard")
+    warm = run_scan(str(data), config(tiny_llama_dir, tmp_path / "cache"))
+    assert loads == [] and warm.stats.n_encoded == 0
+    assert_same_report(cold.report, warm.report)
+    # the store is still whole: reading it checks the shards then
+    torch.testing.assert_close(warm.store.pooled_mean(), cold.store.pooled_mean())
+    assert loads
+
+
+def test_a_corrupt_activation_shard_is_computed_again_when_it_is_read(tiny_llama_dir, tmp_path):
+    import shutil
+
+    data = write_pairs(tmp_path / "pairs.jsonl", 30)
+    cold = run_scan(str(data), config(tiny_llama_dir, tmp_path / "cache"))
+    shard = sorted((tmp_path / "cache").rglob("activations/*/shard-*.safetensors"))[0]
+    raw = bytearray(shard.read_bytes())
+    raw[-5] ^= 0xFF  # a flipped byte in the tensors: the header still reads
+    shard.write_bytes(bytes(raw))
+    warm = run_scan(str(data), config(tiny_llama_dir, tmp_path / "cache"))  # codes cached: the shard is not read
+    assert warm.store.n_forward_texts == 0 and shard.exists()
+    for codes in (tmp_path / "cache").rglob("codes"):
+        shutil.rmtree(codes)
+    again = run_scan(str(data), config(tiny_llama_dir, tmp_path / "cache"))  # encoding reads it: made again
+    assert again.store.n_forward_texts > 0 and again.stats.n_encoded == 60
+    assert_same_stats(cold.stats, again.stats)
+    assert_same_report(cold.report, again.report)
+
+
+def test_a_codes_shard_with_a_flipped_byte_is_encoded_again(tiny_llama_dir, tmp_path):
+    data = write_pairs(tmp_path / "pairs.jsonl", 30)
+    cold = run_scan(str(data), config(tiny_llama_dir, tmp_path / "cache"))
+    shards = sorted((tmp_path / "cache").rglob("codes/*/shard-*.safetensors"))
+    keys = _header_keys(shards[0])
+    raw = bytearray(shards[0].read_bytes())
+    raw[-5] ^= 0xFF  # lengths and header intact: only the content digest can tell
+    shards[0].write_bytes(bytes(raw))
+    warm = run_scan(str(data), config(tiny_llama_dir, tmp_path / "cache"))
+    assert warm.stats.n_encoded == len(set(keys))
+    assert_same_stats(cold.stats, warm.stats)
+    assert_same_report(cold.report, warm.report)
