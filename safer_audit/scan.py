@@ -26,6 +26,7 @@ from .activations import ActivationStore, PreparedText, extract_activations, loa
 from .codes import CodeCache
 from .config import ActivationConfig, ReadOptions, SaeTrainConfig, ScanConfig
 from .data import find_quality_issues, load_pairs, tokenizer_counter
+from .data.tokens import cached_counter
 from .digests import sha256_text, short_digest
 from .errors import ConfigError, ScanError
 from .labelling import FeatureLabel, LabelContext, LabelRequest
@@ -277,8 +278,9 @@ def scan_pairs(pairs: pl.DataFrame, config: ScanConfig, *, source: str, steps=no
     lap("activations")
 
     with _one_step(steps, "Quality checks"):
-        issues = find_quality_issues(pairs, max_length=config.activations.max_length,
-                                     count_tokens=tokenizer_counter(backend.tokenizer))
+        # token counts kept beside the activations (the model's tokenizer): a warm scan does not tokenize again
+        count_tokens = cached_counter(tokenizer_counter(backend.tokenizer), store.cache.directory / "token-counts")
+        issues = find_quality_issues(pairs, max_length=config.activations.max_length, count_tokens=count_tokens)
     quality: dict[str, list[str]] = {}
     for issue in issues:
         quality.setdefault(issue.pair_id, []).append(issue.kind)

@@ -143,3 +143,31 @@ def test_a_codes_shard_with_a_flipped_byte_is_encoded_again(tiny_llama_dir, tmp_
     assert warm.stats.n_encoded == len(set(keys))
     assert_same_stats(cold.stats, warm.stats)
     assert_same_report(cold.report, warm.report)
+
+
+def test_a_warm_scan_takes_the_token_counts_from_the_cache(tiny_llama_dir, tmp_path, monkeypatch):
+    from safer_audit.data import tokens
+
+    data = write_pairs(tmp_path / "pairs.jsonl", 30)
+    counted: list[int] = []
+    original = tokens.tokenizer_counter
+
+    def counting(tokenizer):
+        count = original(tokenizer)
+        return lambda texts: counted.append(len(texts)) or count(texts)
+
+    monkeypatch.setattr("safer_audit.scan.tokenizer_counter", counting)
+    short = dataclasses.replace(config(tiny_llama_dir, tmp_path / "cache"), activations=ActivationConfig(
+        model=str(tiny_llama_dir), layer=1, max_length=8, cache_dir=tmp_path / "cache"))  # some responses truncated
+    cold = run_scan(str(data), short)
+    assert counted == [120]
+    files = sorted((tmp_path / "cache").rglob("token-counts/*.json"))
+    assert len(files) == 1
+    warm = run_scan(str(data), short)
+    assert counted == [120]  # not tokenized again
+    assert [f.quality for f in warm.report.findings] == [f.quality for f in cold.report.findings]
+    assert any("truncated" in f.quality for f in cold.report.findings)
+    files[0].write_text('{"checksum": "0", "counts": [1]}')  # a broken entry is counted again, not trusted
+    again = run_scan(str(data), short)
+    assert counted == [120, 120]
+    assert [f.quality for f in again.report.findings] == [f.quality for f in cold.report.findings]
