@@ -29,6 +29,7 @@ from .files import remove_stale_temporaries, write_atomic
 
 CODES_FORMAT = 2  # 2: each shard carries its content digest (a warm scan trusts nothing else it reads)
 # fields with one row per text; the others are segments per text, delimited by the named offsets
+MERGE_AT = 2  # strongest-activation candidates are merged when they exceed this many tops
 PER_TEXT = ("n_positions", "fvu", "score", "pooled")
 SEGMENTS = {"agg": ("agg_latent", "agg_sum", "agg_count", "agg_max"),
             "fire": ("fire_latent", "fire_value", "fire_position", "fire_token"),
@@ -317,11 +318,15 @@ class _Accumulator:
         self.fire_counts = torch.zeros(n_latents, dtype=torch.long)
         self.token_counts = torch.zeros(0, dtype=torch.long)
         self.top: dict[str, torch.Tensor] | None = None
+        # candidates for the strongest activations, merged into ``top`` only when they outgrow it: one sort
+        # per few blocks instead of one per block (the same total order, so the same result bit for bit)
+        self.pending: list[dict[str, torch.Tensor]] = []
+        self.n_pending = 0
         self.seen = False
 
     def add(self, index: torch.Tensor, block: dict[str, torch.Tensor]) -> None:
         """The per-text entries ``block`` (encode_chunk's layout) of the dataset texts ``index``."""
-        from .salience import TOP_ACTIVATIONS, _keep_strongest, _rank_within_latent
+        from .salience import TOP_ACTIVATIONS, _rank_within_latent
 
         index = index.long()
         n = len(index)
@@ -362,12 +367,26 @@ class _Accumulator:
         fire_text = torch.repeat_interleave(index, block["fire_offsets"].diff())
         entries = {"latent": fire_latent[keep], "value": block["fire_value"][keep].float(), "text": fire_text[keep],
                    "position": block["fire_position"][keep].long(), "token": block["fire_token"][keep].long()}
-        if self.top is not None:  # a total order (latent, value, text, position): merging gives the one-pass top
-            entries = {name: torch.cat([self.top[name], values]) for name, values in entries.items()}
+        self.pending.append(entries)
+        self.n_pending += len(entries["latent"])
+        if self.n_pending > MERGE_AT * TOP_ACTIVATIONS * self.n_latents:
+            self._merge()
+
+    def _merge(self) -> None:
+        from .salience import _keep_strongest
+
+        if not self.pending:
+            return
+        # a total order (latent, value, text, position): merging in any grouping gives the one-pass top
+        parts = ([self.top] if self.top is not None else []) + self.pending
+        entries = {name: torch.cat([part[name] for part in parts]) for name in parts[0]}
         self.top = _keep_strongest(entries, self.n_latents)
+        self.pending, self.n_pending = [], 0
 
     def finish(self):
         from .salience import TOP_ACTIVATIONS, CodeStats, _rank_within_latent
+
+        self._merge()
 
         n_latents = self.n_latents
         dense = {name: torch.full((TOP_ACTIVATIONS, n_latents), fill, dtype=dtype)
