@@ -28,8 +28,8 @@ from .digests import short_digest
 from .files import remove_stale_temporaries, write_atomic
 
 CODES_FORMAT = 2  # 2: each shard carries its content digest (a warm scan trusts nothing else it reads)
-# fields with one row per text; the others are segments per text, delimited by the named offsets
 MERGE_AT = 2  # strongest-activation candidates are merged when they exceed this many tops
+# fields with one row per text; the others are segments per text, delimited by the named offsets
 PER_TEXT = ("n_positions", "fvu", "score", "pooled")
 SEGMENTS = {"agg": ("agg_latent", "agg_sum", "agg_count", "agg_max"),
             "fire": ("fire_latent", "fire_value", "fire_position", "fire_token"),
