@@ -189,6 +189,7 @@ class ActivationCache:
         data = save_safetensors(tensors, metadata={"keys": json.dumps(keys), "format": str(CACHE_FORMAT)})
         path = self.directory / f"shard-{content_digest(keys, tensors)}.safetensors"
         write_atomic(path, data)
+        self._verified.add(path)  # its name is the hash of the tensors just written
         for row, key in enumerate(keys):
             self.index.setdefault(key, (path, row))
 
@@ -232,7 +233,7 @@ class ActivationCache:
 
     def verify(self, keys: Sequence[str]) -> list[str]:
         """Keys whose shard is missing or corrupt (their entries are dropped, to recompute)."""
-        for shard in sorted({self.index[k][0] for k in keys if k in self.index}):
+        for shard in sorted({self.index[k][0] for k in keys if k in self.index} - self._verified):
             self.load_shard(shard)
         self._loaded = {}
         return [k for k in keys if k not in self.index]
@@ -323,9 +324,25 @@ class ActivationStore:
     backend_identity: str
     n_forward_texts: int = 0  # texts that ran a forward pass in this extraction
     _locations: list[tuple[Path, int]] = field(default_factory=list, repr=False)
+    # a lazily extracted store (extract_activations(lazy=True)): checks its shards' hashes, and computes
+    # again the texts of a corrupt one, only when activations are first read (a warm scan reads none)
+    _verify: object = field(default=None, repr=False, compare=False)
 
     def __post_init__(self):
         self._locations = [self.cache.index[k] for k in self.keys]
+
+    def ensure_verified(self) -> None:
+        """Check the hashes of the shards this store reads; texts of a missing or corrupt shard are
+        computed again first. A no-op for a store extract_activations already checked."""
+        if self._verify is None:
+            return
+        recompute, self._verify = self._verify, None
+        if not self.cache.verify(self.keys):
+            return
+        computed = recompute()  # a missing or corrupt shard (now dropped): its texts are computed again
+        self.cache = computed.cache
+        self.n_forward_texts += computed.n_forward_texts
+        self.__post_init__()
 
     @property
     def n_texts(self) -> int:
@@ -338,6 +355,7 @@ class ActivationStore:
         in ``text indices``, in that order. One shard is in memory at a time. Shards come
         in the order of the first text each serves (not by name), texts in dataset order.
         """
+        self.ensure_verified()
         by_shard: dict[Path, list[tuple[int, int]]] = {}  # insertion order: by first text served
         for text, (shard, row) in enumerate(self._locations):
             by_shard.setdefault(shard, []).append((text, row))
@@ -411,6 +429,7 @@ class ActivationStore:
         return total
 
     def text(self, index: int) -> TextActivations:
+        self.ensure_verified()
         item = self.cache.get(self.keys[index])
         if item is None:
             raise CacheError(f"text {index} is missing from the cache")
@@ -482,7 +501,8 @@ def open_cache(backend, config: ActivationConfig, layer: int) -> ActivationCache
 
 
 def extract_activations(texts: Sequence[PreparedText], backend, config: ActivationConfig, *,
-                        want_score: bool | None = None, progress=None, notice=None) -> ActivationStore:
+                        want_score: bool | None = None, progress=None, notice=None,
+                        lazy: bool = False) -> ActivationStore:
     """Activations for every text, computing only what the cache does not hold.
 
     ``want_score`` defaults to whether the model has a reward head; without it the
@@ -491,13 +511,17 @@ def extract_activations(texts: Sequence[PreparedText], backend, config: Activati
     Ray cluster (``ray``, safer_audit.engine.ray); both write the same shards into the
     same cache, and the store is read back here the same way. ``notice(text)`` receives
     the estimate of disk and time printed before a large job.
+
+    ``lazy``: texts the cache indexes are taken as they are, without reading their shards; the
+    shards' hashes are checked (and corrupt ones computed again) when the store is first read
+    (ActivationStore.ensure_verified). A warm scan whose SAE codes are all cached reads none.
     """
     layer = resolve_layer(config.layer, backend.n_layers)
     if want_score is None:
         want_score = backend.has_reward_head
     cache = open_cache(backend, config, layer)
     keys = [text_key(t.text) for t in texts]
-    missing = set(cache.verify(keys))
+    missing = {k for k in keys if k not in cache.index} if lazy else set(cache.verify(keys))
     computed = 0
     if missing:
         unique: dict[str, PreparedText] = {}
@@ -515,7 +539,10 @@ def extract_activations(texts: Sequence[PreparedText], backend, config: Activati
             cache = open_cache(backend, config, layer)  # index the shards the workers wrote
         else:
             computed = _compute(items, shards, backend, config, layer, want_score, cache, progress)
-    return ActivationStore(cache, keys, backend.d_model, backend.identity, n_forward_texts=computed)
+    store = ActivationStore(cache, keys, backend.d_model, backend.identity, n_forward_texts=computed)
+    if lazy:
+        store._verify = lambda: extract_activations(texts, backend, config, want_score=want_score, notice=notice)
+    return store
 
 
 def _print_notice(text: str) -> None:

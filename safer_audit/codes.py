@@ -27,7 +27,8 @@ from safetensors.torch import save as save_safetensors
 from .digests import short_digest
 from .files import remove_stale_temporaries, write_atomic
 
-CODES_FORMAT = 1
+CODES_FORMAT = 2  # 2: each shard carries its content digest (a warm scan trusts nothing else it reads)
+MERGE_AT = 2  # strongest-activation candidates are merged when they exceed this many tops
 # fields with one row per text; the others are segments per text, delimited by the named offsets
 PER_TEXT = ("n_positions", "fvu", "score", "pooled")
 SEGMENTS = {"agg": ("agg_latent", "agg_sum", "agg_count", "agg_max"),
@@ -75,8 +76,9 @@ class CodeCache:
             return
         name = short_digest(hashlib.sha256(json.dumps(keys).encode()).hexdigest())
         path = self.directory / f"shard-{name}.safetensors"
-        data = save_safetensors({k: v.contiguous() for k, v in block.items()},
-                                metadata={"keys": json.dumps(keys), "format": str(CODES_FORMAT)})
+        tensors = {k: v.contiguous() for k, v in block.items()}
+        data = save_safetensors(tensors, metadata={"keys": json.dumps(keys), "format": str(CODES_FORMAT),
+                                                   "digest": block_digest(keys, tensors)})
         write_atomic(path, data)
         for row, key in enumerate(keys):
             self.index.setdefault(key, (path, row))
@@ -84,13 +86,28 @@ class CodeCache:
     def load(self, path: Path) -> dict[str, torch.Tensor] | None:
         """A shard's block, or None (and the shard deleted, its texts to encode again) if unreadable."""
         try:
-            block = load_safetensors(path.read_bytes())
+            data = path.read_bytes()
+            block = load_safetensors(data)
             _check_block(block)
+            size = struct.unpack("<Q", data[:8])[0]
+            meta = json.loads(data[8:8 + size])["__metadata__"]
+            assert meta.get("digest") == block_digest(json.loads(meta["keys"]), block)  # flipped bytes: encoded again
         except (OSError, ValueError, RuntimeError, KeyError, TypeError, AssertionError):
             path.unlink(missing_ok=True)
             self.index = {k: v for k, v in self.index.items() if v[0] != path}
             return None
         return block
+
+
+def block_digest(keys: list[str], block: dict[str, torch.Tensor]) -> str:
+    """The hash of a codes shard's keys and tensors (by name), stored in its header and checked on reading."""
+    digest = hashlib.blake2b(digest_size=16)
+    digest.update(json.dumps([CODES_FORMAT, list(keys)]).encode())
+    for name in sorted(block):
+        tensor = block[name].contiguous()
+        digest.update(f"\n{name}:{tensor.dtype}:{list(tensor.shape)}\n".encode())
+        digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+    return digest.hexdigest()
 
 
 def _header_keys(path: Path) -> list[str] | None:
@@ -301,11 +318,15 @@ class _Accumulator:
         self.fire_counts = torch.zeros(n_latents, dtype=torch.long)
         self.token_counts = torch.zeros(0, dtype=torch.long)
         self.top: dict[str, torch.Tensor] | None = None
+        # candidates for the strongest activations, merged into ``top`` only when they outgrow it: one sort
+        # per few blocks instead of one per block (the same total order, so the same result bit for bit)
+        self.pending: list[dict[str, torch.Tensor]] = []
+        self.n_pending = 0
         self.seen = False
 
     def add(self, index: torch.Tensor, block: dict[str, torch.Tensor]) -> None:
         """The per-text entries ``block`` (encode_chunk's layout) of the dataset texts ``index``."""
-        from .salience import TOP_ACTIVATIONS, _keep_strongest, _rank_within_latent
+        from .salience import TOP_ACTIVATIONS, _rank_within_latent
 
         index = index.long()
         n = len(index)
@@ -346,12 +367,26 @@ class _Accumulator:
         fire_text = torch.repeat_interleave(index, block["fire_offsets"].diff())
         entries = {"latent": fire_latent[keep], "value": block["fire_value"][keep].float(), "text": fire_text[keep],
                    "position": block["fire_position"][keep].long(), "token": block["fire_token"][keep].long()}
-        if self.top is not None:  # a total order (latent, value, text, position): merging gives the one-pass top
-            entries = {name: torch.cat([self.top[name], values]) for name, values in entries.items()}
+        self.pending.append(entries)
+        self.n_pending += len(entries["latent"])
+        if self.n_pending > MERGE_AT * TOP_ACTIVATIONS * self.n_latents:
+            self._merge()
+
+    def _merge(self) -> None:
+        from .salience import _keep_strongest
+
+        if not self.pending:
+            return
+        # a total order (latent, value, text, position): merging in any grouping gives the one-pass top
+        parts = ([self.top] if self.top is not None else []) + self.pending
+        entries = {name: torch.cat([part[name] for part in parts]) for name in parts[0]}
         self.top = _keep_strongest(entries, self.n_latents)
+        self.pending, self.n_pending = [], 0
 
     def finish(self):
         from .salience import TOP_ACTIVATIONS, CodeStats, _rank_within_latent
+
+        self._merge()
 
         n_latents = self.n_latents
         dense = {name: torch.full((TOP_ACTIVATIONS, n_latents), fill, dtype=dtype)
@@ -411,6 +446,8 @@ def encode_store(store, sae, *, progress=None, cache: CodeCache | None = None):
             for text, key in enumerate(keys):
                 if text not in cached:
                     wanted.setdefault(key, []).append(text)
+            if hasattr(store, "ensure_verified"):
+                store.ensure_verified()  # a lazily extracted store checks (or computes again) its shards now
             # a store of just the missing texts streams only the activation shards that hold them
             sub = ActivationStore(store.cache, missing, store.d_model, store.backend_identity)
             for texts, offsets, tensors in sub.iter_chunks():

@@ -26,6 +26,7 @@ from .activations import ActivationStore, PreparedText, extract_activations, loa
 from .codes import CodeCache
 from .config import ActivationConfig, ReadOptions, SaeTrainConfig, ScanConfig
 from .data import find_quality_issues, load_pairs, tokenizer_counter
+from .data.tokens import cached_counter
 from .digests import sha256_text, short_digest
 from .errors import ConfigError, ScanError
 from .labelling import FeatureLabel, LabelContext, LabelRequest
@@ -195,10 +196,10 @@ def read_data(source: str, config: ScanConfig):
     return load_pairs(source, config.read)
 
 
-def _activations_for(pairs: pl.DataFrame, backend, config: ScanConfig, steps, label: str):
+def _activations_for(pairs: pl.DataFrame, backend, config: ScanConfig, steps, label: str, *, lazy: bool = False):
     texts = pair_texts(pairs, backend)
     with steps(label, "pairs", scale=0.5) as update:
-        store = extract_activations(texts, backend, config.activations, progress=update)
+        store = extract_activations(texts, backend, config.activations, progress=update, lazy=lazy)
     return texts, store
 
 
@@ -272,12 +273,14 @@ def scan_pairs(pairs: pl.DataFrame, config: ScanConfig, *, source: str, steps=no
             backend = load_backend(config.activations)
     layer = resolve_layer(config.activations.layer, backend.n_layers)
     lap("model")
-    texts, store = _activations_for(pairs, backend, config, steps, "Activations")
+    # lazy: cached shards are checked when first read; a warm scan (every text's codes cached) reads none
+    texts, store = _activations_for(pairs, backend, config, steps, "Activations", lazy=True)
     lap("activations")
 
     with _one_step(steps, "Quality checks"):
-        issues = find_quality_issues(pairs, max_length=config.activations.max_length,
-                                     count_tokens=tokenizer_counter(backend.tokenizer))
+        # token counts kept beside the activations (the model's tokenizer): a warm scan does not tokenize again
+        count_tokens = cached_counter(tokenizer_counter(backend.tokenizer), store.cache.directory / "token-counts")
+        issues = find_quality_issues(pairs, max_length=config.activations.max_length, count_tokens=count_tokens)
     quality: dict[str, list[str]] = {}
     for issue in issues:
         quality.setdefault(issue.pair_id, []).append(issue.kind)
@@ -288,7 +291,8 @@ def scan_pairs(pairs: pl.DataFrame, config: ScanConfig, *, source: str, steps=no
         stats = encode_store(store, sae, progress=update, cache=CodeCache.for_store(store, sae))
     if config.salience_from:
         reference = read_data(config.salience_from, config).pairs
-        _, reference_store = _activations_for(reference, backend, config, steps, "Reference activations")
+        _, reference_store = _activations_for(reference, backend, config, steps, "Reference activations",
+                                               lazy=True)
         with steps("Reference encoding", "pairs", scale=0.5) as update:
             reference_stats = encode_store(reference_store, sae, progress=update,
                                            cache=CodeCache.for_store(reference_store, sae))

@@ -84,3 +84,90 @@ def test_an_unreadable_codes_shard_is_encoded_again(tiny_llama_dir, tmp_path):
     assert warm.stats.n_encoded == len(set(keys))
     assert_same_stats(cold.stats, warm.stats)
     assert_same_report(cold.report, warm.report)
+
+
+def _count_calls(monkeypatch, owner, name):
+    calls = []
+    original = getattr(owner, name)
+
+    def counted(*args, **kwargs):
+        calls.append(args)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(owner, name, counted)
+    return calls
+
+
+def test_a_warm_scan_reads_no_activation_shard(tiny_llama_dir, tmp_path, monkeypatch):
+    from safer_audit.activations import ActivationCache
+
+    data = write_pairs(tmp_path / "pairs.jsonl", 30)
+    cold = run_scan(str(data), config(tiny_llama_dir, tmp_path / "cache"))
+    loads = _count_calls(monkeypatch, ActivationCache, "load_shard")
+    warm = run_scan(str(data), config(tiny_llama_dir, tmp_path / "cache"))
+    assert loads == [] and warm.stats.n_encoded == 0
+    assert_same_report(cold.report, warm.report)
+    # the store is still whole: reading it checks the shards then
+    torch.testing.assert_close(warm.store.pooled_mean(), cold.store.pooled_mean())
+    assert loads
+
+
+def test_a_corrupt_activation_shard_is_computed_again_when_it_is_read(tiny_llama_dir, tmp_path):
+    import shutil
+
+    data = write_pairs(tmp_path / "pairs.jsonl", 30)
+    cold = run_scan(str(data), config(tiny_llama_dir, tmp_path / "cache"))
+    shard = sorted((tmp_path / "cache").rglob("activations/*/shard-*.safetensors"))[0]
+    raw = bytearray(shard.read_bytes())
+    raw[-5] ^= 0xFF  # a flipped byte in the tensors: the header still reads
+    shard.write_bytes(bytes(raw))
+    warm = run_scan(str(data), config(tiny_llama_dir, tmp_path / "cache"))  # codes cached: the shard is not read
+    assert warm.store.n_forward_texts == 0 and shard.exists()
+    for codes in (tmp_path / "cache").rglob("codes"):
+        shutil.rmtree(codes)
+    again = run_scan(str(data), config(tiny_llama_dir, tmp_path / "cache"))  # encoding reads it: made again
+    assert again.store.n_forward_texts > 0 and again.stats.n_encoded == 60
+    assert_same_stats(cold.stats, again.stats)
+    assert_same_report(cold.report, again.report)
+
+
+def test_a_codes_shard_with_a_flipped_byte_is_encoded_again(tiny_llama_dir, tmp_path):
+    data = write_pairs(tmp_path / "pairs.jsonl", 30)
+    cold = run_scan(str(data), config(tiny_llama_dir, tmp_path / "cache"))
+    shards = sorted((tmp_path / "cache").rglob("codes/*/shard-*.safetensors"))
+    keys = _header_keys(shards[0])
+    raw = bytearray(shards[0].read_bytes())
+    raw[-5] ^= 0xFF  # lengths and header intact: only the content digest can tell
+    shards[0].write_bytes(bytes(raw))
+    warm = run_scan(str(data), config(tiny_llama_dir, tmp_path / "cache"))
+    assert warm.stats.n_encoded == len(set(keys))
+    assert_same_stats(cold.stats, warm.stats)
+    assert_same_report(cold.report, warm.report)
+
+
+def test_a_warm_scan_takes_the_token_counts_from_the_cache(tiny_llama_dir, tmp_path, monkeypatch):
+    from safer_audit.data import tokens
+
+    data = write_pairs(tmp_path / "pairs.jsonl", 30)
+    counted: list[int] = []
+    original = tokens.tokenizer_counter
+
+    def counting(tokenizer):
+        count = original(tokenizer)
+        return lambda texts: counted.append(len(texts)) or count(texts)
+
+    monkeypatch.setattr("safer_audit.scan.tokenizer_counter", counting)
+    short = dataclasses.replace(config(tiny_llama_dir, tmp_path / "cache"), activations=ActivationConfig(
+        model=str(tiny_llama_dir), layer=1, max_length=8, cache_dir=tmp_path / "cache"))  # some responses truncated
+    cold = run_scan(str(data), short)
+    assert counted == [120]
+    files = sorted((tmp_path / "cache").rglob("token-counts/*.json"))
+    assert len(files) == 1
+    warm = run_scan(str(data), short)
+    assert counted == [120]  # not tokenized again
+    assert [f.quality for f in warm.report.findings] == [f.quality for f in cold.report.findings]
+    assert any("truncated" in f.quality for f in cold.report.findings)
+    files[0].write_text('{"checksum": "0", "counts": [1]}')  # a broken entry is counted again, not trusted
+    again = run_scan(str(data), short)
+    assert counted == [120, 120]
+    assert [f.quality for f in again.report.findings] == [f.quality for f in cold.report.findings]

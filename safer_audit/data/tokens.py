@@ -34,3 +34,38 @@ def token_counter(model: str | os.PathLike | None = None) -> Callable[[list[str]
     if not Path(model).is_dir():
         raise ConfigError(f"{os.fspath(model)}: no such model directory")
     return tokenizer_counter(AutoTokenizer.from_pretrained(model, trust_remote_code=False))
+
+
+def cached_counter(count_tokens: Callable[[list[str]], list[int]], directory: Path) -> Callable[[list[str]], list[int]]:
+    """``count_tokens`` whose answers are kept in ``directory`` (one per tokenizer: the caller's key), a
+    file per batch of texts named by the hash of the texts, so a warm scan does not tokenize its pairs again.
+    A file that does not read back as whole (its own checksum, one count per text) is counted again."""
+    import hashlib
+    import json
+
+    from ..files import write_atomic
+
+    def checksum(counts: list[int]) -> str:
+        return hashlib.blake2b(json.dumps(counts).encode(), digest_size=16).hexdigest()
+
+    def count(texts: list[str]) -> list[int]:
+        digest = hashlib.blake2b(b"token-counts-1", digest_size=16)
+        for text in texts:
+            data = text.encode("utf-8", "surrogatepass")
+            digest.update(f"\n{len(data)}:".encode())
+            digest.update(data)
+        path = Path(directory) / f"{digest.hexdigest()}.json"
+        try:
+            entry = json.loads(path.read_bytes())
+            counts = entry["counts"]
+            if (isinstance(counts, list) and len(counts) == len(texts) and all(type(c) is int for c in counts)
+                    and entry["checksum"] == checksum(counts)):
+                return counts
+        except (OSError, ValueError, KeyError, TypeError):
+            pass
+        counts = [int(c) for c in count_tokens(list(texts))]
+        Path(directory).mkdir(parents=True, exist_ok=True)
+        write_atomic(path, json.dumps({"checksum": checksum(counts), "counts": counts}).encode())
+        return counts
+
+    return count
