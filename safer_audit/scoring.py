@@ -174,40 +174,45 @@ class HeadCache:
     def path(self, key: str) -> Path:
         return self.directory / f"head-{key}.safetensors"
 
-    def get(self, key: str, n_pairs: int) -> CrossFit | None:
-        """The cached fit, or None (missing, unreadable or the wrong shape: it is fitted again)."""
-        path = self.path(key)
+    def _read(self, key: str, names: tuple[str, ...]) -> list[torch.Tensor] | None:
+        """The tensors ``names`` of the entry ``key``, or None (missing or unreadable: it is fitted again)."""
         try:
-            tensors = load_safetensors(path.read_bytes())
-            fit = CrossFit(*(tensors[name] for name in CROSS_FIT_FIELDS))
+            tensors = load_safetensors(self.path(key).read_bytes())
+            return [tensors[name] for name in names]
         except (OSError, ValueError, RuntimeError, KeyError, TypeError, SafetensorError):
             return None
+
+    def _write(self, key: str, tensors: dict[str, torch.Tensor]) -> None:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        data = save_safetensors({name: tensor.contiguous() for name, tensor in tensors.items()},
+                                metadata={"format": str(HEADS_FORMAT)})
+        write_atomic(self.path(key), data)
+
+    def get(self, key: str, n_pairs: int) -> CrossFit | None:
+        """The cached fit, or None (missing, unreadable or the wrong shape: it is fitted again)."""
+        tensors = self._read(key, CROSS_FIT_FIELDS)
+        if tensors is None:
+            return None
+        fit = CrossFit(*tensors)
         if len(fit.margins) != n_pairs or len(fit.fold) != n_pairs:
             return None
         return fit
 
     def put(self, key: str, fit: CrossFit) -> None:
-        self.directory.mkdir(parents=True, exist_ok=True)
-        data = save_safetensors({name: getattr(fit, name).contiguous() for name in CROSS_FIT_FIELDS},
-                                metadata={"format": str(HEADS_FORMAT)})
-        write_atomic(self.path(key), data)
+        self._write(key, {name: getattr(fit, name) for name in CROSS_FIT_FIELDS})
 
     def get_head(self, key: str, folds: int, width: int) -> tuple[torch.Tensor, torch.Tensor] | None:
         """The cached fold heads (weights [folds, width], column scale [width]) of a bounded fit, or None."""
-        try:
-            tensors = load_safetensors(self.path(key).read_bytes())
-            weights, scale = tensors["weights"], tensors["scale"]
-        except (OSError, ValueError, RuntimeError, KeyError, TypeError, SafetensorError):
+        tensors = self._read(key, ("weights", "scale"))
+        if tensors is None:
             return None
+        weights, scale = tensors
         if tuple(weights.shape) != (folds, width) or tuple(scale.shape) != (width,):
             return None
         return weights, scale
 
     def put_head(self, key: str, weights: torch.Tensor, scale: torch.Tensor) -> None:
-        self.directory.mkdir(parents=True, exist_ok=True)
-        data = save_safetensors({"weights": weights.contiguous(), "scale": scale.contiguous()},
-                                metadata={"format": str(HEADS_FORMAT)})
-        write_atomic(self.path(key), data)
+        self._write(key, {"weights": weights, "scale": scale})
 
 
 def cross_fitted_margins(diffs: torch.Tensor, *, folds: int = 5, seed: int = 0, l2: float = 1e-2,
