@@ -31,6 +31,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
@@ -209,7 +210,8 @@ class ActivationCache:
                 keys = _header_keys(data)
                 if keys is None or path.name != f"shard-{content_digest(keys, tensors)}.safetensors":
                     tensors = None
-        except (OSError, ValueError, RuntimeError, KeyError, TypeError):  # safetensors raises on a bad header
+        # a bad header or tensors cut short: safetensors raises SafetensorError (not a ValueError)
+        except (OSError, ValueError, RuntimeError, KeyError, TypeError, SafetensorError):
             tensors = None
         if tensors is None:
             path.unlink(missing_ok=True)

@@ -251,3 +251,18 @@ def test_a_shard_is_hashed_once_per_cache_object(llama, config, monkeypatch):
     reopened.pooled_mean()
     assert len(calls) == first
     torch.testing.assert_close(reopened.pooled_mean(), store.pooled_mean())
+
+
+def test_a_shard_cut_short_after_its_header_is_recomputed(llama, config):
+    """The header (and its keys) reads, the tensors do not: safetensors raises its own SafetensorError,
+    which is not a ValueError; the shard is corrupt, so its texts are computed again, no traceback."""
+    backend = CountingBackend(llama)
+    texts = pair_texts(make_pairs(3), backend)
+    reference = extract_activations(texts, backend, config).pooled_mean()
+    shard = next(config.cache_dir.rglob("shard-*.safetensors"))
+    data = shard.read_bytes()
+    header_end = 8 + int.from_bytes(data[:8], "little")
+    shard.write_bytes(data[:header_end + 16])  # the header whole, the tensors cut short
+    again = extract_activations(texts, backend, config)
+    assert again.n_forward_texts == 6
+    torch.testing.assert_close(again.pooled_mean(), reference)
