@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
 import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -280,7 +279,8 @@ def _keys_from_header(header: bytes) -> list[str] | None:
     return keys if isinstance(keys, list) and all(isinstance(k, str) for k in keys) else None
 
 
-CACHE_PARTS = {"saes": "sae_bytes", "codes": "codes_bytes", "heads": "heads_bytes"}  # sub-directory -> its row field
+# sub-directory -> its row field (safer_audit/cache.py lists every kind the cache holds)
+CACHE_PARTS = {"saes": "sae_bytes", "codes": "codes_bytes", "heads": "heads_bytes", "token-counts": "token_count_bytes"}
 
 
 def _tree_bytes(directory: Path) -> int:
@@ -290,7 +290,8 @@ def _tree_bytes(directory: Path) -> int:
 def cache_info(root: Path) -> list[dict]:
     """One row per cached configuration: model, layer, positions, texts, and bytes on disk: ``bytes`` all of
     the entry, of which ``activation_bytes`` the activation shards, ``sae_bytes`` the trained SAEs (and their
-    labels), ``codes_bytes`` the per-text SAE results and ``heads_bytes`` the fitted heads."""
+    labels), ``codes_bytes`` the per-text SAE results, ``heads_bytes`` the fitted heads and ``token_count_bytes``
+    the token counts of the truncation check."""
     rows = []
     base = Path(root) / "activations"
     for directory in sorted(base.glob("*")) if base.exists() else []:
@@ -302,16 +303,6 @@ def cache_info(root: Path) -> list[dict]:
                      "bytes": _tree_bytes(directory), "activation_bytes": sum(s.stat().st_size for s in shards),
                      **parts})
     return rows
-
-
-def cache_clear(root: Path) -> int:
-    """Delete every cached activation under ``root``; returns the bytes freed."""
-    base = Path(root) / "activations"
-    if not base.exists():
-        return 0
-    freed = sum(p.stat().st_size for p in base.rglob("*") if p.is_file())
-    shutil.rmtree(base)
-    return freed
 
 
 # ------------------------------------------------------------------------- extraction

@@ -769,7 +769,7 @@ def gate_command(data, baseline_path, fail_on, max_new, output_format, update_ba
 
 @cli.group()
 def cache():
-    """Inspect or clear the activation cache."""
+    """Inspect or clear the cache: activations, trained SAEs, codes, heads, token counts, judges' answers, labels."""
 
 
 @cache.command(name="info")
@@ -777,39 +777,32 @@ def cache():
 @json_option
 def cache_info_command(cache_dir, as_json):
     """List what the cache holds: one row per model, layer, positions and max length, and its size on disk
-    (activations, trained SAEs, per-text SAE codes and fitted heads)."""
-    from .activations import cache_info
+    (activations, trained SAEs, per-text SAE codes, fitted heads, token counts); then every kind of entry
+    (judges' answers and labels of given SAEs too) with its size."""
+    from .cache import cache_summary, cache_view
 
-    root = cache_dir or default_cache_dir()
-    rows = cache_info(root)
+    summary = cache_summary(cache_dir or default_cache_dir())
     if as_json:
-        click.echo(json_text({"cache_dir": str(root), "entries": rows}, indent=2))
+        click.echo(json_text(summary, indent=2))
         return
-    table = Table(title=plain(f"Activation cache: {root}"))
-    sizes = {"activations": "activation_bytes", "SAEs": "sae_bytes", "codes": "codes_bytes", "heads": "heads_bytes",
-             "size": "bytes"}
-    for column in ("model", "layer", "positions", "max length", "texts", *sizes):
-        table.add_column(column)
-    for row in rows:
-        table.add_row(*(plain(row.get(name, "?")) for name in ("model", "layer", "positions", "max_length")),
-                      f"{row['texts']:,}", *(f"{row[field] / 2**20:.1f} MiB" for field in sizes.values()))
-    stdout_console().print(table if rows else plain(f"Activation cache {root} is empty."))
+    stdout_console().print(cache_view(summary))
 
 
 @cache.command(name="clear")
 @cache_dir_option
 @click.option("--yes", is_flag=True, help="Do not ask for confirmation (required when stdin is not a terminal).")
 def cache_clear_command(cache_dir, yes):
-    """Delete every cached activation and trained SAE."""
-    from .activations import cache_clear
+    """Delete every kind of cache entry: activations, trained SAEs, codes, heads, token counts, judges' answers
+    and labels."""
+    from .cache import cache_clear
     from .errors import ConfigError
 
     root = cache_dir or default_cache_dir()
     if not yes:
         if not sys.stdin.isatty():  # piped or scripted: nobody to ask, so never delete unasked
-            raise ConfigError(f"not clearing the activation cache in {root}: no terminal to confirm on; "
+            raise ConfigError(f"not clearing the cache in {root}: no terminal to confirm on; "
                               "pass --yes to clear it")
-        click.confirm(inert(f"Delete the activation cache in {root}?"), abort=True)
+        click.confirm(inert(f"Delete the cache in {root}?"), abort=True)
     freed = cache_clear(root)
     click.echo(inert(f"freed {freed / 2**20:.1f} MiB in {root}"))
 
