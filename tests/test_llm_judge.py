@@ -105,3 +105,18 @@ def test_making_and_listing_the_judge_sends_nothing_and_it_needs_an_endpoint(ser
     assert server.chat_requests() == []
     with pytest.raises(ConfigError, match="SAFER_AUDIT_LLM_URL"):
         make_judge()
+
+
+def test_the_judge_builds_its_client_as_the_labeller_does(monkeypatch):
+    """One rule for both factories (client.client_from_options): SAFER_AUDIT_LLM_STRUCTURED=0 turns the JSON
+    schema off for the judge too (a server that crashes on response_format crashed on the judge's requests),
+    and a bad option names the judge, not the labeller."""
+    from safer_audit_llm import make_labeller
+
+    monkeypatch.setenv("SAFER_AUDIT_LLM_URL", "http://127.0.0.1:1")
+    monkeypatch.setenv("SAFER_AUDIT_LLM_STRUCTURED", "0")
+    assert make_labeller().client.structured is False
+    assert make_judge().client.structured is False
+    assert make_judge(structured=True).client.structured is True
+    with pytest.raises(ConfigError, match="^llm judge: timeout must be a number"):
+        make_judge(timeout="soon")

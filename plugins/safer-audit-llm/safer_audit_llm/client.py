@@ -18,6 +18,7 @@ import http.client
 import json
 import logging
 import math
+import os
 import re
 import socket
 import threading
@@ -482,3 +483,50 @@ def _describe(reason: object, timeout: float) -> str:
     if isinstance(reason, (http.client.RemoteDisconnected, ConnectionResetError)):
         return "the server closed the connection"
     return _excerpt(f"{type(reason).__name__}: {reason}" if isinstance(reason, Exception) else reason, 200)
+
+
+# ------------------------------------------------------------------- the factories' client
+
+ENV_URL = "SAFER_AUDIT_LLM_URL"
+ENV_MODEL = "SAFER_AUDIT_LLM_MODEL"
+ENV_API_KEY = "SAFER_AUDIT_LLM_API_KEY"
+ENV_TIMEOUT = "SAFER_AUDIT_LLM_TIMEOUT"
+ENV_STRUCTURED = "SAFER_AUDIT_LLM_STRUCTURED"  # 0/false/no: send no response_format (a server that crashes on it)
+
+
+def option_number(who: str, name: str, value, kind=float):
+    """``value`` as a finite number >= 0, or a ConfigError naming ``who`` (``llm labeller``) and the option."""
+    try:
+        number = kind(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{who}: {name} must be a number, not {inert(repr(value))[:40]}") from None
+    if not (math.isfinite(number) and number >= 0):
+        raise ConfigError(f"{who}: {name} must be a finite number >= 0, not {inert(repr(value))[:40]}")
+    return number
+
+
+def client_from_options(who: str, *, url: str | None, model: str | None, timeout, concurrency, retries, backoff,
+                        max_tokens, structured, cache_dir: str | None, url_option: str = "") -> ChatClient:
+    """The ChatClient of the ``llm`` labeller or judge (``who``), one rule for both: ``url``, ``model``,
+    ``timeout`` and ``structured`` default to SAFER_AUDIT_LLM_URL, _MODEL, _TIMEOUT (60 s) and _STRUCTURED
+    (0/false/no: off; else on); the API key comes only from SAFER_AUDIT_LLM_API_KEY; ``cache_dir`` keeps
+    answers across runs. ``url_option`` names the command-line option that gives the URL, if there is one.
+    Sends nothing."""
+    url = url or os.environ.get(ENV_URL)
+    if not url:
+        raise ConfigError(f"the {who} needs an endpoint: {url_option + ' or ' if url_option else ''}{ENV_URL} "
+                          "(e.g. http://127.0.0.1:8080 for a local llama.cpp server)")
+    timeout = timeout if timeout is not None else os.environ.get(ENV_TIMEOUT) or 60.0
+    structured = structured if structured is not None else os.environ.get(ENV_STRUCTURED, True)
+    return ChatClient(
+        url,
+        model or os.environ.get(ENV_MODEL) or None,
+        api_key=os.environ.get(ENV_API_KEY) or None,
+        timeout=option_number(who, "timeout", timeout),
+        retries=int(option_number(who, "retries", retries)),
+        backoff=option_number(who, "backoff", backoff),
+        max_tokens=int(option_number(who, "max_tokens", max_tokens)),
+        concurrency=int(option_number(who, "concurrency", concurrency)),
+        structured=structured if isinstance(structured, bool) else str(structured).lower() not in ("0", "false", "no"),
+        cache=DirCache(cache_dir) if cache_dir else None,
+    )

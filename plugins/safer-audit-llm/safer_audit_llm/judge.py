@@ -19,15 +19,13 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 
 import torch
 
 from safer_audit.data import pair_digest
 from safer_audit.errors import ConfigError, inert
 
-from .client import AnswerError, ChatClient, DirCache, Question
-from .labeller import ENV_API_KEY, ENV_MODEL, ENV_TIMEOUT, ENV_URL, _number
+from .client import AnswerError, ChatClient, DirCache, Question, client_from_options
 
 log = logging.getLogger("safer_audit_llm")
 
@@ -136,20 +134,14 @@ class LLMJudge:
 
 def make_judge(url: str | None = None, model: str | None = None, timeout: float | None = None,
                concurrency: int = 4, retries: int = 3, backoff: float = 1.0, max_tokens: int = 64,
-               structured: bool = True, cache_dir: str | None = None, **unknown) -> LLMJudge:
-    """The ``llm`` judge; ``url``/``model``/``timeout`` default to SAFER_AUDIT_LLM_URL, SAFER_AUDIT_LLM_MODEL,
-    SAFER_AUDIT_LLM_TIMEOUT, the key comes only from SAFER_AUDIT_LLM_API_KEY (as the labeller's).
+               structured: bool | None = None, cache_dir: str | None = None, **unknown) -> LLMJudge:
+    """The ``llm`` judge; ``url``/``model``/``timeout``/``structured`` default to SAFER_AUDIT_LLM_URL,
+    SAFER_AUDIT_LLM_MODEL, SAFER_AUDIT_LLM_TIMEOUT, SAFER_AUDIT_LLM_STRUCTURED, the key comes only from
+    SAFER_AUDIT_LLM_API_KEY: the labeller's client, built by the same client_from_options.
     ``cache_dir``: where verdicts are kept (default: the scan's cache directory). Sends nothing."""
     if unknown:
         raise ConfigError(f"llm judge: unknown option(s) {', '.join(sorted(map(inert, unknown)))}")
-    url = url or os.environ.get(ENV_URL)
-    if not url:
-        raise ConfigError(f"the llm judge needs an endpoint: {ENV_URL} "
-                          "(e.g. http://127.0.0.1:8080 for a local llama.cpp server)")
-    timeout = timeout if timeout is not None else os.environ.get(ENV_TIMEOUT) or 60.0
-    client = ChatClient(url, model or os.environ.get(ENV_MODEL) or None, api_key=os.environ.get(ENV_API_KEY) or None,
-                        timeout=_number("timeout", timeout), retries=int(_number("retries", retries)),
-                        backoff=_number("backoff", backoff), max_tokens=int(_number("max_tokens", max_tokens)),
-                        concurrency=int(_number("concurrency", concurrency)), structured=bool(structured),
-                        cache=DirCache(cache_dir) if cache_dir else None)
+    client = client_from_options("llm judge", url=url, model=model, timeout=timeout, concurrency=concurrency,
+                                 retries=retries, backoff=backoff, max_tokens=max_tokens, structured=structured,
+                                 cache_dir=cache_dir)
     return LLMJudge(client, cache_dir)

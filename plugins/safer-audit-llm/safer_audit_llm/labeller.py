@@ -17,13 +17,24 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 from collections.abc import Sequence
 
 from safer_audit.errors import ConfigError, inert
 from safer_audit.labelling import NOT_SAFETY, FeatureLabel, LabelRequest
 
-from .client import AnswerError, ChatClient, DirCache, LLMError, Question
+from .client import (  # noqa: F401 (the ENV_ names: where they were before, for importers)
+    ENV_API_KEY,
+    ENV_MODEL,
+    ENV_STRUCTURED,
+    ENV_TIMEOUT,
+    ENV_URL,
+    AnswerError,
+    ChatClient,
+    LLMError,
+    Question,
+    client_from_options,
+    option_number,
+)
 
 log = logging.getLogger("safer_audit_llm")
 
@@ -204,21 +215,8 @@ class LLMLabeller:
 
 # ------------------------------------------------------------------- the factory
 
-ENV_URL = "SAFER_AUDIT_LLM_URL"
-ENV_MODEL = "SAFER_AUDIT_LLM_MODEL"
-ENV_API_KEY = "SAFER_AUDIT_LLM_API_KEY"
-ENV_TIMEOUT = "SAFER_AUDIT_LLM_TIMEOUT"
-ENV_STRUCTURED = "SAFER_AUDIT_LLM_STRUCTURED"  # 0/false/no: send no response_format (a server that crashes on it)
-
-
 def _number(name: str, value, kind=float):
-    try:
-        number = kind(value)
-    except (TypeError, ValueError):
-        raise ConfigError(f"llm labeller: {name} must be a number, not {inert(repr(value))[:40]}") from None
-    if not (math.isfinite(number) and number >= 0):
-        raise ConfigError(f"llm labeller: {name} must be a finite number >= 0, not {inert(repr(value))[:40]}")
-    return number
+    return option_number("llm labeller", name, value, kind)
 
 
 def make_labeller(
@@ -244,25 +242,10 @@ def make_labeller(
     constrains answers with the JSON schema. Nothing is sent until ``label`` is called."""
     if unknown:
         raise ConfigError(f"llm labeller: unknown option(s) {', '.join(sorted(map(inert, unknown)))}")
-    url = url or os.environ.get(ENV_URL)
-    if not url:
-        raise ConfigError(f"the llm labeller needs an endpoint: --labeller-url or {ENV_URL} "
-                          "(e.g. http://127.0.0.1:8080 for a local llama.cpp server)")
     if concurrency is not None and batch_size is not None and int(concurrency) != int(batch_size):
         raise ConfigError("llm labeller: give concurrency or batch_size (the same thing), not both")
     in_flight = concurrency if concurrency is not None else batch_size if batch_size is not None else 4
-    timeout = timeout if timeout is not None else os.environ.get(ENV_TIMEOUT) or 60.0
-    structured = structured if structured is not None else os.environ.get(ENV_STRUCTURED, True)
-    client = ChatClient(
-        url,
-        model or os.environ.get(ENV_MODEL) or None,
-        api_key=os.environ.get(ENV_API_KEY) or None,
-        timeout=_number("timeout", timeout),
-        retries=int(_number("retries", retries)),
-        backoff=_number("backoff", backoff),
-        max_tokens=int(_number("max_tokens", max_tokens)),
-        concurrency=int(_number("concurrency", in_flight)),
-        structured=structured if isinstance(structured, bool) else str(structured).lower() not in ("0", "false", "no"),
-        cache=DirCache(cache_dir) if cache_dir else None,
-    )
+    client = client_from_options("llm labeller", url=url, model=model, timeout=timeout, concurrency=in_flight,
+                                 retries=retries, backoff=backoff, max_tokens=max_tokens, structured=structured,
+                                 cache_dir=cache_dir, url_option="--labeller-url")
     return LLMLabeller(client, max_contexts=int(_number("max_contexts", max_contexts)))
