@@ -57,3 +57,18 @@ def write_hh_pairs(path: Path, n: int) -> Path:
     """The first ``n`` real HH pairs (from the committed sample) as JSON Lines at ``path``."""
     path.write_text("".join(json.dumps(r) + "\n" for r in hh_records(n)), encoding="utf-8")
     return path
+
+
+@pytest.fixture(scope="module")
+def data_file(tmp_path_factory) -> Path:
+    """The first 40 real HH pairs as JSON Lines, one file per test module (its scans share a cache key)."""
+    return write_hh_pairs(tmp_path_factory.mktemp("data") / "pairs.jsonl", 40)
+
+
+def tiny_scan_config(model_dir, cache_dir, **changes):
+    """A scan small enough for a test on the tiny models: layer 1, 64 tokens, a 64-latent k=4 SAE and 16
+    features; ``changes`` replace any other ScanConfig field."""
+    from safer_audit.config import ActivationConfig, SaeTrainConfig, ScanConfig
+
+    return ScanConfig(activations=ActivationConfig(model=str(model_dir), layer=1, max_length=64, cache_dir=cache_dir),
+                      sae_train=SaeTrainConfig(n_latents=64, k=4), n_features=16, **changes)

@@ -9,11 +9,11 @@ import pytest
 import torch
 
 from safer_audit.codes import _header_keys
-from safer_audit.config import ActivationConfig, SaeTrainConfig, ScanConfig
+from safer_audit.config import ActivationConfig, ScanConfig
 from safer_audit.salience import encode_store
 from safer_audit.scan import run_scan
 
-from .conftest import hh_records
+from .conftest import hh_records, tiny_scan_config
 
 
 def write_pairs(path, n: int):
@@ -22,9 +22,7 @@ def write_pairs(path, n: int):
 
 
 def config(model_dir, cache_dir, **extra) -> ScanConfig:
-    return ScanConfig(activations=ActivationConfig(model=str(model_dir), layer=1, max_length=64, cache_dir=cache_dir),
-                      sae_train=SaeTrainConfig(n_latents=64, k=4), n_features=16,
-                      **{"labeller": "none", **extra})
+    return tiny_scan_config(model_dir, cache_dir, **{"labeller": "none", **extra})
 
 
 def assert_same_stats(a, b, texts=slice(None)):

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import replace
 
 import pytest
 import torch
@@ -15,7 +14,7 @@ from click.testing import CliRunner
 
 from safer_audit.backends.exporters import render_html
 from safer_audit.cli import cli
-from safer_audit.config import ActivationConfig, SaeTrainConfig, ScanConfig
+from safer_audit.config import ScanConfig
 from safer_audit.domain import Category
 from safer_audit.hookspecs import hookimpl
 from safer_audit.labelling import NOT_SAFETY, FeatureLabel
@@ -23,7 +22,7 @@ from safer_audit.report import Report
 from safer_audit.salience import TOP_ACTIVATIONS, CodeStats, feature_cards, select_features
 from safer_audit.scan import run_scan
 
-from .conftest import registered_plugin, write_hh_pairs
+from .conftest import registered_plugin, tiny_scan_config
 
 HOSTILE = "<script>alert(1)</script>"
 NEW_CARD_FIELDS = ("chosen_fires", "rejected_fires", "histogram", "length_correlation", "length_driven",
@@ -53,16 +52,9 @@ def hostile_plugin():
         yield plugin
 
 
-@pytest.fixture(scope="module")
-def data_file(tmp_path_factory):
-    return write_hh_pairs(tmp_path_factory.mktemp("data") / "pairs.jsonl", 40)
-
-
 def scan_config(model_dir, cache_dir, **changes) -> ScanConfig:
-    config = ScanConfig(activations=ActivationConfig(model=str(model_dir), layer=1, max_length=64, cache_dir=cache_dir),
-                        sae_train=SaeTrainConfig(n_latents=64, k=4), n_features=16, cards_with_contexts=5,
-                        labeller="none", noisy_fraction=0.2)
-    return replace(config, **changes)
+    return tiny_scan_config(model_dir, cache_dir,
+                            **{"cards_with_contexts": 5, "labeller": "none", "noisy_fraction": 0.2, **changes})
 
 
 # -- card statistics from CodeStats ----------------------------------------------------------

@@ -11,10 +11,10 @@ from click.testing import CliRunner
 
 from safer_audit import scoring
 from safer_audit.backends.exporters import export_json
-from safer_audit.config import ActivationConfig, SaeTrainConfig, ScanConfig
+from safer_audit.config import ScanConfig
 from safer_audit.scan import run_scan
 
-from .conftest import hh_records
+from .conftest import hh_records, tiny_scan_config
 from .test_determinism import without_run_clock
 
 
@@ -24,8 +24,7 @@ def write_pairs(path, records):
 
 
 def config(model_dir, cache_dir, **extra) -> ScanConfig:
-    return ScanConfig(activations=ActivationConfig(model=str(model_dir), layer=1, max_length=64, cache_dir=cache_dir),
-                      sae_train=SaeTrainConfig(n_latents=64, k=4), n_features=16, labeller="none", **extra)
+    return tiny_scan_config(model_dir, cache_dir, **{"labeller": "none", **extra})
 
 
 @pytest.fixture

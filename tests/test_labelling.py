@@ -13,7 +13,7 @@ from click.testing import CliRunner
 from safer_audit.backends.labellers import OfflineLabeller, keywords, load_taxonomy
 from safer_audit.backends.view import print_feature_cards, print_report
 from safer_audit.cli import cli, scan, scan_config_from
-from safer_audit.config import ActivationConfig, SaeTrainConfig, ScanConfig
+from safer_audit.config import ScanConfig
 from safer_audit.errors import ConfigError, ScanError
 from safer_audit.hookspecs import hookimpl
 from safer_audit.labelling import NOT_SAFETY, FeatureLabel, LabelContext, LabelRequest
@@ -23,7 +23,7 @@ from safer_audit.report import Report, export_report
 from safer_audit.salience import Feature, FeatureSet, select_by_safety
 from safer_audit.scan import run_scan
 
-from .conftest import registered_plugin, write_hh_pairs
+from .conftest import registered_plugin, tiny_scan_config
 
 HOSTILE = "<script>alert(1)</script>\x1b]52;c;ZXZpbA==\x07\x1b[31m"
 
@@ -69,15 +69,8 @@ def counting_plugin():
         yield plugin
 
 
-@pytest.fixture(scope="module")
-def data_file(tmp_path_factory):
-    return write_hh_pairs(tmp_path_factory.mktemp("data") / "pairs.jsonl", 40)
-
-
 def scan_config(model_dir, cache_dir, **changes) -> ScanConfig:
-    config = ScanConfig(activations=ActivationConfig(model=str(model_dir), layer=1, max_length=64, cache_dir=cache_dir),
-                        sae_train=SaeTrainConfig(n_latents=64, k=4), n_features=16, cards_with_contexts=8)
-    return replace(config, **changes)
+    return tiny_scan_config(model_dir, cache_dir, **{"cards_with_contexts": 8, **changes})
 
 
 # -- the hook -------------------------------------------------------------------------------

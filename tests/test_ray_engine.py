@@ -7,7 +7,6 @@ Shards are made small (8 texts) so a 40-pair scan has several to spread and to l
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import threading
@@ -20,8 +19,6 @@ from safer_audit.activations import extract_activations, load_backend, pair_text
 from safer_audit.config import ActivationConfig, SaeTrainConfig, ScanConfig
 from safer_audit.errors import ConfigError
 from safer_audit.scan import run_scan
-
-from .conftest import hh_records
 
 ray = pytest.importorskip("ray")
 pytest.importorskip("ray.data")
@@ -47,13 +44,6 @@ def cluster():
 @pytest.fixture(autouse=True)
 def small_shards(monkeypatch):
     monkeypatch.setattr(activations, "SHARD_TEXTS", 8)
-
-
-@pytest.fixture(scope="module")
-def data_file(tmp_path_factory):
-    path = tmp_path_factory.mktemp("data") / "pairs.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in hh_records(40)), encoding="utf-8")
-    return path
 
 
 def config(model_dir, cache_dir, engine="local", **more) -> ScanConfig:

@@ -6,26 +6,18 @@ import json
 from pathlib import Path
 
 import polars as pl
-import pytest
 import yaml
 from click.testing import CliRunner
 
 from safer_audit.cli import cli
-from safer_audit.config import ActivationConfig, SaeTrainConfig, ScanConfig
+from safer_audit.config import ScanConfig
 from safer_audit.data import load_pairs
 from safer_audit.report import Report
 from safer_audit.scan import run_scan
 
-from .conftest import hh_records
+from .conftest import hh_records, tiny_scan_config
 
 SMALL_SAE = ["--latents", "64", "--k", "4", "--n-features", "16"]
-
-
-@pytest.fixture(scope="module")
-def data_file(tmp_path_factory):
-    path = tmp_path_factory.mktemp("data") / "pairs.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in hh_records(40)), encoding="utf-8")
-    return path
 
 
 def model_args(model_dir, cache_dir) -> list[str]:
@@ -33,8 +25,7 @@ def model_args(model_dir, cache_dir) -> list[str]:
 
 
 def scan_config(model_dir, cache_dir) -> ScanConfig:
-    return ScanConfig(activations=ActivationConfig(model=str(model_dir), layer=1, max_length=64, cache_dir=cache_dir),
-                      sae_train=SaeTrainConfig(n_latents=64, k=4), n_features=16)
+    return tiny_scan_config(model_dir, cache_dir)
 
 
 def invoke(*args):
