@@ -10,34 +10,25 @@ activations, bit for bit).
 
 from __future__ import annotations
 
-import argparse
 import hashlib
-import os
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_DATA = ROOT.parent / "shared" / "data" / "hh-rlhf-harmless-base-test.jsonl.gz"
+from _common import bench_parser, read_pairs
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", default=str(DEFAULT_DATA))
-    parser.add_argument("--limit", type=int, default=None, help="first N pairs only")
+    parser = bench_parser(__doc__)
     parser.add_argument("--batch-tokens", type=int, default=None, help="(this checkout only) token budget")
     args = parser.parse_args()
 
     import safer_audit
     from safer_audit.activations import extract_activations, load_backend, pair_texts
     from safer_audit.config import ActivationConfig
-    from safer_audit.data import load_pairs
 
-    pairs = load_pairs(args.data).pairs
-    if args.limit:
-        pairs = pairs.head(args.limit)
+    pairs = read_pairs(args)
     with tempfile.TemporaryDirectory() as cache_dir:
         extra = {"batch_tokens": args.batch_tokens} if args.batch_tokens else {}
         config = ActivationConfig(cache_dir=Path(cache_dir), **extra)

@@ -17,9 +17,7 @@ chosen above rejected. Ratio 0 (all train pairs, none flipped) is the baseline.
 
 from __future__ import annotations
 
-import argparse
 import json
-import os
 import shlex
 import statistics
 import sys
@@ -27,10 +25,8 @@ import time
 from pathlib import Path
 
 import torch
+from _common import bench_parser
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_DATA = ROOT.parent / "shared" / "data" / "hh-rlhf-harmless-base-test.jsonl.gz"
 DENOISE_RATIOS = (0.02, 0.04, 0.06, 0.08, 0.10)
 POISON_RATIOS = (0.005, 0.01, 0.025, 0.05)
 HELDOUT_FRACTION = 0.2
@@ -170,9 +166,7 @@ def plot(runs: list[dict], path: Path) -> None:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", default=str(DEFAULT_DATA))
-    parser.add_argument("--limit", type=int, default=None, help="use only the first N pairs")
+    parser = bench_parser(__doc__, limit_help="use only the first N pairs")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     parser.add_argument("--cache-dir", type=Path, default=Path("/tmp/safer-audit-bench-cache"),
                         help="activation and SAE cache, shared by every seed")

@@ -14,8 +14,6 @@ to one safetensors file (tensor "acts"), the input of bench_sae.py.
 
 from __future__ import annotations
 
-import argparse
-import os
 import resource
 import sys
 import tempfile
@@ -23,16 +21,11 @@ import time
 from pathlib import Path
 
 import torch
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_DATA = ROOT.parent / "shared" / "data" / "hh-rlhf-harmless-base-test.jsonl.gz"
+from _common import bench_parser, read_pairs
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", default=str(DEFAULT_DATA))
-    parser.add_argument("--limit", type=int, default=None, help="first N pairs only")
+    parser = bench_parser(__doc__)
     parser.add_argument("--max-length", type=int, default=512)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--layer", type=int, default=3)
@@ -42,11 +35,8 @@ def main() -> int:
 
     from safer_audit.activations import extract_activations, load_backend, pair_texts
     from safer_audit.config import ActivationConfig
-    from safer_audit.data import load_pairs
 
-    pairs = load_pairs(args.data).pairs
-    if args.limit:
-        pairs = pairs.head(args.limit)
+    pairs = read_pairs(args)
     n_pairs = len(pairs)
     with tempfile.TemporaryDirectory() as cache_dir:
         config = ActivationConfig(layer=args.layer, positions=args.positions, max_length=args.max_length,

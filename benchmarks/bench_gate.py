@@ -27,8 +27,8 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_DATA = ROOT.parent / "shared" / "data" / "hh-rlhf-harmless-base-test.jsonl.gz"
+from _common import DEFAULT_DATA
+
 CLI = [sys.executable, "-c", "from safer_audit.cli import main; main()"]
 
 

@@ -13,16 +13,12 @@ and a message on a machine without CUDA.
 
 from __future__ import annotations
 
-import argparse
-import os
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_DATA = ROOT.parent / "shared" / "data" / "hh-rlhf-harmless-base-test.jsonl.gz"
+from _common import bench_parser, read_pairs
 
 
 def measure(pairs, model: str | None, args) -> dict:
@@ -51,9 +47,7 @@ def measure(pairs, model: str | None, args) -> dict:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", default=str(DEFAULT_DATA))
-    parser.add_argument("--limit", type=int, default=None, help="first N pairs only")
+    parser = bench_parser(__doc__)
     parser.add_argument("--model", default=None, help="a causal model directory, measured after the default model")
     parser.add_argument("--batch-tokens", type=int, default=16_384, help="padded tokens per forward pass")
     parser.add_argument("--dtype", default="auto", help="auto (bfloat16 on the GPU), float32, bfloat16")
@@ -68,11 +62,7 @@ def main() -> int:
               "and a CUDA build of torch.", file=sys.stderr)
         return 2
 
-    from safer_audit.data import load_pairs
-
-    pairs = load_pairs(args.data).pairs
-    if args.limit:
-        pairs = pairs.head(args.limit)
+    pairs = read_pairs(args)
     rows = [measure(pairs, None, args)]
     if args.model:
         rows.append(measure(pairs, args.model, args))

@@ -15,18 +15,14 @@ chosen one with bench_evaluate.py.
 
 from __future__ import annotations
 
-import argparse
-import os
 import statistics
 import sys
 import time
 from pathlib import Path
 
 import torch
+from _common import bench_parser, read_pairs
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_DATA = ROOT.parent / "shared" / "data" / "hh-rlhf-harmless-base-test.jsonl.gz"
 POSITION_SETS = ("response", "all")
 
 
@@ -79,11 +75,9 @@ def pooled_layers(texts, backend, layers: list[int], max_length: int, batch_size
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", default=str(DEFAULT_DATA))
+    parser = bench_parser(__doc__)
     parser.add_argument("--model", default="smollm2")
     parser.add_argument("--layers", type=int, nargs="+", default=[4, 8, 12, 16, 20])
-    parser.add_argument("--limit", type=int, default=None)
     parser.add_argument("--max-length", type=int, default=512)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
@@ -93,14 +87,11 @@ def main() -> int:
 
     from safer_audit.activations import load_backend, pair_texts
     from safer_audit.config import ActivationConfig
-    from safer_audit.data import load_pairs
     from safer_audit.evaluate import flip_pairs, measure
     from safer_audit.scoring import cross_fitted_margins
 
     torch.manual_seed(0)
-    pairs = load_pairs(args.data).pairs
-    if args.limit:
-        pairs = pairs.head(args.limit)
+    pairs = read_pairs(args)
     started = time.perf_counter()
     if args.save and args.save.exists():
         pooled = torch.load(args.save, weights_only=True)
