@@ -78,15 +78,14 @@ def cache_view(summary: dict):
     if not summary["bytes"]:
         return plain(f"Cache {root} is empty.")
     parts = []
-    if summary["entries"]:
+    if summary["entries"]:  # what each entry is; the kinds' sizes (per entry in --json) follow below
         table = Table(title=plain(f"Activation cache: {root}"))
-        sizes = {"activations": "activation_bytes", "SAEs": "sae_bytes", "codes": "codes_bytes",
-                 "heads": "heads_bytes", "token counts": "token_count_bytes", "size": "bytes"}
-        for column in ("model", "layer", "positions", "max length", "texts", *sizes):
-            table.add_column(column)
+        table.add_column("model", overflow="fold", min_width=16)  # a long model path is wrapped, not cut short
+        for column in ("layer", "positions", "max length", "texts", "size"):
+            table.add_column(column, no_wrap=True)
         for row in summary["entries"]:
             table.add_row(*(plain(row.get(name, "?")) for name in ("model", "layer", "positions", "max_length")),
-                          f"{row['texts']:,}", *(_size(row[field]) for field in sizes.values()))
+                          f"{row['texts']:,}", _size(row["bytes"]))
         parts.append(table)
     kinds = Table(title=plain(f"Cache by kind: {root}"))
     for column in ("kind", "holds", "size"):

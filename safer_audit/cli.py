@@ -776,9 +776,9 @@ def cache():
 @cache_dir_option
 @json_option
 def cache_info_command(cache_dir, as_json):
-    """List what the cache holds: one row per model, layer, positions and max length, and its size on disk
-    (activations, trained SAEs, per-text SAE codes, fitted heads, token counts); then every kind of entry
-    (judges' answers and labels of given SAEs too) with its size."""
+    """List what the cache holds: one row per model, layer, positions and max length with its size on disk;
+    then every kind of entry with its size: activations, trained SAEs, per-text SAE codes, fitted heads, token
+    counts, judges' answers and labels of given SAEs (--json: each entry's too)."""
     from .cache import cache_summary, cache_view
 
     summary = cache_summary(cache_dir or default_cache_dir())
