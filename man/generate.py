@@ -59,7 +59,16 @@ line and the field), a missing model, an unreadable SAE or features file.
 .TP
 .I $XDG_CACHE_HOME/safer-audit/activations/
 The activation cache: one directory per model, layer, positions and max length, holding
-safetensors shards named by the hash of their content, and the SAEs trained on them.
+safetensors shards named by the hash of their content, the SAEs trained on them (with their
+feature labels), per\-text SAE codes, fitted heads and token counts.
+.TP
+.IR $XDG_CACHE_HOME/safer-audit/judges/ ", " $XDG_CACHE_HOME/safer-audit/labels/
+Answers judges keep across runs; the feature labels of SAEs given with
+.BR \-\-sae .
+.B safer\-audit cache info
+lists every kind with its size,
+.B safer\-audit cache clear
+deletes them all.
 .TP
 .IR DIR /cfg.json ", " DIR /sae_weights.safetensors
 An SAE in the SAELens layout (also read: sparsify's
