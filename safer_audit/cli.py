@@ -119,7 +119,7 @@ def plugins_command(as_json):
         return
     table = Table(title="safer-audit plugins")
     for column in ("plugin", "version", "hooks", "registers"):
-        table.add_column(column)
+        table.add_column(column, overflow="fold")
     for info in infos:
         registers = "; ".join(f"{kind}: {', '.join(names)}" for kind, names in info.registers.items())
         table.add_row(plain(info.name), plain(info.version or ""), plain(", ".join(info.hooks)), plain(registers))

@@ -67,3 +67,12 @@ def test_cache_clear_leaves_what_is_not_the_caches(tmp_path):
     result = CliRunner().invoke(cli, ["cache", "clear", "--cache-dir", str(cache), "--yes"])
     assert result.exit_code == 0, result.output
     assert not (cache / "judges").exists() and (cache / "notes.txt").read_text() == "mine"
+
+
+def test_the_plugins_table_folds_long_names_at_80_columns(monkeypatch):
+    # Built-in plugin names (safer_audit.backends.labellers) are longer than the column: folded, never cut with "…"
+    monkeypatch.setenv("COLUMNS", "80")
+    result = CliRunner().invoke(cli, ["plugins"], catch_exceptions=False)
+    assert result.exit_code == 0
+    assert "…" not in result.output
+    assert "labellers" in result.output.replace("│", "").replace(" ", "").replace("\n", "")
