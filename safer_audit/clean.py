@@ -7,6 +7,9 @@ Selection (``select_pairs``), from a scan report:
   ``flipped`` ones when flipping, since only they are claimed to have swapped labels;
 - ``drop_fraction`` F: the pairs of rank <= F x n (the rule scan's categories use);
 - ``threshold`` T: the pairs with ``suspicion`` >= T;
+- ``min_flip_probability`` P: the pairs whose calibrated flip probability (the stacked judges'
+  probability that the rejected response is the better one, every model's judges with
+  ``--profile thorough``) is >= P: an absolute rule, where the others are relative to the data;
 - review decisions (decisions.py): the pairs marked ``flipped`` are flipped back, those marked
   ``noisy`` dropped, those marked ``ok`` kept, matched by content digest (so they hold after
   the data is reordered); ``only`` limits this to some verdicts. No report is needed.
@@ -64,7 +67,7 @@ Key = tuple[int, int]  # (line, index among the records that start on that line)
 class Selection:
     """The pairs a rule picked from a report, most suspicious first, each with why."""
 
-    rule: str  # "report categories", "drop fraction" or "threshold"
+    rule: str  # "report categories", "drop fraction", "threshold" or "flip probability"
     parameters: dict[str, Any]
     picked: list[tuple[Finding, str]]
 
@@ -81,6 +84,7 @@ class Change:
     score_safe: float | None
     category: str  # the report's category, or the decision's verdict
     reason: str
+    flip_probability: float | None = None  # the report's, when it has one
 
 
 @dataclass
@@ -99,10 +103,13 @@ class CleanResult:
 
 
 def select_pairs(report: Report, *, drop_fraction: float | None = None, threshold: float | None = None,
-                 mode: str = "drop") -> Selection:
-    """Pick pairs from ``report`` by fraction, threshold or (neither given) its categories."""
-    if drop_fraction is not None and threshold is not None:
-        raise CleanError("give a drop fraction or a threshold, not both")
+                 mode: str = "drop", min_flip_probability: float | None = None) -> Selection:
+    """Pick pairs from ``report`` by fraction, threshold, flip probability or (none given) its categories."""
+    rules = {"a drop fraction": drop_fraction, "a threshold": threshold,
+             "a minimum flip probability": min_flip_probability}
+    given = [name for name, value in rules.items() if value is not None]
+    if len(given) > 1:
+        raise CleanError(f"give one rule, not both {' and '.join(given)}")
     findings = sorted(report.findings, key=lambda f: f.rank)
     n = len(findings)
     if drop_fraction is not None:
@@ -116,6 +123,16 @@ def select_pairs(report: Report, *, drop_fraction: float | None = None, threshol
             raise CleanError(f"the threshold must be a finite number, not {threshold}")
         picked = [(f, f"suspicion {f.suspicion:.4g} >= {threshold:g}") for f in findings if f.suspicion >= threshold]
         return Selection("threshold", {"threshold": threshold}, picked)
+    if min_flip_probability is not None:
+        if not 0 <= min_flip_probability <= 1:
+            raise CleanError(f"the minimum flip probability must be in [0, 1], not {min_flip_probability}")
+        missing = sum(f.flip_probability is None for f in findings)
+        if missing:
+            raise CleanError(f"{missing} of the report's {n} pairs have no flip probability (a report written "
+                             "before it was recorded): scan again, or select by --drop-fraction or --threshold")
+        picked = [(f, f"flip probability {f.flip_probability:.4g} >= {min_flip_probability:g} (rank {f.rank} of {n})")
+                  for f in findings if f.flip_probability >= min_flip_probability]
+        return Selection("flip probability", {"min_flip_probability": min_flip_probability}, picked)
     categories = ["flipped"] if mode == "flip" else ["flipped", "noisy", "quality"]
     picked = [(f, f"category {f.category} in the report (rank {f.rank} of {n})")
               for f in findings if f.category in categories]
@@ -144,7 +161,7 @@ def decision_changes(pairs: dict[str, int], digests: dict[str, str], decisions: 
             f": {decision.note}" if decision.note else "")
         changes.append(Change(pair_id, line, finding.rank if finding else None, DECISION_ACTIONS[decision.verdict],
                               finding.suspicion if finding else None, finding.score_safe if finding else None,
-                              decision.verdict, reason))
+                              decision.verdict, reason, finding.flip_probability if finding else None))
     return changes
 
 
@@ -164,7 +181,7 @@ def load_report(path: str | Path) -> Report:
 
 def clean_dataset(source: str | Path, out: str | Path, report: Report | None, *, mode: str = "drop",
                   drop_fraction: float | None = None, threshold: float | None = None,
-                  manifest: str | Path | None = None, report_path: str | Path | None = None,
+                  min_flip_probability: float | None = None, manifest: str | Path | None = None, report_path: str | Path | None = None,
                   force: bool = False, dry_run: bool = False, read: ReadOptions | None = None,
                   decisions: Mapping[str, Any] | None = None, decisions_path: str | Path | None = None,
                   only: Iterable[str] = tuple(DECISION_ACTIONS), **read_keywords) -> CleanResult:
@@ -211,9 +228,10 @@ def clean_dataset(source: str | Path, out: str | Path, report: Report | None, *,
             "decisions": str(decisions_path) if decisions_path is not None else None, "only": list(only),
             "decided": len(decisions), "not_in_data": sum(1 for d in decisions if d not in in_data)}, [])
     else:
-        selection = select_pairs(report, drop_fraction=drop_fraction, threshold=threshold, mode=mode)
-        changes = [Change(f.pair_id, f.line, f.rank, mode, f.suspicion, f.score_safe, f.category, reason)
-                   for f, reason in selection.picked]
+        selection = select_pairs(report, drop_fraction=drop_fraction, threshold=threshold, mode=mode,
+                                 min_flip_probability=min_flip_probability)
+        changes = [Change(f.pair_id, f.line, f.rank, mode, f.suspicion, f.score_safe, f.category, reason,
+                          f.flip_probability) for f, reason in selection.picked]
     if changes and sum(c.action == "drop" for c in changes) == len(pairs):
         raise CleanError(f"{source}: the selection holds every pair, so nothing would be left")
     result = CleanResult(source, out, manifest_path, mode, selection, changes, len(pairs), dry_run, None)

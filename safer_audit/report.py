@@ -84,6 +84,8 @@ class Finding:
     rejected: str  # the final rejected response
     context: str  # the conversation both responses answer
     top_features: list[FeatureContribution]
+    # the stacked judges' calibrated probability that the rejected response is the better one (issue 14)
+    flip_probability: float | None = None
 
     def __post_init__(self):
         if self.category not in tuple(Category):
@@ -138,6 +140,7 @@ class FeatureCard:
     contribution: float = 0.0  # its share of the flagged pairs' summed |feature terms|
     flagged_pairs: int = 0  # flagged (flipped / noisy) pairs it is a top feature of
     featured: bool = True  # among the top --cards by contribution: the HTML shows it, with examples
+    model: str | None = None  # which model of the scan's profile the latent belongs to (its judges' prefix)
 
 
 @dataclass
@@ -161,6 +164,7 @@ class RunInfo:
     counts: dict[str, int]  # pairs per category
     data_source: str
     created: str  # ISO 8601
+    profile: str = "fast"  # safer_audit.profiles: which models the scan read (the ranking line names them)
 
 
 
@@ -216,6 +220,7 @@ FRAME_SCHEMA = {
     "category": pl.String,
     "suspicion": pl.Float64,
     **{name: pl.Float64 for name in SIGNALS},
+    "flip_probability": pl.Float64,
     "quality": pl.List(pl.String),
     "top_features": pl.List(FEATURE_STRUCT),
     "chosen": pl.String,

@@ -187,7 +187,7 @@ def test_manifest_lists_hashes_rule_and_changes(jsonl, tmp_path):
     assert manifest["selection"]["report"] == str(report_path)
     assert [(c["line"], c["rank"], c["category"]) for c in manifest["changes"]] == [(1, 1, "clean"), (2, 2, "flipped")]
     assert set(manifest["changes"][0]) == {"pair_id", "line", "rank", "action", "suspicion", "score_safe",
-                                           "category", "reason"}
+                                           "category", "reason", "flip_probability"}
 
 
 def test_refuses_to_overwrite_its_input(jsonl, tmp_path):
@@ -323,7 +323,7 @@ def test_unsupported_sources_and_usage_errors(jsonl, tmp_path):
     result = invoke("clean", jsonl, "--out", tmp_path / "x.csv", "--from-report", report_path)
     assert result.exit_code == 2 and "must end in .jsonl" in result.output
     result = invoke("clean", jsonl, "--out", tmp_path / "x.jsonl")
-    assert result.exit_code == 2 and "select pairs with --from-report, --drop-fraction or --threshold" in result.output
+    assert result.exit_code == 2 and "select pairs with --from-report, --drop-fraction, --threshold or " in result.output
     result = invoke("clean", jsonl, "--out", tmp_path / "x.jsonl", "--threshold", "0.5", "--drop-fraction", "0.1")
     assert result.exit_code == 2 and "not both" in result.output
     result = invoke("clean", jsonl, "--out", tmp_path / "x.jsonl", "--from-report", report_path, "--threshold", "0")

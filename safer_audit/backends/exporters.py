@@ -474,7 +474,7 @@ def _feature_card(card: FeatureCard) -> str:
         length = f"<p>correlation with text length r = {card.length_correlation:+.2f}{flag}</p>"
     return (
         '<article class="card">'
-        f"<h3>latent {card.latent} — {label}</h3>"
+        f"<h3>{_e(card.model) + ' ' if card.model else ''}latent {card.latent} — {label}</h3>"
         f'<p class="provenance">{_e(_provenance(card))}</p>{rating}'
         f"<p>{card.contribution:.1%} of the flagged pairs' feature scores; a top feature of "
         f"{card.flagged_pairs:,} flagged pair{'s' if card.flagged_pairs != 1 else ''}</p>"

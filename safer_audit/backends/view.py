@@ -204,7 +204,8 @@ def print_feature_cards(cards: list[FeatureCard], console: Console) -> None:
             lines.append(line)
         # A Text title: a str title would be parsed as markup, and labels are the user's text
         rating = f" [{card.category}, relevance {card.relevance:.2f}]" if card.relevance is not None else ""
-        title = plain(f"latent {card.latent}: " + (card.label or "unlabelled") + rating)
+        model = f"{card.model} " if card.model else ""  # a profile's cards come from several models
+        title = plain(f"{model}latent {card.latent}: " + (card.label or "unlabelled") + rating)
         if card.labelled_by and card.labelled_by.get("label") == card.label:
             lines.insert(1, plain(f"labelled by {card.labelled_by.get('labeller')} "
                                   f"v{card.labelled_by.get('version')} ({card.labelled_by.get('model') or 'no model'})",

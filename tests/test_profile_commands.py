@@ -1,0 +1,189 @@
+"""--profile beyond scan and evaluate (issue 14): the report's cards from every model of the profile,
+each finding's flip probability, clean --min-flip-probability, and --profile for explain, review
+and clean (with a report: the report's own profile)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from safer_audit.cli import cli
+from safer_audit.config import ActivationConfig, ScanConfig
+from safer_audit.report import Report
+
+from .conftest import write_hh_pairs
+
+N = 24
+
+
+@pytest.fixture
+def second_model(monkeypatch, tiny_gguf_path):
+    """--profile thorough reads the tiny GGUF as its second model, named "second"."""
+    from safer_audit import profiles
+
+    model = profiles.ProfileModel("second", str(tiny_gguf_path), layer=2, max_length=64)
+    monkeypatch.setitem(profiles.PROFILES, "thorough", (model,))
+    return model
+
+
+@pytest.fixture(scope="module")
+def tiny_gguf_path(tiny_llama_dir, tmp_path_factory) -> Path:
+    pytest.importorskip("gguf")
+    from .test_profiles import write_tiny_gguf
+
+    return write_tiny_gguf(tmp_path_factory.mktemp("gguf") / "tiny-llama.gguf", tiny_llama_dir / "tokenizer.json")
+
+
+def _config(model: Path, tmp_path: Path, **keywords) -> ScanConfig:
+    config = ScanConfig(activations=ActivationConfig(model=str(model), layer=1, max_length=64,
+                                                     cache_dir=tmp_path / "cache", device="cpu"),
+                        n_features=16, labeller="none", **keywords)
+    config.sae_train.n_latents, config.sae_train.k = 64, 4
+    return config
+
+
+def _options(model: Path, tmp_path: Path) -> list[str]:
+    return ["--model", str(model), "--layer", "1", "--max-length", "64", "--latents", "64", "--k", "4",
+            "--n-features", "16", "--cache-dir", str(tmp_path / "cache"), "--device", "cpu", "--quiet"]
+
+
+def invoke(*args):
+    return CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
+
+
+def test_a_thorough_report_has_every_models_cards_each_naming_its_model(tiny_llama_dir, second_model, tmp_path):
+    from safer_audit import profiles
+    from safer_audit.scan import run_scan, scan_pairs
+
+    data = write_hh_pairs(tmp_path / "pairs.jsonl", N)
+    result = run_scan(str(data), _config(tiny_llama_dir, tmp_path, profile="thorough"))
+    report = result.report
+    assert report.run.profile == "thorough"
+    first = [card for card in report.features if card.model == tiny_llama_dir.name]
+    second = [card for card in report.features if card.model == "second"]
+    assert len(first) + len(second) == len(report.features) and first and second
+    alone = scan_pairs(result.pairs, profiles.model_config(_config(tiny_llama_dir, tmp_path), second_model),
+                       source=str(data))
+    assert [card.latent for card in second] == [card.latent for card in alone.report.features]
+    fast = run_scan(str(data), _config(tiny_llama_dir, tmp_path))
+    assert [card.latent for card in first] == [card.latent for card in fast.report.features]
+    assert {card.model for card in fast.report.features} == {tiny_llama_dir.name} and fast.report.run.profile == "fast"
+    from safer_audit.report import export_report
+
+    export_report(report, tmp_path / "report.html")  # each featured card's title names its model
+    page = (tmp_path / "report.html").read_text()
+    assert f"<h3>second latent {second[0].latent} " in page and f"<h3>{first[0].model} latent " in page
+    again = Report.from_dict(json.loads(json.dumps(report.to_dict())))
+    assert [(c.model, c.latent) for c in again.features] == [(c.model, c.latent) for c in report.features]
+    assert again.run.profile == "thorough"
+
+
+def test_every_finding_carries_the_stacks_flip_probability(tiny_llama_dir, second_model, tmp_path):
+    from safer_audit.scan import run_scan
+
+    data = write_hh_pairs(tmp_path / "pairs.jsonl", N)
+    for profile in ("fast", "thorough"):
+        result = run_scan(str(data), _config(tiny_llama_dir, tmp_path, profile=profile))
+        index = {pair_id: i for i, pair_id in enumerate(result.pairs["pair_id"].to_list())}
+        for finding in result.report.findings:
+            expected = float(result.flip_probability[index[finding.pair_id]])
+            assert finding.flip_probability == pytest.approx(expected, abs=1e-6)
+        frame = result.report.to_frame()
+        assert frame["flip_probability"].to_list() == [f.flip_probability for f in result.report.findings]
+    assert len({f.flip_probability for f in result.report.findings}) > 1
+
+
+def _scan_report(model: Path, data: Path, tmp_path: Path, *extra: str) -> Path:
+    path = tmp_path / f"report{len(list(tmp_path.glob('report*.json')))}.json"
+    result = invoke("scan", data, "-o", path, "--labeller", "none", *_options(model, tmp_path), *extra)
+    assert result.exit_code == 0, result.output
+    return path
+
+
+def test_clean_min_flip_probability_selects_by_the_reports_flip_probability(tiny_llama_dir, tmp_path):
+    data = write_hh_pairs(tmp_path / "pairs.jsonl", N)
+    report_path = _scan_report(tiny_llama_dir, data, tmp_path)
+    findings = json.loads(report_path.read_text())["findings"]
+    values = sorted(f["flip_probability"] for f in findings)
+    cut = values[len(values) * 3 // 4]  # about a quarter of the pairs at or above it
+    expected = {f["line"] for f in findings if f["flip_probability"] >= cut}
+    out = tmp_path / "clean.jsonl"
+    result = invoke("clean", data, "--out", out, "--from-report", report_path, "--min-flip-probability", cut)
+    assert result.exit_code == 0, result.output
+    manifest = json.loads((tmp_path / "clean.jsonl.manifest.json").read_text())
+    assert manifest["selection"]["rule"] == "flip probability"
+    assert manifest["selection"]["min_flip_probability"] == cut
+    assert {c["line"] for c in manifest["changes"]} == expected and 0 < len(expected) < N
+    assert all(c["flip_probability"] >= cut for c in manifest["changes"])
+    lines = data.read_text().splitlines(keepends=True)
+    assert out.read_text().splitlines(keepends=True) == [line for i, line in enumerate(lines, 1)
+                                                         if i not in expected]
+    # with --mode flip the same pairs are flipped back instead
+    result = invoke("clean", data, "--out", tmp_path / "flip.jsonl", "--from-report", report_path,
+                    "--min-flip-probability", cut, "--mode", "flip")
+    manifest = json.loads((tmp_path / "flip.jsonl.manifest.json").read_text())
+    assert {c["line"] for c in manifest["changes"]} == expected and {c["action"] for c in manifest["changes"]} == {
+        "flip"}
+
+
+def test_clean_min_flip_probability_refuses_a_report_without_it_and_a_second_rule(tiny_llama_dir, tmp_path):
+    data = write_hh_pairs(tmp_path / "pairs.jsonl", N)
+    report_path = _scan_report(tiny_llama_dir, data, tmp_path)
+    report = json.loads(report_path.read_text())
+    for finding in report["findings"]:
+        del finding["flip_probability"]  # a report written before findings had one
+    old = tmp_path / "old.json"
+    old.write_text(json.dumps(report))
+    result = CliRunner().invoke(cli, ["clean", str(data), "--out", str(tmp_path / "c.jsonl"), "--from-report",
+                                      str(old), "--min-flip-probability", "0.5"])
+    assert result.exit_code == 2 and "no flip probability" in result.output
+    result = CliRunner().invoke(cli, ["clean", str(data), "--out", str(tmp_path / "c.jsonl"), "--from-report",
+                                      str(report_path), "--min-flip-probability", "0.5", "--threshold", "0.5"])
+    assert result.exit_code == 2 and "not both --threshold and --min-flip-probability" in result.output
+    result = CliRunner().invoke(cli, ["clean", str(data), "--out", str(tmp_path / "c.jsonl"),
+                                      "--min-flip-probability", "1.5"])
+    assert result.exit_code == 2 and "1.5" in result.output
+
+
+def test_clean_and_review_scan_with_the_profile_they_are_given(tiny_llama_dir, second_model, tmp_path):
+    from safer_audit.scan import run_scan
+
+    data = write_hh_pairs(tmp_path / "pairs.jsonl", N)
+    thorough = run_scan(str(data), _config(tiny_llama_dir, tmp_path, profile="thorough")).report
+    fast = run_scan(str(data), _config(tiny_llama_dir, tmp_path)).report
+    top = {profile: {f.line for f in report.findings if f.rank <= 6}
+           for profile, report in (("thorough", thorough), ("fast", fast))}
+    assert top["thorough"] != top["fast"]  # the two rankings differ on these pairs, so the test can tell them apart
+    for profile in ("thorough", "fast"):
+        out = tmp_path / f"clean-{profile}.jsonl"
+        result = invoke("clean", data, "--out", out, "--drop-fraction", 0.25, "--profile", profile,
+                        *_options(tiny_llama_dir, tmp_path))
+        assert result.exit_code == 0, result.output
+        manifest = json.loads(out.with_name(out.name + ".manifest.json").read_text())
+        assert {c["line"] for c in manifest["changes"]} == top[profile]
+        assert ("second/score_safe" in manifest["selection"]["ranking"]) == (profile == "thorough")
+    result = CliRunner().invoke(cli, ["review", str(data), "--profile", "thorough", "--decisions",
+                                      str(tmp_path / "d.json"), *_options(tiny_llama_dir, tmp_path)], input="q\n")
+    assert result.exit_code == 0, result.output
+    first = thorough.suspects(1)[0]
+    assert first.chosen[:30] in result.output
+
+
+def test_explain_scans_with_its_profile_and_a_report_keeps_its_own(tiny_llama_dir, second_model, tmp_path):
+    data = write_hh_pairs(tmp_path / "pairs.jsonl", N)
+    report_path = _scan_report(tiny_llama_dir, data, tmp_path)  # fast
+    result = invoke("explain", data, "1", "--profile", "thorough", *_options(tiny_llama_dir, tmp_path))
+    assert result.exit_code == 0, result.output
+    assert "second/" in result.output  # the ranking line of a thorough scan names the second model's judges
+    assert invoke("explain", data, "1", "--report", report_path).exit_code == 0
+    result = CliRunner().invoke(cli, ["explain", str(data), "1", "--report", str(report_path), "--profile",
+                                      "thorough"])
+    assert result.exit_code == 2 and "--profile fast" in result.output
+    for command in (["review", str(data), "--decisions", str(tmp_path / "d.json")],
+                    ["clean", str(data), "--out", str(tmp_path / "c.jsonl")]):
+        result = CliRunner().invoke(cli, [*command, "--report" if command[0] == "review" else "--from-report",
+                                          str(report_path), "--profile", "thorough"], input="q\n")
+        assert result.exit_code == 2 and "--profile fast" in result.output, result.output
