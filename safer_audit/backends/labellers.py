@@ -40,12 +40,13 @@ from ..hookspecs import hookimpl
 from ..labelling import NOT_SAFETY, FeatureLabel, LabelRequest
 
 NAME = "offline"
-VERSION = "4"  # bump when the keyword or category rule changes: cached labels are then made again
+VERSION = "5"  # bump when the keyword or category rule changes: cached labels are then made again
 DEFAULT_TAXONOMY = Path(__file__).resolve().parent.parent / "taxonomy.yaml"
 
 KEYWORDS = 3  # words in a label
-WINDOW_WORDS = 10  # words either side of the activating token that are embedded
-EMBED_CONTEXTS = 6  # the strongest windows of a latent that are embedded (the rest only feed keywords)
+WINDOW_WORDS = 6  # words either side of the activating token that are embedded
+EMBED_CONTEXTS = 4  # the strongest windows of a latent that are embedded (the rest only feed keywords)
+EMBED_SHARE = 0.25  # a latent with less content-word share is not embedded (its relevance could not reach 0.5)
 NEIGHBOUR_WORDS = 4  # words either side that can become keywords
 MIN_TEXTS = 3  # a word around the firing token is a keyword only if it occurs in windows of this many pairs
 SYNTAX_SHARE = 0.5  # below this content-word share of its mass a latent is labelled by its token and position
@@ -266,21 +267,194 @@ def keywords(request: LabelRequest, document_frequency: Counter, n_documents: in
     return picked
 
 
-def _neighbour(text: str, last: bool) -> str:
-    """The word (or punctuation mark) right before (``last``) or after the firing token."""
-    parts = re.findall(r"[A-Za-z0-9][A-Za-z0-9'’-]*|[^\sA-Za-z0-9]", text)
-    part = (parts[-1] if last else parts[0]) if parts else ""
-    return part.lower().strip("'’-")
-
-
 def _quoted(word: str) -> str:
     return '"' + word.replace('"', "'") + '"'
 
 
-def syntax_label(request: LabelRequest, content: list[str]) -> str:
-    """A label for a latent that fires on function words or punctuation: the token, where it sits
-    (the words right before or after it that recur in windows of >= MIN_TEXTS pairs, or "in lists"),
-    and content words that recur around it (``content``), e.g. ``token "to" after want, how``."""
+# ----------------------------------------------------------------------------- patterns
+
+# a turn marker in a conversation's text: HH's "\n\nHuman:" / "\n\nAssistant:", or a chat template's role header
+_ROLE = re.compile(r"(?:^|\n)[ \t]*(human|user|assistant|system)[ \t]*:|<\|im_start\|>[ \t]*(user|assistant|system)",
+                   re.IGNORECASE)
+_ROLE_NAMES = {"human": "human", "user": "human", "assistant": "assistant", "system": "system"}
+_A = "(?:'|’)"  # either apostrophe
+_REFUSAL = re.compile(  # an apology, a "can't / won't", or not knowing: the cues of a refusal or a deflection
+    rf"\b(?:i{_A}m sorry|i am sorry|sorry, (?:but|i)|i{_A}m (?:not (?:sure|comfortable|able|going to)|afraid)"
+    rf"|i am not (?:sure|comfortable|able)|i (?:can{_A}t|cannot|won{_A}t|will not|shouldn{_A}t|don{_A}t think i)"
+    rf"|i (?:don{_A}t|do not) (?:know|understand|feel comfortable|want to)|not (?:appropriate|something i))",
+    re.IGNORECASE)
+_STEP_WORDS = re.compile(r"\b(?:first|then|next|after that|finally|step|make sure|you{_A}ll need|you need to)\b"
+                         .replace("{_A}", _A), re.IGNORECASE)
+_LIST_LINE = re.compile(r"(?:^|\n)[ \t]*(?:\d{1,2}[.)]|[-*•])[ \t]+\S")
+_SENTENCE_END = re.compile(r"[.!?\n]")
+TURN_SHARE = 0.7  # a label names the turn (assistant / human) when this share of the windows is in it
+KIND_SHARE = 0.4  # ... and the kind of response (refusals, questions, lists, instructions) at this share
+SIDE_SHARE = 0.8  # ... and "mostly chosen / rejected" when this share of the windows is on one side
+PHRASE_SHARE = 0.25  # a neighbour joins the phrase when this share of the windows has it (and >= MIN_TEXTS) ...
+PHRASE_LIFT = 2.0  # ... and it is this many times more frequent next to this latent than next to the others
+LIFT_REQUESTS = 8  # the lift is tested when at least this many latents are labelled together (the background)
+MAX_LABEL = 60  # characters: further parts of a label are dropped rather than cut
+_KINDS = ("refusals", "questions", "lists", "instructions")
+KIND_NAMES = {"refusals": "refusals", "questions": "questions back", "lists": "lists", "instructions": "instructions"}
+
+
+@dataclass(frozen=True)
+class Turn:
+    """Where a window's firing token sits: the turn's role, at its opening or closing, and the kind of turn."""
+
+    role: str | None  # "assistant", "human", "system"; None when no turn marker is in the window
+    opening: bool  # among the turn's (or the text's) first two words
+    closing: bool  # the turn (or the text) ends right after the token
+    kind: str | None  # one of _KINDS when a simple cue says so
+
+
+def turn_of(ctx) -> Turn:
+    """The turn the firing token is in, from the turn markers and cues visible in its window."""
+    marks = list(_ROLE.finditer(ctx.before))
+    role, head = None, ctx.before
+    if marks:
+        role = _ROLE_NAMES[(marks[-1].group(1) or marks[-1].group(2)).lower()]
+        head = ctx.before[marks[-1].end():]
+    following = _ROLE.search(ctx.after)
+    tail = ctx.after[:following.start()] if following else ctx.after
+    opening = (bool(marks) or not ctx.before.strip()) and len(_WORD.findall(head)) <= 2
+    closing = (following is not None or not ctx.after.strip()) and not re.search(r"[A-Za-z0-9]", tail)
+    text = head + ctx.token + tail
+    end = _SENTENCE_END.search(ctx.token + tail)
+    kind = None
+    if _REFUSAL.search(text):
+        kind = "refusals"
+    elif end is not None and end.group() == "?":
+        kind = "questions"
+    elif _LIST_LINE.search(text):
+        kind = "lists"
+    elif len({m.lower() for m in _STEP_WORDS.findall(text)}) >= 2:
+        kind = "instructions"
+    return Turn(role, opening, closing, kind)
+
+
+def where_it_fires(contexts, *, list_commas: bool = False) -> tuple[str, str]:
+    """(where, side) of a latent's windows: ``opening assistant refusals``, ``in human questions``,
+    ``at the end of a text``; ``mostly rejected`` (or "") when one side has most of its windows."""
+    n = len(contexts)
+    if n == 0:
+        return "", ""
+    turns = [turn_of(c) for c in contexts]
+    need = max(MIN_TEXTS, math.ceil(TURN_SHARE * n))
+    roles = Counter(t.role for t in turns if t.role)
+    role = next((r for r, k in roles.most_common(1) if k >= need), None)
+    kinds = Counter(t.kind for t in turns if t.kind and (role is None or t.role == role))
+    kind = next((k for k, m in sorted(kinds.items(), key=lambda item: (-item[1], _KINDS.index(item[0])))
+                 if m >= max(MIN_TEXTS, math.ceil(KIND_SHARE * n))), None)
+    if list_commas:
+        kind = "lists"
+    half = max(MIN_TEXTS, (n + 1) // 2)
+    opening, closing = sum(t.opening for t in turns), sum(t.closing for t in turns)
+    at = "opening" if opening >= half and opening >= closing else "closing" if closing >= half else "in"
+    # a response is an assistant's turn: that is said only when it is not (human), or by what the reply does
+    if role == "assistant":
+        what = KIND_NAMES.get(kind, "replies" if at != "in" else "")
+    elif role is not None:
+        what = f"{role} " + ("questions" if kind == "questions" else "turns")
+    else:
+        what = KIND_NAMES.get(kind, "")
+    if what:
+        where = f"{at} {what}"
+    else:
+        where = {"opening": "at the start of a text", "closing": "at the end of a text"}.get(at, "")
+    chosen = sum(c.side == "chosen" for c in contexts)
+    side = ""
+    if n >= 4 and chosen >= SIDE_SHARE * n:
+        side = "mostly chosen"
+    elif n >= 4 and n - chosen >= SIDE_SHARE * n:
+        side = "mostly rejected"
+    return where, side
+
+
+def _neighbours(text: str, last: bool, k: int) -> tuple[str, ...]:
+    """The ``k`` words (or punctuation marks) right before (``last``) or after the firing token, nearest last/first."""
+    parts = [p.lower().strip("'’-") for p in re.findall(r"[A-Za-z0-9][A-Za-z0-9'’-]*|[^\sA-Za-z0-9]", text)]
+    return tuple(parts[-k:]) if last else tuple(parts[:k])
+
+
+def _neighbour(text: str, last: bool) -> str:
+    """The word (or punctuation mark) right before (``last``) or after the firing token."""
+    parts = _neighbours(text, last, 1)
+    return parts[0] if parts else ""
+
+
+@dataclass
+class Background:
+    """How often each word sits right before / after the firing token, over all the latents labelled together."""
+
+    before: Counter
+    after: Counter
+    windows: int
+    requests: int
+
+    @classmethod
+    def of(cls, requests: Sequence[LabelRequest]) -> Background:
+        before, after, windows = Counter(), Counter(), 0
+        for request in requests:
+            for ctx in request.contexts:
+                before[_neighbour(ctx.before, True)] += 1
+                after[_neighbour(ctx.after, False)] += 1
+                windows += 1
+        return cls(before, after, windows, len(requests))
+
+    def lift(self, word: str, share: float, last: bool) -> float:
+        """How many times more often ``word`` is next to this latent's token than next to the others'."""
+        if self.requests < LIFT_REQUESTS or not self.windows:
+            return math.inf  # too few latents to say what is usual: the share alone decides
+        rate = (self.before if last else self.after)[word] / self.windows
+        return share / rate if rate > 0 else math.inf
+
+
+def phrase(request: LabelRequest, token: str, background: Background | None) -> str:
+    """The firing token with the 1-2 words right before and after it that recur with it (in windows of
+    >= MIN_TEXTS pairs, >= PHRASE_SHARE of them) far more than next to other latents: ``"if [you] can"``."""
+    n = len(request.contexts)
+    need = max(MIN_TEXTS, math.ceil(PHRASE_SHARE * n))
+    sides = []
+    for last in (True, False):
+        grams = [_neighbours(c.before if last else c.after, last, 2) for c in request.contexts]
+        chosen: tuple[str, ...] = ()
+        for size in (1, 2):
+            counts = Counter((g[-size:] if last else g[:size]) for g in grams if len(g) >= size)
+            best = [(g, k) for g, k in sorted(counts.items(), key=lambda item: (-item[1], item[0]))
+                    if k >= need and g[-1 if last else 0][:1].isalnum()][:1]
+            if not best:
+                break
+            gram, count = best[0]
+            nearest = gram[-1] if last else gram[0]
+            if size == 1 and background is not None and background.lift(nearest, count / n, last) < PHRASE_LIFT:
+                break
+            if size == 2 and (not all(w[:1].isalnum() for w in gram) or (gram[-1] if last else gram[0]) != chosen[0]):
+                break  # the second word must extend the first one's windows
+            chosen = gram
+        sides.append(" ".join(chosen))
+    before, after = sides
+    if not before and not after:
+        return _quoted(token)
+    return _quoted(" ".join(p for p in (before, f"[{token}]", after) if p))
+
+
+def _join(parts: list[str], first_sep: str = " ") -> str:
+    """The parts of a label, in order, each kept only while the label stays within MAX_LABEL characters."""
+    text = parts[0]
+    for i, part in enumerate(parts[1:]):
+        if not part:
+            continue
+        candidate = text + (first_sep if i == 0 else "; ") + part
+        if len(candidate) <= MAX_LABEL:
+            text = candidate
+    return text
+
+
+def syntax_label(request: LabelRequest, content: list[str], background: Background | None = None) -> str:
+    """A label for a latent that fires on function words or punctuation: the token in the phrase that recurs
+    around it, where it fires (the turn, its opening or closing, the kind of response), the side most of its
+    windows are on, and content words that recur around it, e.g. ``"if [you] can" in assistant instructions``."""
     mass: Counter = Counter()
     for word, weight in _token_masses(request):
         mass[word] += weight
@@ -289,31 +463,20 @@ def syntax_label(request: LabelRequest, content: list[str]) -> str:
     if not tokens:
         tokens = [w for w, _ in Counter(_activating_word(c.before, c.token, c.after) for c in request.contexts)
                   .most_common(1)]
-    where = []
-    before = Counter(_neighbour(c.before, True) for c in request.contexts)
-    after = Counter(_neighbour(c.after, False) for c in request.contexts)
-    shown_before = [w for w, n in before.most_common(2) if n >= MIN_TEXTS and w and w[0].isalnum()]
-    shown_after = [w for w, n in after.most_common(2) if n >= MIN_TEXTS and w and w[0].isalnum()]
-    ends = sum(1 for c in request.contexts if not c.after.strip())
-    if ends >= max(MIN_TEXTS, (len(request.contexts) + 1) // 2):  # the window is the end of the text
-        where.append("at the end of a text")
-        shown_after = []
-    if shown_before:
-        where.append("after " + ", ".join(shown_before))
-    if shown_after:
-        where.append("before " + ", ".join(shown_after))
     marks = [t for t in tokens if t and t in LIST_MARKS]
+    in_lists = False
     if marks:
-        in_lists = sum(1 for c in request.contexts
-                       if (c.before[-60:] + c.after[:60]).count(_clean_token(c.token) or marks[0]) >= 2)
-        if in_lists >= max(MIN_TEXTS, (len(request.contexts) + 1) // 2):
-            where.insert(0, "in lists")
-    text = "token " + " / ".join(_quoted(t) for t in tokens) if tokens else "(no token)"
-    if where:
-        text += " " + "; ".join(where)
-    if content:
-        text += "; near " + ", ".join(content)
-    return text
+        in_lists = sum(1 for c in request.contexts if (c.before[-60:] + c.after[:60]).count(
+            _clean_token(c.token) or marks[0]) >= 2) >= max(MIN_TEXTS, (len(request.contexts) + 1) // 2)
+    if len(tokens) == 1:
+        core = phrase(request, tokens[0], background)
+    else:
+        core = " / ".join(_quoted(t) for t in tokens) if tokens else "(no token)"
+    where, side = where_it_fires(request.contexts, list_commas=in_lists)
+    if in_lists and not where:
+        where = "in lists"
+    near = "near " + ", ".join(content) if content else ""
+    return _join([core, where, side, near])
 
 
 def _token_masses(request: LabelRequest) -> list[tuple[str, float]]:
@@ -429,19 +592,21 @@ class OfflineLabeller:
                 words.update(_window_words(ctx.after, False, NEIGHBOUR_WORDS))
             document_frequency.update(words)
         shares = [content_share(r) for r in requests]
-        # relevance is scaled by min(1, share / CONTENT_SHARE_FULL): below MIN_CATEGORY_RELEVANCE no category can
-        # be named, so a syntax latent's windows are not embedded at all (most of the strongest latents are such)
-        rated = [bool(r.contexts) and min(1.0, s / CONTENT_SHARE_FULL) >= MIN_CATEGORY_RELEVANCE
-                 for r, s in zip(requests, shares, strict=True)]
+        # relevance is scaled by min(1, share / CONTENT_SHARE_FULL): below EMBED_SHARE it cannot reach 0.5 (a label's
+        # category prefix, --select safety's threshold), so a syntax latent's windows are not embedded at all
+        # (most of the strongest latents are such; embedding was nearly all of the first labelling's time)
+        rated = [bool(r.contexts) and s >= EMBED_SHARE for r, s in zip(requests, shares, strict=True)]
+        background = Background.of(requests)
         similarities, names = self._similarities(requests, rated)
         similarities = similarities.tolist()
         labels = {}
         for i, request in enumerate(requests):
-            share = shares[i]
+            share, where = shares[i], ""
             if share < SYNTAX_SHARE:
-                text = syntax_label(request, _recurring_content(request, document_frequency, len(requests)))
+                text = syntax_label(request, _recurring_content(request, document_frequency, len(requests)), background)
             else:
                 text = ", ".join(keywords(request, document_frequency, len(requests))) or "(no words)"
+                where, _side = where_it_fires(request.contexts)
             if rated[i]:
                 scores = {name: round(s, 4) for name, s in zip(names, similarities[i], strict=True)}
                 safety = {n: s for n, s in scores.items() if n != self.taxonomy.not_safety}
@@ -458,6 +623,7 @@ class OfflineLabeller:
                 category, relevance, similarity = NOT_SAFETY, 0.0, None
             if category != NOT_SAFETY and relevance >= 0.5:
                 text = f"{category}: {text}"
+            text = _join([text, where], "; ")  # a content latent: its keywords, then where it fires if there is room
             labels[request.latent] = FeatureLabel(
                 latent=request.latent, label=text, relevance=round(relevance, 3), category=category,
                 labeller=NAME, model=self.model, version=VERSION,
