@@ -9,13 +9,20 @@
   conversation, so the same passage can come back) is dropped before anything is counted.
 - A latent whose concentrated activation mass is mostly on stopwords and punctuation is
   about syntax, whatever its windows talk about: its relevance is scaled down by the share
-  of that mass on content words, and its label says so: the token, the words right before or
-  after it that recur in windows of >= 3 pairs, or "in lists" (``token "to" after want``,
-  ``token "," in lists``), rather than neighbours from one or two texts.
+  of that mass on content words, and its label says the pattern around the token (v5):
+  the phrase that recurs with it (the 1-2 words right before / after it in windows of >= 3
+  pairs and >= a quarter of them, and at least twice as often as next to the other latents
+  labelled with it), where it fires (the human turn, the opening or closing of a reply or a
+  text), what the reply does there by simple cues (refusals, questions back, lists,
+  instructions) and the side most of its windows are on: ``"if [you] can" in instructions``,
+  ``"i'm [not] sure" opening refusals``, ``"," in lists; mostly rejected``. Labels are at
+  most MAX_LABEL characters: later parts are dropped, never cut.
 - A word around the firing token becomes a keyword only if windows of >= 3 pairs have it.
-- Only latents whose relevance could name a category are embedded: at most EMBED_CONTEXTS
-  windows each, each distinct window once, batched by length (the first labelling of an SAE
-  was minutes on a busy machine, nearly all of it embedding ~12 long windows per latent).
+- Only latents whose relevance could reach 0.5 are embedded (content-word share >= EMBED_SHARE):
+  at most EMBED_CONTEXTS windows of WINDOW_WORDS words either side, each distinct window once,
+  batched by length (the first labelling of an SAE was minutes on a busy machine, nearly all
+  of it embedding ~12 long windows per latent; v4's 6 windows of 10 words were still 38% of a
+  warm scan).
 - The category comes from meaning: the latent's strongest windows are embedded with the
   embedded sentence model (all-MiniLM-L6-v2: six layers, mean pooling, L2 norm) and
   compared with the descriptions of a safety taxonomy (``safer_audit/taxonomy.yaml``, or a
