@@ -113,3 +113,21 @@ def test_embedded_windows_are_short():
                           [("gun", 6.0)], [0.0002])
     labeller.label([long])
     assert encoder.texts[before:] and all(len(t.split()) <= 13 for t in encoder.texts[before:])
+
+
+def test_a_comma_after_an_if_clause_names_the_clause():
+    commas = _pairs_request(26, [
+        ("If you go there at night", ",", " take a friend."),
+        ("If the guard sees you", ",", " run to the car."),
+        ("If it still hurts tomorrow", ",", " call a doctor."),
+        ("Well, if they ask about the money", ",", " say nothing."),
+    ], [(",", 9.0)], [0.05])
+    assert make_labeller("offline").label([commas, WEAPONS])[26].label == '"if … [,]"'
+
+
+def test_a_piece_of_a_word_is_not_its_own_neighbour():
+    # "I’m" read as "I" + "’m": the "I" is the firing word's start, not the word before it
+    im = _pairs_request(27, [(A + "Well, I", "’m", f" not sure about {w}.") for w in ("that", "this", "it")]
+                        + [(A + "Honestly I", "’m", " not able to.")], [("’m", 9.0)], [0.01])
+    text = make_labeller("offline").label([im, WEAPONS])[27].label
+    assert text.startswith('"[’m] not') and "i [" not in text

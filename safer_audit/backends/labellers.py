@@ -38,7 +38,7 @@ import math
 import re
 from collections import Counter, defaultdict
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from functools import lru_cache
 from pathlib import Path
 
@@ -313,6 +313,8 @@ class Turn:
     opening: bool  # among the turn's (or the text's) first two words
     closing: bool  # the turn (or the text) ends right after the token
     kind: str | None  # one of _KINDS when a simple cue says so
+    sentence_start: bool = False  # the token starts a sentence (or a line)
+    opener: str = ""  # the first word of the token's sentence, when 2+ words stand between them ("if ... [,]")
 
 
 def turn_of(ctx) -> Turn:
@@ -328,6 +330,9 @@ def turn_of(ctx) -> Turn:
     closing = (following is not None or not ctx.after.strip()) and not re.search(r"[A-Za-z0-9]", tail)
     text = head + ctx.token + tail
     end = _SENTENCE_END.search(ctx.token + tail)
+    sentence = re.split(r"[.!?:\n]", _whole_word_before(ctx))[-1]
+    words = [w.lower() for w in _WORD.findall(sentence)]
+    sentence_start = not words and not opening
     kind = None
     if _REFUSAL.search(text):
         kind = "refusals"
@@ -337,7 +342,22 @@ def turn_of(ctx) -> Turn:
         kind = "lists"
     elif len({m.lower() for m in _STEP_WORDS.findall(text)}) >= 2:
         kind = "instructions"
-    return Turn(role, opening, closing, kind)
+    ends_sentence = _clean_token(ctx.token) in (".", "!", "?")  # a sentence's first word says little about its end
+    return Turn(role, opening, closing, kind, sentence_start, words[0] if len(words) >= 2 and not ends_sentence else "")
+
+
+def _whole_word_before(ctx) -> str:
+    """``before`` without the start of the firing token's word when the token is a piece of it (I + ’m)."""
+    if ctx.token[:1].isalnum() or ctx.token[:1] in "'’":
+        return re.sub(r"[A-Za-z0-9'’]+$", "", ctx.before)
+    return ctx.before
+
+
+def _whole_word_after(ctx) -> str:
+    """``after`` without the rest of the firing token's word when the token is a piece of it (you + 're)."""
+    if ctx.token[-1:].isalnum():
+        return re.sub(r"^[A-Za-z0-9'’]+", "", ctx.after)
+    return ctx.after
 
 
 def where_it_fires(contexts, *, list_commas: bool = False) -> tuple[str, str]:
@@ -357,15 +377,20 @@ def where_it_fires(contexts, *, list_commas: bool = False) -> tuple[str, str]:
         kind = "lists"
     half = max(MIN_TEXTS, (n + 1) // 2)
     opening, closing = sum(t.opening for t in turns), sum(t.closing for t in turns)
+    starts = sum(t.sentence_start or t.opening for t in turns)
     at = "opening" if opening >= half and opening >= closing else "closing" if closing >= half else "in"
+    if at == "in" and starts >= half:
+        at = "starting sentences"
     # a response is an assistant's turn: that is said only when it is not (human), or by what the reply does
     if role == "assistant":
-        what = KIND_NAMES.get(kind, "replies" if at != "in" else "")
+        what = KIND_NAMES.get(kind, "replies" if at in ("opening", "closing") else "")
     elif role is not None:
         what = f"{role} " + ("questions" if kind == "questions" else "turns")
     else:
         what = KIND_NAMES.get(kind, "")
-    if what:
+    if at == "starting sentences":
+        where = at + (f" in {what}" if what else "")
+    elif what:
         where = f"{at} {what}"
     else:
         where = {"opening": "at the start of a text", "closing": "at the end of a text"}.get(at, "")
@@ -398,22 +423,30 @@ class Background:
     after: Counter
     windows: int
     requests: int
+    openers: Counter = field(default_factory=Counter)  # the first words of the token's sentences
 
     @classmethod
     def of(cls, requests: Sequence[LabelRequest]) -> Background:
-        before, after, windows = Counter(), Counter(), 0
+        before, after, openers, windows = Counter(), Counter(), Counter(), 0
         for request in requests:
             for ctx in request.contexts:
-                before[_neighbour(ctx.before, True)] += 1
-                after[_neighbour(ctx.after, False)] += 1
+                before[_neighbour(_whole_word_before(ctx), True)] += 1
+                after[_neighbour(_whole_word_after(ctx), False)] += 1
+                openers[turn_of(ctx).opener] += 1
                 windows += 1
-        return cls(before, after, windows, len(requests))
+        return cls(before, after, windows, len(requests), openers)
 
     def lift(self, word: str, share: float, last: bool) -> float:
         """How many times more often ``word`` is next to this latent's token than next to the others'."""
         if self.requests < LIFT_REQUESTS or not self.windows:
             return math.inf  # too few latents to say what is usual: the share alone decides
         rate = (self.before if last else self.after)[word] / self.windows
+        return share / rate if rate > 0 else math.inf
+
+    def lift_opener(self, word: str, share: float) -> float:
+        if self.requests < LIFT_REQUESTS or not self.windows:
+            return math.inf
+        rate = self.openers[word] / self.windows
         return share / rate if rate > 0 else math.inf
 
 
@@ -424,7 +457,7 @@ def phrase(request: LabelRequest, token: str, background: Background | None) -> 
     need = max(MIN_TEXTS, math.ceil(PHRASE_SHARE * n))
     sides = []
     for last in (True, False):
-        grams = [_neighbours(c.before if last else c.after, last, 2) for c in request.contexts]
+        grams = [_neighbours(_whole_word_before(c) if last else _whole_word_after(c), last, 2) for c in request.contexts]
         chosen: tuple[str, ...] = ()
         for size in (1, 2):
             counts = Counter((g[-size:] if last else g[:size]) for g in grams if len(g) >= size)
@@ -441,6 +474,12 @@ def phrase(request: LabelRequest, token: str, background: Background | None) -> 
             chosen = gram
         sides.append(" ".join(chosen))
     before, after = sides
+    openers = Counter(turn_of(c).opener for c in request.contexts)
+    opener = next((w for w, k in sorted(openers.items(), key=lambda item: (-item[1], item[0]))
+                   if w and k >= need and w not in before.split()
+                   and (background is None or background.lift_opener(w, k / n) >= PHRASE_LIFT)), "")
+    if opener:  # the sentence starts with it, 2+ words before the token: "if ... [,]"
+        before = f"{opener} … {before}".strip()
     if not before and not after:
         return _quoted(token)
     return _quoted(" ".join(p for p in (before, f"[{token}]", after) if p))
