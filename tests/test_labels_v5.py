@@ -131,3 +131,10 @@ def test_a_piece_of_a_word_is_not_its_own_neighbour():
                         + [(A + "Honestly I", "’m", " not able to.")], [("’m", 9.0)], [0.01])
     text = make_labeller("offline").label([im, WEAPONS])[27].label
     assert text.startswith('"[’m] not') and "i [" not in text
+
+
+def test_a_token_that_ends_texts_names_no_word_after_it():
+    period = _pairs_request(28, [(b, ".", "") for b in ("I hope this helps", "Let me know", "Good luck", "Take care")]
+                            + [(b, ".", " I am sure.") for b in ("It is late", "Go home", "Stop now")],
+                            [(".", 9.0)], [0.05])
+    assert make_labeller("offline").label([period, WEAPONS])[28].label == '"." at the end of a text'

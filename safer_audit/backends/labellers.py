@@ -450,13 +450,13 @@ class Background:
         return share / rate if rate > 0 else math.inf
 
 
-def phrase(request: LabelRequest, token: str, background: Background | None) -> str:
+def phrase(request: LabelRequest, token: str, background: Background | None, *, after_too: bool = True) -> str:
     """The firing token with the 1-2 words right before and after it that recur with it (in windows of
     >= MIN_TEXTS pairs, >= PHRASE_SHARE of them) far more than next to other latents: ``"if [you] can"``."""
     n = len(request.contexts)
     need = max(MIN_TEXTS, math.ceil(PHRASE_SHARE * n))
     sides = []
-    for last in (True, False):
+    for last in (True, False) if after_too else (True,):
         grams = [_neighbours(_whole_word_before(c) if last else _whole_word_after(c), last, 2) for c in request.contexts]
         chosen: tuple[str, ...] = ()
         for size in (1, 2):
@@ -473,7 +473,7 @@ def phrase(request: LabelRequest, token: str, background: Background | None) -> 
                 break  # the second word must extend the first one's windows
             chosen = gram
         sides.append(" ".join(chosen))
-    before, after = sides
+    before, after = (sides + [""])[:2]
     openers = Counter(turn_of(c).opener for c in request.contexts)
     opener = next((w for w, k in sorted(openers.items(), key=lambda item: (-item[1], item[0]))
                    if w and k >= need and w not in before.split()
@@ -514,11 +514,12 @@ def syntax_label(request: LabelRequest, content: list[str], background: Backgrou
     if marks:
         in_lists = sum(1 for c in request.contexts if (c.before[-60:] + c.after[:60]).count(
             _clean_token(c.token) or marks[0]) >= 2) >= max(MIN_TEXTS, (len(request.contexts) + 1) // 2)
-    if len(tokens) == 1:
-        core = phrase(request, tokens[0], background)
+    where, side = where_it_fires(request.contexts, list_commas=in_lists)
+    if len(tokens) == 1:  # a token that ends texts or replies has no word after it worth naming
+        ends = where.startswith(("closing", "at the end"))
+        core = phrase(request, tokens[0], background, after_too=not ends)
     else:
         core = " / ".join(_quoted(t) for t in tokens) if tokens else "(no token)"
-    where, side = where_it_fires(request.contexts, list_commas=in_lists)
     if in_lists and not where:
         where = "in lists"
     near = "near " + ", ".join(content) if content else ""
