@@ -138,3 +138,10 @@ def test_a_token_that_ends_texts_names_no_word_after_it():
                             + [(b, ".", " I am sure.") for b in ("It is late", "Go home", "Stop now")],
                             [(".", 9.0)], [0.05])
     assert make_labeller("offline").label([period, WEAPONS])[28].label == '"." at the end of a text'
+
+
+def test_two_words_that_each_recur_after_the_token_are_both_named():
+    commas = _pairs_request(29, [(w, ",", f" {c} then.") for w, c in
+                                 (("Apples", "and"), ("Pears", "and"), ("Plums", "and"), ("Figs", "or"),
+                                  ("Dates", "or"), ("Limes", "or"))], [(",", 9.0)], [0.05])
+    assert make_labeller("offline").label([commas, WEAPONS])[29].label == '"[,] and/or"'

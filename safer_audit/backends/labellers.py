@@ -298,6 +298,7 @@ TURN_SHARE = 0.7  # a label names the turn (assistant / human) when this share o
 KIND_SHARE = 0.4  # ... and the kind of response (refusals, questions, lists, instructions) at this share
 SIDE_SHARE = 0.8  # ... and "mostly chosen / rejected" when this share of the windows is on one side
 PHRASE_SHARE = 0.25  # a neighbour joins the phrase when this share of the windows has it (and >= MIN_TEXTS) ...
+OPENER_SHARE = 0.3  # the first word of the token's sentence is named when this share of the windows has it
 PHRASE_LIFT = 2.0  # ... and it is this many times more frequent next to this latent than next to the others
 LIFT_REQUESTS = 8  # the lift is tested when at least this many latents are labelled together (the background)
 MAX_LABEL = 60  # characters: further parts of a label are dropped rather than cut
@@ -458,25 +459,24 @@ def phrase(request: LabelRequest, token: str, background: Background | None, *, 
     sides = []
     for last in (True, False) if after_too else (True,):
         grams = [_neighbours(_whole_word_before(c) if last else _whole_word_after(c), last, 2) for c in request.contexts]
-        chosen: tuple[str, ...] = ()
-        for size in (1, 2):
-            counts = Counter((g[-size:] if last else g[:size]) for g in grams if len(g) >= size)
-            best = [(g, k) for g, k in sorted(counts.items(), key=lambda item: (-item[1], item[0]))
-                    if k >= need and g[-1 if last else 0][:1].isalnum()][:1]
-            if not best:
-                break
-            gram, count = best[0]
-            nearest = gram[-1] if last else gram[0]
-            if size == 1 and background is not None and background.lift(nearest, count / n, last) < PHRASE_LIFT:
-                break
-            if size == 2 and (not all(w[:1].isalnum() for w in gram) or (gram[-1] if last else gram[0]) != chosen[0]):
-                break  # the second word must extend the first one's windows
-            chosen = gram
+        words = Counter(g[-1 if last else 0] for g in grams if g)
+        nearest = [w for w, k in sorted(words.items(), key=lambda item: (-item[1], item[0]))
+                   if k >= need and w[:1].isalnum()
+                   and (background is None or background.lift(w, k / n, last) >= PHRASE_LIFT)][:2]
+        if len(nearest) == 2:  # two words each recur next to it: "[,] and/or"
+            sides.append("/".join(nearest))
+            continue
+        chosen: tuple[str, ...] = tuple(nearest)
+        if chosen:  # one word: extended by the word beyond it when that recurs too ("want to [take]")
+            counts = Counter((g[-2:] if last else g[:2]) for g in grams
+                             if len(g) == 2 and g[-1 if last else 0] == chosen[0] and all(w[:1].isalnum() for w in g))
+            best = [g for g, k in sorted(counts.items(), key=lambda item: (-item[1], item[0])) if k >= need][:1]
+            chosen = best[0] if best else chosen
         sides.append(" ".join(chosen))
     before, after = (sides + [""])[:2]
     openers = Counter(turn_of(c).opener for c in request.contexts)
     opener = next((w for w, k in sorted(openers.items(), key=lambda item: (-item[1], item[0]))
-                   if w and k >= need and w not in before.split()
+                   if w and k >= max(MIN_TEXTS, math.ceil(OPENER_SHARE * n)) and w not in before.split()
                    and (background is None or background.lift_opener(w, k / n) >= PHRASE_LIFT)), "")
     if opener:  # the sentence starts with it, 2+ words before the token: "if ... [,]"
         before = f"{opener} … {before}".strip()
