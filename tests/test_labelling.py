@@ -288,7 +288,7 @@ INFINITIVE = _pairs_request(5, [
 
 def test_a_function_word_latent_is_labelled_by_its_token_and_where_it_sits():
     label = make_labeller("offline").label([INFINITIVE, WEAPONS, COOKING])[5]
-    assert label.label == 'token "to" after want'
+    assert label.label == '"want [to]"'
     assert label.category == NOT_SAFETY
 
 
@@ -299,7 +299,7 @@ def test_list_commas_say_so():
         ("Red, blue", ",", " green, yellow and white paint."),
         ("He said no", ",", " then he left the room."),
     ], [(",", 9.0)], [0.05])
-    assert make_labeller("offline").label([commas, WEAPONS])[6].label.startswith('token "," in lists')
+    assert make_labeller("offline").label([commas, WEAPONS])[6].label.startswith('"," in lists')
 
 
 def test_a_word_near_the_firing_token_is_a_keyword_only_in_windows_of_three_pairs():
@@ -356,11 +356,11 @@ def test_each_window_is_embedded_once_and_syntax_latents_not_at_all():
 def test_a_token_that_ends_the_texts_says_so():
     period = _pairs_request(11, [(b, ".", "") for b in ("I hope this helps", "Let me know", "Good luck with it")]
                             + [("It is late", ".", " Go home.")], [(".", 9.0)], [0.05])
-    assert make_labeller("offline").label([period, WEAPONS])[11].label == 'token "." at the end of a text'
+    assert make_labeller("offline").label([period, WEAPONS])[11].label == '"." at the end of a text'
 
 
 def test_words_before_and_after_the_token_are_kept_apart():
     you = _pairs_request(12, [("Even if", " you", " can run, hide."), ("But if", " you", " can pay, go."),
                               ("Only if", " you", " can swim."), ("I think", " you", " should stop.")],
                          [("you", 9.0)], [0.05])
-    assert make_labeller("offline").label([you, WEAPONS])[12].label == 'token "you" after if; before can'
+    assert make_labeller("offline").label([you, WEAPONS])[12].label == '"if [you] can"'

@@ -9,13 +9,20 @@
   conversation, so the same passage can come back) is dropped before anything is counted.
 - A latent whose concentrated activation mass is mostly on stopwords and punctuation is
   about syntax, whatever its windows talk about: its relevance is scaled down by the share
-  of that mass on content words, and its label says so: the token, the words right before or
-  after it that recur in windows of >= 3 pairs, or "in lists" (``token "to" after want``,
-  ``token "," in lists``), rather than neighbours from one or two texts.
+  of that mass on content words, and its label says the pattern around the token (v5):
+  the phrase that recurs with it (the 1-2 words right before / after it in windows of >= 3
+  pairs and >= a quarter of them, and at least twice as often as next to the other latents
+  labelled with it), where it fires (the human turn, the opening or closing of a reply or a
+  text), what the reply does there by simple cues (refusals, questions back, lists,
+  instructions) and the side most of its windows are on: ``"if [you] can" in instructions``,
+  ``"i'm [not] sure" opening refusals``, ``"," in lists; mostly rejected``. Labels are at
+  most MAX_LABEL characters: later parts are dropped, never cut.
 - A word around the firing token becomes a keyword only if windows of >= 3 pairs have it.
-- Only latents whose relevance could name a category are embedded: at most EMBED_CONTEXTS
-  windows each, each distinct window once, batched by length (the first labelling of an SAE
-  was minutes on a busy machine, nearly all of it embedding ~12 long windows per latent).
+- Only latents whose relevance could reach 0.5 are embedded (content-word share >= EMBED_SHARE):
+  at most EMBED_CONTEXTS windows of WINDOW_WORDS words either side, each distinct window once,
+  batched by length (the first labelling of an SAE was minutes on a busy machine, nearly all
+  of it embedding ~12 long windows per latent; v4's 6 windows of 10 words were still 38% of a
+  warm scan).
 - The category comes from meaning: the latent's strongest windows are embedded with the
   embedded sentence model (all-MiniLM-L6-v2: six layers, mean pooling, L2 norm) and
   compared with the descriptions of a safety taxonomy (``safer_audit/taxonomy.yaml``, or a
@@ -31,7 +38,7 @@ import math
 import re
 from collections import Counter, defaultdict
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from functools import lru_cache
 from pathlib import Path
 
@@ -40,12 +47,13 @@ from ..hookspecs import hookimpl
 from ..labelling import NOT_SAFETY, FeatureLabel, LabelRequest
 
 NAME = "offline"
-VERSION = "4"  # bump when the keyword or category rule changes: cached labels are then made again
+VERSION = "5"  # bump when the keyword or category rule changes: cached labels are then made again
 DEFAULT_TAXONOMY = Path(__file__).resolve().parent.parent / "taxonomy.yaml"
 
 KEYWORDS = 3  # words in a label
-WINDOW_WORDS = 10  # words either side of the activating token that are embedded
-EMBED_CONTEXTS = 6  # the strongest windows of a latent that are embedded (the rest only feed keywords)
+WINDOW_WORDS = 6  # words either side of the activating token that are embedded
+EMBED_CONTEXTS = 4  # the strongest windows of a latent that are embedded (the rest only feed keywords)
+EMBED_SHARE = 0.25  # a latent with less content-word share is not embedded (its relevance could not reach 0.5)
 NEIGHBOUR_WORDS = 4  # words either side that can become keywords
 MIN_TEXTS = 3  # a word around the firing token is a keyword only if it occurs in windows of this many pairs
 SYNTAX_SHARE = 0.5  # below this content-word share of its mass a latent is labelled by its token and position
@@ -266,21 +274,233 @@ def keywords(request: LabelRequest, document_frequency: Counter, n_documents: in
     return picked
 
 
-def _neighbour(text: str, last: bool) -> str:
-    """The word (or punctuation mark) right before (``last``) or after the firing token."""
-    parts = re.findall(r"[A-Za-z0-9][A-Za-z0-9'’-]*|[^\sA-Za-z0-9]", text)
-    part = (parts[-1] if last else parts[0]) if parts else ""
-    return part.lower().strip("'’-")
-
-
 def _quoted(word: str) -> str:
     return '"' + word.replace('"', "'") + '"'
 
 
-def syntax_label(request: LabelRequest, content: list[str]) -> str:
-    """A label for a latent that fires on function words or punctuation: the token, where it sits
-    (the words right before or after it that recur in windows of >= MIN_TEXTS pairs, or "in lists"),
-    and content words that recur around it (``content``), e.g. ``token "to" after want, how``."""
+# ----------------------------------------------------------------------------- patterns
+
+# a turn marker in a conversation's text: HH's "\n\nHuman:" / "\n\nAssistant:", or a chat template's role header
+_ROLE = re.compile(r"(?:^|\n)[ \t]*(human|user|assistant|system)[ \t]*:|<\|im_start\|>[ \t]*(user|assistant|system)",
+                   re.IGNORECASE)
+_ROLE_NAMES = {"human": "human", "user": "human", "assistant": "assistant", "system": "system"}
+_A = "(?:'|’)"  # either apostrophe
+_REFUSAL = re.compile(  # an apology, a "can't / won't", or not knowing: the cues of a refusal or a deflection
+    rf"\b(?:i{_A}m sorry|i am sorry|sorry, (?:but|i)|i{_A}m (?:not (?:sure|comfortable|able|going to)|afraid)"
+    rf"|i am not (?:sure|comfortable|able)|i (?:can{_A}t|cannot|won{_A}t|will not|shouldn{_A}t|don{_A}t think i)"
+    rf"|i (?:don{_A}t|do not) (?:know|understand|feel comfortable|want to)|not (?:appropriate|something i))",
+    re.IGNORECASE)
+_STEP_WORDS = re.compile(r"\b(?:first|then|next|after that|finally|step|make sure|you{_A}ll need|you need to)\b"
+                         .replace("{_A}", _A), re.IGNORECASE)
+_LIST_LINE = re.compile(r"(?:^|\n)[ \t]*(?:\d{1,2}[.)]|[-*•])[ \t]+\S")
+_SENTENCE_END = re.compile(r"[.!?\n]")
+TURN_SHARE = 0.7  # a label names the turn (assistant / human) when this share of the windows is in it
+KIND_SHARE = 0.4  # ... and the kind of response (refusals, questions, lists, instructions) at this share
+SIDE_SHARE = 0.8  # ... and "mostly chosen / rejected" when this share of the windows is on one side
+PHRASE_SHARE = 0.25  # a neighbour joins the phrase when this share of the windows has it (and >= MIN_TEXTS) ...
+OPENER_SHARE = 0.3  # the first word of the token's sentence is named when this share of the windows has it
+PHRASE_LIFT = 2.0  # ... and it is this many times more frequent next to this latent than next to the others
+LIFT_REQUESTS = 8  # the lift is tested when at least this many latents are labelled together (the background)
+MAX_LABEL = 60  # characters: further parts of a label are dropped rather than cut
+_KINDS = ("refusals", "questions", "lists", "instructions")
+KIND_NAMES = {"refusals": "refusals", "questions": "questions back", "lists": "lists", "instructions": "instructions"}
+
+
+@dataclass(frozen=True)
+class Turn:
+    """Where a window's firing token sits: the turn's role, at its opening or closing, and the kind of turn."""
+
+    role: str | None  # "assistant", "human", "system"; None when no turn marker is in the window
+    opening: bool  # among the turn's (or the text's) first two words
+    closing: bool  # the turn (or the text) ends right after the token
+    kind: str | None  # one of _KINDS when a simple cue says so
+    sentence_start: bool = False  # the token starts a sentence (or a line)
+    opener: str = ""  # the first word of the token's sentence, when 2+ words stand between them ("if ... [,]")
+
+
+def turn_of(ctx) -> Turn:
+    """The turn the firing token is in, from the turn markers and cues visible in its window."""
+    marks = list(_ROLE.finditer(ctx.before))
+    role, head = None, ctx.before
+    if marks:
+        role = _ROLE_NAMES[(marks[-1].group(1) or marks[-1].group(2)).lower()]
+        head = ctx.before[marks[-1].end():]
+    following = _ROLE.search(ctx.after)
+    tail = ctx.after[:following.start()] if following else ctx.after
+    opening = (bool(marks) or not ctx.before.strip()) and len(_WORD.findall(head)) <= 2
+    closing = (following is not None or not ctx.after.strip()) and not re.search(r"[A-Za-z0-9]", tail)
+    text = head + ctx.token + tail
+    end = _SENTENCE_END.search(ctx.token + tail)
+    sentence = re.split(r"[.!?:\n]", _whole_word_before(ctx))[-1]
+    words = [w.lower() for w in _WORD.findall(sentence)]
+    sentence_start = not words and not opening
+    kind = None
+    if _REFUSAL.search(text):
+        kind = "refusals"
+    elif end is not None and end.group() == "?":
+        kind = "questions"
+    elif _LIST_LINE.search(text):
+        kind = "lists"
+    elif len({m.lower() for m in _STEP_WORDS.findall(text)}) >= 2:
+        kind = "instructions"
+    ends_sentence = _clean_token(ctx.token) in (".", "!", "?")  # a sentence's first word says little about its end
+    return Turn(role, opening, closing, kind, sentence_start, words[0] if len(words) >= 2 and not ends_sentence else "")
+
+
+def _whole_word_before(ctx) -> str:
+    """``before`` without the start of the firing token's word when the token is a piece of it (I + ’m)."""
+    if ctx.token[:1].isalnum() or ctx.token[:1] in "'’":
+        return re.sub(r"[A-Za-z0-9'’]+$", "", ctx.before)
+    return ctx.before
+
+
+def _whole_word_after(ctx) -> str:
+    """``after`` without the rest of the firing token's word when the token is a piece of it (you + 're)."""
+    if ctx.token[-1:].isalnum():
+        return re.sub(r"^[A-Za-z0-9'’]+", "", ctx.after)
+    return ctx.after
+
+
+def where_it_fires(contexts, *, list_commas: bool = False) -> tuple[str, str]:
+    """(where, side) of a latent's windows: ``opening assistant refusals``, ``in human questions``,
+    ``at the end of a text``; ``mostly rejected`` (or "") when one side has most of its windows."""
+    n = len(contexts)
+    if n == 0:
+        return "", ""
+    turns = [turn_of(c) for c in contexts]
+    need = max(MIN_TEXTS, math.ceil(TURN_SHARE * n))
+    roles = Counter(t.role for t in turns if t.role)
+    role = next((r for r, k in roles.most_common(1) if k >= need), None)
+    kinds = Counter(t.kind for t in turns if t.kind and (role is None or t.role == role))
+    kind = next((k for k, m in sorted(kinds.items(), key=lambda item: (-item[1], _KINDS.index(item[0])))
+                 if m >= max(MIN_TEXTS, math.ceil(KIND_SHARE * n))), None)
+    if list_commas:
+        kind = "lists"
+    half = max(MIN_TEXTS, (n + 1) // 2)
+    opening, closing = sum(t.opening for t in turns), sum(t.closing for t in turns)
+    starts = sum(t.sentence_start or t.opening for t in turns)
+    at = "opening" if opening >= half and opening >= closing else "closing" if closing >= half else "in"
+    if at == "in" and starts >= half:
+        at = "starting sentences"
+    # a response is an assistant's turn: that is said only when it is not (human), or by what the reply does
+    if role == "assistant":
+        what = KIND_NAMES.get(kind, "replies" if at in ("opening", "closing") else "")
+    elif role is not None:
+        what = f"{role} " + ("questions" if kind == "questions" else "turns")
+    else:
+        what = KIND_NAMES.get(kind, "")
+    if at == "starting sentences":
+        where = at + (f" in {what}" if what else "")
+    elif what:
+        where = f"{at} {what}"
+    else:
+        where = {"opening": "at the start of a text", "closing": "at the end of a text"}.get(at, "")
+    chosen = sum(c.side == "chosen" for c in contexts)
+    side = ""
+    if n >= 4 and chosen >= SIDE_SHARE * n:
+        side = "mostly chosen"
+    elif n >= 4 and n - chosen >= SIDE_SHARE * n:
+        side = "mostly rejected"
+    return where, side
+
+
+def _neighbours(text: str, last: bool, k: int) -> tuple[str, ...]:
+    """The ``k`` words (or punctuation marks) right before (``last``) or after the firing token, nearest last/first."""
+    parts = [p.lower().strip("'’-") for p in re.findall(r"[A-Za-z0-9][A-Za-z0-9'’-]*|[^\sA-Za-z0-9]", text)]
+    return tuple(parts[-k:]) if last else tuple(parts[:k])
+
+
+def _neighbour(text: str, last: bool) -> str:
+    """The word (or punctuation mark) right before (``last``) or after the firing token."""
+    parts = _neighbours(text, last, 1)
+    return parts[0] if parts else ""
+
+
+@dataclass
+class Background:
+    """How often each word sits right before / after the firing token, over all the latents labelled together."""
+
+    before: Counter
+    after: Counter
+    windows: int
+    requests: int
+    openers: Counter = field(default_factory=Counter)  # the first words of the token's sentences
+
+    @classmethod
+    def of(cls, requests: Sequence[LabelRequest]) -> Background:
+        before, after, openers, windows = Counter(), Counter(), Counter(), 0
+        for request in requests:
+            for ctx in request.contexts:
+                before[_neighbour(_whole_word_before(ctx), True)] += 1
+                after[_neighbour(_whole_word_after(ctx), False)] += 1
+                openers[turn_of(ctx).opener] += 1
+                windows += 1
+        return cls(before, after, windows, len(requests), openers)
+
+    def lift(self, word: str, share: float, last: bool) -> float:
+        """How many times more often ``word`` is next to this latent's token than next to the others'."""
+        if self.requests < LIFT_REQUESTS or not self.windows:
+            return math.inf  # too few latents to say what is usual: the share alone decides
+        rate = (self.before if last else self.after)[word] / self.windows
+        return share / rate if rate > 0 else math.inf
+
+    def lift_opener(self, word: str, share: float) -> float:
+        if self.requests < LIFT_REQUESTS or not self.windows:
+            return math.inf
+        rate = self.openers[word] / self.windows
+        return share / rate if rate > 0 else math.inf
+
+
+def phrase(request: LabelRequest, token: str, background: Background | None, *, after_too: bool = True) -> str:
+    """The firing token with the 1-2 words right before and after it that recur with it (in windows of
+    >= MIN_TEXTS pairs, >= PHRASE_SHARE of them) far more than next to other latents: ``"if [you] can"``."""
+    n = len(request.contexts)
+    need = max(MIN_TEXTS, math.ceil(PHRASE_SHARE * n))
+    sides = []
+    for last in (True, False) if after_too else (True,):
+        grams = [_neighbours(_whole_word_before(c) if last else _whole_word_after(c), last, 2) for c in request.contexts]
+        words = Counter(g[-1 if last else 0] for g in grams if g)
+        nearest = [w for w, k in sorted(words.items(), key=lambda item: (-item[1], item[0]))
+                   if k >= need and w[:1].isalnum()
+                   and (background is None or background.lift(w, k / n, last) >= PHRASE_LIFT)][:2]
+        if len(nearest) == 2:  # two words each recur next to it: "[,] and/or"
+            sides.append("/".join(nearest))
+            continue
+        chosen: tuple[str, ...] = tuple(nearest)
+        if chosen:  # one word: extended by the word beyond it when that recurs too ("want to [take]")
+            counts = Counter((g[-2:] if last else g[:2]) for g in grams
+                             if len(g) == 2 and g[-1 if last else 0] == chosen[0] and all(w[:1].isalnum() for w in g))
+            best = [g for g, k in sorted(counts.items(), key=lambda item: (-item[1], item[0])) if k >= need][:1]
+            chosen = best[0] if best else chosen
+        sides.append(" ".join(chosen))
+    before, after = (sides + [""])[:2]
+    openers = Counter(turn_of(c).opener for c in request.contexts)
+    opener = next((w for w, k in sorted(openers.items(), key=lambda item: (-item[1], item[0]))
+                   if w and k >= max(MIN_TEXTS, math.ceil(OPENER_SHARE * n)) and w not in before.split()
+                   and (background is None or background.lift_opener(w, k / n) >= PHRASE_LIFT)), "")
+    if opener:  # the sentence starts with it, 2+ words before the token: "if ... [,]"
+        before = f"{opener} … {before}".strip()
+    if not before and not after:
+        return _quoted(token)
+    return _quoted(" ".join(p for p in (before, f"[{token}]", after) if p))
+
+
+def _join(parts: list[str], first_sep: str = " ") -> str:
+    """The parts of a label, in order, each kept only while the label stays within MAX_LABEL characters."""
+    text = parts[0]
+    for i, part in enumerate(parts[1:]):
+        if not part:
+            continue
+        candidate = text + (first_sep if i == 0 else "; ") + part
+        if len(candidate) <= MAX_LABEL:
+            text = candidate
+    return text
+
+
+def syntax_label(request: LabelRequest, content: list[str], background: Background | None = None) -> str:
+    """A label for a latent that fires on function words or punctuation: the token in the phrase that recurs
+    around it, where it fires (the turn, its opening or closing, the kind of response), the side most of its
+    windows are on, and content words that recur around it, e.g. ``"if [you] can" in assistant instructions``."""
     mass: Counter = Counter()
     for word, weight in _token_masses(request):
         mass[word] += weight
@@ -289,31 +509,21 @@ def syntax_label(request: LabelRequest, content: list[str]) -> str:
     if not tokens:
         tokens = [w for w, _ in Counter(_activating_word(c.before, c.token, c.after) for c in request.contexts)
                   .most_common(1)]
-    where = []
-    before = Counter(_neighbour(c.before, True) for c in request.contexts)
-    after = Counter(_neighbour(c.after, False) for c in request.contexts)
-    shown_before = [w for w, n in before.most_common(2) if n >= MIN_TEXTS and w and w[0].isalnum()]
-    shown_after = [w for w, n in after.most_common(2) if n >= MIN_TEXTS and w and w[0].isalnum()]
-    ends = sum(1 for c in request.contexts if not c.after.strip())
-    if ends >= max(MIN_TEXTS, (len(request.contexts) + 1) // 2):  # the window is the end of the text
-        where.append("at the end of a text")
-        shown_after = []
-    if shown_before:
-        where.append("after " + ", ".join(shown_before))
-    if shown_after:
-        where.append("before " + ", ".join(shown_after))
     marks = [t for t in tokens if t and t in LIST_MARKS]
+    in_lists = False
     if marks:
-        in_lists = sum(1 for c in request.contexts
-                       if (c.before[-60:] + c.after[:60]).count(_clean_token(c.token) or marks[0]) >= 2)
-        if in_lists >= max(MIN_TEXTS, (len(request.contexts) + 1) // 2):
-            where.insert(0, "in lists")
-    text = "token " + " / ".join(_quoted(t) for t in tokens) if tokens else "(no token)"
-    if where:
-        text += " " + "; ".join(where)
-    if content:
-        text += "; near " + ", ".join(content)
-    return text
+        in_lists = sum(1 for c in request.contexts if (c.before[-60:] + c.after[:60]).count(
+            _clean_token(c.token) or marks[0]) >= 2) >= max(MIN_TEXTS, (len(request.contexts) + 1) // 2)
+    where, side = where_it_fires(request.contexts, list_commas=in_lists)
+    if len(tokens) == 1:  # a token that ends texts or replies has no word after it worth naming
+        ends = where.startswith(("closing", "at the end"))
+        core = phrase(request, tokens[0], background, after_too=not ends)
+    else:
+        core = " / ".join(_quoted(t) for t in tokens) if tokens else "(no token)"
+    if in_lists and not where:
+        where = "in lists"
+    near = "near " + ", ".join(content) if content else ""
+    return _join([core, where, side, near])
 
 
 def _token_masses(request: LabelRequest) -> list[tuple[str, float]]:
@@ -429,19 +639,21 @@ class OfflineLabeller:
                 words.update(_window_words(ctx.after, False, NEIGHBOUR_WORDS))
             document_frequency.update(words)
         shares = [content_share(r) for r in requests]
-        # relevance is scaled by min(1, share / CONTENT_SHARE_FULL): below MIN_CATEGORY_RELEVANCE no category can
-        # be named, so a syntax latent's windows are not embedded at all (most of the strongest latents are such)
-        rated = [bool(r.contexts) and min(1.0, s / CONTENT_SHARE_FULL) >= MIN_CATEGORY_RELEVANCE
-                 for r, s in zip(requests, shares, strict=True)]
+        # relevance is scaled by min(1, share / CONTENT_SHARE_FULL): below EMBED_SHARE it cannot reach 0.5 (a label's
+        # category prefix, --select safety's threshold), so a syntax latent's windows are not embedded at all
+        # (most of the strongest latents are such; embedding was nearly all of the first labelling's time)
+        rated = [bool(r.contexts) and s >= EMBED_SHARE for r, s in zip(requests, shares, strict=True)]
+        background = Background.of(requests)
         similarities, names = self._similarities(requests, rated)
         similarities = similarities.tolist()
         labels = {}
         for i, request in enumerate(requests):
-            share = shares[i]
+            share, where = shares[i], ""
             if share < SYNTAX_SHARE:
-                text = syntax_label(request, _recurring_content(request, document_frequency, len(requests)))
+                text = syntax_label(request, _recurring_content(request, document_frequency, len(requests)), background)
             else:
                 text = ", ".join(keywords(request, document_frequency, len(requests))) or "(no words)"
+                where, _side = where_it_fires(request.contexts)
             if rated[i]:
                 scores = {name: round(s, 4) for name, s in zip(names, similarities[i], strict=True)}
                 safety = {n: s for n, s in scores.items() if n != self.taxonomy.not_safety}
@@ -458,6 +670,7 @@ class OfflineLabeller:
                 category, relevance, similarity = NOT_SAFETY, 0.0, None
             if category != NOT_SAFETY and relevance >= 0.5:
                 text = f"{category}: {text}"
+            text = _join([text, where], "; ")  # a content latent: its keywords, then where it fires if there is room
             labels[request.latent] = FeatureLabel(
                 latent=request.latent, label=text, relevance=round(relevance, 3), category=category,
                 labeller=NAME, model=self.model, version=VERSION,
