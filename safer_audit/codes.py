@@ -508,11 +508,18 @@ SUMMARY_ROWS = 1024  # texts whose dense code means are rebuilt from a summary a
 
 
 def stats_from_summary(summary: dict[str, torch.Tensor], n_latents: int, directory: Path | None):
-    """The CodeStats a summary was made from, bit for bit (the code means rebuilt as the accumulator wrote them)."""
+    """The CodeStats a summary was made from, bit for bit (the code means rebuilt as the accumulator wrote them).
+
+    Data of one range of pairs (salience.STREAM_PAIRS) keeps its rows in memory: every pass reads that whole
+    range anyway, and this spares writing the rows to a file and copying them back on each pass.
+    """
+    from . import salience
     from .salience import CodeStats
 
     n_positions = summary["n_positions"]
     n_texts = len(n_positions)
+    if n_texts <= 2 * salience.STREAM_PAIRS:
+        directory = None
     codes = TextRows(n_texts, n_latents, directory)
     offsets, latent, mean = summary["code_offsets"], summary["code_latent"].long(), summary["code_mean"]
     for start in range(0, n_texts, SUMMARY_ROWS):

@@ -85,3 +85,16 @@ def test_no_summary_beyond_its_size_bound(tiny_llama_dir, tmp_path, monkeypatch)
     loads, _ = watch(monkeypatch)
     warm = run_scan(str(data), config(tiny_llama_dir, tmp_path / "cache"))
     assert loads and report_json(warm.report) == report_json(cold.report)
+
+
+def test_a_summary_of_several_ranges_streams_its_rows(tiny_llama_dir, tmp_path, monkeypatch):
+    from safer_audit import salience
+
+    monkeypatch.setattr(salience, "STREAM_PAIRS", 4)  # 8 ranges of pairs: the rows go to a file, as when made
+    data = write_pairs(tmp_path / "pairs.jsonl", 30)
+    cold = run_scan(str(data), config(tiny_llama_dir, tmp_path / "cache"))
+    loads, merges = watch(monkeypatch)
+    warm = run_scan(str(data), config(tiny_llama_dir, tmp_path / "cache"))
+    assert loads == [] and merges == [] and warm.stats.codes._file is not None
+    assert report_json(warm.report) == report_json(cold.report)
+    assert warm.stats.mean_codes.equal(cold.stats.mean_codes) and warm.stats.pooled.equal(cold.stats.pooled)
