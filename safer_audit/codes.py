@@ -138,7 +138,7 @@ class CodeCache:
                                   "digest": hashlib.blake2b(data[8 + size:], digest_size=16).hexdigest()}
         raw = json.dumps(header, separators=(",", ":")).encode()
         raw += b" " * (-len(raw) % 8)  # safetensors aligns the tensor data to 8 bytes
-        write_atomic(self.directory / self.summary_path(keys).name,
+        write_atomic(self.summary_path(keys),
                      struct.pack("<Q", len(raw)) + raw + data[8 + size:])
 
 
