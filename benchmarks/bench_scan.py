@@ -109,7 +109,8 @@ def main() -> int:
             assert stages["cold scan"].pop("ranking") == stages["warm scan"].pop("ranking"), "warm ranking differs"
         else:
             stages["warm scan"].pop("ranking")
-        codes_bytes = sum(p.stat().st_size for p in Path(cache_dir).rglob("codes/*/*.safetensors"))
+        codes_bytes = sum(p.stat().st_size for p in Path(cache_dir).rglob("codes/*/shard-*.safetensors"))
+        summary_bytes = sum(p.stat().st_size for p in Path(cache_dir).rglob("codes/*/summary-*.safetensors"))
         heads_bytes = sum(p.stat().st_size for p in Path(cache_dir).rglob("heads/*.safetensors"))
         n_read = int(result.stats.n_positions.sum())
 
@@ -128,7 +129,8 @@ def main() -> int:
         print(f"| {name} | {seconds:.2f} | {seconds / bare:.3f}x | {detail} |")
     print(f"\nwarm / cold: 1/{cold / warm:.1f} (target <= 1/20); cold / bare forward to the layer: "
           f"{cold / bare:.2f}x (target <= 1.5x)")
-    print(f"codes cache on disk: {codes_bytes / 2**20:.1f} MiB; heads: {heads_bytes / 2**10:.0f} KiB; "
+    print(f"codes cache on disk: {codes_bytes / 2**20:.1f} MiB in shards, {summary_bytes / 2**20:.1f} MiB in the "
+          f"scan's summary; heads: {heads_bytes / 2**10:.0f} KiB; "
           f"peak RSS of this process: {peak_rss:.0f} MiB")
     print(f"\ncommand: python {' '.join(sys.argv)}")
     return 0

@@ -29,6 +29,10 @@ from .files import remove_stale_temporaries, write_atomic
 
 CODES_FORMAT = 2  # 2: each shard carries its content digest (a warm scan trusts nothing else it reads)
 MERGE_AT = 2  # strongest-activation candidates are merged when they exceed this many tops
+SUMMARY_FORMAT = 1
+# a scan's summary (CodeCache.save_summary) is kept while its sparse code means and pooled activations take at most
+# this many numbers (HH, 2,312 pairs: ~4M); a larger scan's warm run merges the shards (flat driver memory)
+SUMMARY_NUMBERS = 1 << 24
 # fields with one row per text; the others are segments per text, delimited by the named offsets
 PER_TEXT = ("n_positions", "fvu", "score", "pooled")
 SEGMENTS = {"agg": ("agg_latent", "agg_sum", "agg_count", "agg_max"),
@@ -97,6 +101,71 @@ class CodeCache:
             self.index = {k: v for k, v in self.index.items() if v[0] != path}
             return None
         return block
+
+    def summary_path(self, keys: list[str]) -> Path:
+        """Where the summary of a scan of the texts ``keys`` (in this order) lives: content-addressed."""
+        h = hashlib.sha256(json.dumps([SUMMARY_FORMAT, CODES_FORMAT, _top_activations(), list(keys)]).encode())
+        return self.directory / f"summary-{short_digest(h.hexdigest())}.safetensors"
+
+    def load_summary(self, keys: list[str]) -> dict[str, torch.Tensor] | None:
+        """The summary of a scan of ``keys``, or None: missing, or unreadable / altered (then deleted, to be made
+        again: an entry is used only when its content digest matches)."""
+        path = self.summary_path(keys)
+        try:
+            data = path.read_bytes()
+        except OSError:
+            return None
+        try:
+            size = struct.unpack("<Q", data[:8])[0]
+            meta = json.loads(data[8:8 + size])["__metadata__"]
+            assert meta.get("format") == str(SUMMARY_FORMAT)
+            assert meta.get("keys") == _keys_digest(keys)
+            assert meta.get("digest") == hashlib.blake2b(data[8 + size:], digest_size=16).hexdigest()
+            summary = load_safetensors(data)
+            _check_summary(summary, len(keys))
+        except (ValueError, RuntimeError, KeyError, TypeError, AssertionError, struct.error):
+            path.unlink(missing_ok=True)
+            return None
+        return summary
+
+    def save_summary(self, keys: list[str], summary: dict[str, torch.Tensor]) -> None:
+        """Write the summary of a scan of ``keys`` atomically, with the digest of its tensor bytes."""
+        tensors = {k: v.contiguous() for k, v in summary.items()}
+        data = save_safetensors(tensors)  # no metadata yet: the digest covers the bytes after the header
+        size = struct.unpack("<Q", data[:8])[0]
+        header = json.loads(data[8:8 + size])
+        header["__metadata__"] = {"format": str(SUMMARY_FORMAT), "keys": _keys_digest(keys),
+                                  "digest": hashlib.blake2b(data[8 + size:], digest_size=16).hexdigest()}
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)  # safetensors aligns the tensor data to 8 bytes
+        write_atomic(self.summary_path(keys),
+                     struct.pack("<Q", len(raw)) + raw + data[8 + size:])
+
+
+def _top_activations() -> int:
+    from .salience import TOP_ACTIVATIONS
+
+    return TOP_ACTIVATIONS
+
+
+def _keys_digest(keys: list[str]) -> str:
+    return hashlib.sha256(json.dumps(list(keys)).encode()).hexdigest()
+
+
+SUMMARY_FIELDS = ("n_positions", "fvu", "seen", "scores", "pooled", "fire_counts", "token_counts", "code_offsets",
+                  "code_latent", "code_mean", "top_value", "top_text", "top_position", "top_token")
+
+
+def _check_summary(summary: dict[str, torch.Tensor], n_texts: int) -> None:
+    assert set(summary) == set(SUMMARY_FIELDS)
+    assert len(summary["n_positions"]) == n_texts and len(summary["code_offsets"]) == n_texts + 1
+    assert int(summary["code_offsets"][0]) == 0 and int(summary["code_offsets"][-1]) == len(summary["code_latent"])
+    assert len(summary["code_mean"]) == len(summary["code_latent"])
+    if int(summary["seen"]):
+        assert len(summary["scores"]) == n_texts and len(summary["pooled"]) == n_texts
+    shape = summary["top_value"].shape
+    assert all(summary[name].shape == shape for name in ("top_text", "top_position", "top_token"))
+    assert shape == (_top_activations(), len(summary["fire_counts"]))
 
 
 def block_digest(keys: list[str], block: dict[str, torch.Tensor]) -> str:
@@ -308,7 +377,7 @@ class _Accumulator:
     """CodeStats built block by block, in any order, holding only per-text numbers, running sums and
     the strongest activations: the per-text code means (and pooled activations) go to TextRows."""
 
-    def __init__(self, n_texts: int, n_latents: int, directory: Path | None):
+    def __init__(self, n_texts: int, n_latents: int, directory: Path | None, *, keep_sparse: bool = False):
         self.n_texts, self.n_latents, self.directory = n_texts, n_latents, directory
         self.n_positions = torch.zeros(n_texts, dtype=torch.long)
         self.fvu = torch.zeros(n_texts, dtype=torch.float64)
@@ -323,6 +392,9 @@ class _Accumulator:
         self.pending: list[dict[str, torch.Tensor]] = []
         self.n_pending = 0
         self.seen = False
+        # the sparse code means (text, latent, mean) as added, for the scan's summary: dropped when they outgrow it
+        self.sparse: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None = [] if keep_sparse else None
+        self.n_sparse = 0
 
     def add(self, index: torch.Tensor, block: dict[str, torch.Tensor]) -> None:
         """The per-text entries ``block`` (encode_chunk's layout) of the dataset texts ``index``."""
@@ -343,8 +415,14 @@ class _Accumulator:
         agg_local = torch.repeat_interleave(torch.arange(n), block["agg_offsets"].diff())
         agg_latent = block["agg_latent"].long()
         means = torch.zeros(n, self.n_latents)
-        means[agg_local, agg_latent] = block["agg_sum"] / n_positions[agg_local].clamp(min=1)
+        values = block["agg_sum"] / n_positions[agg_local].clamp(min=1)
+        means[agg_local, agg_latent] = values
         self.codes.write(index, means)
+        if self.sparse is not None:
+            self.sparse.append((index[agg_local], agg_latent.int(), values))
+            self.n_sparse += len(values)
+            if self.n_sparse + self.n_texts * block["pooled"].shape[1] > SUMMARY_NUMBERS:
+                self.sparse = None
         self.fire_counts.index_add_(0, agg_latent, block["agg_count"].long())
         if len(block["token_ids"]):
             counts = torch.bincount(block["token_ids"].long())
@@ -384,7 +462,34 @@ class _Accumulator:
         self.pending, self.n_pending = [], 0
 
     def finish(self):
-        from .salience import TOP_ACTIVATIONS, CodeStats, _rank_within_latent
+        from .salience import CodeStats
+
+        top = self.top_dense()
+        fvu = float(self.fvu.sum()) / max(int(self.n_positions.sum()), 1) if self.seen else 0.0
+        return CodeStats(self.codes, self.n_positions, self.fire_counts, top["value"], top["text"],
+                         top["position"], top["token"], fvu, self.token_counts,
+                         pooled=self.pooled if self.seen else None, scores=self.scores if self.seen else None)
+
+    def summary(self, stats) -> dict[str, torch.Tensor] | None:
+        """What ``stats`` (this accumulator's finish()) holds, for CodeCache.save_summary; None when too large."""
+        if self.sparse is None:
+            return None
+        text = torch.cat([t for t, _, _ in self.sparse]) if self.sparse else torch.zeros(0, dtype=torch.long)
+        latent = torch.cat([lat for _, lat, _ in self.sparse]) if self.sparse else torch.zeros(0, dtype=torch.int32)
+        mean = torch.cat([m for _, _, m in self.sparse]) if self.sparse else torch.zeros(0)
+        order = torch.argsort(text, stable=True)  # each text's entries come from one block, in latent order
+        empty = torch.zeros(0)
+        return {"n_positions": self.n_positions, "fvu": torch.tensor([stats.fvu], dtype=torch.float64),
+                "seen": torch.tensor([int(self.seen)]), "scores": self.scores if self.seen else empty,
+                "pooled": self.pooled.read(0, self.n_texts) if self.seen else empty,
+                "fire_counts": self.fire_counts, "token_counts": self.token_counts,
+                "code_offsets": _offsets(torch.bincount(text, minlength=self.n_texts)),
+                "code_latent": latent[order], "code_mean": mean[order],
+                "top_value": stats.top_values, "top_text": stats.top_texts, "top_position": stats.top_positions,
+                "top_token": stats.top_tokens}
+
+    def top_dense(self) -> dict[str, torch.Tensor]:
+        from .salience import TOP_ACTIVATIONS, _rank_within_latent
 
         self._merge()
 
@@ -396,10 +501,42 @@ class _Accumulator:
             rank = _rank_within_latent(self.top["latent"], n_latents)
             for name in dense:
                 dense[name][rank, self.top["latent"]] = self.top[name]
-        fvu = float(self.fvu.sum()) / max(int(self.n_positions.sum()), 1) if self.seen else 0.0
-        return CodeStats(self.codes, self.n_positions, self.fire_counts, dense["value"], dense["text"],
-                         dense["position"], dense["token"], fvu, self.token_counts,
-                         pooled=self.pooled if self.seen else None, scores=self.scores if self.seen else None)
+        return dense
+
+
+SUMMARY_ROWS = 1024  # texts whose dense code means are rebuilt from a summary at a time
+
+
+def stats_from_summary(summary: dict[str, torch.Tensor], n_latents: int, directory: Path | None):
+    """The CodeStats a summary was made from, bit for bit (the code means rebuilt as the accumulator wrote them).
+
+    Data of one range of pairs (salience.STREAM_PAIRS) keeps its rows in memory: every pass reads that whole
+    range anyway, and this spares writing the rows to a file and copying them back on each pass.
+    """
+    from . import salience
+    from .salience import CodeStats
+
+    n_positions = summary["n_positions"]
+    n_texts = len(n_positions)
+    if n_texts <= 2 * salience.STREAM_PAIRS:
+        directory = None
+    codes = TextRows(n_texts, n_latents, directory)
+    offsets, latent, mean = summary["code_offsets"], summary["code_latent"].long(), summary["code_mean"]
+    for start in range(0, n_texts, SUMMARY_ROWS):
+        stop = min(start + SUMMARY_ROWS, n_texts)
+        lo, hi = int(offsets[start]), int(offsets[stop])
+        local = torch.repeat_interleave(torch.arange(stop - start), offsets[start:stop + 1].diff())
+        means = torch.zeros(stop - start, n_latents)
+        means[local, latent[lo:hi]] = mean[lo:hi]
+        codes.write(torch.arange(start, stop), means)
+    seen = bool(int(summary["seen"][0]))
+    pooled = None
+    if seen:
+        pooled = TextRows(n_texts, summary["pooled"].shape[1], directory)
+        pooled.write(torch.arange(n_texts), summary["pooled"])
+    return CodeStats(codes, n_positions, summary["fire_counts"], summary["top_value"], summary["top_text"],
+                     summary["top_position"], summary["top_token"], float(summary["fvu"][0]),
+                     summary["token_counts"], pooled=pooled, scores=summary["scores"] if seen else None)
 
 
 def encode_store(store, sae, *, progress=None, cache: CodeCache | None = None):
@@ -407,13 +544,20 @@ def encode_store(store, sae, *, progress=None, cache: CodeCache | None = None):
 
     Streamed: each shard (read back or freshly encoded) is folded into the result and let go,
     so the driver's memory does not grow with the number of texts beyond a few numbers per text;
-    with a cache, the per-text code means go to a temporary file in it (TextRows).
+    with a cache, the per-text code means go to a temporary file in it (TextRows). A scan of the
+    very texts of an earlier one reads that scan's summary instead: one checked entry, no merge.
     """
-    from .activations import ActivationStore
-
     n_texts = store.n_texts
+    if cache is not None:
+        summary = cache.load_summary(list(store.keys))
+        if summary is not None:
+            stats = stats_from_summary(summary, sae.cfg.n_latents, cache.directory)
+            if progress is not None:
+                progress(n_texts, n_texts)
+            return stats
     device = next(sae.parameters()).device
-    acc = _Accumulator(n_texts, sae.cfg.n_latents, cache.directory if cache is not None else None)
+    acc = _Accumulator(n_texts, sae.cfg.n_latents, cache.directory if cache is not None else None,
+                       keep_sparse=cache is not None)
     n_encoded = 0
     if cache is None:
         for texts, offsets, tensors in store.iter_chunks():
@@ -422,49 +566,63 @@ def encode_store(store, sae, *, progress=None, cache: CodeCache | None = None):
             if progress is not None:
                 progress(n_encoded, n_texts)
     else:
-        keys = list(store.keys)
-        by_shard: dict[Path, list[tuple[int, int]]] = {}
-        for text, key in enumerate(keys):
-            if key in cache.index:
-                shard, row = cache.index[key]
-                by_shard.setdefault(shard, []).append((text, row))
-        done = 0
-        cached: set[int] = set()
-        for shard, served in by_shard.items():
-            block = cache.load(shard)
-            if block is None:
-                continue  # unreadable: its texts are encoded below
-            acc.add(torch.tensor([t for t, _ in served]), select_rows(block, torch.tensor([r for _, r in served])))
-            cached.update(t for t, _ in served)
-            done += len(served)
-            del block
-        missing = list(dict.fromkeys(k for t, k in enumerate(keys) if t not in cached))
-        if progress is not None:
-            progress(done, n_texts)
-        if missing:
-            wanted: dict[str, list[int]] = {}
-            for text, key in enumerate(keys):
-                if text not in cached:
-                    wanted.setdefault(key, []).append(text)
-            if hasattr(store, "ensure_verified"):
-                store.ensure_verified()  # a lazily extracted store checks (or computes again) its shards now
-            # a store of just the missing texts streams only the activation shards that hold them
-            sub = ActivationStore(store.cache, missing, store.d_model, store.backend_identity)
-            for texts, offsets, tensors in sub.iter_chunks():
-                block = encode_chunk(sae, offsets, tensors, device)
-                chunk_keys = [missing[t] for t in texts.tolist()]
-                cache.add(chunk_keys, block)
-                n_encoded += len(chunk_keys)
-                # a text that occurs twice in the data is encoded once and used for both
-                rows = [r for r, key in enumerate(chunk_keys) for _ in wanted[key]]
-                acc.add(torch.tensor([t for key in chunk_keys for t in wanted[key]]),
-                        select_rows(block, torch.tensor(rows, dtype=torch.long)))
-                done += len(rows)
-                if progress is not None:
-                    progress(done, n_texts)
+        n_encoded = _fold_cached(store, sae, cache, acc, device, progress)
     stats = acc.finish()
     stats.n_encoded = n_encoded
+    if cache is not None:
+        summary = acc.summary(stats)
+        if summary is not None:
+            cache.save_summary(list(store.keys), summary)
     return stats
+
+
+def _fold_cached(store, sae, cache: CodeCache, acc: _Accumulator, device, progress) -> int:
+    """Fold the cached texts' shards into ``acc``, encode (and cache) the others; the number encoded."""
+    from .activations import ActivationStore
+
+    n_texts, n_encoded = store.n_texts, 0
+    keys = list(store.keys)
+    by_shard: dict[Path, list[tuple[int, int]]] = {}
+    for text, key in enumerate(keys):
+        if key in cache.index:
+            shard, row = cache.index[key]
+            by_shard.setdefault(shard, []).append((text, row))
+    done = 0
+    cached: set[int] = set()
+    for shard, served in by_shard.items():
+        block = cache.load(shard)
+        if block is None:
+            continue  # unreadable: its texts are encoded below
+        acc.add(torch.tensor([t for t, _ in served]), select_rows(block, torch.tensor([r for _, r in served])))
+        cached.update(t for t, _ in served)
+        done += len(served)
+        del block
+    missing = list(dict.fromkeys(k for t, k in enumerate(keys) if t not in cached))
+    if progress is not None:
+        progress(done, n_texts)
+    if not missing:
+        return 0
+    wanted: dict[str, list[int]] = {}
+    for text, key in enumerate(keys):
+        if text not in cached:
+            wanted.setdefault(key, []).append(text)
+    if hasattr(store, "ensure_verified"):
+        store.ensure_verified()  # a lazily extracted store checks (or computes again) its shards now
+    # a store of just the missing texts streams only the activation shards that hold them
+    sub = ActivationStore(store.cache, missing, store.d_model, store.backend_identity)
+    for texts, offsets, tensors in sub.iter_chunks():
+        block = encode_chunk(sae, offsets, tensors, device)
+        chunk_keys = [missing[t] for t in texts.tolist()]
+        cache.add(chunk_keys, block)
+        n_encoded += len(chunk_keys)
+        # a text that occurs twice in the data is encoded once and used for both
+        rows = [r for r, key in enumerate(chunk_keys) for _ in wanted[key]]
+        acc.add(torch.tensor([t for key in chunk_keys for t in wanted[key]]),
+                select_rows(block, torch.tensor(rows, dtype=torch.long)))
+        done += len(rows)
+        if progress is not None:
+            progress(done, n_texts)
+    return n_encoded
 
 
 def assemble(n_texts: int, n_latents: int, parts: list[tuple[torch.Tensor, dict[str, torch.Tensor]]]):

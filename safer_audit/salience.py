@@ -58,6 +58,7 @@ class CodeStats:
                                                                                 top_positions, top_tokens)
         self.fvu, self.token_counts, self.scores, self.n_encoded = fvu, token_counts, scores, n_encoded
         self.pooled_rows = TextRows.of(pooled)
+        self._totals: tuple[torch.Tensor, torch.Tensor] | None = None
 
     @property
     def mean_codes(self) -> torch.Tensor:
@@ -93,7 +94,10 @@ class CodeStats:
         return int(self.n_positions.sum())
 
     def totals(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """C and R of docs/method.md section 3: summed codes over chosen and over rejected texts (streamed)."""
+        """C and R of docs/method.md section 3: summed codes over chosen and over rejected texts (streamed;
+        computed once: salience and the feature cards both read them)."""
+        if self._totals is not None:
+            return self._totals
         chosen = rejected = None
         for first, codes in self.pair_batches():
             n_positions = self.n_positions[2 * first:2 * first + len(codes)]
@@ -101,6 +105,7 @@ class CodeStats:
             c, r = sums[0::2].sum(0), sums[1::2].sum(0)
             chosen = c if chosen is None else chosen + c
             rejected = r if rejected is None else rejected + r
+        self._totals = chosen, rejected
         return chosen, rejected
 
 
@@ -284,35 +289,39 @@ class CardData:
         return asdict(self)
 
 
-def _pick_contexts(stats: CodeStats, j: int, n_contexts: int) -> list[CardContext]:
+def _pick_contexts(stats: CodeStats, j: int, n_contexts: int, columns=None) -> list[CardContext]:
     """The strongest activations of latent ``j``, at most one per pair, then a few from lower quantiles.
 
     One pair can hold many of a latent's strongest activations (a long answer that repeats
     a phrase); a card that shows it six times shows one example, not six. Candidates beyond
     ``n_contexts`` are kept so the renderer can still fill the card after it drops windows
-    of identical text.
+    of identical text. ``columns``: latent j's (values, texts, positions, tokens) as lists, when
+    the caller has them (feature_cards takes every card's at once).
     """
-    ranks = torch.nonzero(stats.top_values[:, j] > 0).flatten().tolist()
+    if columns is None:
+        columns = [t[:, j].tolist() for t in (stats.top_values, stats.top_texts, stats.top_positions,
+                                              stats.top_tokens)]
+    values, texts, positions, tokens = columns
+    ranks = [r for r, v in enumerate(values) if v > 0]
 
     def context(r: int, sample: str) -> CardContext:
-        return CardContext(int(stats.top_texts[r, j]), int(stats.top_positions[r, j]), int(stats.top_tokens[r, j]),
-                           float(stats.top_values[r, j]), sample)
+        return CardContext(texts[r], positions[r], tokens[r], values[r], sample)
 
     seen: set[int] = set()
     first_of_pair = []
     for r in ranks:
-        pair = int(stats.top_texts[r, j]) // 2
+        pair = texts[r] // 2
         if pair not in seen:
             seen.add(pair)
             first_of_pair.append(r)
     top = first_of_pair[:2 * n_contexts]
     shown = set(first_of_pair[:n_contexts])
     out = [context(r, "top") for r in top]
-    used = {int(stats.top_texts[r, j]) // 2 for r in shown}
+    used = {texts[r] // 2 for r in shown}
     for sample, where in QUANTILE_SAMPLES:
         # the first activation at or below that quantile of the strongest list from a pair not shown yet
         for r in ranks[int(where * len(ranks)):]:
-            pair = int(stats.top_texts[r, j]) // 2
+            pair = texts[r] // 2
             if pair not in used and r not in shown:
                 used.add(pair)
                 out.append(context(r, sample))
@@ -320,30 +329,32 @@ def _pick_contexts(stats: CodeStats, j: int, n_contexts: int) -> list[CardContex
     return out
 
 
+def _bin_counts(values: torch.Tensor, top: torch.Tensor) -> torch.Tensor:
+    """[n_columns, HISTOGRAM_BINS]: per column of ``values``, its values > 0 counted in HISTOGRAM_BINS bins from 0
+    to ``top`` (that column's maximum, or more). What torch.histc(column[column > 0], bins, min=0, max=top) counts,
+    for every column at once: histc's bin is ((x - min) * bins) / (max - min) in the values' dtype, truncated,
+    the top edge in the last bin (tests/test_feature_card_speed.py checks it against histc)."""
+    n_columns = values.shape[1]
+    firing = values > 0
+    safe_top = torch.where(top > 0, top, torch.ones_like(top)).to(values.dtype)
+    bins = ((values - 0) * HISTOGRAM_BINS / safe_top).long().clamp(0, HISTOGRAM_BINS - 1)
+    index = (torch.arange(n_columns) * HISTOGRAM_BINS + bins)[firing]
+    return torch.bincount(index, minlength=n_columns * HISTOGRAM_BINS).view(n_columns, HISTOGRAM_BINS)
+
+
 def _histograms(codes: torch.Tensor) -> list[dict]:
     """Per feature (column of ``codes``, text 2i chosen, 2i+1 rejected): HISTOGRAM_BINS bins from 0 to the
     largest per-text mean code, counting the texts where it fires on each side."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # histc over a few thousand values: 0.03 ms on one thread, ~10 ms on two (the same counts)
-    try:
-        return _histograms_one_thread(codes)
-    finally:
-        torch.set_num_threads(threads)
-
-
-def _histograms_one_thread(codes: torch.Tensor) -> list[dict]:
+    n_columns = codes.shape[1]
+    top = codes.max(0).values if len(codes) else torch.zeros(n_columns)
+    chosen, rejected = _bin_counts(codes[0::2], top).tolist(), _bin_counts(codes[1::2], top).tolist()
     out = []
-    for column in codes.T:
-        top = float(column.max()) if len(column) else 0.0
-        if top <= 0:
+    for n, peak in enumerate(top.tolist()):
+        if peak <= 0:
             out.append({"edges": [], "chosen": [], "rejected": []})
             continue
-        edges = torch.linspace(0, top, HISTOGRAM_BINS + 1)
-        sides = {}
-        for name, values in (("chosen", column[0::2]), ("rejected", column[1::2])):
-            firing = values[values > 0]
-            sides[name] = [int(c) for c in torch.histc(firing, bins=HISTOGRAM_BINS, min=0, max=top)]
-        out.append({"edges": [round(float(e), 6) for e in edges], **sides})
+        edges = torch.linspace(0, peak, HISTOGRAM_BINS + 1)
+        out.append({"edges": [round(e, 6) for e in edges.tolist()], "chosen": chosen[n], "rejected": rejected[n]})
     return out
 
 
@@ -391,11 +402,7 @@ def _column_summaries(stats: CodeStats, latents: torch.Tensor):
     for first, codes in stats.pair_batches(latents):
         codes = codes.float()
         for side in (0, 1):
-            values = codes[side::2]
-            for n in range(n_columns):
-                if top[n] > 0:
-                    firing = values[:, n][values[:, n] > 0]
-                    counts[side, n] += torch.histc(firing, bins=HISTOGRAM_BINS, min=0, max=float(top[n])).long()
+            counts[side] += _bin_counts(codes[side::2], top)
         where = read[2 * first:2 * first + len(codes)]
         x = codes[where].double() - x_mean
         yc = stats.n_positions[2 * first:2 * first + len(codes)][where].double() - y_mean
@@ -427,20 +434,30 @@ def feature_cards(stats: CodeStats, features: FeatureSet, *, n_contexts: int = 1
     n_tokens = max(stats.n_tokens, 1)
     latents = features.latents
     chosen_fires, rejected_fires, histograms, correlations = _column_summaries(stats, latents)
+    # every card's numbers as Python lists at once: indexing tensors element by element cost most of a warm report
+    chosen_list, rejected_list = chosen_totals[latents].tolist(), rejected_totals[latents].tolist()
+    fire_list = stats.fire_counts[latents].tolist()
+    columns = [t[:, latents].T.tolist() for t in (stats.top_values, stats.top_texts, stats.top_positions,
+                                                  stats.top_tokens)]
+    token_counts = stats.token_counts.tolist() if stats.token_counts is not None else []
+
+    def rate(token_id: int) -> float:  # CodeStats.token_rate, with the counts and their total read once
+        return float(token_counts[token_id]) / n_tokens if 0 <= token_id < len(token_counts) else 0.0
+
     cards = []
     for n, feature in enumerate(features.features):
         j = feature.latent
         valid = stats.top_values[:, j] > 0
         tokens = stats.top_tokens[valid, j]
         ids, inverse, counts = torch.unique(tokens, return_inverse=True, return_counts=True)
-        order = torch.argsort(counts, descending=True, stable=True)[:10]
+        order = torch.argsort(counts, descending=True, stable=True)[:10].tolist()
         mass = torch.zeros(len(ids)).index_add_(0, inverse, stats.top_values[valid, j])
-        by_mass = torch.argsort(mass, descending=True, stable=True)[:20]
-        cards.append(CardData(feature, float(chosen_totals[j]), float(rejected_totals[j]),
-                              float(stats.fire_counts[j]) / n_tokens,
-                              [(int(ids[i]), int(counts[i])) for i in order], _pick_contexts(stats, j, n_contexts),
-                              [(int(ids[i]), round(float(mass[i]), 6)) for i in by_mass],
-                              [stats.token_rate(int(ids[i])) for i in by_mass],
+        by_mass = torch.argsort(mass, descending=True, stable=True)[:20].tolist()
+        ids, counts, mass = ids.tolist(), counts.tolist(), mass.tolist()
+        cards.append(CardData(feature, chosen_list[n], rejected_list[n], float(fire_list[n]) / n_tokens,
+                              [(ids[i], counts[i]) for i in order],
+                              _pick_contexts(stats, j, n_contexts, [c[n] for c in columns]),
+                              [(ids[i], round(mass[i], 6)) for i in by_mass], [rate(ids[i]) for i in by_mass],
                               round(float(chosen_fires[n]), 6), round(float(rejected_fires[n]), 6),
                               histograms[n], correlations[n]))
     return cards

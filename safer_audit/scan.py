@@ -547,15 +547,29 @@ def _render_cards(cards, texts: list[PreparedText], pair_ids: list[str], backend
     one window per pair and no window twice: ``n_contexts`` of the strongest, then the
     lower-quantile samples.
     """
-    needed = sorted({c.text_index for card in cards[:with_contexts] for c in card.contexts})
-    tokenized = {}
-    for special in (False, True):
-        group = [i for i in needed if texts[i].has_special_tokens == special]
-        if group:
-            # the same left-truncated tokenization as extraction, so positions index it directly
-            ids, offsets, specials = backend.tokenize([texts[i].text for i in group], max_length=max_length,
-                                                      has_special_tokens=special)
-            tokenized.update({i: (o, sp) for i, o, sp in zip(group, offsets, specials, strict=True)})
+    tokenized: dict[int, tuple] = {}
+
+    def tokenize(indices) -> None:
+        needed = sorted(set(indices) - tokenized.keys())
+        for special in (False, True):
+            group = [i for i in needed if texts[i].has_special_tokens == special]
+            if group:
+                # the same left-truncated tokenization as extraction, so positions index it directly
+                ids, offsets, specials = backend.tokenize([texts[i].text for i in group], max_length=max_length,
+                                                          has_special_tokens=special)
+                tokenized.update({i: (o, sp) for i, o, sp in zip(group, offsets, specials, strict=True)})
+
+    # the texts shown unless a window repeats (the spare candidates are tokenized only when one does), in one call
+    likely = []
+    for card in cards[:with_contexts]:
+        pairs_taken: set[int] = set()
+        n_top = 0
+        for ctx in card.contexts:
+            if ctx.text_index // 2 not in pairs_taken and (ctx.sample != "top" or n_top < n_contexts):
+                pairs_taken.add(ctx.text_index // 2)
+                n_top += ctx.sample == "top"
+                likely.append(ctx.text_index)
+    tokenize(likely)
     out = []
     for n, card in enumerate(cards):
         contexts = []
@@ -566,6 +580,8 @@ def _render_cards(cards, texts: list[PreparedText], pair_ids: list[str], backend
                                                       sum(c.sample == "top" for c in contexts) >= n_contexts):
                 continue
             text = texts[ctx.text_index].text
+            if ctx.text_index not in tokenized:
+                tokenize([ctx.text_index])
             offsets, special = tokenized[ctx.text_index]
             window = [i for i in range(max(ctx.position - CONTEXT_TOKENS, 0),
                                        min(ctx.position + CONTEXT_TOKENS + 1, len(offsets))) if not special[i]]

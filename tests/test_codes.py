@@ -78,10 +78,18 @@ def test_an_unreadable_codes_shard_is_encoded_again(tiny_llama_dir, tmp_path):
     shards = sorted((tmp_path / "cache").rglob("codes/*/shard-*.safetensors"))
     keys = _header_keys(shards[0])
     shards[0].write_bytes(shards[0].read_bytes()[:100])  # truncated
+    drop_summaries(tmp_path / "cache")  # else the warm scan reads the scan's summary and no shard
     warm = run_scan(str(data), config(tiny_llama_dir, tmp_path / "cache"))
     assert warm.stats.n_encoded == len(set(keys))
     assert_same_stats(cold.stats, warm.stats)
     assert_same_report(cold.report, warm.report)
+
+
+def drop_summaries(cache_dir):
+    summaries = sorted(cache_dir.rglob("codes/*/summary-*.safetensors"))
+    assert summaries
+    for path in summaries:
+        path.unlink()
 
 
 def _count_calls(monkeypatch, owner, name):
@@ -137,6 +145,7 @@ def test_a_codes_shard_with_a_flipped_byte_is_encoded_again(tiny_llama_dir, tmp_
     raw = bytearray(shards[0].read_bytes())
     raw[-5] ^= 0xFF  # lengths and header intact: only the content digest can tell
     shards[0].write_bytes(bytes(raw))
+    drop_summaries(tmp_path / "cache")
     warm = run_scan(str(data), config(tiny_llama_dir, tmp_path / "cache"))
     assert warm.stats.n_encoded == len(set(keys))
     assert_same_stats(cold.stats, warm.stats)
