@@ -21,6 +21,7 @@ import struct
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
@@ -96,7 +97,8 @@ class CodeCache:
             size = struct.unpack("<Q", data[:8])[0]
             meta = json.loads(data[8:8 + size])["__metadata__"]
             assert meta.get("digest") == block_digest(json.loads(meta["keys"]), block)  # flipped bytes: encoded again
-        except (OSError, ValueError, RuntimeError, KeyError, TypeError, AssertionError):
+        # tensors cut short after a good header: safetensors raises SafetensorError (not a ValueError)
+        except (OSError, ValueError, RuntimeError, KeyError, TypeError, AssertionError, SafetensorError, struct.error):
             path.unlink(missing_ok=True)
             self.index = {k: v for k, v in self.index.items() if v[0] != path}
             return None
@@ -123,7 +125,7 @@ class CodeCache:
             assert meta.get("digest") == hashlib.blake2b(data[8 + size:], digest_size=16).hexdigest()
             summary = load_safetensors(data)
             _check_summary(summary, len(keys))
-        except (ValueError, RuntimeError, KeyError, TypeError, AssertionError, struct.error):
+        except (ValueError, RuntimeError, KeyError, TypeError, AssertionError, SafetensorError, struct.error):
             path.unlink(missing_ok=True)
             return None
         return summary

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import struct
 
 import pytest
 import torch
@@ -79,6 +80,22 @@ def test_an_unreadable_codes_shard_is_encoded_again(tiny_llama_dir, tmp_path):
     keys = _header_keys(shards[0])
     shards[0].write_bytes(shards[0].read_bytes()[:100])  # truncated
     drop_summaries(tmp_path / "cache")  # else the warm scan reads the scan's summary and no shard
+    warm = run_scan(str(data), config(tiny_llama_dir, tmp_path / "cache"))
+    assert warm.stats.n_encoded == len(set(keys))
+    assert_same_stats(cold.stats, warm.stats)
+    assert_same_report(cold.report, warm.report)
+
+
+def test_a_codes_shard_cut_short_after_its_header_is_encoded_again(tiny_llama_dir, tmp_path):
+    # the header reads, the tensors are cut short: safetensors raises SafetensorError, not a ValueError
+    data = write_pairs(tmp_path / "pairs.jsonl", 30)
+    cold = run_scan(str(data), config(tiny_llama_dir, tmp_path / "cache"))
+    shards = sorted((tmp_path / "cache").rglob("codes/*/shard-*.safetensors"))
+    keys = _header_keys(shards[0])
+    raw = shards[0].read_bytes()
+    header = 8 + struct.unpack("<Q", raw[:8])[0]
+    shards[0].write_bytes(raw[:header + 16])
+    drop_summaries(tmp_path / "cache")
     warm = run_scan(str(data), config(tiny_llama_dir, tmp_path / "cache"))
     assert warm.stats.n_encoded == len(set(keys))
     assert_same_stats(cold.stats, warm.stats)
