@@ -21,6 +21,7 @@ from safer_audit.report import Finding, LazyFindings, Report, export_report
 from safer_audit.scan import run_scan
 
 from .conftest import hh_records
+from .test_report import make_report
 
 
 def live_findings() -> int:
@@ -128,3 +129,14 @@ def test_load_pairs_holds_one_batch_of_pairs_as_python_objects(tmp_path, monkeyp
     batched = load_pairs(path).pairs
     assert most <= 5  # every pair's messages were held until the table was built
     assert batched.equals(whole) and batched.schema == whole.schema
+
+
+@pytest.mark.parametrize("count", [0, 1, None])
+def test_json_is_written_a_finding_at_a_time_as_json_dumps_writes_it_whole(tmp_path, count):
+    report = make_report()  # texts with newlines, quotes, markup and control characters
+    findings = sorted(report.findings, key=lambda f: f.rank)[:count]
+    lazy = Report(report.run, report.features, LazyFindings(len(findings), lambda start, stop: findings[start:stop]))
+    export_report(lazy, tmp_path / "report.json")
+    whole = Report(report.run, report.features, findings)
+    expected = json.dumps(whole.to_dict(), ensure_ascii=False, indent=2, allow_nan=False) + "\n"
+    assert (tmp_path / "report.json").read_text(encoding="utf-8") == expected
