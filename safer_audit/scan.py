@@ -197,8 +197,20 @@ def read_data(source: str, config: ScanConfig):
     return load_pairs(source, config.read)
 
 
+TEXTS_BATCH = 4096  # pairs whose messages are turned into Python objects at a time to render their texts
+
+
+def rendered_texts(pairs: pl.DataFrame, backend) -> list[PreparedText]:
+    """``pair_texts`` a range of pairs at a time: the messages columns of every pair as Python lists
+    of dicts at once peaked at ~9 KB a pair (issue 16)."""
+    texts: list[PreparedText] = []
+    for start in range(0, len(pairs), TEXTS_BATCH):
+        texts += pair_texts(pairs.slice(start, TEXTS_BATCH), backend)
+    return texts
+
+
 def _activations_for(pairs: pl.DataFrame, backend, config: ScanConfig, steps, label: str, *, lazy: bool = False):
-    texts = pair_texts(pairs, backend)
+    texts = rendered_texts(pairs, backend)
     with steps(label, "pairs", scale=0.5) as update:
         store = extract_activations(texts, backend, config.activations, progress=update, lazy=lazy)
     return texts, store

@@ -140,3 +140,21 @@ def test_json_is_written_a_finding_at_a_time_as_json_dumps_writes_it_whole(tmp_p
     whole = Report(report.run, report.features, findings)
     expected = json.dumps(whole.to_dict(), ensure_ascii=False, indent=2, allow_nan=False) + "\n"
     assert (tmp_path / "report.json").read_text(encoding="utf-8") == expected
+
+
+def test_texts_are_rendered_a_range_of_pairs_at_a_time(tiny_llama_dir, tmp_path, monkeypatch):
+    from safer_audit import scan
+    from safer_audit.activations import load_backend, pair_texts
+
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in hh_records(11)), encoding="utf-8")
+    pairs = load_pairs(path).pairs
+    backend = load_backend(ActivationConfig(model=str(tiny_llama_dir), layer=1))
+    slices = []
+    real_slice = pl.DataFrame.slice
+    monkeypatch.setattr(scan, "TEXTS_BATCH", 4, raising=False)
+    monkeypatch.setattr(pl.DataFrame, "slice", lambda self, *a: slices.append(a) or real_slice(self, *a))
+    texts = scan._activations_for(pairs, backend, ScanConfig(activations=ActivationConfig(
+        model=str(tiny_llama_dir), layer=1, max_length=64, cache_dir=tmp_path / "cache")), scan.no_progress, "x")[0]
+    assert slices[:3] == [(0, 4), (4, 4), (8, 4)]  # the messages of at most 4 pairs as Python objects at once
+    assert texts == pair_texts(pairs, backend)
