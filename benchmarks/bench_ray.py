@@ -158,6 +158,7 @@ def run(data: str, engine: str, workers: int | None, args, cache: Path) -> dict:
     try:
         with RssSampler() as sampler:
             result = run_scan(data, config)
+        peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # the scan's, not this script's lists
     finally:
         if engine == "ray":
             import ray
@@ -171,15 +172,18 @@ def run(data: str, engine: str, workers: int | None, args, cache: Path) -> dict:
         worker_rss = LAST_RUN.get("worker_peak_rss")
     pairs = len(result.pairs)
     name = f"{engine}" + (f" x{workers}" if workers else "")
+    ranking, scores, flagged = [], {}, []
+    for f in result.report.findings:  # one pass: a scan's findings are made as they are read
+        ranking.append(f.pair_id)
+        scores[f.pair_id] = f.suspicion
+        if str(f.category) in ("flipped", "noisy"):
+            flagged.append(f.pair_id)
     return {"engine": name + ("" if args.cache_dtype == "float32" else f" {args.cache_dtype}"), "pairs": pairs,
             "extract_pairs_per_s": pairs / result.timings["activations"], "scan_s": seconds,
             "timings": result.timings, "load": [load_before, os.getloadavg()[0]],
             "driver_rss_by_stage_mb": sampler.by_stage(start, result.timings), "held_mb": held_by_driver(result),
-            "ranking": [f.pair_id for f in result.report.findings],
-            "scores": {f.pair_id: f.suspicion for f in result.report.findings},
-            "flagged": sorted(f.pair_id for f in result.report.findings if str(f.category) in ("flipped", "noisy")),
-            "cache_mb_per_1k": cache_bytes(cache) / 1e6 / pairs * 1000,
-            "driver_peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "ranking": ranking, "scores": scores, "flagged": sorted(flagged),
+            "cache_mb_per_1k": cache_bytes(cache) / 1e6 / pairs * 1000, "driver_peak_rss_mb": peak_rss,
             "worker_peak_rss_mb": worker_rss}
 
 

@@ -132,6 +132,8 @@ def rerank(result, signals: dict[str, torch.Tensor], weights: dict[str, float], 
     result.signals, result.suspicion = signals, ranked
     result.flip_probability, result.stack_weights = stack.flip_probability, stack.weights
     report = result.report
+    # the findings change in place below: every one is made and kept (a scan's are made as they are read)
+    report.findings = list(report.findings)
     index = {pair_id: i for i, pair_id in enumerate(result.pairs["pair_id"].to_list())}
     by_pair = {finding.pair_id: finding for finding in report.findings}
     quality = [by_pair[pair_id].quality for pair_id in result.pairs["pair_id"].to_list()]

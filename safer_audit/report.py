@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections.abc import Callable, MutableSequence
 from dataclasses import MISSING, asdict, dataclass, fields
 from pathlib import Path
 from typing import Iterable
@@ -230,21 +231,106 @@ FRAME_SCHEMA = {
 _NESTED = ("quality", "top_features")
 
 
+class LazyFindings(MutableSequence):
+    """A scan's findings, most suspicious first, each made when it is read (issue 16).
+
+    A scan of 100k pairs would otherwise hold 100k ``Finding`` objects with their texts until
+    the report is written; this holds the scan's compact per-pair arrays (through ``make``) and
+    makes ``BATCH`` findings at a time while it is iterated. A finding read by index is kept, so
+    changing it changes the report; any change to the sequence itself (setting, deleting,
+    inserting, sorting) first turns it into a plain list of every finding.
+    """
+
+    BATCH = 1024
+
+    def __init__(self, length: int, make: Callable[[int, int], list[Finding]]):
+        self._length, self._make = length, make  # make(start, stop): the findings at rank positions start..stop-1
+        self._items: list[Finding] | None = None
+        self._read: dict[int, Finding] = {}
+
+    def __len__(self) -> int:
+        return self._length if self._items is None else len(self._items)
+
+    def __getitem__(self, index):
+        if self._items is not None:
+            return self._items[index]
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(self._length))]
+        i = index.__index__()
+        i += self._length if i < 0 else 0
+        if not 0 <= i < self._length:
+            raise IndexError("finding index out of range")
+        if i not in self._read:
+            self._read[i] = self._make(i, i + 1)[0]
+        return self._read[i]
+
+    def __iter__(self):
+        if self._items is not None:
+            yield from self._items
+            return
+        for start in range(0, self._length, self.BATCH):
+            for i, finding in enumerate(self._make(start, min(start + self.BATCH, self._length)), start):
+                yield self._read.get(i, finding)
+
+    def materialise(self) -> list[Finding]:
+        """Every finding, as the list this sequence now is."""
+        if self._items is None:
+            self._items = list(self)
+            self._read = {}
+        return self._items
+
+    def __setitem__(self, index, value):
+        self.materialise()[index] = value
+
+    def __delitem__(self, index):
+        del self.materialise()[index]
+
+    def insert(self, index, value):
+        self.materialise().insert(index, value)
+
+    def sort(self, *, key=None, reverse: bool = False) -> None:
+        self.materialise().sort(key=key, reverse=reverse)
+
+    def __eq__(self, other):
+        if isinstance(other, (list, tuple, LazyFindings)):
+            return len(self) == len(other) and all(a == b for a, b in zip(self, other, strict=True))
+        return NotImplemented
+
+    __hash__ = None
+
+    def __repr__(self) -> str:
+        return f"LazyFindings({len(self)} findings)"
+
+    @property
+    def ranked(self) -> bool:
+        """Still in the order it was made in (by rank)."""
+        return self._items is None
+
+
+def _by_rank(findings) -> Iterable[Finding]:
+    """``findings`` by rank: a scan's lazy findings as they come (made in rank order), others sorted."""
+    if isinstance(findings, LazyFindings) and findings.ranked:
+        return findings
+    return sorted(findings, key=lambda f: f.rank)
+
+
 @dataclass
 class Report:
     """Everything a scan found, in the form every exporter renders."""
 
     run: RunInfo
     features: list[FeatureCard]
-    findings: list[Finding]
+    findings: list[Finding]  # a scan's are a LazyFindings (made as they are read)
 
     def to_dict(self, include_findings: bool = True) -> dict:
         """Plain JSON-ready data, tagged with the schema version."""
-        data = {"schema_version": REPORT_SCHEMA_VERSION, **asdict(self)}
+        # field by field, as asdict(self) would: asdict deep-copies a sequence that is not a list
+        data = {"schema_version": REPORT_SCHEMA_VERSION, "run": asdict(self.run),
+                "features": [asdict(card) for card in self.features]}
+        if include_findings:
+            data["findings"] = [asdict(finding) for finding in self.findings]
         for card in data["features"]:
             card["top_tokens"] = [list(pair) for pair in card["top_tokens"]]
-        if not include_findings:
-            del data["findings"]
         return data
 
     @classmethod
@@ -264,18 +350,32 @@ class Report:
 
     def to_frame(self, nested: bool = True) -> pl.DataFrame:
         """One row per pair, by rank, in the layout of FRAME_SCHEMA."""
-        rows = [asdict(finding) for finding in sorted(self.findings, key=lambda f: f.rank)]
-        frame = pl.DataFrame(rows, schema=FRAME_SCHEMA, orient="row")
-        if nested:
-            return frame
-        # CSV has no lists: keep them readable and loss-free as JSON text.
-        encoded = {name: [json.dumps(row[name], ensure_ascii=False) for row in rows] for name in _NESTED}
-        return frame.with_columns(pl.Series(name, values, dtype=pl.String) for name, values in encoded.items())
+        frames, rows = [], []
+        for finding in _by_rank(self.findings):  # a batch of rows at a time: never every finding's dict at once
+            rows.append(asdict(finding))
+            if len(rows) == FRAME_BATCH:
+                frames.append(_rows_frame(rows, nested))
+                rows = []
+        if rows or not frames:
+            frames.append(_rows_frame(rows, nested))
+        return frames[0] if len(frames) == 1 else pl.concat(frames, rechunk=True)
 
     def suspects(self, top: int | None = None) -> list[Finding]:
         """The findings that are not clean, most suspicious first, at most ``top`` of them."""
-        ranked = sorted((f for f in self.findings if f.category != "clean"), key=lambda f: f.rank)
+        ranked = [f for f in _by_rank(self.findings) if f.category != "clean"]
         return ranked if top is None else ranked[:top]
+
+
+FRAME_BATCH = 4096  # findings turned into table rows at a time by Report.to_frame
+
+
+def _rows_frame(rows: list[dict], nested: bool) -> pl.DataFrame:
+    frame = pl.DataFrame(rows, schema=FRAME_SCHEMA, orient="row")
+    if nested:
+        return frame
+    # CSV has no lists: keep them readable and loss-free as JSON text.
+    encoded = {name: [json.dumps(row[name], ensure_ascii=False) for row in rows] for name in _NESTED}
+    return frame.with_columns(pl.Series(name, values, dtype=pl.String) for name, values in encoded.items())
 
 
 def finding_from_dict(data: dict, where: str = "finding") -> Finding:

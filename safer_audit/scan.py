@@ -38,6 +38,7 @@ from .report import (
     FeatureContext,
     FeatureContribution,
     Finding,
+    LazyFindings,
     Report,
     RunInfo,
     display_path,
@@ -196,8 +197,20 @@ def read_data(source: str, config: ScanConfig):
     return load_pairs(source, config.read)
 
 
+TEXTS_BATCH = 4096  # pairs whose messages are turned into Python objects at a time to render their texts
+
+
+def rendered_texts(pairs: pl.DataFrame, backend) -> list[PreparedText]:
+    """``pair_texts`` a range of pairs at a time: the messages columns of every pair as Python lists
+    of dicts at once peaked at ~9 KB a pair (issue 16)."""
+    texts: list[PreparedText] = []
+    for start in range(0, len(pairs), TEXTS_BATCH):
+        texts += pair_texts(pairs.slice(start, TEXTS_BATCH), backend)
+    return texts
+
+
 def _activations_for(pairs: pl.DataFrame, backend, config: ScanConfig, steps, label: str, *, lazy: bool = False):
-    texts = pair_texts(pairs, backend)
+    texts = rendered_texts(pairs, backend)
     with steps(label, "pairs", scale=0.5) as update:
         store = extract_activations(texts, backend, config.activations, progress=update, lazy=lazy)
     return texts, store
@@ -443,13 +456,13 @@ def build_report(source, pairs, texts, stats, salience, features, signals, ranke
     per_pair_quality = [quality.get(pid, []) for pid in pair_ids]
     categories = categorise(ranked, ranked_signals(signals, ranking_weights(config)), per_pair_quality,
                             flipped_fraction=config.flipped_fraction, noisy_fraction=config.noisy_fraction)
-    order = torch.argsort(-ranked, stable=True).tolist()
-    rank_of = {pair: r + 1 for r, pair in enumerate(order)}
+    order = torch.argsort(-ranked, stable=True)  # rank r + 1 is pair order[r]
     latents = features.latents.tolist()
     # a report is shared: it names files relative to the working directory, never by absolute path
     cache_dir = config.activations.cache_dir
     shown = {name: display_path(name, cache_dir) for name in set(pairs["source"].to_list())}
-    tops = []
+    tops = []  # per pair: its top features (latent, chosen, rejected), for the pairs that are not clean
+    top_columns = []  # per range of pairs: the top features' indices, chosen and rejected terms, and which are > 0
     flagged_mass = torch.zeros(len(latents), dtype=torch.float64)  # per feature: summed |term| over flagged pairs
     flagged_in = dict.fromkeys(latents, 0)  # per feature: flagged pairs it is a top feature of
     # every pair's terms a range of pairs at a time (scoring.feature_contributions' values, bit for bit), each
@@ -459,10 +472,14 @@ def build_report(source, pairs, texts, stats, salience, features, signals, ranke
         chosen_all, rejected_all = terms[0::2], terms[1::2]
         net_all = (chosen_all - rejected_all).abs()
         top_all = torch.argsort(net_all, dim=1, descending=True, stable=True)[:, :config.top_features_per_pair]
-        top_rows = zip(top_all.tolist(), chosen_all.gather(1, top_all).tolist(),
-                       rejected_all.gather(1, top_all).tolist(), (net_all.gather(1, top_all) > 0).tolist(), strict=True)
+        top_columns.append((top_all, chosen_all.gather(1, top_all), rejected_all.gather(1, top_all),
+                            net_all.gather(1, top_all) > 0))
+        top_rows = zip(*(column.tolist() for column in top_columns[-1]), strict=True)
         for offset, (top, chosen_top, rejected_top, nonzero) in enumerate(top_rows):
             i = first + offset
+            if categories[i] == Category.CLEAN:  # only the suspects' top features are needed before the report
+                tops.append(())
+                continue
             tops.append([(latents[j], c, r) for j, c, r, positive in zip(top, chosen_top, rejected_top, nonzero,
                                                                          strict=True) if positive])
             if categories[i] in FLAGGED:
@@ -476,17 +493,11 @@ def build_report(source, pairs, texts, stats, salience, features, signals, ranke
     card_latents = [latents[n] for n in by_contribution]
     auto = _labels_for(labelling, card_latents[:config.cards_with_contexts], tops, categories, config)
     labels = {f.latent: f.label for f in features.features}
-    findings = []
-    for i, row in enumerate(pairs.iter_rows(named=True)):
-        contributions = [FeatureContribution(latent, labels.get(latent) or _text(auto.get(latent)), c, r,
-                                             *_rating(auto.get(latent)))
-                         for latent, c, r in tops[i]]
-        findings.append(Finding(
-            pair_id=row["pair_id"], source=shown[row["source"]], line=row["line"], rank=rank_of[i],
-            category=categories[i], suspicion=float(ranked[i]), **{name: float(signals[name][i]) for name in SIGNALS},
-            quality=per_pair_quality[i],
-            chosen=row["chosen"], rejected=row["rejected"], context=row["context"], top_features=contributions))
-    findings.sort(key=lambda f: f.rank)
+    del tops
+    findings = LazyFindings(len(pairs), _finding_maker(
+        pairs.select("pair_id", "source", "line", "context", "chosen", "rejected"), order, top_columns, latents,
+        categories, ranked, signals, quality, shown,
+        lambda latent: (labels.get(latent) or _text(auto.get(latent)), *_rating(auto.get(latent)))))
     cards = _render_cards(feature_cards(stats, ordered), texts, pair_ids, backend,
                           config.activations.max_length, config.cards_with_contexts)
     for card, n in zip(cards, by_contribution, strict=True):
@@ -509,6 +520,39 @@ def build_report(source, pairs, texts, stats, salience, features, signals, ranke
         timings=dict(timings), pairs=len(pairs), counts=counts, data_source=display_path(source, cache_dir),
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"))
     return Report(run, cards, findings)
+
+
+def _finding_maker(table: pl.DataFrame, order: torch.Tensor, top_columns: list[tuple], latents: list[int],
+                   categories: list[str], ranked: torch.Tensor, signals: dict[str, torch.Tensor],
+                   quality: dict[str, list[str]], shown: dict[str, str], describe):
+    """``make(start, stop)`` for LazyFindings: the findings ranked start + 1 .. stop, from compact per-pair
+    arrays (issue 16: no pair's Finding and texts are held until it is read). ``describe(latent)``: the
+    latent's label, relevance and category."""
+    top, chosen, rejected, positive = (torch.cat(parts) for parts in zip(*top_columns, strict=True))
+
+    def make(start: int, stop: int) -> list[Finding]:
+        index = order[start:stop]
+        rows = table[index.tolist()].iter_rows(named=True)
+        # .tolist() gives each value as float(tensor[i]) does
+        columns = zip(index.tolist(), ranked[index].tolist(), top[index].tolist(), chosen[index].tolist(),
+                      rejected[index].tolist(), positive[index].tolist(),
+                      *(signals[name][index].tolist() for name in SIGNALS), rows, strict=True)
+        out = []
+        for rank, (i, suspicion, top_i, chosen_i, rejected_i, positive_i, *values, row) in enumerate(columns,
+                                                                                                     start + 1):
+            contributions = []
+            for j, c, r, keep in zip(top_i, chosen_i, rejected_i, positive_i, strict=True):
+                if keep:
+                    label, relevance, category = describe(latents[j])
+                    contributions.append(FeatureContribution(latents[j], label, c, r, relevance, category))
+            out.append(Finding(
+                pair_id=row["pair_id"], source=shown[row["source"]], line=row["line"], rank=rank,
+                category=categories[i], suspicion=suspicion, **dict(zip(SIGNALS, values, strict=True)),
+                quality=list(quality.get(row["pair_id"], ())),
+                chosen=row["chosen"], rejected=row["rejected"], context=row["context"], top_features=contributions))
+        return out
+
+    return make
 
 
 def _labels_for(labelling: Labelling | None, card_latents: list[int], tops: list[list[tuple]],

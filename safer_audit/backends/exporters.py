@@ -11,6 +11,7 @@ import hashlib
 import html
 import json
 import re
+from dataclasses import asdict
 from pathlib import Path
 
 import polars as pl
@@ -26,8 +27,24 @@ _SCORE_SAFE_NOTE = "score_safe = V(chosen) - V(rejected): low or negative means 
 
 
 def export_json(report: Report, path: Path) -> None:
-    text = json.dumps(report.to_dict(), ensure_ascii=False, indent=2, allow_nan=False)
-    write_atomic(path, text + "\n")
+    """The report as ``json.dumps(report.to_dict(), indent=2)`` writes it, a finding at a time (issue 16)."""
+    head = json.dumps({**report.to_dict(include_findings=False), "findings": []}, ensure_ascii=False, indent=2,
+                      allow_nan=False)
+    # the findings list is the last key: what precedes it is the text before its "[]"
+    assert head.endswith('"findings": []\n}')
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "w", encoding="utf-8") as out:
+            out.write(head[:-len("]\n}")])
+            first = True
+            for finding in report.findings:
+                item = json.dumps(asdict(finding), ensure_ascii=False, indent=2, allow_nan=False)
+                # nested two levels deep, as json.dumps indents it (a newline in a string is escaped: \\n)
+                out.write(("\n    " if first else ",\n    ") + item.replace("\n", "\n    "))
+                first = False
+            out.write("]\n}\n" if first else "\n  ]\n}\n")
+
+    write_atomic(path, write)
 
 
 # A spreadsheet runs a cell that starts with one of these as a formula (=HYPERLINK(...),
@@ -49,7 +66,7 @@ def spreadsheet_safe(frame: pl.DataFrame) -> pl.DataFrame:
 
 
 def export_csv(report: Report, path: Path) -> None:
-    write_atomic(path, spreadsheet_safe(report.to_frame(nested=False)).write_csv())
+    write_atomic(path, lambda tmp: spreadsheet_safe(report.to_frame(nested=False)).write_csv(tmp))
 
 
 def export_parquet(report: Report, path: Path) -> None:
