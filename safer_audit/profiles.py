@@ -117,10 +117,20 @@ def set_flip_probability(result) -> None:
     """Each finding's flip probability from ``result.flip_probability`` (in table order)."""
     if result.flip_probability is None:
         return
+    from .report import LazyFindings
+
     values = result.flip_probability.tolist()
     index = {pair_id: i for i, pair_id in enumerate(result.pairs["pair_id"].to_list())}
-    for finding in result.report.findings:
+
+    def change(finding) -> None:
         finding.flip_probability = round(float(values[index[finding.pair_id]]), 6)
+
+    findings = result.report.findings
+    if isinstance(findings, LazyFindings):
+        findings.update(change)  # made lazily (issue 16): set as each finding is made
+    else:
+        for finding in findings:
+            change(finding)
 
 
 def rerank(result, signals: dict[str, torch.Tensor], weights: dict[str, float], config: ScanConfig) -> None:

@@ -272,6 +272,22 @@ class LazyFindings(MutableSequence):
             for i, finding in enumerate(self._make(start, min(start + self.BATCH, self._length)), start):
                 yield self._read.get(i, finding)
 
+    def update(self, change: Callable[[Finding], None]) -> None:
+        """Apply ``change`` to every finding, now (those read or held) and as each is made (the rest): the
+        sequence stays lazy."""
+        for finding in self._items if self._items is not None else self._read.values():
+            change(finding)
+        if self._items is None:
+            make = self._make
+
+            def changed(start: int, stop: int) -> list[Finding]:
+                findings = make(start, stop)
+                for finding in findings:
+                    change(finding)
+                return findings
+
+            self._make = changed
+
     def materialise(self) -> list[Finding]:
         """Every finding, as the list this sequence now is."""
         if self._items is None:
