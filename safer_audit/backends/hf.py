@@ -201,31 +201,44 @@ class HFModelBackend:
         try:
             config = AutoConfig.from_pretrained(directory, trust_remote_code=trust_remote_code,
                                                 **({"gguf_file": gguf_file} if gguf_file else {}))
-            architectures = config.architectures or []
-            self.has_reward_head = any(a.endswith("ForSequenceClassification") for a in architectures)
-            auto = AutoModelForSequenceClassification if self.has_reward_head else AutoModel
-            with contextlib.redirect_stderr(io.StringIO()) if gguf_file else contextlib.nullcontext():
-                # transformers' GGUF reader draws its own tqdm bar (hf_logging does not switch it off)
-                self.model = auto.from_pretrained(directory, trust_remote_code=trust_remote_code, dtype=self.dtype,
-                                                  **weights)
             self.tokenizer = AutoTokenizer.from_pretrained(directory, trust_remote_code=trust_remote_code,
                                                            **({"gguf_file": gguf_file} if gguf_file else {}))
         except ImportError as exc:  # gguf (or accelerate) missing for a GGUF file
             raise ModelLoadError(f"model {self.identity!r}: {exc} (pip install 'safer-audit[smollm2]')") from exc
         except (OSError, ValueError) as exc:
             raise ModelLoadError(f"model {self.identity!r}: {exc}") from exc
-        if self.has_reward_head and getattr(self.model.config, "num_labels", 1) != 1:
-            # A classifier with several labels is not a reward model: read hidden states only.
-            self.has_reward_head = False
+        architectures = config.architectures or []
+        # A classifier with several labels is not a reward model: read hidden states only.
+        self.has_reward_head = (any(a.endswith("ForSequenceClassification") for a in architectures)
+                                and getattr(config, "num_labels", 1) == 1)
+        self._auto = AutoModelForSequenceClassification if self.has_reward_head else AutoModel
+        self._load = {"trust_remote_code": trust_remote_code, "dtype": self.dtype, **weights}
         if not self.tokenizer.is_fast:
             raise ModelLoadError(f"model {self.identity!r}: a fast tokenizer is needed (offsets)")
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
-        self.model.config.pad_token_id = self.tokenizer.pad_token_id
-        self.model.to(self.device).eval()
         self.n_layers = config.num_hidden_layers
         self.d_model = config.hidden_size
-        self._layers = _layer_list(self.model, self.n_layers)
+        self._model = None
+
+    @property
+    def model(self):
+        """The weights, loaded on first use: a warm scan whose activations and codes are all cached needs only
+        the tokenizer and the fingerprint, and never pays for importing the architecture and reading the weights."""
+        if self._model is None:
+            try:
+                with contextlib.redirect_stderr(io.StringIO()) if self.gguf_file else contextlib.nullcontext():
+                    # transformers' GGUF reader draws its own tqdm bar (hf_logging does not switch it off)
+                    model = self._auto.from_pretrained(self.directory, **self._load)
+            except ImportError as exc:  # gguf (or accelerate) missing for a GGUF file
+                raise ModelLoadError(f"model {self.identity!r}: {exc} (pip install 'safer-audit[smollm2]')") from exc
+            except (OSError, ValueError) as exc:
+                raise ModelLoadError(f"model {self.identity!r}: {exc}") from exc
+            model.config.pad_token_id = self.tokenizer.pad_token_id
+            model.to(self.device).eval()
+            self._layers = _layer_list(model, self.n_layers)
+            self._model = model
+        return self._model
 
     @property
     def chat_template(self) -> str | None:
@@ -331,13 +344,14 @@ class HFModelBackend:
 
         import torch
 
+        model = self.model  # loads the weights on first use (and the layer list with them)
         handle = self._layers[layer - 1].register_forward_hook(hook)
         score = None
         try:
             # on CUDA in bfloat16/float16: autocast keeps softmax and norms in float32 around the half matmuls
             half = self.device.type == "cuda" and self.dtype in (torch.bfloat16, torch.float16)
             with torch.inference_mode(), torch.autocast("cuda", dtype=self.dtype, enabled=half):
-                output = self.model(input_ids=input_ids, attention_mask=attention_mask)
+                output = model(input_ids=input_ids, attention_mask=attention_mask)
             if want_score:
                 score = output.logits[:, 0].float()
         except _StopForward:
