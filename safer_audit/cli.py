@@ -569,7 +569,7 @@ def train_sae_command(data, out, sae_backend, quiet, activations: ActivationConf
               help="Select this fraction of the pairs, most suspicious first.")
 @click.option("--threshold", type=float, default=None, help="Select the pairs with suspicion >= this.")
 @click.option("--min-flip-probability", type=click.FloatRange(0, 1), default=None, metavar="P",
-              help="Select the pairs whose calibrated flip probability (the stacked judges' probability that the "
+              help="Select the pairs whose flip probability (the stacked judges' probability that the "
                    "rejected response is the better one; every model's judges with --profile thorough) is >= P.")
 @click.option("--decisions", "decisions_path", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               default=None, help="Act on review decisions (safer-audit review): flip back the pairs marked "
@@ -594,7 +594,7 @@ def clean(data, out, report_path, decisions_path, only, drop_fraction, threshold
       --from-report R              R's non-clean pairs (with --mode flip: its flipped ones)
       --drop-fraction F            the pairs of rank <= F x pairs
       --threshold T                the pairs with suspicion >= T
-      --min-flip-probability P     the pairs whose calibrated flip probability is >= P
+      --min-flip-probability P     the pairs whose flip probability is >= P
       --decisions D                D's decided pairs: flipped ones flipped back, noisy
                                    ones dropped, ok ones kept (--only flipped: just those)
     Without --from-report or --decisions, DATA is scanned first with the model, SAE and

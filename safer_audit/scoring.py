@@ -580,8 +580,9 @@ def stack_judges(signals: Mapping[str, torch.Tensor], *, folds: int = 5, seed: i
     other folds, so its own label (flipped or not) does not pull the weights towards it.
 
     The flip probability sigmoid(-margin) is the stack's probability that the rejected response
-    is the preferred one, calibrated against this data's own labels, real flips included: it
-    counts judge errors as well as flips, so it is an upper estimate of a pair's flip chance.
+    is the preferred one, fitted on this data's own labels, real flips included: it counts judge
+    errors as well as flips, so it is an upper estimate of a pair's flip chance, not calibrated to
+    flips (HH, 10% injected: mean 0.45, ECE 0.35).
     ``evaluate`` measures how it tracks injected flips.
     """
     names = list(signals)
