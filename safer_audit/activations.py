@@ -41,6 +41,9 @@ from .files import remove_stale_temporaries, write_atomic
 CACHE_FORMAT = 2  # 2: shards named by content, not by file bytes
 SHARD_TEXTS = 256  # texts per shard: a killed run loses at most this much work
 TOKENIZE_CHUNK = 512  # texts tokenized at once when measuring lengths
+# tokens whose encodings the plan keeps for extraction (~150 bytes each as Python lists: HH's 717k tokens fit;
+# a larger dataset keeps its first texts' and tokenizes the others again)
+KEEP_TOKENS = 1 << 20
 PUNCTUATION = ".,?!;"
 PUNCTUATION_MIN_GAP = 5
 
@@ -521,7 +524,9 @@ def extract_activations(texts: Sequence[PreparedText], backend, config: Activati
         for key, text in zip(keys, texts, strict=False):
             unique.setdefault(key, text)
         items = list(unique.items())
-        shards = plan_missing(items, missing, backend, config)
+        # the plan tokenizes every text for its length; the local engine runs those encodings (issue 15)
+        encodings: dict[str, tuple] | None = {} if config.engine != "ray" else None
+        shards = plan_missing(items, missing, backend, config, keep=encodings)
         estimate = estimate_job(shards, items, backend, config)
         if estimate is not None:
             (notice or _print_notice)(estimate)
@@ -531,7 +536,7 @@ def extract_activations(texts: Sequence[PreparedText], backend, config: Activati
             computed = compute_shards_on_ray(items, shards, config, layer, want_score, cache, progress)
             cache = open_cache(backend, config, layer)  # index the shards the workers wrote
         else:
-            computed = _compute(items, shards, backend, config, layer, want_score, cache, progress)
+            computed = _compute(items, shards, backend, config, layer, want_score, cache, progress, encodings)
     store = ActivationStore(cache, keys, backend.d_model, backend.identity, n_forward_texts=computed)
     if lazy:
         store._verify = lambda: extract_activations(texts, backend, config, want_score=want_score, notice=notice)
@@ -613,12 +618,24 @@ def plan_batches(texts: list[tuple[str, PreparedText]], backend, config: Activat
     return _plan(texts, backend, config)[0]
 
 
-def _plan(texts: list[tuple[str, PreparedText]], backend, config: ActivationConfig):
-    """plan_batches' shards, and the token count of every text."""
+def _plan(texts: list[tuple[str, PreparedText]], backend, config: ActivationConfig, keep: dict | None = None,
+          wanted: set[str] | None = None):
+    """plan_batches' shards, and the token count of every text.
+
+    ``keep`` (a dict) receives the encodings (_tokenize's rows) of the texts whose key is in ``wanted``, by key,
+    while they hold at most KEEP_TOKENS tokens in all, so that extraction does not tokenize them a second time.
+    """
     lengths = []
+    kept = 0
     for start in range(0, len(texts), TOKENIZE_CHUNK):
-        chunk = [prepared for _, prepared in texts[start:start + TOKENIZE_CHUNK]]
-        lengths += [len(ids) for ids, _, _ in _tokenize(chunk, backend, config.max_length)]
+        chunk = texts[start:start + TOKENIZE_CHUNK]
+        encoded = _tokenize([prepared for _, prepared in chunk], backend, config.max_length)
+        lengths += [len(ids) for ids, _, _ in encoded]
+        if keep is not None:
+            for (key, _prepared), row in zip(chunk, encoded, strict=True):
+                if kept + len(row[0]) <= KEEP_TOKENS and (wanted is None or key in wanted):
+                    keep[key] = row
+                    kept += len(row[0])
     order = sorted(range(len(texts)), key=lambda i: (lengths[i], texts[i][0]))
     return _batched(order, lengths, config), lengths
 
@@ -679,7 +696,7 @@ def _shards_of(order: list[int], batch_size: int) -> list[list[list[int]]]:
 
 
 def plan_missing(texts: list[tuple[str, PreparedText]], missing: set[str], backend,
-                 config: ActivationConfig) -> list[list[list[int]]]:
+                 config: ActivationConfig, *, keep: dict | None = None) -> list[list[list[int]]]:
     """The shards (of batches of indices into ``texts``) that must run to fill in ``missing``.
 
     A planned shard whose texts are all missing (a cold run, or the part a killed run had
@@ -690,7 +707,7 @@ def plan_missing(texts: list[tuple[str, PreparedText]], missing: set[str], backe
     """
     whole: list[list[list[int]]] = []
     loose: list[int] = []
-    shards, lengths = _plan(texts, backend, config)
+    shards, lengths = _plan(texts, backend, config, keep, missing)
     for shard in shards:
         members = [i for batch in shard for i in batch]
         absent = [i for i in members if texts[i][0] in missing]
@@ -702,12 +719,20 @@ def plan_missing(texts: list[tuple[str, PreparedText]], missing: set[str], backe
 
 
 def compute_shard(batches: list[list[tuple[str, PreparedText]]], backend, config: ActivationConfig, layer: int,
-                  want_score: bool, on_batch=None) -> tuple[list[str], list[TextActivations]]:
-    """Run the model over one planned shard's batches; its keys and activations, in order."""
+                  want_score: bool, on_batch=None, encodings: dict | None = None) -> tuple[list[str], list[TextActivations]]:
+    """Run the model over one planned shard's batches; its keys and activations, in order.
+
+    ``encodings``: _tokenize's rows of some texts by key (the plan's, taken out as used); the others are tokenized
+    here (the same rows: a text's encoding does not depend on the texts tokenized with it)."""
     keys: list[str] = []
     items: list[TextActivations] = []
     for batch in batches:
-        encoded = _tokenize([prepared for _, prepared in batch], backend, config.max_length)
+        encoded = [encodings.pop(key, None) for key, _ in batch] if encodings else [None] * len(batch)
+        todo = [n for n, row in enumerate(encoded) if row is None]
+        if todo:
+            fresh = _tokenize([batch[n][1] for n in todo], backend, config.max_length)
+            for n, row in zip(todo, fresh, strict=True):
+                encoded[n] = row
         input_ids, mask = backend.pad_batch([ids for ids, _, _ in encoded])
         hidden, score = backend.forward(input_ids, mask, layer=layer, want_score=want_score)
         keeps = [read_positions(prepared.text, offsets, special, prepared.response_start, config.positions)
@@ -730,7 +755,8 @@ def compute_shard(batches: list[list[tuple[str, PreparedText]]], backend, config
 
 
 def _compute(texts: list[tuple[str, PreparedText]], shards: list[list[list[int]]], backend,
-             config: ActivationConfig, layer: int, want_score: bool, cache: ActivationCache, progress) -> int:
+             config: ActivationConfig, layer: int, want_score: bool, cache: ActivationCache, progress,
+             encodings: dict | None = None) -> int:
     """Run the model over the planned ``shards`` in this process and write them; returns the texts run."""
     total = sum(len(batch) for shard in shards for batch in shard)
     done = 0
@@ -743,7 +769,7 @@ def _compute(texts: list[tuple[str, PreparedText]], shards: list[list[list[int]]
 
     for shard in shards:
         keys, items = compute_shard([[texts[i] for i in batch] for batch in shard], backend, config, layer,
-                                    want_score, on_batch)
+                                    want_score, on_batch, encodings)
         if items:
             cache.add_shard(keys, items)
             _release_freed_memory()

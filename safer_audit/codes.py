@@ -177,7 +177,7 @@ def block_digest(keys: list[str], block: dict[str, torch.Tensor]) -> str:
     for name in sorted(block):
         tensor = block[name].contiguous()
         digest.update(f"\n{name}:{tensor.dtype}:{list(tensor.shape)}\n".encode())
-        digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+        digest.update(tensor.view(torch.uint8).numpy() if tensor.numel() else b"")  # the buffer itself, no copy
     return digest.hexdigest()
 
 
@@ -224,18 +224,18 @@ def encode_chunk(sae, offsets: torch.Tensor, tensors: dict[str, torch.Tensor], d
         "token_ids": tensors["token_ids"].long(),
     }
     if len(acts):
-        out = sae(acts.to(device))
-        values, latents = out.top_vals.float().cpu(), out.top_idx.cpu()
+        x, x_hat, top_vals, top_idx = _encode_decode(sae, acts.to(device))
+        values, latents = top_vals.float().cpu(), top_idx.cpu()
         # each token's share of ForwardOutput.fvu (a mean over tokens), summed per text
-        norm2 = out.x.pow(2).sum(dim=-1).clamp_min(1e-12)
-        token_fvu = ((out.x - out.x_hat).pow(2).sum(dim=-1) / norm2).double().cpu()
+        norm2 = x.pow(2).sum(dim=-1).clamp_min(1e-12)
+        token_fvu = ((x - x_hat).pow(2).sum(dim=-1) / norm2).double().cpu()
         block["fvu"].index_add_(0, segment, token_fvu)
         active = values > 0
         rows = torch.arange(len(values)).unsqueeze(1).expand_as(latents)[active]
         fire_text, fire_latent, fire_value = segment[rows], latents[active], values[active]
         # rows are in token order, so firings are already grouped by text
         pair = fire_text * n_latents + fire_latent
-        unique, inverse = torch.unique(pair, return_inverse=True)  # sorted: grouped by text, then latent
+        unique, inverse = _unique_small(pair, n_texts * n_latents)  # sorted: grouped by text, then latent
         agg_text = unique // n_latents
         block.update({
             "agg_latent": (unique % n_latents).int(),
@@ -255,6 +255,36 @@ def encode_chunk(sae, offsets: torch.Tensor, tensors: dict[str, torch.Tensor], d
     block["fire_offsets"] = _offsets(torch.bincount(fire_text, minlength=n_texts))
     block["tok_offsets"] = _offsets(lengths.long())
     return block
+
+
+DENSE_UNIQUE = 1 << 24  # value ranges up to this size are made unique by counting, not sorting
+
+
+def _unique_small(values: torch.Tensor, bound: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``torch.unique(values, return_inverse=True)`` of integers in ``[0, bound)``: by counting when the range
+    is small (a chunk's texts x latents), with no sort of the firings; the same two tensors either way."""
+    if bound > DENSE_UNIQUE or not len(values):
+        return torch.unique(values, return_inverse=True)
+    present = torch.bincount(values, minlength=bound) > 0
+    unique = present.nonzero().squeeze(1)
+    rank = torch.cumsum(present, 0) - 1
+    return unique, rank[values]
+
+
+def _encode_decode(sae, acts: torch.Tensor):
+    """(x, x_hat, top_vals, top_idx) of ``sae(acts)``: for the built-in TopKSAE the same tensors without the
+    training forward's extras (its loss terms, the autograd wrapper's copy); any other SAE through its forward."""
+    from .sae.model import TopKSAE
+
+    if type(sae).forward is not TopKSAE.forward:
+        out = sae(acts)
+        return out.x, out.x_hat, out.top_vals, out.top_idx
+    x = sae.normalize(acts)
+    pre = torch.addmm(sae.b_enc, x - sae.b_pre, sae.W_enc)  # as TopKSAE.forward computes it
+    top_pre, top_idx = pre.topk(sae.cfg.k, dim=-1, sorted=False)
+    del pre
+    top_vals = top_pre.relu()
+    return x, sae.decode(top_vals, top_idx), top_vals, top_idx
 
 
 def _offsets(counts: torch.Tensor) -> torch.Tensor:
@@ -400,7 +430,7 @@ class _Accumulator:
 
     def add(self, index: torch.Tensor, block: dict[str, torch.Tensor]) -> None:
         """The per-text entries ``block`` (encode_chunk's layout) of the dataset texts ``index``."""
-        from .salience import TOP_ACTIVATIONS, _rank_within_latent
+        from .salience import TOP_ACTIVATIONS, _latent_value_key, _rank_within_latent
 
         index = index.long()
         n = len(index)
@@ -438,8 +468,7 @@ class _Accumulator:
         # the 50th strongest per-text maximum of a latent bounds its 50th strongest firing in this block
         # from below: only firings at or above it can be among its strongest, so only those are kept
         threshold = torch.zeros(self.n_latents)
-        by_max = torch.argsort(block["agg_max"], descending=True, stable=True)
-        by_max = by_max[torch.argsort(agg_latent[by_max], stable=True)]
+        by_max = torch.argsort(_latent_value_key(agg_latent, block["agg_max"]), stable=True)
         last = _rank_within_latent(agg_latent[by_max], self.n_latents) == TOP_ACTIVATIONS - 1
         threshold[agg_latent[by_max][last]] = block["agg_max"][by_max][last]
         fire_latent = block["fire_latent"].long()

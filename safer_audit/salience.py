@@ -127,15 +127,38 @@ def _rank_within_latent(latents: torch.Tensor, n_latents: int) -> torch.Tensor:
     return torch.arange(len(latents)) - starts[latents]
 
 
+def _float_order(values: torch.Tensor) -> torch.Tensor:
+    """float32 values -> int64 keys in the same order (-0.0 and 0.0 equal, as comparisons have them); no NaN."""
+    bits = (values.float() + 0.0).view(torch.int32).long()  # + 0.0: -0.0 becomes 0.0
+    return torch.where(bits < 0, -(bits & 0x7FFFFFFF), bits)  # negative floats: larger magnitude, smaller key
+
+
+def _latent_value_key(latents: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """One int64 key per entry that sorts ascending as (latent ascending, value descending)."""
+    return latents.long() * (1 << 33) + ((1 << 32) - _float_order(values))
+
+
+def _pack_ascending(major: torch.Tensor, minor: torch.Tensor) -> torch.Tensor:
+    """One int64 key per entry that sorts ascending as (major, minor), both non-negative integers."""
+    major, minor = major.long(), minor.long()
+    if not len(minor):
+        return major
+    width = int(minor.max()) + 1
+    if int(major.max()) >= (1 << 62) // width:
+        raise ValueError("keys too large to pack")  # not for any real text index and position
+    return major * width + minor
+
+
 def _keep_strongest(entries: dict[str, torch.Tensor], n_latents: int) -> dict[str, torch.Tensor]:
     """The TOP_ACTIVATIONS strongest entries of each latent, grouped by latent, strongest first.
 
     Ties go to the earlier text, then position: by the data, not by the order the cache
     served the shards in.
     """
-    order = torch.argsort(entries["position"], stable=True)
-    for name, descending in (("text", False), ("value", True), ("latent", False)):
-        order = order[torch.argsort(entries[name][order], descending=descending, stable=True)]
+    # two stable sorts on packed keys, (text, position) then (latent, value descending): the order the four
+    # single-key sorts gave, ties included (issue 15: these sorts were most of the cold SAE pass's bookkeeping)
+    order = torch.argsort(_pack_ascending(entries["text"], entries["position"]), stable=True)
+    order = order[torch.argsort(_latent_value_key(entries["latent"][order], entries["value"][order]), stable=True)]
     grouped = {name: values[order] for name, values in entries.items()}
     keep = _rank_within_latent(grouped["latent"], n_latents) < TOP_ACTIVATIONS
     return {name: values[keep] for name, values in grouped.items()}
