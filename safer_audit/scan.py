@@ -452,6 +452,7 @@ def build_report(source, pairs, texts, stats, salience, features, signals, ranke
     (most frequent first, ``labels_for_findings`` latents in all) get the labeller's label, its
     relevance, category and provenance; a features file's own label wins over the labeller's.
     """
+    freed_blocks_to_the_system()
     pair_ids = pairs["pair_id"].to_list()
     per_pair_quality = [quality.get(pid, []) for pid in pair_ids]
     categories = categorise(ranked, ranked_signals(signals, ranking_weights(config)), per_pair_quality,
@@ -471,7 +472,10 @@ def build_report(source, pairs, texts, stats, salience, features, signals, ranke
         terms = codes * features.signs
         chosen_all, rejected_all = terms[0::2], terms[1::2]
         net_all = (chosen_all - rejected_all).abs()
+        # a copy of the first columns: the slice alone is a view that kept every range's whole argsort alive
+        # (8 bytes x features per pair, ~4 KB a pair with 512 features: issue 16)
         top_all = torch.argsort(net_all, dim=1, descending=True, stable=True)[:, :config.top_features_per_pair]
+        top_all = top_all.contiguous()
         top_columns.append((top_all, chosen_all.gather(1, top_all), rejected_all.gather(1, top_all),
                             net_all.gather(1, top_all) > 0))
         top_rows = zip(*(column.tolist() for column in top_columns[-1]), strict=True)
@@ -520,6 +524,30 @@ def build_report(source, pairs, texts, stats, salience, features, signals, ranke
         timings=dict(timings), pairs=len(pairs), counts=counts, data_source=display_path(source, cache_dir),
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"))
     return Report(run, cards, findings)
+
+
+M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
+LARGE_BLOCK = 1 << 20  # bytes: blocks at least this large are mapped on their own and unmapped when freed
+
+
+def freed_blocks_to_the_system() -> bool:
+    """Have glibc map every block of LARGE_BLOCK bytes or more on its own (and unmap it when freed); process-wide.
+
+    The report reads every pair's codes a range at a time (pair_batches, twice per feature_cards) into tensors of
+    tens of MB. By default glibc raises its mmap threshold to the size of each such block freed (up to 32 MB), so
+    the next ranges are carved from the heap, which fragments and is not given back: the driver's RSS rose with
+    every range read, ~6 KB a pair in the report stage (issue 16, BENCHMARKS.md). False where it does not apply
+    (not glibc)."""
+    import platform
+
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return False
+    try:
+        import ctypes
+
+        return bool(ctypes.CDLL(None).mallopt(M_MMAP_THRESHOLD, LARGE_BLOCK))
+    except (OSError, AttributeError):
+        return False
 
 
 def _finding_maker(table: pl.DataFrame, order: torch.Tensor, top_columns: list[tuple], latents: list[int],

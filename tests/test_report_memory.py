@@ -1,0 +1,46 @@
+"""Issue 16: what the report stage holds while it makes the cards does not grow with the pairs.
+
+Each range of pairs' top features (the columns the findings are made from) holds only its own
+values, not the whole argsort of the range it was sliced from (8 bytes x features per pair);
+and the report stage has glibc give large freed blocks back, so ranges read one after the
+other do not pile up in a fragmented heap.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+
+from safer_audit import salience, scan
+from safer_audit.config import ActivationConfig, SaeTrainConfig, ScanConfig
+
+from .conftest import hh_records
+
+
+def test_the_top_features_of_each_range_hold_only_their_own_values(tiny_llama_dir, tmp_path, monkeypatch):
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in hh_records(24)), encoding="utf-8")
+    config = ScanConfig(activations=ActivationConfig(model=str(tiny_llama_dir), layer=1, max_length=64,
+                                                     cache_dir=tmp_path / "cache"),
+                        sae_train=SaeTrainConfig(n_latents=64, k=4), n_features=16, labeller="none")
+    monkeypatch.setattr(salience, "STREAM_PAIRS", 8)  # three ranges of pairs
+    held = []
+    real_maker = scan._finding_maker
+    monkeypatch.setattr(scan, "_finding_maker", lambda table, order, top_columns, *a: held.append(top_columns)
+                        or real_maker(table, order, top_columns, *a))
+    freed = []
+    monkeypatch.setattr(scan, "freed_blocks_to_the_system", lambda: freed.append(True))
+    result = scan.run_scan(str(data), config)
+    assert freed == [True]
+    (ranges,) = held
+    assert len(ranges) == 3
+    for columns in ranges:
+        assert columns[0].shape == (8, config.top_features_per_pair) < (8, len(result.features.features))
+        for column in columns:  # the slice of a [8, 16] argsort kept all 128 indices alive
+            assert column.untyped_storage().nbytes() == column.numel() * column.element_size()
+    assert [f.rank for f in result.report.findings] == list(range(1, 25))
+
+
+def test_large_freed_blocks_go_back_to_the_system_on_glibc():
+    on_glibc = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
+    assert scan.freed_blocks_to_the_system() is on_glibc
