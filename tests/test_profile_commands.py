@@ -11,10 +11,10 @@ import pytest
 from click.testing import CliRunner
 
 from safer_audit.cli import cli
-from safer_audit.config import ActivationConfig, ScanConfig
 from safer_audit.report import Report
 
 from .conftest import write_hh_pairs
+from .test_profiles import _config
 
 N = 24
 
@@ -35,14 +35,6 @@ def tiny_gguf_path(tiny_llama_dir, tmp_path_factory) -> Path:
     from .test_profiles import write_tiny_gguf
 
     return write_tiny_gguf(tmp_path_factory.mktemp("gguf") / "tiny-llama.gguf", tiny_llama_dir / "tokenizer.json")
-
-
-def _config(model: Path, tmp_path: Path, **keywords) -> ScanConfig:
-    config = ScanConfig(activations=ActivationConfig(model=str(model), layer=1, max_length=64,
-                                                     cache_dir=tmp_path / "cache", device="cpu"),
-                        n_features=16, labeller="none", **keywords)
-    config.sae_train.n_latents, config.sae_train.k = 64, 4
-    return config
 
 
 def _options(model: Path, tmp_path: Path) -> list[str]:
