@@ -73,29 +73,29 @@ def test_scan_with_two_new_pairs_encodes_only_their_texts(tiny_llama_dir, tmp_pa
     assert_same_stats(reference, grown.stats)
 
 
-def test_an_unreadable_codes_shard_is_encoded_again(tiny_llama_dir, tmp_path):
-    data = write_pairs(tmp_path / "pairs.jsonl", 30)
-    cold = run_scan(str(data), config(tiny_llama_dir, tmp_path / "cache"))
-    shards = sorted((tmp_path / "cache").rglob("codes/*/shard-*.safetensors"))
-    keys = _header_keys(shards[0])
-    shards[0].write_bytes(shards[0].read_bytes()[:100])  # truncated
-    drop_summaries(tmp_path / "cache")  # else the warm scan reads the scan's summary and no shard
-    warm = run_scan(str(data), config(tiny_llama_dir, tmp_path / "cache"))
-    assert warm.stats.n_encoded == len(set(keys))
-    assert_same_stats(cold.stats, warm.stats)
-    assert_same_report(cold.report, warm.report)
+def _truncated(raw: bytes) -> bytes:
+    return raw[:100]  # inside the header: it does not read
 
 
-def test_a_codes_shard_cut_short_after_its_header_is_encoded_again(tiny_llama_dir, tmp_path):
+def _cut_after_header(raw: bytes) -> bytes:
     # the header reads, the tensors are cut short: safetensors raises SafetensorError, not a ValueError
+    return raw[:8 + struct.unpack("<Q", raw[:8])[0] + 16]
+
+
+def _flipped_byte(raw: bytes) -> bytes:
+    flipped = bytearray(raw)
+    flipped[-5] ^= 0xFF  # lengths and header intact: only the content digest can tell
+    return bytes(flipped)
+
+
+@pytest.mark.parametrize("damage", [_truncated, _cut_after_header, _flipped_byte])
+def test_a_damaged_codes_shard_is_encoded_again(tiny_llama_dir, tmp_path, damage):
     data = write_pairs(tmp_path / "pairs.jsonl", 30)
     cold = run_scan(str(data), config(tiny_llama_dir, tmp_path / "cache"))
     shards = sorted((tmp_path / "cache").rglob("codes/*/shard-*.safetensors"))
     keys = _header_keys(shards[0])
-    raw = shards[0].read_bytes()
-    header = 8 + struct.unpack("<Q", raw[:8])[0]
-    shards[0].write_bytes(raw[:header + 16])
-    drop_summaries(tmp_path / "cache")
+    shards[0].write_bytes(damage(shards[0].read_bytes()))
+    drop_summaries(tmp_path / "cache")  # else the warm scan reads the scan's summary and no shard
     warm = run_scan(str(data), config(tiny_llama_dir, tmp_path / "cache"))
     assert warm.stats.n_encoded == len(set(keys))
     assert_same_stats(cold.stats, warm.stats)
@@ -152,21 +152,6 @@ def test_a_corrupt_activation_shard_is_computed_again_when_it_is_read(tiny_llama
     assert again.store.n_forward_texts > 0 and again.stats.n_encoded == 60
     assert_same_stats(cold.stats, again.stats)
     assert_same_report(cold.report, again.report)
-
-
-def test_a_codes_shard_with_a_flipped_byte_is_encoded_again(tiny_llama_dir, tmp_path):
-    data = write_pairs(tmp_path / "pairs.jsonl", 30)
-    cold = run_scan(str(data), config(tiny_llama_dir, tmp_path / "cache"))
-    shards = sorted((tmp_path / "cache").rglob("codes/*/shard-*.safetensors"))
-    keys = _header_keys(shards[0])
-    raw = bytearray(shards[0].read_bytes())
-    raw[-5] ^= 0xFF  # lengths and header intact: only the content digest can tell
-    shards[0].write_bytes(bytes(raw))
-    drop_summaries(tmp_path / "cache")
-    warm = run_scan(str(data), config(tiny_llama_dir, tmp_path / "cache"))
-    assert warm.stats.n_encoded == len(set(keys))
-    assert_same_stats(cold.stats, warm.stats)
-    assert_same_report(cold.report, warm.report)
 
 
 def test_a_warm_scan_takes_the_token_counts_from_the_cache(tiny_llama_dir, tmp_path, monkeypatch):
