@@ -198,15 +198,10 @@ class HFModelBackend:
         self.dtype = resolve_dtype(dtype, self.device)
         hf_logging.set_verbosity_error()
         hf_logging.disable_progress_bar()
-        try:
-            config = AutoConfig.from_pretrained(directory, trust_remote_code=trust_remote_code,
-                                                **({"gguf_file": gguf_file} if gguf_file else {}))
-            self.tokenizer = AutoTokenizer.from_pretrained(directory, trust_remote_code=trust_remote_code,
-                                                           **({"gguf_file": gguf_file} if gguf_file else {}))
-        except ImportError as exc:  # gguf (or accelerate) missing for a GGUF file
-            raise ModelLoadError(f"model {self.identity!r}: {exc} (pip install 'safer-audit[smollm2]')") from exc
-        except (OSError, ValueError) as exc:
-            raise ModelLoadError(f"model {self.identity!r}: {exc}") from exc
+        gguf = {"gguf_file": gguf_file} if gguf_file else {}
+        with self._load_errors():
+            config = AutoConfig.from_pretrained(directory, trust_remote_code=trust_remote_code, **gguf)
+            self.tokenizer = AutoTokenizer.from_pretrained(directory, trust_remote_code=trust_remote_code, **gguf)
         architectures = config.architectures or []
         # A classifier with several labels is not a reward model: read hidden states only.
         self.has_reward_head = (any(a.endswith("ForSequenceClassification") for a in architectures)
@@ -221,19 +216,25 @@ class HFModelBackend:
         self.d_model = config.hidden_size
         self._model = None
 
+    @contextlib.contextmanager
+    def _load_errors(self):
+        """What loading the config, tokenizer or weights raises, as one ModelLoadError line."""
+        try:
+            yield
+        except ImportError as exc:  # gguf (or accelerate) missing for a GGUF file
+            raise ModelLoadError(f"model {self.identity!r}: {exc} (pip install 'safer-audit[smollm2]')") from exc
+        except (OSError, ValueError) as exc:
+            raise ModelLoadError(f"model {self.identity!r}: {exc}") from exc
+
     @property
     def model(self):
         """The weights, loaded on first use: a warm scan whose activations and codes are all cached needs only
         the tokenizer and the fingerprint, and never pays for importing the architecture and reading the weights."""
         if self._model is None:
-            try:
-                with contextlib.redirect_stderr(io.StringIO()) if self.gguf_file else contextlib.nullcontext():
-                    # transformers' GGUF reader draws its own tqdm bar (hf_logging does not switch it off)
-                    model = self._auto.from_pretrained(self.directory, **self._load)
-            except ImportError as exc:  # gguf (or accelerate) missing for a GGUF file
-                raise ModelLoadError(f"model {self.identity!r}: {exc} (pip install 'safer-audit[smollm2]')") from exc
-            except (OSError, ValueError) as exc:
-                raise ModelLoadError(f"model {self.identity!r}: {exc}") from exc
+            # transformers' GGUF reader draws its own tqdm bar (hf_logging does not switch it off)
+            quiet = contextlib.redirect_stderr(io.StringIO()) if self.gguf_file else contextlib.nullcontext()
+            with self._load_errors(), quiet:
+                model = self._auto.from_pretrained(self.directory, **self._load)
             model.config.pad_token_id = self.tokenizer.pad_token_id
             model.to(self.device).eval()
             self._layers = _layer_list(model, self.n_layers)
