@@ -22,3 +22,30 @@ def test_the_weights_load_on_first_use(tiny_llama_dir):
     assert backend._model is None and backend.n_layers == 2
     assert backend.model is backend.model  # loaded once
     assert len(backend._layers) == backend.n_layers
+
+
+def test_the_labeller_embeds_with_the_scan_models_weights():
+    """The offline labeller's sentence encoder and a scan of the embedded default model share one set of weights
+    (a cold scan used to read and build all-MiniLM-L6-v2 twice)."""
+    from safer_audit.backends.hf import embedded_model_path
+    from safer_audit.backends.labellers import SentenceEncoder
+
+    backend = HFModelBackend(str(embedded_model_path()), device="cpu")
+    assert SentenceEncoder().model is backend.model
+
+
+def test_a_model_rewritten_in_place_is_read_again(tiny_bert_dir, tmp_path):
+    import shutil
+
+    import torch
+
+    directory = shutil.copytree(tiny_bert_dir, tmp_path / "model")
+    first = HFModelBackend(str(directory), device="cpu").model
+    assert HFModelBackend(str(directory), device="cpu").model is first  # the same files: loaded once
+    changed = type(first).from_pretrained(directory)
+    with torch.no_grad():
+        next(changed.parameters()).add_(1.0)
+    changed.save_pretrained(directory)
+    again = HFModelBackend(str(directory), device="cpu").model
+    assert again is not first
+    assert not torch.equal(next(again.parameters()), next(first.parameters()))

@@ -19,6 +19,7 @@ it never runs.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import importlib.util
 import io
@@ -165,6 +166,24 @@ def model_fingerprint(directory: Path) -> str:
     return digest.hexdigest()[:16]
 
 
+def load_weights(auto, directory: Path, device, **load):
+    """``auto.from_pretrained(directory, **load)`` on ``device`` in eval mode, loaded once per process.
+
+    A scan with the embedded default model and the offline labeller (which embeds with the same
+    all-MiniLM-L6-v2) would otherwise read and build the same weights twice. The key holds each
+    weights file's size and modification time, so a model rewritten in place is read again; at
+    most two models are kept beyond their users.
+    """
+    files = sorted(Path(directory).glob("*.safetensors")) + sorted(Path(directory).glob("*.gguf"))
+    stamp = tuple((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files)
+    return _load_weights(auto, str(directory), str(device), stamp, tuple(sorted(load.items())))
+
+
+@functools.lru_cache(maxsize=2)
+def _load_weights(auto, directory: str, device: str, _stamp: tuple, load: tuple):
+    return auto.from_pretrained(directory, **dict(load)).to(device).eval()
+
+
 def _layer_list(model, n_layers: int):
     """The transformer's block list: the first ModuleList as long as the config's layer count."""
     import torch
@@ -234,9 +253,8 @@ class HFModelBackend:
             # transformers' GGUF reader draws its own tqdm bar (hf_logging does not switch it off)
             quiet = contextlib.redirect_stderr(io.StringIO()) if self.gguf_file else contextlib.nullcontext()
             with self._load_errors(), quiet:
-                model = self._auto.from_pretrained(self.directory, **self._load)
+                model = load_weights(self._auto, self.directory, self.device, **self._load)
             model.config.pad_token_id = self.tokenizer.pad_token_id
-            model.to(self.device).eval()
             self._layers = _layer_list(model, self.n_layers)
             self._model = model
         return self._model

@@ -148,16 +148,19 @@ class SentenceEncoder:
     """The embedded all-MiniLM-L6-v2 as a sentence encoder: all layers, mean pooling, L2 norm."""
 
     def __init__(self, directory: Path | None = None):
+        import torch
         from transformers import AutoModel, AutoTokenizer
         from transformers.utils import logging as hf_logging
 
-        from .hf import embedded_model_path
+        from .hf import embedded_model_path, load_weights
 
         directory = directory or embedded_model_path()
         hf_logging.set_verbosity_error()
         hf_logging.disable_progress_bar()
         self.tokenizer = AutoTokenizer.from_pretrained(directory)
-        self.model = AutoModel.from_pretrained(directory, use_safetensors=True).eval()
+        # the same call as the hf backend's for this model on the CPU: a scan of the default model shares its weights
+        self.model = load_weights(AutoModel, directory, torch.device("cpu"), trust_remote_code=False,
+                                  dtype=torch.float32, use_safetensors=True)
 
     def encode(self, texts: list[str], batch_size: int = 64):
         import torch
