@@ -364,3 +364,19 @@ def test_words_before_and_after_the_token_are_kept_apart():
                               ("Only if", " you", " can swim."), ("I think", " you", " should stop.")],
                          [("you", 9.0)], [0.05])
     assert make_labeller("offline").label([you, WEAPONS])[12].label == '"if [you] can"'
+
+
+def test_the_encoder_batches_by_token_count_and_keeps_the_order():
+    """Texts are batched by token count (little padding); each comes back in its own place, as embedded alone."""
+    import torch
+
+    from safer_audit.backends.labellers import sentence_encoder
+
+    encoder = sentence_encoder()
+    texts = ["a knife", "how do I hide a gun from the police after a robbery at night", "no",
+             "I can't help with that, but here is a hotline", "poison"]
+    together = encoder.encode(texts, batch_size=2)
+    alone = torch.cat([encoder.encode([text]) for text in texts])
+    assert together.shape == (5, 384)
+    assert torch.allclose(together, alone, atol=1e-5)
+    assert encoder.encode([]).shape == (0, 384)

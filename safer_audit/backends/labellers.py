@@ -47,7 +47,7 @@ from ..hookspecs import hookimpl
 from ..labelling import NOT_SAFETY, FeatureLabel, LabelRequest
 
 NAME = "offline"
-VERSION = "5"  # bump when the keyword or category rule changes: cached labels are then made again
+VERSION = "6"  # bump when the keyword or category rule changes: cached labels are then made again
 DEFAULT_TAXONOMY = Path(__file__).resolve().parent.parent / "taxonomy.yaml"
 
 KEYWORDS = 3  # words in a label
@@ -163,18 +163,24 @@ class SentenceEncoder:
                                   dtype=torch.float32, use_safetensors=True)
 
     def encode(self, texts: list[str], batch_size: int = 64):
+        """L2-normed mean-pooled embeddings of ``texts``, in order. The texts are tokenized once and
+        batched in order of token count, so a batch pads to little more than its own texts' length."""
         import torch
 
-        out = []
+        if not texts:
+            return torch.zeros(0, self.model.config.hidden_size)
+        ids = self.tokenizer(list(texts), truncation=True, max_length=128)["input_ids"]
+        order = sorted(range(len(ids)), key=lambda i: (len(ids[i]), i))
+        out = torch.empty(len(ids), self.model.config.hidden_size)
         with torch.inference_mode():
-            for start in range(0, len(texts), batch_size):
-                batch = self.tokenizer(texts[start:start + batch_size], padding=True, truncation=True,
-                                       max_length=128, return_tensors="pt")
+            for start in range(0, len(order), batch_size):
+                chunk = order[start:start + batch_size]
+                batch = self.tokenizer.pad({"input_ids": [ids[i] for i in chunk]}, return_tensors="pt")
                 hidden = self.model(**batch).last_hidden_state
                 mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
                 pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)
-                out.append(torch.nn.functional.normalize(pooled, dim=-1))
-        return torch.cat(out) if out else torch.zeros(0, 384)
+                out[torch.tensor(chunk)] = torch.nn.functional.normalize(pooled, dim=-1)
+        return out
 
 
 @lru_cache(maxsize=1)
