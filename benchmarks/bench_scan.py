@@ -50,6 +50,7 @@ def main() -> int:
         parser.error("--warm-only needs the --cache-dir of an earlier run")
 
     from safer_audit.activations import load_backend, pair_texts
+    from safer_audit.backends.hf import _load_weights
     from safer_audit.config import ActivationConfig, ScanConfig
     from safer_audit.data import load_pairs
     from safer_audit.scan import scan_pairs
@@ -86,6 +87,7 @@ def main() -> int:
         if args.warm_only:
             timings.clear()
         for run in ("warm scan",) if args.warm_only else ("cold scan", "warm scan"):
+            _load_weights.cache_clear()  # a scan from the shell starts with no weights loaded (the bare pass's)
             profile_file = args.profile if run == "warm scan" else args.profile_cold
             profiler = cProfile.Profile() if profile_file else None
             start = time.perf_counter()
