@@ -133,7 +133,10 @@ def held_by_driver(result) -> dict[str, float]:
     # the per-text code means: in a temporary file read a range of pairs at a time (0 MB held) or in memory
     rows, width = stats.codes.shape
     out["mean_codes [texts, latents] in memory"] = 0.0 if stats.codes._file is not None else rows * width * 4 / 1e6
-    out["texts (str, chars)"] = sum(len(t.text) for t in result.texts) / 1e6
+    # the rendered texts: in a temporary file read back by index (SpooledTexts: 0 MB of them held) or in memory
+    chars = sum(len(t.text) for t in result.texts) / 1e6
+    out["texts (str, chars) in memory"] = 0.0 if hasattr(result.texts, "_file") else chars
+    out["texts (str, chars) on disk"] = chars if hasattr(result.texts, "_file") else 0.0
     out["pairs table (polars)"] = result.pairs.estimated_size() / 1e6
     out["n_latents"] = int(width)
     return out

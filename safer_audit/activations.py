@@ -456,6 +456,102 @@ class PreparedText:
     has_special_tokens: bool
 
 
+SPOOL_READ = 4096  # texts read back in one pread when SpooledTexts is iterated
+
+
+class SpooledTexts(Sequence):
+    """PreparedTexts kept in an unnamed temporary file (deleted when closed or collected), read back by
+    index or range; the driver holds 17 bytes a text (end offset, response start, special-tokens flag).
+
+    A scan's rendered texts are used by extraction and later by the few texts a feature card shows:
+    held as Python strings for the whole scan they were ~1.4 KB a pair at 100k pairs (issue 16).
+    """
+
+    def __init__(self, directory: Path | None = None):
+        import tempfile
+        from array import array
+
+        if directory is not None:
+            Path(directory).mkdir(parents=True, exist_ok=True)
+        self._file = tempfile.TemporaryFile(dir=directory, prefix="texts-")
+        self._ends = array("q")  # byte offset where each text ends in the file
+        self._starts = array("q")  # response_start of each text
+        self._special = bytearray()
+
+    def extend(self, texts) -> None:
+        data = bytearray()
+        end = self._ends[-1] if self._ends else 0
+        for text in texts:
+            encoded = text.text.encode("utf-8", "surrogatepass")
+            data += encoded
+            end += len(encoded)
+            self._ends.append(end)
+            self._starts.append(text.response_start)
+            self._special.append(1 if text.has_special_tokens else 0)
+        self._file.seek(0, 2)
+        self._file.write(data)
+        self._file.flush()
+
+    def __len__(self) -> int:
+        return len(self._ends)
+
+    def _read(self, start: int, stop: int) -> list[PreparedText]:
+        import os
+
+        if stop <= start:
+            return []
+        lo = self._ends[start - 1] if start else 0
+        data = os.pread(self._file.fileno(), self._ends[stop - 1] - lo, lo)
+        out = []
+        for i in range(start, stop):
+            begin, end = (self._ends[i - 1] if i else 0) - lo, self._ends[i] - lo
+            out.append(PreparedText(data[begin:end].decode("utf-8", "surrogatepass"), self._starts[i],
+                                    bool(self._special[i])))
+        return out
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            start, stop, step = index.indices(len(self))
+            if step == 1:
+                return self._read(start, max(start, stop))
+            return [self[i] for i in range(start, stop, step)]
+        if index < 0:
+            index += len(self)
+        if not 0 <= index < len(self):
+            raise IndexError(index)
+        return self._read(index, index + 1)[0]
+
+    def __iter__(self):
+        for start in range(0, len(self), SPOOL_READ):
+            yield from self._read(start, min(start + SPOOL_READ, len(self)))
+
+    def close(self) -> None:
+        self._file.close()
+
+
+class _KeyedTexts(Sequence):
+    """``(key, PreparedText)`` of the texts ``indices`` of ``texts``, read from ``texts`` when asked for:
+    extraction's unique texts without a second copy of them."""
+
+    def __init__(self, keys: list[str], indices: list[int], texts: Sequence[PreparedText]):
+        self.keys, self.indices, self.texts = keys, indices, texts
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            rows = range(*index.indices(len(self)))
+            if rows.step == 1 and isinstance(self.texts, SpooledTexts) and self._consecutive(rows):
+                return list(zip(self.keys[index], self.texts[self.indices[rows.start]:self.indices[rows.stop - 1] + 1],
+                                strict=True))
+            return [self[i] for i in rows]
+        return self.keys[index], self.texts[self.indices[index]]
+
+    def _consecutive(self, rows: range) -> bool:
+        return len(rows) > 0 and self.indices[rows.stop - 1] - self.indices[rows.start] == len(rows) - 1
+
+
 def pair_texts(pairs, backend) -> list[PreparedText]:
     """The model input of every chosen and rejected conversation, interleaved."""
     out = []
@@ -516,14 +612,15 @@ def extract_activations(texts: Sequence[PreparedText], backend, config: Activati
     if want_score is None:
         want_score = backend.has_reward_head
     cache = open_cache(backend, config, layer)
-    keys = [text_key(t.text) for t in texts]
+    keys = [text_key(t.text) for t in texts]  # one pass (SpooledTexts reads a range at a time)
     missing = {k for k in keys if k not in cache.index} if lazy else set(cache.verify(keys))
     computed = 0
     if missing:
-        unique: dict[str, PreparedText] = {}
-        for key, text in zip(keys, texts, strict=False):
-            unique.setdefault(key, text)
-        items = list(unique.items())
+        unique: dict[str, int] = {}  # each key's first text, by index: the texts are read when needed, not copied
+        for index, key in enumerate(keys):
+            unique.setdefault(key, index)
+        items = _KeyedTexts(list(unique), list(unique.values()), texts)
+        del unique
         # the plan tokenizes every text for its length; the local engine runs those encodings (issue 15)
         encodings: dict[str, tuple] | None = {} if config.engine != "ray" else None
         shards = plan_missing(items, missing, backend, config, keep=encodings)
@@ -620,24 +717,26 @@ def plan_batches(texts: list[tuple[str, PreparedText]], backend, config: Activat
 
 def _plan(texts: list[tuple[str, PreparedText]], backend, config: ActivationConfig, keep: dict | None = None,
           wanted: set[str] | None = None):
-    """plan_batches' shards, and the token count of every text.
+    """plan_batches' shards, the token count of every text and its key.
 
     ``keep`` (a dict) receives the encodings (_tokenize's rows) of the texts whose key is in ``wanted``, by key,
     while they hold at most KEEP_TOKENS tokens in all, so that extraction does not tokenize them a second time.
     """
     lengths = []
+    names = []  # each text's key, so that sorting and planning do not read the texts again
     kept = 0
     for start in range(0, len(texts), TOKENIZE_CHUNK):
         chunk = texts[start:start + TOKENIZE_CHUNK]
         encoded = _tokenize([prepared for _, prepared in chunk], backend, config.max_length)
         lengths += [len(ids) for ids, _, _ in encoded]
+        names += [key for key, _ in chunk]
         if keep is not None:
             for (key, _prepared), row in zip(chunk, encoded, strict=True):
                 if kept + len(row[0]) <= KEEP_TOKENS and (wanted is None or key in wanted):
                     keep[key] = row
                     kept += len(row[0])
-    order = sorted(range(len(texts)), key=lambda i: (lengths[i], texts[i][0]))
-    return _batched(order, lengths, config), lengths
+    order = sorted(range(len(texts)), key=lambda i: (lengths[i], names[i]))
+    return _batched(order, lengths, config), lengths, names
 
 
 def _batched(order: list[int], lengths: list[int], config: ActivationConfig) -> list[list[list[int]]]:
@@ -707,10 +806,10 @@ def plan_missing(texts: list[tuple[str, PreparedText]], missing: set[str], backe
     """
     whole: list[list[list[int]]] = []
     loose: list[int] = []
-    shards, lengths = _plan(texts, backend, config, keep, missing)
+    shards, lengths, names = _plan(texts, backend, config, keep, missing)
     for shard in shards:
         members = [i for batch in shard for i in batch]
-        absent = [i for i in members if texts[i][0] in missing]
+        absent = [i for i in members if names[i] in missing]
         if len(absent) == len(members):
             whole.append(shard)
         else:

@@ -134,14 +134,24 @@ class CodeCache:
         """Write the summary of a scan of ``keys`` atomically, with the digest of its tensor bytes."""
         tensors = {k: v.contiguous() for k, v in summary.items()}
         data = save_safetensors(tensors)  # no metadata yet: the digest covers the bytes after the header
+        del tensors
         size = struct.unpack("<Q", data[:8])[0]
         header = json.loads(data[8:8 + size])
+        body = memoryview(data)[8 + size:]  # not copied: a summary can be hundreds of MB (issue 16)
         header["__metadata__"] = {"format": str(SUMMARY_FORMAT), "keys": _keys_digest(keys),
-                                  "digest": hashlib.blake2b(data[8 + size:], digest_size=16).hexdigest()}
+                                  "digest": hashlib.blake2b(body, digest_size=16).hexdigest()}
         raw = json.dumps(header, separators=(",", ":")).encode()
         raw += b" " * (-len(raw) % 8)  # safetensors aligns the tensor data to 8 bytes
-        write_atomic(self.summary_path(keys),
-                     struct.pack("<Q", len(raw)) + raw + data[8 + size:])
+
+        def write(path: Path) -> None:
+            with open(path, "wb") as out:
+                out.write(struct.pack("<Q", len(raw)) + raw)
+                out.write(body)
+
+        try:
+            write_atomic(self.summary_path(keys), write)
+        finally:
+            body.release()
 
 
 def _top_activations() -> int:
@@ -505,17 +515,23 @@ class _Accumulator:
         """What ``stats`` (this accumulator's finish()) holds, for CodeCache.save_summary; None when too large."""
         if self.sparse is None:
             return None
-        text = torch.cat([t for t, _, _ in self.sparse]) if self.sparse else torch.zeros(0, dtype=torch.long)
-        latent = torch.cat([lat for _, lat, _ in self.sparse]) if self.sparse else torch.zeros(0, dtype=torch.int32)
-        mean = torch.cat([m for _, _, m in self.sparse]) if self.sparse else torch.zeros(0)
+        # each column's parts are let go as soon as they are joined: the summary of a scan near SUMMARY_NUMBERS
+        # held the parts, their join and the sorted copy at once (issue 16)
+        parts, self.sparse = self.sparse, None
+        text = torch.cat([t for t, _, _ in parts]) if parts else torch.zeros(0, dtype=torch.long)
+        latent = torch.cat([lat for _, lat, _ in parts]) if parts else torch.zeros(0, dtype=torch.int32)
+        mean = torch.cat([m for _, _, m in parts]) if parts else torch.zeros(0)
+        del parts
         order = torch.argsort(text, stable=True)  # each text's entries come from one block, in latent order
+        latent, mean = latent[order], mean[order]
+        del order
         empty = torch.zeros(0)
         return {"n_positions": self.n_positions, "fvu": torch.tensor([stats.fvu], dtype=torch.float64),
                 "seen": torch.tensor([int(self.seen)]), "scores": self.scores if self.seen else empty,
                 "pooled": self.pooled.read(0, self.n_texts) if self.seen else empty,
                 "fire_counts": self.fire_counts, "token_counts": self.token_counts,
                 "code_offsets": _offsets(torch.bincount(text, minlength=self.n_texts)),
-                "code_latent": latent[order], "code_mean": mean[order],
+                "code_latent": latent, "code_mean": mean,
                 "top_value": stats.top_values, "top_text": stats.top_texts, "top_position": stats.top_positions,
                 "top_token": stats.top_tokens}
 

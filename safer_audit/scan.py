@@ -12,6 +12,7 @@ import json
 import math
 import shutil
 import time
+from collections.abc import Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -22,7 +23,15 @@ import torch
 from filelock import FileLock
 
 from . import __version__
-from .activations import ActivationStore, PreparedText, extract_activations, load_backend, pair_texts, resolve_layer
+from .activations import (
+    ActivationStore,
+    PreparedText,
+    SpooledTexts,
+    extract_activations,
+    load_backend,
+    pair_texts,
+    resolve_layer,
+)
 from .codes import CodeCache
 from .config import ActivationConfig, ReadOptions, SaeTrainConfig, ScanConfig
 from .data import find_quality_issues, load_pairs, tokenizer_counter
@@ -77,7 +86,7 @@ class ScanResult:
 
     report: Report
     pairs: pl.DataFrame
-    texts: list[PreparedText]
+    texts: Sequence[PreparedText]  # SpooledTexts in a scan: read back from a temporary file by index
     store: ActivationStore
     sae: TopKSAE
     stats: CodeStats
@@ -200,17 +209,18 @@ def read_data(source: str, config: ScanConfig):
 TEXTS_BATCH = 4096  # pairs whose messages are turned into Python objects at a time to render their texts
 
 
-def rendered_texts(pairs: pl.DataFrame, backend) -> list[PreparedText]:
-    """``pair_texts`` a range of pairs at a time: the messages columns of every pair as Python lists
-    of dicts at once peaked at ~9 KB a pair (issue 16)."""
-    texts: list[PreparedText] = []
+def rendered_texts(pairs: pl.DataFrame, backend, directory: Path | None = None) -> SpooledTexts:
+    """``pair_texts`` a range of pairs at a time (the messages columns of every pair as Python lists of
+    dicts at once peaked at ~9 KB a pair), into an unnamed temporary file in ``directory`` (SpooledTexts:
+    held as strings for the whole scan they were ~1.4 KB a pair; issue 16)."""
+    texts = SpooledTexts(directory)
     for start in range(0, len(pairs), TEXTS_BATCH):
-        texts += pair_texts(pairs.slice(start, TEXTS_BATCH), backend)
+        texts.extend(pair_texts(pairs.slice(start, TEXTS_BATCH), backend))
     return texts
 
 
 def _activations_for(pairs: pl.DataFrame, backend, config: ScanConfig, steps, label: str, *, lazy: bool = False):
-    texts = rendered_texts(pairs, backend)
+    texts = rendered_texts(pairs, backend, config.activations.cache_dir)
     with steps(label, "pairs", scale=0.5) as update:
         store = extract_activations(texts, backend, config.activations, progress=update, lazy=lazy)
     return texts, store
@@ -277,6 +287,9 @@ def scan_pairs(pairs: pl.DataFrame, config: ScanConfig, *, source: str, steps=no
         timings[name] = round(now - clock, 3)
         clock = now
 
+    # from the start: every pass over the codes and activations frees blocks of tens of MB, which a heap
+    # under glibc's default (rising) mmap threshold kept and fragmented (issue 16)
+    freed_blocks_to_the_system()
     warning = check_pair_count(len(pairs), config, source)
     if warning and warn is not None:
         warn(f"{source}: {warning}")
@@ -402,7 +415,7 @@ class Labelling:
 
     labeller: object
     stats: CodeStats
-    texts: list[PreparedText]
+    texts: Sequence[PreparedText]  # SpooledTexts in a scan: read back from a temporary file by index
     pair_ids: list[str]
     backend: object
     max_length: int
@@ -609,7 +622,7 @@ def _rating(label: FeatureLabel | None) -> tuple[float | None, str | None]:
 FLAGGED = (Category.FLIPPED, Category.NOISY)  # the pairs a card's contribution and flagged-pair count are over
 
 
-def _render_cards(cards, texts: list[PreparedText], pair_ids: list[str], backend, max_length: int,
+def _render_cards(cards, texts: Sequence[PreparedText], pair_ids: list[str], backend, max_length: int,
                   with_contexts: int, n_contexts: int = 10) -> list[FeatureCard]:
     """Turn token ids and positions into strings and marked windows of text.
 

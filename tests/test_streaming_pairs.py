@@ -157,4 +157,66 @@ def test_texts_are_rendered_a_range_of_pairs_at_a_time(tiny_llama_dir, tmp_path,
     texts = scan._activations_for(pairs, backend, ScanConfig(activations=ActivationConfig(
         model=str(tiny_llama_dir), layer=1, max_length=64, cache_dir=tmp_path / "cache")), scan.no_progress, "x")[0]
     assert slices[:3] == [(0, 4), (4, 4), (8, 4)]  # the messages of at most 4 pairs as Python objects at once
-    assert texts == pair_texts(pairs, backend)
+    assert list(texts) == pair_texts(pairs, backend)
+
+
+def test_rendered_texts_are_read_back_from_a_file_as_they_were_written(tmp_path):
+    """A scan's texts live in a temporary file (17 bytes a text in memory), read back by index, range,
+    stride and in order exactly as rendered: non-ASCII, a lone surrogate, empty texts (issue 16)."""
+    import sys
+
+    from safer_audit import activations
+    from safer_audit.activations import PreparedText, SpooledTexts
+
+    written = [PreparedText(f"\n\nHuman: {i} caf\u00e9 \U0001f600 " + "x" * (i % 7) * 300, 3 * i, i % 3 == 0)
+               for i in range(25)]
+    written[4] = PreparedText("", 0, True)
+    written[9] = PreparedText("lone \ud800 surrogate", 5, False)
+    texts = SpooledTexts(tmp_path)
+    texts.extend(written[:10])
+    texts.extend([])
+    texts.extend(written[10:])
+    assert len(texts) == 25
+    assert [texts[i] for i in range(25)] == written
+    assert texts[-1] == written[-1] and texts[3:11] == written[3:11] and texts[::4] == written[::4]
+    assert texts[20:5] == [] and texts[5:100] == written[5:]
+    with pytest.raises(IndexError):
+        texts[25]
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(activations, "SPOOL_READ", 4)
+        assert list(texts) == written
+    held = sum(sys.getsizeof(v) for v in vars(texts).values() if not hasattr(v, "fileno"))
+    assert held < 1000 + 40 * len(texts) < sum(len(t.text) for t in written)
+    assert not list(tmp_path.iterdir())  # unnamed: nothing to clean up
+
+
+def test_extraction_reads_the_texts_it_runs_without_copying_them(tiny_llama_dir, tmp_path, monkeypatch):
+    """Extraction from SpooledTexts writes the same shards as from a list, duplicates included, and
+    keeps no PreparedText per text while it plans (issue 16)."""
+    from safer_audit import activations
+    from safer_audit.activations import SpooledTexts, extract_activations, load_backend, pair_texts
+
+    path = tmp_path / "pairs.jsonl"
+    records = hh_records(9)
+    records.append(dict(records[2]))  # the same texts twice
+    path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+    pairs = load_pairs(path).pairs
+    backend = load_backend(ActivationConfig(model=str(tiny_llama_dir), layer=1))
+    listed = pair_texts(pairs, backend)
+    spooled = SpooledTexts(tmp_path)
+    spooled.extend(listed)
+    shards = {}
+    real_plan = activations.plan_missing
+    for name, texts in (("list", listed), ("spooled", spooled)):
+        config = ActivationConfig(model=str(tiny_llama_dir), layer=1, max_length=64, batch_size=3,
+                                  cache_dir=tmp_path / name)
+        seen = []
+        monkeypatch.setattr(activations, "plan_missing", lambda items, *a, seen=seen, **k: seen.append(items)
+                            or real_plan(items, *a, **k))
+        store = extract_activations(texts, backend, config)
+        assert store.n_forward_texts == 18
+        shards[name] = sorted(p.name for p in store.cache.directory.glob("shard-*"))
+        if name == "spooled":
+            (items,) = seen
+            assert not any(isinstance(v, list) and v and isinstance(v[0], tuple) for v in vars(items).values())
+    assert shards["list"] == shards["spooled"] and shards["list"]
