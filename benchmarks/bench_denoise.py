@@ -1,6 +1,8 @@
 """Benchmark: the paper's denoise and poison experiments at CPU scale (docs/method.md section 7).
 
     python benchmarks/bench_denoise.py [--seeds 0 1 2 3 4] [--limit N] [--json FILE] [--plot FILE]
+    python benchmarks/bench_denoise.py --profile thorough --seeds 0 --json seed0.json   # one seed per run
+    python benchmarks/bench_denoise.py --combine seed0.json seed1.json ... [--plot FILE]  # the tables over seeds
 
 For every seed the pairs are split 80/20 into train and held-out parts, and the train
 part is scanned (SAE trained on it, score_safe, the cross-fitted reward margin, the
@@ -13,6 +15,13 @@ and fit a Bradley-Terry linear reward head on the pooled layer activations of wh
 remains (chosen minus rejected, columns scaled as scoring.cross_fitted_margins does).
 The figure is held-out pairwise accuracy: the share of held-out pairs the head scores
 chosen above rejected. Ratio 0 (all train pairs, none flipped) is the baseline.
+
+``--profile thorough`` scans the train part with both models (safer_audit.profiles: MiniLM and
+SmolLM2) and adds their selectors: each of SmolLM2's judges, the fast ranking (MiniLM's judges
+alone), the thorough ranking (the mean percentile rank of every model's judges) and the
+cross-fitted stack (lowest stacked margin first; poison: highest). The head refitted after the
+selection is the same MiniLM head in both profiles, so only the selectors differ. A slow seed
+can run alone (``--seeds S --json FILE``) and ``--combine`` then prints the tables over the files.
 """
 
 from __future__ import annotations
@@ -31,7 +40,9 @@ DENOISE_RATIOS = (0.02, 0.04, 0.06, 0.08, 0.10)
 POISON_RATIOS = (0.005, 0.01, 0.025, 0.05)
 HELDOUT_FRACTION = 0.2
 # one colour per signal, so a selector looks the same in both panels
-COLOURS = {"score_safe": "tab:blue", "reward margin": "tab:orange", "suspicion": "tab:green", "random": "tab:grey"}
+COLOURS = {"score_safe": "tab:blue", "reward margin": "tab:orange", "suspicion": "tab:green", "random": "tab:grey",
+           "smollm2/score_safe": "tab:cyan", "smollm2/reward margin": "tab:red", "suspicion fast": "tab:olive",
+           "stack": "tab:purple"}
 
 
 def split_indices(n: int, heldout_fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -94,8 +105,9 @@ def markdown_table(per_seed: list[dict[str, dict[str, float]]], baselines: list[
     return "\n".join(lines)
 
 
-def run_seed(pairs, seed: int, backend, activations, margin_l2: float) -> dict:
-    """One split: scan the train part, then every selector at every ratio, for both experiments."""
+def run_seed(pairs, seed: int, backend, activations, margin_l2: float, profile: str = "fast") -> dict:
+    """One split: scan the train part (with every model of ``profile``), then every selector at every
+    ratio, for both experiments."""
     from safer_audit.activations import extract_activations, pair_texts
     from safer_audit.config import ScanConfig
     from safer_audit.scan import scan_pairs
@@ -103,9 +115,19 @@ def run_seed(pairs, seed: int, backend, activations, margin_l2: float) -> dict:
     train_idx, heldout_idx = split_indices(len(pairs), HELDOUT_FRACTION, seed)
     train, heldout = pairs[train_idx.tolist()], pairs[heldout_idx.tolist()]
     started = time.perf_counter()
-    result = scan_pairs(train, ScanConfig(activations=activations, seed=seed, margin_l2=margin_l2),
-                        source=f"train split of seed {seed}", backend=backend)
-    print(f"seed {seed}: scan of {len(train)} train pairs {time.perf_counter() - started:.0f} s "
+    config = ScanConfig(activations=activations, seed=seed, margin_l2=margin_l2)
+    source = f"train split of seed {seed}"
+    if profile == "fast":
+        result = scan_pairs(train, config, source=source, backend=backend)
+    else:
+        from dataclasses import replace
+
+        from safer_audit.profiles import scan_profile
+
+        config = replace(config, profile=profile, labeller="none", labeller_options={})  # labels feed no selector
+        result = scan_profile(train, config, source=source, backend=backend, labels=False)
+    scan_seconds = time.perf_counter() - started
+    print(f"seed {seed}: {profile} scan of {len(train)} train pairs {scan_seconds:.0f} s "
           f"(SAE FVU {result.stats.fvu:.3f})", file=sys.stderr)
     pooled = result.store.pooled_mean()
     train_diffs = pooled[0::2] - pooled[1::2]
@@ -118,21 +140,51 @@ def run_seed(pairs, seed: int, backend, activations, margin_l2: float) -> dict:
         "score_safe (lowest)": selection_order(signals["score_safe"], highest=False),
         "reward margin (lowest)": selection_order(signals["reward_margin"], highest=False),
         "suspicion (highest)": selection_order(result.suspicion, highest=True),
-        "random": random_order,
     }
     poison_orders = {
         "score_safe (highest)": selection_order(signals["score_safe"], highest=True),
         "reward margin (highest)": selection_order(signals["reward_margin"], highest=True),
-        "random": random_order,
     }
+    if profile != "fast":
+        denoise_orders.update(thorough_orders(result, config, highest=False))
+        poison_orders.update(thorough_orders(result, config, highest=True))
+    denoise_orders["random"] = poison_orders["random"] = random_order
     return {
-        "n_train": len(train), "n_heldout": len(heldout), "sae_fvu": result.stats.fvu,
+        "profile": profile, "n_train": len(train), "n_heldout": len(heldout), "sae_fvu": result.stats.fvu,
+        "scan_seconds": round(scan_seconds, 1),
         "baseline": heldout_accuracy(train_diffs, heldout_diffs, margin_l2),
         "denoise": {name: {str(r): heldout_accuracy(without(train_diffs, take(order, r)), heldout_diffs, margin_l2)
                            for r in DENOISE_RATIOS} for name, order in denoise_orders.items()},
         "poison": {name: {str(r): heldout_accuracy(flipped(train_diffs, take(order, r)), heldout_diffs, margin_l2)
                           for r in POISON_RATIOS} for name, order in poison_orders.items()},
     }
+
+
+def thorough_orders(result, config, *, highest: bool) -> dict[str, torch.Tensor]:
+    """The thorough profile's extra selectors. Denoise (``highest=False``): SmolLM2's judges lowest
+    first, the fast ranking (MiniLM's judges alone) and the stack's lowest margin first (the pairs
+    whose rejected response the stack likes most); the thorough ranking is ``suspicion``. Poison
+    (``highest=True``): SmolLM2's judges and the stack highest first (the surest pairs flipped)."""
+    from safer_audit.profiles import profile_weights
+    from safer_audit.scan import ranking_weights
+    from safer_audit.scoring import stack_judges, suspicion
+
+    signals = result.signals
+    weights = profile_weights(config, list(result.models))
+    stack = stack_judges({name: values for name, values in signals.items() if weights.get(name)},
+                         folds=config.folds, seed=config.seed)
+    orders = {}
+    for prefix in result.models:
+        for name, label in (("score_safe", "score_safe"), ("reward_margin", "reward margin")):
+            if f"{prefix}/{name}" in signals:
+                orders[f"{prefix}/{label} ({'highest' if highest else 'lowest'})"] = selection_order(
+                    signals[f"{prefix}/{name}"], highest=highest)
+    if not highest:
+        own = {name: w for name, w in ranking_weights(config).items() if w}
+        orders["suspicion fast (highest)"] = selection_order(suspicion(
+            {name: signals[name] for name in own}, own), highest=True)
+    orders[f"stack ({'highest' if highest else 'lowest'} margin)"] = selection_order(stack.margin, highest=highest)
+    return orders
 
 
 def plot(runs: list[dict], path: Path) -> None:
@@ -151,7 +203,7 @@ def plot(runs: list[dict], path: Path) -> None:
         for selector in runs[0][kind]:
             stats = [mean_sd(baselines)] + [mean_sd([run[kind][selector][str(r)] for run in runs]) for r in ratios]
             ax.errorbar([0.0, *(100 * r for r in ratios)], [m for m, _ in stats], yerr=[s for _, s in stats],
-                        marker="o", capsize=3, label=selector, color=COLOURS[selector.split(" (")[0]])
+                        marker="o", capsize=3, label=selector, color=COLOURS.get(selector.split(" (")[0]))
         ax.axhline(statistics.fmean(baselines), color="grey", linestyle=":", linewidth=1)
         ax.set_title(f"{kind}: train pairs {verb}")
         ax.set_xlabel(f"% of train pairs {verb}")
@@ -165,16 +217,60 @@ def plot(runs: list[dict], path: Path) -> None:
     plt.close(figure)
 
 
+def difference_table(per_seed: list[dict[str, dict[str, float]]], ratios: tuple[float, ...]) -> str:
+    """Each selector minus random at the same ratio on the same seed (paired), mean ± sd over seeds."""
+    header = "| selector | " + " | ".join(f"{r:.1%}".replace(".0%", "%") for r in ratios) + " |"
+    lines = [header, "|---|" + "---:|" * len(ratios)]
+    for selector in per_seed[0]:
+        if selector == "random":
+            continue
+        cells = ["{:+.4f} ± {:.4f}".format(*mean_sd([seed[selector][str(r)] - seed["random"][str(r)]
+                                                      for seed in per_seed])) for r in ratios]
+        lines.append(f"| {selector} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def print_tables(runs: list[dict], seeds: list[str]) -> None:
+    baselines = [run["baseline"] for run in runs]
+    profile = runs[0].get("profile", "fast")
+    listed = ", ".join(seeds)
+    print(f"\n### Denoise: remove train pairs, held-out pairwise accuracy (profile {profile}; seeds {listed}; "
+          f"{runs[0]['n_train']} train / {runs[0]['n_heldout']} held-out pairs; mean ± sd)\n")
+    print(markdown_table([run["denoise"] for run in runs], baselines, DENOISE_RATIOS))
+    print(f"\nDenoise minus random removal, paired by seed (profile {profile}; seeds {listed}; mean ± sd)\n")
+    print(difference_table([run["denoise"] for run in runs], DENOISE_RATIOS))
+    print(f"\n### Poison: flip train pairs, held-out pairwise accuracy (profile {profile}; seeds {listed}; "
+          "mean ± sd)\n")
+    print(markdown_table([run["poison"] for run in runs], baselines, POISON_RATIOS))
+    if all("scan_seconds" in run for run in runs):
+        print("\nscan of the train part per seed: " + ", ".join(f"{run['scan_seconds']:.0f} s" for run in runs))
+
+
 def main() -> int:
     parser = bench_parser(__doc__, limit_help="use only the first N pairs")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     parser.add_argument("--cache-dir", type=Path, default=Path("/tmp/safer-audit-bench-cache"),
                         help="activation and SAE cache, shared by every seed")
+    parser.add_argument("--profile", choices=["fast", "thorough"], default="fast",
+                        help="models the train part is scanned with (safer_audit.profiles); thorough adds "
+                             "SmolLM2's judges, the fast ranking and the stack as selectors")
     parser.add_argument("--json", type=Path, default=None, help="write the raw numbers here")
     parser.add_argument("--plot", type=Path, default=None, help="write the PNG figure here")
+    parser.add_argument("--combine", type=Path, nargs="+", default=None, metavar="JSON",
+                        help="print the tables (and --plot) over the seeds of these --json files; run nothing")
     args = parser.parse_args()
     if args.limit is not None and args.limit < 10:
         parser.error("--limit must be at least 10")
+    if args.combine:
+        seeds, runs = [], []
+        for path in args.combine:
+            for seed, run in json.loads(path.read_text())["seeds"].items():
+                seeds.append(seed)
+                runs.append(run)
+        print_tables(runs, seeds)
+        if args.plot:
+            plot(runs, args.plot)
+        return 0
 
     from safer_audit.activations import load_backend
     from safer_audit.config import ActivationConfig, ScanConfig
@@ -194,22 +290,17 @@ def main() -> int:
     backend = load_backend(activations)
     started = time.perf_counter()
     try:
-        runs = [run_seed(pairs, seed, backend, activations, margin_l2) for seed in args.seeds]
+        runs = [run_seed(pairs, seed, backend, activations, margin_l2, args.profile) for seed in args.seeds]
     except ScanError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    baselines = [run["baseline"] for run in runs]
-    seeds = ", ".join(map(str, args.seeds))
-    print(f"\n### Denoise: remove train pairs, held-out pairwise accuracy (seeds {seeds}; "
-          f"{runs[0]['n_train']} train / {runs[0]['n_heldout']} held-out pairs; mean ± sd)\n")
-    print(markdown_table([run["denoise"] for run in runs], baselines, DENOISE_RATIOS))
-    print(f"\n### Poison: flip train pairs, held-out pairwise accuracy (seeds {seeds}; mean ± sd)\n")
-    print(markdown_table([run["poison"] for run in runs], baselines, POISON_RATIOS))
+    print_tables(runs, [str(seed) for seed in args.seeds])
     command = shlex.join(["python", *sys.argv])
     print(f"\ntotal {time.perf_counter() - started:.0f} s; command: {command}")
     if args.json:
         write_atomic(args.json, json.dumps({"command": command, "data": args.data, "pairs": len(pairs),
-                                            "margin_l2": margin_l2, "seeds": dict(zip(map(str, args.seeds), runs, strict=False))},
+                                            "margin_l2": margin_l2, "profile": args.profile,
+                                            "seeds": dict(zip(map(str, args.seeds), runs, strict=False))},
                                            indent=1))
     if args.plot:
         plot(runs, args.plot)

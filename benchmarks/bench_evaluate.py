@@ -13,7 +13,8 @@ seeds; the same table on the confirm seeds shows whether the choice holds.
 
 measures instead every judge, its length-residualised variant and the aggregations (evaluate's
 scorers) under each flip mode (issue 14), with each judge's correlation with the length
-difference, the calibration of the stack's flip probability and the wall time of each mode;
+difference, the calibration of the flip probability (the mixture posterior, beside the stack's
+P(rejected is better) it replaced) and the wall time of each mode;
 ``--profile thorough`` adds SmolLM2's judges (``smollm2/NAME``) to the same flipped copies.
 """
 
@@ -179,6 +180,26 @@ def main() -> int:
     return 0
 
 
+def print_calibration(figures: list[dict[str, float]], flip_rate: float) -> None:
+    """The flip probability against the injected flips, mean ± sd over seeds: the mixture posterior
+    (what findings carry since issue 14) beside the stack's P(rejected is better) (what they carried
+    before), from the same scans."""
+    def cell(key: str) -> str:
+        values = [f[key] for f in figures]
+        sd = statistics.stdev(values) if len(values) > 1 else 0.0
+        return f"{statistics.fmean(values):.3f} ± {sd:.3f}"
+
+    print(f"\nFlip probability against the injected flips ({flip_rate:.0%} flipped; mean ± sd over seeds)\n")
+    print("| flip probability | mean predicted | estimated flip rate | Brier | ECE |")
+    print("|---|---:|---:|---:|---:|")
+    print(f"| before: P(rejected is better) = sigmoid(-stacked margin) | {cell('rejected_mean_predicted')} |  "
+          f"| {cell('rejected_brier')} | {cell('rejected_ece')} |")
+    print(f"| after: mixture posterior | {cell('mean_predicted')} | {cell('estimated_rate')} | {cell('brier')} "
+          f"| {cell('ece')} |")
+    constant = statistics.fmean(f["flip_rate"] * (1 - f["flip_rate"]) for f in figures)
+    print(f"\n(Brier of the constant true rate, for reference: {constant:.3f}.)")
+
+
 def judges_main(args) -> int:
     """Every scorer of ``safer-audit evaluate`` under each flip mode, on the same seeds."""
     from safer_audit.activations import load_backend
@@ -222,9 +243,7 @@ def judges_main(args) -> int:
             r = f"{rho[name]:+.2f}" if name in rho else ""
             print(f"| {name} | {m['auroc'][0]:.3f} ± {m['auroc'][1]:.3f} | {m['p@5%'][0]:.3f} ± {m['p@5%'][1]:.3f} "
                   f"| {m['p@10%'][0]:.3f} | {r} |")
-        cal = list(result.calibration.values())
-        print("\nFlip probability (stack): " + ", ".join(
-            f"{key} {statistics.fmean(c[key] for c in cal):.3f}" for key in ("mean_predicted", "flip_rate", "brier", "ece")))
+        print_calibration(list(result.calibration.values()), result.flip_rate)
         sys.stdout.flush()
     print(f"\ntotal {time.perf_counter() - started:.0f} s; command: python {' '.join(sys.argv)}")
     if args.json:

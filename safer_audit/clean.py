@@ -7,9 +7,9 @@ Selection (``select_pairs``), from a scan report:
   ``flipped`` ones when flipping, since only they are claimed to have swapped labels;
 - ``drop_fraction`` F: the pairs of rank <= F x n (the rule scan's categories use);
 - ``threshold`` T: the pairs with ``suspicion`` >= T;
-- ``min_flip_probability`` P: the pairs whose flip probability (the stacked judges'
-  probability that the rejected response is the better one, every model's judges with
-  ``--profile thorough``) is >= P: an absolute rule, where the others are relative to the data;
+- ``min_flip_probability`` P: the pairs whose flip probability (the posterior of the mixture
+  fitted to the stacked judges' margins, every model's judges with ``--profile thorough``;
+  scoring.flip_posterior) is >= P: an absolute rule, where the others are relative to the data;
 - review decisions (decisions.py): the pairs marked ``flipped`` are flipped back, those marked
   ``noisy`` dropped, those marked ``ok`` kept, matched by content digest (so they hold after
   the data is reordered); ``only`` limits this to some verdicts. No report is needed.

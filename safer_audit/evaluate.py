@@ -172,7 +172,8 @@ class EvaluationResult:
     runs: dict[int, dict[str, ScorerResult]]  # seed -> scorer -> result
     config: dict = field(default_factory=dict)
     flip_mode: str = "uniform"
-    calibration: dict[int, dict[str, float]] = field(default_factory=dict)  # seed -> the flip probability's
+    # seed -> the flip probability's calibration and the mixture's estimated rate (flip_calibration)
+    calibration: dict[int, dict[str, float]] = field(default_factory=dict)
 
     def length_correlations(self) -> dict[str, float]:
         """scorer -> mean over seeds of its correlation with the length difference (scorers that have one)."""
@@ -224,11 +225,22 @@ def length_suspicion(pairs: pl.DataFrame, folds: int, seed: int) -> torch.Tensor
     return -cross_fitted_margins(diff, folds=folds, seed=seed, l2=1e-4).margins
 
 
-def judge_scorers(result, config: ScanConfig, positive: torch.Tensor, position_set: str) -> dict[str, ScorerResult]:
+def judge_label(result, name: str, position_set: str) -> str:
+    """``name[positions]``: the positions its model's activations were pooled over. A profile's other
+    model's judge (``prefix/NAME``) reads that model's own positions (SmolLM2: ``all``), not the
+    first model's."""
+    prefix = name.split("/", 1)[0] if "/" in name else None
+    if prefix is not None and prefix in result.models:
+        return f"{name}[{result.models[prefix].report.run.positions}]"
+    return f"{name}[{position_set}]"
+
+
+def judge_scorers(result, config: ScanConfig, positive: torch.Tensor, position_set: str):
     """Every judge of one scan measured, with its length-residualised variant, and the aggregations:
     the scan's ranking (``combined``), the same over the length-residualised judges
     (``combined-lenres``), the stack a scan can fit (``stacked``) and the oracle stack
-    fitted on the true flips (``stack-oracle``: an upper bound, not available to a scan)."""
+    fitted on the true flips (``stack-oracle``: an upper bound, not available to a scan).
+    Returns the scorers and the stack (its flip posterior's mixture and P(rejected is better))."""
     from .judges import JudgeContext, residualise_on_length
     from .profiles import profile_weights
     from .scan import ranking_weights
@@ -240,20 +252,33 @@ def judge_scorers(result, config: ScanConfig, positive: torch.Tensor, position_s
     scorers: dict[str, ScorerResult] = {}
     residual = {}
     for name, values in result.signals.items():
-        scorers[f"{name}[{position_set}]"] = measure(-values.double(), positive, length)
+        label = judge_label(result, name, position_set)
+        scorers[label] = measure(-values.double(), positive, length)
         residual[name] = residualise_on_length(values, length, folds=config.folds, seed=config.seed)
-        scorers[f"{name}-lenres[{position_set}]"] = measure(-residual[name], positive, length)
+        base, positions = label.rsplit("[", 1)
+        scorers[f"{base}-lenres[{positions}"] = measure(-residual[name], positive, length)
     scorers[f"combined[{position_set}]"] = measure(result.suspicion, positive, length)
     if result.models:  # a profile's ranking; also the first model's alone (what --profile fast ranks by)
         own = {name: w for name, w in ranking_weights(config).items() if w}
         scorers[f"combined-fast[{position_set}]"] = measure(suspicion(result.signals, own), positive, length)
     scorers[f"combined-lenres[{position_set}]"] = measure(suspicion(residual, weights), positive, length)
-    stacked, _ = aggregate(result.signals, weights, method="stacked", folds=config.folds, seed=config.seed)
+    stacked, stack = aggregate(result.signals, weights, method="stacked", folds=config.folds, seed=config.seed)
     scorers[f"stacked[{position_set}]"] = measure(stacked, positive, length)
     ranked = {name: result.signals[name] for name in weights}
     scorers[f"stack-oracle[{position_set}]"] = measure(oracle_stack(ranked, positive, config.folds, config.seed),
                                                        positive, length)
-    return scorers
+    return scorers, stack
+
+
+def flip_calibration(flip_probability: torch.Tensor, stack, positive: torch.Tensor) -> dict[str, float]:
+    """The scan's flip probability (the mixture posterior) against the true flips, the mixture's
+    estimated flip rate, and the same figures for the stack's P(rejected is better) (``rejected_``:
+    the flip probability before issue 14's posterior), side by side."""
+    figures = calibration(flip_probability, positive)
+    figures["estimated_rate"] = stack.mixture.rate
+    figures.update({f"rejected_{key}": value for key, value in calibration(stack.rejected_probability, positive).items()
+                    if key != "flip_rate"})
+    return figures
 
 
 def reference_signal(pairs: pl.DataFrame, config: ScanConfig, *, judge: str, source: str, backend, steps):
@@ -300,8 +325,9 @@ def evaluate(pairs: pl.DataFrame, config: ScanConfig, *, flip_rate: float = 0.1,
             else:
                 result = scan_pairs(flipped_pairs, run_config, source=source, steps=steps, backend=backend)
             if i == 0:
-                scorers.update(judge_scorers(result, run_config, positive, position_set))
-                calibrations[seed] = calibration(result.flip_probability, positive)
+                found, stack = judge_scorers(result, run_config, positive, position_set)
+                scorers.update(found)
+                calibrations[seed] = flip_calibration(result.flip_probability, stack, positive)
             else:
                 scorers[f"score_safe[{position_set}]"] = measure(-result.signals["score_safe"], positive)
         scorers["length"] = measure(length_suspicion(flipped_pairs, config.folds, seed), positive)

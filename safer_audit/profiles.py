@@ -8,8 +8,8 @@ first model's with the ranking, categories and flip probability recomputed over 
 judges, and the feature cards of every model (each card's ``model`` names the model its latent
 belongs to: the first model's short name, else the judges' prefix; latent numbers are per model).
 Each other model's cards are ordered by their contribution to the pairs that model's own
-ranking flags. Every finding carries the stack's flip probability (``clean
---min-flip-probability``), and ``run.profile`` says which profile made the report. The second model's judges are named ``smollm2/NAME``
+ranking flags. Every finding carries the flip probability (the mixture posterior over the stack's
+margins, scoring.flip_posterior; ``clean --min-flip-probability``), and ``run.profile`` says which profile made the report. The second model's judges are named ``smollm2/NAME``
 (``smollm2/score_safe``, ``smollm2/reward_margin``), so the report's ranking line and
 evaluate's scorers say which model each judge read.
 
@@ -164,7 +164,7 @@ def rerank(result, signals: dict[str, torch.Tensor], weights: dict[str, float], 
 def ranking_line(result, weights: dict[str, float], config: ScanConfig) -> str:
     """What the ranking combines and which model each judge read."""
     used = ", ".join(f"{w:g}*{name}" if w != 1 else name for name, w in weights.items())
-    how = ("flip probability of a cross-fitted Bradley-Terry stack" if config.aggregation == "stacked"
+    how = ("P(rejected is better) of a cross-fitted Bradley-Terry stack" if config.aggregation == "stacked"
            else "mean percentile rank from the low end")
     models = [f"judges without a prefix read {result.backend.identity} layer {result.report.run.layer} "
               f"({config.activations.positions}; its SAE features are the report's)"]

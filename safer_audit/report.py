@@ -85,7 +85,8 @@ class Finding:
     rejected: str  # the final rejected response
     context: str  # the conversation both responses answer
     top_features: list[FeatureContribution]
-    # the stacked judges' probability (fitted on the data's own labels) that the rejected response is the better one (issue 14)
+    # the posterior probability that the pair is flipped: a symmetric mixture fitted without labels to the stacked
+    # judges' cross-fitted margins (scoring.flip_posterior; issue 14)
     flip_probability: float | None = None
 
     def __post_init__(self):

@@ -59,10 +59,10 @@ def test_the_stack_trusts_the_informative_judge_and_gives_a_flip_probability():
     noise = torch.randn(n, generator=generator)
     stack = stack_judges({"good": good, "noise": noise}, folds=5, seed=0)
     assert stack.weights["good"] > 5 * abs(stack.weights["noise"])
-    assert torch.allclose(stack.flip_probability, torch.sigmoid(-stack.margin))
-    assert float(stack.flip_probability[good.argmin()]) > 0.5 > float(stack.flip_probability[good.argmax()])
+    assert torch.allclose(stack.rejected_probability, torch.sigmoid(-stack.margin))
+    assert float(stack.rejected_probability[good.argmin()]) > 0.5 > float(stack.rejected_probability[good.argmax()])
     ranked, again = aggregate({"good": good, "noise": noise}, method="stacked")
-    assert torch.equal(ranked, again.flip_probability)
+    assert torch.equal(ranked, again.rejected_probability)
 
 
 def test_mean_rank_aggregation_is_the_old_suspicion_and_ignores_unweighted_judges():
@@ -144,7 +144,12 @@ def test_scan_with_judges_ranks_by_them(tiny_llama_dir, pairs, tmp_path):
     assert "length, reward_margin-lenres" in judged.report.run.ranking
     config.aggregation = "stacked"
     stacked = scan_pairs(table, config, source=str(path))
-    assert torch.equal(stacked.suspicion, stacked.flip_probability)
+    from safer_audit.scan import ranking_weights
+
+    _, stack = aggregate(stacked.signals, ranking_weights(config), method="stacked", folds=config.folds,
+                         seed=config.seed)
+    assert torch.equal(stacked.suspicion, stack.rejected_probability)  # ranked by the margin; findings carry the
+    assert torch.equal(stacked.flip_probability, stack.flip_probability)  # mixture posterior
     assert "stack" in stacked.report.run.ranking
 
 
@@ -165,5 +170,6 @@ def test_cli_judge_and_flip_mode_options(tiny_llama_dir, pairs, tmp_path):
         assert {"length[response]", "stacked[response]", "stack-oracle[response]"} <= set(mode["summary"])
         assert mode["config"]["judges"] == ["score_safe", "length"]
         assert all(math.isfinite(v) for v in mode["length_correlation"].values())
-        assert set(mode["calibration"]["0"]) == {"mean_predicted", "flip_rate", "brier", "ece"}
+        assert set(mode["calibration"]["0"]) == {"mean_predicted", "flip_rate", "brier", "ece", "estimated_rate",
+                                                 "rejected_mean_predicted", "rejected_brier", "rejected_ece"}
     assert "length flips" in result.output and "margin flips" in result.output

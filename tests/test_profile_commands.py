@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 from click.testing import CliRunner
 
 from safer_audit.cli import cli
@@ -73,7 +74,35 @@ def test_a_thorough_report_has_every_models_cards_each_naming_its_model(tiny_lla
     assert again.run.profile == "thorough"
 
 
-def test_every_finding_carries_the_stacks_flip_probability(tiny_llama_dir, second_model, tmp_path):
+@pytest.fixture
+def distinct_flip_probability(monkeypatch):
+    """The flip posterior replaced by sigmoid(-margin), distinct per pair: the tiny random models' judges carry no
+    signal, so the real posterior is 0 for every pair (test_flip_posterior tests it); these tests follow the
+    values from the stack to the findings and to clean."""
+    from safer_audit import scoring
+
+    monkeypatch.setattr(scoring, "flip_posterior",
+                        lambda margin: (torch.sigmoid(-margin), scoring.FlipMixture(0.5, 1.0, 0.0)))
+
+
+def test_findings_carry_the_mixture_posterior_not_the_probability_that_rejected_is_better(tiny_llama_dir, tmp_path):
+    from safer_audit.scan import ranking_weights, run_scan
+    from safer_audit.scoring import aggregate, flip_posterior
+
+    data = write_hh_pairs(tmp_path / "pairs.jsonl", N)
+    config = _config(tiny_llama_dir, tmp_path, profile="fast")
+    result = run_scan(str(data), config)
+    _, stack = aggregate(result.signals, ranking_weights(config), folds=config.folds, seed=config.seed)
+    posterior, _ = flip_posterior(stack.margin)
+    index = {pair_id: i for i, pair_id in enumerate(result.pairs["pair_id"].to_list())}
+    for finding in result.report.findings:
+        i = index[finding.pair_id]
+        assert finding.flip_probability == pytest.approx(float(posterior[i]), abs=1e-6)
+        assert finding.flip_probability != pytest.approx(float(torch.sigmoid(-stack.margin[i])), abs=1e-3)
+
+
+def test_every_finding_carries_the_stacks_flip_probability(tiny_llama_dir, second_model, tmp_path,
+                                                           distinct_flip_probability):
     from safer_audit.scan import run_scan
 
     data = write_hh_pairs(tmp_path / "pairs.jsonl", N)
@@ -95,7 +124,8 @@ def _scan_report(model: Path, data: Path, tmp_path: Path, *extra: str) -> Path:
     return path
 
 
-def test_clean_min_flip_probability_selects_by_the_reports_flip_probability(tiny_llama_dir, tmp_path):
+def test_clean_min_flip_probability_selects_by_the_reports_flip_probability(tiny_llama_dir, tmp_path,
+                                                                           distinct_flip_probability):
     data = write_hh_pairs(tmp_path / "pairs.jsonl", N)
     report_path = _scan_report(tiny_llama_dir, data, tmp_path)
     findings = json.loads(report_path.read_text())["findings"]

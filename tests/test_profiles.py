@@ -203,13 +203,15 @@ def test_evaluate_measures_both_models_judges_under_thorough(tiny_llama_dir, tin
     from safer_audit.evaluate import evaluate
 
     monkeypatch.setitem(profiles.PROFILES, "thorough",
-                        (profiles.ProfileModel("second", str(tiny_gguf), layer=2, max_length=64),))
+                        (profiles.ProfileModel("second", str(tiny_gguf), layer=2, positions="all", max_length=64),))
     pairs = load_pairs(str(write_hh_pairs(tmp_path / "pairs.jsonl", 30))).pairs
     result = evaluate(pairs, _config(tiny_llama_dir, tmp_path, profile="thorough"), seeds=(0,),
                       positions=("response",))
     scorers = result.runs[0]
-    assert {"second/score_safe[response]", "second/reward_margin[response]", "combined[response]",
-            "combined-fast[response]"} <= set(scorers)
+    # the second model's judges are named by its own positions (all), the first model's by the evaluated set
+    assert {"second/score_safe[all]", "second/reward_margin[all]", "second/score_safe-lenres[all]",
+            "combined[response]", "combined-fast[response]"} <= set(scorers)
+    assert not any(name.startswith("second/") and name.endswith("[response]") for name in scorers)
     assert result.config["profile"] == "thorough"
     fast = evaluate(pairs, _config(tiny_llama_dir, tmp_path), seeds=(0,), positions=("response",)).runs[0]
     assert scorers["combined-fast[response]"] == fast["combined[response]"]

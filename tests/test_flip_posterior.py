@@ -1,0 +1,91 @@
+"""The flip probability (issue 14): the posterior of a symmetric two-component mixture fitted, without labels,
+to the stack's cross-fitted margins (scoring.flip_posterior), and that the stack, evaluate and the report use it."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from safer_audit.evaluate import calibration, flip_calibration
+from safer_audit.scoring import fit_flip_mixture, flip_posterior, stack_judges
+
+
+def mixture_margins(n: int, rate: float, separation: float, seed: int, distort=lambda m: m):
+    """Margins from the model itself: correct pairs N(s, 1), flipped ones N(-s, 1), on a scale ``distort``."""
+    generator = torch.Generator().manual_seed(seed)
+    flipped = torch.rand(n, generator=generator) < rate
+    m = torch.randn(n, generator=generator, dtype=torch.float64) + separation
+    m[flipped] = -m[flipped]
+    return distort(m), flipped
+
+
+@pytest.mark.parametrize("rate", [0.1, 0.3])
+@pytest.mark.parametrize("separation", [1.0, 2.0])
+def test_the_mixture_recovers_the_flip_rate_and_its_posterior_is_calibrated(rate, separation):
+    # on a bounded, non-Gaussian scale (tanh): the fit reads only the margins' ranks and signs
+    margins, flipped = mixture_margins(4000, rate, separation, seed=round(100 * rate + 10 * separation),
+                                       distort=lambda m: torch.tanh(m / 2))
+    posterior, mixture = flip_posterior(margins)
+    assert mixture.rate == pytest.approx(rate, abs=0.035)
+    figures = calibration(posterior, flipped)
+    assert figures["mean_predicted"] == pytest.approx(rate, abs=0.035)
+    assert figures["ece"] < 0.05
+    # the stack's old flip probability, sigmoid(-margin), is far from calibrated on the same margins
+    assert calibration(torch.sigmoid(-margins), flipped)["ece"] > 0.1
+
+
+def test_no_flips_gives_a_rate_near_zero_and_a_pure_coin_no_information():
+    margins, _ = mixture_margins(4000, 0.0, 1.0, seed=3)
+    _, mixture = flip_posterior(margins)
+    assert mixture.rate < 0.02
+    # every pair the other way round: the fit cannot call most pairs flipped (pi <= 1/2)
+    _, mixture = flip_posterior(-margins)
+    assert mixture.rate == pytest.approx(0.5, abs=1e-6)
+
+
+def test_the_posterior_is_decreasing_in_the_margin_deterministic_and_order_free():
+    margins, _ = mixture_margins(1500, 0.15, 1.0, seed=4)
+    posterior, mixture = flip_posterior(margins)
+    order = torch.argsort(margins)
+    assert bool((posterior[order][1:] <= posterior[order][:-1]).all())
+    assert float(posterior[margins.argmin()]) > 0.9 > 0.01 > float(posterior[margins.argmax()])
+    again, same = flip_posterior(margins.clone())
+    assert torch.equal(posterior, again) and same == mixture
+    shuffle = torch.randperm(len(margins), generator=torch.Generator().manual_seed(0))
+    shuffled, moved = flip_posterior(margins[shuffle])
+    assert torch.allclose(shuffled, posterior[shuffle], atol=1e-12) and moved.rate == pytest.approx(mixture.rate)
+    # an increasing odd rescaling of the margins changes nothing
+    scaled, rescaled = flip_posterior(margins.pow(3) * 7)
+    assert torch.allclose(scaled, posterior, atol=1e-9) and rescaled.rate == pytest.approx(mixture.rate)
+
+
+def test_zero_and_missing_margins_carry_no_sign():
+    margins = torch.tensor([0.0, float("nan"), 0.0])
+    posterior, mixture = flip_posterior(margins)
+    assert mixture.rate == 0 and torch.equal(posterior, torch.zeros(3, dtype=torch.float64))
+    mixed, _ = mixture_margins(800, 0.2, 1.5, seed=5)
+    mixed[:50] = 0.0
+    posterior, mixture = flip_posterior(mixed)
+    assert torch.allclose(posterior[:50], torch.full((50,), mixture.rate, dtype=torch.float64))
+    _, scale = fit_flip_mixture(mixed)
+    assert bool((scale[:50] == 0).all()) and bool((torch.sign(scale[50:]) == torch.sign(mixed[50:])).all())
+
+
+def test_the_stack_carries_the_posterior_and_the_old_probability_beside_it():
+    generator = torch.Generator().manual_seed(6)
+    n = 1200
+    flipped = torch.rand(n, generator=generator) < 0.2
+    truth = torch.randn(n, generator=generator) + 1.5
+    signals = {"a": truth + 0.5 * torch.randn(n, generator=generator),
+               "b": truth + 0.5 * torch.randn(n, generator=generator)}
+    signals = {name: torch.where(flipped, -values, values) for name, values in signals.items()}
+    stack = stack_judges(signals, folds=5, seed=0)
+    posterior, mixture = flip_posterior(stack.margin)
+    assert torch.equal(stack.flip_probability, posterior) and stack.mixture == mixture
+    assert torch.allclose(stack.rejected_probability, torch.sigmoid(-stack.margin))
+    figures = flip_calibration(stack.flip_probability, stack, flipped)
+    assert figures["estimated_rate"] == mixture.rate
+    assert figures["ece"] < figures["rejected_ece"]
+    assert math.isclose(figures["mean_predicted"], float(posterior.mean()))
