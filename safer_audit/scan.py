@@ -102,7 +102,7 @@ class ScanResult:
         """The labeller's labels made for this scan, by latent."""
         return dict(self.labelling.labels) if self.labelling is not None else {}
 
-    # per pair: the stacked judges' probability that the rejected response is the better one
+    # per pair: the posterior that it is flipped (scoring.flip_posterior, a mixture over the stack's margins)
     flip_probability: torch.Tensor | None = None
     stack_weights: dict[str, float] = field(default_factory=dict)  # how much the stack trusts each judge
     judge_costs: dict[str, dict] = field(default_factory=dict)  # judge -> requests, tokens (judges that spend)
@@ -453,7 +453,7 @@ def label_request(card: FeatureCard, data, backend) -> LabelRequest:
 def ranking_name(config: ScanConfig) -> str:
     used = [f"{w:g}*{name}" if w != 1 else name for name, w in ranking_weights(config).items() if w]
     if config.aggregation == "stacked":
-        return f"flip probability of a cross-fitted Bradley-Terry stack over ({', '.join(used)})"
+        return f"P(rejected is better) of a cross-fitted Bradley-Terry stack over ({', '.join(used)})"
     return f"mean percentile rank from the low end of ({', '.join(used)})"
 
 
