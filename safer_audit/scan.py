@@ -287,9 +287,6 @@ def scan_pairs(pairs: pl.DataFrame, config: ScanConfig, *, source: str, steps=no
         timings[name] = round(now - clock, 3)
         clock = now
 
-    # from the start: every pass over the codes and activations frees blocks of tens of MB, which a heap
-    # under glibc's default (rising) mmap threshold kept and fragmented (issue 16)
-    freed_blocks_to_the_system()
     warning = check_pair_count(len(pairs), config, source)
     if warning and warn is not None:
         warn(f"{source}: {warning}")
@@ -549,8 +546,9 @@ def freed_blocks_to_the_system() -> bool:
     The report reads every pair's codes a range at a time (pair_batches, twice per feature_cards) into tensors of
     tens of MB. By default glibc raises its mmap threshold to the size of each such block freed (up to 32 MB), so
     the next ranges are carved from the heap, which fragments and is not given back: the driver's RSS rose with
-    every range read, ~6 KB a pair in the report stage (issue 16, BENCHMARKS.md). False where it does not apply
-    (not glibc)."""
+    every range read, ~6 KB a pair in the report stage (issue 16, BENCHMARKS.md). Not from the scan's start: every
+    forward pass's and SAE step's tensors are then mapped and faulted in afresh, and extraction and SAE training
+    took ~20% longer (700 HH pairs, side by side). False where it does not apply (not glibc)."""
     import platform
 
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
