@@ -89,3 +89,20 @@ def test_the_stack_carries_the_posterior_and_the_old_probability_beside_it():
     assert figures["estimated_rate"] == mixture.rate
     assert figures["ece"] < figures["rejected_ece"]
     assert math.isclose(figures["mean_predicted"], float(posterior.mean()))
+
+
+def test_a_warm_scan_reads_the_posterior_back_instead_of_fitting_it_again(tmp_path, monkeypatch):
+    from safer_audit import scoring
+
+    margins, _ = mixture_margins(500, 0.2, 1.5, seed=7)
+    cache = scoring.HeadCache(tmp_path / "heads")
+    first, mixture = cache.flip_posterior(margins)
+    fits = []
+    monkeypatch.setattr(scoring, "flip_posterior", lambda m: fits.append(m) or flip_posterior(m))
+    again, same = cache.flip_posterior(margins.clone())
+    assert fits == [] and torch.equal(again, first) and same == mixture  # read back, bit for bit
+    cache.flip_posterior(margins[:-1])  # other margins: fitted
+    assert len(fits) == 1
+    for entry in (tmp_path / "heads").glob("*posterior*"):
+        entry.write_bytes(entry.read_bytes()[:40])  # a damaged entry is fitted again, not trusted
+    assert torch.equal(cache.flip_posterior(margins)[0], first) and len(fits) == 2
