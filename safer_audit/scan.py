@@ -338,8 +338,8 @@ def scan_pairs(pairs: pl.DataFrame, config: ScanConfig, *, source: str, steps=no
                             f">= {config.relevance_threshold:g}; lower --relevance-threshold or use --select salience")
         lap("labels")
 
-    # from here on every stage reads the codes a range of pairs at a time into blocks of tens of MB (issue 16);
-    # not earlier: extraction and SAE training, whose blocks are as large, ran ~20% slower with it
+    # from here on (scores, then the report) every stage reads the codes a range of pairs at a time into blocks of
+    # tens of MB (issue 16); not earlier: extraction and SAE training, whose blocks are as large, ran ~20% slower
     freed_blocks_to_the_system()
     with steps("Scores", "judges") as update:
         update(0, 1)
@@ -465,7 +465,6 @@ def build_report(source, pairs, texts, stats, salience, features, signals, ranke
     (most frequent first, ``labels_for_findings`` latents in all) get the labeller's label, its
     relevance, category and provenance; a features file's own label wins over the labeller's.
     """
-    freed_blocks_to_the_system()
     pair_ids = pairs["pair_id"].to_list()
     per_pair_quality = [quality.get(pid, []) for pid in pair_ids]
     categories = categorise(ranked, ranked_signals(signals, ranking_weights(config)), per_pair_quality,

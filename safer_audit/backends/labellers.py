@@ -600,7 +600,7 @@ class OfflineLabeller:
         """Per request, the mean over its embedded windows of each category's best-matching description
         (a [requests, categories] tensor; zeros for requests not rated), with the category names.
 
-        Each distinct window is embedded once, in batches of similar length (little padding); the
+        Each distinct window is embedded once (SentenceEncoder.encode batches by token count); the
         scoring is a handful of tensor operations whatever the number of latents.
         """
         import torch
@@ -620,10 +620,7 @@ class OfflineLabeller:
         scores = torch.zeros(len(requests), len(names))
         if not rows:
             return scores, names
-        texts = sorted(rows, key=lambda t: (len(t), t))
-        position = {t: n for n, t in enumerate(texts)}
-        order = torch.tensor([position[t] for t in rows])
-        vectors = self.encoder.encode(texts)[order]  # back in first-seen order
+        vectors = self.encoder.encode(list(rows))  # in first-seen order; the encoder batches by token count
         sims = vectors @ torch.cat([categories[n] for n in names]).T  # [windows, descriptions]
         per_category, start = [], 0
         for name in names:  # the best-matching description of each category: one odd description cannot decide
