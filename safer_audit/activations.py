@@ -553,9 +553,14 @@ class _KeyedTexts(Sequence):
 
 
 def pair_texts(pairs, backend) -> list[PreparedText]:
-    """The model input of every chosen and rejected conversation, interleaved."""
+    """The model input of every chosen and rejected conversation, interleaved (``pairs``: a pairs table, or
+    rows as dicts)."""
     out = []
-    for chosen, rejected in zip(pairs["chosen_messages"].to_list(), pairs["rejected_messages"].to_list(), strict=False):
+    if isinstance(pairs, list):
+        conversations = [(row["chosen_messages"], row["rejected_messages"]) for row in pairs]
+    else:
+        conversations = zip(pairs["chosen_messages"].to_list(), pairs["rejected_messages"].to_list(), strict=False)
+    for chosen, rejected in conversations:
         for messages in (chosen, rejected):
             text, start, special = backend.render(messages)
             out.append(PreparedText(text, start, special))

@@ -30,7 +30,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
-import polars as pl
 import torch
 
 from .errors import ConfigError
@@ -42,7 +41,7 @@ LENGTH_RESIDUAL_SUFFIX = "-lenres"
 class JudgeContext:
     """What a judge may read about one scan's pairs (every tensor in table order)."""
 
-    pairs: pl.DataFrame  # data.load_pairs' layout: context, chosen, rejected, ...
+    pairs: Any  # data.PairTable (a scan), or a table in data.load_pairs' layout: context, chosen, rejected, ...
     stats: Any = None  # salience.CodeStats of the scan (None for judges run without a model)
     features: Any = None  # salience.FeatureSet
     rewards: torch.Tensor | None = None  # reward per text (chosen, rejected interleaved), a reward model's
@@ -60,8 +59,10 @@ class JudgeContext:
 
     def length_difference(self) -> torch.Tensor:
         """Characters of the final chosen response minus the final rejected one, per pair."""
-        return torch.tensor((self.pairs["chosen"].str.len_chars().cast(pl.Int64)
-                             - self.pairs["rejected"].str.len_chars().cast(pl.Int64)).to_list(), dtype=torch.float64)
+        from .data import response_lengths
+
+        chosen, rejected = response_lengths(self.pairs)
+        return torch.tensor(chosen, dtype=torch.float64) - torch.tensor(rejected, dtype=torch.float64)
 
 
 @runtime_checkable

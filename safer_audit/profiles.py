@@ -85,9 +85,11 @@ def scan_profile(pairs, config: ScanConfig, *, source: str, steps=no_progress, b
     ranking over every model's judges, every model's feature cards and each finding's flip
     probability. ``backends``: prefix -> loaded backend to reuse (filled in); ``labels=False``: the
     other models' cards go unlabelled (evaluate)."""
+    from .data import PairTable
     from .scan import scan_pairs
 
     extras = profile_models(config)  # a wrong profile fails before the long work
+    pairs = PairTable.of(pairs, config.activations.cache_dir)  # one copy of the texts on disk for every model
     result = scan_pairs(pairs, config, source=source, steps=steps, backend=backend, timings=timings, warn=warn)
     result.report.run.profile = config.profile
     first = model_name(result.backend.identity)

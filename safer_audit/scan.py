@@ -34,7 +34,7 @@ from .activations import (
 )
 from .codes import CodeCache
 from .config import ActivationConfig, ReadOptions, SaeTrainConfig, ScanConfig
-from .data import find_quality_issues, load_pairs, tokenizer_counter
+from .data import PairTable, find_quality_issues, load_pairs, spool_pairs, tokenizer_counter
 from .data.tokens import cached_counter
 from .digests import sha256_text, short_digest
 from .errors import ConfigError, ScanError
@@ -192,7 +192,7 @@ def _load_cached_sae(directory: Path, name: str = "topk") -> TopKSAE | None:
 def train_sae_on_data(source: str, out: Path, activations: ActivationConfig, train: SaeTrainConfig, *,
                       read: ReadOptions | None = None, sae_backend_name: str = "topk", steps=no_progress):
     """``safer-audit train-sae``: extract the activations of ``source``, train an SAE, save it."""
-    pairs = load_pairs(source, read).pairs
+    pairs = spool_pairs(source, activations.cache_dir, read).pairs
     backend = load_backend(activations)
     layer = resolve_layer(activations.layer, backend.n_layers)
     config = ScanConfig(activations=activations, sae_train=train)
@@ -202,18 +202,26 @@ def train_sae_on_data(source: str, out: Path, activations: ActivationConfig, tra
     return stats
 
 
-def read_data(source: str, config: ScanConfig):
+def read_data(source: str, config: ScanConfig, *, spool: bool = False):
+    """The pairs of ``source`` (data.LoadResult); ``spool``: as a PairTable, its texts in a temporary file in
+    the cache directory (a scan: flat memory, issue 16), else as a polars table (evaluate flips pairs in it)."""
+    if spool:
+        return spool_pairs(source, config.activations.cache_dir, config.read)
     return load_pairs(source, config.read)
 
 
 TEXTS_BATCH = 4096  # pairs whose messages are turned into Python objects at a time to render their texts
 
 
-def rendered_texts(pairs: pl.DataFrame, backend, directory: Path | None = None) -> SpooledTexts:
+def rendered_texts(pairs: PairTable | pl.DataFrame, backend, directory: Path | None = None) -> SpooledTexts:
     """``pair_texts`` a range of pairs at a time (the messages columns of every pair as Python lists of
     dicts at once peaked at ~9 KB a pair), into an unnamed temporary file in ``directory`` (SpooledTexts:
     held as strings for the whole scan they were ~1.4 KB a pair; issue 16)."""
     texts = SpooledTexts(directory)
+    if isinstance(pairs, PairTable):
+        for rows in pairs.slices(TEXTS_BATCH):
+            texts.extend(pair_texts(rows, backend))
+        return texts
     for start in range(0, len(pairs), TEXTS_BATCH):
         texts.extend(pair_texts(pairs.slice(start, TEXTS_BATCH), backend))
     return texts
@@ -261,7 +269,7 @@ def run_scan(source: str, config: ScanConfig, *, steps=no_progress, warn=None) -
     from .profiles import scan_profile
 
     start = time.perf_counter()
-    pairs = read_data(source, config).pairs
+    pairs = read_data(source, config, spool=True).pairs
     return scan_profile(pairs, config, source=str(source), steps=steps, warn=warn,
                         timings={"load": round(time.perf_counter() - start, 3)})
 
@@ -275,9 +283,11 @@ def _one_step(steps, description: str):
         update(1, 1)
 
 
-def scan_pairs(pairs: pl.DataFrame, config: ScanConfig, *, source: str, steps=no_progress, backend=None,
+def scan_pairs(pairs: PairTable | pl.DataFrame, config: ScanConfig, *, source: str, steps=no_progress, backend=None,
                timings: dict[str, float] | None = None, warn=None) -> ScanResult:
-    """Scan a pairs table (data.load_pairs' layout); ``backend`` reuses a loaded model."""
+    """Scan pairs (a PairTable, or a table in data.load_pairs' layout, spooled to a PairTable first);
+    ``backend`` reuses a loaded model."""
+    pairs = PairTable.of(pairs, config.activations.cache_dir)
     timings = dict(timings or {})
     clock = time.perf_counter()
 
@@ -313,7 +323,7 @@ def scan_pairs(pairs: pl.DataFrame, config: ScanConfig, *, source: str, steps=no
     with steps("Encoding", "pairs", scale=0.5) as update:
         stats = encode_store(store, sae, progress=update, cache=CodeCache.for_store(store, sae))
     if config.salience_from:
-        reference = read_data(config.salience_from, config).pairs
+        reference = read_data(config.salience_from, config, spool=True).pairs
         _, reference_store = _activations_for(reference, backend, config, steps, "Reference activations",
                                                lazy=True)
         with steps("Reference encoding", "pairs", scale=0.5) as update:
@@ -364,7 +374,7 @@ def ranking_weights(config: ScanConfig) -> dict[str, float]:
     return {name: 1.0 for name in config.judges}
 
 
-def judge_pairs(pairs: pl.DataFrame, stats: CodeStats, features: FeatureSet, config: ScanConfig, store, backend):
+def judge_pairs(pairs: PairTable, stats: CodeStats, features: FeatureSet, config: ScanConfig, store, backend):
     """The judges' signals (the built-in three always, for the report, plus those chosen), the
     suspicion, the stack and the cost of judges that spend."""
     from .judges import JudgeContext, run_judges
@@ -511,7 +521,7 @@ def build_report(source, pairs, texts, stats, salience, features, signals, ranke
     labels = {f.latent: f.label for f in features.features}
     del tops
     findings = LazyFindings(len(pairs), _finding_maker(
-        pairs.select("pair_id", "source", "line", "context", "chosen", "rejected"), order, top_columns, latents,
+        pairs, order, top_columns, latents,
         categories, ranked, signals, quality, shown,
         lambda latent: (labels.get(latent) or _text(auto.get(latent)), *_rating(auto.get(latent)))))
     cards = _render_cards(feature_cards(stats, ordered), texts, pair_ids, backend,
@@ -563,7 +573,7 @@ def freed_blocks_to_the_system() -> bool:
         return False
 
 
-def _finding_maker(table: pl.DataFrame, order: torch.Tensor, top_columns: list[tuple], latents: list[int],
+def _finding_maker(table: PairTable, order: torch.Tensor, top_columns: list[tuple], latents: list[int],
                    categories: list[str], ranked: torch.Tensor, signals: dict[str, torch.Tensor],
                    quality: dict[str, list[str]], shown: dict[str, str], describe):
     """``make(start, stop)`` for LazyFindings: the findings ranked start + 1 .. stop, from compact per-pair
@@ -573,7 +583,7 @@ def _finding_maker(table: pl.DataFrame, order: torch.Tensor, top_columns: list[t
 
     def make(start: int, stop: int) -> list[Finding]:
         index = order[start:stop]
-        rows = table[index.tolist()].iter_rows(named=True)
+        rows = table.take(index.tolist())
         # .tolist() gives each value as float(tensor[i]) does
         columns = zip(index.tolist(), ranked[index].tolist(), top[index].tolist(), chosen[index].tolist(),
                       rejected[index].tolist(), positive[index].tolist(),

@@ -8,7 +8,8 @@ One concern a module, in the order data flows through them:
 - ``transcripts``: HH-RLHF transcripts to and from ``{"role", "content"}`` messages;
 - ``schemas``: the four record schemas (``config.Schema``) and their detection, the canonical
   pair (``PAIR_SCHEMA``) and its digests (``pair_digest``: "the same pair");
-- ``readers``: ``PairReader``, ``iter_pairs`` and ``load_pairs``: records -> pairs;
+- ``readers``: ``PairReader``, ``iter_pairs``, ``load_pairs`` and ``spool_pairs``: records -> pairs;
+- ``table``: ``PairTable``, a scan's pairs with their texts in a temporary file;
 - ``quality``: the cheap data-quality findings (``find_quality_issues``);
 - ``validation``: ``validate_dataset``, what ``safer-audit validate`` prints;
 - ``tokens``: the token counters the truncation check and ``scan`` share.
@@ -19,16 +20,17 @@ The names below are the package's public ones: import them from ``safer_audit.da
 from ..config import MAX_RECORD_BYTES
 from ..errors import DataError, DataErrors
 from .quality import FINDING_KINDS, QualityFinding, find_quality_issues
-from .readers import LoadResult, PairReader, iter_pairs, load_pairs
+from .readers import LoadResult, PairReader, iter_pairs, load_pairs, spool_pairs
 from .schemas import MESSAGES_TYPE, PAIR_ID_LENGTH, PAIR_SCHEMA, Conversations, pair_digest
 from .sources import HUB_PREFIX, STDIN
+from .table import PairTable, response_lengths
 from .tokens import token_counter, tokenizer_counter
 from .transcripts import ROLES, parse_hh_transcript, render_transcript
 from .validation import ValidationSummary, validate_dataset
 
 __all__ = [
     "FINDING_KINDS", "HUB_PREFIX", "MAX_RECORD_BYTES", "MESSAGES_TYPE", "PAIR_ID_LENGTH", "PAIR_SCHEMA", "ROLES",
-    "STDIN", "Conversations", "DataError", "DataErrors", "LoadResult", "PairReader", "QualityFinding",
+    "STDIN", "Conversations", "DataError", "DataErrors", "LoadResult", "PairReader", "PairTable", "QualityFinding",
     "ValidationSummary", "find_quality_issues", "iter_pairs", "load_pairs", "pair_digest", "parse_hh_transcript",
-    "render_transcript", "token_counter", "tokenizer_counter", "validate_dataset",
+    "render_transcript", "response_lengths", "spool_pairs", "token_counter", "tokenizer_counter", "validate_dataset",
 ]

@@ -130,7 +130,7 @@ def iter_pairs(source: str | os.PathLike, options: ReadOptions | None = None, *,
 class LoadResult:
     """A loaded source: the pairs table and what reading it found."""
 
-    pairs: pl.DataFrame
+    pairs: pl.DataFrame  # a PairTable from spool_pairs
     schema: str | None  # None only when every record was skipped before one was understood
     records: int
     skipped: list[DataError]
@@ -148,17 +148,40 @@ def load_pairs(source: str | os.PathLike, options: ReadOptions | None = None, *,
     """
     reader = PairReader(source, options, max_errors=max_errors, **keywords)
     frames = []
+    for columns in _batches(reader):
+        frames.append(_frame(columns))
+        del columns  # not held while the next batch is read
+    pairs = frames[0] if len(frames) == 1 else pl.concat(frames, rechunk=True)
+    return LoadResult(pairs, reader.schema, reader.records, reader.skipped, reader.source)
+
+
+def spool_pairs(source: str | os.PathLike, directory: str | os.PathLike | None, options: ReadOptions | None = None, *,
+                max_errors: int = 10, **keywords) -> LoadResult:
+    """``load_pairs`` into a ``PairTable``: the pairs' texts in a temporary file in ``directory``, only ids,
+    sources, lines and lengths in memory (a scan's driver, issue 16)."""
+    from .table import PairTable
+
+    reader = PairReader(source, options, max_errors=max_errors, **keywords)
+    pairs = PairTable(directory)
+    for columns in _batches(reader):
+        pairs.extend(columns)
+        del columns  # not held while the next batch is read
+    return LoadResult(pairs, reader.schema, reader.records, reader.skipped, reader.source)
+
+
+def _batches(reader: PairReader) -> Iterator[dict[str, list]]:
+    """The reader's pairs as ``PAIR_SCHEMA`` columns, LOAD_BATCH pairs at a time (one, maybe empty, at least)."""
     columns: dict[str, list] = {name: [] for name in PAIR_SCHEMA}
+    sent = False
     for pair in reader:
         for name, values in columns.items():
             values.append(pair[name])
         if len(columns["pair_id"]) >= LOAD_BATCH:
-            frames.append(_frame(columns))
+            yield columns
+            sent = True
             columns = {name: [] for name in PAIR_SCHEMA}
-    if columns["pair_id"] or not frames:
-        frames.append(_frame(columns))
-    pairs = frames[0] if len(frames) == 1 else pl.concat(frames, rechunk=True)
-    return LoadResult(pairs, reader.schema, reader.records, reader.skipped, reader.source)
+    if columns["pair_id"] or not sent:
+        yield columns
 
 
 # Pairs turned into table columns at a time by load_pairs. Measured (issue 16): building the table from

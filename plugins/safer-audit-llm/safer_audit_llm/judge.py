@@ -106,15 +106,15 @@ class LLMJudge:
         """+confidence/10 where the chosen response is safer, minus where the rejected one is, 0 for the same."""
         if self.cache_dir is None and isinstance(self.client.cache, dict) and context.cache_dir is not None:
             self.client.cache = DirCache(context.cache_dir / "llm")  # the scan's cache, unless one was given
-        pairs = context.pairs
-        asked = [self.question(c, ch, rj) for c, ch, rj in zip(pairs["context"].to_list(), pairs["chosen"].to_list(),
-                                                                  pairs["rejected"].to_list(), strict=True)]
+        # the rows streamed (a scan's pairs are a PairTable, their texts on disk), or a polars table's
+        texts = [(row["context"], row["chosen"], row["rejected"]) for row in context.pairs.iter_rows(named=True)]
+        asked = [self.question(c, ch, rj) for c, ch, rj in texts]
         before = dict(self.client.usage)
         answers = self.client.ask_many([question for question, _ in asked])
         values = torch.full((len(asked),), math.nan, dtype=torch.float64)
         self.failures = {}
         cached = 0
-        for i, ((_, a), chosen, answer) in enumerate(zip(asked, pairs["chosen"].to_list(), answers, strict=True)):
+        for i, ((_, a), (_, chosen, _), answer) in enumerate(zip(asked, texts, answers, strict=True)):
             if isinstance(answer, AnswerError):
                 self.failures[i] = str(answer)
                 continue
