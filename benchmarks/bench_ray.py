@@ -137,7 +137,11 @@ def held_by_driver(result) -> dict[str, float]:
     chars = sum(len(t.text) for t in result.texts) / 1e6
     out["texts (str, chars) in memory"] = 0.0 if hasattr(result.texts, "_file") else chars
     out["texts (str, chars) on disk"] = chars if hasattr(result.texts, "_file") else 0.0
-    out["pairs table (polars)"] = result.pairs.estimated_size() / 1e6
+    # the pairs: a PairTable (ids, sources, lines and lengths in memory, the texts in a temporary file) or polars
+    pairs = getattr(result.pairs, "table", result.pairs)
+    out["pairs table (polars) in memory"] = pairs.estimated_size() / 1e6
+    out["pairs' texts on disk"] = (result.pairs._ends[-1] / 1e6 if hasattr(result.pairs, "_ends") and len(result.pairs)
+                                   else 0.0)
     out["n_latents"] = int(width)
     return out
 
