@@ -37,6 +37,7 @@ from safetensors.torch import save as save_safetensors
 from .config import ActivationConfig
 from .errors import CacheError, ConfigError, inert
 from .files import remove_stale_temporaries, write_atomic
+from .keyindex import KeyIndex
 
 CACHE_FORMAT = 2  # 2: shards named by content, not by file bytes
 SHARD_TEXTS = 256  # texts per shard: a killed run loses at most this much work
@@ -159,7 +160,7 @@ class ActivationCache:
             meta_path = self.directory / "config.json"
             if not meta_path.exists():
                 write_atomic(meta_path, json.dumps(meta, indent=1, sort_keys=True).encode())
-        self.index: dict[str, tuple[Path, int]] = {}
+        self.index = KeyIndex()  # text key -> (shard, row), ~40 bytes a text (issue 16)
         self._loaded: dict[Path, dict[str, torch.Tensor]] = {}
         self._verified: set[Path] = set()
         # debris of killed writes (files.write_atomic); another live scan's temporaries stay
@@ -171,8 +172,7 @@ class ActivationCache:
             if keys is None:
                 shard.unlink(missing_ok=True)
                 continue
-            for row, key in enumerate(keys):
-                self.index.setdefault(key, (shard, row))
+            self.index.add(shard, keys)
 
     def __contains__(self, key: str) -> bool:
         return key in self.index
@@ -193,8 +193,7 @@ class ActivationCache:
         path = self.directory / f"shard-{content_digest(keys, tensors)}.safetensors"
         write_atomic(path, data)
         self._verified.add(path)  # its name is the hash of the tensors just written
-        for row, key in enumerate(keys):
-            self.index.setdefault(key, (path, row))
+        self.index.add(path, keys)
 
     def load_shard(self, path: Path) -> dict[str, torch.Tensor] | None:
         """A shard's tensors, checked against the hash in its name; None (and deleted) if corrupt.
@@ -217,7 +216,7 @@ class ActivationCache:
             tensors = None
         if tensors is None:
             path.unlink(missing_ok=True)
-            self.index = {k: v for k, v in self.index.items() if v[0] != path}
+            self.index.drop(path)
             return None
         self._verified.add(path)
         self._loaded = {path: tensors}  # keep one shard in memory: stream, don't hoard
@@ -237,10 +236,11 @@ class ActivationCache:
 
     def verify(self, keys: Sequence[str]) -> list[str]:
         """Keys whose shard is missing or corrupt (their entries are dropped, to recompute)."""
-        for shard in sorted({self.index[k][0] for k in keys if k in self.index} - self._verified):
+        paths, shards, _rows = self.index.locate(keys)
+        for shard in sorted({paths[n] for n in np.unique(shards[shards >= 0]).tolist()} - self._verified):
             self.load_shard(shard)
         self._loaded = {}
-        return [k for k in keys if k not in self.index]
+        return self.index.missing(keys)
 
 
 def _shard_keys(path: Path) -> list[str] | None:
@@ -319,13 +319,16 @@ class ActivationStore:
     d_model: int
     backend_identity: str
     n_forward_texts: int = 0  # texts that ran a forward pass in this extraction
-    _locations: list[tuple[Path, int]] = field(default_factory=list, repr=False)
+    _locations: tuple = field(default=(), repr=False)  # KeyIndex.locate of the keys: (paths, shards, rows)
     # a lazily extracted store (extract_activations(lazy=True)): checks its shards' hashes, and computes
     # again the texts of a corrupt one, only when activations are first read (a warm scan reads none)
     _verify: object = field(default=None, repr=False, compare=False)
 
     def __post_init__(self):
-        self._locations = [self.cache.index[k] for k in self.keys]
+        paths, shards, rows = self.cache.index.locate(self.keys)
+        if (shards < 0).any():
+            raise KeyError(self.keys[int(np.argmax(shards < 0))])
+        self._locations = (paths, shards, rows)
 
     def ensure_verified(self) -> None:
         """Check the hashes of the shards this store reads; texts of a missing or corrupt shard are
@@ -352,16 +355,19 @@ class ActivationStore:
         in the order of the first text each serves (not by name), texts in dataset order.
         """
         self.ensure_verified()
-        by_shard: dict[Path, list[tuple[int, int]]] = {}  # insertion order: by first text served
-        for text, (shard, row) in enumerate(self._locations):
-            by_shard.setdefault(shard, []).append((text, row))
-        for shard in by_shard:
+        paths, shard_of, row_of = self._locations
+        # shards in the order of the first text each serves, texts in dataset order within a shard
+        order = np.argsort(shard_of, kind="stable")
+        numbers, starts = np.unique(shard_of[order], return_index=True)
+        groups = np.split(order, starts[1:]) if len(order) else []
+        for number, texts_of in sorted(zip(numbers.tolist(), groups, strict=True), key=lambda g: int(g[1][0])):
+            shard = paths[number]
             _release_freed_memory()  # the previous shard's buffers
             tensors = self.cache.load_shard(shard)
             if tensors is None:
                 raise CacheError(f"cache shard {shard.name} became unreadable during the run")
-            texts = torch.tensor([t for t, _ in by_shard[shard]], dtype=torch.long)
-            rows = torch.tensor([r for _, r in by_shard[shard]], dtype=torch.long)
+            texts = torch.from_numpy(texts_of.astype(np.int64))
+            rows = torch.from_numpy(row_of[texts_of].astype(np.int64))
             starts, ends = tensors["offsets"][rows], tensors["offsets"][rows + 1]
             lengths = ends - starts
             gather = torch.cat([torch.arange(s, e) for s, e in zip(starts.tolist(), ends.tolist(), strict=False)]) \
@@ -618,7 +624,7 @@ def extract_activations(texts: Sequence[PreparedText], backend, config: Activati
         want_score = backend.has_reward_head
     cache = open_cache(backend, config, layer)
     keys = [text_key(t.text) for t in texts]  # one pass (SpooledTexts reads a range at a time)
-    missing = {k for k in keys if k not in cache.index} if lazy else set(cache.verify(keys))
+    missing = set(cache.index.missing(keys) if lazy else cache.verify(keys))
     computed = 0
     if missing:
         unique: dict[str, int] = {}  # each key's first text, by index: the texts are read when needed, not copied

@@ -27,6 +27,7 @@ from safetensors.torch import save as save_safetensors
 
 from .digests import short_digest
 from .files import remove_stale_temporaries, write_atomic
+from .keyindex import KeyIndex
 
 CODES_FORMAT = 2  # 2: each shard carries its content digest (a warm scan trusts nothing else it reads)
 MERGE_AT = 2  # strongest-activation candidates are merged when they exceed this many tops
@@ -58,14 +59,13 @@ class CodeCache:
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
         remove_stale_temporaries(self.directory)  # debris of killed writes; live writers' stay
-        self.index: dict[str, tuple[Path, int]] = {}
+        self.index = KeyIndex()  # text key -> (shard, row), ~40 bytes a text (issue 16)
         for shard in sorted(self.directory.glob("shard-*.safetensors")):
             keys = _header_keys(shard)
             if keys is None:
                 shard.unlink(missing_ok=True)
                 continue
-            for row, key in enumerate(keys):
-                self.index.setdefault(key, (shard, row))
+            self.index.add(shard, keys)
 
     @classmethod
     def for_store(cls, store, sae) -> CodeCache | None:
@@ -85,8 +85,7 @@ class CodeCache:
         data = save_safetensors(tensors, metadata={"keys": json.dumps(keys), "format": str(CODES_FORMAT),
                                                    "digest": block_digest(keys, tensors)})
         write_atomic(path, data)
-        for row, key in enumerate(keys):
-            self.index.setdefault(key, (path, row))
+        self.index.add(path, keys)
 
     def load(self, path: Path) -> dict[str, torch.Tensor] | None:
         """A shard's block, or None (and the shard deleted, its texts to encode again) if unreadable."""
@@ -100,7 +99,7 @@ class CodeCache:
         # tensors cut short after a good header: safetensors raises SafetensorError (not a ValueError)
         except (OSError, ValueError, RuntimeError, KeyError, TypeError, AssertionError, SafetensorError, struct.error):
             path.unlink(missing_ok=True)
-            self.index = {k: v for k, v in self.index.items() if v[0] != path}
+            self.index.drop(path)
             return None
         return block
 
@@ -630,10 +629,11 @@ def _fold_cached(store, sae, cache: CodeCache, acc: _Accumulator, device, progre
     n_texts, n_encoded = store.n_texts, 0
     keys = list(store.keys)
     by_shard: dict[Path, list[tuple[int, int]]] = {}
-    for text, key in enumerate(keys):
-        if key in cache.index:
-            shard, row = cache.index[key]
-            by_shard.setdefault(shard, []).append((text, row))
+    paths, shards, rows = cache.index.locate(keys)
+    for text, (number, row) in enumerate(zip(shards.tolist(), rows.tolist(), strict=True)):
+        if number >= 0:
+            by_shard.setdefault(paths[number], []).append((text, row))
+    del shards, rows
     done = 0
     cached: set[int] = set()
     for shard, served in by_shard.items():
