@@ -23,10 +23,10 @@ import numpy as np
 def _as_bytes(keys: Sequence[str]) -> np.ndarray:
     if not len(keys):
         return np.zeros(0, dtype="S1")
-    array = np.array([key.encode("ascii") for key in keys])
-    if array.dtype.kind != "S":
-        raise TypeError("cache keys are ASCII strings")
-    return array
+    array = np.asarray(keys)
+    if array.dtype.kind != "U":
+        raise TypeError("cache keys are strings")
+    return array.astype(np.bytes_)  # ASCII (a non-ASCII key raises), no Python object a key
 
 
 class KeyIndex(Mapping):
