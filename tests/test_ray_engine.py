@@ -11,6 +11,7 @@ import os
 import signal
 import threading
 import time
+from dataclasses import replace
 
 import pytest
 
@@ -175,3 +176,42 @@ def test_bad_engine_options_are_config_errors(tmp_path):
         ActivationConfig(cache_dtype="int8")
     with pytest.raises(ConfigError, match="fsspec"):
         ActivationConfig(cache_dir="s3://bucket/cache")
+
+
+def test_ray_rows_are_offsets_into_a_plan_file_that_is_removed_after_the_job(cluster, tiny_llama_dir, data_file,
+                                                                           tmp_path, monkeypatch):
+    """The driver streams the shards' texts to a plan file in the shared cache and hands Ray only
+    (shard, offset, length); the file is gone when the job ends, also when it fails."""
+    import safer_audit.engine.ray as engine
+    from safer_audit.data import load_pairs
+
+    made, during = [], []
+    original = ray.data.from_items
+
+    def spy(items, **kwargs):
+        made.append(list(items))
+        during.extend(p for p in tmp_path.glob("activations/*/ray-plans/*") if p.is_file())
+        return original(items, **kwargs)
+
+    monkeypatch.setattr(ray.data, "from_items", spy)
+    settings = config(tiny_llama_dir, tmp_path, engine="ray", ray_workers=2).activations
+    backend = load_backend(settings)
+    texts = pair_texts(load_pairs(str(data_file)).pairs.head(10), backend)
+    store = extract_activations(texts, backend, settings)
+    assert store.n_forward_texts == 20
+    assert len(made) == 1 and len(made[0]) == 3  # 20 texts in shards of 8
+    assert all(set(row) == {"shard", "offset", "length"} for row in made[0])
+    assert len(during) == 1  # the plan file existed while Ray ran
+    assert sum(row["length"] for row in made[0]) == engine.LAST_RUN["plan_bytes"]
+    assert not during[0].exists()
+
+    class FailingWorker(engine.ShardWorker):
+        def compute(self, shard, batches):
+            raise RuntimeError("worker failed")
+
+    monkeypatch.setattr(engine, "ShardWorker", FailingWorker)
+    with pytest.raises(Exception, match="worker failed"):
+        extract_activations(pair_texts(load_pairs(str(data_file)).pairs.tail(4), backend), backend,
+                            replace(settings, ray_workers=1))
+    assert len(during) == 2 and not during[1].exists()
+    assert not [p for p in tmp_path.glob("activations/*/ray-plans/*")]

@@ -24,11 +24,15 @@ supported yet: the cache reads and renames files through the OS.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import replace
+from pathlib import Path
 
 from ..activations import ActivationCache, PreparedText, compute_shard, load_backend
 from ..config import ActivationConfig
 from ..errors import CacheError, ConfigError
+from ..files import remove_stale_temporaries, temporary_name, write_atomic
 
 INSTALL_HINT = "--engine ray needs Ray: pip install 'safer-audit[ray]' (or pip install 'ray[data]>=2.60,<3')"
 
@@ -68,8 +72,9 @@ def connect(address: str | None):
 class ShardWorker:
     """One Ray Data actor: loads the model once, then computes and writes whole planned shards."""
 
-    def __init__(self, config: ActivationConfig, layer: int, want_score: bool, cache_key: str):
+    def __init__(self, config: ActivationConfig, layer: int, want_score: bool, cache_key: str, plan: str):
         config = replace(config, engine="local")
+        self.plan = plan
         self.config = config
         self.layer = layer
         self.want_score = want_score
@@ -86,19 +91,14 @@ class ShardWorker:
         return len(keys)
 
     def __call__(self, rows: dict) -> dict:
-        import json
-
         import numpy as np
         import ray
 
         node = ray.get_runtime_context().get_node_id()
-        done = [self.compute(int(shard), json.loads(str(batches)))
-                for shard, batches in zip(rows["shard"], rows["batches"], strict=True)]
-        import resource
-
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # MB (Linux reports kB)
+        done = [self.compute(int(shard), read_plan(self.plan, int(offset), int(length)))
+                for shard, offset, length in zip(rows["shard"], rows["offset"], rows["length"], strict=True)]
         return {"shard": np.asarray(rows["shard"]), "texts": np.asarray(done, dtype=np.int64),
-                "peak_rss_mb": np.full(len(done), peak),
+                "peak_rss_mb": np.full(len(done), peak_rss_mb()),
                 "pid": np.full(len(done), self.pid, dtype=np.int64), "node": np.asarray([node] * len(done))}
 
 
@@ -111,47 +111,120 @@ def default_workers(ray) -> tuple[int, float]:
     return max(1, int(resources.get("CPU", 1)) // 2), 0.0
 
 
+PLAN_DIR = "ray-plans"  # beside a cache's shards: the job's plan files, one per running job
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident set size so far, in MB (Linux reports kB)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+@contextmanager
+def plan_file(directory: Path, parts: Iterable[bytes]) -> Iterator[tuple[Path, list[tuple[int, int]]]]:
+    """Write ``parts`` one after another to a new plan file under ``directory`` (the shared cache: every
+    node reads it), atomically; yields its path and each part's ``(offset, length)``. The parts are
+    consumed as they are written, so the driver never holds them all; the file is removed when the block
+    ends, also on error. A killed driver's plan file is removed by the next job on its host
+    (files.remove_stale_temporaries: the name says whose it is)."""
+    plans = Path(directory) / PLAN_DIR
+    plans.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(plans)
+    path = plans / temporary_name("plan")
+    spans: list[tuple[int, int]] = []
+
+    def write(tmp: Path) -> None:
+        offset = 0
+        with open(tmp, "wb") as out:
+            for part in parts:
+                out.write(part)
+                spans.append((offset, len(part)))
+                offset += len(part)
+
+    try:
+        write_atomic(path, write)
+        yield path, spans
+    finally:
+        path.unlink(missing_ok=True)
+
+
+def read_plan(path: str, offset: int, length: int):
+    """One part of a plan file (plan_file), decoded from JSON."""
+    import json
+
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        data = os.pread(fd, length, offset)
+    finally:
+        os.close(fd)
+    if len(data) != length:
+        raise CacheError(f"plan file {path} is shorter than planned: the cache directory must be one shared path "
+                         "on every node")
+    return json.loads(data)
+
+
+def _key_of(texts, index: int) -> str:
+    keys = getattr(texts, "keys", None)  # activations._KeyedTexts: the key without reading the text
+    return keys[index] if isinstance(keys, list) else texts[index][0]
+
+
 def compute_shards_on_ray(texts: list[tuple[str, PreparedText]], shards: list[list[list[int]]],
                           config: ActivationConfig, layer: int, want_score: bool, cache: ActivationCache,
                           progress=None, worker_class=None) -> int:
-    """Compute the planned ``shards`` of ``texts`` on Ray and write them into ``cache``; returns the texts run."""
+    """Compute the planned ``shards`` of ``texts`` on Ray and write them into ``cache``; returns the texts run.
+
+    The shards' texts go to a plan file in the cache directory, one shard at a time (read from ``texts`` by
+    index: a SpooledTexts is never held whole); the Ray rows are ``(shard, offset, length)`` into it.
+    """
     import json
 
     ray = connect(config.ray_address)
     workers, gpus = default_workers(ray)
     if config.ray_workers:
         workers = config.ray_workers
-    rows = [{"shard": n, "batches": json.dumps([[[texts[i][0], texts[i][1].text, texts[i][1].response_start,
-                                                   texts[i][1].has_special_tokens] for i in batch]
-                                                 for batch in shard])}
-            for n, shard in enumerate(shards)]
     total = sum(len(batch) for shard in shards for batch in shard)
     key = cache.directory.name
-    dataset = ray.data.from_items(rows, override_num_blocks=max(1, len(rows)))
-    computed = dataset.map_batches(
-        ShardWorker, batch_size=1, batch_format="numpy",
-        # Ray Data's actor pools restart a killed actor and retry its tasks (max_restarts=-1,
-        # max_task_retries=-1 by default): a killed worker loses its in-flight shard only
-        compute=ray.data.ActorPoolStrategy(size=min(workers, len(rows))),
-        num_cpus=1, num_gpus=gpus or None, fn_constructor_kwargs={
-            "config": config, "layer": layer, "want_score": want_score, "cache_key": key})
-    done = 0
+
+    def parts() -> Iterator[bytes]:
+        for shard in shards:
+            batches = []
+            for batch in shard:
+                rows = []
+                for i in batch:
+                    text_key, prepared = texts[i]
+                    rows.append([text_key, prepared.text, prepared.response_start, prepared.has_special_tokens])
+                batches.append(rows)
+            yield json.dumps(batches).encode()
+
     run = {"texts": 0, "shards": 0, "workers": {}, "nodes": {}}
-    for row in computed.iter_rows():
-        done += int(row["texts"])
-        run["shards"] += 1
-        run["workers"][int(row["pid"])] = run["workers"].get(int(row["pid"]), 0) + 1
-        run["nodes"][str(row["node"])] = run["nodes"].get(str(row["node"]), 0) + 1
-        run["worker_peak_rss"] = max(run.get("worker_peak_rss", 0.0), float(row["peak_rss_mb"]))
-        if progress is not None:
-            progress(done, total)
+    with plan_file(cache.directory, parts()) as (plan, spans):
+        rows = [{"shard": n, "offset": offset, "length": length} for n, (offset, length) in enumerate(spans)]
+        run["plan_bytes"] = sum(length for _, length in spans)
+        dataset = ray.data.from_items(rows, override_num_blocks=max(1, len(rows)))
+        computed = dataset.map_batches(
+            worker_class or ShardWorker, batch_size=1, batch_format="numpy",
+            # Ray Data's actor pools restart a killed actor and retry its tasks (max_restarts=-1,
+            # max_task_retries=-1 by default): a killed worker loses its in-flight shard only
+            compute=ray.data.ActorPoolStrategy(size=min(workers, len(rows))),
+            num_cpus=1, num_gpus=gpus or None, fn_constructor_kwargs={
+                "config": config, "layer": layer, "want_score": want_score, "cache_key": key, "plan": str(plan)})
+        done = 0
+        for row in computed.iter_rows():
+            done += int(row["texts"])
+            run["shards"] += 1
+            run["workers"][int(row["pid"])] = run["workers"].get(int(row["pid"]), 0) + 1
+            run["nodes"][str(row["node"])] = run["nodes"].get(str(row["node"]), 0) + 1
+            run["worker_peak_rss"] = max(run.get("worker_peak_rss", 0.0), float(row["peak_rss_mb"]))
+            if progress is not None:
+                progress(done, total)
     run["texts"] = done
     LAST_RUN.clear()
     LAST_RUN.update(run)
     written = ActivationCache(cache.directory.parent.parent, key, dtype=config.cache_dtype)
-    absent = [k for shard in shards for batch in shard for k in (texts[i][0] for i in batch) if k not in written]
+    absent = sum(1 for shard in shards for batch in shard for i in batch if _key_of(texts, i) not in written)
     if absent:
-        raise CacheError(f"Ray workers computed {len(absent)} text(s) whose shards this process cannot see in "
+        raise CacheError(f"Ray workers computed {absent} text(s) whose shards this process cannot see in "
                          f"{cache.directory}: the cache directory must be one shared path on every node")
     return total
 
