@@ -29,7 +29,8 @@ from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 
-from ..activations import ActivationCache, PreparedText, compute_shard, load_backend
+from ..activations import ActivationCache, PreparedText, chunk_tensors, compute_shard, load_backend
+from ..codes import CodeCache, encode_chunk
 from ..config import ActivationConfig
 from ..errors import CacheError, ConfigError
 from ..files import remove_stale_temporaries, temporary_name, write_atomic
@@ -37,8 +38,11 @@ from ..files import remove_stale_temporaries, temporary_name, write_atomic
 INSTALL_HINT = "--engine ray needs Ray: pip install 'safer-audit[ray]' (or pip install 'ray[data]>=2.60,<3')"
 
 # what the last extraction on Ray did, for tests and benchmarks: {"texts", "shards", "workers": {pid: shards},
-# "nodes": {node id: shards}, "worker_peak_rss": MB}
+# "nodes": {node id: shards}, "worker_peak_rss": MB, "plan_bytes"}
 LAST_RUN: dict = {}
+# what the last SAE pass on Ray did: {"texts", "chunks", "workers": {pid: chunks}, "nodes": {node id: chunks},
+# "worker_peak_rss": MB, "plan_bytes"}
+LAST_ENCODING: dict = {}
 
 
 def _import_ray():
@@ -79,7 +83,7 @@ class ShardWorker:
         self.layer = layer
         self.want_score = want_score
         self.backend = load_backend(config)
-        self.cache = ActivationCache(config.cache_dir, cache_key, dtype=config.cache_dtype)
+        self.cache = ActivationCache(config.cache_dir, cache_key, dtype=config.cache_dtype, index=False)
         self.pid = os.getpid()
 
     def compute(self, shard: int, batches: list) -> int:
@@ -229,4 +233,118 @@ def compute_shards_on_ray(texts: list[tuple[str, PreparedText]], shards: list[li
     return total
 
 
-__all__ = ["INSTALL_HINT", "LAST_RUN", "ShardWorker", "compute_shards_on_ray", "connect"]
+class CodeWorker:
+    """One Ray Data actor of the SAE pass: builds the SAE once from the weights in the object store, then
+    encodes whole planned chunks (codes.encode_chunk) and writes each block with CodeCache.add."""
+
+    def __init__(self, sae_ref: list, activations: str, codes: str, cache_dtype: str, plan: str, gpus: float):
+        import ray
+        import torch
+
+        sae_class, cfg, state = ray.get(sae_ref[0])  # in a list: Ray hands the reference over unresolved
+        self.device = torch.device("cuda" if gpus and torch.cuda.is_available() else "cpu")
+        self.sae = sae_class(cfg)
+        self.sae.load_state_dict(state)
+        self.sae.to(self.device).eval()
+        del state
+        directory = Path(activations)
+        # no index of either cache: a worker reads the shards it is told and adds blocks, whatever the data's size
+        self.activations = ActivationCache(directory.parent.parent, directory.name, dtype=cache_dtype, index=False)
+        self.codes = CodeCache(Path(codes), index=False)
+        self.plan = plan
+        self.pid = os.getpid()
+
+    def encode(self, chunk: dict) -> tuple[int, str]:
+        """Encode one planned chunk; (texts encoded, the block's file name), or (0, "") when its activation
+        shard is unreadable (then deleted: the driver computes it again)."""
+        tensors = self.activations.load_shard(self.activations.directory / chunk["shard"])
+        if tensors is None:
+            return 0, ""
+        offsets, chunk_tensors_ = chunk_tensors(tensors, chunk["rows"])
+        block = encode_chunk(self.sae, offsets, chunk_tensors_, self.device)
+        path = self.codes.add(chunk["keys"], block)
+        self.activations._loaded = {}
+        self.codes.index = {}  # nothing is read back here
+        return len(chunk["keys"]), path.name
+
+    def __call__(self, rows: dict) -> dict:
+        import numpy as np
+        import ray
+
+        node = ray.get_runtime_context().get_node_id()
+        done = [self.encode(read_plan(self.plan, int(offset), int(length)))
+                for offset, length in zip(rows["offset"], rows["length"], strict=True)]
+        return {"chunk": np.asarray(rows["chunk"]), "texts": np.asarray([n for n, _ in done], dtype=np.int64),
+                "file": np.asarray([name for _, name in done]), "peak_rss_mb": np.full(len(done), peak_rss_mb()),
+                "pid": np.full(len(done), self.pid, dtype=np.int64), "node": np.asarray([node] * len(done))}
+
+
+def encode_on_ray(store, sae, cache: CodeCache, config: ActivationConfig, progress=None) -> int:
+    """Encode the texts of ``store`` whose blocks ``cache`` lacks on a Ray actor pool; returns the texts encoded.
+
+    The chunks are the local engine's (ActivationStore.iter_chunks over the missing texts, as
+    codes._fold_cached encodes them), so the blocks written are the ones it would write. The driver writes
+    the chunks' rows and keys to a plan file in the shared cache (Ray gets ``(chunk, offset, length)``),
+    puts the SAE's weights in the object store once, and indexes the blocks the workers wrote; the
+    caller then folds every text from the cache (codes._fold_cached), the reduce step on the driver.
+    A chunk whose activation shard a worker finds corrupt is left out: the fold computes it again.
+    """
+    import json
+
+    from ..activations import ActivationStore
+    from ..codes import missing_texts
+
+    missing = missing_texts(store, cache)
+    if not missing:
+        return 0
+    ray = connect(config.ray_address)
+    workers, gpus = default_workers(ray)
+    if config.ray_workers:
+        workers = config.ray_workers
+    sub = ActivationStore(store.cache, missing, store.d_model, store.backend_identity)
+    plan = sub.chunk_plan()
+    del sub
+
+    def parts() -> Iterator[bytes]:
+        for shard, texts, rows in plan:
+            yield json.dumps({"shard": shard.name, "rows": rows, "keys": [missing[t] for t in texts]}).encode()
+
+    state = {name: tensor.detach().to("cpu", copy=True) for name, tensor in sae.state_dict().items()}
+    sae_ref = ray.put((type(sae), sae.cfg, state))
+    del state
+    run = {"texts": 0, "chunks": 0, "workers": {}, "nodes": {}}
+    total, n_texts = len(missing), store.n_texts
+    unseen: list[str] = []
+    try:
+        with plan_file(cache.directory, parts()) as (path, spans):
+            rows = [{"chunk": n, "offset": offset, "length": length} for n, (offset, length) in enumerate(spans)]
+            run["plan_bytes"] = sum(length for _, length in spans)
+            dataset = ray.data.from_items(rows, override_num_blocks=max(1, len(rows)))
+            encoded = dataset.map_batches(
+                CodeWorker, batch_size=1, batch_format="numpy",
+                compute=ray.data.ActorPoolStrategy(size=min(workers, len(rows))),  # killed actors restart
+                num_cpus=1, num_gpus=gpus or None, fn_constructor_kwargs={
+                    "sae_ref": [sae_ref], "activations": str(store.cache.directory), "codes": str(cache.directory),
+                    "cache_dtype": config.cache_dtype, "plan": str(path), "gpus": gpus})
+            for row in encoded.iter_rows():
+                run["texts"] += int(row["texts"])
+                run["chunks"] += 1
+                run["workers"][int(row["pid"])] = run["workers"].get(int(row["pid"]), 0) + 1
+                run["nodes"][str(row["node"])] = run["nodes"].get(str(row["node"]), 0) + 1
+                run["worker_peak_rss"] = max(run.get("worker_peak_rss", 0.0), float(row["peak_rss_mb"]))
+                if str(row["file"]) and not cache.index_shard(cache.directory / str(row["file"])):
+                    unseen.append(str(row["file"]))
+                if progress is not None:
+                    progress(min(run["texts"], total), n_texts)
+    finally:
+        del sae_ref  # the object store lets the weights go
+    LAST_ENCODING.clear()
+    LAST_ENCODING.update(run)
+    if unseen:
+        raise CacheError(f"Ray workers wrote {len(unseen)} SAE code shard(s) this process cannot read in "
+                         f"{cache.directory}: the cache directory must be one shared path on every node")
+    return run["texts"]
+
+
+__all__ = ["INSTALL_HINT", "LAST_ENCODING", "LAST_RUN", "CodeWorker", "ShardWorker", "compute_shards_on_ray",
+           "connect", "encode_on_ray"]
