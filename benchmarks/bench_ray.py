@@ -8,8 +8,8 @@
 Each engine scans the same pairs into its own empty cache with the same options; the
 script prints, per engine: extraction pairs/s, the whole scan's seconds, whether the
 ranking equals the local engine's and the largest score difference, the driver's peak
-RSS, the largest worker peak RSS (Ray Data's own per-actor max USS), and the cache's
-size per 1k pairs, and the load average around each run. Every row is compared with the first
+RSS, the largest peak RSS of an extraction worker and of an SAE-pass worker (each actor's
+``ru_maxrss``, engine.ray.LAST_RUN and LAST_ENCODING), and the cache's size per 1k pairs, and the load average around each run. Every row is compared with the first
 (the reference): same ranking, largest |suspicion| difference, Spearman correlation of
 suspicion and the overlap of the flagged (flipped or noisy) pairs. ``--synthetic N`` first writes N pairs made by recombining the
 prompts and responses of the input file (seeded), so a large dataset can be measured
@@ -168,11 +168,14 @@ def run(data: str, engine: str, workers: int | None, args, cache: Path) -> dict:
 
             ray.shutdown()  # stops the raylet, GCS and workers this process started
     seconds = time.perf_counter() - start
-    worker_rss = None
+    worker_rss = encode_rss = None
+    encoded_on_workers = 0
     if engine == "ray":
-        from safer_audit.engine.ray import LAST_RUN
+        from safer_audit.engine.ray import LAST_ENCODING, LAST_RUN
 
         worker_rss = LAST_RUN.get("worker_peak_rss")
+        encode_rss = LAST_ENCODING.get("worker_peak_rss")
+        encoded_on_workers = LAST_ENCODING.get("texts", 0)
     pairs = len(result.pairs)
     name = f"{engine}" + (f" x{workers}" if workers else "")
     ranking, scores, flagged = [], {}, []
@@ -187,7 +190,8 @@ def run(data: str, engine: str, workers: int | None, args, cache: Path) -> dict:
             "driver_rss_by_stage_mb": sampler.by_stage(start, result.timings), "held_mb": held_by_driver(result),
             "ranking": ranking, "scores": scores, "flagged": sorted(flagged),
             "cache_mb_per_1k": cache_bytes(cache) / 1e6 / pairs * 1000, "driver_peak_rss_mb": peak_rss,
-            "worker_peak_rss_mb": worker_rss}
+            "worker_peak_rss_mb": worker_rss, "encode_worker_peak_rss_mb": encode_rss,
+            "encoded_texts": result.stats.n_encoded, "encoded_on_workers": encoded_on_workers}
 
 
 def table_line(row: dict, base: dict) -> str:
@@ -198,10 +202,11 @@ def table_line(row: dict, base: dict) -> str:
     both = len(set(row["flagged"]) & set(base["flagged"]))
     overlap = f"{both}/{len(base['flagged'])} (+{len(row['flagged']) - both})"
     worker = f"{row['worker_peak_rss_mb']:.0f}" if row["worker_peak_rss_mb"] else "-"
+    encoder = f"{row['encode_worker_peak_rss_mb']:.0f}" if row.get("encode_worker_peak_rss_mb") else "-"
     return (f"| {row['engine']} | {row['pairs']} | {row['extract_pairs_per_s']:.1f} | {row['scan_s']:.1f} | "
             f"{row['load'][0]:.2f}/{row['load'][1]:.2f} | {'yes' if row['ranking'] == base['ranking'] else 'NO'} | "
-            f"{diff:.1e} | {rho:.6f} | {overlap} | {row['driver_peak_rss_mb']:.0f} | {worker} | "
-            f"{row['cache_mb_per_1k']:.1f} |")
+            f"{diff:.1e} | {rho:.6f} | {overlap} | {row['driver_peak_rss_mb']:.0f} | {worker} | {encoder} | "
+            f"{row['encoded_on_workers']}/{row['encoded_texts']} | {row['cache_mb_per_1k']:.1f} |")
 
 
 def main() -> int:
@@ -249,8 +254,9 @@ def main() -> int:
     rows = []
     print("| run | pairs | extraction pairs/s | scan s | load avg (before/after) | same ranking "
           "| max abs suspicion diff | Spearman suspicion | flagged overlap | driver peak RSS MB "
-          "| worker peak RSS MB | cache MB / 1k pairs |")
-    print("|---|---:|---:|---:|---|---|---:|---:|---|---:|---:|---:|", flush=True)
+          "| extraction worker peak RSS MB | SAE-pass worker peak RSS MB | texts encoded on workers / in all "
+          "| cache MB / 1k pairs |")
+    print("|---|---:|---:|---:|---|---|---:|---:|---|---:|---:|---:|---:|---:|", flush=True)
     dtypes = args.cache_dtype.split(",")
     for dtype in dtypes:
         # past the first dtype only the local engine runs: a dtype changes what is stored, not who computes it
