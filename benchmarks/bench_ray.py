@@ -146,6 +146,11 @@ def cache_bytes(directory: Path) -> int:
     return sum(p.stat().st_size for p in directory.rglob("shard-*.safetensors"))
 
 
+def codes_bytes(directory: Path) -> int:
+    """The SAE codes' shards: what the driver's fold reads back."""
+    return sum(p.stat().st_size for p in directory.rglob("codes/*/shard-*.safetensors"))
+
+
 def run(data: str, engine: str, workers: int | None, args, cache: Path) -> dict:
     from safer_audit.config import ActivationConfig, ScanConfig
     from safer_audit.scan import run_scan
@@ -168,7 +173,7 @@ def run(data: str, engine: str, workers: int | None, args, cache: Path) -> dict:
 
             ray.shutdown()  # stops the raylet, GCS and workers this process started
     seconds = time.perf_counter() - start
-    worker_rss = encode_rss = None
+    worker_rss = encode_rss = ray_seconds = None
     encoded_on_workers = 0
     if engine == "ray":
         from safer_audit.engine.ray import LAST_ENCODING, LAST_RUN
@@ -176,6 +181,7 @@ def run(data: str, engine: str, workers: int | None, args, cache: Path) -> dict:
         worker_rss = LAST_RUN.get("worker_peak_rss")
         encode_rss = LAST_ENCODING.get("worker_peak_rss")
         encoded_on_workers = LAST_ENCODING.get("texts", 0)
+        ray_seconds = {"extraction": LAST_RUN.get("seconds"), "sae_pass": LAST_ENCODING.get("seconds")}
     pairs = len(result.pairs)
     name = f"{engine}" + (f" x{workers}" if workers else "")
     ranking, scores, flagged = [], {}, []
@@ -191,7 +197,8 @@ def run(data: str, engine: str, workers: int | None, args, cache: Path) -> dict:
             "ranking": ranking, "scores": scores, "flagged": sorted(flagged),
             "cache_mb_per_1k": cache_bytes(cache) / 1e6 / pairs * 1000, "driver_peak_rss_mb": peak_rss,
             "worker_peak_rss_mb": worker_rss, "encode_worker_peak_rss_mb": encode_rss,
-            "encoded_texts": result.stats.n_encoded, "encoded_on_workers": encoded_on_workers}
+            "encoded_texts": result.stats.n_encoded, "encoded_on_workers": encoded_on_workers,
+            "ray_job_s": ray_seconds, "codes_mb_per_1k": codes_bytes(cache) / 1e6 / pairs * 1000}
 
 
 def table_line(row: dict, base: dict) -> str:
@@ -276,7 +283,9 @@ def main() -> int:
                 out = done.stdout
                 rows.append(json.loads(out.strip().splitlines()[-1]))
                 print(table_line(rows[-1], rows[0]), flush=True)
-                print(f"done: {rows[-1]['engine']} {rows[-1]['scan_s']:.0f} s; driver RSS by stage "
+                print(f"done: {rows[-1]['engine']} {rows[-1]['scan_s']:.0f} s; timings {json.dumps(rows[-1]['timings'])}; "
+                      f"Ray jobs s {json.dumps(rows[-1]['ray_job_s'])}; codes MB / 1k pairs "
+                      f"{rows[-1]['codes_mb_per_1k']:.1f}; driver RSS by stage "
                       f"{json.dumps(rows[-1]['driver_rss_by_stage_mb'])}; held {json.dumps(rows[-1]['held_mb'])}",
                       file=sys.stderr, flush=True)
     shutil.rmtree(work, ignore_errors=True)

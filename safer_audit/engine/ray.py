@@ -24,6 +24,7 @@ supported yet: the cache reads and renames files through the OS.
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import replace
@@ -38,10 +39,10 @@ from ..files import remove_stale_temporaries, temporary_name, write_atomic
 INSTALL_HINT = "--engine ray needs Ray: pip install 'safer-audit[ray]' (or pip install 'ray[data]>=2.60,<3')"
 
 # what the last extraction on Ray did, for tests and benchmarks: {"texts", "shards", "workers": {pid: shards},
-# "nodes": {node id: shards}, "worker_peak_rss": MB, "plan_bytes"}
+# "nodes": {node id: shards}, "worker_peak_rss": MB, "plan_bytes", "seconds"}
 LAST_RUN: dict = {}
 # what the last SAE pass on Ray did: {"texts", "chunks", "workers": {pid: chunks}, "nodes": {node id: chunks},
-# "worker_peak_rss": MB, "plan_bytes"}
+# "worker_peak_rss": MB, "plan_bytes", "seconds"}
 LAST_ENCODING: dict = {}
 
 
@@ -202,6 +203,7 @@ def compute_shards_on_ray(texts: list[tuple[str, PreparedText]], shards: list[li
             yield json.dumps(batches).encode()
 
     run = {"texts": 0, "shards": 0, "workers": {}, "nodes": {}}
+    started = time.perf_counter()
     with plan_file(cache.directory, parts()) as (plan, spans):
         rows = [{"shard": n, "offset": offset, "length": length} for n, (offset, length) in enumerate(spans)]
         run["plan_bytes"] = sum(length for _, length in spans)
@@ -223,6 +225,7 @@ def compute_shards_on_ray(texts: list[tuple[str, PreparedText]], shards: list[li
             if progress is not None:
                 progress(done, total)
     run["texts"] = done
+    run["seconds"] = time.perf_counter() - started
     LAST_RUN.clear()
     LAST_RUN.update(run)
     written = ActivationCache(cache.directory.parent.parent, key, dtype=config.cache_dtype)
@@ -313,6 +316,7 @@ def encode_on_ray(store, sae, cache: CodeCache, config: ActivationConfig, progre
     sae_ref = ray.put((type(sae), sae.cfg, state))
     del state
     run = {"texts": 0, "chunks": 0, "workers": {}, "nodes": {}}
+    started = time.perf_counter()
     total, n_texts = len(missing), store.n_texts
     unseen: list[str] = []
     try:
@@ -338,6 +342,7 @@ def encode_on_ray(store, sae, cache: CodeCache, config: ActivationConfig, progre
                     progress(min(run["texts"], total), n_texts)
     finally:
         del sae_ref  # the object store lets the weights go
+    run["seconds"] = time.perf_counter() - started
     LAST_ENCODING.clear()
     LAST_ENCODING.update(run)
     if unseen:
