@@ -173,7 +173,7 @@ def run(data: str, engine: str, workers: int | None, args, cache: Path) -> dict:
 
             ray.shutdown()  # stops the raylet, GCS and workers this process started
     seconds = time.perf_counter() - start
-    worker_rss = encode_rss = ray_seconds = None
+    worker_rss = encode_rss = ray_seconds = worker_peaks = None
     encoded_on_workers = 0
     if engine == "ray":
         from safer_audit.engine.ray import LAST_ENCODING, LAST_RUN
@@ -182,6 +182,10 @@ def run(data: str, engine: str, workers: int | None, args, cache: Path) -> dict:
         encode_rss = LAST_ENCODING.get("worker_peak_rss")
         encoded_on_workers = LAST_ENCODING.get("texts", 0)
         ray_seconds = {"extraction": LAST_RUN.get("seconds"), "sae_pass": LAST_ENCODING.get("seconds")}
+        # the largest worker peak so far after 10%, 25%, 50% and all of each job's rows: growth within a run
+        worker_peaks = {job: [round(peaks[max(0, int(len(peaks) * f) - 1)]) for f in (0.1, 0.25, 0.5, 1.0)]
+                        for job, peaks in (("extraction", LAST_RUN.get("worker_peaks") or [0]),
+                                           ("sae_pass", LAST_ENCODING.get("worker_peaks") or [0]))}
     pairs = len(result.pairs)
     name = f"{engine}" + (f" x{workers}" if workers else "")
     ranking, scores, flagged = [], {}, []
@@ -198,7 +202,7 @@ def run(data: str, engine: str, workers: int | None, args, cache: Path) -> dict:
             "cache_mb_per_1k": cache_bytes(cache) / 1e6 / pairs * 1000, "driver_peak_rss_mb": peak_rss,
             "worker_peak_rss_mb": worker_rss, "encode_worker_peak_rss_mb": encode_rss,
             "encoded_texts": result.stats.n_encoded, "encoded_on_workers": encoded_on_workers,
-            "ray_job_s": ray_seconds, "codes_mb_per_1k": codes_bytes(cache) / 1e6 / pairs * 1000}
+            "ray_job_s": ray_seconds, "worker_peaks_by_progress_mb": worker_peaks, "codes_mb_per_1k": codes_bytes(cache) / 1e6 / pairs * 1000}
 
 
 def table_line(row: dict, base: dict) -> str:
@@ -284,7 +288,8 @@ def main() -> int:
                 rows.append(json.loads(out.strip().splitlines()[-1]))
                 print(table_line(rows[-1], rows[0]), flush=True)
                 print(f"done: {rows[-1]['engine']} {rows[-1]['scan_s']:.0f} s; timings {json.dumps(rows[-1]['timings'])}; "
-                      f"Ray jobs s {json.dumps(rows[-1]['ray_job_s'])}; codes MB / 1k pairs "
+                      f"Ray jobs s {json.dumps(rows[-1]['ray_job_s'])}; worker peak MB after 10/25/50/100% of "
+                      f"the rows {json.dumps(rows[-1]['worker_peaks_by_progress_mb'])}; codes MB / 1k pairs "
                       f"{rows[-1]['codes_mb_per_1k']:.1f}; driver RSS by stage "
                       f"{json.dumps(rows[-1]['driver_rss_by_stage_mb'])}; held {json.dumps(rows[-1]['held_mb'])}",
                       file=sys.stderr, flush=True)

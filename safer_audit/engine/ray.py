@@ -39,10 +39,11 @@ from ..files import remove_stale_temporaries, temporary_name, write_atomic
 INSTALL_HINT = "--engine ray needs Ray: pip install 'safer-audit[ray]' (or pip install 'ray[data]>=2.60,<3')"
 
 # what the last extraction on Ray did, for tests and benchmarks: {"texts", "shards", "workers": {pid: shards},
-# "nodes": {node id: shards}, "worker_peak_rss": MB, "plan_bytes", "seconds"}
+# "nodes": {node id: shards}, "worker_peak_rss": MB, "worker_peaks": [its running value after each shard],
+# "plan_bytes", "seconds"}
 LAST_RUN: dict = {}
 # what the last SAE pass on Ray did: {"texts", "chunks", "workers": {pid: chunks}, "nodes": {node id: chunks},
-# "worker_peak_rss": MB, "plan_bytes", "seconds"}
+# "worker_peak_rss": MB, "worker_peaks": [its running value after each chunk], "plan_bytes", "seconds"}
 LAST_ENCODING: dict = {}
 
 
@@ -202,7 +203,7 @@ def compute_shards_on_ray(texts: list[tuple[str, PreparedText]], shards: list[li
                 batches.append(rows)
             yield json.dumps(batches).encode()
 
-    run = {"texts": 0, "shards": 0, "workers": {}, "nodes": {}}
+    run = {"texts": 0, "shards": 0, "workers": {}, "nodes": {}, "worker_peaks": []}
     started = time.perf_counter()
     with plan_file(cache.directory, parts()) as (plan, spans):
         rows = [{"shard": n, "offset": offset, "length": length} for n, (offset, length) in enumerate(spans)]
@@ -222,6 +223,7 @@ def compute_shards_on_ray(texts: list[tuple[str, PreparedText]], shards: list[li
             run["workers"][int(row["pid"])] = run["workers"].get(int(row["pid"]), 0) + 1
             run["nodes"][str(row["node"])] = run["nodes"].get(str(row["node"]), 0) + 1
             run["worker_peak_rss"] = max(run.get("worker_peak_rss", 0.0), float(row["peak_rss_mb"]))
+            run["worker_peaks"].append(run["worker_peak_rss"])
             if progress is not None:
                 progress(done, total)
     run["texts"] = done
@@ -315,7 +317,7 @@ def encode_on_ray(store, sae, cache: CodeCache, config: ActivationConfig, progre
     state = {name: tensor.detach().to("cpu", copy=True) for name, tensor in sae.state_dict().items()}
     sae_ref = ray.put((type(sae), sae.cfg, state))
     del state
-    run = {"texts": 0, "chunks": 0, "workers": {}, "nodes": {}}
+    run = {"texts": 0, "chunks": 0, "workers": {}, "nodes": {}, "worker_peaks": []}
     started = time.perf_counter()
     total, n_texts = len(missing), store.n_texts
     unseen: list[str] = []
@@ -336,6 +338,7 @@ def encode_on_ray(store, sae, cache: CodeCache, config: ActivationConfig, progre
                 run["workers"][int(row["pid"])] = run["workers"].get(int(row["pid"]), 0) + 1
                 run["nodes"][str(row["node"])] = run["nodes"].get(str(row["node"]), 0) + 1
                 run["worker_peak_rss"] = max(run.get("worker_peak_rss", 0.0), float(row["peak_rss_mb"]))
+                run["worker_peaks"].append(run["worker_peak_rss"])
                 if str(row["file"]) and not cache.index_shard(cache.directory / str(row["file"])):
                     unseen.append(str(row["file"]))
                 if progress is not None:
