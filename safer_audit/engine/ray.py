@@ -1,19 +1,35 @@
-"""The Ray engine: extraction as a Ray Data ``map_batches`` over an actor pool.
+"""The Ray engine: extraction and the SAE pass as Ray Data ``map_batches`` over actor pools.
 
-The driver plans the shards (activations.plan_missing: length-sorted batches over all
-of the dataset's texts, cut at batch boundaries), so a planned shard is byte-identical
-whoever computes it. Each planned shard is one row of a Ray dataset; an actor pool (one
-model per actor, one GPU per actor when the cluster has GPUs) computes a row's batches
-with the same activations.compute_shard as the local engine and writes the shard with
-the same ActivationCache.add_shard into the shared cache directory. The driver then
-re-indexes the cache and reads the store as the local engine does: the SAE, salience and
-scoring run on the driver, streaming the store shard by shard.
+Extraction. The driver plans the shards (activations.plan_missing: length-sorted batches over
+all of the dataset's texts, cut at batch boundaries), so a planned shard is byte-identical
+whoever computes it. It streams the planned shards' texts (read by index from the scan's
+SpooledTexts, never all held) to a plan file in the shared cache directory, and each planned
+shard is one Ray row of ``(shard, offset, length)`` into it. An actor pool (one model per
+actor, one GPU per actor when the cluster has GPUs) reads its shard's texts with ``pread``,
+computes its batches with the same activations.compute_shard as the local engine and writes
+the shard with the same ActivationCache.add_shard into the shared cache.
+
+The SAE pass (encode_on_ray, called by codes.encode_store for a store extracted with
+``--engine ray``). The driver plans the chunks the local engine would encode (one per
+activation shard, ActivationStore.chunk_plan over the texts whose codes the CodeCache lacks),
+writes their rows and keys to a plan file, and puts the SAE's weights in the object store once;
+an actor pool builds the SAE from them (on GPU when the pool has GPUs), reads each chunk's
+activation shard from the cache, runs codes.encode_chunk and writes the block with
+CodeCache.add: the same blocks as the local engine's. The driver then folds every text's block
+from the cache (codes._fold_cached, the reduce step: a few numbers per text, the firings above
+each latent's running threshold, no activations), so salience and scores are computed as on the
+local engine. SAE training and the passes after the fold (salience, heads, report) run on the driver.
+
+Plan files (``ray-plans/`` beside the shards) are removed when their job ends, also on error; a
+killed driver's is removed by the next job on its host (it is named like a temporary of
+files.write_atomic). Workers open the caches without indexing them: their memory does not grow
+with the dataset.
 
 Faults: actors restart (``max_restarts=-1``) and their tasks are retried
-(``max_task_retries=-1``), so a killed worker loses its in-flight shard only, which the
-restarted actor recomputes to the same bytes. Shards are written atomically; an
-interrupted driver leaves every finished shard, and a re-run (on either engine) computes
-only what is missing.
+(``max_task_retries=-1``), so a killed worker loses its in-flight shard or chunk only, which the
+restarted actor computes again to the same result. Shards and blocks are written atomically; an
+interrupted driver leaves every finished one, and a re-run (on either engine) computes only what
+is missing.
 
 The cache directory must be readable and writable at the same path on every node: a
 local directory (one machine), or a shared POSIX filesystem mounted on each node (NFS,
