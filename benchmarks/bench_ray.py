@@ -8,8 +8,8 @@
 Each engine scans the same pairs into its own empty cache with the same options; the
 script prints, per engine: extraction pairs/s, the whole scan's seconds, whether the
 ranking equals the local engine's and the largest score difference, the driver's peak
-RSS, the largest worker peak RSS (Ray Data's own per-actor max USS), and the cache's
-size per 1k pairs, and the load average around each run. Every row is compared with the first
+RSS, the largest peak RSS of an extraction worker and of an SAE-pass worker (each actor's
+``ru_maxrss``, engine.ray.LAST_RUN and LAST_ENCODING), and the cache's size per 1k pairs, and the load average around each run. Every row is compared with the first
 (the reference): same ranking, largest |suspicion| difference, Spearman correlation of
 suspicion and the overlap of the flagged (flipped or noisy) pairs. ``--synthetic N`` first writes N pairs made by recombining the
 prompts and responses of the input file (seeded), so a large dataset can be measured
@@ -150,6 +150,11 @@ def cache_bytes(directory: Path) -> int:
     return sum(p.stat().st_size for p in directory.rglob("shard-*.safetensors"))
 
 
+def codes_bytes(directory: Path) -> int:
+    """The SAE codes' shards: what the driver's fold reads back."""
+    return sum(p.stat().st_size for p in directory.rglob("codes/*/shard-*.safetensors"))
+
+
 def run(data: str, engine: str, workers: int | None, args, cache: Path) -> dict:
     from safer_audit.config import ActivationConfig, ScanConfig
     from safer_audit.scan import run_scan
@@ -172,11 +177,19 @@ def run(data: str, engine: str, workers: int | None, args, cache: Path) -> dict:
 
             ray.shutdown()  # stops the raylet, GCS and workers this process started
     seconds = time.perf_counter() - start
-    worker_rss = None
+    worker_rss = encode_rss = ray_seconds = worker_peaks = None
+    encoded_on_workers = 0
     if engine == "ray":
-        from safer_audit.engine.ray import LAST_RUN
+        from safer_audit.engine.ray import LAST_ENCODING, LAST_RUN
 
         worker_rss = LAST_RUN.get("worker_peak_rss")
+        encode_rss = LAST_ENCODING.get("worker_peak_rss")
+        encoded_on_workers = LAST_ENCODING.get("texts", 0)
+        ray_seconds = {"extraction": LAST_RUN.get("seconds"), "sae_pass": LAST_ENCODING.get("seconds")}
+        # the largest worker peak so far after 10%, 25%, 50% and all of each job's rows: growth within a run
+        worker_peaks = {job: [round(peaks[max(0, int(len(peaks) * f) - 1)]) for f in (0.1, 0.25, 0.5, 1.0)]
+                        for job, peaks in (("extraction", LAST_RUN.get("worker_peaks") or [0]),
+                                           ("sae_pass", LAST_ENCODING.get("worker_peaks") or [0]))}
     pairs = len(result.pairs)
     name = f"{engine}" + (f" x{workers}" if workers else "")
     ranking, scores, flagged = [], {}, []
@@ -191,7 +204,9 @@ def run(data: str, engine: str, workers: int | None, args, cache: Path) -> dict:
             "driver_rss_by_stage_mb": sampler.by_stage(start, result.timings), "held_mb": held_by_driver(result),
             "ranking": ranking, "scores": scores, "flagged": sorted(flagged),
             "cache_mb_per_1k": cache_bytes(cache) / 1e6 / pairs * 1000, "driver_peak_rss_mb": peak_rss,
-            "worker_peak_rss_mb": worker_rss}
+            "worker_peak_rss_mb": worker_rss, "encode_worker_peak_rss_mb": encode_rss,
+            "encoded_texts": result.stats.n_encoded, "encoded_on_workers": encoded_on_workers,
+            "ray_job_s": ray_seconds, "worker_peaks_by_progress_mb": worker_peaks, "codes_mb_per_1k": codes_bytes(cache) / 1e6 / pairs * 1000}
 
 
 def table_line(row: dict, base: dict) -> str:
@@ -202,10 +217,11 @@ def table_line(row: dict, base: dict) -> str:
     both = len(set(row["flagged"]) & set(base["flagged"]))
     overlap = f"{both}/{len(base['flagged'])} (+{len(row['flagged']) - both})"
     worker = f"{row['worker_peak_rss_mb']:.0f}" if row["worker_peak_rss_mb"] else "-"
+    encoder = f"{row['encode_worker_peak_rss_mb']:.0f}" if row.get("encode_worker_peak_rss_mb") else "-"
     return (f"| {row['engine']} | {row['pairs']} | {row['extract_pairs_per_s']:.1f} | {row['scan_s']:.1f} | "
             f"{row['load'][0]:.2f}/{row['load'][1]:.2f} | {'yes' if row['ranking'] == base['ranking'] else 'NO'} | "
-            f"{diff:.1e} | {rho:.6f} | {overlap} | {row['driver_peak_rss_mb']:.0f} | {worker} | "
-            f"{row['cache_mb_per_1k']:.1f} |")
+            f"{diff:.1e} | {rho:.6f} | {overlap} | {row['driver_peak_rss_mb']:.0f} | {worker} | {encoder} | "
+            f"{row['encoded_on_workers']}/{row['encoded_texts']} | {row['cache_mb_per_1k']:.1f} |")
 
 
 def main() -> int:
@@ -253,8 +269,9 @@ def main() -> int:
     rows = []
     print("| run | pairs | extraction pairs/s | scan s | load avg (before/after) | same ranking "
           "| max abs suspicion diff | Spearman suspicion | flagged overlap | driver peak RSS MB "
-          "| worker peak RSS MB | cache MB / 1k pairs |")
-    print("|---|---:|---:|---:|---|---|---:|---:|---|---:|---:|---:|", flush=True)
+          "| extraction worker peak RSS MB | SAE-pass worker peak RSS MB | texts encoded on workers / in all "
+          "| cache MB / 1k pairs |")
+    print("|---|---:|---:|---:|---|---|---:|---:|---|---:|---:|---:|---:|---:|", flush=True)
     dtypes = args.cache_dtype.split(",")
     for dtype in dtypes:
         # past the first dtype only the local engine runs: a dtype changes what is stored, not who computes it
@@ -274,7 +291,10 @@ def main() -> int:
                 out = done.stdout
                 rows.append(json.loads(out.strip().splitlines()[-1]))
                 print(table_line(rows[-1], rows[0]), flush=True)
-                print(f"done: {rows[-1]['engine']} {rows[-1]['scan_s']:.0f} s; driver RSS by stage "
+                print(f"done: {rows[-1]['engine']} {rows[-1]['scan_s']:.0f} s; timings {json.dumps(rows[-1]['timings'])}; "
+                      f"Ray jobs s {json.dumps(rows[-1]['ray_job_s'])}; worker peak MB after 10/25/50/100% of "
+                      f"the rows {json.dumps(rows[-1]['worker_peaks_by_progress_mb'])}; codes MB / 1k pairs "
+                      f"{rows[-1]['codes_mb_per_1k']:.1f}; driver RSS by stage "
                       f"{json.dumps(rows[-1]['driver_rss_by_stage_mb'])}; held {json.dumps(rows[-1]['held_mb'])}",
                       file=sys.stderr, flush=True)
     shutil.rmtree(work, ignore_errors=True)

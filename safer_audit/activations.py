@@ -150,7 +150,10 @@ class TextActivations:
 class ActivationCache:
     """Shards of text activations for one model + layer + positions + max_length."""
 
-    def __init__(self, root: Path, key: str, meta: dict | None = None, dtype: str = "float32"):
+    def __init__(self, root: Path, key: str, meta: dict | None = None, dtype: str = "float32", *,
+                 index: bool = True):
+        """``index=False``: no index of the shards already there (a Ray worker that only writes shards, or reads
+        the ones it is told, keeps no per-text entry of the whole cache)."""
         if dtype not in CACHE_DTYPES:
             raise ConfigError(f"cache dtype must be one of {', '.join(CACHE_DTYPES)}, not {dtype!r}")
         self.dtype = CACHE_DTYPES[dtype]  # how activations are stored; they are read back as float32
@@ -167,7 +170,7 @@ class ActivationCache:
         remove_stale_temporaries(self.directory)
         if (self.directory / "saes").is_dir():
             remove_stale_temporaries(self.directory / "saes")
-        for shard in sorted(self.directory.glob("shard-*.safetensors")):
+        for shard in sorted(self.directory.glob("shard-*.safetensors")) if index else []:
             keys = _shard_keys(shard)
             if keys is None:
                 shard.unlink(missing_ok=True)
@@ -319,6 +322,8 @@ class ActivationStore:
     d_model: int
     backend_identity: str
     n_forward_texts: int = 0  # texts that ran a forward pass in this extraction
+    # the options it was extracted with (extract_activations): its engine also runs the SAE pass (codes.encode_store)
+    config: ActivationConfig | None = field(default=None, repr=False, compare=False)
     _locations: tuple = field(default=(), repr=False)  # KeyIndex.locate of the keys: (paths, shards, rows)
     # a lazily extracted store (extract_activations(lazy=True)): checks its shards' hashes, and computes
     # again the texts of a corrupt one, only when activations are first read (a warm scan reads none)
@@ -355,32 +360,24 @@ class ActivationStore:
         in the order of the first text each serves (not by name), texts in dataset order.
         """
         self.ensure_verified()
-        paths, shard_of, row_of = self._locations
-        # shards in the order of the first text each serves, texts in dataset order within a shard
-        order = np.argsort(shard_of, kind="stable")
-        numbers, starts = np.unique(shard_of[order], return_index=True)
-        groups = np.split(order, starts[1:]) if len(order) else []
-        for number, texts_of in sorted(zip(numbers.tolist(), groups, strict=True), key=lambda g: int(g[1][0])):
-            shard = paths[number]
+        for shard, texts, rows in self.chunk_plan():
             _release_freed_memory()  # the previous shard's buffers
             tensors = self.cache.load_shard(shard)
             if tensors is None:
                 raise CacheError(f"cache shard {shard.name} became unreadable during the run")
-            texts = torch.from_numpy(texts_of.astype(np.int64))
-            rows = torch.from_numpy(row_of[texts_of].astype(np.int64))
-            starts, ends = tensors["offsets"][rows], tensors["offsets"][rows + 1]
-            lengths = ends - starts
-            gather = torch.cat([torch.arange(s, e) for s, e in zip(starts.tolist(), ends.tolist(), strict=False)]) \
-                if len(rows) else torch.zeros(0, dtype=torch.long)
-            offsets = torch.zeros(len(rows) + 1, dtype=torch.long)
-            offsets[1:] = torch.cumsum(lengths, 0)
-            yield texts, offsets, {
-                "acts": tensors["acts"][gather].float(),  # float16/bfloat16 caches widen on reading
-                "token_ids": tensors["token_ids"][gather],
-                "positions": tensors["positions"][gather],
-                "scores": tensors["scores"][rows],
-            }
+            offsets, chunk = chunk_tensors(tensors, rows)
+            yield torch.tensor(texts, dtype=torch.long), offsets, chunk
         self.cache._loaded = {}
+
+    def chunk_plan(self) -> list[tuple[Path, list[int], list[int]]]:
+        """iter_chunks' chunks, unread: per shard (in the order of the first text each serves), the indices of
+        the texts it serves and their rows in it. The Ray engine encodes these very chunks (engine.ray)."""
+        paths, shard_of, row_of = self._locations
+        order = np.argsort(shard_of, kind="stable")  # each shard's texts in dataset order
+        numbers, starts = np.unique(shard_of[order], return_index=True)
+        groups = np.split(order, starts[1:]) if len(order) else []
+        plan = sorted(zip(numbers.tolist(), groups, strict=True), key=lambda group: int(group[1][0]))
+        return [(paths[number], texts.tolist(), row_of[texts].tolist()) for number, texts in plan]
 
     def iter_acts(self) -> Iterator[torch.Tensor]:
         """Just the activation rows, shard by shard (the SAE trains on this stream)."""
@@ -453,6 +450,24 @@ class ActivationStore:
             sums = torch.zeros(len(texts), self.d_model).index_add_(0, segment, tensors["acts"])
             out[texts] = sums / lengths.clamp(min=1).unsqueeze(1)
         return out
+
+
+def chunk_tensors(tensors: dict[str, torch.Tensor], rows: list[int]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The rows ``rows`` of a loaded shard as one chunk (ActivationStore.iter_chunks' layout): per-text token
+    offsets, and ``acts`` (float32), ``token_ids``, ``positions``, ``scores`` of those texts, in that order."""
+    rows = torch.tensor(rows, dtype=torch.long)
+    starts, ends = tensors["offsets"][rows], tensors["offsets"][rows + 1]
+    lengths = ends - starts
+    gather = torch.cat([torch.arange(s, e) for s, e in zip(starts.tolist(), ends.tolist(), strict=False)]) \
+        if len(rows) else torch.zeros(0, dtype=torch.long)
+    offsets = torch.zeros(len(rows) + 1, dtype=torch.long)
+    offsets[1:] = torch.cumsum(lengths, 0)
+    return offsets, {
+        "acts": tensors["acts"][gather].float(),  # float16/bfloat16 caches widen on reading
+        "token_ids": tensors["token_ids"][gather],
+        "positions": tensors["positions"][gather],
+        "scores": tensors["scores"][rows],
+    }
 
 
 @dataclass
@@ -645,7 +660,7 @@ def extract_activations(texts: Sequence[PreparedText], backend, config: Activati
             cache = open_cache(backend, config, layer)  # index the shards the workers wrote
         else:
             computed = _compute(items, shards, backend, config, layer, want_score, cache, progress, encodings)
-    store = ActivationStore(cache, keys, backend.d_model, backend.identity, n_forward_texts=computed)
+    store = ActivationStore(cache, keys, backend.d_model, backend.identity, n_forward_texts=computed, config=config)
     if lazy:
         store._verify = lambda: extract_activations(texts, backend, config, want_score=want_score, notice=notice)
     return store

@@ -55,17 +55,24 @@ def sae_digest(sae) -> str:
 class CodeCache:
     """Shards of per-text SAE results for one SAE and one activation cache."""
 
-    def __init__(self, directory: Path):
+    def __init__(self, directory: Path, *, index: bool = True):
+        """``index=False``: no index of the shards already there (a Ray worker that only adds blocks)."""
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
         remove_stale_temporaries(self.directory)  # debris of killed writes; live writers' stay
         self.index = KeyIndex()  # text key -> (shard, row), ~40 bytes a text (issue 16)
-        for shard in sorted(self.directory.glob("shard-*.safetensors")):
-            keys = _header_keys(shard)
-            if keys is None:
-                shard.unlink(missing_ok=True)
-                continue
-            self.index.add(shard, keys)
+        for shard in sorted(self.directory.glob("shard-*.safetensors")) if index else []:
+            self.index_shard(shard)
+
+    def index_shard(self, shard: Path) -> bool:
+        """Index the texts of a shard written by another process (a Ray worker); False if it is unreadable
+        (and then deleted: its texts are encoded again)."""
+        keys = _header_keys(shard)
+        if keys is None:
+            shard.unlink(missing_ok=True)
+            return False
+        self.index.add(shard, keys)
+        return True
 
     @classmethod
     def for_store(cls, store, sae) -> CodeCache | None:
@@ -75,10 +82,10 @@ class CodeCache:
             return None
         return cls(Path(cache.directory) / "codes" / sae_digest(sae))
 
-    def add(self, keys: list[str], block: dict[str, torch.Tensor]) -> None:
-        """Write one block (encode_chunk's layout) atomically and index it."""
+    def add(self, keys: list[str], block: dict[str, torch.Tensor]) -> Path | None:
+        """Write one block (encode_chunk's layout) atomically and index it; the shard's path."""
         if not keys:
-            return
+            return None
         name = short_digest(hashlib.sha256(json.dumps(keys).encode()).hexdigest())
         path = self.directory / f"shard-{name}.safetensors"
         tensors = {k: v.contiguous() for k, v in block.items()}
@@ -86,6 +93,7 @@ class CodeCache:
                                                    "digest": block_digest(keys, tensors)})
         write_atomic(path, data)
         self.index.add(path, keys)
+        return path
 
     def load(self, path: Path) -> dict[str, torch.Tensor] | None:
         """A shard's block, or None (and the shard deleted, its texts to encode again) if unreadable."""
@@ -612,7 +620,13 @@ def encode_store(store, sae, *, progress=None, cache: CodeCache | None = None):
             if progress is not None:
                 progress(n_encoded, n_texts)
     else:
-        n_encoded = _fold_cached(store, sae, cache, acc, device, progress)
+        config = getattr(store, "config", None)  # the engine that extracted the store encodes it too
+        if config is not None and config.engine == "ray":
+            from .engine.ray import encode_on_ray
+
+            # the workers fill the cache with the missing texts' blocks; the fold below then reads them all
+            n_encoded = encode_on_ray(store, sae, cache, config, progress)
+        n_encoded += _fold_cached(store, sae, cache, acc, device, progress)
     stats = acc.finish()
     stats.n_encoded = n_encoded
     if cache is not None:
@@ -620,6 +634,11 @@ def encode_store(store, sae, *, progress=None, cache: CodeCache | None = None):
         if summary is not None:
             cache.save_summary(list(store.keys), summary)
     return stats
+
+
+def missing_texts(store, cache: CodeCache) -> list[str]:
+    """The keys of ``store``'s texts whose blocks ``cache`` does not index, each once, in dataset order."""
+    return list(dict.fromkeys(cache.index.missing(store.keys)))
 
 
 def _fold_cached(store, sae, cache: CodeCache, acc: _Accumulator, device, progress) -> int:

@@ -11,6 +11,7 @@ import os
 import signal
 import threading
 import time
+from dataclasses import replace
 
 import pytest
 
@@ -64,6 +65,22 @@ def shard_keys(cache_dir) -> list[list[str]]:
     return sorted(activations._shard_keys(p) for p in cache_dir.glob("activations/*/shard-*.safetensors"))
 
 
+def code_shards(cache_dir) -> list:
+    return sorted(cache_dir.glob("activations/*/codes/*/shard-*.safetensors"))
+
+
+def block_contents(data: bytes) -> tuple[dict, dict]:
+    """A codes shard's metadata and each tensor's dtype, shape and bytes."""
+    import json
+    import struct
+
+    size = struct.unpack("<Q", data[:8])[0]
+    tensors = activations.load_safetensors(data)
+    return (json.loads(data[8:8 + size])["__metadata__"],
+            {name: (str(t.dtype), tuple(t.shape), t.contiguous().view(-1).view(activations.torch.uint8).numpy().tobytes())
+             for name, t in tensors.items()})
+
+
 @pytest.fixture(scope="module")
 def local_scan(tiny_llama_dir, data_file, tmp_path_factory):
     """The uninterrupted local-engine scan every Ray run must reproduce."""
@@ -77,7 +94,7 @@ def local_scan(tiny_llama_dir, data_file, tmp_path_factory):
 
 def test_ray_engine_gives_the_local_report_and_the_same_shards(cluster, local_scan, tiny_llama_dir, data_file,
                                                                tmp_path):
-    from safer_audit.engine.ray import LAST_RUN
+    from safer_audit.engine.ray import LAST_ENCODING, LAST_RUN
 
     local, local_cache = local_scan
     on_ray = run_scan(str(data_file), config(tiny_llama_dir, tmp_path, engine="ray", ray_workers=2))
@@ -88,6 +105,10 @@ def test_ray_engine_gives_the_local_report_and_the_same_shards(cluster, local_sc
     # an order that depends on the thread count, and an actor has one CPU)
     assert shard_keys(tmp_path) == shard_keys(local_cache)
     assert len(LAST_RUN["nodes"]) == 2  # both simulated nodes ran actors (Ray Data spreads the pool)
+    # the SAE pass ran on the workers too: every text's codes were written by a worker process
+    assert on_ray.stats.n_encoded == LAST_ENCODING["texts"] == 80
+    assert LAST_ENCODING["workers"] and os.getpid() not in LAST_ENCODING["workers"]
+    assert len(code_shards(tmp_path)) == LAST_ENCODING["chunks"] == sum(LAST_ENCODING["workers"].values())
 
 
 def test_resume_across_engines_with_a_killed_worker(cluster, local_scan, tiny_llama_dir, data_file, tmp_path):
@@ -175,3 +196,77 @@ def test_bad_engine_options_are_config_errors(tmp_path):
         ActivationConfig(cache_dtype="int8")
     with pytest.raises(ConfigError, match="fsspec"):
         ActivationConfig(cache_dir="s3://bucket/cache")
+
+
+def test_ray_rows_are_offsets_into_a_plan_file_that_is_removed_after_the_job(cluster, tiny_llama_dir, data_file,
+                                                                           tmp_path, monkeypatch):
+    """The driver streams the shards' texts to a plan file in the shared cache and hands Ray only
+    (shard, offset, length); the file is gone when the job ends, also when it fails."""
+    import safer_audit.engine.ray as engine
+    from safer_audit.data import load_pairs
+
+    made, during = [], []
+    original = ray.data.from_items
+
+    def spy(items, **kwargs):
+        made.append(list(items))
+        during.extend(p for p in tmp_path.glob("activations/*/ray-plans/*") if p.is_file())
+        return original(items, **kwargs)
+
+    monkeypatch.setattr(ray.data, "from_items", spy)
+    settings = config(tiny_llama_dir, tmp_path, engine="ray", ray_workers=2).activations
+    backend = load_backend(settings)
+    texts = pair_texts(load_pairs(str(data_file)).pairs.head(10), backend)
+    store = extract_activations(texts, backend, settings)
+    assert store.n_forward_texts == 20
+    assert len(made) == 1 and len(made[0]) == 3  # 20 texts in shards of 8
+    assert all(set(row) == {"shard", "offset", "length"} for row in made[0])
+    assert len(during) == 1  # the plan file existed while Ray ran
+    assert sum(row["length"] for row in made[0]) == engine.LAST_RUN["plan_bytes"]
+    assert not during[0].exists()
+
+    class FailingWorker(engine.ShardWorker):
+        def compute(self, shard, batches):
+            raise RuntimeError("worker failed")
+
+    monkeypatch.setattr(engine, "ShardWorker", FailingWorker)
+    with pytest.raises(Exception, match="worker failed"):
+        extract_activations(pair_texts(load_pairs(str(data_file)).pairs.tail(4), backend), backend,
+                            replace(settings, ray_workers=1))
+    assert len(during) == 2 and not during[1].exists()
+    assert not [p for p in tmp_path.glob("activations/*/ray-plans/*")]
+
+
+def test_a_ray_scan_encodes_only_the_missing_codes_into_the_local_engines_blocks(cluster, local_scan, tiny_llama_dir,
+                                                                                data_file, tmp_path):
+    """Half of a local scan's SAE code shards are lost: a Ray scan of the same data encodes only their
+    texts, on the workers, into the very blocks the local engine wrote, and gives the same report."""
+    import json
+    import shutil
+
+    from safer_audit import codes
+    from safer_audit.engine.ray import LAST_ENCODING
+
+    local, local_cache = local_scan
+    cache = tmp_path / "cache"
+    shutil.copytree(local_cache, cache)
+    for summary in cache.glob("activations/*/codes/*/summary-*"):
+        summary.unlink()  # else a scan of the same texts reads the summary and no shard
+    # the float32 cache's codes (the module's other tests may add a bfloat16 cache to local_scan's directory)
+    [codes_dir] = [d for d in cache.glob("activations/*/codes/*")
+                   if "dtype" not in json.loads((d.parent.parent / "config.json").read_text())]
+    lost = sorted(codes_dir.glob("shard-*.safetensors"))[::2]
+    lost_bytes = {path.name: path.read_bytes() for path in lost}
+    n_lost = sum(len(codes._header_keys(path)) for path in lost)
+    for path in lost:
+        path.unlink()
+    on_ray = run_scan(str(data_file), config(tiny_llama_dir, cache, engine="ray", ray_workers=2))
+    assert on_ray.store.n_forward_texts == 0
+    assert 0 < n_lost < 80 and on_ray.stats.n_encoded == LAST_ENCODING["texts"] == n_lost
+    assert LAST_ENCODING["workers"] and os.getpid() not in LAST_ENCODING["workers"]
+    # the same blocks bit for bit (safetensors writes the header's metadata in a per-process order: compared parsed)
+    assert {path.name: block_contents(path.read_bytes()) for path in codes_dir.glob("shard-*.safetensors")
+            if path.name in lost_bytes} == {name: block_contents(data) for name, data in lost_bytes.items()}
+    assert ranking(on_ray.report) == ranking(local)
+    assert scores(on_ray.report) == scores(local)
+    assert not list(cache.glob("activations/*/ray-plans/*"))
