@@ -135,13 +135,12 @@ def held_by_driver(result) -> dict[str, float]:
     out["mean_codes [texts, latents] in memory"] = 0.0 if stats.codes._file is not None else rows * width * 4 / 1e6
     # the rendered texts: in a temporary file read back by index (SpooledTexts: 0 MB of them held) or in memory
     chars = sum(len(t.text) for t in result.texts) / 1e6
-    out["texts (str, chars) in memory"] = 0.0 if hasattr(result.texts, "_file") else chars
-    out["texts (str, chars) on disk"] = chars if hasattr(result.texts, "_file") else 0.0
+    out["texts (str, chars) in memory"] = 0.0 if hasattr(result.texts, "_records") else chars
+    out["texts (str, chars) on disk"] = chars if hasattr(result.texts, "_records") else 0.0
     # the pairs: a PairTable (ids, sources, lines and lengths in memory, the texts in a temporary file) or polars
     pairs = getattr(result.pairs, "table", result.pairs)
     out["pairs table (polars) in memory"] = pairs.estimated_size() / 1e6
-    out["pairs' texts on disk"] = (result.pairs._ends[-1] / 1e6 if hasattr(result.pairs, "_ends") and len(result.pairs)
-                                   else 0.0)
+    out["pairs' texts on disk"] = getattr(result.pairs, "disk_bytes", 0) / 1e6
     out["n_latents"] = int(width)
     return out
 

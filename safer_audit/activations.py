@@ -36,7 +36,7 @@ from safetensors.torch import save as save_safetensors
 
 from .config import ActivationConfig
 from .errors import CacheError, ConfigError, inert
-from .files import remove_stale_temporaries, write_atomic
+from .files import SpooledRecords, remove_stale_temporaries, write_atomic
 from .keyindex import KeyIndex
 
 CACHE_FORMAT = 2  # 2: shards named by content, not by file bytes
@@ -489,46 +489,25 @@ class SpooledTexts(Sequence):
     """
 
     def __init__(self, directory: Path | None = None):
-        import tempfile
         from array import array
 
-        if directory is not None:
-            Path(directory).mkdir(parents=True, exist_ok=True)
-        self._file = tempfile.TemporaryFile(dir=directory, prefix="texts-")
-        self._ends = array("q")  # byte offset where each text ends in the file
+        self._records = SpooledRecords(directory, prefix="texts-")
         self._starts = array("q")  # response_start of each text
         self._special = bytearray()
 
     def extend(self, texts) -> None:
-        data = bytearray()
-        end = self._ends[-1] if self._ends else 0
+        texts = list(texts)
+        self._records.extend(text.text.encode("utf-8", "surrogatepass") for text in texts)
         for text in texts:
-            encoded = text.text.encode("utf-8", "surrogatepass")
-            data += encoded
-            end += len(encoded)
-            self._ends.append(end)
             self._starts.append(text.response_start)
             self._special.append(1 if text.has_special_tokens else 0)
-        self._file.seek(0, 2)
-        self._file.write(data)
-        self._file.flush()
 
     def __len__(self) -> int:
-        return len(self._ends)
+        return len(self._records)
 
     def _read(self, start: int, stop: int) -> list[PreparedText]:
-        import os
-
-        if stop <= start:
-            return []
-        lo = self._ends[start - 1] if start else 0
-        data = os.pread(self._file.fileno(), self._ends[stop - 1] - lo, lo)
-        out = []
-        for i in range(start, stop):
-            begin, end = (self._ends[i - 1] if i else 0) - lo, self._ends[i] - lo
-            out.append(PreparedText(data[begin:end].decode("utf-8", "surrogatepass"), self._starts[i],
-                                    bool(self._special[i])))
-        return out
+        return [PreparedText(data.decode("utf-8", "surrogatepass"), self._starts[i], bool(self._special[i]))
+                for i, data in enumerate(self._records.read(start, stop), start)]
 
     def __getitem__(self, index):
         if isinstance(index, slice):
@@ -547,7 +526,7 @@ class SpooledTexts(Sequence):
             yield from self._read(start, min(start + SPOOL_READ, len(self)))
 
     def close(self) -> None:
-        self._file.close()
+        self._records.close()
 
 
 class _KeyedTexts(Sequence):

@@ -142,3 +142,48 @@ def remove_stale_temporaries(directory: str | Path, name: str | None = None) -> 
             path.unlink(missing_ok=True)
         removed.append(path)
     return removed
+
+
+class SpooledRecords:
+    """Byte records appended to an unnamed temporary file (deleted when closed or collected) and read back by
+    range with one ``pread``; 8 bytes a record held (where it ends). What SpooledTexts and data.PairTable keep
+    out of the driver's memory (issue 16)."""
+
+    def __init__(self, directory: str | Path | None = None, prefix: str = "records-"):
+        import tempfile
+        from array import array
+
+        if directory is not None:
+            Path(directory).mkdir(parents=True, exist_ok=True)
+        self._file = tempfile.TemporaryFile(dir=directory, prefix=prefix)
+        self._ends = array("q")  # byte offset where each record ends in the file
+
+    def extend(self, records: Iterable[bytes]) -> None:
+        data = bytearray()
+        end = self._ends[-1] if self._ends else 0
+        for record in records:
+            data += record
+            end += len(record)
+            self._ends.append(end)
+        self._file.seek(0, 2)
+        self._file.write(data)
+        self._file.flush()
+
+    def __len__(self) -> int:
+        return len(self._ends)
+
+    @property
+    def size(self) -> int:
+        """Bytes in the file."""
+        return self._ends[-1] if self._ends else 0
+
+    def read(self, start: int, stop: int) -> list[bytes]:
+        """The records ``start`` .. ``stop - 1`` (in range), in one read."""
+        if stop <= start:
+            return []
+        lo = self._ends[start - 1] if start else 0
+        data = os.pread(self._file.fileno(), self._ends[stop - 1] - lo, lo)
+        return [data[(self._ends[i - 1] if i else 0) - lo:self._ends[i] - lo] for i in range(start, stop)]
+
+    def close(self) -> None:
+        self._file.close()

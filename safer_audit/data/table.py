@@ -15,15 +15,13 @@ dicts, streamed), ``take(indices)`` (rows in that order) and ``to_frame()`` (the
 from __future__ import annotations
 
 import json
-import os
-import tempfile
-from array import array
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import polars as pl
 
+from ..files import SpooledRecords
 from .schemas import PAIR_SCHEMA
 
 IN_MEMORY = ("pair_id", "source", "line")  # PAIR_SCHEMA columns kept in memory
@@ -41,10 +39,7 @@ class PairTable:
     """Pairs (``PAIR_SCHEMA``): ids, sources, lines and lengths in memory, the texts in a temporary file."""
 
     def __init__(self, directory: Path | str | None = None):
-        if directory is not None:
-            Path(directory).mkdir(parents=True, exist_ok=True)
-        self._file = tempfile.TemporaryFile(dir=directory, prefix="pairs-")
-        self._ends = array("q")  # byte offset where each pair's record ends in the file
+        self._records = SpooledRecords(directory, prefix="pairs-")  # one JSON array a pair, ON_DISK's columns
         self._frames: list[pl.DataFrame] = []
         self._table: pl.DataFrame | None = None
 
@@ -61,18 +56,10 @@ class PairTable:
 
     def extend(self, columns: dict[str, list]) -> None:
         """Add pairs given as ``PAIR_SCHEMA`` columns of equal length (a batch of data.load_pairs' rows)."""
-        data = bytearray()
-        end = self._ends[-1] if self._ends else 0
         rows = zip(*(columns[name] for name in ON_DISK), strict=True)
-        for context, chosen, rejected, chosen_messages, rejected_messages in rows:
-            record = json.dumps([context, chosen, rejected, _messages(chosen_messages),
-                                 _messages(rejected_messages)]).encode("ascii")
-            data += record
-            end += len(record)
-            self._ends.append(end)
-        self._file.seek(0, 2)
-        self._file.write(data)
-        self._file.flush()
+        self._records.extend(json.dumps([context, chosen, rejected, _messages(chosen_messages),
+                                         _messages(rejected_messages)]).encode("ascii")
+                             for context, chosen, rejected, chosen_messages, rejected_messages in rows)
         frame = {name: columns[name] for name in IN_MEMORY}
         frame["chosen_chars"] = [len(text) for text in columns["chosen"]]
         frame["rejected_chars"] = [len(text) for text in columns["rejected"]]
@@ -95,7 +82,12 @@ class PairTable:
         return list(PAIR_SCHEMA)
 
     def __len__(self) -> int:
-        return len(self._ends)
+        return len(self._records)
+
+    @property
+    def disk_bytes(self) -> int:
+        """The size of the texts' file."""
+        return self._records.size
 
     def __getitem__(self, name: str) -> pl.Series:
         """A column: from memory, or (a texts column) read whole from the file."""
@@ -107,16 +99,8 @@ class PairTable:
             raise KeyError(name)
         return pl.Series(name, [row[name] for row in self.iter_rows()], dtype=PAIR_SCHEMA[name])
 
-    def _records(self, start: int, stop: int) -> list[list]:
-        if stop <= start:
-            return []
-        lo = self._ends[start - 1] if start else 0
-        data = os.pread(self._file.fileno(), self._ends[stop - 1] - lo, lo)
-        out = []
-        for i in range(start, stop):
-            begin, end = (self._ends[i - 1] if i else 0) - lo, self._ends[i] - lo
-            out.append(json.loads(data[begin:end]))
-        return out
+    def _texts(self, start: int, stop: int) -> list[list]:
+        return [json.loads(record) for record in self._records.read(start, stop)]
 
     def _rows(self, slim: pl.DataFrame, records: Iterable[list]) -> list[dict[str, Any]]:
         out = []
@@ -131,7 +115,7 @@ class PairTable:
         start, stop = max(0, start), min(stop, len(self))
         if stop <= start:
             return []
-        return self._rows(self.table.slice(start, stop - start), self._records(start, stop))
+        return self._rows(self.table.slice(start, stop - start), self._texts(start, stop))
 
     def take(self, indices: Sequence[int]) -> list[dict[str, Any]]:
         """The rows ``indices``, in that order (a read a row)."""
@@ -139,7 +123,7 @@ class PairTable:
         for i in indices:
             if not 0 <= i < len(self):
                 raise IndexError(i)
-        return self._rows(self.table[indices], (self._records(i, i + 1)[0] for i in indices))
+        return self._rows(self.table[indices], (self._texts(i, i + 1)[0] for i in indices))
 
     def iter_rows(self, *, named: bool = True) -> Iterator[dict[str, Any]]:
         """Every row as a dict, in order, READ_ROWS at a time (polars' ``iter_rows(named=True)``)."""
@@ -166,7 +150,7 @@ class PairTable:
         return pl.concat(frames, rechunk=True) if frames else pl.DataFrame(schema=PAIR_SCHEMA)
 
     def close(self) -> None:
-        self._file.close()
+        self._records.close()
 
 
 def response_lengths(pairs) -> tuple[list[int], list[int]]:
