@@ -27,6 +27,7 @@ from .schemas import PAIR_SCHEMA
 IN_MEMORY = ("pair_id", "source", "line")  # PAIR_SCHEMA columns kept in memory
 ON_DISK = tuple(name for name in PAIR_SCHEMA if name not in IN_MEMORY)  # one JSON array a pair, in this order
 LENGTHS = {"chosen_chars": pl.Int64, "rejected_chars": pl.Int64}  # the final responses' lengths in characters
+TABLE_SCHEMA = {**{name: PAIR_SCHEMA[name] for name in IN_MEMORY}, **LENGTHS}  # what is kept in memory
 READ_ROWS = 4096  # rows read back in one pread when the table is iterated
 
 
@@ -63,17 +64,14 @@ class PairTable:
         frame = {name: columns[name] for name in IN_MEMORY}
         frame["chosen_chars"] = [len(text) for text in columns["chosen"]]
         frame["rejected_chars"] = [len(text) for text in columns["rejected"]]
-        schema = {**{name: PAIR_SCHEMA[name] for name in IN_MEMORY}, **LENGTHS}
-        self._frames.append(pl.DataFrame(frame, schema=schema))
+        self._frames.append(pl.DataFrame(frame, schema=TABLE_SCHEMA))
         self._table = None
 
     @property
     def table(self) -> pl.DataFrame:
         """What is kept in memory: pair_id, source, line, chosen_chars and rejected_chars."""
         if self._table is None:
-            schema = {**{name: PAIR_SCHEMA[name] for name in IN_MEMORY}, **LENGTHS}
-            self._table = (pl.concat(self._frames, rechunk=True) if self._frames
-                           else pl.DataFrame(schema=schema))
+            self._table = pl.concat(self._frames, rechunk=True) if self._frames else pl.DataFrame(schema=TABLE_SCHEMA)
             self._frames = [self._table]
         return self._table
 
