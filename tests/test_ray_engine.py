@@ -270,3 +270,56 @@ def test_a_ray_scan_encodes_only_the_missing_codes_into_the_local_engines_blocks
     assert ranking(on_ray.report) == ranking(local)
     assert scores(on_ray.report) == scores(local)
     assert not list(cache.glob("activations/*/ray-plans/*"))
+
+
+def test_a_worker_killed_during_the_sae_pass_loses_only_its_chunk(cluster, local_scan, tiny_llama_dir, data_file,
+                                                                   tmp_path):
+    """Every code block of a local scan is lost: the Ray SAE pass encodes them all, one of its workers is
+    killed while it holds a chunk, Ray restarts it and retries that chunk, and the report is the local one."""
+    import json
+    import shutil
+
+    import safer_audit.engine.ray as engine
+    from safer_audit.engine.ray import LAST_ENCODING
+
+    local, local_cache = local_scan
+    cache = tmp_path / "cache"
+    shutil.copytree(local_cache, cache)
+    [codes_dir] = [d for d in cache.glob("activations/*/codes/*")
+                   if "dtype" not in json.loads((d.parent.parent / "config.json").read_text())]
+    shutil.rmtree(codes_dir)  # blocks and summary: the whole SAE pass runs on the workers
+    signals = tmp_path / "signals"
+    signals.mkdir()
+
+    class StallingCodeWorker(engine.CodeWorker):
+        """Holds chunk 1 until the test has killed this process once, then encodes it."""
+
+        def __call__(self, rows):
+            if 1 in [int(chunk) for chunk in rows["chunk"]] and not (signals / "killed").exists():
+                (signals / "pid").write_text(str(os.getpid()))
+                for _ in range(600):  # the test kills us within a second or two
+                    time.sleep(0.1)
+            return super().__call__(rows)
+
+    def killer():
+        for _ in range(1200):
+            if (signals / "pid").exists():
+                (signals / "killed").write_text("")
+                os.kill(int((signals / "pid").read_text()), signal.SIGKILL)
+                return
+            time.sleep(0.05)
+
+    original, engine.CodeWorker = engine.CodeWorker, StallingCodeWorker
+    thread = threading.Thread(target=killer)
+    thread.start()
+    try:
+        on_ray = run_scan(str(data_file), config(tiny_llama_dir, cache, engine="ray", ray_workers=2))
+    finally:
+        engine.CodeWorker = original
+        thread.join()
+    assert (signals / "killed").exists()  # a worker died mid-pass
+    assert on_ray.store.n_forward_texts == 0 and on_ray.stats.n_encoded == LAST_ENCODING["texts"] == 80
+    assert LAST_ENCODING["chunks"] > 2
+    assert ranking(on_ray.report) == ranking(local)
+    assert scores(on_ray.report) == scores(local)
+    assert not list(cache.glob("activations/*/ray-plans/*"))

@@ -27,7 +27,8 @@ with the dataset.
 
 Faults: actors restart (``max_restarts=-1``) and their tasks are retried
 (``max_task_retries=-1``), so a killed worker loses its in-flight shard or chunk only, which the
-restarted actor computes again to the same result. Shards and blocks are written atomically; an
+restarted actor computes again to the same result (tests/test_ray_engine.py kills a worker in each
+job). Shards and blocks are written atomically; an
 interrupted driver leaves every finished one, and a re-run (on either engine) computes only what
 is missing.
 
