@@ -11,6 +11,7 @@ import os
 import signal
 import threading
 import time
+from contextlib import contextmanager
 from dataclasses import replace
 
 import pytest
@@ -81,6 +82,34 @@ def block_contents(data: bytes) -> tuple[dict, dict]:
              for name, t in tensors.items()})
 
 
+def stall_until_killed(signals) -> None:
+    """In a worker: the first time only, say which process this is and wait for the test to kill it."""
+    if not (signals / "killed").exists():
+        (signals / "pid").write_text(str(os.getpid()))
+        for _ in range(600):  # the test kills us within a second or two
+            time.sleep(0.1)
+
+
+@contextmanager
+def killing_once(signals):
+    """While the block runs: SIGKILL, once, the worker that wrote its pid to ``signals``."""
+
+    def killer():
+        for _ in range(1200):
+            if (signals / "pid").exists():
+                (signals / "killed").write_text("")
+                os.kill(int((signals / "pid").read_text()), signal.SIGKILL)
+                return
+            time.sleep(0.05)
+
+    thread = threading.Thread(target=killer)
+    thread.start()
+    try:
+        yield
+    finally:
+        thread.join()
+
+
 @pytest.fixture(scope="module")
 def local_scan(tiny_llama_dir, data_file, tmp_path_factory):
     """The uninterrupted local-engine scan every Ray run must reproduce."""
@@ -132,28 +161,16 @@ def test_resume_across_engines_with_a_killed_worker(cluster, local_scan, tiny_ll
         """Holds its second shard until the test has killed this process once, then computes it."""
 
         def compute(self, shard, batches):
-            if shard == 1 and not (signals / "killed").exists():
-                (signals / "pid").write_text(str(os.getpid()))
-                for _ in range(600):  # the test kills us within a second or two
-                    time.sleep(0.1)
+            if shard == 1:
+                stall_until_killed(signals)
             return super().compute(shard, batches)
 
-    def killer():
-        for _ in range(1200):
-            if (signals / "pid").exists():
-                (signals / "killed").write_text("")
-                os.kill(int((signals / "pid").read_text()), signal.SIGKILL)
-                return
-            time.sleep(0.05)
-
     original, engine.ShardWorker = engine.ShardWorker, StallingWorker
-    thread = threading.Thread(target=killer)
-    thread.start()
     try:
-        resumed = run_scan(str(data_file), config(tiny_llama_dir, cache, engine="ray", ray_workers=2))
+        with killing_once(signals):
+            resumed = run_scan(str(data_file), config(tiny_llama_dir, cache, engine="ray", ray_workers=2))
     finally:
         engine.ShardWorker = original
-        thread.join()
     assert (signals / "killed").exists()  # a worker died mid-job
     assert 0 < resumed.store.n_forward_texts < 80
     assert ranking(resumed.report) == ranking(local)
@@ -295,28 +312,16 @@ def test_a_worker_killed_during_the_sae_pass_loses_only_its_chunk(cluster, local
         """Holds chunk 1 until the test has killed this process once, then encodes it."""
 
         def __call__(self, rows):
-            if 1 in [int(chunk) for chunk in rows["chunk"]] and not (signals / "killed").exists():
-                (signals / "pid").write_text(str(os.getpid()))
-                for _ in range(600):  # the test kills us within a second or two
-                    time.sleep(0.1)
+            if 1 in [int(chunk) for chunk in rows["chunk"]]:
+                stall_until_killed(signals)
             return super().__call__(rows)
 
-    def killer():
-        for _ in range(1200):
-            if (signals / "pid").exists():
-                (signals / "killed").write_text("")
-                os.kill(int((signals / "pid").read_text()), signal.SIGKILL)
-                return
-            time.sleep(0.05)
-
     original, engine.CodeWorker = engine.CodeWorker, StallingCodeWorker
-    thread = threading.Thread(target=killer)
-    thread.start()
     try:
-        on_ray = run_scan(str(data_file), config(tiny_llama_dir, cache, engine="ray", ray_workers=2))
+        with killing_once(signals):
+            on_ray = run_scan(str(data_file), config(tiny_llama_dir, cache, engine="ray", ray_workers=2))
     finally:
         engine.CodeWorker = original
-        thread.join()
     assert (signals / "killed").exists()  # a worker died mid-pass
     assert on_ray.store.n_forward_texts == 0 and on_ray.stats.n_encoded == LAST_ENCODING["texts"] == 80
     assert LAST_ENCODING["chunks"] > 2
