@@ -140,7 +140,8 @@ def test_ray_engine_gives_the_local_report_and_the_same_shards(cluster, local_sc
     assert len(code_shards(tmp_path)) == LAST_ENCODING["chunks"] == sum(LAST_ENCODING["workers"].values())
 
 
-def test_resume_across_engines_with_a_killed_worker(cluster, local_scan, tiny_llama_dir, data_file, tmp_path):
+def test_resume_across_engines_with_a_killed_worker(cluster, local_scan, tiny_llama_dir, data_file, tmp_path,
+                                                    monkeypatch):
     """The local engine computes a prefix (as if interrupted); Ray does the rest, and one of its
     workers is killed mid-shard; the report equals the uninterrupted one, and the local engine
     then finds everything in the cache."""
@@ -165,12 +166,9 @@ def test_resume_across_engines_with_a_killed_worker(cluster, local_scan, tiny_ll
                 stall_until_killed(signals)
             return super().compute(shard, batches)
 
-    original, engine.ShardWorker = engine.ShardWorker, StallingWorker
-    try:
-        with killing_once(signals):
-            resumed = run_scan(str(data_file), config(tiny_llama_dir, cache, engine="ray", ray_workers=2))
-    finally:
-        engine.ShardWorker = original
+    monkeypatch.setattr(engine, "ShardWorker", StallingWorker)
+    with killing_once(signals):
+        resumed = run_scan(str(data_file), config(tiny_llama_dir, cache, engine="ray", ray_workers=2))
     assert (signals / "killed").exists()  # a worker died mid-job
     assert 0 < resumed.store.n_forward_texts < 80
     assert ranking(resumed.report) == ranking(local)
@@ -290,7 +288,7 @@ def test_a_ray_scan_encodes_only_the_missing_codes_into_the_local_engines_blocks
 
 
 def test_a_worker_killed_during_the_sae_pass_loses_only_its_chunk(cluster, local_scan, tiny_llama_dir, data_file,
-                                                                   tmp_path):
+                                                                   tmp_path, monkeypatch):
     """Every code block of a local scan is lost: the Ray SAE pass encodes them all, one of its workers is
     killed while it holds a chunk, Ray restarts it and retries that chunk, and the report is the local one."""
     import json
@@ -316,12 +314,9 @@ def test_a_worker_killed_during_the_sae_pass_loses_only_its_chunk(cluster, local
                 stall_until_killed(signals)
             return super().__call__(rows)
 
-    original, engine.CodeWorker = engine.CodeWorker, StallingCodeWorker
-    try:
-        with killing_once(signals):
-            on_ray = run_scan(str(data_file), config(tiny_llama_dir, cache, engine="ray", ray_workers=2))
-    finally:
-        engine.CodeWorker = original
+    monkeypatch.setattr(engine, "CodeWorker", StallingCodeWorker)
+    with killing_once(signals):
+        on_ray = run_scan(str(data_file), config(tiny_llama_dir, cache, engine="ray", ray_workers=2))
     assert (signals / "killed").exists()  # a worker died mid-pass
     assert on_ray.store.n_forward_texts == 0 and on_ray.stats.n_encoded == LAST_ENCODING["texts"] == 80
     assert LAST_ENCODING["chunks"] > 2
