@@ -239,8 +239,7 @@ class ActivationCache:
 
     def verify(self, keys: Sequence[str]) -> list[str]:
         """Keys whose shard is missing or corrupt (their entries are dropped, to recompute)."""
-        paths, shards, _rows = self.index.locate(keys)
-        for shard in sorted({paths[n] for n in np.unique(shards[shards >= 0]).tolist()} - self._verified):
+        for shard in sorted(self.index.shards_of(keys) - self._verified):
             self.load_shard(shard)
         self._loaded = {}
         return self.index.missing(keys)

@@ -85,9 +85,9 @@ class KeyIndex(Mapping):
         """Every key's (shard number, row), -1 for a key not indexed, and the paths shard numbers refer to."""
         at = self._find(_as_bytes(keys))
         found = at >= 0
-        shards = np.where(found, self._shards[np.where(found, at, 0)] if len(self._keys) else -1, -1)
-        rows = np.where(found, self._rows[np.where(found, at, 0)] if len(self._keys) else -1, -1)
-        return self._paths, shards.astype(np.int64), rows.astype(np.int64)
+        shards, rows = np.full(len(at), -1, dtype=np.int64), np.full(len(at), -1, dtype=np.int64)
+        shards[found], rows[found] = self._shards[at[found]], self._rows[at[found]]
+        return self._paths, shards, rows
 
     def missing(self, keys: Sequence[str]) -> list[str]:
         """The keys not indexed, in order."""
@@ -111,7 +111,7 @@ class KeyIndex(Mapping):
         self._merge()
         return (key.decode("ascii") for key in self._keys.tolist())
 
-    def shards(self) -> set[Path]:
-        """The shards that hold at least one indexed key."""
-        self._merge()
-        return {self._paths[n] for n in np.unique(self._shards).tolist()}
+    def shards_of(self, keys: Sequence[str]) -> set[Path]:
+        """The shards that hold the indexed ones of ``keys``."""
+        paths, shards, _rows = self.locate(keys)
+        return {paths[n] for n in np.unique(shards[shards >= 0]).tolist()}

@@ -39,7 +39,8 @@ def test_it_answers_as_the_dict_with_setdefault_did():
     got = [(paths[s], r) if s >= 0 else None for s, r in zip(shards_of.tolist(), rows.tolist(), strict=True)]
     assert got == [reference.get(k) for k in asked]
     assert index.missing(asked) == [key(9), key(9)]
-    assert index.shards() == {Path("a"), Path("b"), Path("d")}
+    assert index.shards_of(list(index)) == {Path("a"), Path("b"), Path("d")}
+    assert index.shards_of([key(4), key(9), "short"]) == {Path("b"), Path("d")}
 
 
 def test_a_dropped_shard_is_forgotten():

@@ -75,10 +75,6 @@ class PairTable:
             self._frames = [self._table]
         return self._table
 
-    @property
-    def columns(self) -> list[str]:
-        return list(PAIR_SCHEMA)
-
     def __len__(self) -> int:
         return len(self._records)
 
