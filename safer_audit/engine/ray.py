@@ -104,7 +104,6 @@ class ShardWorker:
         self.want_score = want_score
         self.backend = load_backend(config)
         self.cache = ActivationCache(config.cache_dir, cache_key, dtype=config.cache_dtype, index=False)
-        self.pid = os.getpid()
 
     def compute(self, shard: int, batches: list) -> int:
         items = [[(key, PreparedText(text, start, bool(special))) for key, text, start, special in batch]
@@ -116,14 +115,11 @@ class ShardWorker:
 
     def __call__(self, rows: dict) -> dict:
         import numpy as np
-        import ray
 
-        node = ray.get_runtime_context().get_node_id()
         done = [self.compute(int(shard), read_plan(self.plan, int(offset), int(length)))
                 for shard, offset, length in zip(rows["shard"], rows["offset"], rows["length"], strict=True)]
         return {"shard": np.asarray(rows["shard"]), "texts": np.asarray(done, dtype=np.int64),
-                "peak_rss_mb": np.full(len(done), peak_rss_mb()),
-                "pid": np.full(len(done), self.pid, dtype=np.int64), "node": np.asarray([node] * len(done))}
+                **_worker_columns(len(done))}
 
 
 def default_workers(ray) -> tuple[int, float]:
@@ -143,6 +139,42 @@ def peak_rss_mb() -> float:
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _worker_columns(n: int) -> dict:
+    """What every worker reports with each of its ``n`` result rows: its peak RSS, pid and node."""
+    import numpy as np
+    import ray
+
+    node = ray.get_runtime_context().get_node_id()
+    return {"peak_rss_mb": np.full(n, peak_rss_mb()), "pid": np.full(n, os.getpid(), dtype=np.int64),
+            "node": np.asarray([node] * n)}
+
+
+def _map_plan(config: ActivationConfig, worker_class, name: str, spans: list[tuple[int, int]], kwargs,
+              run: dict) -> Iterator[dict]:
+    """Run the plan file's parts ``spans`` through an actor pool of ``worker_class`` (a Ray row
+    ``{name, offset, length}`` each, ``kwargs(gpus)`` its constructor's arguments); yields each result row
+    after counting it in ``run`` (``run[name + "s"]``, the workers, the nodes and the workers' peak RSS)."""
+    ray = connect(config.ray_address)
+    workers, gpus = default_workers(ray)
+    workers = config.ray_workers or workers
+    rows = [{name: n, "offset": offset, "length": length} for n, (offset, length) in enumerate(spans)]
+    run["plan_bytes"] = sum(length for _, length in spans)
+    dataset = ray.data.from_items(rows, override_num_blocks=max(1, len(rows)))
+    results = dataset.map_batches(
+        worker_class, batch_size=1, batch_format="numpy",
+        # Ray Data's actor pools restart a killed actor and retry its tasks (max_restarts=-1,
+        # max_task_retries=-1 by default): a killed worker loses its in-flight row only
+        compute=ray.data.ActorPoolStrategy(size=min(workers, len(rows))),
+        num_cpus=1, num_gpus=gpus or None, fn_constructor_kwargs=kwargs(gpus))
+    for row in results.iter_rows():
+        run[name + "s"] += 1
+        run["workers"][int(row["pid"])] = run["workers"].get(int(row["pid"]), 0) + 1
+        run["nodes"][str(row["node"])] = run["nodes"].get(str(row["node"]), 0) + 1
+        run["worker_peak_rss"] = max(run.get("worker_peak_rss", 0.0), float(row["peak_rss_mb"]))
+        run["worker_peaks"].append(run["worker_peak_rss"])
+        yield row
 
 
 @contextmanager
@@ -203,10 +235,6 @@ def compute_shards_on_ray(texts: list[tuple[str, PreparedText]], shards: list[li
     """
     import json
 
-    ray = connect(config.ray_address)
-    workers, gpus = default_workers(ray)
-    if config.ray_workers:
-        workers = config.ray_workers
     total = sum(len(batch) for shard in shards for batch in shard)
     key = cache.directory.name
 
@@ -224,27 +252,11 @@ def compute_shards_on_ray(texts: list[tuple[str, PreparedText]], shards: list[li
     run = {"texts": 0, "shards": 0, "workers": {}, "nodes": {}, "worker_peaks": []}
     started = time.perf_counter()
     with plan_file(cache.directory, parts()) as (plan, spans):
-        rows = [{"shard": n, "offset": offset, "length": length} for n, (offset, length) in enumerate(spans)]
-        run["plan_bytes"] = sum(length for _, length in spans)
-        dataset = ray.data.from_items(rows, override_num_blocks=max(1, len(rows)))
-        computed = dataset.map_batches(
-            worker_class or ShardWorker, batch_size=1, batch_format="numpy",
-            # Ray Data's actor pools restart a killed actor and retry its tasks (max_restarts=-1,
-            # max_task_retries=-1 by default): a killed worker loses its in-flight shard only
-            compute=ray.data.ActorPoolStrategy(size=min(workers, len(rows))),
-            num_cpus=1, num_gpus=gpus or None, fn_constructor_kwargs={
-                "config": config, "layer": layer, "want_score": want_score, "cache_key": key, "plan": str(plan)})
-        done = 0
-        for row in computed.iter_rows():
-            done += int(row["texts"])
-            run["shards"] += 1
-            run["workers"][int(row["pid"])] = run["workers"].get(int(row["pid"]), 0) + 1
-            run["nodes"][str(row["node"])] = run["nodes"].get(str(row["node"]), 0) + 1
-            run["worker_peak_rss"] = max(run.get("worker_peak_rss", 0.0), float(row["peak_rss_mb"]))
-            run["worker_peaks"].append(run["worker_peak_rss"])
+        kwargs = {"config": config, "layer": layer, "want_score": want_score, "cache_key": key, "plan": str(plan)}
+        for row in _map_plan(config, worker_class or ShardWorker, "shard", spans, lambda gpus: kwargs, run):
+            run["texts"] += int(row["texts"])
             if progress is not None:
-                progress(done, total)
-    run["texts"] = done
+                progress(run["texts"], total)
     run["seconds"] = time.perf_counter() - started
     LAST_RUN.clear()
     LAST_RUN.update(run)
@@ -275,7 +287,6 @@ class CodeWorker:
         self.activations = ActivationCache(directory.parent.parent, directory.name, dtype=cache_dtype, index=False)
         self.codes = CodeCache(Path(codes), index=False)
         self.plan = plan
-        self.pid = os.getpid()
 
     def encode(self, chunk: dict) -> tuple[int, str]:
         """Encode one planned chunk; (texts encoded, the block's file name), or (0, "") when its activation
@@ -292,14 +303,11 @@ class CodeWorker:
 
     def __call__(self, rows: dict) -> dict:
         import numpy as np
-        import ray
 
-        node = ray.get_runtime_context().get_node_id()
         done = [self.encode(read_plan(self.plan, int(offset), int(length)))
                 for offset, length in zip(rows["offset"], rows["length"], strict=True)]
         return {"chunk": np.asarray(rows["chunk"]), "texts": np.asarray([n for n, _ in done], dtype=np.int64),
-                "file": np.asarray([name for _, name in done]), "peak_rss_mb": np.full(len(done), peak_rss_mb()),
-                "pid": np.full(len(done), self.pid, dtype=np.int64), "node": np.asarray([node] * len(done))}
+                "file": np.asarray([name for _, name in done]), **_worker_columns(len(done))}
 
 
 def encode_on_ray(store, sae, cache: CodeCache, config: ActivationConfig, progress=None) -> int:
@@ -321,9 +329,6 @@ def encode_on_ray(store, sae, cache: CodeCache, config: ActivationConfig, progre
     if not missing:
         return 0
     ray = connect(config.ray_address)
-    workers, gpus = default_workers(ray)
-    if config.ray_workers:
-        workers = config.ray_workers
     sub = ActivationStore(store.cache, missing, store.d_model, store.backend_identity)
     plan = sub.chunk_plan()
     del sub
@@ -341,22 +346,10 @@ def encode_on_ray(store, sae, cache: CodeCache, config: ActivationConfig, progre
     unseen: list[str] = []
     try:
         with plan_file(cache.directory, parts()) as (path, spans):
-            rows = [{"chunk": n, "offset": offset, "length": length} for n, (offset, length) in enumerate(spans)]
-            run["plan_bytes"] = sum(length for _, length in spans)
-            dataset = ray.data.from_items(rows, override_num_blocks=max(1, len(rows)))
-            encoded = dataset.map_batches(
-                CodeWorker, batch_size=1, batch_format="numpy",
-                compute=ray.data.ActorPoolStrategy(size=min(workers, len(rows))),  # killed actors restart
-                num_cpus=1, num_gpus=gpus or None, fn_constructor_kwargs={
-                    "sae_ref": [sae_ref], "activations": str(store.cache.directory), "codes": str(cache.directory),
-                    "cache_dtype": config.cache_dtype, "plan": str(path), "gpus": gpus})
-            for row in encoded.iter_rows():
+            kwargs = {"sae_ref": [sae_ref], "activations": str(store.cache.directory), "codes": str(cache.directory),
+                      "cache_dtype": config.cache_dtype, "plan": str(path)}
+            for row in _map_plan(config, CodeWorker, "chunk", spans, lambda gpus: {**kwargs, "gpus": gpus}, run):
                 run["texts"] += int(row["texts"])
-                run["chunks"] += 1
-                run["workers"][int(row["pid"])] = run["workers"].get(int(row["pid"]), 0) + 1
-                run["nodes"][str(row["node"])] = run["nodes"].get(str(row["node"]), 0) + 1
-                run["worker_peak_rss"] = max(run.get("worker_peak_rss", 0.0), float(row["peak_rss_mb"]))
-                run["worker_peaks"].append(run["worker_peak_rss"])
                 if str(row["file"]) and not cache.index_shard(cache.directory / str(row["file"])):
                     unseen.append(str(row["file"]))
                 if progress is not None:
