@@ -213,17 +213,21 @@ def read_data(source: str, config: ScanConfig, *, spool: bool = False):
 TEXTS_BATCH = 4096  # pairs whose messages are turned into Python objects at a time to render their texts
 
 
-def rendered_texts(pairs: PairTable, backend, directory: Path | None = None) -> SpooledTexts:
+def rendered_texts(pairs: PairTable | pl.DataFrame, backend, directory: Path | None = None) -> SpooledTexts:
     """``pair_texts`` a range of pairs at a time (the messages columns of every pair as Python lists of
     dicts at once peaked at ~9 KB a pair), into an unnamed temporary file in ``directory`` (SpooledTexts:
     held as strings for the whole scan they were ~1.4 KB a pair; issue 16)."""
     texts = SpooledTexts(directory)
-    for rows in pairs.slices(TEXTS_BATCH):
-        texts.extend(pair_texts(rows, backend))
+    if isinstance(pairs, PairTable):
+        for rows in pairs.slices(TEXTS_BATCH):
+            texts.extend(pair_texts(rows, backend))
+        return texts
+    for start in range(0, len(pairs), TEXTS_BATCH):
+        texts.extend(pair_texts(pairs.slice(start, TEXTS_BATCH), backend))
     return texts
 
 
-def _activations_for(pairs: PairTable, backend, config: ScanConfig, steps, label: str, *, lazy: bool = False):
+def _activations_for(pairs: PairTable | pl.DataFrame, backend, config: ScanConfig, steps, label: str, *, lazy: bool = False):
     texts = rendered_texts(pairs, backend, config.activations.cache_dir)
     with steps(label, "pairs", scale=0.5) as update:
         store = extract_activations(texts, backend, config.activations, progress=update, lazy=lazy)
