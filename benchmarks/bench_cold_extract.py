@@ -25,8 +25,9 @@ def main() -> int:
     args = parser.parse_args()
 
     import safer_audit
-    from safer_audit.activations import extract_activations, load_backend, pair_texts
     from safer_audit.config import ActivationConfig
+    from safer_audit.model.activations import extract_activations, load_backend
+    from safer_audit.model.texts import pair_texts
 
     pairs = read_pairs(args)
     with tempfile.TemporaryDirectory() as cache_dir:

@@ -16,7 +16,7 @@ remains (chosen minus rejected, columns scaled as scoring.cross_fitted_margins d
 The figure is held-out pairwise accuracy: the share of held-out pairs the head scores
 chosen above rejected. Ratio 0 (all train pairs, none flipped) is the baseline.
 
-``--profile thorough`` scans the train part with both models (safer_audit.profiles: MiniLM and
+``--profile thorough`` scans the train part with both models (safer_audit.pipeline.profiles: MiniLM and
 SmolLM2) and adds their selectors: each of SmolLM2's judges, the fast ranking (MiniLM's judges
 alone), the thorough ranking (the mean percentile rank of every model's judges) and the
 cross-fitted stack (lowest stacked margin first; poison: highest). The head refitted after the
@@ -66,7 +66,7 @@ def take(order: torch.Tensor, ratio: float) -> torch.Tensor:
 def heldout_accuracy(train_diffs: torch.Tensor, heldout_diffs: torch.Tensor, l2: float) -> float:
     """Fit a Bradley-Terry head on ``train_diffs`` (chosen - rejected rows) and return the
     share of held-out rows it scores above 0, i.e. chosen above rejected."""
-    from safer_audit.scoring import fit_bradley_terry
+    from safer_audit.scoring.heads import fit_bradley_terry
 
     # the same column scaling as scoring.cross_fitted_margins, from the train rows only
     scale = train_diffs.pow(2).mean(0).sqrt().clamp(min=1e-8)
@@ -108,9 +108,10 @@ def markdown_table(per_seed: list[dict[str, dict[str, float]]], baselines: list[
 def run_seed(pairs, seed: int, backend, activations, margin_l2: float, profile: str = "fast") -> dict:
     """One split: scan the train part (with every model of ``profile``), then every selector at every
     ratio, for both experiments."""
-    from safer_audit.activations import extract_activations, pair_texts
     from safer_audit.config import ScanConfig
-    from safer_audit.scan import scan_pairs
+    from safer_audit.model.activations import extract_activations
+    from safer_audit.model.texts import pair_texts
+    from safer_audit.pipeline.scan import scan_pairs
 
     train_idx, heldout_idx = split_indices(len(pairs), HELDOUT_FRACTION, seed)
     train, heldout = pairs[train_idx.tolist()], pairs[heldout_idx.tolist()]
@@ -122,7 +123,7 @@ def run_seed(pairs, seed: int, backend, activations, margin_l2: float, profile: 
     else:
         from dataclasses import replace
 
-        from safer_audit.profiles import scan_profile
+        from safer_audit.pipeline.scan import scan_profile
 
         config = replace(config, profile=profile, labeller="none", labeller_options={})  # labels feed no selector
         result = scan_profile(train, config, source=source, backend=backend, labels=False)
@@ -165,9 +166,9 @@ def thorough_orders(result, config, *, highest: bool) -> dict[str, torch.Tensor]
     first, the fast ranking (MiniLM's judges alone) and the stack's lowest margin first (the pairs
     whose rejected response the stack likes most); the thorough ranking is ``suspicion``. Poison
     (``highest=True``): SmolLM2's judges and the stack highest first (the surest pairs flipped)."""
-    from safer_audit.profiles import profile_weights
-    from safer_audit.scan import ranking_weights
-    from safer_audit.scoring import stack_judges, suspicion
+    from safer_audit.pipeline.profiles import profile_weights
+    from safer_audit.scoring.ranks import suspicion
+    from safer_audit.scoring.stack import ranking_weights, stack_judges
 
     signals = result.signals
     weights = profile_weights(config, list(result.models))
@@ -194,7 +195,7 @@ def plot(runs: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from safer_audit.files import write_atomic
+    from safer_audit.common.files import write_atomic
 
     baselines = [run["baseline"] for run in runs]
     figure, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
@@ -252,7 +253,7 @@ def main() -> int:
     parser.add_argument("--cache-dir", type=Path, default=Path("/tmp/safer-audit-bench-cache"),
                         help="activation and SAE cache, shared by every seed")
     parser.add_argument("--profile", choices=["fast", "thorough"], default="fast",
-                        help="models the train part is scanned with (safer_audit.profiles); thorough adds "
+                        help="models the train part is scanned with (safer_audit.pipeline.profiles); thorough adds "
                              "SmolLM2's judges, the fast ranking and the stack as selectors")
     parser.add_argument("--json", type=Path, default=None, help="write the raw numbers here")
     parser.add_argument("--plot", type=Path, default=None, help="write the PNG figure here")
@@ -272,11 +273,11 @@ def main() -> int:
             plot(runs, args.plot)
         return 0
 
-    from safer_audit.activations import load_backend
+    from safer_audit.common.files import write_atomic
     from safer_audit.config import ActivationConfig, ScanConfig
     from safer_audit.data import DataError, load_pairs
-    from safer_audit.files import write_atomic
-    from safer_audit.scan import ScanError
+    from safer_audit.model.activations import load_backend
+    from safer_audit.pipeline.scan import ScanError
 
     try:
         pairs = load_pairs(args.data).pairs

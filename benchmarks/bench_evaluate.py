@@ -1,4 +1,4 @@
-"""Benchmark: flip detection on HH for the candidate defaults, to choose them (issue 6).
+"""Benchmark: flip detection on HH for the candidate defaults, to choose them.
 
     python benchmarks/bench_evaluate.py --choose-seeds 0 1 2 --confirm-seeds 3 4 [--limit N]
 
@@ -12,7 +12,7 @@ seeds; the same table on the confirm seeds shows whether the choice holds.
         --confirm-seeds --positions response [--judge NAME ...]
 
 measures instead every judge, its length-residualised variant and the aggregations (evaluate's
-scorers) under each flip mode (issue 14), with each judge's correlation with the length
+scorers) under each flip mode, with each judge's correlation with the length
 difference, the calibration of the flip probability (the mixture posterior, beside the stack's
 P(rejected is better) it replaced) and the wall time of each mode;
 ``--profile thorough`` adds SmolLM2's judges (``smollm2/NAME``) to the same flipped copies.
@@ -37,13 +37,14 @@ DEFAULT_DATA = ROOT.parent / "shared" / "data" / "hh-rlhf-harmless-base-test.jso
 
 
 def select_variants(result, config):
-    """score_safe and the default ranking with features selected by salience or by safety (issue 12).
+    """score_safe and the default ranking with features selected by salience or by safety.
 
     Safety: the offline labeller rates the top-1024 candidates by |salience| (labels are
     cached by SAE, so later seeds reuse them); those with relevance >= T are kept, up to N.
     """
-    from safer_audit.salience import feature_salience, select_by_safety, select_features
-    from safer_audit.scoring import score_safe, suspicion
+    from safer_audit.features.salience import feature_salience, select_by_safety, select_features
+    from safer_audit.scoring.heads import score_safe
+    from safer_audit.scoring.ranks import suspicion
 
     salience = feature_salience(*result.stats.totals())
     pool = select_features(salience, 1024)
@@ -66,9 +67,10 @@ def select_variants(result, config):
 
 def variants(result, config):
     """Scorer name -> suspicion (higher = more suspicious) from one scan, reusing its codes."""
-    from safer_audit.evaluate import length_suspicion
-    from safer_audit.salience import feature_salience, select_features
-    from safer_audit.scoring import cross_fitted_margins, score_safe, suspicion
+    from safer_audit.features.salience import feature_salience, select_features
+    from safer_audit.scoring.heads import cross_fitted_margins, score_safe
+    from safer_audit.scoring.ranks import suspicion
+    from safer_audit.workflows.evaluate import length_suspicion
 
     salience = feature_salience(*result.stats.totals())
     signals = {}  # name -> signal, low = suspicious
@@ -109,23 +111,23 @@ def main() -> int:
     parser.add_argument("--cache-dir", type=Path, default=Path("/tmp/safer-audit-bench-cache"))
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--select-only", action="store_true",
-                        help="only the feature-selection variants: salience vs safety (issue 12)")
+                        help="only the feature-selection variants: salience vs safety")
     parser.add_argument("--flip-modes", nargs="+", default=None, choices=["uniform", "length", "margin"],
                         help="Measure the judges under these flip modes (evaluate's scorers) instead of the variants.")
     parser.add_argument("--judge", action="append", default=None, help="Judges of the ranking (repeatable).")
     parser.add_argument("--profile", choices=["fast", "thorough"], default="fast",
-                        help="Models the scan reads (safer_audit.profiles): fast = MiniLM, thorough = + SmolLM2.")
+                        help="Models the scan reads (safer_audit.pipeline.profiles): fast = MiniLM, thorough = + SmolLM2.")
     parser.add_argument("--smollm2-layer", type=int, default=None, help="thorough: SmolLM2's layer (default: the profile's)")
     parser.add_argument("--smollm2-positions", default=None, help="thorough: SmolLM2's positions (default: the profile's)")
     args = parser.parse_args()
     if args.flip_modes:
         return judges_main(args)
 
-    from safer_audit.activations import load_backend
     from safer_audit.config import ActivationConfig, ScanConfig
     from safer_audit.data import load_pairs
-    from safer_audit.evaluate import flip_pairs, measure
-    from safer_audit.scan import scan_pairs
+    from safer_audit.model.activations import load_backend
+    from safer_audit.pipeline.scan import scan_pairs
+    from safer_audit.workflows.evaluate import flip_pairs, measure
 
     pairs = load_pairs(args.data).pairs
     if args.limit:
@@ -182,7 +184,7 @@ def main() -> int:
 
 def print_calibration(figures: list[dict[str, float]], flip_rate: float) -> None:
     """The flip probability against the injected flips, mean ± sd over seeds: the mixture posterior
-    (what findings carry since issue 14) beside the stack's P(rejected is better) (what they carried
+    (what findings carry since) beside the stack's P(rejected is better) (what they carried
     before), from the same scans."""
     def cell(key: str) -> str:
         values = [f[key] for f in figures]
@@ -202,10 +204,10 @@ def print_calibration(figures: list[dict[str, float]], flip_rate: float) -> None
 
 def judges_main(args) -> int:
     """Every scorer of ``safer-audit evaluate`` under each flip mode, on the same seeds."""
-    from safer_audit.activations import load_backend
     from safer_audit.config import ActivationConfig, ScanConfig
     from safer_audit.data import load_pairs
-    from safer_audit.evaluate import evaluate
+    from safer_audit.model.activations import load_backend
+    from safer_audit.workflows.evaluate import evaluate
 
     pairs = load_pairs(args.data).pairs
     if args.limit:
@@ -214,7 +216,7 @@ def judges_main(args) -> int:
     base.judges = tuple(args.judge) if args.judge else None
     base.profile = args.profile
     if args.smollm2_layer or args.smollm2_positions:  # measure another layer/positions than the profile's
-        from safer_audit import profiles
+        from safer_audit.pipeline import profiles
 
         model = profiles.SMOLLM2
         model = replace(model, layer=args.smollm2_layer or model.layer,

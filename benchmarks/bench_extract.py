@@ -33,8 +33,9 @@ def main() -> int:
     parser.add_argument("--dump-acts", type=Path, default=None)
     args = parser.parse_args()
 
-    from safer_audit.activations import extract_activations, load_backend, pair_texts
     from safer_audit.config import ActivationConfig
+    from safer_audit.model.activations import extract_activations, load_backend
+    from safer_audit.model.texts import pair_texts
 
     pairs = read_pairs(args)
     n_pairs = len(pairs)

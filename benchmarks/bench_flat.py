@@ -33,9 +33,10 @@ def peak_mb() -> float:
 def one(n_pairs: int, n_latents: int, n_features: int, head_pairs: int) -> dict:
     import torch
 
-    from safer_audit.codes import TextRows
-    from safer_audit.salience import CodeStats, Feature, FeatureSet, _column_summaries, feature_salience
-    from safer_audit.scoring import HeadFit, PairDiffs, cross_fitted_head, score_safe
+    from safer_audit.features.cards import _column_summaries
+    from safer_audit.features.salience import Feature, FeatureSet, feature_salience
+    from safer_audit.sae.stats import CodeStats, TextRows
+    from safer_audit.scoring.heads import HeadFit, PairDiffs, cross_fitted_head, score_safe
 
     torch.manual_seed(0)
     n_texts = 2 * n_pairs

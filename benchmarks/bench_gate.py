@@ -11,7 +11,7 @@ cache, because CI has no cache:
 - gate, unchanged: ``safer-audit gate`` of exactly the baselined pairs;
 - gate, +new: ``safer-audit gate`` of the whole file, i.e. the held-out pairs are new.
 Prints a Markdown table for BENCHMARKS.md, with the sizes of what the baseline commits.
-Targets (issue 7): gate +1% <= 10% of the cold scan; gate unchanged: a few seconds.
+Targets: gate +1% <= 10% of the cold scan; gate unchanged: a few seconds.
 """
 
 from __future__ import annotations

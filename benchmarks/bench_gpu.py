@@ -4,7 +4,7 @@
                                    [--dtype auto|float32|bfloat16] [--layer N]
 
 For the embedded default model (all-MiniLM-L6-v2) and, with ``--model PATH``, a causal model
-(a 1B-class Llama-like directory), runs a cold extraction (safer_audit.activations
+(a 1B-class Llama-like directory), runs a cold extraction (safer_audit.model.activations
 .extract_activations, into an empty cache) on ``cuda`` and reports pairs/s, tokens/s and
 torch.cuda.max_memory_allocated. bfloat16 by default on the GPU (``--dtype auto``), batches by
 ``--batch-tokens`` padded tokens. Prints a Markdown table for BENCHMARKS.md. Exits with status 2
@@ -24,8 +24,9 @@ from _common import bench_parser, read_pairs
 def measure(pairs, model: str | None, args) -> dict:
     import torch
 
-    from safer_audit.activations import extract_activations, load_backend, pair_texts
     from safer_audit.config import ActivationConfig
+    from safer_audit.model.activations import extract_activations, load_backend
+    from safer_audit.model.texts import pair_texts
 
     with tempfile.TemporaryDirectory() as cache_dir:
         config = ActivationConfig(model=model, device="cuda", dtype=args.dtype, batch_tokens=args.batch_tokens,

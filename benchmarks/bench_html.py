@@ -1,4 +1,4 @@
-"""Screenshot check of the HTML report in headless Chromium, at 1400 and 390 px wide (issue 13).
+"""Screenshot check of the HTML report in headless Chromium, at 1400 and 390 px wide.
 
     python benchmarks/bench_html.py [--report report.json] [--out DIR] [--cache-dir DIR]
 
@@ -138,7 +138,7 @@ def check_page(page: Path, chromium: str, out: Path, widths=MEASURED) -> dict[in
 
 def scan_sample_report(cache_dir: Path | None):
     from safer_audit.config import ActivationConfig, ScanConfig
-    from safer_audit.scan import run_scan
+    from safer_audit.pipeline.scan import run_scan
 
     os.chdir(ROOT)  # the report names the sample relative to the working directory
     activations = ActivationConfig(cache_dir=cache_dir) if cache_dir else ActivationConfig()
@@ -155,7 +155,7 @@ def main() -> None:
     import json
 
     from safer_audit.backends.exporters import render_html
-    from safer_audit.report import Report
+    from safer_audit.report.types import Report
 
     chromium = find_chromium()
     if chromium is None:

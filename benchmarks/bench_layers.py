@@ -1,4 +1,4 @@
-"""Benchmark: which layer and positions of a model separate chosen from rejected best (issue 14).
+"""Benchmark: which layer and positions of a model separate chosen from rejected best.
 
     python benchmarks/bench_layers.py --model smollm2 --layers 4 8 12 16 20 --limit 600 [--seeds 0 1 2 3 4]
 
@@ -32,7 +32,7 @@ class _Stop(Exception):
 
 def pooled_layers(texts, backend, layers: list[int], max_length: int, batch_size: int) -> dict:
     """(layer, positions) -> pooled mean hidden state per text, from one forward pass per batch."""
-    from safer_audit.activations import _tokenize, read_positions
+    from safer_audit.model.activations import _tokenize, read_positions
 
     out = {(layer, p): torch.zeros(len(texts), backend.d_model) for layer in layers for p in POSITION_SETS}
     order = sorted(range(len(texts)), key=lambda i: len(texts[i].text))
@@ -85,10 +85,11 @@ def main() -> int:
     parser.add_argument("--save", type=Path, default=None, help="pooled vectors: read if present, else written")
     args = parser.parse_args()
 
-    from safer_audit.activations import load_backend, pair_texts
     from safer_audit.config import ActivationConfig
-    from safer_audit.evaluate import flip_pairs, measure
-    from safer_audit.scoring import cross_fitted_margins
+    from safer_audit.model.activations import load_backend
+    from safer_audit.model.texts import pair_texts
+    from safer_audit.scoring.heads import cross_fitted_margins
+    from safer_audit.workflows.evaluate import flip_pairs, measure
 
     torch.manual_seed(0)
     pairs = read_pairs(args)

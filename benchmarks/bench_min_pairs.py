@@ -1,4 +1,4 @@
-"""Benchmark: how few pairs can a scan work with? (issue 13, point 4)
+"""Benchmark: how few pairs can a scan work with? (point 4)
 
     python benchmarks/bench_min_pairs.py [--sizes 2 5 10 20 50 100] [--seeds 0 1 2] [--model DIR] [--data FILE]
 
@@ -33,11 +33,11 @@ def main() -> None:
     parser.add_argument("--cache", default=None, help="cache directory (default: a fresh temporary one)")
     args = parser.parse_args()
 
-    from safer_audit import scan as scan_module
-    from safer_audit.activations import load_backend
     from safer_audit.config import ActivationConfig, ScanConfig
     from safer_audit.data import load_pairs
-    from safer_audit.evaluate import evaluate
+    from safer_audit.model.activations import load_backend
+    from safer_audit.pipeline import scan as scan_module
+    from safer_audit.workflows.evaluate import evaluate
 
     cache = Path(args.cache or tempfile.mkdtemp(prefix="safer-audit-minpairs-"))
     all_pairs = load_pairs(args.data).pairs

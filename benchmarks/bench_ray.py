@@ -156,7 +156,7 @@ def codes_bytes(directory: Path) -> int:
 
 def run(data: str, engine: str, workers: int | None, args, cache: Path) -> dict:
     from safer_audit.config import ActivationConfig, ScanConfig
-    from safer_audit.scan import run_scan
+    from safer_audit.pipeline.scan import run_scan
 
     config = ScanConfig(activations=ActivationConfig(model=args.model, layer=args.layer, max_length=args.max_length,
                                                      batch_size=args.batch_size, cache_dir=cache, engine=engine,

@@ -3,10 +3,10 @@
     python benchmarks/bench_scan.py [--data FILE] [--limit N] [--profile FILE] [--profile-cold FILE]
                                     [--cache-dir DIR [--warm-only]]
 
-Measured in one run, one after the other (issue 15):
+Measured in one run, one after the other:
 - bare forward to the layer: the model cut after the read layer over the scan's texts, in
   length-sorted batches of the scan's batch size, no cache, no positions, nothing else;
-- cold scan: safer_audit.scan.run_scan into an empty cache directory (model load, extraction,
+- cold scan: safer_audit.pipeline.scan.run_scan into an empty cache directory (model load, extraction,
   SAE training, the SAE pass, salience, labels, scores, report object);
 - warm scan: the same call again on the same cache (nothing to extract, train or encode),
   under cProfile when ``--profile`` names a file for its top functions by cumulative time.
@@ -49,11 +49,12 @@ def main() -> int:
     if args.warm_only and args.cache_dir is None:
         parser.error("--warm-only needs the --cache-dir of an earlier run")
 
-    from safer_audit.activations import load_backend, pair_texts
     from safer_audit.backends.hf import _load_weights
     from safer_audit.config import ActivationConfig, ScanConfig
     from safer_audit.data import load_pairs
-    from safer_audit.scan import scan_pairs
+    from safer_audit.model.activations import load_backend
+    from safer_audit.model.texts import pair_texts
+    from safer_audit.pipeline.scan import scan_pairs
 
     pairs = load_pairs(args.data).pairs
     if args.limit:

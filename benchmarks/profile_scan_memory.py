@@ -1,4 +1,4 @@
-"""Profile (not a timing): the driver's RSS and glibc heap in use per step of one whole scan (issue 16).
+"""Profile (not a timing): the driver's RSS and glibc heap in use per step of one whole scan.
 
     python benchmarks/profile_scan_memory.py PAIRS.jsonl CACHE_DIR [--model DIR]
 
@@ -88,8 +88,8 @@ def main() -> int:
         module = importlib.import_module(f"safer_audit.{module_name}")
         for name in names:
             wrap(module, name)
-    from safer_audit import scan
     from safer_audit.config import ActivationConfig, ScanConfig
+    from safer_audit.pipeline import scan
 
     config = ScanConfig(activations=ActivationConfig(model=args.model, layer=1, max_length=64, batch_size=16,
                                                      cache_dir=args.cache, cache_dtype="float16"))

@@ -115,7 +115,7 @@ safer-audit features data.jsonl --out features.yaml
 safer-audit scan data.jsonl --features features.yaml
 .RE
 .SH SEE ALSO
-README.md in the source distribution.
+README.md, and docs/ for the reference (cli.md, formats.md, gate.md, engines.md, plugins.md, caches.md), in the source distribution.
 """
 
 

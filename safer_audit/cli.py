@@ -18,7 +18,8 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from . import __version__
+from .common.progress import ProgressBar
+from .common.terminal import json_text, plain
 from .config import (
     COMMAND_GROUPS,
     EVALUATE_POSITIONS,
@@ -33,8 +34,7 @@ from .config import (
 )
 from .errors import EXIT_BAD_INPUT, EXIT_FINDINGS, SaferAuditError, inert
 from .plugins import load_plugins, plugin_info
-from .progress import ProgressBar
-from .terminal import json_text, plain
+from .version import __version__
 
 EXIT_BUG = 70  # sysexits' EX_SOFTWARE: not the gate's 1, not bad input's 2
 
@@ -271,7 +271,7 @@ def _steps(quiet: bool) -> ProgressBar:
 
 def _check_judges(names: tuple[str, ...] | None) -> None:
     """The judges of --judge, checked before any long work."""
-    from .judges import make_judge
+    from .scoring.judges import make_judge
 
     for name in names or ():
         make_judge(name)  # ConfigError names the known judges; makes a client, sends nothing
@@ -300,18 +300,18 @@ def scan(data, top, outputs, output_format, quiet, config: ScanConfig):
     hub dataset id when online. Activations and a trained SAE are cached, so a re-run on
     the same data is fast.
     """
-    from .backends.view import print_report
+    from .common.files import refuse_inputs
     from .errors import ConfigError
-    from .files import refuse_inputs
-    from .report import export_report, find_exporter
-    from .scan import run_scan
+    from .pipeline.scan import run_scan
+    from .report.types import export_report, find_exporter
+    from .report.view import print_report
 
     for path in outputs:  # fail on what would fail at the end before the long work
         find_exporter(path, output_format)
         refuse_inputs(path, [data])
         if not path.parent.is_dir():
             raise ConfigError(f"{path}: the directory {path.parent} does not exist")
-    from .progress import next_steps
+    from .common.progress import next_steps
 
     def warn(message: str) -> None:
         click.echo(inert(f"Warning: {message}"), err=True)
@@ -349,10 +349,10 @@ def scan(data, top, outputs, output_format, quiet, config: ScanConfig):
 @quiet_option
 def features(data, top, out, quiet, config: ScanConfig):
     """Show the safety features of DATA as cards, and write a features file to review."""
-    from .backends.view import print_feature_cards
-    from .files import write_atomic
-    from .salience import features_file_text
-    from .scan import run_scan
+    from .common.files import write_atomic
+    from .features.salience import features_file_text
+    from .pipeline.scan import run_scan
+    from .report.view import print_feature_cards
 
     config.cards_with_contexts = top
     result = run_scan(data, config, steps=_steps(quiet).step)
@@ -380,14 +380,14 @@ def explain(data, pair, report_path, quiet, config: ScanConfig):
     model and SAE options, and the tokens each feature fires on are shown too.
     """
     from .data import load_pairs
-    from .explain import explain_from_report, explain_pair, find_pair, print_explanation
+    from .workflows.explain import explain_from_report, explain_pair, find_pair, print_explanation
 
     rows = load_pairs(data, config.read).pairs.iter_rows(named=True)
     row = find_pair(rows, pair, data)  # before any scan: a wrong name fails at once
     if report_path is not None:
         explanation = explain_from_report(_report_for(report_path, config), row, str(report_path))
     else:
-        from .scan import run_scan
+        from .pipeline.scan import run_scan
 
         explanation = explain_pair(run_scan(data, config, steps=_steps(quiet).step), row["pair_id"])
     print_explanation(explanation, stdout_console())
@@ -396,8 +396,8 @@ def explain(data, pair, report_path, quiet, config: ScanConfig):
 def _report_for(path: Path, config: ScanConfig):
     """The scan report at ``path`` (explain, review, clean --from-report): it knows its profile (run.profile);
     a --profile given on the command line that is not the report's is a ConfigError, not ignored."""
-    from .clean import load_report
     from .errors import ConfigError
+    from .workflows.clean import load_report
 
     report = load_report(path)
     source = click.get_current_context().get_parameter_source("profile")
@@ -452,13 +452,13 @@ def review(data, report_path, decisions_path, reviewer, review_all, quiet, confi
     safer-audit clean DATA --decisions FILE --out CLEANED.
     """
     from .data import PairReader
-    from .decisions import default_reviewer
-    from .review import locate, review_findings
+    from .workflows.decisions import default_reviewer
+    from .workflows.review import locate, review_findings
 
     if report_path is not None:
         report = _report_for(report_path, config)
     else:
-        from .scan import run_scan
+        from .pipeline.scan import run_scan
 
         report = run_scan(data, config, steps=_steps(quiet).step).report
     reader = PairReader(data, config.read)
@@ -499,9 +499,9 @@ def evaluate(data, positions, flip_rate, seeds, flip_modes, output, quiet, confi
     flipped copies; and each judge's correlation with the length difference. Each
     --flip-mode is measured separately.
     """
-    from .evaluate import evaluate as run_evaluation
-    from .files import write_atomic
-    from .scan import read_data
+    from .common.files import write_atomic
+    from .pipeline.stages import read_data
+    from .workflows.evaluate import evaluate as run_evaluation
 
     config = replace(config, activations=replace(config.activations, positions=positions[0]))
     pairs = read_data(data, config).pairs
@@ -547,7 +547,7 @@ def evaluate(data, positions, flip_rate, seeds, flip_modes, output, quiet, confi
 def train_sae_command(data, out, sae_backend, quiet, activations: ActivationConfig, read: ReadOptions,
                       train: SaeTrainConfig):
     """Train a TopK SAE on the activations of DATA and save it to --out."""
-    from .scan import train_sae_on_data
+    from .pipeline.scan import train_sae_on_data
 
     stats = train_sae_on_data(data, out, activations, train, read=read, sae_backend_name=sae_backend,
                               steps=_steps(quiet).step)
@@ -606,7 +606,7 @@ def clean(data, out, report_path, decisions_path, only, drop_fraction, threshold
     its rank, scores, category and reason. Both files are written to a temporary file and
     renamed; DATA and the report are never written over.
     """
-    from .clean import clean_dataset
+    from .workflows.clean import clean_dataset
 
     rules = {"--drop-fraction": drop_fraction, "--threshold": threshold, "--min-flip-probability": min_flip_probability}
     given = [name for name, value in rules.items() if value is not None]
@@ -624,7 +624,7 @@ def clean(data, out, report_path, decisions_path, only, drop_fraction, threshold
     mode = mode or "drop"
     decisions = None
     if decisions_path is not None:
-        from .decisions import read_decisions
+        from .workflows.decisions import read_decisions
 
         decisions = read_decisions(decisions_path)
     if report_path is not None:
@@ -632,7 +632,7 @@ def clean(data, out, report_path, decisions_path, only, drop_fraction, threshold
     elif decisions is not None:
         report = None
     else:
-        from .scan import run_scan
+        from .pipeline.scan import run_scan
 
         report = run_scan(data, config, steps=_steps(quiet).step).report
     result = clean_dataset(data, out, report, mode=mode, drop_fraction=drop_fraction, threshold=threshold,
@@ -692,7 +692,7 @@ def baseline_command(data, out, decisions_path, quiet, config: ScanConfig):
     Bradley-Terry heads, tool version and the thresholds. Without --sae, the SAE trained
     on DATA is saved next to the baseline (OUT's name + "-sae"), so the gate never trains.
     """
-    from .gate import build_baseline
+    from .workflows.gate import build_baseline
 
     decisions, decisions_path = _gate_decisions(decisions_path, out)
     made = build_baseline(list(data), out, config, steps=_steps(quiet).step, decisions=decisions)
@@ -706,15 +706,15 @@ def baseline_command(data, out, decisions_path, quiet, config: ScanConfig):
 
 def _gate_decisions(path: Path | None, baseline_path: Path):
     """The decisions the gate and baseline read: the file given, else decisions.json beside the baseline."""
-    from .decisions import read_decisions
-    from .gate import default_decisions_path
+    from .workflows.decisions import read_decisions
+    from .workflows.gate import default_decisions_path
 
     path = path or default_decisions_path(baseline_path)
     return (read_decisions(path), path) if path is not None else (None, None)
 
 
 def _fail_on(_ctx, _param, value: str) -> tuple[str, ...]:
-    from .gate import FAIL_ON_CHOICES
+    from .workflows.gate import FAIL_ON_CHOICES
 
     names = tuple(name.strip() for name in value.split(",") if name.strip())
     for name in names:
@@ -763,8 +763,8 @@ def gate_command(data, baseline_path, fail_on, max_new, output_format, update_ba
     """
     import os
 
-    from .gate import accept, run_gate
-    from .gate_formats import github_annotations, render_json_result, render_junit, render_text
+    from .workflows.gate import accept, run_gate
+    from .workflows.gate_formats import github_annotations, render_json_result, render_junit, render_text
 
     decisions, decisions_path = _gate_decisions(decisions_path, baseline_path)
     result = run_gate(list(data), baseline_path, fail_on=fail_on, max_new=max_new, cache_dir=cache_dir,
@@ -798,7 +798,7 @@ def cache_info_command(cache_dir, as_json):
     """List what the cache holds: one row per model, layer, positions and max length with its size on disk;
     then every kind of entry with its size: activations, trained SAEs, per-text SAE codes, fitted heads, token
     counts, judges' answers and labels of given SAEs (--json: each entry's too)."""
-    from .cache import cache_summary, cache_view
+    from .workflows.cache_admin import cache_summary, cache_view
 
     summary = cache_summary(cache_dir or default_cache_dir())
     if as_json:
@@ -813,8 +813,8 @@ def cache_info_command(cache_dir, as_json):
 def cache_clear_command(cache_dir, yes):
     """Delete every kind of cache entry: activations, trained SAEs, codes, heads, token counts, judges' answers
     and labels."""
-    from .cache import cache_clear
     from .errors import ConfigError
+    from .workflows.cache_admin import cache_clear
 
     root = cache_dir or default_cache_dir()
     if not yes:

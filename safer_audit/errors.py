@@ -107,11 +107,11 @@ class PluginError(SaferAuditError):
 # joiners and spaces, the BOM, interlinear annotations) -- "Trojan Source" and friends --,
 # the Mongolian vowel separator, and the invisible tag characters that can carry a whole
 # hidden ASCII message ("ASCII smuggling").
-_UNSAFE = re.compile(
+UNSAFE = re.compile(
     "[\x00-\x08\x0b-\x1f\x7f-\x9f\u061c\u180e\u200b-\u200f\u2028\u2029\u202a-\u202e\u2060-\u2064"
     "\u2066-\u206f\ufeff\ufff9-\ufffb\ud800-\udfff\U000e0000-\U000e007f]"
 )
-_UNSAFE_LINE = re.compile(_UNSAFE.pattern[:-1] + "\t\n]")
+_UNSAFE_LINE = re.compile(UNSAFE.pattern[:-1] + "\t\n]")
 
 
 def _escape(match: re.Match) -> str:
@@ -135,4 +135,4 @@ def inert(text: object, *, multiline: bool = False) -> str:
     are escaped too, so the result is one line (ids, file names, error messages).
     """
     text = str(text)
-    return (_UNSAFE if multiline else _UNSAFE_LINE).sub(_escape, text)
+    return (UNSAFE if multiline else _UNSAFE_LINE).sub(_escape, text)

@@ -66,6 +66,21 @@ class SaeBackend(Protocol):
         """An SAE saved in ``directory``."""
 
 
+@runtime_checkable
+class Executor(Protocol):
+    """Who runs a scan's expensive passes when it is not this process: chosen once, at the top of a run,
+    and handed down to extraction (which keeps it on the store) and to the SAE pass. Both write the same
+    content-addressed caches as the local path, so every engine gives the same report."""
+
+    name: str
+
+    def compute_shards(self, items, shards, config, layer: int, want_score: bool, cache, progress) -> int:
+        """Compute the planned activation ``shards`` of ``items`` into ``cache``; the number of texts computed."""
+
+    def encode_missing(self, store, sae, cache, progress) -> int:
+        """Encode the texts of ``store`` whose codes ``cache`` lacks, into it; the number encoded."""
+
+
 
 
 @hookspec
@@ -94,6 +109,12 @@ def register_judges(register):
     """Register judges: ``register(name, factory)``; ``factory()`` returns a ``judges.Judge`` (``name``,
     ``description``, ``judge(context)`` -> one signed float per pair that never learnt from that pair's
     label). A judge that costs (an LLM) must send nothing until ``judge`` is called: listing it is free."""
+
+
+@hookspec
+def register_engines(register):
+    """Register execution engines: ``register(name, factory)``; ``factory(config)`` returns an Executor
+    (``config``: the scan's ActivationConfig). The local engine is the pipeline itself and is not registered."""
 
 
 @hookspec

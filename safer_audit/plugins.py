@@ -15,7 +15,8 @@ from importlib import metadata
 import pluggy
 
 from . import hookspecs
-from .errors import PluginError
+from .errors import ConfigError, PluginError
+from .version import __version__
 
 DEFAULT_PLUGINS = (
     "safer_audit.backends.hf",
@@ -23,6 +24,7 @@ DEFAULT_PLUGINS = (
     "safer_audit.backends.exporters",
     "safer_audit.backends.labellers",
     "safer_audit.backends.judges",
+    "safer_audit.backends.engines",
 )
 
 ENTRY_POINT_GROUP = "safer_audit"
@@ -85,14 +87,15 @@ def _collect(hook_name: str, plugin=None) -> list[tuple]:
     return registered
 
 
-def model_backends() -> dict:
-    """Model backend factories by name."""
-    return {name: factory for name, factory in _collect("register_model_backends")}
-
-
-def sae_backends() -> dict:
-    """SAE backends by name."""
-    return {name: backend for name, backend in _collect("register_sae_backends")}
+# kind -> (the registration hook, what one is called in messages)
+KINDS = {
+    "model": ("register_model_backends", "model backend"),
+    "sae": ("register_sae_backends", "SAE backend"),
+    "exporter": ("register_exporters", "format"),
+    "labeller": ("register_feature_labellers", "labeller"),
+    "judge": ("register_judges", "judge"),
+    "engine": ("register_engines", "engine"),
+}
 
 
 @dataclass(frozen=True)
@@ -102,27 +105,50 @@ class Exporter:
     export: object  # callable(report, path) -> None
 
 
+def registry(kind: str) -> dict:
+    """What the plugins registered of one kind (see KINDS), by name; a name registered twice is an error."""
+    hook, what = KINDS[kind]
+    found: dict = {}
+    for name, *rest in _collect(hook):
+        if name in found:
+            raise PluginError(f"{what} {name!r} is registered twice")
+        found[name] = Exporter(name, tuple(rest[0]), rest[1]) if kind == "exporter" else rest[0]
+    return found
+
+
+def lookup(kind: str, name: str, *, also: tuple[str, ...] = (), hint: str = "see safer-audit plugins"):
+    """The ``kind`` registered as ``name``; ConfigError naming the known ones (and ``also``, names the caller
+    handles itself) otherwise."""
+    found = registry(kind)
+    if name not in found:
+        known = ", ".join([*sorted(found), *also])
+        raise ConfigError(f"unknown {KINDS[kind][1]} {name!r} (known: {known}; {hint})")
+    return found[name]
+
+
+def model_backends() -> dict:
+    """Model backend factories by name."""
+    return registry("model")
+
+
+def sae_backends() -> dict:
+    """SAE backends by name."""
+    return registry("sae")
+
+
 def exporters() -> dict[str, Exporter]:
     """Exporters by format name."""
-    return {
-        name: Exporter(name, tuple(extensions), export)
-        for name, extensions, export in _collect("register_exporters")
-    }
+    return registry("exporter")
 
 
 def feature_labellers() -> dict:
     """Feature labellers by name."""
-    return {name: label for name, label in _collect("register_feature_labellers")}
+    return registry("labeller")
 
 
 def judges() -> dict:
-    """Judge factories by name (``factory()`` returns a judges.Judge); a name registered twice is an error."""
-    found: dict = {}
-    for name, factory in _collect("register_judges"):
-        if name in found:
-            raise PluginError(f"judge {name!r} is registered twice")
-        found[name] = factory
-    return found
+    """Judge factories by name (``factory()`` returns a scoring.judges.Judge)."""
+    return registry("judge")
 
 
 @dataclass
@@ -139,6 +165,7 @@ _REGISTER_HOOKS = (
     ("register_exporters", "exporters"),
     ("register_feature_labellers", "labellers"),
     ("register_judges", "judges"),
+    ("register_engines", "engines"),
 )
 
 
@@ -155,6 +182,6 @@ def plugin_info() -> list[PluginInfo]:
                 registers[label] = [str(args[0]) for args in _collect(hook_name, plugin)]
         version = versions.get(id(plugin))
         if version is None and name.startswith("safer_audit."):
-            from . import __version__ as version
+            version = __version__
         infos.append(PluginInfo(name, version, hooks, registers))
     return infos

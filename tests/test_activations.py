@@ -11,11 +11,12 @@ import polars as pl
 import pytest
 import torch
 
-from safer_audit import activations
-from safer_audit.activations import ActivationCache, extract_activations, pair_texts, read_positions, resolve_layer
 from safer_audit.backends.hf import HFModelBackend, ModelLoadError
+from safer_audit.common.files import temporary_name
 from safer_audit.config import ActivationConfig
-from safer_audit.files import temporary_name
+from safer_audit.model import activations
+from safer_audit.model.activations import ActivationCache, extract_activations, read_positions, resolve_layer
+from safer_audit.model.texts import pair_texts
 
 
 def conversation(context_turns: int, final: str) -> list[dict]:

@@ -9,9 +9,8 @@ from types import SimpleNamespace
 from click.testing import CliRunner
 
 from safer_audit.cli import cli
-from safer_audit.labelling import FeatureLabel
-from safer_audit.labels import label_features
-from safer_audit.scan import label_cache_file, run_scan
+from safer_audit.features.labels import FeatureLabel, label_cache_file, label_features
+from safer_audit.pipeline.scan import run_scan
 
 from .conftest import hh_records
 from .test_heads_cache import config, write_pairs

@@ -15,11 +15,11 @@ import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
 
-from safer_audit import clean as clean_module
-from safer_audit.clean import CleanError, clean_dataset, select_pairs
 from safer_audit.cli import cli
 from safer_audit.data import DataError, load_pairs
-from safer_audit.report import Finding, Report, RunInfo
+from safer_audit.report.types import Finding, Report, RunInfo
+from safer_audit.workflows import clean as clean_module
+from safer_audit.workflows.clean import CleanError, clean_dataset, select_pairs
 
 from .conftest import FIXTURES, hh_records
 
@@ -258,8 +258,8 @@ def test_a_killed_process_leaves_the_old_output(tmp_path):
     out.write_bytes(b"old content\n")
     script = f"""
 import os, signal
-from safer_audit import clean
-from safer_audit.clean import clean_dataset, load_report
+from safer_audit.workflows import clean
+from safer_audit.workflows.clean import clean_dataset, load_report
 real = clean._flip_in_place
 def kill_on_second(values, fields, calls=[]):
     calls.append(1)

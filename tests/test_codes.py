@@ -9,10 +9,9 @@ import struct
 import pytest
 import torch
 
-from safer_audit.codes import _header_keys
 from safer_audit.config import ActivationConfig, ScanConfig
-from safer_audit.salience import encode_store
-from safer_audit.scan import run_scan
+from safer_audit.pipeline.scan import run_scan
+from safer_audit.sae.codes import _header_keys, encode_store
 
 from .conftest import hh_records, tiny_scan_config
 
@@ -122,7 +121,7 @@ def _count_calls(monkeypatch, owner, name):
 
 
 def test_a_warm_scan_reads_no_activation_shard(tiny_llama_dir, tmp_path, monkeypatch):
-    from safer_audit.activations import ActivationCache
+    from safer_audit.model.activations import ActivationCache
 
     data = write_pairs(tmp_path / "pairs.jsonl", 30)
     cold = run_scan(str(data), config(tiny_llama_dir, tmp_path / "cache"))
@@ -165,7 +164,7 @@ def test_a_warm_scan_takes_the_token_counts_from_the_cache(tiny_llama_dir, tmp_p
         count = original(tokenizer)
         return lambda texts: counted.append(len(texts)) or count(texts)
 
-    monkeypatch.setattr("safer_audit.scan.tokenizer_counter", counting)
+    monkeypatch.setattr("safer_audit.pipeline.stages.tokenizer_counter", counting)
     short = dataclasses.replace(config(tiny_llama_dir, tmp_path / "cache"), activations=ActivationConfig(
         model=str(tiny_llama_dir), layer=1, max_length=8, cache_dir=tmp_path / "cache"))  # some responses truncated
     cold = run_scan(str(data), short)

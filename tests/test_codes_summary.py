@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from safer_audit import codes
-from safer_audit.codes import CodeCache
-from safer_audit.salience import encode_store
-from safer_audit.scan import run_scan
+from safer_audit.pipeline.scan import run_scan
+from safer_audit.sae import codes, stats
+from safer_audit.sae.codes import CodeCache, encode_store
 
 from .test_codes import _count_calls, assert_same_stats, config, write_pairs
 
@@ -88,9 +87,8 @@ def test_no_summary_beyond_its_size_bound(tiny_llama_dir, tmp_path, monkeypatch)
 
 
 def test_a_summary_of_several_ranges_streams_its_rows(tiny_llama_dir, tmp_path, monkeypatch):
-    from safer_audit import salience
 
-    monkeypatch.setattr(salience, "STREAM_PAIRS", 4)  # 8 ranges of pairs: the rows go to a file, as when made
+    monkeypatch.setattr(stats, "STREAM_PAIRS", 4)  # 8 ranges of pairs: the rows go to a file, as when made
     data = write_pairs(tmp_path / "pairs.jsonl", 30)
     cold = run_scan(str(data), config(tiny_llama_dir, tmp_path / "cache"))
     loads, merges = watch(monkeypatch)

@@ -6,23 +6,24 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from safer_audit import activations
-from safer_audit.activations import extract_activations, pair_texts
 from safer_audit.backends.hf import HFModelBackend
-from safer_audit.codes import _unique_small, encode_chunk
 from safer_audit.config import ActivationConfig
+from safer_audit.model import activations
+from safer_audit.model.activations import extract_activations
+from safer_audit.model.texts import pair_texts
 from safer_audit.sae import SaeConfig, TopKSAE
-from safer_audit.salience import TOP_ACTIVATIONS, _keep_strongest, _latent_value_key, _rank_within_latent
+from safer_audit.sae.codes import _unique_small, encode_chunk
+from safer_audit.sae.stats import TOP_ACTIVATIONS, keep_strongest, latent_value_key, rank_within_latent
 from tests.test_activations import make_pairs
 
 
 def _four_sorts(entries: dict[str, torch.Tensor], n_latents: int) -> dict[str, torch.Tensor]:
-    """_keep_strongest as it was: one stable sort per key, (latent, value descending, text, position)."""
+    """keep_strongest as it was: one stable sort per key, (latent, value descending, text, position)."""
     order = torch.argsort(entries["position"], stable=True)
     for name, descending in (("text", False), ("value", True), ("latent", False)):
         order = order[torch.argsort(entries[name][order], descending=descending, stable=True)]
     grouped = {name: values[order] for name, values in entries.items()}
-    keep = _rank_within_latent(grouped["latent"], n_latents) < TOP_ACTIVATIONS
+    keep = rank_within_latent(grouped["latent"], n_latents) < TOP_ACTIVATIONS
     return {name: values[keep] for name, values in grouped.items()}
 
 
@@ -40,7 +41,7 @@ def test_strongest_entries_are_those_of_four_single_key_sorts_in_two(n, monkeypa
     sorts = []
     argsort = torch.argsort
     monkeypatch.setattr(torch, "argsort", lambda *args, **kwargs: sorts.append(1) or argsort(*args, **kwargs))
-    got = _keep_strongest(entries, 40)
+    got = keep_strongest(entries, 40)
     assert len(sorts) == 2
     for name in entries:
         assert torch.equal(got[name], expected[name]), name
@@ -53,7 +54,7 @@ def test_latent_value_key_sorts_by_latent_then_value_descending():
                                                                              -3.4e38, 1.0, 1.0, -1.0, -1.0])])
     by_value = torch.argsort(values, descending=True, stable=True)
     expected = by_value[torch.argsort(latents[by_value], stable=True)]
-    assert torch.equal(torch.argsort(_latent_value_key(latents, values), stable=True), expected)
+    assert torch.equal(torch.argsort(latent_value_key(latents, values), stable=True), expected)
 
 
 @pytest.mark.parametrize("n, bound", [(0, 10), (1, 10), (5000, 300), (5000, 1 << 25)])

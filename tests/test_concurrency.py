@@ -8,8 +8,8 @@ import sys
 
 import torch
 
-from safer_audit.activations import ActivationCache
-from safer_audit.files import temporary_name
+from safer_audit.common.files import temporary_name
+from safer_audit.model.activations import ActivationCache
 from safer_audit.sae import SaeConfig, TopKSAE
 from safer_audit.sae import model as sae_module
 
@@ -22,7 +22,7 @@ def test_opening_a_cache_keeps_a_live_writers_temporary(tmp_path):
     half_written = cache.directory / temporary_name("shard-abc.safetensors")  # this (live) process is the writer
     half_written.write_bytes(b"partial")
     opened = subprocess.run([sys.executable, "-c", "import sys; from pathlib import Path; "
-                             "from safer_audit.activations import ActivationCache; "
+                             "from safer_audit.model.activations import ActivationCache; "
                              "ActivationCache(Path(sys.argv[1]), 'k')", str(tmp_path)],
                             env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True, timeout=120)
     assert opened.returncode == 0, opened.stderr[-2000:]

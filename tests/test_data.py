@@ -318,7 +318,7 @@ def test_truncation_needs_a_token_counter_and_counts_in_batches():
         calls.append(len(texts))
         return words(texts)
 
-    checker = quality._QualityChecker(max_length=3, count_tokens=counting, batch_size=2)
+    checker = quality.QualityChecker(max_length=3, count_tokens=counting, batch_size=2)
     found = [f for pair in iter_pairs(PAIRS / "hh.jsonl.gz") for _, f in checker.add(pair)]
     found += [f for _, f in checker.flush()]
     assert calls == [8, 4]

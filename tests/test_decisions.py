@@ -6,9 +6,9 @@ import json
 
 import pytest
 
-from safer_audit import decisions as dec
 from safer_audit.data import pair_digest
 from safer_audit.errors import DecisionsError, SaferAuditError
+from safer_audit.workflows import decisions as dec
 
 A, B = pair_digest("ctx", "yes", "no"), pair_digest("ctx", "no", "yes")
 

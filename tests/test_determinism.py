@@ -10,11 +10,12 @@ import sys
 
 import pytest
 
-from safer_audit import activations
-from safer_audit.activations import extract_activations, pair_texts
 from safer_audit.config import ActivationConfig, SaeTrainConfig, ScanConfig
 from safer_audit.data import load_pairs
-from safer_audit.scan import run_scan
+from safer_audit.model import activations
+from safer_audit.model.activations import extract_activations
+from safer_audit.model.texts import pair_texts
+from safer_audit.pipeline.scan import run_scan
 
 from .conftest import FIXTURES, ROOT
 
@@ -22,7 +23,7 @@ SMALL_SHARDS = 16  # texts per shard: several shards even for a small dataset, s
 
 SCAN = """
 import sys
-import safer_audit.activations as activations
+import safer_audit.model.activations as activations
 activations.SHARD_TEXTS = {shard_texts}
 from safer_audit.cli import cli
 cli(sys.argv[1:])

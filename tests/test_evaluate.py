@@ -10,7 +10,7 @@ from click.testing import CliRunner
 
 from safer_audit.cli import cli
 from safer_audit.data import load_pairs
-from safer_audit.evaluate import auroc, flip_pairs, precision_at
+from safer_audit.workflows.evaluate import auroc, flip_pairs, precision_at
 
 from .conftest import hh_records
 

@@ -9,11 +9,11 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from safer_audit.backends.view import format_number
 from safer_audit.cli import cli
 from safer_audit.errors import UnknownPairError
-from safer_audit.explain import find_pair
-from safer_audit.report import FeatureContribution
+from safer_audit.report.types import FeatureContribution
+from safer_audit.report.view import format_number
+from safer_audit.workflows.explain import find_pair
 
 from .test_clean import make_report, write_report
 

@@ -13,7 +13,7 @@ import polars as pl
 import pytest
 
 from safer_audit.backends.exporters import PARQUET_METADATA_KEY
-from safer_audit.report import Report, export_report, findings_from_frame
+from safer_audit.report.types import Report, export_report, findings_from_frame
 
 from .test_report import TRICKY, make_report
 

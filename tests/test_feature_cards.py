@@ -14,13 +14,15 @@ from click.testing import CliRunner
 
 from safer_audit.backends.exporters import render_html
 from safer_audit.cli import cli
+from safer_audit.common.domain import Category
 from safer_audit.config import ScanConfig
-from safer_audit.domain import Category
+from safer_audit.features.cards import feature_cards
+from safer_audit.features.labels import NOT_SAFETY, FeatureLabel
+from safer_audit.features.salience import select_features
 from safer_audit.hookspecs import hookimpl
-from safer_audit.labelling import NOT_SAFETY, FeatureLabel
-from safer_audit.report import Report
-from safer_audit.salience import TOP_ACTIVATIONS, CodeStats, feature_cards, select_features
-from safer_audit.scan import run_scan
+from safer_audit.pipeline.scan import run_scan
+from safer_audit.report.types import Report
+from safer_audit.sae.stats import TOP_ACTIVATIONS, CodeStats
 
 from .conftest import registered_plugin, tiny_scan_config
 

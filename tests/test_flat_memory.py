@@ -8,10 +8,11 @@ import dataclasses
 import pytest
 import torch
 
-from safer_audit import salience, scoring
-from safer_audit.codes import TextRows
-from safer_audit.scan import run_scan
-from safer_audit.scoring import HeadFit, PairDiffs, cross_fitted_head, cross_fitted_margins
+from safer_audit.pipeline.scan import run_scan
+from safer_audit.sae import stats
+from safer_audit.sae.stats import TextRows
+from safer_audit.scoring import heads as scoring
+from safer_audit.scoring.heads import HeadFit, PairDiffs, cross_fitted_head, cross_fitted_margins
 
 from .test_codes import assert_same_report, config, write_pairs
 
@@ -25,7 +26,7 @@ def test_a_scan_streamed_in_small_ranges_reports_what_one_range_gives(model, req
     model_dir = request.getfixturevalue(model)
     data = write_pairs(tmp_path / "pairs.jsonl", 30)
     whole = run_scan(str(data), config(model_dir, tmp_path / "cache"))
-    monkeypatch.setattr(salience, "STREAM_PAIRS", 4)  # 8 ranges of pairs, the last one short
+    monkeypatch.setattr(stats, "STREAM_PAIRS", 4)  # 8 ranges of pairs, the last one short
     monkeypatch.setattr(TextRows, "dense", _no_dense)
     streamed = run_scan(str(data), config(model_dir, tmp_path / "cache"))
     assert streamed.stats.codes._file is not None  # the code means are in a file, not in memory
@@ -63,7 +64,7 @@ def test_heads_fit_on_the_bounded_sample_and_score_every_pair_with_an_unseen_hea
         return fit_bradley_terry(diffs, **kwargs)
 
     monkeypatch.setattr(scoring, "fit_bradley_terry", counting)
-    monkeypatch.setattr(salience, "STREAM_PAIRS", 7)
+    monkeypatch.setattr(stats, "STREAM_PAIRS", 7)
     fit = HeadFit(folds=3, seed=1, max_pairs=bound)
     taken = []
     take = PairDiffs.take
@@ -90,7 +91,7 @@ def test_heads_fit_on_the_bounded_sample_and_score_every_pair_with_an_unseen_hea
 
 def test_below_the_bound_the_heads_are_those_of_a_fit_on_every_pair(monkeypatch):
     rows = _pairs(30, 5, seed=2)
-    monkeypatch.setattr(salience, "STREAM_PAIRS", 4)
+    monkeypatch.setattr(stats, "STREAM_PAIRS", 4)
     fit = HeadFit(folds=5, seed=0, max_pairs=30)
     for name in ("sae_margin", "reward_margin"):
         l2, l1 = fit.penalties(name)
@@ -121,7 +122,7 @@ def test_text_rows_on_disk_read_back_what_was_written(tmp_path):
 
 
 def test_cached_bounded_heads_score_a_changed_pair_outside_the_sample_from_its_current_rows(tmp_path, monkeypatch):
-    from safer_audit.scoring import HeadCache
+    from safer_audit.scoring.heads import HeadCache
 
     n, bound = 40, 9
     rows = _pairs(n, 6)

@@ -8,8 +8,9 @@ import math
 import pytest
 import torch
 
-from safer_audit.evaluate import calibration, flip_calibration
-from safer_audit.scoring import fit_flip_mixture, flip_posterior, stack_judges
+from safer_audit.scoring.posterior import fit_flip_mixture, flip_posterior
+from safer_audit.scoring.stack import stack_judges
+from safer_audit.workflows.evaluate import calibration, flip_calibration
 
 
 def mixture_margins(n: int, rate: float, separation: float, seed: int, distort=lambda m: m):
@@ -92,7 +93,7 @@ def test_the_stack_carries_the_posterior_and_the_old_probability_beside_it():
 
 
 def test_a_warm_scan_reads_the_posterior_back_instead_of_fitting_it_again(tmp_path, monkeypatch):
-    from safer_audit import scoring
+    from safer_audit.scoring import heads as scoring
 
     margins, _ = mixture_margins(500, 0.2, 1.5, seed=7)
     cache = scoring.HeadCache(tmp_path / "heads")

@@ -15,12 +15,13 @@ import torch
 import yaml
 from click.testing import CliRunner
 
-from safer_audit.activations import load_backend
 from safer_audit.cli import cli
+from safer_audit.common.files import render_json
 from safer_audit.config import ReadOptions
 from safer_audit.data import pair_digest
-from safer_audit.gate import percentile_against, read_baseline, read_sources, render_json, run_gate, score_frozen
+from safer_audit.model.activations import load_backend
 from safer_audit.sae import TopKSAE
+from safer_audit.workflows.gate import percentile_against, read_baseline, read_sources, run_gate, score_frozen
 
 from .conftest import ROOT, hh_records
 
@@ -347,7 +348,7 @@ def test_a_pair_swapped_in_place_is_changed_with_old_and_new_scores(work):
 
 def test_a_suspect_marked_ok_never_fails(work):
     from safer_audit.data import load_pairs, pair_digest
-    from safer_audit.decisions import decide, write_decisions
+    from safer_audit.workflows.decisions import decide, write_decisions
 
     rows = records()
     data = write_jsonl(work / "data.jsonl", rows + [swapped(rows[i], f"s{i}") for i in (0, 4)])

@@ -8,12 +8,13 @@ import random
 import pytest
 import torch
 
-from safer_audit.activations import SHARD_TEXTS, _shards_of, pair_texts, plan_batches, plan_missing, text_key
 from safer_audit.backends.hf import HFModelBackend
 from safer_audit.config import ActivationConfig, SaeTrainConfig, ScanConfig
 from safer_audit.data import load_pairs
 from safer_audit.errors import ConfigError
-from safer_audit.scan import run_scan
+from safer_audit.model.activations import SHARD_TEXTS, _shards_of, plan_batches, plan_missing, text_key
+from safer_audit.model.texts import pair_texts
+from safer_audit.pipeline.scan import run_scan
 
 from .conftest import hh_records
 
@@ -76,7 +77,7 @@ def test_a_budget_below_max_length_is_refused(planned):
 
 
 def test_token_batches_handle_any_order():
-    from safer_audit.activations import token_batches
+    from safer_audit.model.activations import token_batches
 
     rng = random.Random(0)
     lengths = [rng.randint(1, 50) for _ in range(300)]

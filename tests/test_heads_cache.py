@@ -9,10 +9,10 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from safer_audit import scoring
 from safer_audit.backends.exporters import export_json
 from safer_audit.config import ScanConfig
-from safer_audit.scan import run_scan
+from safer_audit.pipeline.scan import run_scan
+from safer_audit.scoring import heads as scoring
 
 from .conftest import hh_records, tiny_scan_config
 from .test_determinism import without_run_clock
@@ -92,7 +92,7 @@ def test_a_changed_pair_or_seed_fits_the_heads_again(tiny_bert_dir, tmp_path, fi
 
 
 def test_head_cache_key_covers_rows_and_options(tmp_path):
-    from safer_audit.scoring import HeadCache, cross_fitted_margins
+    from safer_audit.scoring.heads import HeadCache, cross_fitted_margins
 
     diffs = torch.randn(40, 6, generator=torch.Generator().manual_seed(0))
     base = dict(folds=5, seed=0, l2=1.0, l1=0.0)

@@ -18,8 +18,8 @@ from safer_audit.backends.exporters import render_html, script_json
 from safer_audit.cli import cli
 from safer_audit.config import ScanConfig
 from safer_audit.errors import ScanError
-from safer_audit.report import FEW_PAIRS, display_path
-from safer_audit.scan import min_pairs, scan_pairs
+from safer_audit.pipeline.scan import min_pairs, scan_pairs
+from safer_audit.report.types import FEW_PAIRS, display_path
 
 from .conftest import ROOT, hh_records
 from .test_report import make_report
@@ -191,9 +191,9 @@ SCAN_ARGS = ["--layer", "1", "--max-length", "64", "--latents", "64", "--k", "4"
 
 def test_scan_reports_progress_warns_of_few_pairs_and_names_no_absolute_path(tiny_llama_dir, tmp_path, monkeypatch):
     from safer_audit.backends.exporters import export_html, export_json
+    from safer_audit.common.progress import no_progress
     from safer_audit.config import ActivationConfig, SaeTrainConfig
-    from safer_audit.progress import no_progress
-    from safer_audit.scan import run_scan
+    from safer_audit.pipeline.scan import run_scan
 
     (tmp_path / "data").mkdir()
     data = write_pairs(tmp_path / "data" / "pairs.jsonl", 12)

@@ -140,7 +140,7 @@ class RecordingTokenizer:
 
 
 def fixture_texts(backend, pairs: int):
-    from safer_audit.activations import pair_texts
+    from safer_audit.model.texts import pair_texts
 
     return pair_texts(load_pairs(FIXTURE).pairs.head(pairs), backend)
 
@@ -167,9 +167,9 @@ def test_long_texts_are_cut_before_tokenizing_and_tokenize_the_same(model, reque
 
 
 def test_activations_of_cut_texts_are_unchanged(tiny_llama_dir, tmp_path, monkeypatch):
-    from safer_audit.activations import extract_activations
     from safer_audit.backends.hf import HFModelBackend
     from safer_audit.config import ActivationConfig
+    from safer_audit.model.activations import extract_activations
 
     backend = HFModelBackend(str(tiny_llama_dir), device="cpu")
     texts = fixture_texts(backend, 20)
@@ -186,9 +186,10 @@ def test_activations_of_cut_texts_are_unchanged(tiny_llama_dir, tmp_path, monkey
 
 
 def test_a_response_of_megabytes_is_never_tokenized_whole(tiny_llama_dir, tmp_path):
-    from safer_audit.activations import extract_activations, pair_texts
     from safer_audit.backends.hf import HFModelBackend
     from safer_audit.config import ActivationConfig
+    from safer_audit.model.activations import extract_activations
+    from safer_audit.model.texts import pair_texts
 
     words = "the a harm help you I can not should would please sorry lock pick".split()
     huge = " ".join(words * 100_000)  # 5.2 MB

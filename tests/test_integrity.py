@@ -161,7 +161,7 @@ def test_config_types_are_checked_in_the_library_too():
 
 
 def test_a_corrupt_cached_sae_is_trained_again_not_used(tiny_llama_dir, tmp_path):
-    from safer_audit.scan import run_scan
+    from safer_audit.pipeline.scan import run_scan
 
     from .conftest import ROOT
     from .test_scan import scan_config
@@ -198,8 +198,9 @@ def baseline_dir(tmp_path):
     from safetensors.torch import save as save_safetensors
 
     from safer_audit import __version__
-    from safer_audit.digests import short_digest
-    from safer_audit.gate import BASELINE_FORMAT, read_sources, render_json, row_digest
+    from safer_audit.common.digests import short_digest
+    from safer_audit.common.files import render_json
+    from safer_audit.workflows.gate import BASELINE_FORMAT, read_sources, row_digest
 
     data = _fixture_pairs(tmp_path / "data.jsonl")
     make_sae().save(tmp_path / "b-sae")
@@ -331,7 +332,7 @@ def test_a_pair_id_given_twice_is_refused(baseline_dir):
 )
 def test_a_bad_features_file_entry_is_named(tmp_path, content, message):
     from safer_audit.errors import FeaturesFileError
-    from safer_audit.salience import select_features
+    from safer_audit.features.salience import select_features
 
     path = tmp_path / "f.yaml"
     path.write_text(content, encoding="utf-8")

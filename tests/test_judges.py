@@ -15,10 +15,11 @@ from safer_audit.cli import cli
 from safer_audit.config import ScanConfig
 from safer_audit.data import load_pairs
 from safer_audit.errors import ConfigError
-from safer_audit.evaluate import flip_pairs, flip_weights, spearman
 from safer_audit.hookspecs import hookimpl
-from safer_audit.judges import FunctionJudge, JudgeContext, make_judge, residualise_on_length, run_judges
-from safer_audit.scoring import aggregate, stack_judges, suspicion
+from safer_audit.scoring.judges import FunctionJudge, JudgeContext, make_judge, residualise_on_length, run_judges
+from safer_audit.scoring.ranks import suspicion
+from safer_audit.scoring.stack import aggregate, stack_judges
+from safer_audit.workflows.evaluate import flip_pairs, flip_weights, spearman
 
 from .conftest import hh_records
 
@@ -126,7 +127,7 @@ def test_flip_modes_bias_which_pairs_are_flipped(pairs):
 
 def test_scan_with_judges_ranks_by_them(tiny_llama_dir, pairs, tmp_path):
     from safer_audit.config import ActivationConfig
-    from safer_audit.scan import scan_pairs
+    from safer_audit.pipeline.scan import scan_pairs
 
     path, table = pairs
     config = ScanConfig(activations=ActivationConfig(model=str(tiny_llama_dir), layer=1, max_length=64,
@@ -144,7 +145,7 @@ def test_scan_with_judges_ranks_by_them(tiny_llama_dir, pairs, tmp_path):
     assert "length, reward_margin-lenres" in judged.report.run.ranking
     config.aggregation = "stacked"
     stacked = scan_pairs(table, config, source=str(path))
-    from safer_audit.scan import ranking_weights
+    from safer_audit.scoring.stack import ranking_weights
 
     _, stack = aggregate(stacked.signals, ranking_weights(config), method="stacked", folds=config.folds,
                          seed=config.seed)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from safer_audit.keyindex import KeyIndex
+from safer_audit.common.keyindex import KeyIndex
 
 
 def key(n: int) -> str:

@@ -11,17 +11,16 @@ import pytest
 from click.testing import CliRunner
 
 from safer_audit.backends.labellers import OfflineLabeller, keywords, load_taxonomy
-from safer_audit.backends.view import print_feature_cards, print_report
 from safer_audit.cli import cli, scan, scan_config_from
 from safer_audit.config import ScanConfig
 from safer_audit.errors import ConfigError, ScanError
+from safer_audit.features.labels import NOT_SAFETY, FeatureLabel, LabelContext, LabelRequest, make_labeller
+from safer_audit.features.salience import Feature, FeatureSet, select_by_safety
 from safer_audit.hookspecs import hookimpl
-from safer_audit.labelling import NOT_SAFETY, FeatureLabel, LabelContext, LabelRequest
-from safer_audit.labels import make_labeller
+from safer_audit.pipeline.scan import run_scan
 from safer_audit.plugins import feature_labellers, plugin_info
-from safer_audit.report import Report, export_report
-from safer_audit.salience import Feature, FeatureSet, select_by_safety
-from safer_audit.scan import run_scan
+from safer_audit.report.types import Report, export_report
+from safer_audit.report.view import print_feature_cards, print_report
 
 from .conftest import registered_plugin, tiny_scan_config
 

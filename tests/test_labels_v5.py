@@ -15,8 +15,7 @@ from safer_audit.backends.labellers import (
     phrase,
     turn_of,
 )
-from safer_audit.labelling import NOT_SAFETY, LabelContext, LabelRequest
-from safer_audit.labels import make_labeller
+from safer_audit.features.labels import NOT_SAFETY, LabelContext, LabelRequest, make_labeller
 
 from .test_labelling import COOKING, WEAPONS, CountingEncoder, _pairs_request
 

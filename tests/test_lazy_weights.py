@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from safer_audit.backends.hf import HFModelBackend
-from safer_audit.scan import run_scan
+from safer_audit.pipeline.scan import run_scan
 
 from .test_codes import assert_same_report, config, write_pairs
 

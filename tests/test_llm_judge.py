@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "plugins" / "safer-
 from safer_audit_llm import LLMJudge, make_judge  # noqa: E402
 
 from safer_audit.errors import ConfigError  # noqa: E402
-from safer_audit.judges import Judge, JudgeContext  # noqa: E402
+from safer_audit.scoring.judges import Judge, JudgeContext  # noqa: E402
 
 from .chat_server import chat_server  # noqa: E402
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from safer_audit.errors import ConfigError, SaferAuditError
-from safer_audit.labelling import NOT_SAFETY, FeatureLabel, LabelContext, Labeller, LabelRequest
+from safer_audit.features.labels import NOT_SAFETY, FeatureLabel, LabelContext, Labeller, LabelRequest
 
 from .chat_server import chat_server
 

@@ -11,7 +11,7 @@ from click.testing import CliRunner
 
 from safer_audit.cli import cli, options_from
 from safer_audit.config import option
-from safer_audit.decisions import write_decisions
+from safer_audit.workflows.decisions import write_decisions
 
 from .test_integrity import _edit_baseline, _gate, baseline_dir  # noqa: F401 (a fixture)
 

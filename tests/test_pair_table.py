@@ -15,8 +15,7 @@ import pytest
 from safer_audit.config import ActivationConfig, SaeTrainConfig, ScanConfig
 from safer_audit.data import PAIR_SCHEMA, PairTable, load_pairs, response_lengths, spool_pairs
 from safer_audit.data import table as table_module
-from safer_audit.profiles import scan_profile
-from safer_audit.scan import run_scan
+from safer_audit.pipeline.scan import run_scan, scan_profile
 
 from .conftest import hh_records
 

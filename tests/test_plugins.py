@@ -16,7 +16,7 @@ import pytest
 
 from safer_audit.hookspecs import hookimpl
 from safer_audit.plugins import exporters, load_plugins, plugin_info
-from safer_audit.report import Report, export_report
+from safer_audit.report.types import Report, export_report
 
 from .test_report import make_report
 

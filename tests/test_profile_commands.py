@@ -12,7 +12,7 @@ import torch
 from click.testing import CliRunner
 
 from safer_audit.cli import cli
-from safer_audit.report import Report
+from safer_audit.report.types import Report
 
 from .conftest import write_hh_pairs
 from .test_profiles import _config
@@ -23,7 +23,7 @@ N = 24
 @pytest.fixture
 def second_model(monkeypatch, tiny_gguf_path):
     """--profile thorough reads the tiny GGUF as its second model, named "second"."""
-    from safer_audit import profiles
+    from safer_audit.pipeline import profiles
 
     model = profiles.ProfileModel("second", str(tiny_gguf_path), layer=2, max_length=64)
     monkeypatch.setitem(profiles.PROFILES, "thorough", (model,))
@@ -48,8 +48,8 @@ def invoke(*args):
 
 
 def test_a_thorough_report_has_every_models_cards_each_naming_its_model(tiny_llama_dir, second_model, tmp_path):
-    from safer_audit import profiles
-    from safer_audit.scan import run_scan, scan_pairs
+    from safer_audit.pipeline import profiles
+    from safer_audit.pipeline.scan import run_scan, scan_pairs
 
     data = write_hh_pairs(tmp_path / "pairs.jsonl", N)
     result = run_scan(str(data), _config(tiny_llama_dir, tmp_path, profile="thorough"))
@@ -64,7 +64,7 @@ def test_a_thorough_report_has_every_models_cards_each_naming_its_model(tiny_lla
     fast = run_scan(str(data), _config(tiny_llama_dir, tmp_path))
     assert [card.latent for card in first] == [card.latent for card in fast.report.features]
     assert {card.model for card in fast.report.features} == {tiny_llama_dir.name} and fast.report.run.profile == "fast"
-    from safer_audit.report import export_report
+    from safer_audit.report.types import export_report
 
     export_report(report, tmp_path / "report.html")  # each featured card's title names its model
     page = (tmp_path / "report.html").read_text()
@@ -79,15 +79,16 @@ def distinct_flip_probability(monkeypatch):
     """The flip posterior replaced by sigmoid(-margin), distinct per pair: the tiny random models' judges carry no
     signal, so the real posterior is 0 for every pair (test_flip_posterior tests it); these tests follow the
     values from the stack to the findings and to clean."""
-    from safer_audit import scoring
+    from safer_audit.scoring import heads, posterior, stack
 
-    monkeypatch.setattr(scoring, "flip_posterior",
-                        lambda margin: (torch.sigmoid(-margin), scoring.FlipMixture(0.5, 1.0, 0.0)))
+    for module in (heads, stack):  # where the posterior is used: the cached and the uncached stack
+        monkeypatch.setattr(module, "flip_posterior",
+                            lambda margin: (torch.sigmoid(-margin), posterior.FlipMixture(0.5, 1.0, 0.0)))
 
 
 def test_findings_carry_the_mixture_posterior_not_the_probability_that_rejected_is_better(tiny_llama_dir, tmp_path):
-    from safer_audit.scan import ranking_weights, run_scan
-    from safer_audit.scoring import aggregate, flip_posterior
+    from safer_audit.pipeline.scan import run_scan
+    from safer_audit.scoring.stack import aggregate, flip_posterior, ranking_weights
 
     data = write_hh_pairs(tmp_path / "pairs.jsonl", N)
     config = _config(tiny_llama_dir, tmp_path, profile="fast")
@@ -103,7 +104,7 @@ def test_findings_carry_the_mixture_posterior_not_the_probability_that_rejected_
 
 def test_every_finding_carries_the_stacks_flip_probability(tiny_llama_dir, second_model, tmp_path,
                                                            distinct_flip_probability):
-    from safer_audit.scan import run_scan
+    from safer_audit.pipeline.scan import run_scan
 
     data = write_hh_pairs(tmp_path / "pairs.jsonl", N)
     for profile in ("fast", "thorough"):
@@ -171,7 +172,7 @@ def test_clean_min_flip_probability_refuses_a_report_without_it_and_a_second_rul
 
 
 def test_clean_and_review_scan_with_the_profile_they_are_given(tiny_llama_dir, second_model, tmp_path):
-    from safer_audit.scan import run_scan
+    from safer_audit.pipeline.scan import run_scan
 
     data = write_hh_pairs(tmp_path / "pairs.jsonl", N)
     thorough = run_scan(str(data), _config(tiny_llama_dir, tmp_path, profile="thorough")).report

@@ -166,9 +166,9 @@ def _config(model: Path, tmp_path: Path, **keywords) -> ScanConfig:
 
 def test_thorough_ranks_by_the_judges_of_both_models_and_fast_is_unchanged(tiny_llama_dir, tiny_gguf, tmp_path,
                                                                            monkeypatch):
-    from safer_audit import profiles
-    from safer_audit.scan import run_scan, scan_pairs
-    from safer_audit.scoring import aggregate
+    from safer_audit.pipeline import profiles
+    from safer_audit.pipeline.scan import run_scan, scan_pairs
+    from safer_audit.scoring.stack import aggregate
 
     data = write_hh_pairs(tmp_path / "pairs.jsonl", 24)
     fast = run_scan(str(data), _config(tiny_llama_dir, tmp_path))
@@ -198,9 +198,9 @@ def test_thorough_ranks_by_the_judges_of_both_models_and_fast_is_unchanged(tiny_
 
 
 def test_evaluate_measures_both_models_judges_under_thorough(tiny_llama_dir, tiny_gguf, tmp_path, monkeypatch):
-    from safer_audit import profiles
     from safer_audit.data import load_pairs
-    from safer_audit.evaluate import evaluate
+    from safer_audit.pipeline import profiles
+    from safer_audit.workflows.evaluate import evaluate
 
     monkeypatch.setitem(profiles.PROFILES, "thorough",
                         (profiles.ProfileModel("second", str(tiny_gguf), layer=2, positions="all", max_length=64),))

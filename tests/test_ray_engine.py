@@ -16,11 +16,12 @@ from dataclasses import replace
 
 import pytest
 
-from safer_audit import activations
-from safer_audit.activations import extract_activations, load_backend, pair_texts
 from safer_audit.config import ActivationConfig, SaeTrainConfig, ScanConfig
 from safer_audit.errors import ConfigError
-from safer_audit.scan import run_scan
+from safer_audit.model import activations
+from safer_audit.model.activations import extract_activations, load_backend
+from safer_audit.model.texts import pair_texts
+from safer_audit.pipeline.scan import run_scan
 
 ray = pytest.importorskip("ray")
 pytest.importorskip("ray.data")
@@ -259,8 +260,8 @@ def test_a_ray_scan_encodes_only_the_missing_codes_into_the_local_engines_blocks
     import json
     import shutil
 
-    from safer_audit import codes
     from safer_audit.engine.ray import LAST_ENCODING
+    from safer_audit.sae import codes
 
     local, local_cache = local_scan
     cache = tmp_path / "cache"

@@ -10,10 +10,9 @@ import stat
 import pytest
 from rich.console import Console
 
-from safer_audit.backends.view import diff_excerpts, print_report
-from safer_audit.domain import Category
-from safer_audit.files import write_atomic
-from safer_audit.report import (
+from safer_audit.common.domain import Category
+from safer_audit.common.files import write_atomic
+from safer_audit.report.types import (
     REPORT_SCHEMA_VERSION,
     FeatureCard,
     FeatureContext,
@@ -25,6 +24,7 @@ from safer_audit.report import (
     find_exporter,
     findings_from_frame,
 )
+from safer_audit.report.view import diff_excerpts, print_report
 
 # Dataset text is untrusted and awkward: markup, pipes, separators, quotes, newlines, unicode.
 TRICKY = 'a | b, "quoted", \'single\'\nnew line\ttab <b>bold</b> & café 日本語 🙂 `code` *star* =1+1'

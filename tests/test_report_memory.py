@@ -11,8 +11,11 @@ from __future__ import annotations
 import json
 import platform
 
-from safer_audit import salience, scan
+from safer_audit.common import memory
 from safer_audit.config import ActivationConfig, SaeTrainConfig, ScanConfig
+from safer_audit.pipeline import scan, stages
+from safer_audit.report import build
+from safer_audit.sae import stats
 
 from .conftest import hh_records
 
@@ -23,13 +26,13 @@ def test_the_top_features_of_each_range_hold_only_their_own_values(tiny_llama_di
     config = ScanConfig(activations=ActivationConfig(model=str(tiny_llama_dir), layer=1, max_length=64,
                                                      cache_dir=tmp_path / "cache"),
                         sae_train=SaeTrainConfig(n_latents=64, k=4), n_features=16, labeller="none")
-    monkeypatch.setattr(salience, "STREAM_PAIRS", 8)  # three ranges of pairs
+    monkeypatch.setattr(stats, "STREAM_PAIRS", 8)  # three ranges of pairs
     held = []
-    real_maker = scan._finding_maker
-    monkeypatch.setattr(scan, "_finding_maker", lambda table, order, top_columns, *a: held.append(top_columns)
+    real_maker = build._finding_maker
+    monkeypatch.setattr(build, "_finding_maker", lambda table, order, top_columns, *a: held.append(top_columns)
                         or real_maker(table, order, top_columns, *a))
     freed = []
-    monkeypatch.setattr(scan, "freed_blocks_to_the_system", lambda: freed.append(True))
+    monkeypatch.setattr(stages, "freed_blocks_to_the_system", lambda: freed.append(True))
     result = scan.run_scan(str(data), config)
     assert freed == [True]  # once, before the scores (and so the report): from the start it slowed extraction
     (ranges,) = held
@@ -43,4 +46,4 @@ def test_the_top_features_of_each_range_hold_only_their_own_values(tiny_llama_di
 
 def test_large_freed_blocks_go_back_to_the_system_on_glibc():
     on_glibc = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
-    assert scan.freed_blocks_to_the_system() is on_glibc
+    assert memory.freed_blocks_to_the_system() is on_glibc

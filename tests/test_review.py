@@ -14,8 +14,8 @@ from rich.console import Console
 
 from safer_audit.cli import cli
 from safer_audit.data import load_pairs, pair_digest
-from safer_audit.decisions import read_decisions
-from safer_audit.review import review_findings
+from safer_audit.workflows.decisions import read_decisions
+from safer_audit.workflows.review import review_findings
 
 from .conftest import FIXTURES, ROOT
 from .test_clean import make_report, write_report

@@ -9,16 +9,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from safer_audit.common.digests import DIGEST_LENGTH
 from safer_audit.config import SaeTrainConfig
-from safer_audit.digests import DIGEST_LENGTH
-from safer_audit.sae import (
-    SaeConfig,
-    SaeFormatError,
-    TopKSAE,
-    evaluate_sae,
-    shuffled_batches,
-    train_sae,
-)
+from safer_audit.sae import SaeConfig, SaeFormatError, TopKSAE, evaluate_sae, shuffled_batches, train_sae
 
 
 def make_sae(d_in=16, n_latents=64, k=4, seed=0, **kwargs) -> TopKSAE:

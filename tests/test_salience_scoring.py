@@ -7,16 +7,12 @@ import json
 import pytest
 import torch
 
-from safer_audit.salience import CodeStats, FeaturesFileError, feature_cards, feature_salience, select_features
-from safer_audit.scoring import (
-    categorise,
-    cross_fitted_margins,
-    feature_contributions,
-    fit_bradley_terry,
-    percentile_from_low,
-    score_safe,
-    suspicion,
-)
+from safer_audit.features.cards import feature_cards
+from safer_audit.features.salience import FeaturesFileError, feature_salience, select_features
+from safer_audit.sae.stats import CodeStats
+from safer_audit.scoring.categories import categorise
+from safer_audit.scoring.heads import cross_fitted_margins, feature_contributions, fit_bradley_terry, score_safe
+from safer_audit.scoring.ranks import percentile_from_low, suspicion
 
 
 def make_stats(mean_codes: list[list[float]], n_positions: list[int]) -> CodeStats:
@@ -200,7 +196,8 @@ class FakeStore:
 
 def test_encode_store_matches_a_dense_reference():
     from safer_audit.sae import SaeConfig, TopKSAE
-    from safer_audit.salience import TOP_ACTIVATIONS, encode_store
+    from safer_audit.sae.codes import encode_store
+    from safer_audit.sae.stats import TOP_ACTIVATIONS
 
     sae = TopKSAE(SaeConfig(d_in=16, n_latents=24, k=3), generator=torch.Generator().manual_seed(0))
     store = FakeStore()

@@ -12,8 +12,8 @@ from click.testing import CliRunner
 from safer_audit.cli import cli
 from safer_audit.config import ScanConfig
 from safer_audit.data import load_pairs
-from safer_audit.report import Report
-from safer_audit.scan import run_scan
+from safer_audit.pipeline.scan import run_scan
+from safer_audit.report.types import Report
 
 from .conftest import hh_records, tiny_scan_config
 

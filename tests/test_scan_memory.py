@@ -14,7 +14,7 @@ import struct
 import torch
 from safetensors.torch import save as save_safetensors
 
-from safer_audit.codes import SUMMARY_FORMAT, CodeCache, _Accumulator, _keys_digest
+from safer_audit.sae.codes import SUMMARY_FORMAT, CodeCache, _Accumulator, _keys_digest
 
 
 def reference_bytes(keys: list[str], summary: dict[str, torch.Tensor]) -> bytes:

@@ -17,8 +17,9 @@ import pytest
 
 from safer_audit.config import ActivationConfig, SaeTrainConfig, ScanConfig
 from safer_audit.data import load_pairs, readers
-from safer_audit.report import Finding, LazyFindings, Report, export_report
-from safer_audit.scan import run_scan
+from safer_audit.pipeline import stages
+from safer_audit.pipeline.scan import run_scan
+from safer_audit.report.types import Finding, LazyFindings, Report, export_report
 
 from .conftest import hh_records
 from .test_report import make_report
@@ -143,8 +144,8 @@ def test_json_is_written_a_finding_at_a_time_as_json_dumps_writes_it_whole(tmp_p
 
 
 def test_texts_are_rendered_a_range_of_pairs_at_a_time(tiny_llama_dir, tmp_path, monkeypatch):
-    from safer_audit import scan
-    from safer_audit.activations import load_backend, pair_texts
+    from safer_audit.model.activations import load_backend
+    from safer_audit.model.texts import pair_texts
 
     path = tmp_path / "pairs.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in hh_records(11)), encoding="utf-8")
@@ -152,10 +153,9 @@ def test_texts_are_rendered_a_range_of_pairs_at_a_time(tiny_llama_dir, tmp_path,
     backend = load_backend(ActivationConfig(model=str(tiny_llama_dir), layer=1))
     slices = []
     real_slice = pl.DataFrame.slice
-    monkeypatch.setattr(scan, "TEXTS_BATCH", 4, raising=False)
+    monkeypatch.setattr(stages, "TEXTS_BATCH", 4)
     monkeypatch.setattr(pl.DataFrame, "slice", lambda self, *a: slices.append(a) or real_slice(self, *a))
-    texts = scan._activations_for(pairs, backend, ScanConfig(activations=ActivationConfig(
-        model=str(tiny_llama_dir), layer=1, max_length=64, cache_dir=tmp_path / "cache")), scan.no_progress, "x")[0]
+    texts = stages.rendered_texts(pairs, backend, tmp_path / "cache")
     assert slices[:3] == [(0, 4), (4, 4), (8, 4)]  # the messages of at most 4 pairs as Python objects at once
     assert list(texts) == pair_texts(pairs, backend)
 
@@ -165,8 +165,8 @@ def test_rendered_texts_are_read_back_from_a_file_as_they_were_written(tmp_path)
     stride and in order exactly as rendered: non-ASCII, a lone surrogate, empty texts (issue 16)."""
     import sys
 
-    from safer_audit import activations
-    from safer_audit.activations import PreparedText, SpooledTexts
+    from safer_audit.model import texts as texts_module
+    from safer_audit.model.texts import PreparedText, SpooledTexts
 
     written = [PreparedText(f"\n\nHuman: {i} caf\u00e9 \U0001f600 " + "x" * (i % 7) * 300, 3 * i, i % 3 == 0)
                for i in range(25)]
@@ -183,7 +183,7 @@ def test_rendered_texts_are_read_back_from_a_file_as_they_were_written(tmp_path)
     with pytest.raises(IndexError):
         texts[25]
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(activations, "SPOOL_READ", 4)
+        patch.setattr(texts_module, "SPOOL_READ", 4)
         assert list(texts) == written
     held = sum(sys.getsizeof(v) for v in vars(texts).values() if not hasattr(v, "fileno"))
     assert held < 1000 + 40 * len(texts) < sum(len(t.text) for t in written)
@@ -193,8 +193,9 @@ def test_rendered_texts_are_read_back_from_a_file_as_they_were_written(tmp_path)
 def test_extraction_reads_the_texts_it_runs_without_copying_them(tiny_llama_dir, tmp_path, monkeypatch):
     """Extraction from SpooledTexts writes the same shards as from a list, duplicates included, and
     keeps no PreparedText per text while it plans (issue 16)."""
-    from safer_audit import activations
-    from safer_audit.activations import SpooledTexts, extract_activations, load_backend, pair_texts
+    from safer_audit.model import activations
+    from safer_audit.model.activations import extract_activations, load_backend
+    from safer_audit.model.texts import SpooledTexts, pair_texts
 
     path = tmp_path / "pairs.jsonl"
     records = hh_records(9)

@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from safer_audit import files
 from safer_audit.cli import cli
-from safer_audit.files import write_atomic
+from safer_audit.common import files
+from safer_audit.common.files import write_atomic
 
 from .conftest import hh_records
 from .test_clean import make_report, write_report
@@ -97,7 +97,7 @@ def test_a_writer_error_about_another_file_keeps_that_file_name(tmp_path):
 @pytest.fixture
 def no_scan(monkeypatch):
     """A scan that must not start: the refusal has to come before the model loads."""
-    from safer_audit import scan
+    from safer_audit.pipeline import scan
 
     def started(*args, **kwargs):
         raise AssertionError("the scan started")
@@ -207,8 +207,8 @@ def test_the_next_clean_removes_what_a_killed_clean_left(data, report, tmp_path)
     out = tmp_path / "clean.jsonl"
     script = f"""
 import os, signal
-from safer_audit import clean
-from safer_audit.clean import clean_dataset, load_report
+from safer_audit.workflows import clean
+from safer_audit.workflows.clean import clean_dataset, load_report
 def killed(*args):
     os.kill(os.getpid(), signal.SIGKILL)
 clean._flip_in_place = killed

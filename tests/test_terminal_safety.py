@@ -20,20 +20,13 @@ import pytest
 from click.testing import CliRunner
 from rich.console import Console
 
-from safer_audit.backends.view import print_feature_cards, print_report
 from safer_audit.cli import cli
 from safer_audit.errors import inert
-from safer_audit.explain import Explanation, FeatureFiring, print_explanation
-from safer_audit.gate import GateFinding, GateResult
-from safer_audit.gate_formats import github_annotations, render_json_result, render_junit, render_text
-from safer_audit.report import (
-    FeatureCard,
-    FeatureContext,
-    FeatureContribution,
-    Finding,
-    Report,
-    RunInfo,
-)
+from safer_audit.report.types import FeatureCard, FeatureContext, FeatureContribution, Finding, Report, RunInfo
+from safer_audit.report.view import print_feature_cards, print_report
+from safer_audit.workflows.explain import Explanation, FeatureFiring, print_explanation
+from safer_audit.workflows.gate import GateFinding, GateResult
+from safer_audit.workflows.gate_formats import github_annotations, render_json_result, render_junit, render_text
 
 from .conftest import FIXTURES
 
@@ -285,7 +278,7 @@ def test_gate_renderers_keep_data_inert():
 
 
 def test_json_text_means_the_same():
-    from safer_audit.terminal import json_text
+    from safer_audit.common.terminal import json_text
 
     value = {HOSTILE: [HOSTILE, "é", "\ud800"]}
     text = json_text(value, indent=2)

@@ -5,9 +5,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from safer_audit.files import write_atomic
+from safer_audit.common.files import write_atomic
 from safer_audit.hookspecs import hookimpl
-from safer_audit.report import Report
+from safer_audit.report.types import Report
 
 
 def export_jsonl(report: Report, path: Path) -> None:

@@ -16,22 +16,24 @@ from pathlib import Path
 
 import polars as pl
 
-from ..domain import Category
-from ..files import write_atomic
+from ..common.domain import Category
+from ..common.files import write_atomic
 from ..hookspecs import hookimpl
-from ..report import CATEGORY_DESCRIPTIONS, FeatureCard, Finding, Report, few_pairs_warning
-from .view import Excerpt, diff_excerpts, format_feature, format_number, summary_lines
+from ..report.types import CATEGORY_DESCRIPTIONS, FeatureCard, Finding, Report, few_pairs_warning
+from ..report.view import Excerpt, diff_excerpts, format_feature, format_number, summary_lines
+from ..workflows.decisions import FORMAT as DECISIONS_FORMAT  # the file the page downloads
 
-PARQUET_METADATA_KEY = "safer_audit.report"  # run metadata and feature cards, as JSON
+PARQUET_METADATA_KEY = "safer_audit.report.types"  # run metadata and feature cards, as JSON
 _SCORE_SAFE_NOTE = "score_safe = V(chosen) - V(rejected): low or negative means the chosen response looks less safe."
 
 
 def export_json(report: Report, path: Path) -> None:
-    """The report as ``json.dumps(report.to_dict(), indent=2)`` writes it, a finding at a time (issue 16)."""
+    """The report as ``json.dumps(report.to_dict(), indent=2)`` writes it, a finding at a time."""
     head = json.dumps({**report.to_dict(include_findings=False), "findings": []}, ensure_ascii=False, indent=2,
                       allow_nan=False)
     # the findings list is the last key: what precedes it is the text before its "[]"
-    assert head.endswith('"findings": []\n}')
+    if not head.endswith('"findings": []\n}'):
+        raise RuntimeError("Report.to_dict no longer ends with its findings: the JSON exporter must change with it")
 
     def write(tmp: Path) -> None:
         with open(tmp, "w", encoding="utf-8") as out:
@@ -137,7 +139,6 @@ def export_markdown(report: Report, path: Path) -> None:
 # -- HTML ------------------------------------------------------------------------------
 
 HTML_MAX_SUSPECTS = 200  # the page shows the top suspects by rank; the JSON/CSV/Parquet reports hold every pair
-DECISIONS_FORMAT = "safer-audit-decisions"  # the file the page downloads (safer_audit/decisions.py reads it)
 DECISIONS_VERSION = 1
 VERDICTS = ("flipped", "noisy", "ok")
 

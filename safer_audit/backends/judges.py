@@ -1,23 +1,23 @@
-"""The built-in judges: the scan's three signals and the length baseline (safer_audit.judges)."""
+"""The built-in judges: the scan's three signals and the length baseline (safer_audit.scoring.judges)."""
 
 from __future__ import annotations
 
 import torch
 
 from ..hookspecs import hookimpl
-from ..judges import FunctionJudge, JudgeContext
+from ..scoring.judges import FunctionJudge, JudgeContext
 
 
 def _margin(name: str, context: JudgeContext) -> torch.Tensor:
     """A Bradley-Terry head's margins: frozen heads (the gate) or cross-fitted on these pairs."""
-    from ..scoring import HeadFit, head_margins, pair_inputs
+    from ..scoring.heads import HeadFit, head_margins, pair_inputs
 
     return head_margins(name, pair_inputs(context.stats, context.pooled)[name], context.fit or HeadFit(),
                         context.heads)
 
 
 def score_safe(context: JudgeContext) -> torch.Tensor:
-    from ..scoring import score_safe as score
+    from ..scoring.heads import score_safe as score
 
     return score(context.stats, context.features)
 
@@ -34,7 +34,7 @@ def sae_margin(context: JudgeContext) -> torch.Tensor:
 
 def length(context: JudgeContext) -> torch.Tensor:
     """The length difference, oriented by a cross-fitted 1-D Bradley-Terry fit (evaluate's baseline)."""
-    from ..scoring import cross_fitted_margins
+    from ..scoring.heads import cross_fitted_margins
 
     fit = context.fit
     diff = context.length_difference().float().unsqueeze(1)

@@ -43,8 +43,8 @@ from functools import lru_cache
 from pathlib import Path
 
 from ..errors import ConfigError
+from ..features.labels import NOT_SAFETY, FeatureLabel, LabelRequest
 from ..hookspecs import hookimpl
-from ..labelling import NOT_SAFETY, FeatureLabel, LabelRequest
 
 NAME = "offline"
 VERSION = "6"  # bump when the keyword or category rule changes: cached labels are then made again

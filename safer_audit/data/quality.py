@@ -9,7 +9,7 @@ from typing import Any
 
 import polars as pl
 
-from .schemas import _content_digest
+from .schemas import content_digest
 from .transcripts import render_transcript
 
 FINDING_KINDS = ("duplicate", "contradiction", "identical", "empty_response", "context_mismatch", "truncated")
@@ -29,7 +29,7 @@ class QualityFinding:
         return asdict(self)
 
 
-class _QualityChecker:
+class QualityChecker:
     """Check pairs one at a time; token counts are taken in batches (fast tokenizers are)."""
 
     def __init__(self, max_length: int | None = None, count_tokens: Callable[[list[str]], list[int]] | None = None,
@@ -52,8 +52,8 @@ class _QualityChecker:
         chosen, rejected = pair["chosen"], pair["rejected"]
         chosen_context, rejected_context = pair["chosen_messages"][:-1], pair["rejected_messages"][:-1]
         rejected_text = render_transcript(rejected_context)[0]
-        key = _content_digest(pair["context"], chosen, rejected_text, rejected)
-        swapped = _content_digest(rejected_text, rejected, pair["context"], chosen)
+        key = content_digest(pair["context"], chosen, rejected_text, rejected)
+        swapped = content_digest(rejected_text, rejected, pair["context"], chosen)
         if key in self._first_line:
             found.append(finding("duplicate", f"duplicate of line {self._first_line[key]}"))
         else:
@@ -107,7 +107,7 @@ def find_quality_issues(pairs: pl.DataFrame | Iterable[dict[str, Any]], *, max_l
     by ``count_tokens(texts) -> counts``; with left truncation of the context, that is
     when response text is lost.
     """
-    checker = _QualityChecker(max_length, count_tokens)
+    checker = QualityChecker(max_length, count_tokens)
     rows = pairs.iter_rows(named=True) if isinstance(pairs, pl.DataFrame) else pairs
     found = []
     for pair in rows:

@@ -12,17 +12,18 @@ import polars as pl
 from ..config import ReadOptions
 from ..errors import ConfigError, DataError, DataErrors
 from .schemas import (
-    _SCHEMA_PARSERS,
     PAIR_ID_LENGTH,
     PAIR_SCHEMA,
-    _check_text,
-    _content_digest,
-    _detect_schema,
-    _Invalid,
-    _json_type,
-    _record_id,
+    SCHEMA_PARSERS,
+    Invalid,
+    check_text,
+    content_digest,
+    detect_schema,
+    json_type,
+    record_id,
 )
-from .sources import STDIN, _source_records
+from .sources import STDIN, source_records
+from .table import pair_frame
 from .transcripts import render_transcript
 
 
@@ -65,19 +66,19 @@ class PairReader:
         return candidate
 
     def _pair(self, line: int, record: Any) -> dict[str, Any]:
-        if isinstance(record, _Invalid):
+        if isinstance(record, Invalid):
             raise record
         if not isinstance(record, dict):
-            raise _Invalid(None, f"a record must be an object, not {_json_type(record)}")
+            raise Invalid(None, f"a record must be an object, not {json_type(record)}")
         if self.schema is None:
-            self.schema = _detect_schema(record)
-        chosen, rejected = _SCHEMA_PARSERS[self.schema](record, self.preference)
-        _check_text(record)
+            self.schema = detect_schema(record)
+        chosen, rejected = SCHEMA_PARSERS[self.schema](record, self.preference)
+        check_text(record)
         context = render_transcript(chosen[:-1])[0]
         rejected_context = render_transcript(rejected[:-1])[0]
-        pair_id = _record_id(record)
+        pair_id = record_id(record)
         if pair_id is None:
-            digest = _content_digest(context, chosen[-1]["content"], rejected_context, rejected[-1]["content"])
+            digest = content_digest(context, chosen[-1]["content"], rejected_context, rejected[-1]["content"])
             pair_id = digest[:PAIR_ID_LENGTH]
         return {
             "pair_id": self._unique_id(pair_id),
@@ -93,11 +94,11 @@ class PairReader:
     def __iter__(self) -> Iterator[dict[str, Any]]:
         errors: list[DataError] = []
         try:
-            for line, record in _source_records(self.path, self.split, self.max_record_bytes):
+            for line, record in source_records(self.path, self.split, self.max_record_bytes):
                 self.records += 1
                 try:
                     pair = self._pair(line, record)
-                except _Invalid as invalid:
+                except Invalid as invalid:
                     error = DataError(self.source, line, invalid.field, invalid.message)
                     if not self.skip_invalid:
                         errors.append(error)
@@ -149,7 +150,7 @@ def load_pairs(source: str | os.PathLike, options: ReadOptions | None = None, *,
     reader = PairReader(source, options, max_errors=max_errors, **keywords)
     frames = []
     for columns in _batches(reader):
-        frames.append(_frame(columns))
+        frames.append(pair_frame(columns))
         del columns  # not held while the next batch is read
     pairs = frames[0] if len(frames) == 1 else pl.concat(frames, rechunk=True)
     return LoadResult(pairs, reader.schema, reader.records, reader.skipped, reader.source)
@@ -158,7 +159,7 @@ def load_pairs(source: str | os.PathLike, options: ReadOptions | None = None, *,
 def spool_pairs(source: str | os.PathLike, directory: str | os.PathLike | None, options: ReadOptions | None = None, *,
                 max_errors: int = 10, **keywords) -> LoadResult:
     """``load_pairs`` into a ``PairTable``: the pairs' texts in a temporary file in ``directory``, only ids,
-    sources, lines and lengths in memory (a scan's driver, issue 16)."""
+    sources, lines and lengths in memory (a scan's driver)."""
     from .table import PairTable
 
     reader = PairReader(source, options, max_errors=max_errors, **keywords)
@@ -184,28 +185,11 @@ def _batches(reader: PairReader) -> Iterator[dict[str, list]]:
         yield columns
 
 
-# Pairs turned into table columns at a time by load_pairs. Measured (issue 16): building the table from
+# Pairs turned into table columns at a time by load_pairs. Measured: building the table from
 # every pair's Python objects at once left ~12 KB per pair of RSS behind (polars' conversion of the
 # message lists), 2 GB at 100k pairs for a 0.23 GB table; a batch at a time through Arrow, ~3 KB.
 LOAD_BATCH = 4096
 
 
-def _frame(columns: dict[str, list]) -> pl.DataFrame:
-    """One batch of pairs as a table with the PAIR_SCHEMA columns, converted by Arrow (system allocator:
-    Arrow's own pool keeps freed batches' memory)."""
-    import pyarrow as pa
-
-    types = _arrow_types()
-    pool = pa.system_memory_pool()
-    table = pa.table({name: pa.array(values, type=types[name], memory_pool=pool) for name, values in columns.items()})
-    return pl.from_arrow(table)
 
 
-_ARROW_TYPES: dict = {}
-
-
-def _arrow_types() -> dict:
-    if not _ARROW_TYPES:
-        schema = pl.DataFrame(schema=PAIR_SCHEMA).to_arrow().schema
-        _ARROW_TYPES.update({name: schema.field(name).type for name in PAIR_SCHEMA})
-    return _ARROW_TYPES

@@ -23,8 +23,8 @@ from typing import Any
 
 import polars as pl
 
-from ..digests import sha256_text, short_digest
-from .transcripts import _MARKER, ROLES, parse_hh_transcript
+from ..common.digests import sha256_text, short_digest
+from .transcripts import MARKER, ROLES, parse_hh_transcript
 
 MESSAGES_TYPE = pl.List(pl.Struct({"role": pl.Utf8, "content": pl.Utf8}))
 PAIR_SCHEMA = {
@@ -39,7 +39,7 @@ PAIR_SCHEMA = {
 }
 
 
-class _Invalid(Exception):
+class Invalid(Exception):
     """A record-level problem; the reader adds the path and line."""
 
     def __init__(self, field: str | None, message: str):
@@ -50,7 +50,7 @@ class _Invalid(Exception):
 # --- field checks ------------------------------------------------------------------
 
 
-def _json_type(value: Any) -> str:
+def json_type(value: Any) -> str:
     if isinstance(value, bool):
         return "a boolean"
     if isinstance(value, (int, float)):
@@ -62,37 +62,37 @@ def _json_type(value: Any) -> str:
 def _present(record: dict, key: str, name: str | None = None) -> Any:
     name = name or key
     if key not in record:
-        raise _Invalid(name, "is missing")
+        raise Invalid(name, "is missing")
     if record[key] is None:
-        raise _Invalid(name, "is null")
+        raise Invalid(name, "is null")
     return record[key]
 
 
 def _string(record: dict, key: str, name: str | None = None) -> str:
     value = _present(record, key, name)
     if not isinstance(value, str):
-        raise _Invalid(name or key, f"must be a string, not {_json_type(value)}")
+        raise Invalid(name or key, f"must be a string, not {json_type(value)}")
     return value
 
 
 def _messages(value: Any, name: str) -> list[dict[str, str]]:
     if not isinstance(value, list):
-        raise _Invalid(name, f"must be a list of messages, not {_json_type(value)}")
+        raise Invalid(name, f"must be a list of messages, not {json_type(value)}")
     messages = []
     for index, item in enumerate(value):
         where = f"{name}[{index}]"
         if not isinstance(item, dict):
-            raise _Invalid(where, f"must be an object, not {_json_type(item)}")
+            raise Invalid(where, f"must be an object, not {json_type(item)}")
         role = _string(item, "role", f"{where}.role")
         if role not in ROLES:
-            raise _Invalid(f"{where}.role", f"must be one of {', '.join(ROLES)}, not {role!r}")
+            raise Invalid(f"{where}.role", f"must be one of {', '.join(ROLES)}, not {role!r}")
         messages.append({"role": role, "content": _string(item, "content", f"{where}.content")})
     return messages
 
 
 def _ends_with_assistant(messages: list[dict[str, str]], name: str, what: str) -> list[dict[str, str]]:
     if not messages or messages[-1]["role"] != "assistant":
-        raise _Invalid(name, f"must end with {what}")
+        raise Invalid(name, f"must end with {what}")
     return messages
 
 
@@ -100,7 +100,7 @@ def _prompt_context(prompt: str) -> list[dict[str, str]]:
     """A prompt string as context messages; a prompt with turn markers is a transcript."""
     if not prompt:
         return []
-    if not _MARKER.search(prompt):
+    if not MARKER.search(prompt):
         return [{"role": "user", "content": prompt}]
     messages = parse_hh_transcript(prompt)
     # "...\n\nAssistant:" at the end only cues the response; it is not a turn of its own.
@@ -151,19 +151,19 @@ def _pku_pair(record: dict, preference: str) -> Conversations:
     key = f"{preference}_response_id"
     index = _present(record, key)
     if isinstance(index, bool) or not isinstance(index, int):
-        raise _Invalid(key, f"must be 0 or 1, not {_json_type(index)}")
+        raise Invalid(key, f"must be 0 or 1, not {json_type(index)}")
     if index not in (0, 1):
-        raise _Invalid(key, f"must be 0 or 1, not {index}")
+        raise Invalid(key, f"must be 0 or 1, not {index}")
     return (context + [{"role": "assistant", "content": responses[index]}],
             context + [{"role": "assistant", "content": responses[1 - index]}])
 
 
-_SCHEMA_PARSERS: dict[str, Callable[[dict, str], Conversations]] = {
+SCHEMA_PARSERS: dict[str, Callable[[dict, str], Conversations]] = {
     "hh": _hh_pair, "prompt": _prompt_pair, "messages": _messages_pair, "pku": _pku_pair,
 }
 
 
-def _detect_schema(record: dict) -> str:
+def detect_schema(record: dict) -> str:
     if "response_0" in record or "response_1" in record:
         return "pku"
     if any(isinstance(record.get(key), list) for key in ("chosen", "rejected", "prompt")):
@@ -173,25 +173,25 @@ def _detect_schema(record: dict) -> str:
     if "chosen" in record or "rejected" in record:
         return "hh"
     fields = ", ".join(sorted(map(str, record))) or "none"
-    raise _Invalid(None, f"cannot tell the schema from the fields ({fields}); expected chosen/rejected, "
+    raise Invalid(None, f"cannot tell the schema from the fields ({fields}); expected chosen/rejected, "
                          "prompt/chosen/rejected or prompt/response_0/response_1 (force one with --schema)")
 
 
-def _record_id(record: dict) -> str | None:
+def record_id(record: dict) -> str | None:
     value = record.get("id")
     if value is None or value == "":
         return None
     if isinstance(value, bool) or not isinstance(value, (str, int)):
-        raise _Invalid("id", f"must be a string or an integer, not {_json_type(value)}")
+        raise Invalid("id", f"must be a string or an integer, not {json_type(value)}")
     return str(value)
 
 
-# An automatic pair id (a record without an ``id``) is this many hex digits of _content_digest: an id that
+# An automatic pair id (a record without an ``id``) is this many hex digits of content_digest: an id that
 # users see in reports and decisions, so it keeps its length; "the same pair" is pair_digest's business.
 PAIR_ID_LENGTH = 16
 
 
-def _content_digest(context: str, chosen: str, rejected_context: str, rejected: str) -> str:
+def content_digest(context: str, chosen: str, rejected_context: str, rejected: str) -> str:
     return sha256_text("\x00".join((context, chosen, rejected_context, rejected)))
 
 
@@ -199,7 +199,7 @@ _SURROGATE = re.compile(r"[\ud800-\udfff]")
 _TEXT_FIELDS = ("id", "prompt", "chosen", "rejected", "response_0", "response_1")
 
 
-def _check_text(record: dict) -> None:
+def check_text(record: dict) -> None:
     """Lone surrogates (a JSON ``\\ud800`` escape, or bytes CSV could not decode) cannot be
     encoded as UTF-8: the tokenizer and every writer would fail later, far from the record."""
     for key in _TEXT_FIELDS:
@@ -209,7 +209,7 @@ def _check_text(record: dict) -> None:
             if isinstance(value, str):
                 found = _SURROGATE.search(value)
                 if found:
-                    raise _Invalid(name, f"holds a lone surrogate (\\u{ord(found.group()):04x}) at character "
+                    raise Invalid(name, f"holds a lone surrogate (\\u{ord(found.group()):04x}) at character "
                                          f"{found.start() + 1}: not valid Unicode text")
             elif isinstance(value, list):
                 stack += [(f"{name}[{i}]", item) for i, item in reversed(list(enumerate(value)))]

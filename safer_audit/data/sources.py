@@ -13,7 +13,7 @@ element at a time, Parquet in row batches, and memory grows only with the number
 pairs (one content digest each, to find duplicates), not with their size.
 
 A record that cannot be decoded (invalid JSON or UTF-8, over the size limit) is yielded as
-an ``_Invalid`` in its place; a problem with the source as a whole raises ``DataError``.
+an ``Invalid`` in its place; a problem with the source as a whole raises ``DataError``.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from typing import Any
 
 from ..config import MAX_RECORD_BYTES
 from ..errors import DataError
-from .schemas import _Invalid
+from .schemas import Invalid
 
 _HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
 _DATA_SUFFIXES = (".jsonl", ".jsonl.gz", ".json", ".parquet", ".csv")
@@ -57,9 +57,9 @@ def _limit(limit: int) -> str:
     return _size(limit) if limit % 1024 == 0 or limit < 1024 else f"{limit:,} bytes"
 
 
-def _too_large(size: int, limit: int, *, at_least: bool = False) -> _Invalid:
+def _too_large(size: int, limit: int, *, at_least: bool = False) -> Invalid:
     what = f"more than {_limit(limit)}" if at_least else _size(size)
-    return _Invalid(None, f"record is {what}, over the --max-record-bytes limit ({_limit(limit)})")
+    return Invalid(None, f"record is {what}, over the --max-record-bytes limit ({_limit(limit)})")
 
 
 def _record_bytes(value: Any) -> int:
@@ -84,23 +84,23 @@ _LONG_INTEGER = f"invalid JSON: a number of more than {sys.get_int_max_str_digit
 
 
 def _loads(text: str) -> Any:
-    """``json.loads`` with every way it can fail on data as an ``_Invalid``."""
+    """``json.loads`` with every way it can fail on data as an ``Invalid``."""
     try:
         return json.loads(text)
     except json.JSONDecodeError as exc:
-        raise _Invalid(None, f"invalid JSON: {exc.msg} (column {exc.colno})") from None
+        raise Invalid(None, f"invalid JSON: {exc.msg} (column {exc.colno})") from None
     except RecursionError:
-        raise _Invalid(None, "invalid JSON: nested too deeply") from None
+        raise Invalid(None, "invalid JSON: nested too deeply") from None
     except ValueError:  # Python refuses to convert integers this long (CVE-2020-10735)
-        raise _Invalid(None, _LONG_INTEGER) from None
+        raise Invalid(None, _LONG_INTEGER) from None
 
 
-# --- sources: (line, record or _Invalid) ------------------------------------------------
+# --- sources: (line, record or Invalid) ------------------------------------------------
 
 
-def _bounded_lines(stream: Any, limit: int) -> Iterator[bytes | _Invalid]:
+def _bounded_lines(stream: Any, limit: int) -> Iterator[bytes | Invalid]:
     """The lines of ``stream``; a line over ``limit`` bytes is never held whole: it is read
-    through in chunks to measure it, and yields an ``_Invalid`` in its place."""
+    through in chunks to measure it, and yields an ``Invalid`` in its place."""
     while True:
         line = stream.readline(limit + 1)
         if not line:
@@ -117,9 +117,9 @@ def _bounded_lines(stream: Any, limit: int) -> Iterator[bytes | _Invalid]:
         yield _too_large(size - line.endswith(b"\n"), limit)
 
 
-def _jsonl_records(lines: Iterable[bytes | _Invalid]) -> Iterator[tuple[int, Any]]:
+def _jsonl_records(lines: Iterable[bytes | Invalid]) -> Iterator[tuple[int, Any]]:
     for number, raw in enumerate(lines, 1):
-        if isinstance(raw, _Invalid):
+        if isinstance(raw, Invalid):
             yield number, raw
             continue
         if number == 1 and raw.startswith(codecs.BOM_UTF8):
@@ -127,17 +127,17 @@ def _jsonl_records(lines: Iterable[bytes | _Invalid]) -> Iterator[tuple[int, Any
         try:
             text = raw.decode("utf-8")
         except UnicodeDecodeError as exc:
-            yield number, _Invalid(None, f"invalid UTF-8 at byte {exc.start + 1}")
+            yield number, Invalid(None, f"invalid UTF-8 at byte {exc.start + 1}")
             continue
         if not text.strip():
             continue
         try:
             yield number, _loads(text)
-        except _Invalid as invalid:
+        except Invalid as invalid:
             yield number, invalid
 
 
-def _gzip_lines(path: str, stream: io.BufferedReader, limit: int) -> Iterator[bytes | _Invalid]:
+def _gzip_lines(path: str, stream: io.BufferedReader, limit: int) -> Iterator[bytes | Invalid]:
     try:  # the limit applies to the decompressed line
         yield from _bounded_lines(gzip.GzipFile(fileobj=stream), limit)
     except (OSError, EOFError, zlib.error) as exc:
@@ -270,7 +270,7 @@ def _csv_records(path: str, stream: io.BufferedReader, limit: int) -> Iterator[t
             cells = {key: value for key, value in cells.items() if key is not None and value is not None}
             undecodable = next((key for key, value in cells.items() if _ESCAPED_BYTE.search(key + value)), None)
             if undecodable is not None:
-                yield row, _Invalid(undecodable, "is not valid UTF-8")
+                yield row, Invalid(undecodable, "is not valid UTF-8")
                 continue
             size = _record_bytes(cells)
             if size > limit:
@@ -284,7 +284,7 @@ def _csv_records(path: str, stream: io.BufferedReader, limit: int) -> Iterator[t
 
 
 def _sized(rows: Iterable[Any], limit: int) -> Iterator[Any]:
-    """Rows of columnar sources, with a row over ``limit`` as an ``_Invalid``. Arrow has
+    """Rows of columnar sources, with a row over ``limit`` as an ``Invalid``. Arrow has
     already decoded such a row; the limit keeps the rest of the pipeline off it, and keeps
     the same records acceptable whatever the file format."""
     for record in rows:
@@ -366,7 +366,7 @@ def _file_kind(mode: int) -> str:
     return next((name for test, name in kinds if test(mode)), "not a regular file")
 
 
-def _source_records(source: str, split: str | None, limit: int = MAX_RECORD_BYTES) -> Iterator[tuple[int, Any]]:
+def source_records(source: str, split: str | None, limit: int = MAX_RECORD_BYTES) -> Iterator[tuple[int, Any]]:
     if source == STDIN:  # JSON Lines, read once as it comes
         if split is not None:
             raise DataError(source, None, None, f'is standard input: only datasets directories and hub datasets '

@@ -2,7 +2,7 @@
 
 A pairs table (``PAIR_SCHEMA``) holds both conversations of every pair: ~2.3 KB a pair in polars, 60% of it
 the two messages columns, which only rendering and the quality checks read. Held for a whole scan it was the
-one part of the driver's memory that still grew with the number of pairs (230 MB at 100k pairs, issue 16).
+one part of the driver's memory that still grew with the number of pairs (230 MB at 100k pairs).
 ``PairTable`` keeps in memory what every stage reads (id, source, line and the final responses' lengths, ~50
 bytes a pair) and writes the rest, one JSON record a pair, to a temporary file in the cache directory that is
 deleted when the table is closed or collected; rows are read back by range or by index with ``pread``.
@@ -21,13 +21,35 @@ from typing import Any
 
 import polars as pl
 
-from ..files import SpooledRecords
-from .schemas import PAIR_SCHEMA
+from ..common.files import SpooledRecords
+from .schemas import (
+    PAIR_SCHEMA,
+)
+
+
+def pair_frame(columns: dict[str, list]) -> pl.DataFrame:
+    """One batch of pairs as a table with the PAIR_SCHEMA columns, converted by Arrow (system allocator:
+    Arrow's own pool keeps freed batches' memory)."""
+    import pyarrow as pa
+
+    types = _arrow_types()
+    pool = pa.system_memory_pool()
+    table = pa.table({name: pa.array(values, type=types[name], memory_pool=pool) for name, values in columns.items()})
+    return pl.from_arrow(table)
+
 
 IN_MEMORY = ("pair_id", "source", "line")  # PAIR_SCHEMA columns kept in memory
+
+
 ON_DISK = tuple(name for name in PAIR_SCHEMA if name not in IN_MEMORY)  # one JSON array a pair, in this order
+
+
 LENGTHS = {"chosen_chars": pl.Int64, "rejected_chars": pl.Int64}  # the final responses' lengths in characters
+
+
 TABLE_SCHEMA = {**{name: PAIR_SCHEMA[name] for name in IN_MEMORY}, **LENGTHS}  # what is kept in memory
+
+
 READ_ROWS = 4096  # rows read back in one pread when the table is iterated
 
 
@@ -136,11 +158,11 @@ class PairTable:
 
     def to_frame(self) -> pl.DataFrame:
         """Every pair as a ``PAIR_SCHEMA`` table in memory (what this class exists to avoid: for small uses)."""
-        from .readers import _frame
+        
 
         frames = []
         for rows in self.slices():
-            frames.append(_frame({name: [row[name] for row in rows] for name in PAIR_SCHEMA}))
+            frames.append(pair_frame({name: [row[name] for row in rows] for name in PAIR_SCHEMA}))
         return pl.concat(frames, rechunk=True) if frames else pl.DataFrame(schema=PAIR_SCHEMA)
 
     def close(self) -> None:
@@ -153,3 +175,13 @@ def response_lengths(pairs) -> tuple[list[int], list[int]]:
         return pairs["chosen_chars"].to_list(), pairs["rejected_chars"].to_list()
     return (pairs["chosen"].str.len_chars().cast(pl.Int64).to_list(),
             pairs["rejected"].str.len_chars().cast(pl.Int64).to_list())
+
+
+_ARROW_TYPES: dict = {}
+
+
+def _arrow_types() -> dict:
+    if not _ARROW_TYPES:
+        schema = pl.DataFrame(schema=PAIR_SCHEMA).to_arrow().schema
+        _ARROW_TYPES.update({name: schema.field(name).type for name in PAIR_SCHEMA})
+    return _ARROW_TYPES

@@ -43,7 +43,7 @@ def cached_counter(count_tokens: Callable[[list[str]], list[int]], directory: Pa
     import hashlib
     import json
 
-    from ..files import write_atomic
+    from ..common.files import write_atomic
 
     def checksum(counts: list[int]) -> str:
         return hashlib.blake2b(json.dumps(counts).encode(), digest_size=16).hexdigest()

@@ -10,7 +10,7 @@ ROLES = ("user", "assistant", "system")
 
 _ROLE_NAMES = {"user": "Human", "assistant": "Assistant", "system": "System"}
 _NAME_ROLES = {name: role for role, name in _ROLE_NAMES.items()}
-_MARKER = re.compile(r"(?:^|\n\n)(Human|Assistant|System): ?")
+MARKER = re.compile(r"(?:^|\n\n)(Human|Assistant|System): ?")
 
 
 def parse_hh_transcript(text: str) -> list[dict[str, str]]:
@@ -24,7 +24,7 @@ def parse_hh_transcript(text: str) -> list[dict[str, str]]:
     the first turn becomes a system message, and a text without any turn marker is a
     single assistant message (a plain response).
     """
-    markers = list(_MARKER.finditer(text))
+    markers = list(MARKER.finditer(text))
     if not markers:
         return [{"role": "assistant", "content": text}]
     messages = []

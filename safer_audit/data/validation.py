@@ -9,7 +9,7 @@ from typing import Any
 
 from ..config import ReadOptions
 from ..errors import DataError
-from .quality import FINDING_KINDS, QualityFinding, _QualityChecker
+from .quality import FINDING_KINDS, QualityChecker, QualityFinding
 from .readers import PairReader
 
 
@@ -55,7 +55,7 @@ def validate_dataset(source: str | os.PathLike, options: ReadOptions | None = No
                      examples: int = 5, **keywords) -> ValidationSummary:
     """Read ``source`` once, streaming, and summarise it; raises like ``load_pairs``."""
     reader = PairReader(source, options, max_errors=max_errors, keep_skipped=max_errors, **keywords)
-    checker = _QualityChecker(max_length, count_tokens)
+    checker = QualityChecker(max_length, count_tokens)
     kinds = [kind for kind in FINDING_KINDS if max_length is not None or kind != "truncated"]
     counts = dict.fromkeys(kinds, 0)
     firsts: dict[str, list[QualityFinding]] = {kind: [] for kind in kinds}

@@ -47,12 +47,13 @@ from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 
-from ..activations import ActivationCache, PreparedText, chunk_tensors, compute_shard, load_backend
-from ..codes import CodeCache, encode_chunk
+from ..common.files import remove_stale_temporaries, temporary_name, write_atomic
+from ..common.keyindex import KeyIndex
 from ..config import ActivationConfig
 from ..errors import CacheError, ConfigError
-from ..files import remove_stale_temporaries, temporary_name, write_atomic
-from ..keyindex import KeyIndex
+from ..model.activations import ActivationCache, ActivationStore, chunk_tensors, compute_shard, load_backend
+from ..model.texts import PreparedText
+from ..sae.codes import CodeCache, encode_chunk, missing_texts
 
 INSTALL_HINT = "--engine ray needs Ray: pip install 'safer-audit[ray]' (or pip install 'ray[data]>=2.60,<3')"
 
@@ -322,9 +323,6 @@ def encode_on_ray(store, sae, cache: CodeCache, config: ActivationConfig, progre
     """
     import json
 
-    from ..activations import ActivationStore
-    from ..codes import missing_texts
-
     missing = missing_texts(store, cache)
     if not missing:
         return 0
@@ -365,5 +363,20 @@ def encode_on_ray(store, sae, cache: CodeCache, config: ActivationConfig, progre
     return run["texts"]
 
 
-__all__ = ["INSTALL_HINT", "LAST_ENCODING", "LAST_RUN", "CodeWorker", "ShardWorker", "compute_shards_on_ray",
+class RayExecutor:
+    """The Ray engine as a hookspecs.Executor: extraction and the SAE pass on an actor pool."""
+
+    name = "ray"
+
+    def __init__(self, config: ActivationConfig):
+        self.config = config
+
+    def compute_shards(self, items, shards, config, layer, want_score, cache, progress) -> int:
+        return compute_shards_on_ray(items, shards, config, layer, want_score, cache, progress)
+
+    def encode_missing(self, store, sae, cache, progress) -> int:
+        return encode_on_ray(store, sae, cache, self.config, progress)
+
+
+__all__ = ["INSTALL_HINT", "RayExecutor", "LAST_ENCODING", "LAST_RUN", "CodeWorker", "ShardWorker", "compute_shards_on_ray",
            "connect", "encode_on_ray"]

@@ -7,8 +7,18 @@ See docs/method.md section 2.
 """
 
 from ..errors import SaeFormatError
-from .formats import CFG_FILE, DIGEST_KEY, FORMAT_KEY, FORMAT_VERSION, SPARSIFY_WEIGHTS_FILE, WEIGHTS_FILE
-from .model import LAYER_NORM_EPS, NORMALIZATIONS, ForwardOutput, SaeConfig, TopKSAE
+from .config import (
+    CFG_FILE,
+    DIGEST_KEY,
+    FORMAT_KEY,
+    FORMAT_VERSION,
+    LAYER_NORM_EPS,
+    NORMALIZATIONS,
+    SPARSIFY_WEIGHTS_FILE,
+    WEIGHTS_FILE,
+    SaeConfig,
+)
+from .model import ForwardOutput, TopKSAE
 from .train import SHUFFLE_BUFFER_TOKENS, TrainStats, default_lr, evaluate_sae, shuffled_batches, train_sae
 
 __all__ = [

@@ -35,33 +35,31 @@ import hashlib
 import json
 import math
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors
 
 from ..errors import SaeFormatError
+from .config import (
+    CFG_FILE,
+    DIGEST_KEY,
+    FORMAT_KEY,
+    FORMAT_VERSION,
+    NORMALIZATIONS,
+    SaeConfig,
+)
 
-if TYPE_CHECKING:
-    from .model import SaeConfig
-
-CFG_FILE = "cfg.json"
-WEIGHTS_FILE = "sae_weights.safetensors"  # ours and SAELens
-SPARSIFY_WEIGHTS_FILE = "sae.safetensors"
-FORMAT_KEY = "safer_audit"
-FORMAT_VERSION = 1
-DIGEST_KEY = "weights_sha256"  # under FORMAT_KEY: sha256 of the weights file, checked on load
 MAX_CFG_DEPTH = 32  # nesting of cfg.json; ours is 3 deep plus free-form metadata
 
 
-def _write_json(data: dict, path) -> None:
+def write_json(data: dict, path) -> None:
     with open(path, "w", encoding="utf-8") as f:
         json.dump(data, f, indent=2, default=str)  # free-form metadata may hold paths
         f.write("\n")
 
 
-def _read_json(path: Path) -> dict:
+def read_json(path: Path) -> dict:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:
@@ -166,9 +164,8 @@ def _optional(raw: dict, path: Path, kinds: dict[str, type]) -> None:
             _field(raw, name, path, kind)
 
 
-def _from_saelens(raw: dict, cfg_path: Path, weights_path: Path) -> tuple[SaeConfig, dict]:
+def from_saelens(raw: dict, cfg_path: Path, weights_path: Path) -> tuple[SaeConfig, dict]:
     """Our format and SAELens's: same tensors, our metadata under ``"safer_audit"``."""
-    from .model import NORMALIZATIONS  # here: model imports this module
     _optional(raw, cfg_path, {"architecture": str, "activation_fn_str": str, "activation_fn_kwargs": dict,
                               "apply_b_dec_to_input": bool, "dtype": str, "device": str,
                               "normalize_activations": str, "reshape_activations": str})
@@ -220,7 +217,7 @@ def _is_sha256(text: str) -> bool:
     return len(text) == 64 and all(c in "0123456789abcdef" for c in text)
 
 
-def _from_sparsify(raw: dict, cfg_path: Path, weights_path: Path) -> tuple[SaeConfig, dict]:
+def from_sparsify(raw: dict, cfg_path: Path, weights_path: Path) -> tuple[SaeConfig, dict]:
     """An EleutherAI sparsify ``SparseCoder`` saved with ``save_to_disk``."""
     d_in = _field(raw, "d_in", cfg_path, positive=True)
     k = _field(raw, "k", cfg_path)
@@ -241,7 +238,6 @@ def _from_sparsify(raw: dict, cfg_path: Path, weights_path: Path) -> tuple[SaeCo
 
 
 def _checked_config(cfg_path: Path, **fields) -> SaeConfig:
-    from .model import SaeConfig  # here: model imports this module
     try:
         return SaeConfig(**fields)
     except ValueError as exc:

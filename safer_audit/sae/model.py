@@ -20,7 +20,6 @@ import hashlib
 import math
 import os
 import shutil
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
 
@@ -29,62 +28,19 @@ import torch.nn.functional as F
 from safetensors.torch import save as save_safetensors
 from safetensors.torch import save_file
 
-from ..digests import sha256_file, short_digest
-from ..errors import ConfigError, SaeFormatError
-from ..files import temporary_name, write_atomic
+from ..common.digests import sha256_file, short_digest
+from ..common.files import temporary_name, write_atomic
+from ..errors import SaeFormatError
 from . import formats
-
-NORMALIZATIONS = ("layer_norm", "none")
-LAYER_NORM_EPS = 1e-6
-
-
-@dataclass
-class SaeConfig:
-    """The shape and input normalisation of a TopK SAE, plus free-form metadata."""
-
-    d_in: int
-    n_latents: int
-    k: int
-    normalize: str = "layer_norm"
-    metadata: dict = field(default_factory=dict)
-
-    def __post_init__(self):
-        # types first: a string or a bool from a hand-edited cfg.json must not reach a comparison
-        for name in ("d_in", "n_latents", "k"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int):
-                raise ConfigError(f"{name} must be an integer, not {value!r}")
-        if not isinstance(self.normalize, str):
-            raise ConfigError(f"normalize must be a string, not {self.normalize!r}")
-        if not isinstance(self.metadata, dict):
-            raise ConfigError(f"metadata must be an object, not {type(self.metadata).__name__}")
-        if self.n_latents <= 0:
-            raise ConfigError(f"n_latents must be positive, not {self.n_latents}")
-        if self.normalize not in NORMALIZATIONS:
-            raise ConfigError(f"normalize must be one of {', '.join(NORMALIZATIONS)}, not {self.normalize!r}")
-        if not 0 < self.k <= self.n_latents:
-            raise ConfigError(f"k must be in 1..n_latents ({self.n_latents}), not {self.k}")
-        if self.d_in <= 0:
-            raise ConfigError(f"d_in must be positive, not {self.d_in}")
-
-    def to_cfg_json(self) -> dict:
-        """The SAELens-compatible ``cfg.json`` content, with our fields under ``"safer_audit"``."""
-        return {
-            "architecture": "topk",
-            "d_in": self.d_in,
-            "d_sae": self.n_latents,
-            "k": self.k,
-            "dtype": "float32",
-            "device": "cpu",
-            "apply_b_dec_to_input": True,
-            "normalize_activations": self.normalize,
-            "reshape_activations": "none",
-            formats.FORMAT_KEY: {
-                "format_version": formats.FORMAT_VERSION,
-                "layer_norm_eps": LAYER_NORM_EPS,
-                "metadata": self.metadata,
-            },
-        }
+from .config import (
+    CFG_FILE,
+    DIGEST_KEY,
+    FORMAT_KEY,
+    LAYER_NORM_EPS,
+    SPARSIFY_WEIGHTS_FILE,
+    WEIGHTS_FILE,
+    SaeConfig,
+)
 
 
 class ForwardOutput(NamedTuple):
@@ -229,7 +185,7 @@ class TopKSAE(torch.nn.Module):
         """
         data = self.cfg.to_cfg_json()
         digest = hashlib.sha256(save_safetensors(self.state_for_saving())).hexdigest()
-        data[formats.FORMAT_KEY][formats.DIGEST_KEY] = digest
+        data[FORMAT_KEY][DIGEST_KEY] = digest
         return data
 
     def save(self, directory: str | os.PathLike) -> Path:
@@ -239,20 +195,20 @@ class TopKSAE(torch.nn.Module):
         if directory.exists():
             # an existing directory (perhaps with other files) cannot be swapped whole:
             # replace each file atomically, weights first so cfg.json never points ahead
-            write_atomic(directory / formats.WEIGHTS_FILE, lambda p: save_file(self.state_for_saving(), str(p)))
-            write_atomic(directory / formats.CFG_FILE, lambda p: formats._write_json(self.cfg_json(), p))
+            write_atomic(directory / WEIGHTS_FILE, lambda p: save_file(self.state_for_saving(), str(p)))
+            write_atomic(directory / CFG_FILE, lambda p: formats.write_json(self.cfg_json(), p))
             return directory
         # a new directory is written whole in a staging directory (named like write_atomic's
         # temporaries, so only a dead writer's is ever cleaned up), then renamed into place
         staging = directory.parent / temporary_name(directory.name)
         staging.mkdir()
         try:
-            save_file(self.state_for_saving(), staging / formats.WEIGHTS_FILE)
-            formats._write_json(self.cfg_json(), staging / formats.CFG_FILE)
+            save_file(self.state_for_saving(), staging / WEIGHTS_FILE)
+            formats.write_json(self.cfg_json(), staging / CFG_FILE)
             try:
                 os.rename(staging, directory)
             except OSError as exc:
-                if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST) or not (directory / formats.CFG_FILE).exists():
+                if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST) or not (directory / CFG_FILE).exists():
                     raise
                 # another writer saved it meanwhile: keep theirs, so readers never see it change
                 shutil.rmtree(staging, ignore_errors=True)
@@ -267,16 +223,16 @@ class TopKSAE(torch.nn.Module):
         directory = Path(directory)
         if not directory.is_dir():
             raise SaeFormatError(f"{directory}: not a directory")
-        cfg_path = directory / formats.CFG_FILE
+        cfg_path = directory / CFG_FILE
         if not cfg_path.is_file():
-            raise SaeFormatError(f"{directory}: no {formats.CFG_FILE}")
-        raw = formats._read_json(cfg_path)
-        if (directory / formats.WEIGHTS_FILE).is_file():
-            cfg, tensors = formats._from_saelens(raw, cfg_path, directory / formats.WEIGHTS_FILE)
-        elif (directory / formats.SPARSIFY_WEIGHTS_FILE).is_file():
-            cfg, tensors = formats._from_sparsify(raw, cfg_path, directory / formats.SPARSIFY_WEIGHTS_FILE)
+            raise SaeFormatError(f"{directory}: no {CFG_FILE}")
+        raw = formats.read_json(cfg_path)
+        if (directory / WEIGHTS_FILE).is_file():
+            cfg, tensors = formats.from_saelens(raw, cfg_path, directory / WEIGHTS_FILE)
+        elif (directory / SPARSIFY_WEIGHTS_FILE).is_file():
+            cfg, tensors = formats.from_sparsify(raw, cfg_path, directory / SPARSIFY_WEIGHTS_FILE)
         else:
-            raise SaeFormatError(f"{directory}: no {formats.WEIGHTS_FILE} (ours, SAELens) or {formats.SPARSIFY_WEIGHTS_FILE} (sparsify)")
+            raise SaeFormatError(f"{directory}: no {WEIGHTS_FILE} (ours, SAELens) or {SPARSIFY_WEIGHTS_FILE} (sparsify)")
         sae = cls(cfg)
         with torch.no_grad():
             for name, tensor in tensors.items():
@@ -287,11 +243,11 @@ class TopKSAE(torch.nn.Module):
     def file_hash(directory: str | os.PathLike) -> str:
         """A short, stable hash of the weights file in ``directory``, for reports."""
         directory = Path(directory)
-        path = directory / formats.WEIGHTS_FILE
+        path = directory / WEIGHTS_FILE
         if not path.is_file():
-            path = directory / formats.SPARSIFY_WEIGHTS_FILE
+            path = directory / SPARSIFY_WEIGHTS_FILE
         if not path.is_file():
-            raise SaeFormatError(f"{directory}: no {formats.WEIGHTS_FILE} or {formats.SPARSIFY_WEIGHTS_FILE}")
+            raise SaeFormatError(f"{directory}: no {WEIGHTS_FILE} or {SPARSIFY_WEIGHTS_FILE}")
         return short_digest(sha256_file(path))
 
 

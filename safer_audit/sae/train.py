@@ -11,7 +11,8 @@ import torch
 
 from ..config import SaeTrainConfig
 from ..errors import ConfigError
-from .model import SaeConfig, TopKSAE
+from .config import SaeConfig
+from .model import TopKSAE
 
 SHUFFLE_BUFFER_TOKENS = 65_536
 # TrainStats.fvu and .l0 average the last part of training, where the weights have settled.

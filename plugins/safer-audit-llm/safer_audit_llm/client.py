@@ -32,8 +32,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from safer_audit.common.files import write_atomic
 from safer_audit.errors import ConfigError, SaferAuditError, inert
-from safer_audit.files import write_atomic
 
 log = logging.getLogger("safer_audit_llm")
 

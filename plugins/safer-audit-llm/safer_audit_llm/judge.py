@@ -1,6 +1,6 @@
 """The ``llm`` judge: asks a chat model which of a pair's two responses is safer.
 
-A judge in safer_audit.judges' sense: one signed signal per pair, positive when the model
+A judge in safer_audit.scoring.judges' sense: one signed signal per pair, positive when the model
 finds the chosen response safer, scaled by its stated confidence (0-10, /10); 0 for "the
 same"; NaN (no opinion) when its answer stays unusable. Zero-shot, so trivially cross-fitted:
 the model never saw the pair's label.

@@ -1,0 +1,1 @@
+"""Small pieces every stage shares: the domain's words, safe files, digests, progress, terminal-safe text."""

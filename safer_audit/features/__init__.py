@@ -1,0 +1,1 @@
+"""The features stage: salience, the selected features, their cards and labels."""

@@ -1,0 +1,209 @@
+"""Choosing a feature labeller and caching its labels, so a re-scan never labels twice.
+
+Labels are kept in one JSON file per (SAE hash, labeller name, labeller version, labeller
+cache key -- the taxonomy's hash for the offline labeller), mapping latent -> label. The
+file sits beside the cached SAE, or, for a user's --sae, under the cache directory keyed
+by the SAE's hash. Writes are atomic; a concurrent writer's labels are merged, not lost.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Protocol, runtime_checkable
+
+import torch
+
+from ..common.files import write_atomic
+from ..config import ScanConfig
+from ..errors import ConfigError, PluginError
+from ..model.texts import PreparedText
+from ..plugins import lookup
+from ..sae import TopKSAE
+from ..sae.stats import CodeStats
+from .cards import FeatureCard, feature_cards, render_cards
+from .salience import Feature, FeatureSet
+
+NOT_SAFETY = "not safety related"
+
+
+@dataclass(frozen=True)
+class LabelContext:
+    """One text window where the latent fires: ``before`` + ``token`` + ``after``."""
+
+    side: str  # "chosen" or "rejected"
+    before: str
+    token: str  # the activating token, as text
+    after: str
+    value: float  # the latent's activation there
+    pair_id: str = ""  # the pair the window comes from ("" when unknown): keywords must recur across pairs
+    sample: str = "top"  # "top": among the strongest activations; "p50" / "p25": from lower quantiles
+
+    def marked(self, left: str = "<<", right: str = ">>") -> str:
+        """The window with the activating token between markers."""
+        return f"{self.before}{left}{self.token}{right}{self.after}"
+
+
+@dataclass(frozen=True)
+class LabelRequest:
+    """What a labeller sees of one latent."""
+
+    latent: int
+    salience: float
+    contexts: tuple[LabelContext, ...]  # strongest first, at most one per pair
+    top_tokens: tuple[tuple[str, float], ...] = ()  # (token, activation mass), strongest first
+    token_rates: tuple[float, ...] = ()  # per top token: its share of all read tokens of the data (contrast)
+
+
+@dataclass(frozen=True)
+class FeatureLabel:
+    """A labeller's answer for one latent, with its provenance."""
+
+    latent: int
+    label: str  # short: "weapons: gun, knife, shoot"
+    relevance: float  # safety relevance in [0, 1]
+    category: str  # a taxonomy category, or NOT_SAFETY
+    labeller: str  # the labeller's registered name
+    model: str | None = None  # the model that produced it, if any
+    version: str = "1"  # the labeller's version: a new version labels again
+    extra: dict = field(default_factory=dict, compare=False)
+
+    def __post_init__(self):
+        if not 0.0 <= self.relevance <= 1.0:
+            raise ValueError(f"relevance must be in [0, 1], not {self.relevance!r}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@runtime_checkable
+class Labeller(Protocol):
+    """``label(requests)`` returns a FeatureLabel per latent it could label."""
+
+    name: str
+    version: str
+
+    def label(self, requests: Sequence[LabelRequest]) -> dict[int, FeatureLabel]: ...
+
+
+def labeller_for(config: ScanConfig):
+    """The scan's labeller (None for ``none``); --select safety needs one."""
+    options = dict(config.labeller_options)
+    labeller = make_labeller(config.labeller, options)
+    if labeller is None and config.select == "safety":
+        raise ConfigError("--select safety rates features with a labeller; --labeller none leaves nothing to rate")
+    return labeller
+
+
+def label_cache_file(config: ScanConfig, sae_dir: Path, labeller) -> Path | None:
+    """Beside a cached SAE; for a user's SAE, under the cache directory by the SAE's hash."""
+    if labeller is None:
+        return None
+    sae_hash = TopKSAE.file_hash(sae_dir)
+    if config.sae_path is None:
+        directory = Path(sae_dir) / "labels"
+    else:
+        directory = Path(config.activations.cache_dir) / "labels" / sae_hash
+    return cache_path(directory, sae_hash, labeller)
+
+
+@dataclass
+class Labelling:
+    """Labels latents on demand: cached ones are read, the others get cards and go to the labeller."""
+
+    labeller: object
+    stats: CodeStats
+    texts: Sequence[PreparedText]  # SpooledTexts in a scan: read back from a temporary file by index
+    pair_ids: list[str]
+    backend: object
+    max_length: int
+    salience: torch.Tensor
+    cache_file: Path | None
+    labels: dict[int, FeatureLabel] = field(default_factory=dict)
+
+    def label(self, latents: list[int]) -> dict[int, FeatureLabel]:
+        if self.labeller is None or not latents:
+            return {}
+        wanted = [latent for latent in dict.fromkeys(latents) if latent not in self.labels]
+        if wanted:
+            def requests(missing: list[int]) -> list[LabelRequest]:
+                features = FeatureSet([Feature(j, 1 if self.salience[j] >= 0 else -1, float(self.salience[j]))
+                                       for j in missing], "labelling")
+                data = feature_cards(self.stats, features)
+                cards = render_cards(data, self.texts, self.pair_ids, self.backend, self.max_length, len(data))
+                return [label_request(card, d, self.backend) for card, d in zip(cards, data, strict=True)]
+
+            self.labels.update(label_features(wanted, requests, self.labeller, self.cache_file))
+        return {latent: self.labels[latent] for latent in latents if latent in self.labels}
+
+
+def label_request(card: FeatureCard, data, backend) -> LabelRequest:
+    """What a labeller sees of one rendered card: its contexts and its tokens by activation mass."""
+    tokens = backend.token_strings([t for t, _ in data.token_mass])
+    return LabelRequest(
+        latent=card.latent, salience=card.salience,
+        contexts=tuple(LabelContext(c.side, c.text_before, c.token, c.text_after, c.value, c.pair_id, c.sample)
+                       for c in card.contexts),
+        top_tokens=tuple((tok, mass) for tok, (_, mass) in zip(tokens, data.token_mass, strict=True)),
+        token_rates=tuple(data.token_rates))
+
+
+NO_LABELLER = "none"
+
+
+def make_labeller(name: str | None, options: dict | None = None):
+    """The labeller registered as ``name`` (built from ``options``), or None for ``none``."""
+    if name in (None, NO_LABELLER):
+        return None
+    return lookup("labeller", name, also=(NO_LABELLER,))(**{k: v for k, v in (options or {}).items() if v is not None})
+
+
+def cache_path(directory: Path, sae_hash: str, labeller) -> Path:
+    key = getattr(labeller, "cache_key", "") or ""
+    digest = hashlib.sha256(json.dumps([sae_hash, labeller.name, str(labeller.version), str(key)]).encode())
+    safe = re.sub(r"[^A-Za-z0-9_.-]", "_", f"{labeller.name}-v{labeller.version}")[:60]
+    return Path(directory) / f"{safe}-{digest.hexdigest()[:16]}.json"
+
+
+def _read(path: Path) -> dict[int, FeatureLabel]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        return {int(latent): FeatureLabel(**entry) for latent, entry in data["labels"].items()}
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError, TypeError, KeyError, AttributeError):
+        return {}  # an unreadable cache is made again, not trusted
+
+
+def _check(label, latent: int, labeller) -> FeatureLabel:
+    if not isinstance(label, FeatureLabel) or label.latent != latent or not isinstance(label.label, str) \
+            or not isinstance(label.category, str):
+        raise PluginError(f"labeller {labeller.name!r} returned {type(label).__name__} for latent {latent}, "
+                          "not a FeatureLabel of that latent")
+    return label
+
+
+def label_features(latents: Sequence[int], make_requests: Callable[[list[int]], Sequence[LabelRequest]], labeller,
+                   cache_file: Path | None) -> dict[int, FeatureLabel]:
+    """Labels for ``latents``: from the cache, else from ``labeller`` (then cached).
+
+    ``make_requests(missing)`` builds the requests of the latents the cache lacks, so a
+    warm scan renders no contexts and calls the labeller for nothing.
+    """
+    cached = _read(cache_file) if cache_file is not None else {}
+    missing = [latent for latent in dict.fromkeys(latents) if latent not in cached]
+    if missing:
+        made = labeller.label(list(make_requests(missing)))
+        new = {latent: _check(made[latent], latent, labeller) for latent in missing if latent in made}
+        if cache_file is not None and new:
+            merged = {**_read(cache_file), **cached, **new}
+            cache_file.parent.mkdir(parents=True, exist_ok=True)
+            write_atomic(cache_file, json.dumps(
+                {"labeller": labeller.name, "version": str(labeller.version),
+                 "labels": {str(k): merged[k].to_dict() for k in sorted(merged)}}, indent=1) + "\n")
+        cached.update(new)
+    return {latent: cached[latent] for latent in latents if latent in cached}

@@ -1,0 +1,1 @@
+"""The model stage: texts rendered for a model, its hidden states extracted and cached."""

@@ -1,0 +1,215 @@
+"""How a report reads: the terminal view of a scan (``print_report``, ``print_feature_cards``) and the
+text helpers the Markdown and HTML exporters (exporters.py) share with it.
+
+Not a plugin: the report types are in ``safer_audit.report.types``; this module only renders them, and
+every piece of dataset or model text goes through ``inert`` before a terminal.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from typing import NamedTuple
+
+from rich import box
+from rich.console import Console, Group
+from rich.panel import Panel
+from rich.table import Table
+from rich.text import Text
+
+from ..common.domain import Category
+from ..common.terminal import inert, plain
+from .types import FeatureCard, FeatureContribution, Report, few_pairs_warning
+
+# -- shared rendering helpers ----------------------------------------------------------
+
+
+class Excerpt(NamedTuple):
+    """A short window of a response: text before the first difference, the differing span, after."""
+
+    before: str
+    differ: str
+    after: str
+
+
+_TOKEN = re.compile(r"\s+|\w+(?:['’]\w+)*|[^\w\s]")  # "can't" is one word
+_RESYNC_WORDS = 3  # shared words (and punctuation) in a row that end a differing span
+
+
+def _squash(text: str) -> str:
+    return re.sub(r"\s+", " ", text)
+
+
+def _excerpt(tokens: list[str], start: int, end: int, width: int) -> Excerpt:
+    before, differ, after = (_squash("".join(part)) for part in (tokens[:start], tokens[start:end], tokens[end:]))
+    lead = width // 4
+    if len(before) > lead:
+        before = "…" + before[len(before) - lead + 1 :]
+    room = width - len(before)
+    if len(differ) > room:
+        return Excerpt(before, differ[: max(room - 1, 1)] + "…", "")
+    room -= len(differ)
+    if len(after) > room:
+        after = after[: max(room - 1, 0)] + "…" if room > 0 else ""
+    return Excerpt(before, differ, after)
+
+
+def diff_excerpts(chosen: str, rejected: str, width: int = 60) -> tuple[Excerpt, Excerpt]:
+    """Excerpts of both responses around the first place where they differ.
+
+    Word-level, so that two unrelated answers show one differing span rather than
+    scattered shared letters. Identical responses give an empty ``differ``.
+    """
+    a, b = _TOKEN.findall(chosen), _TOKEN.findall(rejected)
+    common = 0
+    while common < min(len(a), len(b)) and a[common] == b[common]:
+        common += 1
+    # Every token shows as at least one character, so past `width` tokens nothing more is
+    # shown; the slack lets a run of shared words end the span just past the edge.
+    stop_a, stop_b = min(len(a), common + 2 * width), min(len(b), common + 2 * width)
+    matcher = difflib.SequenceMatcher(None, a[common:stop_a], b[common:stop_b], autojunk=False)
+    i2 = j2 = 0
+    for tag, _, end_a, _, end_b in matcher.get_opcodes():
+        # Two different sentences share spaces and small words; only a real run of shared
+        # words ends the differing span.
+        if tag == "equal" and sum(not t.isspace() for t in a[common + i2 : common + end_a]) >= _RESYNC_WORDS:
+            break
+        i2, j2 = end_a, end_b
+    return _excerpt(a, common, common + i2, width), _excerpt(b, common, common + j2, width)
+
+
+def format_number(value: float | None) -> str:
+    """Three significant digits with a sign; a dash for a missing value; zero (also -0.0) as ``0``."""
+    if value is None:
+        return "—"
+    return "0" if value == 0 else f"{value:+.3g}"  # never "-0" (a -0.0 from a subtraction) or "+0"
+
+
+def format_feature(contribution: FeatureContribution) -> str:
+    """``label +0.61 (#2971)`` when labelled, else ``#2971 +0.61``."""
+    if contribution.label:
+        return f"{contribution.label} {format_number(contribution.net)} (#{contribution.latent})"
+    return f"#{contribution.latent} {format_number(contribution.net)}"
+
+
+def summary_lines(report: Report) -> list[tuple[str, str]]:
+    """The summary as (heading, value) pairs, shared by the terminal, Markdown and HTML."""
+    run = report.run
+    model = run.model + (f" (sha256 {run.model_hash[:12]})" if run.model_hash else "")
+    sae = run.sae_path + (f" (sha256 {run.sae_hash[:12]})" if run.sae_hash else "")
+    fvu = "unknown" if run.sae_fvu is None else f"{run.sae_fvu:.3f}"
+    thresholds = ", ".join(f"{name} {value:g}" for name, value in run.thresholds.items()) or "none"
+    timings = ", ".join(f"{stage} {seconds:.1f} s" for stage, seconds in run.timings.items()) or "not recorded"
+    return [
+        ("pairs scanned", f"{run.pairs:,} from {run.data_source}"),
+        ("model", f"{model}, layer {run.layer}, positions {run.positions}, max length {run.max_length}"),
+        ("SAE", f"{sae}, FVU {fvu}, {run.n_features} features"),
+        ("ranking", f"{run.ranking}; thresholds: {thresholds}"),
+        ("categories", ", ".join(f"{name} {run.counts.get(name, 0):,}" for name in Category)),
+        ("time", timings),
+        ("created", f"{run.created} by safer-audit {run.tool_version}"),
+    ] + ([("warning", warning)] if (warning := few_pairs_warning(run.pairs)) else [])
+
+
+# -- terminal --------------------------------------------------------------------------
+
+
+def excerpt_text(label: str, excerpt: Excerpt, marks: bool) -> Text:
+    text = Text(f"{label} ", style="bold")
+    text.append(inert(excerpt.before))
+    # Without styles the differing span must still show, so it gets visible marks.
+    if excerpt.differ:
+        differ = inert(excerpt.differ)
+        text.append(f"»{differ}«" if marks else differ, style="bold reverse")
+    text.append(inert(excerpt.after))
+    return text
+
+
+def print_report(report: Report, console: Console, top: int = 20) -> None:
+    """The summary panel and the table of the ``top`` suspects, readable at 100 columns."""
+    grid = Table.grid(padding=(0, 1))
+    grid.add_column(style="bold", no_wrap=True)
+    grid.add_column(overflow="fold")  # a long file name folds onto the next line rather than being cut
+    for heading, value in summary_lines(report):
+        grid.add_row(heading, plain(value))  # paths and model names: never markup
+    console.print(Panel(grid, title="safer-audit", title_align="left", box=box.ROUNDED))
+
+    suspects = report.suspects(top)
+    shown = len(suspects)
+    total = len(report.suspects())
+    if not suspects:
+        console.print("No suspects: every pair is clean.")
+        return
+    marks = not console.is_terminal or console.color_system is None
+    table = Table(
+        title=f"Top {shown} of {total:,} suspects (pairs flagged, most suspicious first)",
+        box=box.SIMPLE_HEAD,
+        show_lines=True,
+        expand=True,
+        title_justify="left",
+    )
+    table.add_column("#", justify="right", no_wrap=True)
+    table.add_column("pair", overflow="fold", max_width=16)
+    table.add_column("safe", justify="right", no_wrap=True)
+    table.add_column("margin", justify="right", no_wrap=True)
+    table.add_column("features", ratio=2)
+    table.add_column("chosen / rejected, from the first difference", ratio=5)
+    for finding in suspects:
+        chosen, rejected = diff_excerpts(finding.chosen, finding.rejected, width=90)
+        pair = Text(f"{inert(finding.pair_id)}\nline {finding.line}\n")
+        pair.append(inert(finding.category), style="bold red" if finding.category == "flipped" else "bold")
+        if finding.quality:
+            pair.append("\n" + inert(", ".join(finding.quality)))
+        table.add_row(
+            str(finding.rank),
+            pair,
+            format_number(finding.score_safe),
+            format_number(finding.reward_margin),
+            Text("\n".join(inert(format_feature(c)) for c in finding.top_features[:3])),
+            Group(excerpt_text("C", chosen, marks), excerpt_text("R", rejected, marks)),
+        )
+    console.print(table)
+    console.print(
+        "safe: score_safe = V(chosen) - V(rejected), low or negative is suspicious; margin: reward margin; "
+        "features: label (or latent), share of score_safe, latent number."
+    )
+
+
+def print_feature_cards(cards: list[FeatureCard], console: Console) -> None:
+    """One panel per feature: label and its provenance, contribution, salience, totals, firing on each
+    side, length correlation, top tokens, the strongest contexts and a few weaker ones."""
+    marks = not console.is_terminal or console.color_system is None
+    for card in cards:
+        head = Text(f"salience {format_number(card.salience)}  ({'F+' if card.sign == '+' else 'F-'}: fires more on "
+                    f"{'chosen' if card.sign == '+' else 'rejected'})  C {card.chosen_total:,.1f}  "
+                    f"R {card.rejected_total:,.1f}  fires on {card.fire_rate:.2%} of read tokens")
+        lines = [head]
+        lines.append(Text(f"contribution {card.contribution:.1%} of the flagged pairs' feature scores; "
+                          f"a top feature of {card.flagged_pairs:,} flagged pair(s)"))
+        if card.chosen_fires is not None and card.rejected_fires is not None:
+            fires = Text(f"fires in {card.chosen_fires:.0%} of chosen texts, {card.rejected_fires:.0%} of rejected")
+            if card.length_correlation is not None:
+                fires.append(f"; length r {card.length_correlation:+.2f}")
+                if card.length_driven:
+                    fires.append(" LENGTH-DRIVEN", style="bold red")
+            lines.append(fires)
+        lines.append(Text("top tokens: " + (", ".join(f"{inert(tok)} ({n})" for tok, n in card.top_tokens) or "-")))
+        for ctx in card.contexts:
+            tag = "" if ctx.sample == "top" else f" {inert(ctx.sample)}"
+            line = Text(f"{ctx.value:5.2f} {inert(ctx.side[:1].upper())}{tag} {inert(ctx.pair_id)}  ", style="dim")
+            line.append("…" + inert(_squash(ctx.text_before)[-80:]))
+            token = inert(_squash(ctx.token))
+            line.append(f"[{token}]" if marks else token, style="bold reverse")
+            line.append(inert(_squash(ctx.text_after)[:80]) + "…")
+            lines.append(line)
+        # A Text title: a str title would be parsed as markup, and labels are the user's text
+        rating = f" [{card.category}, relevance {card.relevance:.2f}]" if card.relevance is not None else ""
+        model = f"{card.model} " if card.model else ""  # a profile's cards come from several models
+        title = plain(f"{model}latent {card.latent}: " + (card.label or "unlabelled") + rating)
+        if card.labelled_by and card.labelled_by.get("label") == card.label:
+            lines.insert(1, plain(f"labelled by {card.labelled_by.get('labeller')} "
+                                  f"v{card.labelled_by.get('version')} ({card.labelled_by.get('model') or 'no model'})",
+                                  style="dim"))
+        elif card.label:
+            lines.insert(1, plain("label from the features file", style="dim"))
+        console.print(Panel(Group(*lines), title=title, title_align="left", box=box.ROUNDED))

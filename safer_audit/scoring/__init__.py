@@ -1,0 +1,1 @@
+"""The scoring stage: judges score every pair, a stack ranks them, categories name them."""

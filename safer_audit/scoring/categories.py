@@ -1,0 +1,65 @@
+"""What a pair is called (flipped, noisy, quality, clean) from its rank and its quality findings."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+import torch
+
+from ..common.domain import Category
+
+QUALITY_KINDS_THAT_CATEGORISE = ("identical", "empty_response", "contradiction", "context_mismatch")
+
+
+@dataclass(frozen=True)
+class Cutoffs:
+    """The suspicion a pair must reach to be ``flipped`` or ``noisy`` (None: no pair can)."""
+
+    flipped: float | None
+    noisy: float | None
+
+    @classmethod
+    def from_ranking(cls, suspicion_values: torch.Tensor, flipped_fraction: float, noisy_fraction: float) -> Cutoffs:
+        return cls(_cutoff(suspicion_values, flipped_fraction), _cutoff(suspicion_values, noisy_fraction))
+
+
+def _cutoff(suspicion_values: torch.Tensor, fraction: float) -> float | None:
+    """The suspicion of the last pair inside the most suspicious ``fraction`` (pairs tied with
+    it are inside too: a category does not depend on the order of the input)."""
+    n = len(suspicion_values)
+    count = sum(1 for position in range(n) if (position + 1) / n <= fraction)
+    return float(torch.sort(suspicion_values.double(), descending=True).values[count - 1]) if count else None
+
+
+def categorise_pair(suspicion_value: float, signals: Mapping[str, float | None], quality_kinds: Iterable[str],
+                    cutoffs: Cutoffs) -> Category:
+    """The category of one pair.
+
+    quality: a data-quality finding that makes the pair unusable as it is (identical
+    responses, an empty one, a contradiction, different contexts); flipped: its suspicion
+    reaches the flipped cut-off and every signal given (those the ranking uses) says rejected
+    is better; noisy: it reaches the noisy cut-off otherwise; clean: the rest.
+    """
+    if any(kind in QUALITY_KINDS_THAT_CATEGORISE for kind in quality_kinds):
+        return Category.QUALITY
+    all_negative = all(v is not None and math.isfinite(v) and v < 0 for v in signals.values())
+    if cutoffs.flipped is not None and suspicion_value >= cutoffs.flipped and all_negative:
+        return Category.FLIPPED
+    if cutoffs.noisy is not None and suspicion_value >= cutoffs.noisy:
+        return Category.NOISY
+    return Category.CLEAN
+
+
+def categorise(suspicion_values: torch.Tensor, signals: Mapping[str, torch.Tensor], quality: list[list[str]], *,
+               flipped_fraction: float, noisy_fraction: float) -> list[Category]:
+    """A category per pair of a scan, with the cut-offs of its own ranking (categorise_pair)."""
+    cutoffs = Cutoffs.from_ranking(suspicion_values, flipped_fraction, noisy_fraction)
+    return [categorise_pair(float(suspicion_values[i]), {name: float(v[i]) for name, v in signals.items()},
+                            quality[i], cutoffs) for i in range(len(suspicion_values))]
+
+
+def category_counts(categories: list[str]) -> dict[str, int]:
+    """How many pairs each category holds, every category named (the report's ``run.counts``)."""
+    return {str(c): categories.count(c) for c in Category}
