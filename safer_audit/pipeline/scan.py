@@ -89,9 +89,9 @@ def scan_profile(pairs, config: ScanConfig, *, source: str, steps=no_progress, b
     backends = backends if backends is not None else {}
     signals = dict(result.signals)
     for extra in extras:
-        sub = scan_pairs(pairs, model_config(config, extra, labels=labels), source=source,
-                         backend=backends.get(extra.prefix), ctx=ctx.replace_config(model_config(config, extra,
-                                                                                                 labels=labels)))
+        extra_config = model_config(config, extra, labels=labels)
+        sub = scan_pairs(pairs, extra_config, source=source, backend=backends.get(extra.prefix),
+                         ctx=ctx.replace_config(extra_config))
         for card in sub.report.features:
             card.model = extra.prefix
         result.report.features.extend(sub.report.features)
