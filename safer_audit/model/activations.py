@@ -30,10 +30,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load as load_safetensors
-from safetensors.torch import save as save_safetensors
 
+from ..common.entries import DAMAGED, index_shards, keys_of, shard_keys, split_entry, tensors_digest, write_entry
 from ..common.files import remove_stale_temporaries, write_atomic
 from ..common.keyindex import KeyIndex
 from ..common.memory import release_freed_memory
@@ -100,18 +98,8 @@ SHARD_TENSORS = ("acts", "offsets", "positions", "scores", "token_ids")
 
 
 def content_digest(keys: Sequence[str], tensors: dict[str, torch.Tensor]) -> str:
-    """A shard's name: the hash of its keys and tensors in a fixed order.
-
-    Not the file's bytes: safetensors writes the header's metadata in a key order that
-    changes from process to process, and the name must not depend on that.
-    """
-    digest = hashlib.blake2b(digest_size=16)
-    digest.update(json.dumps([CACHE_FORMAT, list(keys)]).encode())
-    for name in SHARD_TENSORS:
-        tensor = tensors[name].contiguous()
-        digest.update(f"\n{name}:{tensor.dtype}:{list(tensor.shape)}\n".encode())
-        digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
-    return digest.hexdigest()
+    """A shard's name: the digest of its keys and tensors (entries.tensors_digest)."""
+    return tensors_digest([CACHE_FORMAT, list(keys)], {name: tensors[name] for name in SHARD_TENSORS})
 
 
 def _seeded_hash(seed: int, key: str) -> int:
@@ -179,12 +167,8 @@ class ActivationCache:
         remove_stale_temporaries(self.directory)
         if (self.directory / "saes").is_dir():
             remove_stale_temporaries(self.directory / "saes")
-        for shard in sorted(self.directory.glob("shard-*.safetensors")) if index else []:
-            keys = _shard_keys(shard)
-            if keys is None:
-                shard.unlink(missing_ok=True)
-                continue
-            self.index.add(shard, keys)
+        if index:
+            index_shards(sorted(self.directory.glob("shard-*.safetensors")), self.index, str(CACHE_FORMAT))
 
     def __contains__(self, key: str) -> bool:
         return key in self.index
@@ -201,9 +185,8 @@ class ActivationCache:
             "offsets": torch.tensor(offsets, dtype=torch.long),
             "scores": torch.tensor([i.score for i in items], dtype=torch.float32),
         }
-        data = save_safetensors(tensors, metadata={"keys": json.dumps(keys), "format": str(CACHE_FORMAT)})
         path = self.directory / f"shard-{content_digest(keys, tensors)}.safetensors"
-        write_atomic(path, data)
+        write_entry(path, tensors, {"keys": json.dumps(keys), "format": str(CACHE_FORMAT)})
         self._verified.add(path)  # its name is the hash of the tensors just written
         self.index.add(path, keys)
 
@@ -217,14 +200,12 @@ class ActivationCache:
         if path in self._loaded:
             return self._loaded[path]
         try:
-            data = path.read_bytes()
-            tensors = load_safetensors(data)
+            tensors, metadata = split_entry(path.read_bytes())
             if path not in self._verified:
-                keys = _header_keys(data)
+                keys = keys_of(metadata, str(CACHE_FORMAT))
                 if keys is None or path.name != f"shard-{content_digest(keys, tensors)}.safetensors":
                     tensors = None
-        # a bad header or tensors cut short: safetensors raises SafetensorError (not a ValueError)
-        except (OSError, ValueError, RuntimeError, KeyError, TypeError, SafetensorError):
+        except DAMAGED:
             tensors = None
         if tensors is None:
             path.unlink(missing_ok=True)
@@ -256,14 +237,7 @@ class ActivationCache:
 
 def _shard_keys(path: Path) -> list[str] | None:
     """The text keys listed in a shard's header, without reading its tensors."""
-    try:
-        with open(path, "rb") as handle:
-            size = int.from_bytes(handle.read(8), "little")
-            if size <= 0 or size > 100_000_000:
-                return None
-            return _keys_from_header(handle.read(size))
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
+    return shard_keys(path, str(CACHE_FORMAT))
 
 
 def _read_cache_meta(meta_path: Path) -> dict:
@@ -278,19 +252,6 @@ def _read_cache_meta(meta_path: Path) -> dict:
     if not isinstance(meta, dict):
         return {"config_error": f"{meta_path}: not a JSON object"}
     return meta
-
-
-def _header_keys(data: bytes) -> list[str] | None:
-    """The text keys in the header of a whole shard file's bytes."""
-    size = int.from_bytes(data[:8], "little")
-    if size <= 0 or size > min(len(data) - 8, 100_000_000):
-        return None
-    return _keys_from_header(data[8:8 + size])
-
-
-def _keys_from_header(header: bytes) -> list[str] | None:
-    keys = json.loads(json.loads(header)["__metadata__"]["keys"])
-    return keys if isinstance(keys, list) and all(isinstance(k, str) for k in keys) else None
 
 
 # sub-directory -> its row field (safer_audit/cache.py lists every kind the cache holds)

@@ -21,11 +21,11 @@ import struct
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
 from ..common.digests import short_digest
+from ..common.entries import DAMAGED, index_shards, shard_keys, split_entry, tensors_digest, write_entry
 from ..common.files import remove_stale_temporaries, write_atomic
 from ..common.keyindex import KeyIndex
 from ..errors import CacheError
@@ -93,18 +93,13 @@ class CodeCache:
         self.directory.mkdir(parents=True, exist_ok=True)
         remove_stale_temporaries(self.directory)  # debris of killed writes; live writers' stay
         self.index = KeyIndex()  # text key -> (shard, row), ~40 bytes a text
-        for shard in sorted(self.directory.glob("shard-*.safetensors")) if index else []:
-            self.index_shard(shard)
+        if index:
+            index_shards(sorted(self.directory.glob("shard-*.safetensors")), self.index, str(CODES_FORMAT))
 
     def index_shard(self, shard: Path) -> bool:
         """Index the texts of a shard written by another process (a Ray worker); False if it is unreadable
         (and then deleted: its texts are encoded again)."""
-        keys = _header_keys(shard)
-        if keys is None:
-            shard.unlink(missing_ok=True)
-            return False
-        self.index.add(shard, keys)
-        return True
+        return bool(index_shards([shard], self.index, str(CODES_FORMAT)))
 
     @classmethod
     def for_store(cls, store, sae) -> CodeCache | None:
@@ -121,23 +116,18 @@ class CodeCache:
         name = short_digest(hashlib.sha256(json.dumps(keys).encode()).hexdigest())
         path = self.directory / f"shard-{name}.safetensors"
         tensors = {k: v.contiguous() for k, v in block.items()}
-        data = save_safetensors(tensors, metadata={"keys": json.dumps(keys), "format": str(CODES_FORMAT),
-                                                   "digest": block_digest(keys, tensors)})
-        write_atomic(path, data)
+        write_entry(path, tensors, {"keys": json.dumps(keys), "format": str(CODES_FORMAT),
+                                    "digest": block_digest(keys, tensors)})
         self.index.add(path, keys)
         return path
 
     def load(self, path: Path) -> dict[str, torch.Tensor] | None:
         """A shard's block, or None (and the shard deleted, its texts to encode again) if unreadable."""
         try:
-            data = path.read_bytes()
-            block = load_safetensors(data)
+            block, meta = split_entry(path.read_bytes())
             _check_block(block)
-            size = struct.unpack("<Q", data[:8])[0]
-            meta = json.loads(data[8:8 + size])["__metadata__"]
             _require(meta.get("digest") == block_digest(json.loads(meta["keys"]), block))  # flipped bytes: encoded again
-        # tensors cut short after a good header: safetensors raises SafetensorError (not a ValueError)
-        except (OSError, ValueError, RuntimeError, KeyError, TypeError, CorruptEntry, SafetensorError, struct.error):
+        except (*DAMAGED, CorruptEntry):
             path.unlink(missing_ok=True)
             self.index.drop(path)
             return None
@@ -164,7 +154,7 @@ class CodeCache:
             _require(meta.get("digest") == hashlib.blake2b(data[8 + size:], digest_size=16).hexdigest())
             summary = load_safetensors(data)
             _check_summary(summary, len(keys))
-        except (ValueError, RuntimeError, KeyError, TypeError, CorruptEntry, SafetensorError, struct.error):
+        except (*DAMAGED, CorruptEntry):
             path.unlink(missing_ok=True)
             return None
         return summary
@@ -219,28 +209,13 @@ def _check_summary(summary: dict[str, torch.Tensor], n_texts: int) -> None:
 
 
 def block_digest(keys: list[str], block: dict[str, torch.Tensor]) -> str:
-    """The hash of a codes shard's keys and tensors (by name), stored in its header and checked on reading."""
-    digest = hashlib.blake2b(digest_size=16)
-    digest.update(json.dumps([CODES_FORMAT, list(keys)]).encode())
-    for name in sorted(block):
-        tensor = block[name].contiguous()
-        digest.update(f"\n{name}:{tensor.dtype}:{list(tensor.shape)}\n".encode())
-        digest.update(tensor.view(torch.uint8).numpy() if tensor.numel() else b"")  # the buffer itself, no copy
-    return digest.hexdigest()
+    """The digest of a codes shard's keys and tensors (entries.tensors_digest), stored in its header and checked
+    on reading."""
+    return tensors_digest([CODES_FORMAT, list(keys)], block)
 
 
 def _header_keys(path: Path) -> list[str] | None:
-    try:
-        with path.open("rb") as handle:
-            size = struct.unpack("<Q", handle.read(8))[0]
-            header = json.loads(handle.read(size))
-        meta = header["__metadata__"]
-        if meta.get("format") != str(CODES_FORMAT):
-            return None
-        keys = json.loads(meta["keys"])
-        return keys if isinstance(keys, list) else None
-    except (OSError, ValueError, KeyError, TypeError, struct.error):
-        return None
+    return shard_keys(path, str(CODES_FORMAT))
 
 
 def _check_block(block: dict[str, torch.Tensor]) -> None:

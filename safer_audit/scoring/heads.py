@@ -34,12 +34,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load as load_safetensors
-from safetensors.torch import save as save_safetensors
 
 from ..common.domain import SIGNALS
-from ..common.files import write_atomic
+from ..common.entries import read_entry, write_entry
 from ..features.salience import FeatureSet
 from ..sae.stats import CodeStats, stream_pairs
 from .posterior import FlipMixture, flip_posterior
@@ -182,17 +179,14 @@ class HeadCache:
 
     def _read(self, key: str, names: tuple[str, ...], kind: str = "head") -> list[torch.Tensor] | None:
         """The tensors ``names`` of the entry ``key``, or None (missing or unreadable: it is fitted again)."""
-        try:
-            tensors = load_safetensors(self.path(key, kind).read_bytes())
-            return [tensors[name] for name in names]
-        except (OSError, ValueError, RuntimeError, KeyError, TypeError, SafetensorError):
+        entry = read_entry(self.path(key, kind))
+        if entry is None or not all(name in entry[0] for name in names):
             return None
+        return [entry[0][name] for name in names]
 
     def _write(self, key: str, tensors: dict[str, torch.Tensor], kind: str = "head") -> None:
         self.directory.mkdir(parents=True, exist_ok=True)
-        data = save_safetensors({name: tensor.contiguous() for name, tensor in tensors.items()},
-                                metadata={"format": str(HEADS_FORMAT)})
-        write_atomic(self.path(key, kind), data)
+        write_entry(self.path(key, kind), tensors, {"format": str(HEADS_FORMAT)})
 
     def get(self, key: str, n_pairs: int) -> CrossFit | None:
         """The cached fit, or None (missing, unreadable or the wrong shape: it is fitted again)."""
