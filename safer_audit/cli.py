@@ -33,7 +33,7 @@ from .config import (
     option_fields,
 )
 from .errors import EXIT_BAD_INPUT, EXIT_FINDINGS, SaferAuditError, inert
-from .plugins import load_plugins, plugin_info
+from .plugins import load_plugins, lookup, plugin_info
 from .version import __version__
 
 EXIT_BUG = 70  # sysexits' EX_SOFTWARE: not the gate's 1, not bad input's 2
@@ -732,8 +732,9 @@ def _fail_on(_ctx, _param, value: str) -> tuple[str, ...]:
                    "and removed: baseline pairs no longer in DATA (listed, but not failing, by default).")
 @click.option("--max-new", type=click.IntRange(0), default=0, show_default=True,
               help="New pairs in --fail-on categories tolerated before the check fails.")
-@click.option("--format", "output_format", type=click.Choice(["text", "json", "junit"]), default="text",
-              show_default=True, help="Output on stdout: lines, JSON, or JUnit XML (a failing test case per suspect).")
+@click.option("--format", "output_format", metavar="text|json|junit", default="text", show_default=True,
+              help="Output on stdout: lines, JSON, or JUnit XML (a failing test case per suspect); plugins may add "
+                   "formats (see safer-audit plugins).")
 @click.option("--update-baseline", is_flag=True,
               help="Accept the current state after review: rewrite the baseline with the pairs of DATA "
                    "(give every data file), scoring new ones with the frozen reference.")
@@ -763,16 +764,16 @@ def gate_command(data, baseline_path, fail_on, max_new, output_format, update_ba
     """
     import os
 
+    from .backends.gate_formats import github_annotations
     from .workflows.gate import accept, run_gate
-    from .workflows.gate_formats import github_annotations, render_json_result, render_junit, render_text
 
+    render = lookup("gate_format", output_format)  # a wrong format fails before the data is read
     decisions, decisions_path = _gate_decisions(decisions_path, baseline_path)
     result = run_gate(list(data), baseline_path, fail_on=fail_on, max_new=max_new, cache_dir=cache_dir,
                       steps=_steps(quiet).step, decisions=decisions,
                       decisions_path=str(decisions_path) if decisions_path else None)
     if update_baseline:
         accept(result)
-    render = {"text": render_text, "json": render_json_result, "junit": render_junit}[output_format]
     click.echo(render(result).rstrip("\n"))
     if os.environ.get("GITHUB_ACTIONS") == "true":
         for line in github_annotations(result):

@@ -112,6 +112,12 @@ def register_judges(register):
 
 
 @hookspec
+def register_gate_formats(register):
+    """Register output formats of the gate: ``register(name, render)``; ``render(result)`` returns the text
+    ``safer-audit gate --format NAME`` prints for a workflows.gate.GateResult."""
+
+
+@hookspec
 def register_engines(register):
     """Register execution engines: ``register(name, factory)``; ``factory(config)`` returns an Executor
     (``config``: the scan's ActivationConfig). The local engine is the pipeline itself and is not registered."""

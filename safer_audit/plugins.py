@@ -25,6 +25,7 @@ DEFAULT_PLUGINS = (
     "safer_audit.backends.labellers",
     "safer_audit.backends.judges",
     "safer_audit.backends.engines",
+    "safer_audit.backends.gate_formats",
 )
 
 ENTRY_POINT_GROUP = "safer_audit"
@@ -95,6 +96,7 @@ KINDS = {
     "labeller": ("register_feature_labellers", "labeller"),
     "judge": ("register_judges", "judge"),
     "engine": ("register_engines", "engine"),
+    "gate_format": ("register_gate_formats", "gate format"),
 }
 
 
@@ -166,6 +168,7 @@ _REGISTER_HOOKS = (
     ("register_feature_labellers", "labellers"),
     ("register_judges", "judges"),
     ("register_engines", "engines"),
+    ("register_gate_formats", "gate formats"),
 )
 
 

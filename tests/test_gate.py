@@ -19,7 +19,9 @@ from safer_audit.cli import cli
 from safer_audit.common.files import render_json
 from safer_audit.config import ReadOptions
 from safer_audit.data import pair_digest
+from safer_audit.hookspecs import hookimpl
 from safer_audit.model.activations import load_backend
+from safer_audit.plugins import load_plugins
 from safer_audit.sae import TopKSAE
 from safer_audit.workflows.gate import percentile_against, read_baseline, read_sources, run_gate, score_frozen
 
@@ -372,3 +374,25 @@ def test_baseline_records_its_read_options_whole_and_the_backends(repo):
     header = json.loads((repo / ".safer-audit" / "baseline.json").read_text(encoding="utf-8"))["header"]
     assert header["data"] == ReadOptions().to_dict()  # every read option, max_record_bytes too
     assert header["model"]["backend"] == "hf" and header["sae"]["backend"] == "topk"
+
+
+class CountingFormat:
+    """A third-party gate format: one line with the number of new suspects."""
+
+    @hookimpl
+    def register_gate_formats(self, register):
+        register("count", lambda result: f"{len(result.findings)} new suspect(s)\n")
+
+
+def test_a_plugin_adds_a_gate_format_and_an_unknown_one_is_refused_before_the_data_is_read(work):
+    rows = records()
+    data = write_jsonl(work / "data.jsonl", rows + [swapped(rows[1], "s1")])
+    manager = load_plugins()
+    manager.register(CountingFormat(), name="test-count-format")
+    try:
+        result = gate(work, data, extra=["--format", "count"])
+        assert result.exit_code == 1 and result.stdout.strip() == "1 new suspect(s)"
+    finally:
+        manager.unregister(name="test-count-format")
+    refused = gate(work, work / "missing.jsonl", extra=["--format", "xml"])
+    assert refused.exit_code == 2 and "unknown gate format 'xml' (known: json, junit, text" in refused.stderr

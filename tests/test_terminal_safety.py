@@ -20,13 +20,13 @@ import pytest
 from click.testing import CliRunner
 from rich.console import Console
 
+from safer_audit.backends.gate_formats import github_annotations, render_json_result, render_junit, render_text
 from safer_audit.cli import cli
 from safer_audit.errors import inert
 from safer_audit.report.types import FeatureCard, FeatureContext, FeatureContribution, Finding, Report, RunInfo
 from safer_audit.report.view import print_feature_cards, print_report
 from safer_audit.workflows.explain import Explanation, FeatureFiring, print_explanation
 from safer_audit.workflows.gate import GateFinding, GateResult
-from safer_audit.workflows.gate_formats import github_annotations, render_json_result, render_junit, render_text
 
 from .conftest import FIXTURES
 

@@ -58,7 +58,7 @@ Design, and why:
   as changed, with its old and new category and scores, and not as removed.
 - Review decisions (decisions.py): a pair marked ``ok`` (by its content digest) is still
   listed but never fails the gate: a person looked at it and cleared it.
-- Output renderers (text, JSON, JUnit, GitHub annotations) live in gate_formats.py.
+- Output formats (text, JSON, JUnit) and the GitHub annotations are plugins: backends/gate_formats.py.
 """
 
 from __future__ import annotations

@@ -1,8 +1,9 @@
-"""The gate's output: plain lines, JSON, JUnit XML, and GitHub Actions annotations.
+"""The gate's output formats (plain lines, JSON, JUnit XML) and its GitHub Actions annotations.
 
-Their own module, not exporters: an exporter (plugins.Exporter) writes a scan's Report to
-a file chosen by extension, while these render a GateResult on stdout (or stderr, for the
-annotations) chosen by ``gate --format``, so they share neither input nor destination.
+Built-in plugins of their own hook (``register_gate_formats``), not exporters: an exporter
+writes a scan's Report to a file chosen by extension, while these render a GateResult on
+stdout (or stderr, for the annotations) chosen by ``gate --format``, so they share neither
+input nor destination; a plugin adds a format the same way.
 Text from the data (file names, pair ids, quality details) is made inert in every format:
 a CI log shows all of them.
 """
@@ -13,7 +14,8 @@ import xml.etree.ElementTree as ET
 
 from ..common.terminal import json_text
 from ..errors import inert
-from .gate import GateFinding, GateResult
+from ..hookspecs import hookimpl
+from ..workflows.gate import GateFinding, GateResult
 
 
 def _line(text: str) -> str:
@@ -116,3 +118,10 @@ def github_annotations(result: GateResult) -> list[str]:
                    f"title={_escape_property(inert(f'safer-audit: {f.category} pair'))}::"
                    f"{_escape_data(inert(f.message()))}")
     return out
+
+
+@hookimpl
+def register_gate_formats(register):
+    register("text", render_text)
+    register("json", render_json_result)
+    register("junit", render_junit)
