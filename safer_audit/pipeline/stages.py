@@ -184,8 +184,6 @@ def scores(pairs: PairTable, model: Model, acts: Activations, codes: Codes, sele
 def report(source: str, pairs: PairTable, model: Model, acts: Activations, codes: Codes, selection: Selection,
            scores: Scores, quality: dict[str, list[str]], ctx: RunContext) -> Report:
     with ctx.step("report", "Report"):
-        built = build_report(source, pairs, acts.texts, codes.stats, selection.salience, selection.features,
-                             scores.signals, scores.suspicion, quality, model.backend, model.layer, codes.sae,
-                             codes.sae_dir, ctx.config, ctx.timings, labelling=selection.labelling)
+        built = build_report(source, pairs, model, acts, codes, selection, scores, quality, ctx.config, ctx.timings)
     built.run.timings = dict(ctx.timings)
     return built

@@ -34,14 +34,19 @@ def ranking_name(config: ScanConfig) -> str:
     return ranking_description(ranking_weights(config), config.aggregation)
 
 
-def build_report(source, pairs, texts, stats, salience, features, signals, ranked, quality, backend, layer,
-                 sae, sae_dir, config: ScanConfig, timings, *, labelling: Labelling | None = None) -> Report:
-    """The Report of a scan: every pair as a Finding, every selected feature as a card.
+def build_report(source: str, pairs: PairTable, model, activations, encoded, selection, scores,
+                 quality: dict[str, list[str]], config: ScanConfig, timings: dict[str, float]) -> Report:
+    """The Report of a scan: every pair as a Finding, every selected feature as a card, from the outputs of
+    the scan's stages (pipeline.stages: Model, Activations, Codes, Selection, Scores) and its quality findings.
 
     With a labeller, the cards that show contexts and then the features behind the suspects
     (most frequent first, ``labels_for_findings`` latents in all) get the labeller's label, its
     relevance, category and provenance; a features file's own label wins over the labeller's.
     """
+    backend, layer, texts = model.backend, model.layer, activations.texts
+    stats, sae_dir = encoded.stats, encoded.sae_dir
+    features, labelling = selection.features, selection.labelling
+    signals, ranked = scores.signals, scores.suspicion
     pair_ids = pairs["pair_id"].to_list()
     per_pair_quality = [quality.get(pid, []) for pid in pair_ids]
     categories = categorise(ranked, ranked_signals(signals, ranking_weights(config)), per_pair_quality,
