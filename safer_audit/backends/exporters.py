@@ -21,9 +21,13 @@ from ..common.files import write_atomic
 from ..hookspecs import hookimpl
 from ..report.types import CATEGORY_DESCRIPTIONS, FeatureCard, Finding, Report, few_pairs_warning
 from ..report.view import Excerpt, diff_excerpts, format_feature, format_number, summary_lines
-from ..workflows.decisions import FORMAT as DECISIONS_FORMAT  # the file the page downloads
 
-PARQUET_METADATA_KEY = "safer_audit.report.types"  # run metadata and feature cards, as JSON
+# the decisions file the page downloads, as review and clean read it
+from ..workflows.decisions import FORMAT as DECISIONS_FORMAT
+from ..workflows.decisions import VERDICTS
+from ..workflows.decisions import VERSION as DECISIONS_VERSION
+
+PARQUET_METADATA_KEY = "safer_audit.report"  # run metadata and feature cards, as JSON
 _SCORE_SAFE_NOTE = "score_safe = V(chosen) - V(rejected): low or negative means the chosen response looks less safe."
 
 
@@ -139,8 +143,6 @@ def export_markdown(report: Report, path: Path) -> None:
 # -- HTML ------------------------------------------------------------------------------
 
 HTML_MAX_SUSPECTS = 200  # the page shows the top suspects by rank; the JSON/CSV/Parquet reports hold every pair
-DECISIONS_VERSION = 1
-VERDICTS = ("flipped", "noisy", "ok")
 
 _CSS = """
 *, *::before, *::after { box-sizing: border-box; }
