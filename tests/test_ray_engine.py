@@ -15,6 +15,7 @@ from contextlib import contextmanager
 from dataclasses import replace
 
 import pytest
+from safetensors.torch import load as load_safetensors
 
 from safer_audit.config import ActivationConfig, SaeTrainConfig, ScanConfig
 from safer_audit.errors import ConfigError
@@ -77,7 +78,7 @@ def block_contents(data: bytes) -> tuple[dict, dict]:
     import struct
 
     size = struct.unpack("<Q", data[:8])[0]
-    tensors = activations.load_safetensors(data)
+    tensors = load_safetensors(data)
     return (json.loads(data[8:8 + size])["__metadata__"],
             {name: (str(t.dtype), tuple(t.shape), t.contiguous().view(-1).view(activations.torch.uint8).numpy().tobytes())
              for name, t in tensors.items()})
@@ -188,7 +189,7 @@ def test_half_precision_cache_has_its_own_key_and_close_activations(local_scan, 
     half = extract_activations(texts, backend, config(tiny_llama_dir, local_cache, cache_dtype="bfloat16").activations)
     assert full.n_forward_texts == 0 and half.n_forward_texts == 80  # a float32 cache does not serve bfloat16
     stored = next(half.cache.directory.glob("shard-*"))
-    assert activations.load_safetensors(stored.read_bytes())["acts"].dtype == activations.torch.bfloat16
+    assert load_safetensors(stored.read_bytes())["acts"].dtype == activations.torch.bfloat16
     for i in (0, 41, 79):
         assert half.text(i).acts.dtype == activations.torch.float32  # widened on reading
         activations.torch.testing.assert_close(half.text(i).acts, full.text(i).acts, rtol=1e-2, atol=1e-2)

@@ -23,7 +23,7 @@ from .schemas import (
     record_id,
 )
 from .sources import STDIN, source_records
-from .table import pair_frame
+from .table import PairTable, pair_frame
 from .transcripts import render_transcript
 
 
@@ -160,7 +160,6 @@ def spool_pairs(source: str | os.PathLike, directory: str | os.PathLike | None, 
                 max_errors: int = 10, **keywords) -> LoadResult:
     """``load_pairs`` into a ``PairTable``: the pairs' texts in a temporary file in ``directory``, only ids,
     sources, lines and lengths in memory (a scan's driver)."""
-    from .table import PairTable
 
     reader = PairReader(source, options, max_errors=max_errors, **keywords)
     pairs = PairTable(directory)

@@ -6,6 +6,7 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
+from ..common.files import write_atomic
 from ..errors import ConfigError
 
 
@@ -42,8 +43,6 @@ def cached_counter(count_tokens: Callable[[list[str]], list[int]], directory: Pa
     A file that does not read back as whole (its own checksum, one count per text) is counted again."""
     import hashlib
     import json
-
-    from ..common.files import write_atomic
 
     def checksum(counts: list[int]) -> str:
         return hashlib.blake2b(json.dumps(counts).encode(), digest_size=16).hexdigest()

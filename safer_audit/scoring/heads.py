@@ -38,7 +38,7 @@ import torch
 from ..common.domain import SIGNALS
 from ..common.entries import read_entry, write_entry
 from ..features.salience import FeatureSet
-from ..sae.stats import CodeStats, stream_pairs
+from ..sae.stats import CodeStats, TextRows, stream_pairs
 from .posterior import FlipMixture, flip_posterior
 
 # pairs a Bradley-Terry head is fitted on (--head-pairs): above the 2,312-pair HH sample, so its
@@ -294,8 +294,6 @@ class PairDiffs:
     read for chosen pairs (``take``) or a range of pairs at a time (``batches``), never all at once."""
 
     def __init__(self, rows):
-        from ..sae.stats import TextRows
-
         self.rows = TextRows.of(rows)
         self.n = self.rows.shape[0] // 2
 

@@ -33,12 +33,12 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 
 from ..config import ScanConfig
-from ..data import PairTable
+from ..data import PairTable, response_lengths
 from ..errors import ConfigError
 from ..features.salience import FeatureSet
 from ..plugins import lookup, registry
 from ..sae.stats import CodeStats
-from .heads import HeadCache, HeadFit, compute_signals
+from .heads import HeadCache, HeadFit, compute_signals, fold_ids
 from .ranks import signed_rank
 from .stack import aggregate, ranking_weights
 
@@ -67,7 +67,6 @@ class JudgeContext:
 
     def length_difference(self) -> torch.Tensor:
         """Characters of the final chosen response minus the final rejected one, per pair."""
-        from ..data import response_lengths
 
         chosen, rejected = response_lengths(self.pairs)
         return torch.tensor(chosen, dtype=torch.float64) - torch.tensor(rejected, dtype=torch.float64)
@@ -103,7 +102,6 @@ def residualise_on_length(signal: torch.Tensor, length: torch.Tensor, *, folds: 
     """``signal - beta * length`` per pair, beta the least-squares slope (no intercept: swapping a
     pair negates both) fitted on the other folds. Both are rank-normalised to a symmetric scale
     first (signed rank / n), so a few very long responses do not set the slope."""
-    from .heads import fold_ids
 
     s, x = signed_rank(signal), signed_rank(length)
     out = torch.full_like(s, float("nan"))

@@ -20,6 +20,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+from ..common.terminal import plain
 from ..model.activations import cache_info
 
 TOP_LEVEL = ("activations", "judges", "labels")  # what the cache writes directly under its root
@@ -71,8 +72,6 @@ def cache_view(summary: dict):
     """``cache info``'s tables: the activation entries (when there are any), then every kind with its size."""
     from rich.console import Group
     from rich.table import Table
-
-    from ..common.terminal import plain
 
     root = summary["cache_dir"]
     if not summary["bytes"]:

@@ -39,7 +39,7 @@ from enum import Enum
 from pathlib import Path
 from typing import Iterable, Mapping
 
-from ..common.files import write_atomic
+from ..common.files import render_json, write_atomic
 from ..errors import DecisionsError
 
 FORMAT = "safer-audit-decisions"
@@ -195,7 +195,6 @@ def read_decisions(path: str | os.PathLike, *, missing_ok: bool = False) -> Deci
 
 def decisions_text(decisions: Mapping[str, Decision]) -> str:
     """The file's text: keys sorted, one decision per line."""
-    from ..common.files import render_json  # the baseline's layout: one flat object per line
 
     return render_json({"decisions": {d: decisions[d].to_dict() for d in sorted(decisions)},
                         "format": FORMAT, "version": VERSION})

@@ -28,9 +28,13 @@ import torch
 from ..common.progress import no_progress
 from ..config import EVALUATE_POSITIONS, ScanConfig
 from ..errors import ConfigError
+from ..model.activations import load_backend
+from ..pipeline.profiles import profile_weights
 from ..pipeline.scan import scan_pairs, scan_profile
-from ..scoring.heads import cross_fitted_margins
-from ..scoring.ranks import average_ranks
+from ..scoring.heads import cross_fitted_margins, fit_bradley_terry, fold_ids
+from ..scoring.judges import JudgeContext, residualise_on_length, run_judge
+from ..scoring.ranks import average_ranks, percentile_from_low, suspicion
+from ..scoring.stack import aggregate, ranking_weights
 
 TOP_FRACTIONS = (0.01, 0.05, 0.10)
 
@@ -120,8 +124,6 @@ def oracle_stack(signals: dict[str, torch.Tensor], positive: torch.Tensor, folds
     """An upper bound, only possible here: a logistic model over the judges' percentiles fitted
     on the true flip labels (cross-fitted: each pair scored by a model fitted on the other folds).
     A scan has no flip labels; this says how much any aggregation of these judges could gain."""
-    from ..scoring.heads import fit_bradley_terry, fold_ids
-    from ..scoring.ranks import percentile_from_low
 
     columns = [percentile_from_low(v).nan_to_num(0.5) - 0.5 for v in signals.values()]
     x = torch.stack(columns + [torch.ones(len(positive), dtype=torch.float64)], dim=1)
@@ -242,10 +244,6 @@ def judge_scorers(result, config: ScanConfig, positive: torch.Tensor, position_s
     (``combined-lenres``), the stack a scan can fit (``stacked``) and the oracle stack
     fitted on the true flips (``stack-oracle``: an upper bound, not available to a scan).
     Returns the scorers and the stack (its flip posterior's mixture and P(rejected is better))."""
-    from ..pipeline.profiles import profile_weights
-    from ..scoring.judges import JudgeContext, residualise_on_length
-    from ..scoring.ranks import suspicion
-    from ..scoring.stack import aggregate, ranking_weights
 
     length = JudgeContext(result.pairs).length_difference()
     weights = (profile_weights(config, list(result.models)) if result.models
@@ -287,7 +285,6 @@ def reference_signal(pairs: pl.DataFrame, config: ScanConfig, *, judge: str, sou
     result = scan_pairs(pairs, replace(config, judges=None), source=source, steps=steps, backend=backend)
     if judge in result.signals:
         return result.signals[judge]
-    from ..scoring.judges import JudgeContext, run_judge
 
     context = JudgeContext(pairs, result.stats, result.features, pooled=result.store.pooled_mean(),
                            cache_dir=config.activations.cache_dir / "judges")
@@ -299,7 +296,6 @@ def evaluate(pairs: pl.DataFrame, config: ScanConfig, *, flip_rate: float = 0.1,
              reference_judge: str = REFERENCE_JUDGE, backend=None, steps=no_progress,
              on_seed=None) -> EvaluationResult:
     """Flip (``flip_mode`` picks which pairs are likelier), scan and measure every scorer, for each seed."""
-    from ..model.activations import load_backend
 
     if flip_mode not in FLIP_MODES:
         raise ConfigError(f"flip mode must be one of {', '.join(FLIP_MODES)}, not {flip_mode!r}")

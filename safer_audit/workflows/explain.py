@@ -14,6 +14,7 @@ from rich.table import Table
 from rich.text import Text
 
 from ..common.terminal import inert, plain
+from ..data import pair_digest
 from ..errors import UnknownPairError
 from ..pipeline.profiles import PROFILES
 from ..pipeline.scan import ScanResult
@@ -100,7 +101,6 @@ def explain_from_report(report: Report, row: dict, origin: str) -> Explanation:
     serves; a report without the pair's text is an error. Where the features fire is not in
     a report: only their shares of score_safe are shown.
     """
-    from ..data import pair_digest
 
     digest = pair_digest(row["context"], row["chosen"], row["rejected"])
     found = [f for f in report.findings if f.digest == digest]

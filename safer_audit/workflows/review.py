@@ -18,6 +18,7 @@ from rich.panel import Panel
 from rich.text import Text
 
 from ..common.terminal import inert, plain
+from ..data import pair_digest
 from ..errors import ConfigError
 from ..report.types import Finding
 from ..report.view import diff_excerpts, excerpt_text, format_feature, format_number
@@ -51,7 +52,6 @@ def locate(findings: Iterable[Finding], rows: Iterable[dict], origin: str, data:
     So a report of other (or since edited) data is refused before a decision names a pair it
     does not hold, and a reordered dataset still shows where each pair is now.
     """
-    from ..data import pair_digest
 
     where = {}
     for row in rows:
