@@ -53,6 +53,8 @@ def test_parquet_reads_back_equal(report, tmp_path):
     path = tmp_path / "report.parquet"
     assert export_report(report, path).name == "parquet"
     assert findings_from_frame(pl.read_parquet(path)) == _by_rank(report)
+    # the key is part of the file format: readers of earlier reports look it up by this name
+    assert PARQUET_METADATA_KEY == "safer_audit.report"
     header = json.loads(pl.read_parquet_metadata(path)[PARQUET_METADATA_KEY])
     assert Report.from_dict(header | {"findings": []}) == Report(report.run, report.features, [])
 
