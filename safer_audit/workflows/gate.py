@@ -671,51 +671,53 @@ def run_gate(sources: list[str], baseline_path: str | os.PathLike, *, fail_on: t
     unknown = [c for c in fail_on if c not in FAIL_ON_CHOICES]
     if unknown:
         raise ConfigError(f"cannot fail on {unknown[0]!r}; choose from {', '.join(FAIL_ON_CHOICES)}")
-    decisions = decisions or {}
     ctx = RunContext(ScanConfig(), steps)
     with ctx.timed("load"):
-        baseline, pairs, rows, digests, known_entry, is_new, gone, gone_by_digest, swapped_from = _compare(
-            sources, baseline_path)
-    new_rows = [i for i, flag in enumerate(is_new) if flag]
-    result = GateResult(baseline, list(sources), len(pairs), len(new_rows),
-                        sum(1 for i in new_rows if known_entry[i] is not None), [], tuple(fail_on), max_new,
-                        current_ids=[row["pair_id"] for row in rows], timings=ctx.timings,
-                        removed=[RemovedPair(pid, gone[pid]["category"], gone[pid]["score_safe"])
-                                 for pid in sorted(gone_by_digest.values())],
+        baseline = read_baseline(baseline_path)
+        check_reference(baseline)
+        changes = compare(read_sources(sources, baseline.read), baseline)
+    known = changes.known_entry
+    result = GateResult(baseline, list(sources), len(changes.rows), len(changes.new_rows),
+                        sum(1 for i in changes.new_rows if known[i] is not None), [], tuple(fail_on), max_new,
+                        current_ids=[row["pair_id"] for row in changes.rows], timings=ctx.timings,
+                        removed=[RemovedPair(pid, entry["category"], entry["score_safe"])
+                                 for pid, entry in sorted(changes.removed.items())],
                         decisions=decisions_path)
-    if not new_rows:
+    if not changes.new_rows:
         return result
-
     with ctx.timed("quality"):
-        # known pairs first: a duplicate or contradiction then lands on the new pair of the two
-        order = [i for i, flag in enumerate(is_new) if not flag] + new_rows
-        quality: dict[int, list[tuple[str, str]]] = {}
-        position_of = {row["pair_id"]: i for i, row in enumerate(rows)}
-        for issue in find_quality_issues(rows[i] for i in order):
-            quality.setdefault(position_of[issue.pair_id], []).append((issue.kind, issue.detail))
+        quality = _quality(changes)
     with ctx.timed("model"):
         sae = lookup("sae", baseline.sae_backend).load(baseline.resolve(baseline.header["sae"]["path"]))
         config = ScanConfig(activations=baseline.activation_config(cache_dir, device))
         ctx = replace(ctx, config=config, executor=executor_for(config.activations))  # the same clock
         model = stages.model(ctx, load_backend(config.activations))
         _check_model(baseline, model.backend, sae)
-    signals = score_frozen(pairs[new_rows], baseline, model.backend, sae, config.activations, ctx=ctx)
+    signals = score_frozen(changes.pairs[changes.new_rows], baseline, model.backend, sae, config.activations, ctx=ctx)
     with ctx.timed("score"):
-        _judge_new(result, baseline, rows, new_rows, digests, known_entry, swapped_from, quality, signals,
-                   decisions)
+        _judge_new(result, baseline, changes, quality, signals, decisions or {})
     return result
 
 
-def _compare(sources: list[str], baseline_path):
-    """The baseline, the data, and what of the data is new or changed since the baseline."""
-    baseline = read_baseline(baseline_path)
-    check_reference(baseline)
-    pairs = read_sources(sources, baseline.read)
+@dataclass
+class Changes:
+    """What of the data is new or changed since the baseline, row by row in the data's order."""
+
+    pairs: pl.DataFrame
+    rows: list[dict]
+    digests: list[str]  # each row's content digest (row_digest)
+    known_entry: list[dict | None]  # each row's baseline entry: its id's, or the pair it was swapped from
+    new_rows: list[int]  # rows whose id is new or whose content changed
+    swapped_from: dict[int, str]  # row -> the removed pair id whose responses it holds swapped
+    removed: dict[str, dict]  # baseline pairs no longer in the data (and not swapped in place), by id
+
+
+def compare(pairs: pl.DataFrame, baseline: Baseline) -> Changes:
+    """The data against the baseline: new and changed rows, removed pairs, pairs swapped in place."""
     rows = list(pairs.iter_rows(named=True))
     digests = [row_digest(row) for row in rows]
     known_entry = [baseline.pairs.get(row["pair_id"]) for row in rows]
-    is_new = [e is None or e["digest"] != d for e, d in zip(known_entry, digests, strict=True)]
-    new_rows = [i for i, flag in enumerate(is_new) if flag]
+    new_rows = [i for i, (e, d) in enumerate(zip(known_entry, digests, strict=True)) if e is None or e["digest"] != d]
     current = {row["pair_id"] for row in rows}
     gone = {pid: entry for pid, entry in baseline.pairs.items() if pid not in current}
     # a new id whose responses, swapped back, are a removed pair: that pair swapped in place
@@ -727,18 +729,31 @@ def _compare(sources: list[str], baseline_path):
             if back in gone_by_digest:
                 swapped_from[i] = gone_by_digest.pop(back)
                 known_entry[i] = gone[swapped_from[i]]
-    return baseline, pairs, rows, digests, known_entry, is_new, gone, gone_by_digest, swapped_from
+    removed = {pid: gone[pid] for pid in gone_by_digest.values()}
+    return Changes(pairs, rows, digests, known_entry, new_rows, swapped_from, removed)
 
 
-def _judge_new(result: GateResult, baseline: Baseline, rows, new_rows, digests, known_entry, swapped_from, quality,
-               signals, decisions) -> None:
+def _quality(changes: Changes) -> dict[int, list[tuple[str, str]]]:
+    """Row -> (kind, detail) of its quality findings; known pairs are read first, so a duplicate or a
+    contradiction lands on the new pair of the two."""
+    new = set(changes.new_rows)
+    order = [i for i in range(len(changes.rows)) if i not in new] + changes.new_rows
+    position_of = {row["pair_id"]: i for i, row in enumerate(changes.rows)}
+    quality: dict[int, list[tuple[str, str]]] = {}
+    for issue in find_quality_issues(changes.rows[i] for i in order):
+        quality.setdefault(position_of[issue.pair_id], []).append((issue.kind, issue.detail))
+    return quality
+
+
+def _judge_new(result: GateResult, baseline: Baseline, changes: Changes, quality, signals, decisions) -> None:
     """The new and changed pairs' categories against the baseline's cut-offs, into ``result``."""
+    rows, digests, known_entry, swapped_from = changes.rows, changes.digests, changes.known_entry, changes.swapped_from
     # the 6-digit values the baseline holds and compares with
     values = {name: [_round(v) for v in signals[name].tolist()] for name in SIGNALS}
-    suspicion = suspicion_against(values, baseline, _own_entries(baseline, [rows[i] for i in new_rows],
-                                                                 [digests[i] for i in new_rows]))
+    suspicion = suspicion_against(values, baseline, _own_entries(baseline, [rows[i] for i in changes.new_rows],
+                                                                 [digests[i] for i in changes.new_rows]))
     weights, cutoffs = baseline.header["ranking"], baseline.cutoffs
-    for n, i in enumerate(new_rows):
+    for n, i in enumerate(changes.new_rows):
         row = rows[i]
         pair_values = {name: values[name][n] for name in SIGNALS}
         kinds = [kind for kind, _ in quality.get(i, [])]
