@@ -25,8 +25,9 @@ from ..model.texts import PreparedText
 from ..plugins import lookup
 from ..sae import TopKSAE
 from ..sae.stats import CodeStats
-from .cards import FeatureCard, feature_cards, render_cards
+from .cards import feature_cards, render_cards
 from .salience import Feature, FeatureSet
+from .types import FeatureCard
 
 NOT_SAFETY = "not safety related"
 
