@@ -11,11 +11,14 @@ a CI log shows all of them.
 from __future__ import annotations
 
 import xml.etree.ElementTree as ET
+from typing import TYPE_CHECKING
 
 from ..common.terminal import json_text
 from ..errors import inert
 from ..hookspecs import hookimpl
-from ..workflows.gate import GateFinding, GateResult
+
+if TYPE_CHECKING:  # the plugin loads at every start-up; the gate (torch, the pipeline) only when it runs
+    from ..workflows.gate import GateFinding, GateResult
 
 
 def _line(text: str) -> str:
