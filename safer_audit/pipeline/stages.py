@@ -110,8 +110,8 @@ def activations(pairs: PairTable | pl.DataFrame, model: Model, ctx: RunContext, 
                 name: str = "activations", description: str = "Activations") -> Activations:
     """Every text's hidden states at the read layer, from the cache where it holds them. ``lazy``: cached
     shards are checked when first read (a warm scan whose codes are all cached reads none)."""
-    texts = rendered_texts(pairs, model.backend, ctx.config.activations.cache_dir)
     with ctx.stage(name, description, "pairs", scale=0.5) as update:
+        texts = rendered_texts(pairs, model.backend, ctx.config.activations.cache_dir)
         store = extract_activations(texts, model.backend, ctx.config.activations, progress=update, lazy=lazy,
                                     executor=ctx.executor)
     return Activations(texts, store)
