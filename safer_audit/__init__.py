@@ -20,7 +20,7 @@ __all__ = ["__version__", "clean", "evaluate", "gate", "load_report", "scan"]
 
 
 def scan(source, config=None, **options):
-    """Scan a dataset (a path, ``-`` for standard input, or ``hub:NAME``) and rank its pairs, most
+    """Scan a dataset (a path, ``-`` for standard input, or ``hf://owner/name``) and rank its pairs, most
     suspicious first. ``config`` is a config.ScanConfig; ``options`` are its fields, e.g. ``n_features=512``."""
     from dataclasses import replace
 

@@ -186,7 +186,7 @@ class ActivationConfig:
 
 @dataclass
 class SaeTrainConfig:
-    """TopK SAE training (METHOD.md section 2)."""
+    """TopK SAE training (docs/method.md section 2)."""
 
     expansion: int = 8
     n_latents: int | None = option(None, "Latents of a trained SAE. Default: 8 x the model width.", flag="--latents",

@@ -101,7 +101,7 @@ def register_exporters(register):
 @hookspec
 def register_feature_labellers(register):
     """Register feature labellers: ``register(name, factory)``; ``factory(**options)`` returns a
-    ``labelling.Labeller`` whose ``label(requests)`` gives ``{latent: FeatureLabel}``."""
+    ``features.labels.Labeller`` whose ``label(requests)`` gives ``{latent: FeatureLabel}``."""
 
 
 @hookspec

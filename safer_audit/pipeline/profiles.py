@@ -9,7 +9,7 @@ judges, and the feature cards of every model (each card's ``model`` names the mo
 belongs to: the first model's short name, else the judges' prefix; latent numbers are per model).
 Each other model's cards are ordered by their contribution to the pairs that model's own
 ranking flags. Every finding carries the flip probability (the mixture posterior over the stack's
-margins, scoring.flip_posterior; ``clean --min-flip-probability``), and ``run.profile`` says which profile made the report. The second model's judges are named ``smollm2/NAME``
+margins, scoring.posterior.flip_posterior; ``clean --min-flip-probability``), and ``run.profile`` says which profile made the report. The second model's judges are named ``smollm2/NAME``
 (``smollm2/score_safe``, ``smollm2/reward_margin``), so the report's ranking line and
 evaluate's scorers say which model each judge read.
 

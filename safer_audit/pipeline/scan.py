@@ -54,7 +54,7 @@ class ScanResult:
         """The labeller's labels made for this scan, by latent."""
         return dict(self.labelling.labels) if self.labelling is not None else {}
 
-    # per pair: the posterior that it is flipped (scoring.flip_posterior, a mixture over the stack's margins)
+    # per pair: the posterior that it is flipped (scoring.posterior.flip_posterior, a mixture over the stack's margins)
     flip_probability: torch.Tensor | None = None
     stack_weights: dict[str, float] = field(default_factory=dict)  # how much the stack trusts each judge
     judge_costs: dict[str, dict] = field(default_factory=dict)  # judge -> requests, tokens (judges that spend)
@@ -149,7 +149,7 @@ def min_pairs(config: ScanConfig) -> int:
     if fraction <= 0:
         return 2
     n = max(2, math.ceil(1 / fraction) - 1)
-    while 1 / n > fraction:  # the same test as scoring.categorise: (position + 1) / n <= fraction
+    while 1 / n > fraction:  # the same test as scoring.categories.categorise: (position + 1) / n <= fraction
         n += 1
     return n
 

@@ -60,7 +60,7 @@ def build_report(source: str, pairs: PairTable, model, activations, encoded, sel
     top_columns = []  # per range of pairs: the top features' indices, chosen and rejected terms, and which are > 0
     flagged_mass = torch.zeros(len(latents), dtype=torch.float64)  # per feature: summed |term| over flagged pairs
     flagged_in = dict.fromkeys(latents, 0)  # per feature: flagged pairs it is a top feature of
-    # every pair's terms a range of pairs at a time (scoring.feature_contributions' values, bit for bit), each
+    # every pair's terms a range of pairs at a time (scoring.heads.feature_contributions' values, bit for bit), each
     # range in a few tensor ops: one call per pair cost ~10 ms, most of a warm scan of HH
     for first, codes in stats.pair_batches(features.latents):
         terms = codes * features.signs

@@ -2,7 +2,7 @@
 
 These types are the one source of truth for what a scan found: (de)serialisation and the
 exporter lookup are here too. The exporters (backends/exporters.py) and the terminal view
-(backends/view.py) render them; none of them recomputes a score.
+(report/view.py) render them; none of them recomputes a score.
 """
 
 from __future__ import annotations
@@ -87,7 +87,7 @@ class Finding:
     context: str  # the conversation both responses answer
     top_features: list[FeatureContribution]
     # the posterior probability that the pair is flipped: a symmetric mixture fitted without labels to the stacked
-    # judges' cross-fitted margins (scoring.flip_posterior;)
+    # judges' cross-fitted margins (scoring.posterior.flip_posterior)
     flip_probability: float | None = None
 
     def __post_init__(self):

@@ -8,7 +8,7 @@ activations, how heads are fitted) and returns one float per pair, in table orde
   reads percentiles or a standardised value, never the raw scale). NaN: no opinion.
 - **cross-fitted**: the value of a pair never depends on that pair's own label. A judge that
   learns from the labels (a Bradley-Terry head, a sign, a length slope) fits on the other folds
-  (``scoring.cross_fitted_margins``) or is frozen on other data (the gate's heads); a judge that
+  (``scoring.heads.cross_fitted_margins``) or is frozen on other data (the gate's heads); a judge that
   learns nothing from the labels (score_safe's fixed feature signs aside, see below; an LLM
   asked zero-shot) is cross-fitted trivially. The aggregation relies on this: a judge that saw
   a pair's label would agree with it, flipped or not, and hide the flip.
@@ -55,7 +55,7 @@ class JudgeContext:
     rewards: torch.Tensor | None = None  # reward per text (chosen, rejected interleaved), a reward model's
     pooled: torch.Tensor | None = None  # pooled activations per text, for a model without a reward head
     heads: Mapping[str, torch.Tensor] | None = None  # frozen heads (the gate); None: cross-fit
-    fit: Any = None  # scoring.HeadFit
+    fit: Any = None  # scoring.heads.HeadFit
     cache_dir: Path | None = None  # where a judge may keep answers across runs
     computed: dict[str, torch.Tensor] = field(default_factory=dict)  # judges already run, by name
 

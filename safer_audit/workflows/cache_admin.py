@@ -6,7 +6,7 @@ Under the cache root (config.default_cache_dir or ``--cache-dir``)::
         shard-*.safetensors      the activations
         saes/                    trained SAEs, each with the labels of its features (labels.py)
         codes/                   per-text SAE results (codes.py)
-        heads/                   fitted heads (scoring.HeadCache)
+        heads/                   fitted heads (scoring.heads.HeadCache)
         token-counts/            token counts of the truncation check (data/tokens.cached_counter)
     judges/                      answers judges keep across runs (the LLM judge's in judges/llm/)
     labels/<SAE hash>/           feature labels of a user's ``--sae``

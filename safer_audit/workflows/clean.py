@@ -9,7 +9,7 @@ Selection (``select_pairs``), from a scan report:
 - ``threshold`` T: the pairs with ``suspicion`` >= T;
 - ``min_flip_probability`` P: the pairs whose flip probability (the posterior of the mixture
   fitted to the stacked judges' margins, every model's judges with ``--profile thorough``;
-  scoring.flip_posterior) is >= P: an absolute rule, where the others are relative to the data;
+  scoring.posterior.flip_posterior) is >= P: an absolute rule, where the others are relative to the data;
 - review decisions (decisions.py): the pairs marked ``flipped`` are flipped back, those marked
   ``noisy`` dropped, those marked ``ok`` kept, matched by content digest (so they hold after
   the data is reordered); ``only`` limits this to some verdicts. No report is needed.

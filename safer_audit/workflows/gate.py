@@ -21,10 +21,10 @@ Design, and why:
   (``<stem>-sae/``): the activation cache is not part of the repository.
 - Reward margin of a new pair: the model's own head if it has one; else a Bradley-Terry
   head fitted on ALL baseline pairs (pooled activation differences, column-scaled as
-  scoring.cross_fitted_margins does), saved in ``<stem>-heads.safetensors``. New pairs
+  scoring.heads.cross_fitted_margins does), saved in ``<stem>-heads.safetensors``. New pairs
   were never in its training data, so no cross-fitting is needed. The sparse head on
   SAE codes (``sae_margin``) is frozen the same way.
-- One scoring path: the signals, the suspicion and the category come from scoring.py,
+- One scoring path: the signals, the suspicion and the category come from scoring/,
   as in a scan (``compute_signals`` with the frozen heads, ``percentile_against``,
   ``combine``, ``categorise_pair``), so a pair scored by the gate against a baseline of
   the same data gets the scan's signals, suspicion and category.
@@ -615,7 +615,7 @@ def _check_model(baseline: Baseline, backend, sae: TopKSAE) -> None:
 def score_frozen(pairs: pl.DataFrame, baseline: Baseline, backend, sae: TopKSAE, config: ActivationConfig,
                  *, steps=no_progress, ctx: RunContext | None = None) -> dict[str, torch.Tensor]:
     """score_safe, reward_margin and sae_margin of ``pairs`` with the baseline's frozen SAE,
-    features and heads (scoring.compute_signals, as a scan): the scan's activation and encoding
+    features and heads (scoring.heads.compute_signals, as a scan): the scan's activation and encoding
     stages, so activations and codes come from (and go to) the same caches."""
     heads_path = baseline.resolve(baseline.header["heads"]["path"])
     heads = load_safetensors(heads_path.read_bytes())
@@ -634,7 +634,7 @@ def score_frozen(pairs: pl.DataFrame, baseline: Baseline, backend, sae: TopKSAE,
 def suspicion_against(values: dict[str, list[float | None]], baseline: Baseline,
                       own_entries: list[dict | None]) -> torch.Tensor:
     """The suspicion of pairs (their rounded signal values) among the baseline's pairs, as a scan
-    ranks a pair among the others: scoring.percentile_against per signal, leaving out each
+    ranks a pair among the others: scoring.ranks.percentile_against per signal, leaving out each
     pair's own entry (None: none), combined with the baseline's ranking weights."""
     def column(items) -> torch.Tensor:
         return torch.tensor([math.nan if v is None else v for v in items], dtype=torch.float64)
