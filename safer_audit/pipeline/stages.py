@@ -148,11 +148,12 @@ def select(pairs: PairTable, model: Model, acts: Activations, codes: Codes, ctx:
     """Salience (over ``--salience-from``'s pairs when given) and the selected features; with
     ``--select safety``, the candidates the labeller rates as safety related."""
     config = ctx.config
-    totals = codes.stats.totals()
     if config.salience_from:
         reference = activations(read_data(config.salience_from, config, spool=True).pairs, model, ctx, lazy=True,
                                 name="reference", description="Reference activations")
         totals = encode(reference.store, codes.sae, ctx, description="Reference encoding").totals()
+    else:
+        totals = codes.stats.totals()
     with ctx.step("salience", "Salience"):
         salience = feature_salience(*totals)
         features = select_features(salience, config.n_features, features_file=config.features_file)
