@@ -135,7 +135,7 @@ class CodeCache:
 
     def summary_path(self, keys: list[str]) -> Path:
         """Where the summary of a scan of the texts ``keys`` (in this order) lives: content-addressed."""
-        h = hashlib.sha256(json.dumps([SUMMARY_FORMAT, CODES_FORMAT, _top_activations(), list(keys)]).encode())
+        h = hashlib.sha256(json.dumps([SUMMARY_FORMAT, CODES_FORMAT, TOP_ACTIVATIONS, list(keys)]).encode())
         return self.directory / f"summary-{short_digest(h.hexdigest())}.safetensors"
 
     def load_summary(self, keys: list[str]) -> dict[str, torch.Tensor] | None:
@@ -183,10 +183,6 @@ class CodeCache:
             body.release()
 
 
-def _top_activations() -> int:
-
-    return TOP_ACTIVATIONS
-
 
 def _keys_digest(keys: list[str]) -> str:
     return hashlib.sha256(json.dumps(list(keys)).encode()).hexdigest()
@@ -205,7 +201,7 @@ def _check_summary(summary: dict[str, torch.Tensor], n_texts: int) -> None:
         _require(len(summary["scores"]) == n_texts and len(summary["pooled"]) == n_texts)
     shape = summary["top_value"].shape
     _require(all(summary[name].shape == shape for name in ("top_text", "top_position", "top_token")))
-    _require(shape == (_top_activations(), len(summary["fire_counts"])))
+    _require(shape == (TOP_ACTIVATIONS, len(summary["fire_counts"])))
 
 
 def block_digest(keys: list[str], block: dict[str, torch.Tensor]) -> str:
