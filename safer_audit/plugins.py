@@ -88,15 +88,15 @@ def _collect(hook_name: str, plugin=None) -> list[tuple]:
     return registered
 
 
-# kind -> (the registration hook, what one is called in messages)
+# kind -> (the registration hook, what one is called in messages, what `safer-audit plugins` calls them)
 KINDS = {
-    "model": ("register_model_backends", "model backend"),
-    "sae": ("register_sae_backends", "SAE backend"),
-    "exporter": ("register_exporters", "format"),
-    "labeller": ("register_feature_labellers", "labeller"),
-    "judge": ("register_judges", "judge"),
-    "engine": ("register_engines", "engine"),
-    "gate_format": ("register_gate_formats", "gate format"),
+    "model": ("register_model_backends", "model backend", "models"),
+    "sae": ("register_sae_backends", "SAE backend", "saes"),
+    "exporter": ("register_exporters", "format", "exporters"),
+    "labeller": ("register_feature_labellers", "labeller", "labellers"),
+    "judge": ("register_judges", "judge", "judges"),
+    "engine": ("register_engines", "engine", "engines"),
+    "gate_format": ("register_gate_formats", "gate format", "gate formats"),
 }
 
 
@@ -109,7 +109,7 @@ class Exporter:
 
 def registry(kind: str) -> dict:
     """What the plugins registered of one kind (see KINDS), by name; a name registered twice is an error."""
-    hook, what = KINDS[kind]
+    hook, what, _ = KINDS[kind]
     found: dict = {}
     for name, *rest in _collect(hook):
         if name in found:
@@ -161,17 +161,6 @@ class PluginInfo:
     registers: dict[str, list[str]] = field(default_factory=dict)
 
 
-_REGISTER_HOOKS = (
-    ("register_model_backends", "models"),
-    ("register_sae_backends", "saes"),
-    ("register_exporters", "exporters"),
-    ("register_feature_labellers", "labellers"),
-    ("register_judges", "judges"),
-    ("register_engines", "engines"),
-    ("register_gate_formats", "gate formats"),
-)
-
-
 def plugin_info() -> list[PluginInfo]:
     """What is loaded: each plugin with its version, its hooks and what it registers."""
     load_plugins()
@@ -180,7 +169,7 @@ def plugin_info() -> list[PluginInfo]:
     for name, plugin in sorted(pm.list_name_plugin(), key=lambda item: item[0]):
         hooks = sorted(impl.name for impl in pm.get_hookcallers(plugin) or [])
         registers = {}
-        for hook_name, label in _REGISTER_HOOKS:
+        for hook_name, _, label in KINDS.values():
             if hook_name in hooks:
                 registers[label] = [str(args[0]) for args in _collect(hook_name, plugin)]
         version = versions.get(id(plugin))
