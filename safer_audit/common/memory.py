@@ -2,6 +2,23 @@
 
 from __future__ import annotations
 
+import functools
+
+
+@functools.cache
+def _glibc():
+    """The C library when it is glibc, else None: both calls below are glibc's own."""
+    import platform
+
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return None
+    try:
+        import ctypes
+
+        return ctypes.CDLL(None)
+    except OSError:
+        return None
+
 
 def release_freed_memory() -> None:
     """Hand freed heap memory back to the OS (glibc only; elsewhere a no-op).
@@ -10,24 +27,12 @@ def release_freed_memory() -> None:
     reuse the smaller freed blocks and keeps them: peak RSS grew with the dataset (2.5 GB
     after extracting HH, 0.5 GB after malloc_trim). Trimming once per shard bounds it.
     """
-    global _malloc_trim
-    if _malloc_trim is None:
-        try:
-            import ctypes
-
-            _malloc_trim = ctypes.CDLL("libc.so.6").malloc_trim
-        except (OSError, AttributeError):
-            _malloc_trim = False
-    if _malloc_trim:
-        _malloc_trim(0)
-
-
-_malloc_trim = None
+    libc = _glibc()
+    if libc is not None:
+        libc.malloc_trim(0)
 
 
 M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
-
-
 LARGE_BLOCK = 1 << 20  # bytes: blocks at least this large are mapped on their own and unmapped when freed
 
 
@@ -40,13 +45,5 @@ def freed_blocks_to_the_system() -> bool:
     every range read, ~6 KB a pair in the report stage (BENCHMARKS.md). Not from the scan's start: every
     forward pass's and SAE step's tensors are then mapped and faulted in afresh, and extraction and SAE training
     took ~20% longer (700 HH pairs, side by side). False where it does not apply (not glibc)."""
-    import platform
-
-    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
-        return False
-    try:
-        import ctypes
-
-        return bool(ctypes.CDLL(None).mallopt(M_MMAP_THRESHOLD, LARGE_BLOCK))
-    except (OSError, AttributeError):
-        return False
+    libc = _glibc()
+    return libc is not None and bool(libc.mallopt(M_MMAP_THRESHOLD, LARGE_BLOCK))
