@@ -81,8 +81,9 @@ def scan_profile(pairs, config: ScanConfig, *, source: str, steps=no_progress, b
     pairs = PairTable.of(pairs, config.activations.cache_dir)  # one copy of the texts on disk for every model
     result = scan_pairs(pairs, config, source=source, backend=backend, ctx=ctx)
     result.report.run.profile = config.profile
+    first = model_name(result.backend.identity)
     for card in result.report.features:
-        card.model = model_name(result.backend.identity)
+        card.model = first
     if not extras:
         set_flip_probability(result)
         return result
