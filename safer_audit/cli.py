@@ -289,7 +289,8 @@ def _print_judge_costs(costs: dict) -> None:
 @scan_options(*COMMAND_GROUPS["scan"])
 @click.option("--top", type=click.IntRange(0), default=20, show_default=True, help="Suspects shown in the terminal.")
 @click.option("--output", "-o", "outputs", multiple=True, type=click.Path(dir_okay=False, path_type=Path),
-              help="Write the report here (repeatable); the format comes from the extension.")
+              help="Write the report here (repeatable); the format comes from the extension. "
+                   "- writes it to standard output (JSON unless --format says otherwise).")
 @click.option("--format", "output_format", default=None,
               help="Format of every --output, when the extension does not say (see `safer-audit plugins`).")
 @quiet_option
@@ -300,15 +301,20 @@ def scan(data, top, outputs, output_format, quiet, config: ScanConfig):
     hub dataset id when online. Activations and a trained SAE are cached, so a re-run on
     the same data is fast.
     """
-    from .common.files import refuse_inputs
+    from .common.files import refuse_inputs, writable_target
     from .errors import ConfigError
     from .pipeline.scan import run_scan
-    from .report.types import export_report, find_exporter
+    from .report.types import STDOUT, export_report, find_exporter
     from .report.view import print_report
 
+    to_stdout = any(str(path) == STDOUT for path in outputs)
     for path in outputs:  # fail on what would fail at the end before the long work
+        if str(path) == STDOUT:
+            find_exporter(path, output_format or "json")
+            continue
         find_exporter(path, output_format)
         refuse_inputs(path, [data])
+        writable_target(path)
         if not path.parent.is_dir():
             raise ConfigError(f"{path}: the directory {path.parent} does not exist")
     from .common.progress import next_steps
@@ -317,11 +323,13 @@ def scan(data, top, outputs, output_format, quiet, config: ScanConfig):
         click.echo(inert(f"Warning: {message}"), err=True)
 
     result = run_scan(data, config, steps=_steps(quiet).step, warn=warn)
-    print_report(result.report, stdout_console(), top=top)
+    if not to_stdout:  # with -o - standard output carries the report alone
+        print_report(result.report, stdout_console(), top=top)
     _print_judge_costs(result.judge_costs)
     for path in outputs:
         export_report(result.report, path, output_format)
-        click.echo(f"wrote {inert(path)}", err=True)
+        if str(path) != STDOUT:
+            click.echo(f"wrote {inert(path)}", err=True)
     # the options given to this scan that explain and review take too, so they see the same scores
     ctx = click.get_current_context()
     shared = {p.name for p in explain.params}
@@ -606,8 +614,12 @@ def clean(data, out, report_path, decisions_path, only, drop_fraction, threshold
     its rank, scores, category and reason. Both files are written to a temporary file and
     renamed; DATA and the report are never written over.
     """
+    from .common.files import writable_target
     from .workflows.clean import clean_dataset
 
+    for path in (out, manifest):  # before any long work: a device or read-only output is refused at once
+        if path is not None:
+            writable_target(path)
     rules = {"--drop-fraction": drop_fraction, "--threshold": threshold, "--min-flip-probability": min_flip_probability}
     given = [name for name, value in rules.items() if value is not None]
     if decisions_path is not None:

@@ -8,6 +8,7 @@ import re
 import secrets
 import shutil
 import socket
+import stat
 import time
 from pathlib import Path
 from typing import Callable, Iterable
@@ -47,6 +48,83 @@ def refuse_inputs(path: str | Path, protect: Iterable[str | Path]) -> None:
             raise ConfigError(f"{path}: refusing to write over an input file")
 
 
+def _kind(mode: int) -> str:
+    kinds = ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+             (stat.S_ISSOCK, "a socket"), (stat.S_ISDIR, "a directory"))
+    return next((name for test, name in kinds if test(mode)), "not a regular file")
+
+
+def writable_target(path: str | Path) -> Path:
+    """The regular file a write to ``path`` may replace, or a ConfigError saying why none.
+
+    The outputs rule: a new path or a regular file is written (atomically, by rename); a
+    symbolic link is followed and its target replaced, the link kept; a device, FIFO, socket or
+    directory is refused (a rename would put a regular file where ``/dev/null`` was, and as root
+    in a container that breaks the machine); so is a read-only file, which a rename would
+    otherwise replace without a word. ``-`` (standard output) is the caller's to handle.
+    """
+    path = Path(path)
+    if str(path) == "-":
+        raise ConfigError("-: this output cannot be written to standard output; give a file name")
+    try:
+        status = path.lstat()
+    except FileNotFoundError:
+        return path
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot write ({exc.strerror})") from None
+    target = path
+    if stat.S_ISLNK(status.st_mode):
+        target = Path(os.path.realpath(path))
+        try:
+            status = target.stat()
+        except FileNotFoundError:  # a dangling link: write where it points
+            return target
+        except OSError as exc:
+            raise ConfigError(f"{path}: cannot write ({exc.strerror})") from None
+    if not stat.S_ISREG(status.st_mode):
+        via = "" if target == path else f" (a link to {target})"
+        raise ConfigError(f"{path}: is {_kind(status.st_mode)}{via}; outputs are written to regular files only"
+                          " (write - to send a report to standard output)")
+    if not status.st_mode & 0o222:
+        raise ConfigError(f"{path}: is read-only; make it writable or choose another output")
+    return target
+
+
+def read_bounded(path: str | Path, limit: int, error: Callable[[str], Exception]) -> bytes:
+    """The bytes of the regular file ``path``, at most ``limit`` of them.
+
+    A side input (decisions, baseline, report, features, taxonomy) is read whole, so a FIFO
+    would block for ever and ``/dev/zero`` would fill memory: both are refused, as is a file
+    larger than ``limit``. ``error(message)`` makes the exception to raise (the caller's kind,
+    naming its file); the message says what is wrong and never names a temporary.
+    """
+    try:
+        # O_NONBLOCK: opening a FIFO with no writer would otherwise wait here for ever.
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    except OSError as exc:
+        raise error(f"cannot read ({exc.strerror})") from None
+    try:
+        status = os.fstat(fd)  # of what was opened, not of what the name meant a moment before
+        if not stat.S_ISREG(status.st_mode):
+            raise error(f"is {_kind(status.st_mode)}; give a regular file")
+        if status.st_size > limit:
+            raise error(f"is {status.st_size:,} bytes; the most read is {limit:,}")
+        chunks, size = [], 0
+        while size <= limit:
+            chunk = os.read(fd, min(1 << 20, limit + 1 - size))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            size += len(chunk)
+        if size > limit:  # grew while being read
+            raise error(f"is more than {limit:,} bytes, the most read")
+        return b"".join(chunks)
+    except OSError as exc:
+        raise error(f"cannot read ({exc.strerror})") from None
+    finally:
+        os.close(fd)
+
+
 def write_atomic(
     path: str | Path,
     content: bytes | str | Callable[[Path], None],
@@ -57,7 +135,7 @@ def write_atomic(
 
     A reader never sees a half-written file and a failure leaves ``path`` as it was.
     """
-    path = Path(path)
+    path = writable_target(path)
     refuse_inputs(path, protect)
     if not path.parent.is_dir():  # say so plainly, rather than name the temporary file
         raise FileNotFoundError(f"{path}: the directory {path.parent} does not exist")

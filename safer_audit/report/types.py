@@ -434,7 +434,30 @@ def export_report(report: Report, path: str | Path, format: str | None = None) -
 
     Refuses to write over the scanned data. Returns the exporter used.
     """
+    if str(path) == STDOUT:
+        return _export_to_stdout(report, format)
     exporter = find_exporter(path, format)
     refuse_inputs(path, _input_paths(report))
     exporter.export(report, Path(path))
+    return exporter
+
+
+STDOUT = "-"
+
+
+def _export_to_stdout(report: Report, format: str | None) -> Exporter:
+    """``-o -``: the exporter writes a file as always (so a plugin needs nothing more), which is then
+    copied to standard output; JSON when no format is named, as ``-`` has no extension to tell."""
+    import shutil
+    import sys
+    import tempfile
+
+    exporter = find_exporter(STDOUT, format or "json")
+    with tempfile.TemporaryDirectory(prefix="safer-audit-out-") as scratch:
+        path = Path(scratch) / f"report{exporter.extensions[0] if exporter.extensions else ''}"
+        exporter.export(report, path)
+        with open(path, "rb") as source:
+            sys.stdout.flush()
+            shutil.copyfileobj(source, sys.stdout.buffer)
+            sys.stdout.buffer.flush()
     return exporter

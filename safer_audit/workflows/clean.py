@@ -50,7 +50,7 @@ from pathlib import Path
 from typing import IO, Any, Mapping
 
 from ..common.digests import sha256_file
-from ..common.files import refuse_inputs, remove_stale_temporaries, same_file, write_atomic
+from ..common.files import refuse_inputs, remove_stale_temporaries, same_file, writable_target, write_atomic
 from ..config import ReadOptions
 from ..data import PairReader, pair_digest
 from ..errors import CleanError
@@ -206,7 +206,7 @@ def clean_dataset(source: str | Path, out: str | Path, report: Report | None, *,
     source, out = str(source), Path(out)
     manifest_path = Path(manifest) if manifest is not None else out.with_name(out.name + ".manifest.json")
     kind = _source_kind(source)
-    _check_outputs(source, kind, out, manifest_path, report_path, force)
+    _check_outputs(source, kind, out, manifest_path, report_path, force, dry_run)
     if decisions_path is not None:
         for path in (out, manifest_path):
             refuse_inputs(path, [decisions_path])
@@ -275,7 +275,7 @@ def _source_kind(source: str) -> str:
 
 
 def _check_outputs(source: str, kind: str, out: Path, manifest: Path, report_path: str | Path | None,
-                   force: bool) -> None:
+                   force: bool, dry_run: bool = False) -> None:
     protect = [source] + ([report_path] if report_path is not None else [])
     if not out.name.lower().endswith(kind):
         raise CleanError(f"{out}: the output is written in the input's format, so it must end in {kind}")
@@ -283,7 +283,8 @@ def _check_outputs(source: str, kind: str, out: Path, manifest: Path, report_pat
         refuse_inputs(path, protect)
         if not path.parent.is_dir():
             raise CleanError(f"{path}: the directory {path.parent} does not exist")
-        if path.exists() and not force:
+        writable_target(path)
+        if path.exists() and not force and not dry_run:  # a dry run writes nothing, so replaces nothing
             raise CleanError(f"{path}: already exists (use --force to replace it)")
     refuse_inputs(manifest, [out])
 
