@@ -917,6 +917,14 @@ def _register_plugin_commands():
         _fail(str(exc))
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None):
+    """A library warning is one line for the user, not a source location."""
+    click.echo(inert(f"Warning: {message}"), err=True)
+
+
 def main(argv=None):
+    import warnings
+
+    warnings.showwarning = _show_warning
     _register_plugin_commands()
     cli.main(args=argv, prog_name="safer-audit")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import warnings
 from dataclasses import dataclass, field
 from importlib import metadata
 
@@ -31,6 +32,10 @@ DEFAULT_PLUGINS = (
 ENTRY_POINT_GROUP = "safer_audit"
 LOAD_PLUGINS_ENV = "SAFER_AUDIT_LOAD_PLUGINS"
 
+class PluginWarning(UserWarning):
+    """Plugin loading went on, but not as the user may have meant."""
+
+
 pm = pluggy.PluginManager("safer_audit")
 pm.add_hookspecs(hookspecs)
 
@@ -50,7 +55,13 @@ def load_plugins() -> pluggy.PluginManager:
             pm.register(importlib.import_module(name), name)
     allowed = os.environ.get(LOAD_PLUGINS_ENV)
     allowed_names = None if allowed is None else {n.strip() for n in allowed.split(",") if n.strip()}
-    for ep in metadata.entry_points(group=ENTRY_POINT_GROUP):
+    installed = metadata.entry_points(group=ENTRY_POINT_GROUP)
+    unknown = sorted((allowed_names or set()) - {ep.name for ep in installed})
+    if unknown:  # a misspelt name would otherwise quietly load nothing
+        known = ", ".join(sorted({ep.name for ep in installed})) or "none"
+        warnings.warn(PluginWarning(f"{LOAD_PLUGINS_ENV} names {', '.join(map(repr, unknown))}, which "
+                                    f"no installed plugin is called (installed: {known})"), stacklevel=2)
+    for ep in installed:
         if allowed_names is not None and ep.name not in allowed_names:
             continue
         if pm.get_plugin(ep.name) is not None:

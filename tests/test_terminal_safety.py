@@ -72,8 +72,11 @@ def hh_records(n: int) -> list[dict]:
 def hostile_records(n: int = N_PAIRS, start: int = 0) -> list[dict]:
     rows = []
     for i, record in enumerate(hh_records(start + n)[start:], start):
-        rows.append({"id": f"{HOSTILE}{i}", "chosen": record["chosen"] + HOSTILE,
-                     "rejected": record["rejected"] + HOSTILE + " no"})
+        # the pair's own words after the hostile text: the tiny models see only a text's end, and pairs
+        # that look identical to them all tie, which is no ranking to test the gate with
+        chosen_end, rejected_end = (record[side].rsplit("Assistant:", 1)[-1][-60:] for side in ("chosen", "rejected"))
+        rows.append({"id": f"{HOSTILE}{i}", "chosen": record["chosen"] + HOSTILE + " " + chosen_end,
+                     "rejected": record["rejected"] + HOSTILE + " no " + rejected_end})
     return rows
 
 
@@ -126,8 +129,9 @@ def test_features_explain_and_clean_show_the_data_escaped(work):
 
 
 def test_gate_cannot_fake_its_verdict_or_inject_a_workflow_command(work, tmp_path):
-    data = write_jsonl(tmp_path / f"::warning::{HOSTILE_NAME}.jsonl",
-                       hostile_records() + hostile_records(4, start=N_PAIRS))
+    # the new pairs have identical responses: a quality finding on any model, so each gets its line
+    added = [{**row, "rejected": row["chosen"]} for row in hostile_records(4, start=N_PAIRS)]
+    data = write_jsonl(tmp_path / f"::warning::{HOSTILE_NAME}.jsonl", hostile_records() + added)
     env = {"GITHUB_ACTIONS": "true"}
     gated = run("gate", data, "--baseline", work.baseline, "--fail-on", "flipped,noisy,quality", "--max-new", "100",
                 env=env)
@@ -138,7 +142,7 @@ def test_gate_cannot_fake_its_verdict_or_inject_a_workflow_command(work, tmp_pat
     annotations = gated.stderr.splitlines()
     assert annotations and all(line.startswith("::warning file=") for line in annotations)
     assert all(line.count("::") == 2 for line in annotations)  # the command's own, none from the data
-    as_json = run("gate", data, "--baseline", work.baseline, "--format", "json", env=env)
+    as_json = run("gate", data, "--baseline", work.baseline, "--format", "json", env=env, code=None)
     assert {f["pair_id"] for f in json.loads(as_json.stdout)["findings"]} <= {f"{HOSTILE}{i}" for i in range(20)}
     junit = run("gate", data, "--baseline", work.baseline, "--format", "junit", "--fail-on", "flipped,noisy,quality",
                 code=None)

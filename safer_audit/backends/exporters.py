@@ -18,6 +18,7 @@ import polars as pl
 
 from ..common.domain import Category
 from ..common.files import write_atomic
+from ..errors import inert
 from ..hookspecs import hookimpl
 from ..report.types import CATEGORY_DESCRIPTIONS, FeatureCard, Finding, Report, few_pairs_warning
 from ..report.view import Excerpt, diff_excerpts, format_feature, format_number, summary_lines
@@ -88,7 +89,7 @@ _MD_SPECIAL = re.compile(r"([\\`*_\[\]|#!~])")
 
 def _md(text: str) -> str:
     """Text safe inside a Markdown table cell: one line, no markup, no raw HTML."""
-    text = html.escape(re.sub(r"\s+", " ", text), quote=False)
+    text = html.escape(inert(re.sub(r"\s+", " ", text)), quote=False)
     return _MD_SPECIAL.sub(r"\\\1", text)
 
 
@@ -358,7 +359,8 @@ _CSP = (
 
 
 def _e(value: object) -> str:
-    return html.escape(str(value), quote=True)
+    # inert: a raw ESC or BEL is invalid in HTML and shows (or hides) nothing; written out, a reader sees it
+    return html.escape(inert(value, multiline=True), quote=True)
 
 
 def script_json(value: object) -> str:

@@ -72,6 +72,11 @@ class PairReader:
             raise Invalid(None, f"a record must be an object, not {json_type(record)}")
         if self.schema is None:
             self.schema = detect_schema(record)
+        elif not self.schema_forced and (own := detect_schema(record)) != self.schema:
+            # read with the file's schema, such a record would silently lose fields (an "hh" reading
+            # drops a "prompt"): a file holds one schema
+            raise Invalid(None, f'is a "{own}" record in a file whose first record is "{self.schema}"; '
+                                "give every record one schema (or force one with --schema)")
         chosen, rejected = SCHEMA_PARSERS[self.schema](record, self.preference)
         check_text(record)
         context = render_transcript(chosen[:-1])[0]

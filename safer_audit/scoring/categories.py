@@ -26,11 +26,26 @@ class Cutoffs:
 
 
 def _cutoff(suspicion_values: torch.Tensor, fraction: float) -> float | None:
-    """The suspicion of the last pair inside the most suspicious ``fraction`` (pairs tied with
-    it are inside too: a category does not depend on the order of the input)."""
+    """The suspicion of the last pair inside the most suspicious ``fraction``.
+
+    A category must not depend on the order of the input, so pairs tied at the boundary are
+    all in or all out, whichever brings the count nearer ``fraction`` of the pairs (in on a
+    draw): always in could put every pair of a file of identical scores into one category.
+    None when no pair is inside.
+    """
     n = len(suspicion_values)
     count = sum(1 for position in range(n) if (position + 1) / n <= fraction)
-    return float(torch.sort(suspicion_values.double(), descending=True).values[count - 1]) if count else None
+    if not count:
+        return None
+    ordered = torch.sort(suspicion_values.double(), descending=True).values
+    last = float(ordered[count - 1])
+    if count == n or float(ordered[count]) != last:
+        return last
+    above = ordered[ordered > last]
+    with_tie = int((ordered >= last).sum())
+    if abs(with_tie - fraction * n) <= abs(len(above) - fraction * n):
+        return last
+    return float(above[-1]) if len(above) else None
 
 
 def categorise_pair(suspicion_value: float, signals: Mapping[str, float | None], quality_kinds: Iterable[str],
