@@ -36,10 +36,10 @@ from pathlib import Path
 import torch
 
 from ..common.domain import SIGNALS
-from ..common.entries import read_entry, write_entry
+from ..common.entries import read_entry, tensors_digest, write_entry
 from ..features.salience import FeatureSet
 from ..sae.stats import CodeStats, TextRows, stream_pairs
-from .posterior import FlipMixture, flip_posterior
+from .posterior import FlipMixture, flip_posterior, plausible_posterior
 
 # pairs a Bradley-Terry head is fitted on (--head-pairs): above the 2,312-pair HH sample, so its
 # reports are those of a fit on every pair; ~4096 x width x 16 B (scaled copy, float64 in the fit)
@@ -148,6 +148,11 @@ CROSS_FIT_FIELDS = ("margins", "fold", "weights", "scale")
 POSTERIOR_FORMAT = 1  # bump when fit_flip_mixture or flip_posterior changes what it returns
 
 
+def _entry_digest(key: str, kind: str, tensors: dict[str, torch.Tensor]) -> str:
+    """The digest a head or posterior entry carries in its header (entries.tensors_digest of its key and tensors)."""
+    return tensors_digest([HEADS_FORMAT, kind, key], tensors)
+
+
 class HeadCache:
     """Fitted cross-fitted heads on disk, content-addressed.
 
@@ -156,7 +161,9 @@ class HeadCache:
     the seed, the penalties, the fitting code and torch's numerics. The key hashes exactly
     those, so a warm scan reads the heads back bit for bit and any change of data, SAE or
     option fits again. One small safetensors file per head (its margins, folds, weights and
-    column scale), written atomically.
+    column scale), written atomically with a digest of its key and tensors in its header. An entry
+    is used only when that digest matches and its values are ones a fit gives (finite margins and
+    weights, a positive scale, fold ids in range; a posterior in [0, 1]): anything else is fitted again.
     """
 
     def __init__(self, directory: Path):
@@ -178,15 +185,22 @@ class HeadCache:
         return self.directory / f"{kind}-{key}.safetensors"
 
     def _read(self, key: str, names: tuple[str, ...], kind: str = "head") -> list[torch.Tensor] | None:
-        """The tensors ``names`` of the entry ``key``, or None (missing or unreadable: it is fitted again)."""
+        """The tensors ``names`` of the entry ``key``, or None: missing, unreadable, or not what was written (its
+        digest differs: a flipped byte), or holding a value no fit gives (NaN or infinite). It is fitted again."""
         entry = read_entry(self.path(key, kind))
-        if entry is None or not all(name in entry[0] for name in names):
+        if entry is None:
             return None
-        return [entry[0][name] for name in names]
+        tensors, metadata = entry
+        if set(tensors) != set(names) or metadata.get("digest") != _entry_digest(key, kind, tensors):
+            return None
+        if not all(torch.isfinite(tensor).all() for tensor in tensors.values()):
+            return None
+        return [tensors[name] for name in names]
 
     def _write(self, key: str, tensors: dict[str, torch.Tensor], kind: str = "head") -> None:
         self.directory.mkdir(parents=True, exist_ok=True)
-        write_entry(self.path(key, kind), tensors, {"format": str(HEADS_FORMAT)})
+        write_entry(self.path(key, kind), tensors,
+                    {"format": str(HEADS_FORMAT), "digest": _entry_digest(key, kind, tensors)})
 
     def get(self, key: str, n_pairs: int) -> CrossFit | None:
         """The cached fit, or None (missing, unreadable or the wrong shape: it is fitted again)."""
@@ -194,7 +208,10 @@ class HeadCache:
         if tensors is None:
             return None
         fit = CrossFit(*tensors)
-        if len(fit.margins) != n_pairs or len(fit.fold) != n_pairs:
+        folds = len(fit.weights)
+        if fit.margins.shape != (n_pairs,) or fit.fold.shape != (n_pairs,) or fit.weights.dim() != 2 \
+                or fit.scale.shape != fit.weights.shape[1:] or not bool((fit.scale > 0).all()) \
+                or not bool(((fit.fold >= 0) & (fit.fold < folds)).all()):
             return None
         return fit
 
@@ -210,7 +227,9 @@ class HeadCache:
         key = digest.hexdigest()[:32]
         tensors = self._read(key, ("posterior", "mixture"), "posterior")
         if tensors is not None and tensors[0].shape == margin.shape and tensors[1].shape == (3,):
-            return tensors[0], FlipMixture(*tensors[1].tolist())
+            posterior, mixture = tensors[0], FlipMixture(*tensors[1].tolist())
+            if plausible_posterior(posterior, mixture):
+                return posterior, mixture
         posterior, mixture = flip_posterior(margin)
         self._write(key, {"posterior": posterior, "mixture": torch.tensor(
             [mixture.rate, mixture.separation, mixture.log_likelihood], dtype=torch.float64)}, "posterior")
@@ -222,7 +241,7 @@ class HeadCache:
         if tensors is None:
             return None
         weights, scale = tensors
-        if tuple(weights.shape) != (folds, width) or tuple(scale.shape) != (width,):
+        if tuple(weights.shape) != (folds, width) or tuple(scale.shape) != (width,) or not bool((scale > 0).all()):
             return None
         return weights, scale
 

@@ -156,3 +156,16 @@ def flip_posterior(margin: torch.Tensor) -> tuple[torch.Tensor, FlipMixture]:
     return torch.sigmoid(logit - 2 * mixture.separation * scale), mixture
 
 
+
+
+def plausible_posterior(posterior: torch.Tensor, mixture: FlipMixture) -> bool:
+    """Whether ``posterior`` and ``mixture`` are values ``flip_posterior`` can return: probabilities in [0, 1], a
+    rate in [0, 1/2], a separation of 0 or within SEPARATION_RANGE, a finite log-likelihood <= 0. A cached
+    posterior that is not (a damaged entry) is fitted again rather than ranked or acted on (``clean
+    --min-flip-probability``)."""
+    lo, hi = SEPARATION_RANGE
+    separation = mixture.separation
+    return (posterior.dtype == torch.float64 and bool(((posterior >= 0) & (posterior <= 1)).all())
+            and 0.0 <= mixture.rate <= 0.5
+            and (separation == 0.0 or lo * (1 - 1e-9) <= separation <= hi * (1 + 1e-9))
+            and math.isfinite(mixture.log_likelihood) and mixture.log_likelihood <= 0.0)
