@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -18,7 +19,7 @@ from typing import Protocol, runtime_checkable
 
 import torch
 
-from ..common.files import write_atomic
+from ..common.files import read_bounded, write_atomic
 from ..config import ScanConfig
 from ..errors import ConfigError, PluginError
 from ..model.texts import PreparedText
@@ -170,21 +171,80 @@ def cache_path(directory: Path, sae_hash: str, labeller) -> Path:
     return Path(directory) / f"{safe}-{digest.hexdigest()[:16]}.json"
 
 
+MAX_LABELS_FILE = 64 * 1024 * 1024  # bytes: ~300 bytes a label, far more latents than any SAE has
+MAX_LABEL_TEXT = 500  # characters of a label, its category, labeller, version or model: a longer one is damage
+MAX_EXTRA = 4096  # bytes of a label's ``extra`` as JSON
+TEXT_FIELDS = ("label", "category", "labeller", "version")
+
+
+class _Unreadable(Exception):
+    """A labels file that cannot be used as a whole: it is made again."""
+
+
 def _read(path: Path) -> dict[int, FeatureLabel]:
+    """The usable labels of a cache file: one that cannot be read (missing, too large, not JSON) gives none; an
+    entry that is not a label a labeller could have made (label_problem) is left out, to be made again."""
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-        return {int(latent): FeatureLabel(**entry) for latent, entry in data["labels"].items()}
-    except FileNotFoundError:
-        return {}
-    except (OSError, ValueError, TypeError, KeyError, AttributeError):
+        data = json.loads(read_bounded(path, MAX_LABELS_FILE, _Unreadable))
+        entries = data["labels"]
+        if not isinstance(entries, dict):
+            raise _Unreadable("labels is not an object")
+    except (_Unreadable, ValueError, TypeError, KeyError):
         return {}  # an unreadable cache is made again, not trusted
+    labels = {}
+    for key, entry in entries.items():
+        label = _cached_label(key, entry)
+        if label is not None:
+            labels[label.latent] = label
+    return labels
+
+
+def _cached_label(key: str, entry: object) -> FeatureLabel | None:
+    """The FeatureLabel a cache entry holds, or None when it is not one label_problem accepts for latent ``key``."""
+    fields = {"latent", "relevance", "model", "extra", *TEXT_FIELDS}
+    if not isinstance(entry, dict) or not set(entry) <= fields or not {"latent", "label", "relevance",
+                                                                        "category", "labeller"} <= set(entry):
+        return None
+    if type(entry["latent"]) is not int or key != str(entry["latent"]):
+        return None
+    try:
+        label = FeatureLabel(**entry)
+    except (TypeError, ValueError):  # a relevance that is not a number in [0, 1]
+        return None
+    return None if label_problem(label) else label
+
+
+def label_problem(label: FeatureLabel) -> str | None:
+    """What makes ``label`` unusable (a cached one is made again, a labeller's own is a PluginError): text fields
+    that are not strings of at most MAX_LABEL_TEXT characters (what they hold, every output escapes), a relevance
+    that is not a number in [0, 1], an ``extra`` that is not a small JSON object. None when it is usable."""
+    for name in (*TEXT_FIELDS, "model"):
+        value = getattr(label, name)
+        if name == "model" and value is None:
+            continue
+        if not isinstance(value, str):
+            return f"its {name} is {type(value).__name__}, not text"
+        if len(value) > MAX_LABEL_TEXT:
+            return f"its {name} is {len(value):,} characters, more than {MAX_LABEL_TEXT}"
+    if isinstance(label.relevance, bool) or not isinstance(label.relevance, (int, float)) \
+            or not math.isfinite(label.relevance) or not 0 <= label.relevance <= 1:
+        return f"its relevance {label.relevance!r:.40} is not a number in [0, 1]"
+    try:
+        extra = json.dumps(label.extra)
+    except (TypeError, ValueError, RecursionError):
+        return "its extra is not JSON"
+    if not isinstance(label.extra, dict) or len(extra) > MAX_EXTRA:
+        return f"its extra is not a JSON object of at most {MAX_EXTRA} bytes"
+    return None
 
 
 def _check(label, latent: int, labeller) -> FeatureLabel:
-    if not isinstance(label, FeatureLabel) or label.latent != latent or not isinstance(label.label, str) \
-            or not isinstance(label.category, str):
+    if not isinstance(label, FeatureLabel) or label.latent != latent:
         raise PluginError(f"labeller {labeller.name!r} returned {type(label).__name__} for latent {latent}, "
                           "not a FeatureLabel of that latent")
+    problem = label_problem(label)
+    if problem:
+        raise PluginError(f"labeller {labeller.name!r} returned an unusable label for latent {latent}: {problem}")
     return label
 
 
