@@ -7,8 +7,9 @@ small thread pool. Standard library only (urllib). Nothing is sent until a quest
 asked: constructing a client opens no connection.
 
 The API key is kept in a private attribute and only ever put in the Authorization
-header; error messages, logs and ``repr`` never show it (and any text an endpoint echoes
-back has it blanked out).
+header; error messages, logs and ``repr`` never show it, and every text an endpoint sends
+back (answers, the model it names, error bodies) has it blanked out before it is used,
+cached or shown.
 """
 
 from __future__ import annotations
@@ -39,6 +40,8 @@ log = logging.getLogger("safer_audit_llm")
 
 FORMATS = ("json_schema", "json_object", None)  # response_format forms, tried in this order
 MAX_RESPONSE_BYTES = 4 * 1024 * 1024  # a chat answer bounded by max_tokens is far smaller
+MAX_ERROR_BYTES = 64 * 1024  # of an error's body read for its message (scrubbed whole, then cut)
+MAX_NAME = 200  # characters kept of a model name an endpoint gives
 MAX_RETRY_DELAY = 30.0  # seconds; also the most a Retry-After header can make us wait
 RETRY_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
 
@@ -61,7 +64,12 @@ def endpoint_base(url: str) -> tuple[str, str]:
     ``.../v1/chat/completions``. Credentials or a query in the URL are refused: the key
     belongs in the environment, never in a URL that ends up in logs and error messages.
     """
-    parts = urllib.parse.urlsplit(str(url).strip())
+    url = str(url).strip()
+    bad = next((i for i, ch in enumerate(url) if ch.isspace() or inert(ch) != ch), None)
+    if bad is not None:  # urllib would drop some (tab, newline) and choke on others only when sending
+        raise ConfigError(f"LLM endpoint URL: character {bad + 1} is a control character or a space; "
+                          "give a plain http:// or https:// URL")
+    parts = urllib.parse.urlsplit(url)
     host = parts.hostname or ""
     try:
         port = parts.port
@@ -95,6 +103,85 @@ class _NoRedirect(urllib.request.HTTPRedirectHandler):
         return None
 
 
+# ------------------------------------------------------------------- the deadline of an attempt
+
+
+class _Deadline:
+    """The end of one attempt: connecting, sending, the status line, the headers and the body together.
+
+    A socket timeout bounds each read, and a server sending a byte every few seconds restarts it
+    for ever; so when the deadline passes, the attempt's sockets are shut down, which ends any
+    read blocked on them, and ``expired`` says why the attempt failed.
+    """
+
+    def __init__(self, seconds: float):
+        self.end = time.monotonic() + seconds
+        self.expired = False
+        self._lock = threading.Lock()
+        self._sockets: list[socket.socket] = []
+        self._timer = threading.Timer(seconds, self._expire)
+        self._timer.daemon = True
+        self._timer.start()
+
+    def left(self) -> float:
+        return max(self.end - time.monotonic(), 0.001)
+
+    def watch(self, sock: socket.socket) -> None:
+        with self._lock:
+            self._sockets.append(sock)
+            if self.expired:
+                _shut(sock)
+
+    def _expire(self) -> None:
+        with self._lock:
+            self.expired = True
+            for sock in self._sockets:
+                _shut(sock)
+
+    def cancel(self) -> None:
+        self._timer.cancel()
+
+
+def _shut(sock: socket.socket) -> None:
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:  # closed already
+        pass
+
+
+class _Deadlined:
+    """A connection that connects within what is left of its attempt's deadline, then hands that deadline its
+    socket (for TLS, once the handshake is done: until then each of its reads is bounded by what was left)."""
+
+    def __init__(self, host, *, deadline: _Deadline, **kwargs):
+        kwargs["timeout"] = deadline.left()
+        super().__init__(host, **kwargs)
+        self.deadline = deadline
+
+    def connect(self):
+        self.timeout = self.deadline.left()
+        super().connect()
+        self.deadline.watch(self.sock)
+
+
+class _Watched(_Deadlined, http.client.HTTPConnection):
+    pass
+
+
+class _WatchedHTTPS(_Deadlined, http.client.HTTPSConnection):
+    pass
+
+
+class _DeadlineHTTP(urllib.request.HTTPHandler):
+    def http_open(self, req):
+        return self.do_open(_Watched, req, deadline=req.deadline)
+
+
+class _DeadlineHTTPS(urllib.request.HTTPSHandler):
+    def https_open(self, req):
+        return self.do_open(_WatchedHTTPS, req, deadline=req.deadline)
+
+
 # ------------------------------------------------------------------- answers
 
 
@@ -116,7 +203,7 @@ def parse_json_object(text: str | None) -> dict:
     for candidate in candidates:
         try:
             data = json.loads(candidate)
-        except ValueError:
+        except (ValueError, RecursionError):  # RecursionError: nested deeper than the parser goes
             continue
         if isinstance(data, dict):
             return data
@@ -191,7 +278,8 @@ class _Transient(Exception):
 class ChatClient:
     """Chat completions with JSON-schema-constrained answers: retried, timed out, cached by key.
 
-    ``timeout`` is per socket operation (connect, each read), in seconds. ``retries``
+    ``timeout`` bounds each attempt as a whole (connecting, sending, the whole answer), in seconds,
+    however slowly the server sends. ``retries``
     more attempts follow a connection error, a timeout, HTTP 408/429 or 5xx, waiting
     ``backoff * 2**n`` seconds (or what Retry-After says, at most 30 s). An answer that
     fails its check is asked again ``answer_retries`` times, telling the model what was
@@ -232,7 +320,7 @@ class ChatClient:
         self.concurrency, self.structured = int(concurrency), bool(structured)
         self.response_format = "json_schema" if self.structured else None  # see FORMATS
         self.cache = {} if cache is None else cache
-        self._opener = urllib.request.build_opener(_NoRedirect)
+        self._opener = urllib.request.build_opener(_NoRedirect, _DeadlineHTTP, _DeadlineHTTPS)
         self._model_lock = threading.Lock()
         self._stop = threading.Event()
         self._usage_lock = threading.Lock()
@@ -240,13 +328,43 @@ class ChatClient:
 
     def __repr__(self) -> str:
         key = "set" if self.__api_key else "none"
-        return f"ChatClient(url={self.shown_url!r}, model={self.model!r}, api_key={key})"
+        return f"ChatClient(url={self.shown_url!r}, model={self.model_name!r}, api_key={key})"
 
     # -- HTTP
 
     def _scrub(self, text: str) -> str:
-        """``text`` with the API key blanked out, should an endpoint or a library echo it."""
+        """``text`` with the API key blanked out, should an endpoint or a library echo it. Whatever is cut
+        short for a message is cut after this, so no part of the key survives at a cut."""
         return text.replace(self.__api_key, "***") if self.__api_key else text
+
+    def _scrub_data(self, value):
+        """A parsed answer with the key blanked out of every string in it (keys of objects too); ValueError
+        when it is nested too deeply to walk."""
+        def walk(item):
+            if isinstance(item, str):
+                return self._scrub(item)
+            if isinstance(item, dict):
+                return {self._scrub(str(k)): walk(v) for k, v in item.items()}
+            if isinstance(item, list):
+                return [walk(v) for v in item]
+            return item
+
+        try:
+            return walk(value)
+        except RecursionError:
+            raise ValueError("the answer is nested too deeply") from None
+
+    def endpoint_text(self, value: object) -> str | None:
+        """A name an endpoint gives (the ``model`` of an answer, a listed model id) as text safe to keep and show:
+        the key blanked out, control characters written out, at most MAX_NAME characters; None if not text."""
+        if not isinstance(value, str) or not value.strip():
+            return None
+        return inert(self._scrub(value))[:MAX_NAME]
+
+    @property
+    def model_name(self) -> str | None:
+        """The configured or listed model, as endpoint_text keeps it (what labels record)."""
+        return self.endpoint_text(self.model)
 
     def _fail(self, path: str, what: str) -> LLMError:
         return LLMError(self._scrub(f"LLM endpoint {self.shown_url}{path}: {what}"))
@@ -261,37 +379,44 @@ class ChatClient:
             headers["Authorization"] = f"Bearer {self.__api_key}"
         request = urllib.request.Request(self.base + path, data=data, headers=headers,
                                          method="GET" if body is None else "POST")
+        request.deadline = _Deadline(self.timeout)  # read by _DeadlineHTTP(S)
         try:
             with self._opener.open(request, timeout=self.timeout) as response:
                 raw = response.read(MAX_RESPONSE_BYTES + 1)
         except urllib.error.HTTPError as exc:
-            self._http_error(path, exc)
+            self._http_error(path, exc, request.deadline)
         except urllib.error.URLError as exc:
-            raise _Transient(_describe(exc.reason, self.timeout)) from None
+            raise _Transient(_describe(exc.reason, self.timeout, request.deadline.expired)) from None
         except (OSError, http.client.HTTPException) as exc:  # timeouts and drops while reading
-            raise _Transient(_describe(exc, self.timeout)) from None
+            raise _Transient(_describe(exc, self.timeout, request.deadline.expired)) from None
+        finally:
+            request.deadline.cancel()
+        if request.deadline.expired:  # the answer was cut short when its sockets were shut
+            raise _Transient(_describe(None, self.timeout, True))
         if len(raw) > MAX_RESPONSE_BYTES:
             raise self._fail(path, f"the answer is larger than {MAX_RESPONSE_BYTES} bytes")
         try:
             reply = json.loads(raw.decode("utf-8"))
-        except ValueError:
-            text = raw[:200].decode("utf-8", "replace")
-            raise self._fail(path, f"answered with something that is not JSON: {_excerpt(self._scrub(text))}") from None
+        except (ValueError, RecursionError):
+            text = self._scrub(raw.decode("utf-8", "replace"))
+            raise self._fail(path, f"answered with something that is not JSON: {_excerpt(text)}") from None
         if not isinstance(reply, dict):
             raise self._fail(path, "answered JSON that is not an object")
         return reply
 
-    def _http_error(self, path: str, exc: urllib.error.HTTPError):
+    def _http_error(self, path: str, exc: urllib.error.HTTPError, deadline: _Deadline):
         try:
-            text = exc.read(2000).decode("utf-8", "replace")
+            text = self._scrub(exc.read(MAX_ERROR_BYTES).decode("utf-8", "replace"))
         except Exception:  # the body is only for the message
             text = ""
         finally:
             exc.close()
+        if deadline.expired:
+            raise _Transient(_describe(None, self.timeout, True))
         try:
             detail = json.loads(text).get("error", text)
             detail = detail.get("message", detail) if isinstance(detail, dict) else detail
-        except (ValueError, AttributeError):
+        except (ValueError, AttributeError, RecursionError):
             detail = text
         what = f"HTTP {exc.code}" + (f": {_excerpt(self._scrub(str(detail)), 200)}" if str(detail).strip() else "")
         if exc.code in (400, 422, 500) and "response_format" in text:
@@ -332,7 +457,7 @@ class ChatClient:
             if self.model is None:
                 reply = self._send("/models")
                 models = reply.get("data") if isinstance(reply.get("data"), list) else []
-                ids = [m.get("id") for m in models if isinstance(m, dict) and isinstance(m.get("id"), str)]
+                ids = [m.get("id") for m in models if isinstance(m, dict) and self.endpoint_text(m.get("id"))]
                 if not ids:
                     raise self._fail("/models", "lists no model; set SAFER_AUDIT_LLM_MODEL")
                 self.model = ids[0]
@@ -371,11 +496,13 @@ class ChatClient:
         """Send one question; return its checked answer, or raise AnswerError (bad answers) or LLMError."""
         messages = list(question.messages)
         body = self.request_body(messages, question.schema, question.name)
-        key = question.key or hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+        # the endpoint is part of the key: the same request to another server is another answer
+        key = question.key or hashlib.sha256(json.dumps([self.base, body], sort_keys=True).encode()).hexdigest()
         hit = self.cache.get(key)
         if isinstance(hit, dict) and isinstance(hit.get("data"), dict):
-            try:
-                return Answer(question.check(hit["data"]), hit.get("model"), cached=True)
+            try:  # checked as a fresh answer is: a cache written by hand or by an older version is data too
+                return Answer(question.check(self._scrub_data(hit["data"])), self.endpoint_text(hit.get("model")),
+                              cached=True)
             except ValueError:
                 pass  # a cached answer the check now refuses: ask again
         problem = ""
@@ -388,14 +515,16 @@ class ChatClient:
                     self._refused(body.get("response_format", {}).get("type"), exc.what)
                     body = self.request_body(body["messages"], question.schema, question.name)
             self._count(reply)
-            model = reply.get("model") if isinstance(reply.get("model"), str) else None
+            model = self.endpoint_text(reply.get("model"))
             try:
                 content = _content(reply)
             except (LookupError, TypeError):
                 what = "answered without choices[0].message: not a chat-completions reply"
                 raise self._fail("/chat/completions", what) from None
+            if isinstance(content, str):
+                content = self._scrub(content)  # before anything quotes or cuts it
             try:
-                data = parse_json_object(content)
+                data = self._scrub_data(parse_json_object(content))  # also the key written with JSON escapes
                 value = question.check(data)
             except ValueError as exc:
                 problem = str(exc)
@@ -473,8 +602,8 @@ def _retry_after(value: str | None) -> float | None:
     return seconds if math.isfinite(seconds) and seconds >= 0 else None
 
 
-def _describe(reason: object, timeout: float) -> str:
-    if isinstance(reason, (socket.timeout, TimeoutError)):
+def _describe(reason: object, timeout: float, expired: bool = False) -> str:
+    if expired or isinstance(reason, (socket.timeout, TimeoutError)):
         return f"no answer within {timeout:g} s"
     if isinstance(reason, ConnectionRefusedError):
         return "connection refused (is the server running?)"

@@ -15,6 +15,7 @@ usable answer, that is an error, since the endpoint or model is then not fit for
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 from collections.abc import Sequence
@@ -177,6 +178,13 @@ class LLMLabeller:
     def __repr__(self) -> str:
         return f"LLMLabeller({self.client!r})"
 
+    @property
+    def cache_key(self) -> str:
+        """What the labels cache is keyed by besides the SAE and the labeller's version
+        (safer_audit.features.labels.cache_path): the endpoint, the model (asked of the server when none
+        is configured) and the windows per card, so labels made elsewhere are never reused."""
+        return json.dumps([self.client.base, self.client.resolve_model(), self.max_contexts])
+
     def question(self, request: LabelRequest) -> Question:
         messages = (
             {"role": "system", "content": SYSTEM_PROMPT},
@@ -203,7 +211,7 @@ class LLMLabeller:
                 relevance=rating / 10,
                 category=category,
                 labeller=NAME,
-                model=answer.model or self.client.model,
+                model=answer.model or self.client.model_name,
                 version=VERSION,
                 extra={"rating": rating},
             )
