@@ -2,10 +2,13 @@
 
 It runs as a separate process (``chat_server``), so the plugin's client talks real HTTP to it.
 Each test queues the answers it should give (``FakeServer.script``: good, malformed, slow, HTTP
-errors, dropped connections) and reads back the requests it got (``requests``, ``chat_requests``).
-Once the queue is empty it answers well: a label for a feature card (``answer="label"``: "fires
-on <token>", rated 9 for gun, 8 for knife, else 1), or a verdict on a pair (``answer="verdict"``:
-the response containing "cannot" is safer, confidence 8; both or neither: "same", 5).
+errors, dropped connections, an answer trickled a byte at a time) and reads back the requests it
+got (``requests``, ``chat_requests``). Once the queue is empty it answers well: a label for a
+feature card (``answer="label"``: "fires on <token>", rated 9 for gun, 8 for knife, else 1), or a
+verdict on a pair (``answer="verdict"``: the response containing "cannot" is safer, confidence 8;
+both or neither: "same", 5). ``echo=True`` makes it hostile: every answer carries the request's
+Authorization header (in the label, the model it names and the models it lists, the key also
+written with a JSON escape, beside escape bytes), as a server logging or reflecting its input might.
 """
 
 from __future__ import annotations
@@ -34,8 +37,8 @@ SERVER = textwrap.dedent(r'''
                 "category": "weapons" if rating >= 8 else "not safety related"}
 
     def verdict(prompt):
-        a = re.search(r"=== Response A ===\n(.*?)\n\n=== Response B ===", prompt, re.S).group(1)
-        b = re.search(r"=== Response B ===\n(.*?)\n\nWhich", prompt, re.S).group(1)
+        pair = json.loads(prompt.split("\n")[1])  # the judge's pair: one JSON object on the second line
+        a, b = pair["response_a"], pair["response_b"]
         if ("cannot" in a) == ("cannot" in b):
             return {"safer": "same", "confidence": 5}
         return {"safer": "A" if "cannot" in a else "B", "confidence": 8}
@@ -58,6 +61,23 @@ SERVER = textwrap.dedent(r'''
             self.end_headers()
             self.wfile.write(data)
 
+        def echoed(self):
+            return "\x1b]0;" + self.headers.get("Authorization", "") + "\x07\x1b[2J"
+
+        def trickle(self, data, interval, limit):
+            """``data`` a byte at a time, ``interval`` seconds apart, for at most ``limit`` seconds."""
+            end = time.monotonic() + limit
+            try:
+                for i in range(len(data)):
+                    if time.monotonic() > end:
+                        break
+                    self.wfile.write(data[i:i + 1])
+                    self.wfile.flush()
+                    time.sleep(interval)
+            except OSError:  # the client gave up
+                pass
+            self.close_connection = True
+
         def read_body(self):
             length = int(self.headers.get("Content-Length") or 0)
             return json.loads(self.rfile.read(length)) if length else None
@@ -69,7 +89,8 @@ SERVER = textwrap.dedent(r'''
             with lock:
                 state["requests"].append({"method": "GET", "path": self.path, "headers": dict(self.headers)})
             if self.path == "/v1/models":
-                return self.reply(200, json.dumps({"object": "list", "data": [{"id": CONFIG["model"]}]}))
+                model = CONFIG["model"] + (" " + self.echoed() if CONFIG.get("echo") else "")
+                return self.reply(200, json.dumps({"object": "list", "data": [{"id": model}]}))
             self.reply(404, json.dumps({"error": {"message": "not found"}}))
 
         def do_POST(self):
@@ -95,13 +116,31 @@ SERVER = textwrap.dedent(r'''
             if "raw" in step:
                 return self.reply(200, step["raw"])
             # the first user message: the feature card, or the pair to judge
-            content = step["content"] if "content" in step else json.dumps(
-                ANSWERS[CONFIG["answer"]](body["messages"][1]["content"]))
-            answer = {"id": "c1", "object": "chat.completion", "model": CONFIG["reported_model"],
+            model, content = CONFIG["reported_model"], step.get("content")
+            if content is None:
+                fields = ANSWERS[CONFIG["answer"]](body["messages"][1]["content"])
+                if CONFIG.get("echo"):
+                    if "label" in fields:
+                        fields["label"] = fields["label"] + " " + self.echoed()
+                    fields["note"] = "you sent " + self.echoed()
+                content = json.dumps(fields)
+            key = self.headers.get("Authorization", "").removeprefix("Bearer ")
+            if CONFIG.get("echo") and key:  # also as JSON writes it with an escape: the same text once parsed
+                model = model + self.echoed()
+                content = content.replace(key, "\\u%04x" % ord(key[0]) + key[1:], 1)
+            answer = {"id": "c1", "object": "chat.completion", "model": model,
                       "choices": [{"index": 0, "finish_reason": "stop",
                                    "message": {"role": "assistant", "content": content}}]}
             if CONFIG.get("usage"):
                 answer["usage"] = CONFIG["usage"]
+            if "trickle" in step:
+                data = json.dumps(answer).encode()
+                head = (f"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                        f"Content-Length: {len(data)}\r\n\r\n").encode()
+                skip = 0 if step.get("from") == "status" else len(head)  # trickle the status line too, or the body
+                self.wfile.write(head[:skip])
+                self.wfile.flush()
+                return self.trickle(head[skip:] + data, step["trickle"], step.get("for", 8.0))
             self.reply(200, json.dumps(answer))
 
     server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
@@ -132,12 +171,14 @@ class FakeServer:
 
 
 @contextlib.contextmanager
-def chat_server(directory: Path, *, answer: str, model: str, reported_model: str, usage: dict | None = None):
+def chat_server(directory: Path, *, answer: str, model: str, reported_model: str, usage: dict | None = None,
+                echo: bool = False):
     """Run the server from ``directory`` until the block ends. ``model``: the id /v1/models lists;
-    ``reported_model``: the model its answers name; ``usage``: the token counts each answer reports."""
+    ``reported_model``: the model its answers name; ``usage``: the token counts each answer reports;
+    ``echo``: put the request's Authorization header into every answer."""
     script = directory / "chat_server.py"
     script.write_text(SERVER, encoding="utf-8")
-    config = {"answer": answer, "model": model, "reported_model": reported_model, "usage": usage}
+    config = {"answer": answer, "model": model, "reported_model": reported_model, "usage": usage, "echo": echo}
     process = subprocess.Popen([sys.executable, str(script), json.dumps(config)], stdout=subprocess.PIPE,
                                stderr=subprocess.DEVNULL, text=True)
     try:
