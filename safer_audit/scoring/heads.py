@@ -208,10 +208,9 @@ class HeadCache:
         if tensors is None:
             return None
         fit = CrossFit(*tensors)
-        folds = len(fit.weights)
         if fit.margins.shape != (n_pairs,) or fit.fold.shape != (n_pairs,) or fit.weights.dim() != 2 \
                 or fit.scale.shape != fit.weights.shape[1:] or not bool((fit.scale > 0).all()) \
-                or not bool(((fit.fold >= 0) & (fit.fold < folds)).all()):
+                or not bool(((fit.fold >= 0) & (fit.fold < len(fit.weights))).all()):
             return None
         return fit
 
