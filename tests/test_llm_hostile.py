@@ -144,6 +144,18 @@ def test_the_answers_cache_is_keyed_by_endpoint(servers_env, tmp_path):
     assert len(server.chat_requests()) == 2
 
 
+def test_a_cached_answer_larger_than_any_answer_is_asked_again(servers_env, tmp_path):
+    server = servers_env["label"]
+    labeller = make_labeller(url=server.url, model="m", timeout=5, retries=0, cache_dir=str(tmp_path / "answers"))
+    labeller.label([card(1, "gun")])
+    [path] = (tmp_path / "answers").iterdir()
+    entry = json.loads(path.read_text())
+    path.write_text(json.dumps({**entry, "padding": "x" * 5_000_000}))  # a whole answer, grown past the bound
+    server.script()
+    assert labeller.label([card(1, "gun")])[1].label == "fires on gun"
+    assert len(server.chat_requests()) == 1
+
+
 def test_the_judges_cache_is_keyed_by_endpoint(servers_env, tmp_path):
     server = servers_env["judge"]
     pairs = JudgeContext(table((REFUSE, COMPLY)))

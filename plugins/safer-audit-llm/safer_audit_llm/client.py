@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from safer_audit.common.files import write_atomic
+from safer_audit.common.files import read_bounded, write_atomic
 from safer_audit.errors import ConfigError, SaferAuditError, inert
 
 log = logging.getLogger("safer_audit_llm")
@@ -236,6 +236,10 @@ class Question:
     key: str | None = None  # cache key; derived from the request when None
 
 
+class _Unusable(Exception):
+    """A cached answer that cannot be read (missing, not a regular file, too large): it is asked again."""
+
+
 class DirCache:
     """Parsed answers as JSON files, one per key, in a directory (each written atomically)."""
 
@@ -246,9 +250,9 @@ class DirCache:
         return self.directory / f"{hashlib.sha256(key.encode()).hexdigest()}.json"
 
     def get(self, key: str, default=None):
-        try:
-            return json.loads(self._path(key).read_text(encoding="utf-8"))
-        except (OSError, ValueError):  # missing or damaged: ask again
+        try:  # bounded: an answer is at most MAX_RESPONSE_BYTES, so a larger file is not one we wrote
+            return json.loads(read_bounded(self._path(key), MAX_RESPONSE_BYTES, _Unusable))
+        except (_Unusable, ValueError, RecursionError):  # missing or damaged: ask again
             return default
 
     def __setitem__(self, key: str, value) -> None:
