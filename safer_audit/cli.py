@@ -23,6 +23,7 @@ from .common.terminal import json_text, plain
 from .config import (
     COMMAND_GROUPS,
     EVALUATE_POSITIONS,
+    MAX_SEED,
     POSITIONS,
     ActivationConfig,
     OptionField,
@@ -488,7 +489,7 @@ def review(data, report_path, decisions_path, reviewer, review_all, quiet, confi
                                       "also used for the other scorers.")
 @click.option("--flip-rate", type=click.FloatRange(0, 1, min_open=True), default=0.1, show_default=True,
               help="Fraction of pairs flipped (chosen and rejected swapped) in the copy that is scanned.")
-@click.option("--seed", "seeds", type=int, multiple=True, default=(0,), show_default=True,
+@click.option("--seed", "seeds", type=click.IntRange(0, MAX_SEED), multiple=True, default=(0,), show_default=True,
               help="Seed of the flips and the cross-fitting folds (repeatable: mean and spread over seeds).")
 @click.option("--flip-mode", "flip_modes", type=click.Choice(["uniform", "length", "margin"]), multiple=True,
               default=("uniform",), show_default=True,

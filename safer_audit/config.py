@@ -33,6 +33,7 @@ AGGREGATIONS: tuple[str, ...] = get_args(Aggregation)
 DEFAULT_POSITIONS = "response"  # measured: response > all >> punctuation on HH with MiniLM
 # evaluate's default: every position set, the default first (its run also measures the margins)
 EVALUATE_POSITIONS = (DEFAULT_POSITIONS, *(p for p in POSITIONS if p != DEFAULT_POSITIONS))
+MAX_SEED = 2**32 - 1  # every generator seeded takes it (torch's manual_seed stops at 2**64 - 1, with offsets added)
 MAX_RECORD_BYTES = 16 << 20  # no real preference record comes near; a 1 GiB line is refused, not held
 DEVICE_PATTERN = r"auto|cpu|mps|cuda(:[0-9]+)?"  # an open set (cuda:N), so a pattern, not a Literal
 CACHE_DIR_HELP = "Activation cache. Default: $SAFER_AUDIT_CACHE_DIR or $XDG_CACHE_HOME/safer-audit."
@@ -198,7 +199,7 @@ class SaeTrainConfig:
     warmup_fraction: float = 0.05
     auxk_alpha: float = 1 / 32
     dead_tokens: int = 20_000  # silent this long = dead, revived by AuxK (200k never triggered within 1 HH epoch)
-    seed: int = option(0, "Seed of SAE training and of the cross-fitting folds.")
+    seed: int = option(0, "Seed of SAE training and of the cross-fitting folds.", min=0, max=MAX_SEED)
     # tokens trained on, a seeded hash sample when there are more; held in memory (~1.5 kB each at
     # width 384): all of the 2,312-pair HH file (~200k) fits
     max_tokens: int = option(1_000_000, "Token activations an SAE trains on: a seeded sample when the data has more "

@@ -206,6 +206,12 @@ def test_without_ray_the_engine_says_how_to_install_it(monkeypatch):
         engine.connect(None)
 
 
+def test_a_running_head_passes_the_address_check(cluster):
+    from safer_audit.engine import ray as engine
+
+    engine.check_address(cluster.address)  # its GCS answers the check's HTTP/2 preface
+
+
 def test_bad_engine_options_are_config_errors(tmp_path):
     with pytest.raises(ConfigError, match="engine"):
         ActivationConfig(engine="spark")

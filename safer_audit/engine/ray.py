@@ -40,7 +40,10 @@ supported yet: the cache reads and renames files through the OS.
 
 from __future__ import annotations
 
+import importlib.util
 import os
+import re
+import socket
 import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -75,18 +78,79 @@ def _import_ray():
     return ray
 
 
+CONNECT_TIMEOUT = 10.0  # seconds a Ray head has to accept a connection and answer it
+# HTTP/2's client preface and an empty SETTINGS frame: any gRPC server (Ray's GCS, its client server)
+# answers with a SETTINGS frame of its own
+_HTTP2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"
+_SETTINGS = 0x04
+_ADDRESS = re.compile(r"(?:(?P<scheme>ray)://)?(?:\[(?P<ipv6>[0-9A-Fa-f:.]+)\]|(?P<host>[A-Za-z0-9_.-]+)):(?P<port>\d{1,5})")
+
+
+def check_address(address: str | None, timeout: float = CONNECT_TIMEOUT) -> None:
+    """A ConfigError unless ``address`` is one Ray can be asked to join now: None, ``local`` or ``auto``
+    (Ray finds it), or ``HOST:PORT`` / ``ray://HOST:PORT`` that accepts a connection and answers as a gRPC
+    server within ``timeout`` seconds.
+
+    ``ray.init`` retries an unreachable head for many minutes, printing its own warnings all the
+    while; a head that is not there is the user's to fix, said in one line at once.
+    """
+    if address in (None, "local", "auto"):
+        return
+    shown = f"--ray-address {address}"
+    match = _ADDRESS.fullmatch(address)
+    if match is None or not 0 < int(match["port"]) < 65536:
+        raise ConfigError(f"{shown}: not a Ray address; give auto, HOST:PORT (the head's GCS, port 6379 by "
+                          "default) or ray://HOST:PORT (Ray Client, port 10001)")
+    if match["scheme"] and importlib.util.find_spec("grpc") is None:
+        raise ConfigError(f"{shown}: a ray:// address needs the Ray Client: pip install 'ray[client]'")
+    host, port = match["ipv6"] or match["host"], int(match["port"])
+    try:
+        connection = socket.create_connection((host, port), timeout=timeout)
+    except OSError as exc:  # refused, unresolvable, unreachable, timed out
+        reason = exc.strerror or str(exc) or type(exc).__name__
+        raise ConfigError(f"{shown}: cannot reach {host}:{port} ({reason}); is a Ray head running there?") from None
+    with connection:
+        if os.environ.get("RAY_USE_TLS", "0").lower() in ("1", "true"):
+            return  # the handshake is TLS's: the preface below would not be answered
+        if _answers_http2(connection):
+            return
+    raise ConfigError(f"{shown}: {host}:{port} accepts connections but does not answer as a Ray head "
+                      "(no gRPC server there)")
+
+
+def _answers_http2(connection: socket.socket) -> bool:
+    """Whether the server answers HTTP/2's preface with a SETTINGS frame (a frame header is 9 bytes;
+    its type, the fourth, is 4) before the connection's timeout."""
+    reply = b""
+    try:
+        connection.sendall(_HTTP2_PREFACE)
+        while len(reply) < 9:
+            chunk = connection.recv(9 - len(reply))
+            if not chunk:
+                break
+            reply += chunk
+    except OSError:  # timed out, reset
+        return False
+    return len(reply) == 9 and reply[3] == _SETTINGS
+
+
 def connect(address: str | None):
     """Join the Ray instance this process already runs, or ``address``; None starts a fresh local one.
 
     ``address="local"`` is what None means: ``ray.init()`` without an address would try to
     join a cluster named in a stale /tmp/ray file. ``auto`` joins the cluster this node belongs to.
+    An address that is malformed, unreachable or not a Ray head is a ConfigError (check_address).
     """
     import logging
 
     ray = _import_ray()
     if not ray.is_initialized():
-        ray.init(address=address or "local", include_dashboard=False, logging_level=logging.WARNING,
-                 log_to_driver=False, configure_logging=False)
+        check_address(address)
+        try:
+            ray.init(address=address or "local", include_dashboard=False, logging_level=logging.WARNING,
+                     log_to_driver=False, configure_logging=False)
+        except (ValueError, ConnectionError) as exc:  # Ray's words for a bad address, or no cluster found (auto)
+            raise ConfigError(f"--ray-address {address or 'local'}: {exc}") from None
     logging.getLogger("ray.data").setLevel(logging.ERROR)  # Ray Data's per-dataset INFO lines would break the bar
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = False  # the CLI draws its own bar
@@ -369,6 +433,7 @@ class RayExecutor:
     name = "ray"
 
     def __init__(self, config: ActivationConfig):
+        check_address(config.ray_address)  # at the top of a run, not after the data is read and planned
         self.config = config
 
     def compute_shards(self, items, shards, config, layer, want_score, cache, progress) -> int:
@@ -378,5 +443,5 @@ class RayExecutor:
         return encode_on_ray(store, sae, cache, self.config, progress)
 
 
-__all__ = ["INSTALL_HINT", "RayExecutor", "LAST_ENCODING", "LAST_RUN", "CodeWorker", "ShardWorker", "compute_shards_on_ray",
-           "connect", "encode_on_ray"]
+__all__ = ["CONNECT_TIMEOUT", "INSTALL_HINT", "RayExecutor", "LAST_ENCODING", "LAST_RUN", "CodeWorker", "ShardWorker",
+           "check_address", "compute_shards_on_ray", "connect", "encode_on_ray"]
