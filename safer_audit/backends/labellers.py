@@ -42,6 +42,8 @@ from dataclasses import dataclass, field, replace
 from functools import lru_cache
 from pathlib import Path
 
+from ..common.files import read_bounded
+from ..config import MAX_TAXONOMY_BYTES
 from ..errors import ConfigError
 from ..features.labels import NOT_SAFETY, FeatureLabel, LabelRequest
 from ..hookspecs import hookimpl
@@ -112,10 +114,10 @@ def load_taxonomy(path: str | Path | None = None) -> Taxonomy:
     import yaml
 
     path = Path(path) if path is not None else DEFAULT_TAXONOMY
+    raw = read_bounded(path, MAX_TAXONOMY_BYTES, lambda message: ConfigError(f"{path}: {message}"))
     try:
-        raw = path.read_bytes()
         data = yaml.safe_load(raw.decode("utf-8"))
-    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+    except (UnicodeDecodeError, yaml.YAMLError) as exc:
         raise ConfigError(f"{path}: cannot read the taxonomy ({exc})") from exc
     categories = data.get("categories") if isinstance(data, dict) else None
     if not isinstance(categories, dict) or not categories:

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import torch
 
+from ..common.files import read_bounded
+from ..config import MAX_FEATURES_BYTES
 from ..errors import FeaturesFileError
 
 
@@ -90,10 +92,11 @@ def read_features_file(path: Path) -> list[dict]:
     import yaml
 
     path = Path(path)
+    raw = read_bounded(path, MAX_FEATURES_BYTES, lambda message: FeaturesFileError(f"{path}: {message}"))
     try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise FeaturesFileError(f"{path}: cannot read the features file ({exc})") from exc
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise FeaturesFileError(f"{path}: cannot read the features file (not UTF-8 text: {exc.reason})") from None
     try:
         data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
     except (json.JSONDecodeError, yaml.YAMLError) as exc:

@@ -40,6 +40,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors
 
+from ..common.files import read_bounded
+from ..config import MAX_SAE_CONFIG_BYTES, MAX_SAE_WEIGHTS_BYTES
 from ..errors import SaeFormatError
 from .config import (
     CFG_FILE,
@@ -60,14 +62,15 @@ def write_json(data: dict, path) -> None:
 
 
 def read_json(path: Path) -> dict:
+    raw = read_bounded(path, MAX_SAE_CONFIG_BYTES, lambda message: SaeFormatError(f"{path}: {message}"))
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(raw.decode("utf-8"))
     except json.JSONDecodeError as exc:
         raise SaeFormatError(f"{path}:{exc.lineno}: invalid JSON: {exc.msg}") from None
     except RecursionError:
         raise SaeFormatError(f"{path}: nested too deeply (more than {MAX_CFG_DEPTH} levels)") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise SaeFormatError(f"{path}: cannot read: {exc}") from None
+    except UnicodeDecodeError as exc:
+        raise SaeFormatError(f"{path}: cannot read: not UTF-8 text ({exc.reason})") from None
     if not isinstance(data, dict):
         raise SaeFormatError(f"{path}: expected a JSON object")
     deep = _too_deep(data, MAX_CFG_DEPTH)
@@ -126,10 +129,10 @@ def _read_tensors(path: Path, shapes: dict[str, tuple[int, ...]], optional: tupl
                   sha256: str | None = None) -> dict:
     """Read a safetensors file and check that it holds exactly ``shapes`` (plus ``optional``),
     that it has the ``sha256`` recorded for it (when one is), and that every weight is finite."""
+    data = read_bounded(path, MAX_SAE_WEIGHTS_BYTES, lambda message: SaeFormatError(f"{path}: {message}"))
     try:
-        data = path.read_bytes()
         tensors = load_safetensors(data)
-    except (SafetensorError, OSError) as exc:
+    except SafetensorError as exc:
         raise SaeFormatError(f"{path}: not a readable safetensors file: {exc}") from None
     if sha256 is not None:
         actual = hashlib.sha256(data).hexdigest()

@@ -50,8 +50,15 @@ from pathlib import Path
 from typing import IO, Any, Mapping
 
 from ..common.digests import sha256_file
-from ..common.files import refuse_inputs, remove_stale_temporaries, same_file, writable_target, write_atomic
-from ..config import ReadOptions
+from ..common.files import (
+    read_bounded,
+    refuse_inputs,
+    remove_stale_temporaries,
+    same_file,
+    writable_target,
+    write_atomic,
+)
+from ..config import MAX_REPORT_BYTES, ReadOptions
 from ..data import PairReader, pair_digest
 from ..errors import CleanError
 from ..report.types import Finding, Report
@@ -167,10 +174,9 @@ def decision_changes(pairs: dict[str, int], digests: dict[str, str], decisions: 
 
 def load_report(path: str | Path) -> Report:
     """A scan report from its JSON file; an unreadable one is a CleanError naming the file."""
+    raw = read_bounded(path, MAX_REPORT_BYTES, lambda message: CleanError(f"{path}: {message}"))
     try:
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise CleanError(f"{path}: cannot read ({exc.strerror})") from None
+        data = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise CleanError(f"{path}: not a JSON report ({exc})") from None
     try:

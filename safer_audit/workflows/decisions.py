@@ -39,7 +39,8 @@ from enum import Enum
 from pathlib import Path
 from typing import Iterable, Mapping
 
-from ..common.files import render_json, write_atomic
+from ..common.files import read_bounded, render_json, write_atomic
+from ..config import MAX_DECISIONS_BYTES
 from ..errors import DecisionsError
 
 FORMAT = "safer-audit-decisions"
@@ -180,16 +181,15 @@ def _unique_keys(items):
 def read_decisions(path: str | os.PathLike, *, missing_ok: bool = False) -> Decisions:
     """The decisions of a file; a missing file is empty with ``missing_ok``, else an error."""
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
+    if not os.path.lexists(path):
         if missing_ok:
             return {}
-        raise DecisionsError(f"{path}: no decisions file here; make one with `safer-audit review`") from None
+        raise DecisionsError(f"{path}: no decisions file here; make one with `safer-audit review`")
+    raw = read_bounded(path, MAX_DECISIONS_BYTES, lambda message: DecisionsError(f"{path}: {message}"))
+    try:
+        text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise DecisionsError(f"{path}: not UTF-8 text ({exc.reason})") from None
-    except IsADirectoryError:
-        raise DecisionsError(f"{path}: is a directory, not a decisions file") from None
     return parse_decisions(text, path)
 
 
