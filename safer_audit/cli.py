@@ -38,6 +38,7 @@ from .plugins import load_plugins, lookup, plugin_info
 from .version import __version__
 
 EXIT_BUG = 70  # sysexits' EX_SOFTWARE: not the gate's 1, not bad input's 2
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports a command stopped by Ctrl-C
 
 
 def _fail(message: str, code: int = EXIT_BAD_INPUT):
@@ -424,7 +425,9 @@ def _read_key(prompt: str) -> str:
     click.echo(prompt, nl=False)
     key = click.getchar()
     click.echo(inert(key))
-    if key in ("\x03", "\x04"):  # Ctrl-C, Ctrl-D: stop, the decisions so far are saved
+    if key == "\x03":  # Ctrl-C (click.getchar may also raise it itself): stop, the decisions so far are saved
+        raise KeyboardInterrupt
+    if key == "\x04":  # Ctrl-D: quit
         raise EOFError
     return key
 
@@ -461,7 +464,7 @@ def review(data, report_path, decisions_path, reviewer, review_all, quiet, confi
     safer-audit clean DATA --decisions FILE --out CLEANED.
     """
     from .data import PairReader
-    from .workflows.decisions import default_reviewer
+    from .workflows.decisions import default_reviewer, prepare_directory
     from .workflows.review import locate, review_findings
 
     if report_path is not None:
@@ -472,13 +475,16 @@ def review(data, report_path, decisions_path, reviewer, review_all, quiet, confi
         report = run_scan(data, config, steps=_steps(quiet).step).report
     reader = PairReader(data, config.read)
     where = locate(report.suspects(), reader, str(report_path or "the scan"), data)
-    decisions_path.parent.mkdir(parents=True, exist_ok=True)
+    prepare_directory(decisions_path)
     ask = _read_key if sys.stdin.isatty() else _read_line
     outcome = review_findings(report.findings, decisions_path, ask=ask, console=stdout_console(),
                               reviewer=reviewer or default_reviewer(), where=where, review_all=review_all,
                               protect=[data] + ([report_path] if report_path else []))
-    click.echo(inert(f"{outcome.decided} decided, {outcome.skipped} skipped, {outcome.remaining} of "
+    click.echo(inert(("Interrupted: every decision made is saved. " if outcome.interrupted else "")
+                     + f"{outcome.decided} decided, {outcome.skipped} skipped, {outcome.remaining} of "
                      f"{outcome.suspects} suspects undecided; decisions in {decisions_path}"), err=True)
+    if outcome.interrupted:
+        sys.exit(EXIT_INTERRUPTED)
 
 
 @cli.command()

@@ -25,6 +25,10 @@ Format (version 1)::
 - Keys sorted and one decision per line (gate.render_json), written atomically. A later
   decision for the same digest replaces the earlier one (``merge``: the later ``at`` wins;
   equal times, the later argument).
+- Several writers at once (two reviewers on one file) lose nothing: ``update_decisions`` takes
+  a lock (``.NAME.lock`` beside the file), reads the file again and merges its decisions in
+  before writing. The tool's own folder, ``.safer-audit/``, gets a ``.gitignore`` that keeps
+  lock files and a killed writer's temporaries out of ``git add``.
 """
 
 from __future__ import annotations
@@ -33,13 +37,15 @@ import json
 import os
 import re
 import subprocess
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from enum import Enum
 from pathlib import Path
 from typing import Iterable, Mapping
 
-from ..common.files import read_bounded, render_json, write_atomic
+from ..common.files import read_bounded, remove_stale_temporaries, render_json, write_atomic
 from ..config import MAX_DECISIONS_BYTES
 from ..errors import DecisionsError
 
@@ -206,6 +212,76 @@ def write_decisions(path: str | os.PathLike, decisions: Mapping[str, Decision],
     for digest, decision in decisions.items():  # never write a file we would refuse to read
         check_decision(path, digest, decision.to_dict())
     return write_atomic(path, decisions_text(decisions), protect=protect)
+
+
+def update_decisions(path: str | os.PathLike, changes: Mapping[str, Decision],
+                     protect: Iterable[str | os.PathLike] = ()) -> Decisions:
+    """Add ``changes`` to the decisions file at ``path`` and return all its decisions.
+
+    Under the file's lock (``locked``) the file is read again, so decisions another session
+    wrote since are kept; ``changes`` are merged over them (``merge``: a later decision of the
+    same pair, from either, wins) and the result is written atomically. A dead writer's
+    temporary files beside it are removed.
+    """
+    path = Path(path)
+    with locked(path):
+        remove_stale_temporaries(path.parent, path.name)
+        merged = merge(read_decisions(path, missing_ok=True), changes)
+        write_decisions(path, merged, protect=protect)
+    return merged
+
+
+def lock_path(path: str | os.PathLike) -> Path:
+    """The lock file of a decisions file: ``.NAME.lock`` beside it."""
+    path = Path(path)
+    return path.with_name(f".{path.name}.lock")
+
+
+@contextmanager
+def locked(path: str | os.PathLike) -> Iterator[None]:
+    """Hold the exclusive lock of the decisions file ``path`` (fcntl.flock on ``lock_path``) for the block.
+
+    The lock file is removed on leaving, so none is left behind. A process that locked a lock
+    file just removed holds a lock no one else sees: it checks that its file is still the one at
+    the path, and locks again if not.
+    """
+    import fcntl
+
+    lock = lock_path(path)
+    while True:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            if os.path.samestat(os.fstat(fd), os.stat(lock)):
+                break
+        except FileNotFoundError:  # removed by the holder before us: lock the new one
+            pass
+        except BaseException:
+            os.close(fd)
+            raise
+        os.close(fd)
+    try:
+        yield
+    finally:
+        try:
+            os.unlink(lock)
+        finally:
+            os.close(fd)  # closing releases the lock
+
+
+STATE_DIRECTORY = ".safer-audit"  # the tool's folder in a repository: decisions, the baseline
+GITIGNORE = ("# written by safer-audit: a killed writer's temporary files and lock files are not to be committed\n"
+             ".*.tmp\n.*.lock\n")
+
+
+def prepare_directory(path: str | os.PathLike) -> None:
+    """Make the directory of the file ``path`` (and its parents); in the tool's own folder
+    (``.safer-audit``) also write a ``.gitignore`` for temporaries and locks, unless it has one."""
+    directory = Path(path).parent
+    directory.mkdir(parents=True, exist_ok=True)
+    ignore = directory / ".gitignore"
+    if directory.name == STATE_DIRECTORY and not os.path.lexists(ignore):
+        write_atomic(ignore, GITIGNORE)
 
 
 def merge(*sources: Mapping[str, Decision]) -> Decisions:

@@ -2,8 +2,9 @@
 
 ``review_findings`` is the library function; ``safer-audit review`` wraps it with a key
 reader (single keys on a terminal, lines from a pipe). Each decision is saved at once
-(decisions.write_decisions, atomic), so quitting or a kill loses nothing, and pairs
-already decided are skipped, so a review resumes where it stopped.
+(decisions.update_decisions: atomic, and merged under a lock with what another session wrote
+meanwhile), so quitting, Ctrl-C or a kill loses nothing, and pairs already decided are skipped,
+so a review resumes where it stopped.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from ..data import pair_digest
 from ..errors import ConfigError
 from ..report.types import Finding
 from ..report.view import diff_excerpts, excerpt_text, format_feature, format_number
-from .decisions import Decisions, Verdict, decide, read_decisions, write_decisions
+from .decisions import Decisions, Verdict, decide, read_decisions, update_decisions
 
 KEYS = {"f": Verdict.FLIPPED, "n": Verdict.NOISY, "o": Verdict.OK}
 PROMPT = "[f] flipped  [n] noisy  [o] ok  [s] skip  [q] quit > "
@@ -40,10 +41,8 @@ class ReviewOutcome:
     skipped: int  # suspects passed over with [s]
     already: int  # suspects decided before (not shown again without review_all)
     quit: bool  # stopped early with [q] or end of input
-
-    @property
-    def remaining(self) -> int:
-        return self.suspects - self.already - self.decided
+    remaining: int = 0  # suspects without a decision in the file at the end (whoever wrote them)
+    interrupted: bool = False  # stopped by Ctrl-C; every decision made before it is saved
 
 
 def locate(findings: Iterable[Finding], rows: Iterable[dict], origin: str, data: str) -> dict[str, str]:
@@ -110,11 +109,23 @@ def review_findings(findings: list[Finding], decisions_path: str | os.PathLike, 
     todo = suspects if review_all else [f for f in suspects if f.digest not in decisions]
     if not todo:
         console.print(plain(f"Nothing to review: all {len(suspects)} suspects have a decision in {path}."))
-        return outcome
-    if outcome.already:
+    elif outcome.already:
         console.print(plain(f"Resuming: {outcome.already} of {len(suspects)} suspects already decided in {path}."))
+    try:
+        decisions = _walk(todo, decisions, path, outcome, ask=ask, console=console, reviewer=reviewer,
+                          where=where or {}, protect=protect)
+    except KeyboardInterrupt:  # Ctrl-C: what was decided is saved; the caller says so
+        outcome.interrupted = outcome.quit = True
+        decisions = read_decisions(path, missing_ok=True)
+    outcome.remaining = sum(1 for f in suspects if f.digest not in decisions)
+    return outcome
+
+
+def _walk(todo: list[Finding], decisions: Decisions, path: Path, outcome: ReviewOutcome, *, ask, console, reviewer,
+          where: dict[str, str], protect) -> Decisions:
+    """Show each finding of ``todo`` and act on the answer; returns the decisions as last saved."""
     for n, finding in enumerate(todo, 1):
-        place = (where or {}).get(finding.digest, f"{finding.source}:{finding.line}")
+        place = where.get(finding.digest, f"{finding.source}:{finding.line}")
         known = decisions.get(finding.digest)
         show_finding(finding, console, index=n, total=len(todo), where=place,
                      previous=f"{known.verdict} by {known.reviewer}" if known else None)
@@ -123,12 +134,14 @@ def review_findings(findings: list[Finding], decisions_path: str | os.PathLike, 
                 answer = ask(PROMPT)
             except EOFError:
                 outcome.quit = True
-                return outcome
+                return decisions
             key, note = (answer.strip()[:1].lower(), answer.strip()[1:].strip())
             if key in KEYS:
-                decide(decisions, finding.digest, KEYS[key], reviewer=reviewer, note=note,
+                mine: Decisions = {}
+                decide(mine, finding.digest, KEYS[key], reviewer=reviewer, note=note,
                        pair_id=finding.pair_id, where=place)
-                write_decisions(path, decisions, protect=protect)  # at once: a kill loses nothing
+                # at once, so a kill loses nothing; merged with what another session saved meanwhile
+                decisions = update_decisions(path, mine, protect=protect)
                 outcome.decided += 1
                 console.print(plain(f"marked {KEYS[key].value}"), style="dim")
                 break
@@ -137,6 +150,6 @@ def review_findings(findings: list[Finding], decisions_path: str | os.PathLike, 
                 break
             if key == "q":
                 outcome.quit = True
-                return outcome
+                return decisions
             console.print(plain(f"{answer.strip()!r} is not a key here; {PROMPT.rstrip(' >')}"))
-    return outcome
+    return decisions
