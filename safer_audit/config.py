@@ -37,11 +37,14 @@ MAX_SEED = 2**32 - 1  # every generator seeded takes it (torch's manual_seed sto
 MAX_RECORD_BYTES = 16 << 20  # no real preference record comes near; a 1 GiB line is refused, not held
 # The most bytes read of each side input that is read whole (common.files.read_bounded, which also refuses a
 # FIFO or a device): far above what a real one holds, far below what would fill memory.
-MAX_REPORT_BYTES = 4 << 30  # a JSON scan report holds each pair's texts: ~1.6 kB a pair on HH, so 1M pairs with room
+# a JSON scan report holds each pair's texts and top features: ~2.5 kB a pair on HH (measured), so a 1M-pair report
+# is ~2.5 GB; the rest is room for longer conversations
+MAX_REPORT_BYTES = 8 << 30
 MAX_DECISIONS_BYTES = 64 << 20  # ~250 bytes a decision: a quarter of a million reviewed pairs
 MAX_FEATURES_BYTES = 16 << 20  # a features file: ~150 bytes a latent
 MAX_TAXONOMY_BYTES = 16 << 20  # the built-in taxonomy is ~3 kB
 MAX_SAE_CONFIG_BYTES = 16 << 20  # an SAE's cfg.json: a few kB of settings and metadata
+MAX_MODEL_CONFIG_BYTES = 16 << 20  # a model directory's config.json: a few kB
 MAX_SAE_WEIGHTS_BYTES = 64 << 30  # an SAE's weights: 1M latents on a 4096-wide model in float32 is 32 GiB
 DEVICE_PATTERN = r"auto|cpu|mps|cuda(:[0-9]+)?"  # an open set (cuda:N), so a pattern, not a Literal
 CACHE_DIR_HELP = "Activation cache. Default: $SAFER_AUDIT_CACHE_DIR or $XDG_CACHE_HOME/safer-audit."

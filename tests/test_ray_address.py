@@ -37,7 +37,8 @@ def refused_port() -> int:
     ("ray://", "not a Ray address"),
 ])
 def test_an_address_that_cannot_be_joined_is_one_line_and_exit_2(data_file, tmp_path, address, says):
-    result = run_cli("scan", str(data_file), "--engine", "ray", "--ray-address", address, "-o", str(tmp_path / "r.json"))
+    result = run_cli("scan", str(data_file), "--engine", "ray", "--ray-address", address,
+                     "-o", str(tmp_path / "r.json"))
     lines = result.stderr.strip().splitlines()
     assert result.returncode == 2, result.stderr
     assert len(lines) == 1 and lines[0].startswith(f"Error: --ray-address {address}: ") and says in lines[0]

@@ -154,5 +154,16 @@ def test_limits_are_kept_in_one_place():
 
     assert clean.MAX_REPORT_BYTES is config.MAX_REPORT_BYTES and decisions.MAX_DECISIONS_BYTES is \
         config.MAX_DECISIONS_BYTES and labellers.MAX_TAXONOMY_BYTES is config.MAX_TAXONOMY_BYTES
-    assert config.MAX_REPORT_BYTES >= 1_000_000 * 2_000  # a 1M-pair report of HH-like pairs (~1.6 kB each)
+    assert config.MAX_REPORT_BYTES >= 1_000_000 * 2_500  # a 1M-pair report of HH pairs (~2.5 kB each)
 
+
+
+def test_a_model_whose_config_is_a_fifo(data_file, tmp_path, tiny_llama_dir):
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_llama_dir, model)
+    (model / "config.json").unlink()
+    os.mkfifo(model / "config.json")
+    result = run_cli("scan", data_file, "--model", model, "-o", tmp_path / "r.json")
+    refused(result, model / "config.json", "is a FIFO; give a regular file")

@@ -28,6 +28,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..common.files import read_bounded
+from ..config import MAX_MODEL_CONFIG_BYTES
 from ..errors import ConfigError, ModelLoadError, ScanError
 from ..hookspecs import hookimpl
 
@@ -159,8 +161,9 @@ def model_fingerprint(directory: Path) -> str:
     """A hash of the model's config and its weight files' names and sizes (cheap, no weight reads)."""
     digest = hashlib.sha256()
     config = directory / "config.json"
-    if config.exists():
-        digest.update(config.read_bytes())
+    if config.exists():  # read before transformers does: a FIFO or a device there is refused, not waited on
+        digest.update(read_bounded(config, MAX_MODEL_CONFIG_BYTES,
+                                   lambda message: ModelLoadError(f"{config}: {message}")))
     for weights in sorted(directory.glob("*.safetensors")):
         digest.update(f"{weights.name}:{weights.stat().st_size}".encode())
     return digest.hexdigest()[:16]

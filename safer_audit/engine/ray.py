@@ -83,7 +83,8 @@ CONNECT_TIMEOUT = 10.0  # seconds a Ray head has to accept a connection and answ
 # answers with a SETTINGS frame of its own
 _HTTP2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"
 _SETTINGS = 0x04
-_ADDRESS = re.compile(r"(?:(?P<scheme>ray)://)?(?:\[(?P<ipv6>[0-9A-Fa-f:.]+)\]|(?P<host>[A-Za-z0-9_.-]+)):(?P<port>\d{1,5})")
+_ADDRESS = re.compile(r"(?:(?P<scheme>ray)://)?"
+                      r"(?:\[(?P<ipv6>[0-9A-Fa-f:.]+)\]|(?P<host>[A-Za-z0-9_.-]+)):(?P<port>\d{1,5})")
 
 
 def check_address(address: str | None, timeout: float = CONNECT_TIMEOUT) -> None:
