@@ -55,6 +55,10 @@ The check found what it was asked to fail on.
 .B 2
 Unusable input or configuration: a malformed dataset (the message names the file, the
 line and the field), a missing model, an unreadable SAE or features file.
+.TP
+.B 130
+.B review
+stopped by Ctrl\-C, after its summary; every decision made is kept.
 .SH FILES
 .TP
 .I $XDG_CACHE_HOME/safer-audit/activations/
