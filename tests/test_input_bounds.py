@@ -15,6 +15,7 @@ from safer_audit.data import load_pairs, validate_dataset
 from safer_audit.errors import DataError
 
 GOOD = json.dumps({"chosen": "\n\nHuman: hi\n\nAssistant: yes", "rejected": "\n\nHuman: hi\n\nAssistant: no"}) + "\n"
+GOOD_PROMPT = json.dumps({"prompt": "hi", "chosen": "yes", "rejected": "no"}) + "\n"  # a file holds one schema
 
 
 def error_of(source, **kwargs) -> str:
@@ -100,7 +101,7 @@ def test_what_json_cannot_hold_is_an_error_at_its_line(tmp_path, suffix):
 
 def test_a_lone_surrogate_is_refused_where_it_is(tmp_path):
     path = tmp_path / "data.jsonl"
-    path.write_text(GOOD + '{"prompt": "q", "chosen": "fine \\ud800", "rejected": "b"}\n')
+    path.write_text(GOOD_PROMPT + '{"prompt": "q", "chosen": "fine \\ud800", "rejected": "b"}\n')
     expected = f'{path}:2: field "chosen" holds a lone surrogate (\\ud800) at character 6: not valid Unicode text'
     assert error_of(path) == expected
     with pytest.raises(DataError) as caught:  # validate agrees with scan's loader
@@ -194,7 +195,7 @@ def test_a_response_of_megabytes_is_never_tokenized_whole(tiny_llama_dir, tmp_pa
     words = "the a harm help you I can not should would please sorry lock pick".split()
     huge = " ".join(words * 100_000)  # 5.2 MB
     path = tmp_path / "data.jsonl"
-    path.write_text(GOOD + json.dumps({"prompt": "q", "chosen": huge, "rejected": "no"}) + "\n")
+    path.write_text(GOOD_PROMPT + json.dumps({"prompt": "q", "chosen": huge, "rejected": "no"}) + "\n")
     pairs = load_pairs(path).pairs
     backend = HFModelBackend(str(tiny_llama_dir), device="cpu")
     backend.tokenizer = recording = RecordingTokenizer(backend.tokenizer)
