@@ -15,10 +15,9 @@ import pytest
 from click.testing import CliRunner
 
 from safer_audit.backends.exporters import render_html, script_json
-from safer_audit.errors import inert
 from safer_audit.cli import cli
 from safer_audit.config import ScanConfig
-from safer_audit.errors import ScanError
+from safer_audit.errors import ScanError, inert
 from safer_audit.pipeline.scan import min_pairs, scan_pairs
 from safer_audit.report.types import FEW_PAIRS, display_path
 
