@@ -29,9 +29,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..common.files import read_bounded
-from ..config import MAX_MODEL_CONFIG_BYTES
+from ..config import MAX_MODEL_CONFIG_BYTES, default_cache_dir
 from ..errors import ConfigError, ModelLoadError, ScanError
 from ..hookspecs import hookimpl
+from ..model.precision import cpu_auto_dtype
 
 EMBEDDED_MODEL_NAME = "embedded:sentence-transformers/all-MiniLM-L6-v2"
 
@@ -125,11 +126,17 @@ def resolve_device(device: str):
     return torch.device(device)
 
 
-def resolve_dtype(dtype: str, device):
+def resolve_dtype(dtype: str, device, width: int = 0):
+    """The dtype the forward pass of a model of ``width`` computes in. ``auto``: bfloat16 on a GPU; on a CPU
+    what model.precision.cpu_auto_dtype finds (bfloat16 where native and faster, else float32)."""
     import torch
 
     if dtype == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
+        if device.type == "cuda":
+            return torch.bfloat16
+        if device.type != "cpu":
+            return torch.float32
+        return getattr(torch, cpu_auto_dtype(default_cache_dir(), width=width))
     try:
         return {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
                 "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}[dtype]
@@ -204,6 +211,7 @@ class HFModelBackend:
 
     def __init__(self, model: str | None = None, *, device: str = "auto", dtype: str = "auto",
                  trust_remote_code: bool = False):
+        import torch
         from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification, AutoTokenizer
         from transformers.utils import logging as hf_logging
 
@@ -217,7 +225,6 @@ class HFModelBackend:
         # a GGUF's weights are quantised tensors in one file (no safetensors): transformers dequantises them
         weights = {"gguf_file": gguf_file} if gguf_file else {"use_safetensors": True}
         self.device = resolve_device(device)
-        self.dtype = resolve_dtype(dtype, self.device)
         hf_logging.set_verbosity_error()
         hf_logging.disable_progress_bar()
         gguf = {"gguf_file": gguf_file} if gguf_file else {}
@@ -229,7 +236,14 @@ class HFModelBackend:
         self.has_reward_head = (any(a.endswith("ForSequenceClassification") for a in architectures)
                                 and getattr(config, "num_labels", 1) == 1)
         self._auto = AutoModelForSequenceClassification if self.has_reward_head else AutoModel
-        self._load = {"trust_remote_code": trust_remote_code, "dtype": self.dtype, **weights}
+        self.dtype = resolve_dtype(dtype, self.device, config.hidden_size)
+        self.compute_dtype = str(self.dtype).removeprefix("torch.")
+        # bfloat16 on a CPU is autocast around float32 weights: the matrix products in bfloat16, norms, softmax
+        # and the residual stream in float32 (faster and closer to float32 than bfloat16 weights)
+        self._autocast = self.dtype in (torch.bfloat16, torch.float16) and (
+            self.device.type == "cuda" or (self.device.type == "cpu" and self.dtype == torch.bfloat16))
+        weights_dtype = torch.float32 if self.device.type == "cpu" and self._autocast else self.dtype
+        self._load = {"trust_remote_code": trust_remote_code, "dtype": weights_dtype, **weights}
         if not self.tokenizer.is_fast:
             raise ModelLoadError(f"model {self.identity!r}: a fast tokenizer is needed (offsets)")
         if self.tokenizer.pad_token_id is None:
@@ -370,9 +384,8 @@ class HFModelBackend:
         handle = self._layers[layer - 1].register_forward_hook(hook)
         score = None
         try:
-            # on CUDA in bfloat16/float16: autocast keeps softmax and norms in float32 around the half matmuls
-            half = self.device.type == "cuda" and self.dtype in (torch.bfloat16, torch.float16)
-            with torch.inference_mode(), torch.autocast("cuda", dtype=self.dtype, enabled=half):
+            # autocast keeps softmax and norms in float32 around the half-precision matrix products
+            with torch.inference_mode(), torch.autocast(self.device.type, dtype=self.dtype, enabled=self._autocast):
                 output = model(input_ids=input_ids, attention_mask=attention_mask)
             if want_score:
                 score = output.logits[:, 0].float()
