@@ -29,10 +29,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..common.files import read_bounded
-from ..config import MAX_MODEL_CONFIG_BYTES, default_cache_dir
+from ..config import MAX_MODEL_CONFIG_BYTES
 from ..errors import ConfigError, ModelLoadError, ScanError
 from ..hookspecs import hookimpl
-from ..model.precision import cpu_auto_dtype
 
 EMBEDDED_MODEL_NAME = "embedded:sentence-transformers/all-MiniLM-L6-v2"
 
@@ -126,17 +125,13 @@ def resolve_device(device: str):
     return torch.device(device)
 
 
-def resolve_dtype(dtype: str, device, width: int = 0):
-    """The dtype the forward pass of a model of ``width`` computes in. ``auto``: bfloat16 on a GPU; on a CPU
-    what model.precision.cpu_auto_dtype finds (bfloat16 where native and faster, else float32)."""
+def resolve_dtype(dtype: str, device):
+    """The dtype the forward pass computes in. ``auto``: bfloat16 on a GPU, float32 elsewhere (bfloat16 on a
+    CPU moved the top 5% of the ranking: BENCHMARKS.md "bfloat16 and int8 on the CPU")."""
     import torch
 
     if dtype == "auto":
-        if device.type == "cuda":
-            return torch.bfloat16
-        if device.type != "cpu":
-            return torch.float32
-        return getattr(torch, cpu_auto_dtype(default_cache_dir(), width=width))
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
     try:
         return {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
                 "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}[dtype]
@@ -236,7 +231,7 @@ class HFModelBackend:
         self.has_reward_head = (any(a.endswith("ForSequenceClassification") for a in architectures)
                                 and getattr(config, "num_labels", 1) == 1)
         self._auto = AutoModelForSequenceClassification if self.has_reward_head else AutoModel
-        self.dtype = resolve_dtype(dtype, self.device, config.hidden_size)
+        self.dtype = resolve_dtype(dtype, self.device)
         self.compute_dtype = str(self.dtype).removeprefix("torch.")
         # bfloat16 on a CPU is autocast around float32 weights: the matrix products in bfloat16, norms, softmax
         # and the residual stream in float32 (faster and closer to float32 than bfloat16 weights)
