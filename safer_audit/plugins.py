@@ -160,7 +160,7 @@ def feature_labellers() -> dict:
 
 
 def judges() -> dict:
-    """Judge factories by name (``factory()`` returns a scoring.judges.Judge)."""
+    """Judge factories by name (``factory()`` returns a scoring.types.Judge)."""
     return registry("judge")
 
 

@@ -23,7 +23,8 @@ from safer_audit.hookspecs import hookimpl
 from safer_audit.model.activations import load_backend
 from safer_audit.plugins import load_plugins
 from safer_audit.sae import TopKSAE
-from safer_audit.workflows.gate import percentile_against, read_baseline, read_sources, run_gate, score_frozen
+from safer_audit.scoring.ranks import percentile_against
+from safer_audit.workflows.gate import read_baseline, read_sources, run_gate, score_frozen
 
 from .conftest import ROOT, hh_records
 

@@ -45,7 +45,7 @@ from pathlib import Path
 from ..common.files import read_bounded
 from ..config import MAX_TAXONOMY_BYTES
 from ..errors import ConfigError
-from ..features.labels import NOT_SAFETY, FeatureLabel, LabelRequest
+from ..features.types import NOT_SAFETY, FeatureLabel, LabelRequest
 from ..hookspecs import hookimpl
 
 NAME = "offline"

@@ -28,7 +28,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import Any
 
 import torch
 
@@ -41,6 +41,7 @@ from ..sae.stats import CodeStats
 from .heads import HeadCache, HeadFit, compute_signals, fold_ids
 from .ranks import signed_rank
 from .stack import aggregate, ranking_weights
+from .types import FunctionJudge, Judge
 
 LENGTH_RESIDUAL_SUFFIX = "-lenres"
 
@@ -70,32 +71,6 @@ class JudgeContext:
 
         chosen, rejected = response_lengths(self.pairs)
         return torch.tensor(chosen, dtype=torch.float64) - torch.tensor(rejected, dtype=torch.float64)
-
-
-@runtime_checkable
-class Judge(Protocol):
-    """A judge: ``name``, a one-line ``description``, and ``judge(context)`` -> a signed signal per pair.
-
-    Optional: ``cost`` (a dict, e.g. requests and tokens of the last call) for a judge that spends.
-    """
-
-    name: str
-    description: str
-
-    def judge(self, context: JudgeContext) -> torch.Tensor:
-        """One signed float per pair (positive: chosen better), never learnt from that pair's label."""
-
-
-@dataclass
-class FunctionJudge:
-    """A judge from a function of the context."""
-
-    name: str
-    description: str
-    function: Any
-
-    def judge(self, context: JudgeContext) -> torch.Tensor:
-        return self.function(context)
 
 
 def residualise_on_length(signal: torch.Tensor, length: torch.Tensor, *, folds: int = 5, seed: int = 0) -> torch.Tensor:

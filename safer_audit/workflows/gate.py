@@ -69,11 +69,9 @@ import os
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import polars as pl
-import torch
-from safetensors.torch import load as load_safetensors
-from safetensors.torch import save as save_safetensors
 
 from ..common.digests import DIGEST_LENGTH, is_short_digest, sha256_file, short_digest
 from ..common.domain import SIGNALS, Category
@@ -82,17 +80,19 @@ from ..common.progress import no_progress
 from ..config import POSITIONS, ActivationConfig, ReadOptions, ScanConfig, option_fields
 from ..data import find_quality_issues, load_pairs, pair_digest
 from ..errors import BaselineError, ConfigError
-from ..features.salience import Feature, FeatureSet
-from ..model.activations import executor_for, load_backend
-from ..pipeline import stages
 from ..pipeline.context import RunContext
-from ..pipeline.scan import scan_pairs
 from ..plugins import lookup
-from ..sae import TopKSAE
-from ..scoring.categories import Cutoffs, categorise_pair
-from ..scoring.heads import HeadFit, compute_signals, fit_heads
-from ..scoring.ranks import combine, percentile_against, ranked_signals
+from ..sae.config import weights_hash
 from ..version import __version__
+
+# Gating unchanged data reads the baseline and the data and nothing else: torch, the model and the scoring
+# stages are imported where new pairs are scored (a pre-commit hook runs at every commit)
+if TYPE_CHECKING:
+    import torch
+
+    from ..features.salience import FeatureSet
+    from ..sae import TopKSAE
+    from ..scoring.categories import Cutoffs
 
 # 2: pair digests by data.pair_digest (context and both final responses, as clean and decisions
 # use), hashes of DIGEST_LENGTH, cut-offs stored exactly. 1: digests of the messages, 16 digits.
@@ -137,6 +137,8 @@ class Baseline:
 
     @property
     def features(self) -> FeatureSet:
+        from ..features.salience import Feature, FeatureSet
+
         return FeatureSet([Feature(f["latent"], f["sign"], 0.0, f.get("label")) for f in self.header["features"]],
                           str(self.path))
 
@@ -164,11 +166,15 @@ class Baseline:
 
     @property
     def cutoffs(self) -> Cutoffs:
+        from ..scoring.categories import Cutoffs
+
         thresholds = self.header["thresholds"]
         return Cutoffs(thresholds["flipped_cutoff"], thresholds["noisy_cutoff"])
 
     def signal(self, name: str) -> torch.Tensor:
         """The baseline's values of one signal (NaN where it was missing)."""
+        import torch
+
         return torch.tensor([math.nan if e[name] is None else e[name] for e in self.pairs.values()],
                             dtype=torch.float64)
 
@@ -410,6 +416,12 @@ def build_baseline(sources: list[str], out: str | os.PathLike, config: ScanConfi
 
     ``decisions``: the returned baseline's ``cleared`` holds the ids of pairs marked ok (not written).
     """
+    from safetensors.torch import save as save_safetensors
+
+    from ..pipeline.scan import scan_pairs
+    from ..scoring.categories import Cutoffs
+    from ..scoring.heads import HeadFit, fit_heads
+
     out = Path(out)
     for path in (out, out.with_name(f"{out.stem}-heads.safetensors")):
         refuse_inputs(path, sources)
@@ -457,7 +469,7 @@ def build_baseline(sources: list[str], out: str | os.PathLike, config: ScanConfi
         "activations": {"layer": run.layer, "positions": run.positions, "max_length": run.max_length},
         "data": config.read.to_dict(),
         "sae": {"backend": config.sae_backend, "path": _portable(sae_dir, out.parent),
-                "hash": TopKSAE.file_hash(sae_dir),
+                "hash": weights_hash(sae_dir),
                 "latents": result.sae.cfg.n_latents, "d_in": result.sae.cfg.d_in},
         "heads": {"path": _portable(heads_path, out.parent), "hash": _file_hash(heads_path)},
         "features": [{"latent": f.latent, "sign": f.sign, "label": f.label} for f in result.features.features],
@@ -581,7 +593,7 @@ def check_reference(baseline: Baseline) -> None:
     header, differences = baseline.header, []
     if header["tool_version"] != __version__:
         differences.append(f"tool version {header['tool_version']} (now {__version__})")
-    for name, hash_of in (("sae", TopKSAE.file_hash), ("heads", lambda p: _file_hash(Path(p)))):
+    for name, hash_of in (("sae", weights_hash), ("heads", lambda p: _file_hash(Path(p)))):
         path = baseline.resolve(header[name]["path"])
         try:
             now = hash_of(path)
@@ -617,6 +629,11 @@ def score_frozen(pairs: pl.DataFrame, baseline: Baseline, backend, sae: TopKSAE,
     """score_safe, reward_margin and sae_margin of ``pairs`` with the baseline's frozen SAE,
     features and heads (scoring.heads.compute_signals, as a scan): the scan's activation and encoding
     stages, so activations and codes come from (and go to) the same caches."""
+    from safetensors.torch import load as load_safetensors
+
+    from ..pipeline import stages
+    from ..scoring.heads import compute_signals
+
     heads_path = baseline.resolve(baseline.header["heads"]["path"])
     heads = load_safetensors(heads_path.read_bytes())
     ctx = ctx or RunContext.of(ScanConfig(activations=config), steps=steps)
@@ -636,6 +653,10 @@ def suspicion_against(values: dict[str, list[float | None]], baseline: Baseline,
     """The suspicion of pairs (their rounded signal values) among the baseline's pairs, as a scan
     ranks a pair among the others: scoring.ranks.percentile_against per signal, leaving out each
     pair's own entry (None: none), combined with the baseline's ranking weights."""
+    import torch
+
+    from ..scoring.ranks import combine, percentile_against
+
     def column(items) -> torch.Tensor:
         return torch.tensor([math.nan if v is None else v for v in items], dtype=torch.float64)
 
@@ -685,6 +706,9 @@ def run_gate(sources: list[str], baseline_path: str | os.PathLike, *, fail_on: t
                         decisions=decisions_path)
     if not changes.new_rows:
         return result
+    from ..model.activations import executor_for, load_backend
+    from ..pipeline import stages
+
     with ctx.timed("quality"):
         quality = _quality(changes)
     with ctx.timed("model"):
@@ -747,6 +771,9 @@ def _quality(changes: Changes) -> dict[int, list[tuple[str, str]]]:
 
 def _judge_new(result: GateResult, baseline: Baseline, changes: Changes, quality, signals, decisions) -> None:
     """The new and changed pairs' categories against the baseline's cut-offs, into ``result``."""
+    from ..scoring.categories import categorise_pair
+    from ..scoring.ranks import ranked_signals
+
     rows, digests, known_entry, swapped_from = changes.rows, changes.digests, changes.known_entry, changes.swapped_from
     # the 6-digit values the baseline holds and compares with
     values = {name: [_round(v) for v in signals[name].tolist()] for name in SIGNALS}
