@@ -67,7 +67,9 @@ def run_scan(source: str, config: ScanConfig, *, steps=no_progress, warn=None) -
     ``warn(message)`` is told, before the long work, when the data is too small to trust the result.
     """
     ctx = RunContext.of(config, steps=steps, warn=warn)
-    return scan_profile(stages.load(source, ctx), config, source=str(source), ctx=ctx)
+    result = scan_profile(stages.load(source, ctx), config, source=str(source), ctx=ctx)
+    stages.evidence(result, profile_weights(config, list(result.models)), ctx)
+    return result
 
 
 def scan_profile(pairs, config: ScanConfig, *, source: str, steps=no_progress, backend=None, backends=None,
