@@ -86,6 +86,15 @@ def test_left_truncated_text_places_positions_on_the_visible_end(tiny_llama_dir)
     assert all(s.start >= seen_from - len("knives.") for s in spans)
 
 
+def test_a_span_is_widened_to_whole_words_apostrophes_included():
+    response = "I’m afraid I don’t know, it's late"
+    at = response.index("don")
+    know, it = response.index("know"), response.index("it")
+    shares = [Share(at, at + 3, -1.0), Share(know, know + 5, 0.01), Share(it, it + 2, -0.9)]
+    spans = pair_evidence(response, "x", shares, [], score_safe=-1.0)
+    assert sorted(s.text for s in spans) == ["don’t", "it's"] and _exact(spans, response, "x")
+
+
 def test_a_response_not_in_the_model_text_gets_no_shares():
     prepared = PreparedText("\n\nHuman: a\n\nAssistant: something else", 24, False)
     assert position_shares(prepared, "the response", [(24, 33)], [0], [[(1, -1.0)]], 1.0) == []

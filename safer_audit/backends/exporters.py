@@ -183,7 +183,7 @@ td.num, th.num { text-align: right; font-variant-numeric: tabular-nums; }
 td.num { white-space: nowrap; }
 td.features { font-size: .9em; }
 td.features { min-width: 8em; overflow-wrap: anywhere; }
-td.texts { min-width: 14em; overflow-wrap: anywhere; }
+td.texts { min-width: 14em; width: 42%; overflow-wrap: anywhere; }
 td.pair { min-width: 6em; overflow-wrap: anywhere; }
 .path { white-space: nowrap; }
 .loc > div { max-width: 16em; overflow-x: auto; }

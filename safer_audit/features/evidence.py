@@ -32,6 +32,7 @@ MAX_SPAN_POSITIONS = 12  # read positions in one span: a phrase, not a paragraph
 SPAN_LATENTS = 3  # features named per span
 _WORD = re.compile(r"\w")
 _SENTENCE_END = re.compile(r"[.?!]\W*$")
+_APOSTROPHES = "'’"
 _LEADING = ".,;:!?)]}"  # punctuation that closes what came before a span, not part of it
 
 
@@ -97,12 +98,25 @@ def _ends_sentence(text: str, share: Share) -> bool:
     return bool(_SENTENCE_END.search(text[share.start:share.end])) or "\n" in text[share.start:share.end]
 
 
+def _inside_word(text: str, at: int) -> bool:
+    """Whether ``at`` (0 < at < len(text)) falls inside a word: between two word characters, or next to an
+    apostrophe between two ("don't", "it’s")."""
+    def word(i: int) -> bool:
+        return 0 <= i < len(text) and bool(_WORD.match(text[i]))
+
+    if word(at - 1) and word(at):
+        return True
+    if text[at] in _APOSTROPHES:
+        return word(at - 1) and word(at + 1)
+    return text[at - 1] in _APOSTROPHES and word(at - 2) and word(at)
+
+
 def _widen(text: str, start: int, end: int) -> tuple[int, int]:
     """[start, end) grown to whole words, without the whitespace and the closing punctuation of the text before it
     at its start, nor the whitespace at its end."""
-    while start > 0 and _WORD.match(text[start - 1]) and _WORD.match(text[start]):
+    while start > 0 and _inside_word(text, start):
         start -= 1
-    while end < len(text) and _WORD.match(text[end]) and _WORD.match(text[end - 1]):
+    while end < len(text) and _inside_word(text, end):
         end += 1
     while start < end and (text[start].isspace() or text[start] in _LEADING):
         start += 1
