@@ -123,8 +123,11 @@ def test_why_line_names_the_judges_their_percentiles_and_the_strongest_span():
         'both judges prefer the rejected response (score_safe lowest 2%, reward margin lowest 5%); '
         'strongest evidence in chosen: "with a gun or a knife"')
     mixed = why_line("noisy", [("score_safe", 0.2, 0.3), ("reward_margin", -1.0, 0.004)], [], [])
-    assert mixed == ("reward margin prefers the rejected response (reward margin lowest 1%); "
-                     "score_safe prefers the chosen one (score_safe lowest 30%)")
+    assert mixed == "reward margin prefers the rejected response (lowest 1%); score_safe prefers the chosen one (lowest 30%)"
+    three = why_line("noisy", [("score_safe", 0.2, 0.3), ("reward_margin", -1.0, 0.01), ("x/score_safe", -2.0, 0.02)],
+                     [], [])
+    assert three == ("reward margin and x/score_safe prefer the rejected response (reward margin lowest 1%, "
+                     "x/score_safe lowest 2%); score_safe prefers the chosen one (lowest 30%)")
     assert why_line("quality", [("score_safe", None, None)], ["identical"], []) == "a data problem: identical"
     assert why_line("noisy", [("score_safe", 0.1, 0.08)], [], []).startswith("no judge prefers the rejected")
 

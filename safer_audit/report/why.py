@@ -64,7 +64,9 @@ def why_line(category: str, judges: Sequence[tuple[str, float | None, float | No
     against = [(name, pct) for name, value, pct in known if value < 0]
     others = [(name, pct) for name, value, pct in known if value >= 0]
 
-    def listed(items):
+    def listed(items, named: bool = True):
+        if len(items) == 1 and not named:  # the judge is named just before
+            return _lowest(items[0][1])
         return ", ".join(f"{judge_name(name)} {_lowest(pct)}" for name, pct in items)
 
     parts = []
@@ -79,8 +81,8 @@ def why_line(category: str, judges: Sequence[tuple[str, float | None, float | No
         verb = "prefers" if len(against) == 1 else "prefer"
         names = " and ".join(judge_name(name) for name, _ in against)
         other = " and ".join(judge_name(name) for name, _ in others)
-        parts.append(f"{names} {verb} the rejected response ({listed(against)}); {other} "
-                     f"{'prefers' if len(others) == 1 else 'prefer'} the chosen one ({listed(others)})")
+        parts.append(f"{names} {verb} the rejected response ({listed(against, named=False)}); {other} "
+                     f"{'prefers' if len(others) == 1 else 'prefer'} the chosen one ({listed(others, named=False)})")
     elif others:
         parts.append(f"no judge prefers the rejected response, but the pair ranks low ({listed(others)})")
     if evidence:
