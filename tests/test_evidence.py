@@ -342,3 +342,26 @@ def test_explain_suspects_gives_lazy_findings_their_evidence_as_made(sample_scan
                      result.features, result.backend, report.run.max_length, result.signals,
                      {"score_safe": 1.0, "reward_margin": 1.0})
     assert {f.pair_id: (f.evidence, f.why) for f in report.findings if f.category != "clean"} == before
+
+
+def test_explain_without_a_report_shows_labels_and_the_evidence_of_a_pair_not_flagged(sample_scan, monkeypatch):
+    from types import SimpleNamespace
+
+    from safer_audit.features.labels import FeatureLabel
+    from safer_audit.workflows.explain import explain_pair
+
+    result = sample_scan
+    clean = next(f for f in result.report.findings if f.category == "clean")
+    assert not clean.evidence and clean.why is None
+
+    def label(latents):
+        return {latent: FeatureLabel(latent, f"label {latent}", 0.9, "violence", "stub") for latent in latents}
+
+    monkeypatch.setattr(result, "labelling", SimpleNamespace(label=label))
+    explanation = explain_pair(result, clean.pair_id)
+    assert explanation.features
+    assert all(f.label == f"label {f.latent}" and f.category == "violence" for f in explanation.features)
+    assert explanation.finding.evidence and _exact(explanation.finding.evidence, clean.chosen, clean.rejected)
+    console, out = _console(200)
+    print_explanation(explanation, console)
+    assert "label " in out.getvalue() and "[violence]" in out.getvalue()
