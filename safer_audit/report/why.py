@@ -16,9 +16,9 @@ import torch
 from ..common.domain import Category
 from ..errors import inert
 from ..features.evidence import EvidenceSpan, flip, pair_evidence, texts_shares
+from .build import FLAGGED  # the pairs that get evidence; every suspect gets a why
 from .types import Finding, LazyFindings, Report
 
-FLAGGED = (Category.FLIPPED, Category.NOISY)  # the pairs that get evidence; every suspect gets a why
 JUDGE_NAMES = {"score_safe": "score_safe", "reward_margin": "reward margin", "sae_margin": "SAE-head margin"}
 SPAN_CHARS = 60  # of a span's text quoted in a why line
 
