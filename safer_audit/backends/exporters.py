@@ -20,10 +20,10 @@ import polars as pl
 from ..common.domain import Category
 from ..common.files import write_atomic
 from ..errors import inert
+from ..features.evidence import EvidenceSpan
 from ..hookspecs import hookimpl
 from ..pipeline.profiles import PROFILES
 from ..report.types import CATEGORY_DESCRIPTIONS, FeatureCard, Finding, Report, few_pairs_warning
-from ..features.evidence import EvidenceSpan
 from ..report.view import (
     Excerpt,
     diff_excerpts,

@@ -16,10 +16,10 @@ from rich.text import Text
 from ..common.terminal import inert, plain
 from ..data import pair_digest
 from ..errors import UnknownPairError
+from ..features.evidence import EvidenceSpan, flip, pair_evidence, texts_shares
 from ..pipeline.profiles import PROFILES
 from ..pipeline.scan import ScanResult
 from ..report.types import Finding, Report
-from ..features.evidence import EvidenceSpan, flip, pair_evidence, texts_shares
 from ..report.view import format_number, highlighted
 from ..scoring.heads import feature_contributions
 
