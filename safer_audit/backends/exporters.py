@@ -20,9 +20,8 @@ import polars as pl
 from ..common.domain import Category
 from ..common.files import write_atomic
 from ..errors import inert
-from ..features.evidence import EvidenceSpan
+from ..features.types import EvidenceSpan
 from ..hookspecs import hookimpl
-from ..pipeline.profiles import PROFILES
 from ..report.types import CATEGORY_DESCRIPTIONS, FeatureCard, Finding, Report, few_pairs_warning
 from ..report.view import (
     Excerpt,
@@ -629,6 +628,8 @@ def _cards_shown(report: Report, suspects: list[Finding]) -> tuple[list[FeatureC
         return featured, (f"the top {len(featured):,} of {len(report.features):,} by contribution to the flagged "
                           "pairs (the JSON report holds all)" if len(featured) < len(report.features)
                           else "by contribution")
+    from ..pipeline.profiles import PROFILES  # here: loading the exporters (every command) must not load torch
+
     others = {model.prefix for model in PROFILES.get(report.run.profile, ())}
     shown = [card for card in report.features if card.latent in used and card.model not in others]
     return shown, (f"the {len(shown):,} of {len(report.features):,} features that the evidence of the suspects "

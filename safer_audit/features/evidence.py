@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -22,8 +22,8 @@ from ..errors import CacheError
 from ..model.activations import ActivationStore
 from ..model.texts import PreparedText
 from .salience import FeatureSet
+from .types import SIDES, EvidenceSpan
 
-SIDES = ("chosen", "rejected")
 MAX_SPANS = 3  # per side: more reads as a highlighted response, not as evidence
 SEED = 0.5  # a position pulling at least this share of its side's strongest starts a span ...
 SEED_OF_PAIR = 0.25  # ... when it also pulls this share of the pair's strongest: a weak side gets none
@@ -34,18 +34,6 @@ _WORD = re.compile(r"\w")
 _SENTENCE_END = re.compile(r"[.?!]\W*$")
 _APOSTROPHES = "'’"
 _LEADING = ".,;:!?)]}"  # punctuation that closes what came before a span, not part of it
-
-
-@dataclass
-class EvidenceSpan:
-    """A stretch of one response and its share of score_safe."""
-
-    side: str  # "chosen" or "rejected"
-    start: int  # character offsets into that response (Python string indices): text is response[start:end]
-    end: int
-    text: str
-    weight: float  # its read positions' summed share of score_safe: < 0 pulls toward the rejected response
-    latents: list[int] = field(default_factory=list)  # the selected features that pull it most, strongest first
 
 
 @dataclass(frozen=True)

@@ -113,3 +113,18 @@ class Labeller(Protocol):
     version: str
 
     def label(self, requests: Sequence[LabelRequest]) -> dict[int, FeatureLabel]: ...
+
+
+SIDES = ("chosen", "rejected")
+
+
+@dataclass
+class EvidenceSpan:
+    """A stretch of one response and its share of score_safe."""
+
+    side: str  # "chosen" or "rejected"
+    start: int  # character offsets into that response (Python string indices): text is response[start:end]
+    end: int
+    text: str
+    weight: float  # its read positions' summed share of score_safe: < 0 pulls toward the rejected response
+    latents: list[int] = field(default_factory=list)  # the selected features that pull it most, strongest first

@@ -21,8 +21,7 @@ from ..common.domain import MARGIN_SIGNALS, SIGNALS, Category
 from ..common.files import refuse_inputs
 from ..data import pair_digest
 from ..errors import ConfigError
-from ..features.evidence import SIDES, EvidenceSpan
-from ..features.types import FeatureCard, FeatureContext
+from ..features.types import SIDES, EvidenceSpan, FeatureCard, FeatureContext
 from ..plugins import Exporter, exporters
 
 REPORT_SCHEMA_VERSION = 1

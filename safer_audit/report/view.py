@@ -20,7 +20,7 @@ from rich.text import Text
 
 from ..common.domain import Category
 from ..common.terminal import inert, plain
-from ..features.evidence import EvidenceSpan
+from ..features.types import EvidenceSpan
 from .types import CATEGORY_DESCRIPTIONS, FeatureCard, FeatureContribution, Finding, Report, few_pairs_warning
 
 # -- shared rendering helpers ----------------------------------------------------------
