@@ -70,7 +70,8 @@ def main() -> int:
         print(f"| {t:.2f} | {len(shown)} | {hits} | {precision:.3f} | {hits / len(safety):.3f} |")
     lowest = next((t for i, (t, _, _) in enumerate(sweep)
                    if all(p >= TARGET for _, p, n in sweep[i:] if n)), None)
-    print(f"\nlowest threshold from which precision stays >= {TARGET}: {lowest}; CATEGORY_EVIDENCE = {CATEGORY_EVIDENCE}\n")
+    print(f"\nlowest threshold from which precision stays >= {TARGET}: {lowest}; "
+          f"CATEGORY_EVIDENCE = {CATEGORY_EVIDENCE}\n")
     print(f"Per category at relevance >= {CATEGORY_EVIDENCE}:\n")
     print("| category | windows | shown as it | right | precision | recall |")
     print("|---|---:|---:|---:|---:|---:|")
@@ -79,7 +80,8 @@ def main() -> int:
         gold = sum(r["category"] == category for r in rows)
         named = [(r, c) for r, c in zip(rows, shown, strict=True) if c == category]
         hits = sum(right(r, c) for r, c in named)
-        found = sum(c is not None and right(r, c) for r, c in zip(rows, shown, strict=True) if r["category"] == category)
+        found = sum(c is not None and right(r, c)
+                    for r, c in zip(rows, shown, strict=True) if r["category"] == category)
         if category == NOT_SAFETY:
             wrong = sum(c is not None for r, c in zip(rows, shown, strict=True) if r["category"] == category)
             print(f"| {category} | {gold} | (given a category: {wrong}) | | | {1 - wrong / gold:.2f} shown none |")

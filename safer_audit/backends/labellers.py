@@ -683,7 +683,8 @@ class OfflineLabeller:
             labels[request.latent] = FeatureLabel(
                 latent=request.latent, label=text, relevance=round(relevance, 3), category=category,
                 labeller=NAME, model=self.model, version=VERSION,
-                extra={"closest": closest, "similarity": similarity, "content_share": round(share, 3), "contexts": len(request.contexts)})
+                extra={"closest": closest, "similarity": similarity, "content_share": round(share, 3),
+                       "contexts": len(request.contexts)})
         return labels
 
 
