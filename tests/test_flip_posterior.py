@@ -68,6 +68,7 @@ def test_zero_and_missing_margins_carry_no_sign():
     margins = torch.tensor([0.0, float("nan"), 0.0])
     posterior, mixture = flip_posterior(margins)
     assert mixture.rate == 0 and torch.equal(posterior, torch.zeros(3, dtype=torch.float64))
+    assert not mixture.identified and "no pair has a margin with a sign" in mixture.reason
     mixed, _ = mixture_margins(800, 0.2, 1.5, seed=5)
     mixed[:50] = 0.0
     posterior, mixture = flip_posterior(mixed)

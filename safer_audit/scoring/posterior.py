@@ -36,6 +36,8 @@ class FlipMixture:
     @property
     def reason(self) -> str | None:
         """Why the mixture cannot be identified (no flip probability can be given), in one line; None when it can."""
+        if self.agreeing == 0 and self.disagreeing == 0:
+            return "no flip probability: no pair has a margin with a sign (the judges cannot tell its responses apart)"
         if self.agreeing == 0 or self.disagreeing == 0:
             side = "agrees" if self.disagreeing == 0 else "disagrees"
             return (f"no flip probability: every judged pair's margin {side} with its label, so judge errors "
