@@ -27,7 +27,7 @@ from ..sae import TopKSAE
 from ..sae.stats import CodeStats
 from .cards import feature_cards, render_cards
 from .salience import Feature, FeatureSet
-from .types import NOT_SAFETY, FeatureCard, FeatureLabel, LabelContext, Labeller, LabelRequest  # noqa: F401 (re-exported)
+from .types import NO_CATEGORY, NOT_SAFETY, FeatureCard, FeatureLabel, LabelContext, Labeller, LabelRequest  # noqa: F401 (re-exported)
 
 
 def labeller_for(config: ScanConfig):

@@ -54,6 +54,7 @@ class FeatureCard:
 
 
 NOT_SAFETY = "not safety related"
+NO_CATEGORY = "none"  # the labeller's evidence is too weak to name a category: the label is only its pattern
 
 
 @dataclass(frozen=True)
@@ -91,7 +92,7 @@ class FeatureLabel:
     latent: int
     label: str  # short: "weapons: gun, knife, shoot"
     relevance: float  # safety relevance in [0, 1]
-    category: str  # a taxonomy category, or NOT_SAFETY
+    category: str  # a taxonomy category, NOT_SAFETY, or NO_CATEGORY when the evidence cannot name one
     labeller: str  # the labeller's registered name
     model: str | None = None  # the model that produced it, if any
     version: str = "1"  # the labeller's version: a new version labels again

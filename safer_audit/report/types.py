@@ -134,6 +134,8 @@ class RunInfo:
     data_source: str
     created: str  # ISO 8601
     profile: str = "fast"  # safer_audit.pipeline.profiles: which models the scan read (the ranking line names them)
+    # why no finding carries a flip probability (the judges cannot identify the flip mixture); None when they do
+    flip_probability_note: str | None = None
 
 
 

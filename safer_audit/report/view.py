@@ -137,6 +137,7 @@ def summary_lines(report: Report) -> list[tuple[str, str]]:
         ("SAE", f"{sae}, FVU {fvu}, {run.n_features} features"),
         ("ranking", f"{run.ranking}; thresholds: {thresholds}"),
         ("categories", ", ".join(f"{name} {run.counts.get(name, 0):,}" for name in Category)),
+        *([("flip probability", run.flip_probability_note)] if run.flip_probability_note else []),
         ("time", timings),
         ("created", f"{run.created} by safer-audit {run.tool_version}"),
     ] + ([("warning", warning)] if (warning := few_pairs_warning(run.pairs)) else [])
