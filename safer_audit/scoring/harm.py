@@ -120,7 +120,7 @@ _SENTENCE = re.compile(r"(?<=[.!?])\s+|\n+")
 MAX_SENTENCES = 8  # per response: the first ones carry the answer; a long reply's tail adds cost, not signal
 MIN_SENTENCE_CHARS = 3
 HUMAN_TURNS = 3  # the last human turns that weigh a pair
-COMPLY_WEIGHT = 0.5
+COMPLY_WEIGHT = 0.5  # topic similarity says less about going along than a refusal's wording says about declining
 QUESTION_WEIGHT = 0.2
 QUESTION_WITHIN = 120  # characters: a question mark this early is a question back, not a rhetorical aside
 
@@ -129,17 +129,14 @@ Encoder = Callable[[list[str]], torch.Tensor]  # texts -> L2-normed embeddings, 
 
 @dataclass(frozen=True)
 class Prototypes:
-    """The written examples, embedded once: comply rows with their category, and refuse-or-deflect rows."""
+    """The written examples, embedded once: the comply rows, and the refuse-or-deflect rows."""
 
     comply: torch.Tensor
-    comply_category: tuple[str, ...]
     decline: torch.Tensor
 
     @classmethod
     def embed(cls, encode: Encoder) -> Prototypes:
-        comply = [(category, text) for category, texts in COMPLY.items() for text in texts]
-        return cls(encode([text for _, text in comply]), tuple(category for category, _ in comply),
-                   encode(list(REFUSE + DEFLECT)))
+        return cls(encode([text for texts in COMPLY.values() for text in texts]), encode(list(REFUSE + DEFLECT)))
 
 
 def sentences(text: str) -> list[str]:
