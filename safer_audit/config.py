@@ -295,8 +295,10 @@ class ScanConfig:
                               group="profile")
     aggregation: Aggregation = option("mean-rank", "How the judges are combined: mean percentile rank, or a "
                                                    "cross-fitted Bradley-Terry stack.", group="ranking")
-    flipped_fraction: float = option(0.04, "Most suspicious fraction whose pairs are 'flipped' when every ranked "
-                                           "signal agrees.", group="category", min=0, max=1)  # the paper's best
+    flipped_fraction: float = option(0.04, "Fraction of pairs that can be 'flipped': with the harm judge ranked, "
+                                           "its most harmful-chosen pairs that another judge agrees on; else the "
+                                           "most suspicious whose ranked signals all agree.", group="category",
+                                     min=0, max=1)  # the paper's best
     noisy_fraction: float = option(0.10, "Most suspicious fraction whose other pairs are 'noisy'.", group="category",
                                    min=0, max=1)
     top_features_per_pair: int = 5

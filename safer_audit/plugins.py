@@ -25,6 +25,7 @@ DEFAULT_PLUGINS = (
     "safer_audit.backends.exporters",
     "safer_audit.backends.labellers",
     "safer_audit.backends.judges",
+    "safer_audit.backends.harm",
     "safer_audit.backends.engines",
     "safer_audit.backends.gate_formats",
 )

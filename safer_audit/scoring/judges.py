@@ -18,8 +18,10 @@ activations, how heads are fitted) and returns one float per pair, in table orde
 
 Built-in judges (safer_audit.backends.judges registers them): ``score_safe``, ``reward_margin``
 and ``sae_margin`` (the scan's signals), ``length`` (the response-length difference, its
-sign learnt cross-fitted: a baseline, not a safety judge) and ``<judge>-lenres`` (a judge with
-the part linearly explained by the length difference removed, the slope cross-fitted).
+sign learnt cross-fitted: a baseline, not a safety judge), ``harm`` (safer_audit.backends.harm: how far each
+reply goes along with a harmful request, read without labels; scoring.categories uses it to call a pair
+flipped) and ``<judge>-lenres`` (a judge with the part linearly explained by the length difference removed,
+the slope cross-fitted).
 Plugins add judges through the ``register_judges`` hook; ``--judge NAME`` picks them.
 """
 
