@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING
 
 from ..hookspecs import hookimpl
-from ..scoring.harm import HARM_JUDGE
-from ..scoring.judges import JudgeContext
+from ..scoring.types import HARM_JUDGE
+
+if TYPE_CHECKING:  # loading the plugin (every command) must not load torch
+    import torch
+
+    from ..scoring.judges import JudgeContext
 
 READ_PAIRS = 1024  # pairs whose texts are held at once
 
@@ -40,6 +44,8 @@ class HarmJudge:
                 batch = []
         if batch or not parts:
             parts.append(self._signal(batch, prototypes))
+        import torch
+
         return torch.cat(parts)
 
     def _signal(self, rows: list[dict], prototypes) -> torch.Tensor:

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from ..common.domain import Category
-from .harm import HARM_JUDGE
+from .types import HARM_JUDGE
 
 QUALITY_KINDS_THAT_CATEGORISE = ("identical", "empty_response", "contradiction", "context_mismatch")
 

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 
 import torch
 
-HARM_JUDGE = "harm"  # the judge's name: scoring.categories reads its signal by it
+from .types import HARM_JUDGE  # noqa: F401 (the judge this module is)
 
 # Examples of harmful compliance per category: what an assistant says when it goes along.
 COMPLY: dict[str, tuple[str, ...]] = {

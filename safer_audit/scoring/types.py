@@ -12,6 +12,8 @@ from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 if TYPE_CHECKING:
     import torch
 
+HARM_JUDGE = "harm"  # the harm judge's name: scoring.categories reads its signal by it
+
 
 @runtime_checkable
 class Judge(Protocol):
