@@ -179,3 +179,18 @@ def test_a_warm_scan_takes_the_token_counts_from_the_cache(tiny_llama_dir, tmp_p
     again = run_scan(str(data), short)
     assert counted == [120, 120]
     assert [f.quality for f in again.report.findings] == [f.quality for f in cold.report.findings]
+
+
+def test_a_damaged_evidence_entry_is_computed_again(tiny_llama_dir, tmp_path):
+    data = write_pairs(tmp_path / "pairs.jsonl", 30)
+    cold = run_scan(str(data), config(tiny_llama_dir, tmp_path / "cache"))
+    entries = sorted((tmp_path / "cache").rglob("evidence/*.json"))
+    assert entries and any(f.evidence for f in cold.report.findings)
+    for entry in entries:  # spans whose text no longer is their slice, and plain garbage
+        spans = json.loads(entry.read_text())
+        for span in spans:
+            span["text"] = "forged " + span["text"]
+        entry.write_text(json.dumps(spans) if spans else "{not json")
+    warm = run_scan(str(data), config(tiny_llama_dir, tmp_path / "cache"))
+    assert_same_report(cold.report, warm.report)
+    assert all("forged" not in entry.read_text() for entry in entries)  # written over with the computed spans

@@ -12,7 +12,7 @@ from safer_audit.pipeline.scan import run_scan, scan_pairs
 
 from .conftest import hh_records, tiny_scan_config
 
-STAGES = ["load", "model", "activations", "quality", "sae", "codes", "salience", "scores", "report"]
+STAGES = ["load", "model", "activations", "quality", "sae", "codes", "salience", "scores", "report", "evidence"]
 
 
 def write_pairs(path, n: int):

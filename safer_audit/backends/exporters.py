@@ -631,9 +631,12 @@ def _cards_shown(report: Report, suspects: list[Finding]) -> tuple[list[FeatureC
     from ..pipeline.profiles import PROFILES  # here: loading the exporters (every command) must not load torch
 
     others = {model.prefix for model in PROFILES.get(report.run.profile, ())}
-    shown = [card for card in report.features if card.latent in used and card.model not in others]
-    return shown, (f"the {len(shown):,} of {len(report.features):,} features that the evidence of the suspects "
-                   "above names, by contribution to the flagged pairs (the JSON report holds all)")
+    named = [card for card in report.features if card.latent in used and card.model not in others]
+    limit = sum(1 for card in report.features if card.featured)  # --cards: how many cards a page shows
+    shown = named[:limit]
+    among = "" if len(shown) == len(named) else f"the top {len(shown):,} by contribution of "
+    return shown, (f"{among}the {len(named):,} of {len(report.features):,} features that the evidence of the "
+                   "suspects above names, by contribution to the flagged pairs (the JSON report holds all)")
 
 
 def render_html(report: Report, max_suspects: int = HTML_MAX_SUSPECTS) -> str:

@@ -12,12 +12,17 @@ over their neighbours that pull the same way, widened to whole words.
 
 from __future__ import annotations
 
+import hashlib
+import json
+import math
 import re
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 
+from ..common.files import read_bounded, write_atomic
 from ..errors import CacheError
 from ..model.activations import ActivationStore
 from ..model.texts import PreparedText
@@ -273,3 +278,59 @@ def texts_shares(store: ActivationStore, texts: Sequence[PreparedText], sae, fea
 def flip(shares: list[Share]) -> list[Share]:
     """A rejected text's shares of V(rejected) as shares of score_safe (which subtracts it)."""
     return [Share(s.start, s.end, -s.share, tuple((latent, -value) for latent, value in s.terms)) for s in shares]
+
+
+EVIDENCE_VERSION = "1"  # of the spans' rules above: a change makes every cached entry a miss
+MAX_ENTRY_BYTES = 1 << 20
+
+
+class EvidenceCache:
+    """A flagged pair's spans, cached beside its activations, so a warm scan reads no activation shard.
+
+    Keyed by everything the spans depend on: both texts' activation keys, both responses, the SAE's file
+    hash, the selected latents and their signs, the pair's score_safe and the rules' version. An entry is
+    read bounded and checked span by span (side, offsets, exact slice, finite weight, latent ids) before
+    use; anything else is a miss, computed again and written over.
+    """
+
+    def __init__(self, directory: Path | None, sae_hash: str | None, features: FeatureSet):
+        # no SAE hash (an SAE that cannot be hashed): nothing can tell two SAEs apart, so no cache
+        self.directory = directory / "evidence" if directory is not None and sae_hash else None
+        self._scope = json.dumps([EVIDENCE_VERSION, sae_hash, [int(f.latent) for f in features.features],
+                                  [float(f.sign) for f in features.features]])
+
+    def key(self, text_keys: tuple[str, str], chosen: str, rejected: str, score_safe: float) -> str:
+        payload = json.dumps([self._scope, list(text_keys), chosen, rejected, repr(float(score_safe))])
+        return hashlib.sha256(payload.encode("utf-8")).hexdigest()[:40]
+
+    def get(self, key: str, chosen: str, rejected: str) -> list[EvidenceSpan] | None:
+        if self.directory is None:
+            return None
+        path = self.directory / f"{key}.json"
+        if not path.is_file():
+            return None
+        try:
+            items = json.loads(read_bounded(path, MAX_ENTRY_BYTES, CacheError))
+            return [_checked_span(item, {"chosen": chosen, "rejected": rejected}) for item in items]
+        except (CacheError, ValueError, TypeError, KeyError, AttributeError):
+            return None  # damaged or foreign: computed again
+
+    def put(self, key: str, spans: list[EvidenceSpan]) -> None:
+        if self.directory is None:
+            return
+        self.directory.mkdir(parents=True, exist_ok=True)
+        write_atomic(self.directory / f"{key}.json", json.dumps([asdict(span) for span in spans]))
+
+
+def _checked_span(item: dict, responses: dict[str, str]) -> EvidenceSpan:
+    side, start, end, text, weight = item["side"], item["start"], item["end"], item["text"], item["weight"]
+    latents = item.get("latents", [])
+    if side not in responses or any(isinstance(v, bool) or not isinstance(v, int) for v in (start, end)):
+        raise ValueError("side or offsets")
+    if not 0 <= start < end <= len(responses[side]) or responses[side][start:end] != text:
+        raise ValueError("offsets or text")
+    if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight):
+        raise ValueError("weight")
+    if not isinstance(latents, list) or any(isinstance(v, bool) or not isinstance(v, int) or v < 0 for v in latents):
+        raise ValueError("latents")
+    return EvidenceSpan(side, start, end, text, float(weight), list(latents))

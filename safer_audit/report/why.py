@@ -15,7 +15,7 @@ import torch
 
 from ..common.domain import Category
 from ..errors import inert
-from ..features.evidence import EvidenceSpan, flip, pair_evidence, texts_shares
+from ..features.evidence import EvidenceCache, EvidenceSpan, flip, pair_evidence, texts_shares
 from .build import FLAGGED  # the pairs that get evidence; every suspect gets a why
 from .types import Finding, LazyFindings, Report
 
@@ -104,16 +104,24 @@ def explain_suspects(report: Report, pair_ids: Sequence[str], texts, store, sae,
         if finding.category != Category.CLEAN:
             suspects[index[finding.pair_id]] = finding
     flagged = {i: f for i, f in suspects.items() if f.category in FLAGGED}
-    wanted = {t: response for i, f in flagged.items() for t, response in ((2 * i, f.chosen), (2 * i + 1, f.rejected))}
+    cache = EvidenceCache(getattr(store.cache, "directory", None), report.run.sae_hash, features)
+    keys = {i: cache.key((store.keys[2 * i], store.keys[2 * i + 1]), f.chosen, f.rejected, f.score_safe)
+            for i, f in flagged.items()}
+    cached = {i: spans for i, f in flagged.items() if (spans := cache.get(keys[i], f.chosen, f.rejected)) is not None}
+    wanted = {t: response for i, f in flagged.items() if i not in cached
+              for t, response in ((2 * i, f.chosen), (2 * i + 1, f.rejected))}
     shares = texts_shares(store, texts, sae, features, backend, max_length, wanted) if wanted else {}
     ranked = [name for name, weight in weights.items() if weight and name in signals]
     percentiles = {name: low_percentiles(signals[name]) for name in ranked}
     found: dict[str, tuple[list[EvidenceSpan], str]] = {}
     for i, finding in suspects.items():
         evidence = []
-        if i in flagged:
+        if i in cached:
+            evidence = cached[i]
+        elif i in flagged:
             evidence = pair_evidence(finding.chosen, finding.rejected, shares[2 * i], flip(shares[2 * i + 1]),
                                      finding.score_safe)
+            cache.put(keys[i], evidence)
         judges = [(name, float(signals[name][i]), float(percentiles[name][i])) for name in ranked]
         found[finding.pair_id] = (evidence, why_line(finding.category, judges, finding.quality, evidence))
     del suspects
