@@ -63,9 +63,11 @@ Design, and why:
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
+import random
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -75,9 +77,9 @@ import torch
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
-from ..common.digests import DIGEST_LENGTH, is_short_digest, sha256_file, short_digest
+from ..common.digests import DIGEST_LENGTH, is_short_digest, sha256_text, short_digest
 from ..common.domain import SIGNALS, Category
-from ..common.files import refuse_inputs, render_json, write_atomic
+from ..common.files import read_bounded, refuse_inputs, render_json, write_atomic
 from ..common.progress import no_progress
 from ..config import POSITIONS, ActivationConfig, ReadOptions, ScanConfig, option_fields
 from ..data import find_quality_issues, load_pairs, pair_digest
@@ -89,37 +91,53 @@ from ..pipeline.context import RunContext
 from ..pipeline.scan import scan_pairs
 from ..plugins import lookup
 from ..sae import TopKSAE
+from ..sae.config import CFG_FILE, SPARSIFY_WEIGHTS_FILE, WEIGHTS_FILE
 from ..scoring.categories import Cutoffs, categorise_pair
 from ..scoring.heads import HeadFit, compute_signals, fit_heads
-from ..scoring.ranks import combine, percentile_against, ranked_signals
+from ..scoring.ranks import combine, percentile_against, percentile_from_low, ranked_signals
 from ..version import __version__
 
-# 2: pair digests by data.pair_digest (context and both final responses, as clean and decisions
-# use), hashes of DIGEST_LENGTH, cut-offs stored exactly. 1: digests of the messages, 16 digits.
-BASELINE_FORMAT = 2
+# 3: a content digest over the header and pairs, the records the read skipped, cut-offs from the stored
+# scores, the SAE and heads inside the baseline's directory. 2: digests by data.pair_digest, exact cut-offs.
+# 1: digests of the messages, 16 digits.
+BASELINE_FORMAT = 3
 
 
 GATE_CATEGORIES = (Category.FLIPPED, Category.NOISY, Category.QUALITY)
 
 
-DEFAULT_FAIL_ON = (Category.FLIPPED, Category.QUALITY)  # noisy holds 10% of any data by construction
+# noisy holds 10% of any data by construction; changed: a pair edited or swapped under the baseline's eyes
+DEFAULT_FAIL_ON = (Category.FLIPPED, Category.QUALITY, "changed")
 
 
-FAIL_ON_CHOICES = (*GATE_CATEGORIES, "removed")  # removed: baseline pairs no longer in the data
+FAIL_ON_CHOICES = (*GATE_CATEGORIES, "changed", "removed")  # removed: baseline pairs no longer in the data
 
 
-_HEADER_FIELDS = ("format", "tool_version", "model", "activations", "data", "sae", "heads", "features", "ranking",
-                  "thresholds")
+_HEADER_FIELDS = ("format", "tool_version", "model", "activations", "data", "skipped", "sae", "heads", "features",
+                  "ranking", "thresholds")
 
 
 _PAIR_FIELDS = ("category", "digest", *SIGNALS)
 
 
-# fields a format-2 baseline made before they were recorded lacks: read as these defaults
+# fields a baseline made before they were recorded lacks: read as these defaults
 _MODEL_DEFAULTS = {"backend": ActivationConfig.backend}
 
 
 _SAE_DEFAULTS = {"backend": ScanConfig.sae_backend}
+
+
+# Size bounds of what a baseline points at, all read whole: a pair takes about 175 bytes of the
+# baseline file, so 512 MiB is some 3 million pairs; heads are a few vectors of the model's width.
+MAX_BASELINE_BYTES = 512 << 20
+MAX_HEADS_BYTES = 256 << 20
+MAX_SAE_BYTES = 8 << 30
+MAX_SAE_CONFIG_BYTES = 1 << 20
+
+
+# Baseline pairs the gate scores again with the frozen reference, whenever it runs the model, to check
+# that the stored scores are the reference's: a seeded sample of the unchanged pairs.
+CHECKED_PAIRS = 32
 
 
 @dataclass
@@ -130,6 +148,7 @@ class Baseline:
     header: dict
     pairs: dict[str, dict]
     cleared: set[str] = field(default_factory=set, repr=False)  # ids marked ok in review; not written
+    heads: bytes | None = field(default=None, repr=False)  # the heads file, once check_reference read it
 
     def resolve(self, location: str) -> Path:
         """A path recorded relative to the baseline's directory (absolute ones stay)."""
@@ -173,27 +192,51 @@ class Baseline:
                             dtype=torch.float64)
 
     def text(self) -> str:
-        return render_json({"header": self.header, "pairs": self.pairs})
+        return render_json({"content_digest": content_digest(self.header, self.pairs), "header": self.header,
+                            "pairs": self.pairs})
 
     def write(self, protect: Iterable[str | os.PathLike] = ()) -> None:
         write_atomic(self.path, self.text(), protect=protect)
+
+    def referenced(self, name: str) -> Path:
+        """The SAE directory or heads file the header names (``name``: sae, heads), once checked to be
+        inside the baseline's directory: a baseline cannot make the gate read ``/dev/zero`` or a file
+        of another project."""
+        location = self.header[name]["path"]
+        where = f'{self.path}: field "header.{name}.path"'
+        if Path(location).is_absolute():
+            raise BaselineError(f"{where} is {_shown(location)}; it must be a path relative to the baseline's "
+                                f"directory, inside it")
+        base = Path(os.path.realpath(self.path.parent))
+        target = Path(os.path.realpath(self.path.parent / location))
+        if target == base or not target.is_relative_to(base):
+            raise BaselineError(f"{where} is {_shown(location)}, which is outside the baseline's directory "
+                                f"{self.path.parent}; make a new baseline, which keeps its SAE and heads beside it")
+        return target
+
+
+def content_digest(header: dict, pairs: dict) -> str:
+    """The digest of everything in a baseline that decides a verdict: the whole header (read options,
+    features and signs, cut-offs, the SAE's and heads' hashes...) and every pair's entry, as written."""
+    return short_digest(sha256_text(render_json({"header": header, "pairs": pairs})))
 
 
 def read_baseline(path: str | os.PathLike) -> Baseline:
     """Read and check a baseline file; a problem is a one-line BaselineError naming the field.
 
     Every field is checked by type and range before use, so a hand-edited or truncated file is
-    an error here rather than a traceback (or a silently wrapped latent index) later.
+    an error here rather than a traceback (or a silently wrapped latent index) later; then its
+    content digest, so an edit that keeps the types (a score, a sign, a cut-off, a read option)
+    is refused too. The file is read with a size bound, and never from a FIFO or a device.
     """
     path = Path(path)
+    if not os.path.lexists(path):
+        raise BaselineError(f"{path}: no baseline here; make one with `safer-audit baseline DATA --out {path}`")
+    raw = read_bounded(path, MAX_BASELINE_BYTES, lambda message: BaselineError(f"{path}: {message}"))
     try:
-        data = json.loads(path.read_text(encoding="utf-8"), object_pairs_hook=_unique_keys,
-                          parse_constant=_no_constant)
-    except FileNotFoundError:
-        raise BaselineError(f"{path}: no baseline here; make one with `safer-audit baseline DATA --out {path}`") \
-            from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise BaselineError(f"{path}: cannot read the baseline ({exc})") from None
+        data = json.loads(raw.decode("utf-8"), object_pairs_hook=_unique_keys, parse_constant=_no_constant)
+    except UnicodeDecodeError as exc:
+        raise BaselineError(f"{path}: not UTF-8 text ({exc.reason})") from None
     except json.JSONDecodeError as exc:
         raise BaselineError(f"{path}:{exc.lineno}: not valid JSON ({exc.msg})") from None
     except RecursionError:
@@ -203,22 +246,35 @@ def read_baseline(path: str | os.PathLike) -> Baseline:
     if not isinstance(data, dict) or not isinstance(data.get("header"), dict) or not isinstance(data.get("pairs"), dict):
         raise BaselineError(f'{path}: expected an object with "header" and "pairs" objects')
     header = data["header"]
-    for name in _HEADER_FIELDS:
-        if name not in header:
-            raise BaselineError(f'{path}: field "header.{name}" is missing')
+    if "format" not in header:
+        raise BaselineError(f'{path}: field "header.format" is missing')
     if isinstance(header["format"], bool) or header["format"] != BASELINE_FORMAT:
         older = isinstance(header["format"], int) and not isinstance(header["format"], bool) \
             and 1 <= header["format"] < BASELINE_FORMAT
         raise BaselineError(f"{path}: baseline format {_shown(header['format'])} is not supported "
                             f"(this safer-audit reads format {BASELINE_FORMAT})"
-                            + ("; it was made by an older safer-audit, whose pair digests this one does not "
-                               f"compare: make a new one with `safer-audit baseline DATA --out {path}`"
-                               if older else ""))
+                            + ("; it was made by an older safer-audit, whose baselines this one cannot check: "
+                               f"make a new one with `safer-audit baseline DATA --out {path}`" if older else ""))
+    for name in _HEADER_FIELDS:
+        if name not in header:
+            raise BaselineError(f'{path}: field "header.{name}" is missing')
+    unknown = sorted(set(data) - {"content_digest", "header", "pairs"})
+    if unknown:
+        raise BaselineError(f'{path}: field "{unknown[0]}" is not a baseline field')
     check = _Checker(path)
     check.header(header)
     for pair_id, entry in data["pairs"].items():
         check.pair(pair_id, entry)
-    return Baseline(path, header, data["pairs"])
+    check.digest(data.get("content_digest"), "content_digest")
+    now = content_digest(header, data["pairs"])
+    if data["content_digest"] != now:
+        raise BaselineError(f"{path}: its content digest {data['content_digest']} does not match its header and "
+                            f"pairs ({now}): the file was edited after it was made; make it again with "
+                            "`safer-audit baseline`")
+    baseline = Baseline(path, header, data["pairs"])
+    for name in ("sae", "heads"):
+        baseline.referenced(name)
+    return baseline
 
 
 class _BadJson(ValueError):
@@ -311,6 +367,7 @@ class _Checker:
         self.string(act["positions"], "header.activations.positions", choices=POSITIONS)
         self.integer(act["max_length"], "header.activations.max_length", 1)
         self.options(h["data"], "header.data", ReadOptions)
+        self.integer(h["skipped"], "header.skipped", 0)
         sae = self.section(h["sae"], "header.sae", ("path", "hash", "latents", "d_in"), optional=tuple(_SAE_DEFAULTS))
         self.string(sae.get("backend", ""), "header.sae.backend")
         self.string(sae["path"], "header.sae.path")
@@ -383,10 +440,6 @@ def row_digest(row: dict) -> str:
     return pair_digest(row["context"], row["chosen"], row["rejected"])
 
 
-def _file_hash(path: Path) -> str:
-    return short_digest(sha256_file(path))
-
-
 def _portable(path: Path, base: Path) -> str:
     """``path`` relative to ``base`` when inside the git work tree holding ``base`` (or, out
     of any repository, inside ``base``), else absolute: the baseline travels with its repository."""
@@ -399,9 +452,34 @@ def _portable(path: Path, base: Path) -> str:
 
 def read_sources(sources: list[str], read: ReadOptions | None = None, **keywords) -> pl.DataFrame:
     """The pairs of every source, in order, as one table (``keywords``: ReadOptions fields)."""
+    return load_sources(sources, read, **keywords)[0]
+
+
+def load_sources(sources: list[str], read: ReadOptions | None = None, **keywords) -> tuple[pl.DataFrame, int]:
+    """read_sources, and how many records the read options skipped (skip_invalid)."""
     read = ReadOptions.of(read, **keywords)
-    frames = [load_pairs(s, read).pairs for s in sources]
-    return pl.concat(frames) if len(frames) > 1 else frames[0]
+    loaded = [load_pairs(s, read) for s in sources]
+    frames = [load.pairs for load in loaded]
+    return (pl.concat(frames) if len(frames) > 1 else frames[0]), sum(len(load.skipped) for load in loaded)
+
+
+def stored_suspicion(pairs: dict[str, dict], ranking: dict[str, float]) -> torch.Tensor:
+    """The suspicion of each baseline pair among the others, from the 6-digit values the baseline
+    holds (the scan's ranking, as the gate computes it for a new pair): what the cut-offs are taken
+    from, so that the gate can recompute them."""
+    def column(name: str) -> torch.Tensor:
+        return torch.tensor([math.nan if e[name] is None else e[name] for e in pairs.values()], dtype=torch.float64)
+
+    return combine({name: percentile_from_low(column(name)) for name in SIGNALS}, ranking)
+
+
+def stored_category(entry: dict, suspicion_value: float, ranking: dict[str, float], cutoffs: Cutoffs) -> str:
+    """A baseline pair's category from its stored values and the cut-offs (categorise_pair, as for a new
+    pair); ``quality`` (found in the data, which the baseline does not hold) stays."""
+    if entry["category"] == Category.QUALITY:
+        return str(Category.QUALITY)
+    values = {name: entry[name] for name in SIGNALS}
+    return str(categorise_pair(suspicion_value, ranked_signals(values, ranking), [], cutoffs))
 
 
 def build_baseline(sources: list[str], out: str | os.PathLike, config: ScanConfig, *,
@@ -411,20 +489,22 @@ def build_baseline(sources: list[str], out: str | os.PathLike, config: ScanConfi
     ``decisions``: the returned baseline's ``cleared`` holds the ids of pairs marked ok (not written).
     """
     out = Path(out)
-    for path in (out, out.with_name(f"{out.stem}-heads.safetensors")):
+    sae_dir, heads_path = out.with_name(f"{out.stem}-sae"), out.with_name(f"{out.stem}-heads.safetensors")
+    for path in (out, heads_path):
         refuse_inputs(path, sources)
-    pairs = read_sources(sources, config.read)
+    pairs, skipped = load_sources(sources, config.read)
     result = scan_pairs(pairs, config, source=", ".join(sources), steps=steps)
     out.parent.mkdir(parents=True, exist_ok=True)
     if config.sae_path is None:
         # the trained SAE lives in the activation cache, which is not part of the repository
-        sae_dir = result.sae.save(out.with_name(f"{out.stem}-sae"))
-    else:
+        result.sae.save(sae_dir)
+    elif _inside(Path(config.sae_path), out.parent):
         sae_dir = Path(config.sae_path)
-    heads_path = out.with_name(f"{out.stem}-heads.safetensors")
+    else:  # the gate reads only what is inside the baseline's directory: a copy, in the SAE's own format
+        _copy_sae(Path(config.sae_path), sae_dir, protect=sources)
     pooled = None if result.backend.has_reward_head else result.stats.pooled
-    heads = fit_heads(result.stats, HeadFit.of(config), pooled)
-    write_atomic(heads_path, save_safetensors(heads), protect=sources)
+    heads = save_safetensors(fit_heads(result.stats, HeadFit.of(config), pooled))
+    write_atomic(heads_path, heads, protect=sources)
 
     entries: dict[str, dict] = {}
     where: dict[str, str] = {}
@@ -443,8 +523,11 @@ def build_baseline(sources: list[str], out: str | os.PathLike, config: ScanConfi
         if decision is not None and decision.verdict == "ok":
             cleared.add(row["pair_id"])
     backend, run = result.backend, result.report.run
-    # exact (not rounded like the scores): the gate compares a suspicion computed the same way against them
-    cutoffs = Cutoffs.from_ranking(result.suspicion, config.flipped_fraction, config.noisy_fraction)
+    ranking = {name: float(w) for name, w in config.ranking.items()}
+    suspicion = stored_suspicion(entries, ranking)
+    cutoffs = Cutoffs.from_ranking(suspicion, config.flipped_fraction, config.noisy_fraction)
+    for entry, value in zip(entries.values(), suspicion.tolist(), strict=True):
+        entry["category"] = stored_category(entry, value, ranking, cutoffs)
     model_location = config.activations.model
     if model_location is not None and Path(model_location).is_dir():
         model_location = _portable(Path(model_location), out.parent)
@@ -456,18 +539,32 @@ def build_baseline(sources: list[str], out: str | os.PathLike, config: ScanConfi
                   "backend": config.activations.backend},
         "activations": {"layer": run.layer, "positions": run.positions, "max_length": run.max_length},
         "data": config.read.to_dict(),
-        "sae": {"backend": config.sae_backend, "path": _portable(sae_dir, out.parent),
+        "skipped": skipped,
+        "sae": {"backend": config.sae_backend, "path": Path(os.path.relpath(sae_dir, out.parent)).as_posix(),
                 "hash": TopKSAE.file_hash(sae_dir),
                 "latents": result.sae.cfg.n_latents, "d_in": result.sae.cfg.d_in},
-        "heads": {"path": _portable(heads_path, out.parent), "hash": _file_hash(heads_path)},
+        "heads": {"path": heads_path.name, "hash": short_digest(hashlib.sha256(heads).hexdigest())},
         "features": [{"latent": f.latent, "sign": f.sign, "label": f.label} for f in result.features.features],
-        "ranking": {name: float(w) for name, w in config.ranking.items()},
+        "ranking": ranking,
         "thresholds": {"flipped_fraction": config.flipped_fraction, "noisy_fraction": config.noisy_fraction,
                        "flipped_cutoff": cutoffs.flipped, "noisy_cutoff": cutoffs.noisy},
     }
     baseline = Baseline(out, header, entries, cleared)
     baseline.write(protect=sources)
     return baseline
+
+
+def _inside(path: Path, directory: Path) -> bool:
+    path, directory = Path(os.path.realpath(path)), Path(os.path.realpath(directory))
+    return path != directory and path.is_relative_to(directory)
+
+
+def _copy_sae(source: Path, target: Path, protect: list[str]) -> None:
+    """The files an SAE backend reads (its config and weights), copied into ``target``."""
+    target.mkdir(parents=True, exist_ok=True)
+    for name in (CFG_FILE, WEIGHTS_FILE, SPARSIFY_WEIGHTS_FILE):
+        if (source / name).is_file():
+            write_atomic(target / name, _bounded(source / name, MAX_SAE_BYTES), protect=protect)
 
 
 @dataclass
@@ -507,8 +604,10 @@ def _was(entry: dict, previous_id: str | None) -> str:
 
 @dataclass
 class ChangedPair:
-    """A pair the baseline holds whose content changed (an edit under a kept id, or its
-    responses swapped in place): old and new category and scores."""
+    """A pair the baseline holds whose content changed: its responses swapped (in place, which gives
+    an automatic id another value, or under a kept id) or its text edited under a kept id; old and
+    new category and scores. A label change is what a poisoning looks like, so by default it fails
+    (``changed`` in fail_on) until a review marks the new content ok."""
 
     source: str
     line: int
@@ -516,11 +615,25 @@ class ChangedPair:
     previous_id: str | None  # the baseline id, when the swap gave the pair another id
     old: dict
     new: dict
+    change: str = "edited"  # swapped (chosen and rejected) or edited
+    prefer_rejected: list[str] = field(default_factory=list)  # ranked signals that now prefer the rejected one
+    verdict: str | None = None  # a review decision on the new content, if any
+    digest: str = ""  # the new content's (decisions are keyed by it)
 
     def message(self) -> str:
-        old = ", ".join(f"{name} {_fmt(self.old[name])} -> {_fmt(self.new[name])}" for name in SIGNALS)
-        how = f"swapped in place (was pair {self.previous_id})" if self.previous_id else "changed in place"
-        return f"pair {self.pair_id} {how}: {self.old['category']} -> {self.new['category']} ({old})"
+        if self.change == "swapped":
+            what = "chosen and rejected swapped" + (f" (was pair {self.previous_id})" if self.previous_id
+                                                    else " under its id")
+        else:
+            what = "context or responses edited under its id"
+        if self.prefer_rejected:
+            judges = f"{' and '.join(self.prefer_rejected)} now prefer{'s' if len(self.prefer_rejected) == 1 else ''}" \
+                     " the rejected response"
+        else:
+            judges = "the judges still prefer the chosen response"
+        scores = ", ".join(f"{name} {_fmt(self.old[name])} -> {_fmt(self.new[name])}" for name in SIGNALS)
+        text = f"pair {self.pair_id}: {what}; {judges}; {self.old['category']} -> {self.new['category']} ({scores})"
+        return text + (f"; marked {self.verdict} in review" if self.verdict is not None else "")
 
 
 @dataclass
@@ -542,7 +655,7 @@ def _fmt(value: float | None) -> str:
 
 @dataclass
 class GateResult:
-    """What the gate found: counts, every new pair that is not clean, and what fails."""
+    """What the gate found: counts, every new pair that is not clean, every changed pair, and what fails."""
 
     baseline: Baseline
     sources: list[str]
@@ -558,40 +671,100 @@ class GateResult:
     removed: list[RemovedPair] = field(default_factory=list)  # in the baseline, not in the data
     changed_pairs: list[ChangedPair] = field(default_factory=list)  # old and new scores of each changed pair
     decisions: str | None = None  # the decisions file read, if any
+    skipped: int = 0  # records the baseline's read options skipped
+    checked: int = 0  # baseline pairs scored again to check the baseline's scores
 
     @property
     def failures(self) -> list[GateFinding]:
-        """New suspects in the --fail-on categories, less those a reviewer marked ok."""
-        return [f for f in self.findings if f.category in self.fail_on and f.verdict != "ok"]
+        """New suspects in the --fail-on categories, less those a reviewer marked ok (a changed pair
+        fails as a change when ``changed`` is failed on)."""
+        return [f for f in self.findings if f.category in self.fail_on and f.verdict != "ok"
+                and not (f.changed and "changed" in self.fail_on)]
+
+    @property
+    def failing_changes(self) -> list[ChangedPair]:
+        """Changed pairs not marked ok in review, when ``changed`` is failed on."""
+        if "changed" not in self.fail_on:
+            return []
+        return [c for c in self.changed_pairs if c.verdict != "ok"]
 
     @property
     def failed(self) -> bool:
-        return len(self.failures) > self.max_new or ("removed" in self.fail_on and bool(self.removed))
+        return (len(self.failures) > self.max_new or bool(self.failing_changes)
+                or ("removed" in self.fail_on and bool(self.removed)))
+
+    def failing_ids(self) -> list[str]:
+        return [c.pair_id for c in self.failing_changes] + [f.pair_id for f in self.failures]
+
+    def next_steps(self) -> list[str]:
+        """What to do about a failure: look at the pairs, mark the right ones ok, or accept the state."""
+        if not self.failed:
+            return []
+        data = " ".join(self.sources)
+        decisions = self.decisions or str(self.baseline.path.parent / "decisions.json")
+        ids = self.failing_ids()
+        shown = " ".join(ids[:3]) + (" ..." if len(ids) > 3 else "")
+        steps = [f"look at each failing pair: `git diff` shows what changed, and "
+                 f"`safer-audit explain {self.sources[0]} PAIR_ID` shows a pair in full with its scores"]
+        if ids:
+            steps.append(f"a pair that is right as it is: `safer-audit gate {data} --baseline {self.baseline.path} "
+                         f"--mark-ok {shown}` records it as reviewed in {decisions} (commit that file)")
+        steps.append("`--update-baseline` only when the data as it is now, removed pairs included, is what later "
+                     "changes should be compared against: it accepts every pair listed here")
+        return steps
 
     def to_dict(self) -> dict:
         return {"baseline": str(self.baseline.path), "sources": self.sources, "pairs": self.pairs,
-                "new": self.new, "changed": self.changed, "fail_on": list(self.fail_on), "max_new": self.max_new,
-                "failed": self.failed, "failures": len(self.failures), "decisions": self.decisions,
+                "new": self.new, "changed": self.changed, "skipped": self.skipped, "checked": self.checked,
+                "fail_on": list(self.fail_on), "max_new": self.max_new,
+                "failed": self.failed, "failures": len(self.failures) + len(self.failing_changes),
+                "failing_pairs": self.failing_ids(), "decisions": self.decisions,
                 "findings": [asdict(f) for f in self.findings], "changed_pairs": [asdict(c) for c in self.changed_pairs],
-                "removed": [asdict(r) for r in self.removed], "timings": self.timings}
+                "removed": [asdict(r) for r in self.removed], "next_steps": self.next_steps(),
+                "timings": self.timings}
 
 
 def check_reference(baseline: Baseline) -> None:
-    """Raise BaselineError, naming every difference, if the tool, SAE or heads changed since."""
+    """Raise BaselineError, naming every difference, if the tool, SAE or heads changed since.
+
+    The SAE's weights and the heads are read whole, with size bounds (read_bounded: never a FIFO
+    or a device), from inside the baseline's directory; the heads' bytes are kept for scoring.
+    """
     header, differences = baseline.header, []
     if header["tool_version"] != __version__:
         differences.append(f"tool version {header['tool_version']} (now {__version__})")
-    for name, hash_of in (("sae", TopKSAE.file_hash), ("heads", lambda p: _file_hash(Path(p)))):
-        path = baseline.resolve(header[name]["path"])
+    for name in ("sae", "heads"):
+        path = baseline.referenced(name)
         try:
-            now = hash_of(path)
-        except (OSError, ValueError):
-            differences.append(f"{name} {path} is missing or unreadable")
+            content = _sae_weights(path) if name == "sae" else _bounded(path, MAX_HEADS_BYTES)
+        except BaselineError as exc:
+            differences.append(f"{name} {exc}")
             continue
+        if name == "heads":
+            baseline.heads = content
+        now = short_digest(hashlib.sha256(content).hexdigest())
         if now != header[name]["hash"]:
             differences.append(f"{name} {path} has hash {now} (baseline: {header[name]['hash']})")
     if differences:
         raise BaselineError(_mismatch(baseline, differences))
+
+
+def _bounded(path: Path, limit: int) -> bytes:
+    return read_bounded(path, limit, lambda message: BaselineError(f"{path} {message}"))
+
+
+def _sae_weights(directory: Path) -> bytes:
+    """The weights file of an SAE directory (TopKSAE.file_hash's), its config checked to be a small regular
+    file too: the SAE backend reads both."""
+    if not directory.is_dir():
+        raise BaselineError(f"{directory} is missing or not a directory")
+    config = directory / CFG_FILE
+    if os.path.lexists(config):
+        _bounded(config, MAX_SAE_CONFIG_BYTES)
+    for name in (WEIGHTS_FILE, SPARSIFY_WEIGHTS_FILE):
+        if os.path.lexists(directory / name):
+            return _bounded(directory / name, MAX_SAE_BYTES)
+    raise BaselineError(f"{directory} has no {WEIGHTS_FILE} or {SPARSIFY_WEIGHTS_FILE}")
 
 
 def _mismatch(baseline: Baseline, differences: list[str]) -> str:
@@ -617,8 +790,10 @@ def score_frozen(pairs: pl.DataFrame, baseline: Baseline, backend, sae: TopKSAE,
     """score_safe, reward_margin and sae_margin of ``pairs`` with the baseline's frozen SAE,
     features and heads (scoring.heads.compute_signals, as a scan): the scan's activation and encoding
     stages, so activations and codes come from (and go to) the same caches."""
-    heads_path = baseline.resolve(baseline.header["heads"]["path"])
-    heads = load_safetensors(heads_path.read_bytes())
+    heads_path = baseline.referenced("heads")
+    if baseline.heads is None:
+        check_reference(baseline)
+    heads = load_safetensors(baseline.heads)
     ctx = ctx or RunContext.of(ScanConfig(activations=config), steps=steps)
     model = stages.model(ctx, backend)
     acts = stages.activations(pairs, model, ctx)
@@ -666,7 +841,10 @@ def run_gate(sources: list[str], baseline_path: str | os.PathLike, *, fail_on: t
              steps=no_progress, decisions: dict | None = None, decisions_path: str | None = None) -> GateResult:
     """Score the pairs of ``sources`` that the baseline does not hold, with its frozen reference.
 
-    ``decisions`` (digest -> decisions.Decision): a new suspect marked ok is listed, not failed.
+    ``decisions`` (digest -> decisions.Decision): a new suspect or a changed pair marked ok is
+    listed, not failed. Whenever the model runs, a seeded sample of the unchanged baseline pairs
+    is scored with it too and must give the baseline's scores, and the cut-offs must be those of
+    the baseline's scores: a baseline edited into a pass is a BaselineError, not a verdict.
     """
     unknown = [c for c in fail_on if c not in FAIL_ON_CHOICES]
     if unknown:
@@ -675,28 +853,95 @@ def run_gate(sources: list[str], baseline_path: str | os.PathLike, *, fail_on: t
     with ctx.timed("load"):
         baseline = read_baseline(baseline_path)
         check_reference(baseline)
-        changes = compare(read_sources(sources, baseline.read), baseline)
+        pairs, skipped = load_sources(sources, baseline.read)
+        _check_skipped(baseline, sources, skipped)
+        changes = compare(pairs, baseline)
     known = changes.known_entry
     result = GateResult(baseline, list(sources), len(changes.rows), len(changes.new_rows),
                         sum(1 for i in changes.new_rows if known[i] is not None), [], tuple(fail_on), max_new,
                         current_ids=[row["pair_id"] for row in changes.rows], timings=ctx.timings,
                         removed=[RemovedPair(pid, entry["category"], entry["score_safe"])
                                  for pid, entry in sorted(changes.removed.items())],
-                        decisions=decisions_path)
+                        decisions=decisions_path, skipped=skipped)
     if not changes.new_rows:
         return result
+    check_cutoffs(baseline)
+    checked = _checked_rows(changes, baseline)
     with ctx.timed("quality"):
         quality = _quality(changes)
     with ctx.timed("model"):
-        sae = lookup("sae", baseline.sae_backend).load(baseline.resolve(baseline.header["sae"]["path"]))
+        sae = lookup("sae", baseline.sae_backend).load(baseline.referenced("sae"))
         config = ScanConfig(activations=baseline.activation_config(cache_dir, device))
         ctx = replace(ctx, config=config, executor=executor_for(config.activations))  # the same clock
         model = stages.model(ctx, load_backend(config.activations))
         _check_model(baseline, model.backend, sae)
-    signals = score_frozen(changes.pairs[changes.new_rows], baseline, model.backend, sae, config.activations, ctx=ctx)
+    scored = changes.new_rows + checked
+    signals = score_frozen(changes.pairs[scored], baseline, model.backend, sae, config.activations, ctx=ctx)
+    n_new = len(changes.new_rows)
+    _check_scores(baseline, [changes.rows[i]["pair_id"] for i in checked],
+                  {name: values[n_new:] for name, values in signals.items()}, model.backend.has_reward_head)
+    result.checked = len(checked)
     with ctx.timed("score"):
-        _judge_new(result, baseline, changes, quality, signals, decisions or {})
+        _judge_new(result, baseline, changes, quality, {name: values[:n_new] for name, values in signals.items()},
+                   decisions or {})
     return result
+
+
+def _check_skipped(baseline: Baseline, sources: list[str], skipped: int) -> None:
+    """Records the read options drop are never dropped silently: more than when the baseline was made
+    is an error (an edited ``skip_invalid`` or ``max_record_bytes`` would otherwise hide new pairs)."""
+    if skipped > baseline.header["skipped"]:
+        read = baseline.header["data"]
+        raise BaselineError(
+            f"{', '.join(sources)}: the baseline's read options (skip_invalid {str(read.get('skip_invalid')).lower()}, "
+            f"max_record_bytes {read.get('max_record_bytes', ReadOptions.max_record_bytes)}) skip {skipped} "
+            f"record(s), {baseline.header['skipped']} when {baseline.path} was made; fix the records "
+            "(`safer-audit validate` lists them), or make a new baseline")
+
+
+def check_cutoffs(baseline: Baseline) -> None:
+    """The cut-offs, and every pair's category, must be those of the baseline's own scores and fractions
+    (stored_suspicion, stored_category): an edited score, sign or cut-off shows here without the model."""
+    thresholds, ranking = baseline.header["thresholds"], baseline.header["ranking"]
+    suspicion = stored_suspicion(baseline.pairs, ranking)
+    now = Cutoffs.from_ranking(suspicion, thresholds["flipped_fraction"], thresholds["noisy_fraction"])
+    edited = "the file was edited: make it again with `safer-audit baseline`"
+    for name, value in (("flipped_cutoff", now.flipped), ("noisy_cutoff", now.noisy)):
+        if thresholds[name] != value:
+            raise BaselineError(f'{baseline.path}: field "header.thresholds.{name}" is {_shown(thresholds[name])}, '
+                                f"but the baseline's scores and fractions give {_shown(value)}; {edited}")
+    for (pair_id, entry), value in zip(baseline.pairs.items(), suspicion.tolist(), strict=True):
+        category = stored_category(entry, value, ranking, now)
+        if entry["category"] != category:
+            raise BaselineError(f'{baseline.path}: field "pairs.{pair_id}.category" is {_shown(entry["category"])}, '
+                                f"but its scores and the cut-offs make it {category}; {edited}")
+
+
+def _checked_rows(changes: Changes, baseline: Baseline) -> list[int]:
+    """A sample of the unchanged rows, seeded by the baseline's content: the pairs scored again."""
+    unchanged = sorted(set(range(len(changes.rows))) - set(changes.new_rows))
+    if len(unchanged) <= CHECKED_PAIRS:
+        return unchanged
+    seed = int(content_digest(baseline.header, baseline.pairs), 16)
+    return sorted(random.Random(seed).sample(unchanged, CHECKED_PAIRS))
+
+
+def _check_scores(baseline: Baseline, pair_ids: list[str], signals: dict, reward_head: bool) -> None:
+    """The frozen reference must give the stored scores of the pairs scored again. score_safe comes from the
+    SAE and the features alone; the reward margin of a model with its own head too (other margins were
+    cross-fitted in the scan, so a head fitted on every pair gives other values)."""
+    names = ("score_safe", "reward_margin") if reward_head else ("score_safe",)
+    for name in names:
+        scale = float(torch.nanmedian(baseline.signal(name).abs())) if baseline.pairs else 0.0
+        for pair_id, value in zip(pair_ids, signals[name].tolist(), strict=True):
+            stored = baseline.pairs[pair_id][name]
+            now = _round(value)
+            if (stored is None) != (now is None) or (
+                    stored is not None and abs(stored - now) > 1e-3 * (abs(stored) + scale) + 1e-9):
+                raise BaselineError(
+                    f'{baseline.path}: field "pairs.{pair_id}.{name}" is {_shown(stored)}, but its frozen SAE, '
+                    f"features and heads give {_shown(now)}; the file was edited: make it again with "
+                    "`safer-audit baseline`")
 
 
 @dataclass
@@ -710,6 +955,7 @@ class Changes:
     new_rows: list[int]  # rows whose id is new or whose content changed
     swapped_from: dict[int, str]  # row -> the removed pair id whose responses it holds swapped
     removed: dict[str, dict]  # baseline pairs no longer in the data (and not swapped in place), by id
+    swapped: set[int] = field(default_factory=set)  # changed rows whose responses are the baseline's swapped
 
 
 def compare(pairs: pl.DataFrame, baseline: Baseline) -> Changes:
@@ -723,14 +969,18 @@ def compare(pairs: pl.DataFrame, baseline: Baseline) -> Changes:
     # a new id whose responses, swapped back, are a removed pair: that pair swapped in place
     gone_by_digest = {entry["digest"]: pid for pid, entry in gone.items()}
     swapped_from: dict[int, str] = {}
+    swapped: set[int] = set()
     for i in new_rows:
+        back = pair_digest(rows[i]["context"], rows[i]["rejected"], rows[i]["chosen"])
         if known_entry[i] is None:
-            back = pair_digest(rows[i]["context"], rows[i]["rejected"], rows[i]["chosen"])
             if back in gone_by_digest:
                 swapped_from[i] = gone_by_digest.pop(back)
                 known_entry[i] = gone[swapped_from[i]]
+                swapped.add(i)
+        elif known_entry[i]["digest"] == back:
+            swapped.add(i)
     removed = {pid: gone[pid] for pid in gone_by_digest.values()}
-    return Changes(pairs, rows, digests, known_entry, new_rows, swapped_from, removed)
+    return Changes(pairs, rows, digests, known_entry, new_rows, swapped_from, removed, swapped)
 
 
 def _quality(changes: Changes) -> dict[int, list[tuple[str, str]]]:
@@ -759,19 +1009,51 @@ def _judge_new(result: GateResult, baseline: Baseline, changes: Changes, quality
         kinds = [kind for kind, _ in quality.get(i, [])]
         category = categorise_pair(float(suspicion[n]), ranked_signals(pair_values, weights), kinds, cutoffs)
         result.new_entries[row["pair_id"]] = {"category": str(category), "digest": digests[i], **pair_values}
+        decision = decisions.get(digests[i])
+        verdict = decision.verdict if decision is not None else None
         if known_entry[i] is not None:
-            result.changed_pairs.append(ChangedPair(row["source"], row["line"], row["pair_id"], swapped_from.get(i),
-                                                    dict(known_entry[i]), dict(result.new_entries[row["pair_id"]])))
+            prefer_rejected = [name for name, value in ranked_signals(pair_values, weights).items()
+                               if value is not None and value < 0]
+            result.changed_pairs.append(ChangedPair(
+                row["source"], row["line"], row["pair_id"], swapped_from.get(i), dict(known_entry[i]),
+                dict(result.new_entries[row["pair_id"]]), "swapped" if i in changes.swapped else "edited",
+                prefer_rejected, verdict, digests[i]))
         if category != Category.CLEAN:
-            decision = decisions.get(digests[i])
             result.findings.append(GateFinding(
                 row["source"], row["line"], row["pair_id"], category, known_entry[i] is not None,
                 round(float(suspicion[n]), 6), **pair_values,
                 quality=[f"{kind}: {detail}" for kind, detail in quality.get(i, [])],
-                verdict=decision.verdict if decision is not None else None,
+                verdict=verdict,
                 previous=dict(known_entry[i]) if known_entry[i] is not None else None,
                 previous_id=swapped_from.get(i)))
     result.findings.sort(key=lambda f: (-f.suspicion, f.source, f.line))
+
+
+def mark_ok(result: GateResult, pair_ids: list[str], decisions_path: str | os.PathLike, *, reviewer: str,
+            protect: Iterable[str | os.PathLike] = ()) -> None:
+    """Record the pairs ``pair_ids`` of the gate's listing (failing or not) as reviewed and ok, by their
+    current content, in the decisions file (made if missing), and clear them in ``result``."""
+    from .decisions import decide, read_decisions, write_decisions
+
+    listed = {f.pair_id: f for f in result.findings}
+    listed.update({c.pair_id: c for c in result.changed_pairs})
+    for pair_id in pair_ids:
+        if pair_id not in listed:
+            raise ConfigError(f"--mark-ok {pair_id}: not a pair this gate lists as new, changed or suspect; "
+                              f"listed: {', '.join(listed) or 'none'}")
+    path = Path(decisions_path)
+    decisions = read_decisions(path, missing_ok=True)
+    for pair_id in pair_ids:
+        item = listed[pair_id]
+        where = f"{item.source}:{item.line}"
+        decide(decisions, result.new_entries[pair_id]["digest"], "ok", reviewer=reviewer, pair_id=pair_id,
+               where=where, note="accepted at the gate")
+        for entry in (*result.findings, *result.changed_pairs):
+            if entry.pair_id == pair_id:
+                entry.verdict = "ok"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_decisions(path, decisions, protect=protect)
+    result.decisions = str(path)
 
 
 def accept(result: GateResult) -> Baseline:
