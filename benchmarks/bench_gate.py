@@ -135,8 +135,9 @@ def failure_rates(args) -> int:
                          ", ".join(f"{k} {v}" for k, v in sorted(kinds.items())) or "none", seconds))
 
     thresholds = baseline.header["thresholds"]
+    cut = "none" if thresholds["flipped_cutoff"] is None else f"{thresholds['flipped_cutoff']:.4f}"
     print(f"data: {args.data.name}, {len(lines)} pairs, shuffled with seed {args.seed}; baseline of {n} pairs "
-          f"(flipped fraction {thresholds['flipped_fraction']}, cut-off {thresholds['flipped_cutoff']:.4f}) "
+          f"(flipped fraction {thresholds['flipped_fraction']}, cut-off {cut}) "
           f"in {baseline_s:.0f} s; pools: targeted {len(targeted_pool)}, random {len(random_pool)}, honest "
           f"{len(honest_pool)}; {os.cpu_count()} CPUs\n")
     print("| change | pairs changed or added | failing | rate | target | verdict | failing as | gate s |")

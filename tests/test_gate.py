@@ -210,7 +210,13 @@ def test_update_baseline_accepts_the_current_state(repo, work):
     assert set(updated.pairs) == {r["id"] for r in rows[1:]} | {"s5"}
     assert updated.pairs["s5"]["category"] == "quality"
     assert gate(work, data).exit_code == 0
-    assert updated.header == read_baseline(repo / ".safer-audit" / "baseline.json").header  # frozen
+    frozen = read_baseline(repo / ".safer-audit" / "baseline.json").header
+    # the reference is frozen; the cut-offs are those of the accepted pairs, which the gate checks
+    assert {k: v for k, v in updated.header.items() if k != "thresholds"} == \
+        {k: v for k, v in frozen.items() if k != "thresholds"}
+    rows = records()
+    assert gate(work, write_jsonl(work / "data.jsonl", rows[1:] + [swapped(rows[5], "s5"), swapped(rows[6], "s6")]),
+                extra=["--fail-on", "noisy"]).exit_code in (0, 1)  # not refused as edited
 
 
 def reseal(path: Path, data: dict) -> None:

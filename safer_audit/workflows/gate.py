@@ -1,4 +1,4 @@
-"""The gate: freeze a reviewed dataset's scan as a baseline, then fail only on new suspects.
+"""The gate: freeze a reviewed dataset's scan as a baseline, then fail on new suspects and changed labels.
 
 ``build_baseline`` scans the data once (scan.scan_pairs) and writes what later checks
 compare against; ``run_gate`` scores only the pairs that are new or changed since then,
@@ -10,15 +10,16 @@ Design, and why:
 
 - The frozen reference. The baseline header records the model (identity, fingerprint,
   whether it has a reward head, where to load it, its backend), layer, positions, max_length,
-  how the data was read (config.ReadOptions, whole: ``data``), the SAE (its backend, its
-  directory relative to the baseline when inside the
-  repository, and ``TopKSAE.file_hash``), the selected features (latent, sign, label),
+  how the data was read (config.ReadOptions, whole: ``data``) and how many records that
+  skipped, the SAE (its backend, its directory relative to the baseline, and
+  ``TopKSAE.file_hash``), the selected features (latent, sign, label),
   the heads file (hash), the tool version, the ranking weights and the thresholds. The
   gate never retrains the SAE or reselects features; a tool version, SAE, heads file or
   model that differs from the recorded one is a ``BaselineError`` naming each difference,
   never a silent rescore.
-- Without ``--sae`` the baseline saves the SAE it trained beside itself
-  (``<stem>-sae/``): the activation cache is not part of the repository.
+- The baseline keeps its SAE beside itself (``<stem>-sae/``: the one it trained, since the
+  activation cache is not part of the repository, or a copy of the one given), and its heads:
+  the gate reads only regular files inside the baseline's directory, with size bounds.
 - Reward margin of a new pair: the model's own head if it has one; else a Bradley-Terry
   head fitted on ALL baseline pairs (pooled activation differences, column-scaled as
   scoring.heads.cross_fitted_margins does), saved in ``<stem>-heads.safetensors``. New pairs
@@ -38,26 +39,44 @@ Design, and why:
   finds a categorising problem (the known pairs are checked first, so a new pair that
   contradicts an existing one carries the finding); ``flipped`` when its suspicion reaches
   the flipped cut-off (the suspicion of the last baseline pair inside the flipped
-  fraction, stored exactly) and every signal the ranking uses is negative; ``noisy`` when
-  it reaches the noisy cut-off.
+  fraction) and every signal the ranking uses is negative; ``noisy`` when it reaches the
+  noisy cut-off. The cut-offs, and the baseline pairs' categories (but ``quality``), come
+  from the stored 6-digit values (stored_suspicion), as the gate computes a new pair's, so
+  that the gate can recompute them. The baseline's flipped fraction defaults to 1%
+  (``baseline --flipped-fraction``), stricter than a scan's 4%: measured on HH, honest
+  additions then rarely fail while flips picked by safety salience still do.
 - New or changed: a pair id that is not in the baseline, or whose content digest
   (data.pair_digest, as clean and decisions use) differs (an edited record that keeps its
   ``id`` field). Pair ids are assumed unique across the data files; the data layer makes
   them unique within a file.
-- The file is ``{"header": {...}, "pairs": {pair_id: {category, digest, reward_margin,
-  sae_margin, score_safe}}}``: keys sorted, scores to 6 significant digits, every flat
+- The file is ``{"content_digest": ..., "header": {...}, "pairs": {pair_id: {category, digest,
+  reward_margin, sae_margin, score_safe}}}``: keys sorted, scores to 6 significant digits, every flat
   object on one line (one line per pair and per feature), no timestamps. The same inputs
   give the same bytes, and a change to the data shows as the lines of the pairs it touched.
-  Format 2 (digests by data.pair_digest, exact cut-offs); format 1 is refused with a
-  BaselineError that says to make a new baseline.
+  Format 3; formats 1 and 2 are refused with a BaselineError that says to make a new baseline.
+- A baseline cannot be edited into a pass. It is committed, so it changes in the same pull
+  request as the data: the content digest covers everything that decides a verdict (read
+  options, features and signs, cut-offs, every pair's scores and digest, the SAE's and heads'
+  hashes, which the gate recomputes from the files); whenever the model runs, the cut-offs
+  and categories are recomputed from the stored values and a seeded sample of CHECKED_PAIRS
+  unchanged pairs is scored again and must give the stored score_safe (and the reward margin
+  of a model's own head; the other margins were cross-fitted). A baseline made again
+  consistently from poisoned data is not caught: it is a new baseline, every line changed.
+- Records the read options skip (skip_invalid) are counted; more than the baseline's count
+  is a BaselineError, so options that drop records cannot hide new pairs.
 - The model is loaded (and its fingerprint checked) only when there are new pairs to
   score, so an unchanged dataset is gated without running it.
 - Removed and swapped pairs: a baseline pair whose id is not in the data is listed as
   removed (a failure only with ``--fail-on removed``). A new id whose chosen and rejected,
   swapped back, give a removed pair's digest is that pair swapped in place: it is reported
   as changed, with its old and new category and scores, and not as removed.
-- Review decisions (decisions.py): a pair marked ``ok`` (by its content digest) is still
-  listed but never fails the gate: a person looked at it and cleared it.
+- A changed pair (swapped, or edited under a kept id) fails by default (``changed`` in
+  fail_on) whatever its category now: relabelling the most safety-salient pairs is the
+  SAFER paper's poisoning, and a pair swapped in place can stay ``clean``. An edit that also
+  changes an automatic id is a removed pair and a new one (the baseline holds no texts).
+- Review decisions (decisions.py): a pair marked ``ok`` (by its content digest; ``gate
+  --mark-ok`` or ``review``) is still listed but never fails the gate: a person looked at it
+  and cleared it.
 - Output formats (text, JSON, JUnit) and the GitHub annotations are plugins: backends/gate_formats.py.
 """
 
@@ -1060,9 +1079,18 @@ def accept(result: GateResult) -> Baseline:
     """Make the gated data the baseline: its pairs, the new ones with their frozen scores.
 
     Pairs the baseline holds but the data given does not are dropped, so give every data
-    file. The reference (model, SAE, features, heads, cut-offs) stays as it is.
+    file. The reference (model, SAE, features, heads, fractions) stays as it is; the cut-offs and
+    categories are those of the accepted pairs' scores, as the gate checks them.
     """
-    entries = {pid: result.new_entries.get(pid) or result.baseline.pairs[pid] for pid in result.current_ids}
-    updated = Baseline(result.baseline.path, result.baseline.header, entries)
+    entries = {pid: dict(result.new_entries.get(pid) or result.baseline.pairs[pid]) for pid in result.current_ids}
+    header = json.loads(json.dumps(result.baseline.header))
+    header["skipped"] = result.skipped
+    ranking, thresholds = header["ranking"], header["thresholds"]
+    suspicion = stored_suspicion(entries, ranking)
+    cutoffs = Cutoffs.from_ranking(suspicion, thresholds["flipped_fraction"], thresholds["noisy_fraction"])
+    thresholds["flipped_cutoff"], thresholds["noisy_cutoff"] = cutoffs.flipped, cutoffs.noisy
+    for entry, value in zip(entries.values(), suspicion.tolist(), strict=True):
+        entry["category"] = stored_category(entry, value, ranking, cutoffs)
+    updated = Baseline(result.baseline.path, header, entries)
     updated.write(protect=result.sources)
     return updated
