@@ -37,12 +37,12 @@ def _not_failing(f: GateFinding, result: GateResult) -> str:
     return " (not failing: marked ok in review)" if f.verdict == "ok" else ""
 
 
-def _change_status(c: ChangedPair, result: GateResult) -> str:
+def _change_status(c: ChangedPair, result: GateResult, finding: GateFinding | None) -> str:
     if c.verdict == "ok":
         return " (not failing: marked ok in review)"
-    if "changed" not in result.fail_on:
-        return " (not failing)"
-    return f" (failing: accept it with --mark-ok {c.pair_id} once reviewed)"
+    if "changed" in result.fail_on or (finding is not None and finding.category in result.fail_on):
+        return f" (failing: accept it with --mark-ok {c.pair_id} once reviewed)"
+    return " (not failing)"
 
 
 def _summary(result: GateResult) -> str:
@@ -70,8 +70,9 @@ def render_text(result: GateResult) -> str:
              if not f.changed]
     finding_of = {f.pair_id: f for f in result.findings}
     for c in result.changed_pairs:
-        quality = "".join(f"; {q}" for q in finding_of[c.pair_id].quality) if c.pair_id in finding_of else ""
-        lines.append(_line(f"{c.source}:{c.line}: {c.message()}{quality}{_change_status(c, result)}"))
+        finding = finding_of.get(c.pair_id)
+        quality = "".join(f"; {q}" for q in finding.quality) if finding is not None else ""
+        lines.append(_line(f"{c.source}:{c.line}: {c.message()}{quality}{_change_status(c, result, finding)}"))
     removed_fails = "removed" in result.fail_on
     lines += [_line(r.message() + ("" if removed_fails else " (not failing)")) for r in result.removed]
     lines.append(_line(_summary(result)))
@@ -138,12 +139,10 @@ def github_annotations(result: GateResult) -> list[str]:
     """GitHub Actions workflow commands: an error per failing pair, a warning per other suspect or change,
     and on a failure one error that says what to do next."""
     out = []
-    failing_changes = {c.pair_id for c in result.failing_changes}
-    items = [(f.source, f.line, f"{f.category} pair", f.message(),
-              f.category in result.fail_on and f.verdict != "ok" and result.failed and not f.changed)
+    failing = set(result.failing_ids()) if result.failed else set()
+    items = [(f.source, f.line, f"{f.category} pair", f.message(), f.pair_id in failing)
              for f in result.findings if not f.changed]
-    items += [(c.source, c.line, "changed pair", c.message(), c.pair_id in failing_changes)
-              for c in result.changed_pairs]
+    items += [(c.source, c.line, "changed pair", c.message(), c.pair_id in failing) for c in result.changed_pairs]
     for source, line, title, message, failing in items:
         # inert first: an annotation is shown in the log and on the pull request
         out.append(f"::{'error' if failing else 'warning'} file={_escape_property(inert(source))},line={line},"
