@@ -781,8 +781,9 @@ def gate_command(data, baseline_path, fail_on, max_new, output_format, mark_ok_i
 
     Only pairs whose id is not in the baseline, or whose content changed, are scored, with
     the baseline's frozen model, SAE, features and heads; the model is loaded only when there
-    are such pairs. By default the check fails on a new pair that is flipped (it reaches the
-    baseline's flipped cut-off and every ranked signal prefers the rejected response) or has
+    are such pairs. By default the check fails on a new pair that is flipped (as suspicious as
+    the baseline's top 1%, its --flipped-fraction, and every ranked signal prefers the rejected
+    response) or has
     a quality problem (identical or empty responses, a contradiction of another pair), and on
     every changed pair (chosen and rejected swapped, or the text edited under a kept id),
     whatever its category now. A pair marked ok in review (--mark-ok, or --decisions, default

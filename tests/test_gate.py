@@ -148,7 +148,7 @@ def test_swapped_copies_fail_and_are_named(work):
     assert next(line for line in lines if line.startswith("FAILED: ")).startswith(
         "FAILED: 0 changed pair(s), 3 new suspect pair(s)")
     mark = next(line for line in lines if line.startswith("next: ") and "--mark-ok" in line)
-    assert all(f" s{i}" in mark.split("--mark-ok")[1] for i in (0, 4, 9))
+    assert all(f"--mark-ok s{i}" in mark for i in (0, 4, 9))  # one option each: DATA takes the other words
     assert data.read_bytes() == before  # inputs are never written
     # the gate fails on what it is told to: tolerating 3 passes
     assert gate(work, data, extra=["--max-new", "3"]).exit_code == 0
@@ -454,13 +454,16 @@ def test_a_pair_swapped_in_place_fails_by_default_and_says_what_to_do(work, new_
     assert "prefer" in line and line.endswith(f"(failing: accept it with --mark-ok {new_id} once reviewed)")
     assert any(line.startswith("FAILED: 1 changed pair(s), 0 new suspect pair(s)") for line in lines)
     steps = [line for line in lines if line.startswith("next: ")]
-    assert len(steps) == 3 and "safer-audit explain" in steps[0] and f"--mark-ok {new_id}" in steps[1]
+    assert len(steps) == 3 and "safer-audit explain" in steps[0] and f"--mark-ok {new_id}` records" in steps[1]
     assert "--update-baseline" in steps[2]
     report = json.loads(gate(work, data, extra=["--format", "json"]).stdout)
     assert report["failed"] and report["failing_pairs"] == [new_id] and len(report["next_steps"]) == 3
     assert report["changed_pairs"][0]["change"] == "swapped"
     # failing on the scan's categories alone, as before: the swap is listed, not failing
     assert gate(work, data, extra=["--fail-on", "flipped,quality"]).exit_code == 0
+    command = steps[1].split("`")[1].split()
+    assert gate(work, *map(Path, command[2:command.index("--baseline")]), extra=command[command.index("--baseline"):]
+                ).exit_code == 0  # the command it gives works: the pair is marked ok
 
 
 def test_an_edited_response_under_a_kept_id_fails_by_default(work):

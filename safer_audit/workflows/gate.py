@@ -87,6 +87,7 @@ import json
 import math
 import os
 import random
+import shlex
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -719,15 +720,16 @@ class GateResult:
         """What to do about a failure: look at the pairs, mark the right ones ok, or accept the state."""
         if not self.failed:
             return []
-        data = " ".join(self.sources)
+        data = " ".join(shlex.quote(source) for source in self.sources)
         decisions = self.decisions or str(self.baseline.path.parent / "decisions.json")
         ids = self.failing_ids()
-        shown = " ".join(ids[:3]) + (" ..." if len(ids) > 3 else "")
+        shown = " ".join(f"--mark-ok {shlex.quote(pair_id)}" for pair_id in ids[:3]) + (" ..." if len(ids) > 3 else "")
         steps = [f"look at each failing pair: `git diff` shows what changed, and "
-                 f"`safer-audit explain {self.sources[0]} PAIR_ID` shows a pair in full with its scores"]
+                 f"`safer-audit explain {shlex.quote(self.sources[0])} PAIR_ID` shows a pair in full with its scores"]
         if ids:
-            steps.append(f"a pair that is right as it is: `safer-audit gate {data} --baseline {self.baseline.path} "
-                         f"--mark-ok {shown}` records it as reviewed in {decisions} (commit that file)")
+            steps.append(f"a pair that is right as it is: `safer-audit gate {data} --baseline "
+                         f"{shlex.quote(str(self.baseline.path))} {shown}` records it as reviewed in {decisions} "
+                         "(commit that file)")
         steps.append("`--update-baseline` only when the data as it is now, removed pairs included, is what later "
                      "changes should be compared against: it accepts every pair listed here")
         return steps
