@@ -238,6 +238,10 @@ def _edit_baseline(directory, edit):
     path = directory / "b.json"
     data = json.loads(path.read_text(encoding="utf-8"))
     edit(data)
+    if isinstance(data.get("header"), dict) and isinstance(data.get("pairs"), dict):
+        from safer_audit.workflows.gate import content_digest
+
+        data["content_digest"] = content_digest(data["header"], data["pairs"])  # sealed again: the field is named
     path.write_text(json.dumps(data), encoding="utf-8")
 
 
