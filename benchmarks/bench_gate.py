@@ -1,6 +1,6 @@
 """Benchmark: what the gate fails on, and how fast it is, on the HH file.
 
-    python benchmarks/bench_gate.py [--data FILE] [--baseline-pairs 1000] [--seed 0]
+    python benchmarks/bench_gate.py [--data FILE] [--baseline-pairs 1000] [--seed 0] [--flipped-fraction 0.01]
     python benchmarks/bench_gate.py --timings [--data FILE] [--new-fraction 0.01] [--seed 0]
 
 Failure rates (the default): the file's pairs are shuffled with ``--seed``; a baseline is made
@@ -95,7 +95,7 @@ def failure_rates(args) -> int:
         data.write_text("".join(base), encoding="utf-8")
         baseline_path = tmp / "repo" / ".safer-audit" / "baseline.json"
         config = replace(ScanConfig(activations=ActivationConfig(cache_dir=cache)),
-                         flipped_fraction=BASELINE_FLIPPED_FRACTION)
+                         flipped_fraction=args.flipped_fraction)
         start = time.perf_counter()
         build_baseline([str(data)], baseline_path, config)
         baseline_s = time.perf_counter() - start
@@ -212,6 +212,8 @@ def main() -> int:
     parser.add_argument("--baseline-pairs", type=int, default=1000)
     parser.add_argument("--pool", type=int, default=400, help="pairs in the targeted and in the random pool")
     parser.add_argument("--flips", type=int, default=50, help="pairs swapped in (a), (b) and (c)")
+    parser.add_argument("--flipped-fraction", type=float, default=BASELINE_FLIPPED_FRACTION,
+                        help="the baseline's flipped fraction: the cut a new pair must reach to fail as flipped")
     parser.add_argument("--timings", action="store_true", help="time the gate against a cold scan instead")
     parser.add_argument("--new-fraction", type=float, default=0.01)
     args = parser.parse_args()

@@ -43,8 +43,8 @@ Design, and why:
   noisy cut-off. The cut-offs, and the baseline pairs' categories (but ``quality``), come
   from the stored 6-digit values (stored_suspicion), as the gate computes a new pair's, so
   that the gate can recompute them. The baseline's flipped fraction defaults to 1%
-  (``baseline --flipped-fraction``), stricter than a scan's 4%: measured on HH, honest
-  additions then rarely fail while flips picked by safety salience still do.
+  (``baseline --flipped-fraction``), stricter than a scan's 4%, so that honest additions
+  rarely fail (BENCHMARKS.md, "The gate", has what it catches).
 - New or changed: a pair id that is not in the baseline, or whose content digest
   (data.pair_digest, as clean and decisions use) differs (an edited record that keeps its
   ``id`` field). Pair ids are assumed unique across the data files; the data layer makes
