@@ -699,14 +699,10 @@ gate_decisions_option = click.option(
 @click.argument("data", nargs=-1, required=True)
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=Path(".safer-audit/baseline.json"),
               show_default=True, help="The baseline file; the SAE it trains and its heads are written beside it.")
-@scan_options(*COMMAND_GROUPS["baseline"], exclude=("flipped_fraction",))
-@click.option("--flipped-fraction", type=click.FloatRange(0, 1), default=0.01, show_default=True,
-              help="Most suspicious fraction of the baseline whose pairs are 'flipped' when every ranked signal "
-                   "is negative: the cut a new pair must reach to fail the gate as flipped (a scan's default is "
-                   "0.04; the gate's is stricter, so that honest additions rarely fail).")
+@scan_options(*COMMAND_GROUPS["baseline"])
 @gate_decisions_option
 @quiet_option
-def baseline_command(data, out, flipped_fraction, decisions_path, quiet, config: ScanConfig):
+def baseline_command(data, out, decisions_path, quiet, config: ScanConfig):
     """Scan DATA once and record what `safer-audit gate` compares against.
 
     The baseline is a small deterministic JSON file to commit and review: each pair's id,
@@ -720,7 +716,6 @@ def baseline_command(data, out, flipped_fraction, decisions_path, quiet, config:
     """
     from .workflows.gate import build_baseline
 
-    config = replace(config, flipped_fraction=flipped_fraction)
     decisions, decisions_path = _gate_decisions(decisions_path, out)
     made = build_baseline(list(data), out, config, steps=_steps(quiet).step, decisions=decisions)
     counts = {c: sum(1 for pid, e in made.pairs.items() if e["category"] == c and pid not in made.cleared)
@@ -782,7 +777,7 @@ def gate_command(data, baseline_path, fail_on, max_new, output_format, mark_ok_i
     Only pairs whose id is not in the baseline, or whose content changed, are scored, with
     the baseline's frozen model, SAE, features and heads; the model is loaded only when there
     are such pairs. By default the check fails on a new pair that is flipped (as suspicious as
-    the baseline's top 1%, its --flipped-fraction, and every ranked signal prefers the rejected
+    the baseline's top 4%, its --flipped-fraction, and every ranked signal prefers the rejected
     response) or has
     a quality problem (identical or empty responses, a contradiction of another pair), and on
     every changed pair (chosen and rejected swapped, or the text edited under a kept id),
