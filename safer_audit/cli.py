@@ -585,7 +585,8 @@ def train_sae_command(data, out, sae_backend, quiet, activations: ActivationConf
 @click.option("--threshold", type=float, default=None, help="Select the pairs with suspicion >= this.")
 @click.option("--min-flip-probability", type=click.FloatRange(0, 1), default=None, metavar="P",
               help="Select the pairs whose flip probability (the posterior of a flip mixture fitted to the "
-                   "stacked judges' margins; every model's judges with --profile thorough) is >= P.")
+                   "stacked judges' margins; every model's judges with --profile thorough) is >= P. Refused, with "
+                   "the reason, when the judges are too weak for the report to give one.")
 @click.option("--decisions", "decisions_path", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               default=None, help="Act on review decisions (safer-audit review): flip back the pairs marked "
                                  "flipped, drop those marked noisy, keep those marked ok. No scan needed.")

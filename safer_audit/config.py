@@ -170,8 +170,8 @@ class ActivationConfig:
                                   "tokens instead of --batch-size texts; at least --max-length. 0: off.", min=0)
     device: str = option("auto", "auto, cpu, cuda, cuda:N or mps.", pattern=DEVICE_PATTERN)
     # the CLI offers these four; the library passes any other name on (the hf backend takes bf16, fp16)
-    dtype: Dtype = option("auto", "auto (bfloat16 on GPU, float32 on CPU), float32, bfloat16 or float16.",
-                          checked=False)
+    dtype: Dtype = option("auto", "auto (bfloat16 on GPU, float32 on CPU), float32, bfloat16 (on CPU: autocast around "
+                                  "float32 weights) or float16.", checked=False)
     trust_remote_code: bool = option(False, "Allow the model directory to run its own Python code (off by default).")
     cache_dir: Path = option(help=CACHE_DIR_HELP, factory=default_cache_dir, path={"file_okay": False})
     # how cached activations are stored
@@ -295,8 +295,10 @@ class ScanConfig:
                               group="profile")
     aggregation: Aggregation = option("mean-rank", "How the judges are combined: mean percentile rank, or a "
                                                    "cross-fitted Bradley-Terry stack.", group="ranking")
-    flipped_fraction: float = option(0.04, "Most suspicious fraction whose pairs are 'flipped' when every ranked "
-                                           "signal agrees.", group="category", min=0, max=1)  # the paper's best
+    flipped_fraction: float = option(0.04, "Fraction of pairs that can be 'flipped': with the harm judge ranked, "
+                                           "its most harmful-chosen pairs that another judge agrees on; else the "
+                                           "most suspicious whose ranked signals all agree.", group="category",
+                                     min=0, max=1)  # the paper's best
     noisy_fraction: float = option(0.10, "Most suspicious fraction whose other pairs are 'noisy'.", group="category",
                                    min=0, max=1)
     top_features_per_pair: int = 5

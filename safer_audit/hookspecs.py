@@ -26,7 +26,9 @@ class ModelBackend(Protocol):
 
     ``identity`` and ``fingerprint`` name the model in caches and reports (the fingerprint
     changes when the weights do); ``n_layers`` and ``d_model`` size the read layer;
-    ``has_reward_head`` says whether ``forward`` can also return a reward score.
+    ``has_reward_head`` says whether ``forward`` can also return a reward score. Optional:
+    ``compute_dtype``, the dtype name the forward pass computes in ("float32" when absent), which keys the
+    activation cache.
     """
 
     identity: str
@@ -101,12 +103,12 @@ def register_exporters(register):
 @hookspec
 def register_feature_labellers(register):
     """Register feature labellers: ``register(name, factory)``; ``factory(**options)`` returns a
-    ``features.labels.Labeller`` whose ``label(requests)`` gives ``{latent: FeatureLabel}``."""
+    ``features.types.Labeller`` whose ``label(requests)`` gives ``{latent: FeatureLabel}``."""
 
 
 @hookspec
 def register_judges(register):
-    """Register judges: ``register(name, factory)``; ``factory()`` returns a ``judges.Judge`` (``name``,
+    """Register judges: ``register(name, factory)``; ``factory()`` returns a ``scoring.types.Judge`` (``name``,
     ``description``, ``judge(context)`` -> one signed float per pair that never learnt from that pair's
     label). A judge that costs (an LLM) must send nothing until ``judge`` is called: listing it is free."""
 

@@ -25,6 +25,7 @@ DEFAULT_PLUGINS = (
     "safer_audit.backends.exporters",
     "safer_audit.backends.labellers",
     "safer_audit.backends.judges",
+    "safer_audit.backends.harm",
     "safer_audit.backends.engines",
     "safer_audit.backends.gate_formats",
 )
@@ -160,7 +161,7 @@ def feature_labellers() -> dict:
 
 
 def judges() -> dict:
-    """Judge factories by name (``factory()`` returns a scoring.judges.Judge)."""
+    """Judge factories by name (``factory()`` returns a scoring.types.Judge)."""
     return registry("judge")
 
 

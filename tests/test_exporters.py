@@ -83,8 +83,8 @@ def test_markdown_escapes_pipes_and_markup(report, tmp_path):
     rows = [line for line in text.splitlines() if line.startswith("| 1 |") or line.startswith("| 2 |")]
     assert len(rows) == 2
     for row in rows:
-        # Every row has exactly the header's 9 cells: escaped pipes do not split cells.
-        assert len(re.split(r"(?<!\\)\|", row)) == 9 + 2
+        # Every row has exactly the header's 10 cells: escaped pipes do not split cells.
+        assert len(re.split(r"(?<!\\)\|", row)) == 10 + 2
     assert "<script>" not in text and "&lt;script&gt;" in text
     assert "<b>" not in text
     assert "refusal \\| apology" in text

@@ -24,10 +24,10 @@ from safer_audit.model.activations import load_backend
 from safer_audit.plugins import load_plugins
 from safer_audit.sae import TopKSAE
 from safer_audit.scoring.categories import Cutoffs
+from safer_audit.scoring.ranks import percentile_against
 from safer_audit.workflows.gate import (
     DEFAULT_FAIL_ON,
     content_digest,
-    percentile_against,
     read_baseline,
     read_sources,
     run_gate,

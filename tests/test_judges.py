@@ -172,5 +172,6 @@ def test_cli_judge_and_flip_mode_options(tiny_llama_dir, pairs, tmp_path):
         assert mode["config"]["judges"] == ["score_safe", "length"]
         assert all(math.isfinite(v) for v in mode["length_correlation"].values())
         assert set(mode["calibration"]["0"]) == {"mean_predicted", "flip_rate", "brier", "ece", "estimated_rate",
-                                                 "rejected_mean_predicted", "rejected_brier", "rejected_ece"}
+                                                 "rate_sd", "identified", "rejected_mean_predicted", "rejected_brier",
+                                                 "rejected_ece"}
     assert "length flips" in result.output and "margin flips" in result.output

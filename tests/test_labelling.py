@@ -14,7 +14,7 @@ from safer_audit.backends.labellers import OfflineLabeller, keywords, load_taxon
 from safer_audit.cli import cli, scan, scan_config_from
 from safer_audit.config import ScanConfig
 from safer_audit.errors import ConfigError, ScanError
-from safer_audit.features.labels import NOT_SAFETY, FeatureLabel, LabelContext, LabelRequest, make_labeller
+from safer_audit.features.labels import NO_CATEGORY, NOT_SAFETY, FeatureLabel, LabelContext, LabelRequest, make_labeller
 from safer_audit.features.salience import Feature, FeatureSet, select_by_safety
 from safer_audit.hookspecs import hookimpl
 from safer_audit.pipeline.scan import run_scan
@@ -223,7 +223,7 @@ def test_offline_labeller_rates_by_meaning_and_is_deterministic():
     labels = labeller.label([WEAPONS, COOKING])
     assert labels[1].category in ("weapons", "violence") and labels[1].relevance >= 0.5
     assert labels[1].label.startswith(labels[1].category + ": gun")
-    assert labels[2].category == NOT_SAFETY and labels[2].relevance < 0.5
+    assert labels[2].category == NO_CATEGORY and labels[2].relevance < 0.5
     assert labels[1].labeller == "offline" and labels[1].model and labels[1].version
     assert labeller.label([WEAPONS, COOKING]) == labels
 
@@ -265,7 +265,7 @@ def test_a_latent_firing_on_stopwords_is_not_rated_by_its_windows_topic():
     ]], [("the", 9.0), (".", 8.0), ("a", 3.0)], [0.05, 0.04, 0.03])
     labels = make_labeller("offline").label([WEAPONS, syntax])
     assert labels[1].relevance >= 0.5
-    assert labels[4].relevance < 0.25 and labels[4].category == NOT_SAFETY
+    assert labels[4].relevance < 0.25 and labels[4].category == NO_CATEGORY
     assert labels[4].extra["content_share"] < 0.1
 
 
@@ -288,7 +288,7 @@ INFINITIVE = _pairs_request(5, [
 def test_a_function_word_latent_is_labelled_by_its_token_and_where_it_sits():
     label = make_labeller("offline").label([INFINITIVE, WEAPONS, COOKING])[5]
     assert label.label == '"want [to]"'
-    assert label.category == NOT_SAFETY
+    assert label.category == NO_CATEGORY
 
 
 def test_list_commas_say_so():
@@ -348,8 +348,8 @@ def test_each_window_is_embedded_once_and_syntax_latents_not_at_all():
     labels = labeller.label([many, twin, INFINITIVE])
     embedded = encoder.texts[n_descriptions:]
     assert len(embedded) == len(set(embedded)) == EMBED_CONTEXTS
-    assert labels[9].category == labels[10].category != NOT_SAFETY and labels[9].relevance == labels[10].relevance
-    assert labels[5].relevance == 0.0 and labels[5].category == NOT_SAFETY
+    assert labels[9].category == labels[10].category != NO_CATEGORY and labels[9].relevance == labels[10].relevance
+    assert labels[5].relevance == 0.0 and labels[5].category == NO_CATEGORY
 
 
 def test_a_token_that_ends_the_texts_says_so():

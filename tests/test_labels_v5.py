@@ -15,7 +15,7 @@ from safer_audit.backends.labellers import (
     phrase,
     turn_of,
 )
-from safer_audit.features.labels import NOT_SAFETY, LabelContext, LabelRequest, make_labeller
+from safer_audit.features.labels import NO_CATEGORY, LabelContext, LabelRequest, make_labeller
 
 from .test_labelling import COOKING, WEAPONS, CountingEncoder, _pairs_request
 
@@ -38,7 +38,7 @@ DEFLECTION = _pairs_request(20, [
 def test_a_deflection_latent_says_it_opens_refusals():
     label = make_labeller("offline").label([DEFLECTION, WEAPONS, COOKING])[20]
     assert label.label == '"i’m [not] sure" opening refusals'
-    assert label.category == NOT_SAFETY
+    assert label.category == NO_CATEGORY
 
 
 def test_a_question_back_and_the_side_are_said():

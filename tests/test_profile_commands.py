@@ -5,6 +5,7 @@ and clean (with a report: the report's own profile)."""
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -13,11 +14,13 @@ from click.testing import CliRunner
 
 from safer_audit.cli import cli
 from safer_audit.report.types import Report
+from safer_audit.scoring.posterior import FlipMixture
 
 from .conftest import write_hh_pairs
 from .test_profiles import _config
 
 N = 24
+IDENTIFIED = FlipMixture(0.5, 1.0, 0.0, 0.1, 10.0, N // 2, N // 2)  # a fit the judges identify
 
 
 @pytest.fixture
@@ -66,9 +69,10 @@ def test_a_thorough_report_has_every_models_cards_each_naming_its_model(tiny_lla
     assert {card.model for card in fast.report.features} == {tiny_llama_dir.name} and fast.report.run.profile == "fast"
     from safer_audit.report.types import export_report
 
-    export_report(report, tmp_path / "report.html")  # each featured card's title names its model
+    # each card's title names its model; the page shows the cards the evidence names, the first model's
+    export_report(report, tmp_path / "report.html")
     page = (tmp_path / "report.html").read_text()
-    assert f"<h3>second latent {second[0].latent} " in page and f"<h3>{first[0].model} latent " in page
+    assert f"<h3>{first[0].model} latent " in page and "<h3>second latent " not in page
     again = Report.from_dict(json.loads(json.dumps(report.to_dict())))
     assert [(c.model, c.latent) for c in again.features] == [(c.model, c.latent) for c in report.features]
     assert again.run.profile == "thorough"
@@ -79,17 +83,21 @@ def distinct_flip_probability(monkeypatch):
     """The flip posterior replaced by sigmoid(-margin), distinct per pair: the tiny random models' judges carry no
     signal, so the real posterior is 0 for every pair (test_flip_posterior tests it); these tests follow the
     values from the stack to the findings and to clean."""
-    from safer_audit.scoring import heads, posterior, stack
+    from safer_audit.scoring import heads, stack
 
     for module in (heads, stack):  # where the posterior is used: the cached and the uncached stack
         monkeypatch.setattr(module, "flip_posterior",
-                            lambda margin: (torch.sigmoid(-margin), posterior.FlipMixture(0.5, 1.0, 0.0)))
+                            lambda margin: (torch.sigmoid(-margin), IDENTIFIED))
 
 
-def test_findings_carry_the_mixture_posterior_not_the_probability_that_rejected_is_better(tiny_llama_dir, tmp_path):
+def test_findings_carry_the_mixture_posterior_not_the_probability_that_rejected_is_better(tiny_llama_dir, tmp_path,
+                                                                                          monkeypatch):
     from safer_audit.pipeline.scan import run_scan
+    from safer_audit.scoring import posterior as module
     from safer_audit.scoring.stack import aggregate, flip_posterior, ranking_weights
 
+    # the tiny random models' judges are too weak to identify the mixture (test_flip_refusal): taken as identified
+    monkeypatch.setattr(module, "MIN_SIZE_SIGN_Z", -math.inf)
     data = write_hh_pairs(tmp_path / "pairs.jsonl", N)
     config = _config(tiny_llama_dir, tmp_path, profile="fast")
     result = run_scan(str(data), config)

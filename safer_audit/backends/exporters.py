@@ -10,6 +10,7 @@ import base64
 import hashlib
 import html
 import json
+import math
 import re
 from dataclasses import asdict
 from pathlib import Path
@@ -19,9 +20,19 @@ import polars as pl
 from ..common.domain import Category
 from ..common.files import write_atomic
 from ..errors import inert
+from ..features.types import EvidenceSpan
 from ..hookspecs import hookimpl
 from ..report.types import CATEGORY_DESCRIPTIONS, FeatureCard, Finding, Report, few_pairs_warning
-from ..report.view import Excerpt, diff_excerpts, format_feature, format_number, summary_lines
+from ..report.view import (
+    Excerpt,
+    diff_excerpts,
+    format_feature,
+    format_number,
+    pieces,
+    span_excerpt,
+    summary_lines,
+    top_span,
+)
 
 # the decisions file the page downloads, as review and clean read it
 from ..workflows.decisions import FORMAT as DECISIONS_FORMAT
@@ -103,6 +114,18 @@ def _md_excerpt(excerpt: Excerpt) -> str:
     return f"{_md(excerpt.before + lead)}**{_md(differ)}**{_md(trail + excerpt.after)}"
 
 
+def _md_sides(f: Finding) -> tuple[str, str]:
+    """Each response's cell: its strongest evidence span in bold with a little text around it; for a finding
+    without evidence, where the responses first differ."""
+    if not f.evidence:
+        return tuple(_md_excerpt(excerpt) for excerpt in diff_excerpts(f.chosen, f.rejected))
+    cells = []
+    for side in ("chosen", "rejected"):
+        span = top_span(f, side)
+        cells.append(_md_excerpt(span_excerpt(getattr(f, side), span)) if span else "—")
+    return cells[0], cells[1]
+
+
 def render_markdown(report: Report) -> str:
     lines = ["# safer-audit report", ""]
     lines += [f"- **{heading}**: {_md(value)}" for heading, value in summary_lines(report)]
@@ -114,11 +137,11 @@ def render_markdown(report: Report) -> str:
         lines.append("Every pair is clean.")
     else:
         lines += [
-            "| rank | pair | line | category | score_safe | reward margin | features | chosen | rejected |",
-            "| ---: | --- | ---: | --- | ---: | ---: | --- | --- | --- |",
+            "| rank | pair | line | category | why | score_safe | reward margin | features | chosen | rejected |",
+            "| ---: | --- | ---: | --- | --- | ---: | ---: | --- | --- | --- |",
         ]
         for f in suspects:
-            chosen, rejected = diff_excerpts(f.chosen, f.rejected)
+            chosen, rejected = _md_sides(f)
             category = f.category + (f" ({', '.join(f.quality)})" if f.quality else "")
             features = "; ".join(_md(format_feature(c)) for c in f.top_features[:3])
             cells = [
@@ -126,14 +149,16 @@ def render_markdown(report: Report) -> str:
                 _md(f.pair_id),
                 str(f.line),
                 _md(category),
+                _md(f.why or ""),
                 format_number(f.score_safe),
                 format_number(f.reward_margin),
                 features,
-                _md_excerpt(chosen),
-                _md_excerpt(rejected),
+                chosen,
+                rejected,
             ]
             lines.append("| " + " | ".join(cells) + " |")
-    lines += ["", _SCORE_SAFE_NOTE, ""]
+    lines += ["", _SCORE_SAFE_NOTE + " chosen, rejected: the strongest evidence span of each response, in bold "
+              "(the words whose features pull score_safe most).", ""]
     return "\n".join(lines)
 
 
@@ -157,7 +182,7 @@ td.num, th.num { text-align: right; font-variant-numeric: tabular-nums; }
 td.num { white-space: nowrap; }
 td.features { font-size: .9em; }
 td.features { min-width: 8em; overflow-wrap: anywhere; }
-td.texts { min-width: 14em; overflow-wrap: anywhere; }
+td.texts { min-width: 14em; width: 42%; overflow-wrap: anywhere; }
 td.pair { min-width: 6em; overflow-wrap: anywhere; }
 .path { white-space: nowrap; }
 .loc > div { max-width: 16em; overflow-x: auto; }
@@ -165,6 +190,14 @@ table.sortable th[data-sort] { cursor: pointer; user-select: none; }
 table.sortable th { background: #f4f4f4; position: sticky; top: 0; z-index: 1; }
 th[data-order=asc]::after { content: " \\25B2"; } th[data-order=desc]::after { content: " \\25BC"; }
 mark { background: #ffe08a; }
+p.why { font-weight: 600; margin: 0 0 .3rem; }
+p.response { margin: 0 0 .3rem; white-space: pre-wrap; }
+mark.ev { color: inherit; border-radius: 3px; padding: 0 .1em; }
+mark.ev.neg.l1 { background: #fde0dc; } mark.ev.neg.l2 { background: #f9b4aa; }
+mark.ev.neg.l3 { background: #f28b7d; } mark.ev.neg.l4 { background: #e65a4a; }
+mark.ev.pos.l1 { background: #dcecfb; } mark.ev.pos.l2 { background: #b3d4f5; }
+mark.ev.pos.l3 { background: #86b9ee; } mark.ev.pos.l4 { background: #5a9de6; }
+.cut { color: #888; padding: 0 .3em; }
 .flipped { color: #b00020; font-weight: 600; } .noisy { color: #8a5a00; } .quality { color: #555; }
 .excerpt { margin: 0 0 .2rem; } .side { font-weight: 600; }
 pre { white-space: pre-wrap; overflow-wrap: anywhere; background: #f8f8f8; padding: .5rem; margin: .3rem 0; }
@@ -393,15 +426,66 @@ def _location(source: str, line: int) -> str:
     return f'<div>{head}<span class="path">{_e(name)}:{line}</span></div>'
 
 
+EVIDENCE_LEVELS = 4  # shades of a highlight, by the span's weight against the pair's strongest
+_GAP_CHARS = 160  # unmarked text longer than this, between two spans, is cut to its ends in the row
+
+
+def _mark(text: str, span: EvidenceSpan, peak: float) -> str:
+    """One evidence span as a <mark>: red when it pulls toward the rejected response, blue toward the chosen,
+    darker the more it weighs; its weight and features in the tooltip."""
+    level = max(1, min(EVIDENCE_LEVELS, math.ceil(EVIDENCE_LEVELS * abs(span.weight) / peak))) if peak else 1
+    features = f"; features {', '.join(f'#{latent}' for latent in span.latents)}" if span.latents else ""
+    tip = f"share of score_safe {format_number(span.weight)}{features}"
+    return (f'<mark class="ev {"neg" if span.weight < 0 else "pos"} l{level}" title="{_e(tip)}">{_shown(text)}</mark>')
+
+
+def _shown(text: str) -> str:
+    """Response text in the page: escaped, its control characters written out (newlines kept)."""
+    return _e(inert(text, multiline=True))
+
+
+def evidence_html(response: str, spans: list[EvidenceSpan], peak: float, *, cut: bool) -> str:
+    """``response`` escaped, its evidence spans marked; ``cut``: long unmarked stretches shown by their ends."""
+    out = []
+    parts = pieces(response, spans)
+    for n, (text, span) in enumerate(parts):
+        if span is not None:
+            out.append(_mark(text, span, peak))
+        elif cut and len(text) > _GAP_CHARS:
+            head = "" if n == 0 else text[:_GAP_CHARS // 2]
+            tail = "" if n == len(parts) - 1 else text[-_GAP_CHARS // 2:]
+            out.append(f"{_shown(head)}<span class=\"cut\">…</span>{_shown(tail)}")
+        else:
+            out.append(_shown(text))
+    return "".join(out)
+
+
+def _evidence_cell(f: Finding) -> str:
+    """The why line, then both responses with their evidence marked (a finding without evidence: where its
+    responses first differ)."""
+    why = f'<p class="why">{_e(f.why or CATEGORY_DESCRIPTIONS[f.category])}</p>'
+    if not f.evidence:
+        chosen, rejected = diff_excerpts(f.chosen, f.rejected, width=120)
+        return why + _html_excerpt("chosen", chosen) + _html_excerpt("rejected", rejected)
+    peak = max(abs(span.weight) for span in f.evidence)
+    sides = "".join(
+        f'<p class="response"><span class="side">{side}</span> '
+        f"{evidence_html(getattr(f, side), [s for s in f.evidence if s.side == side], peak, cut=True)}</p>"
+        for side in ("chosen", "rejected"))
+    return why + sides
+
+
 def _finding_row(f: Finding) -> str:
-    chosen, rejected = diff_excerpts(f.chosen, f.rejected, width=120)
     features = "<br>".join(f"<span>{_e(format_feature(c))}</span>" for c in f.top_features)
     quality = f"<br>{_e(', '.join(f.quality))}" if f.quality else ""
+    peak = max((abs(span.weight) for span in f.evidence), default=0.0)
     full = (
         "<details><summary>full texts</summary>"
         f"<div class=\"side\">context</div><pre>{_e(f.context)}</pre>"
-        f"<div class=\"side\">chosen</div><pre>{_e(f.chosen)}</pre>"
-        f"<div class=\"side\">rejected</div><pre>{_e(f.rejected)}</pre></details>"
+        + "".join(f'<div class="side">{side}</div><pre>'
+                  f"{evidence_html(getattr(f, side), [s for s in f.evidence if s.side == side], peak, cut=False)}</pre>"
+                  for side in ("chosen", "rejected"))
+        + "</details>"
     )
     buttons = "".join(
         f'<button type="button" data-verdict="{v}" aria-pressed="false">{v}</button>' for v in VERDICTS
@@ -410,12 +494,12 @@ def _finding_row(f: Finding) -> str:
         f'<tr data-digest="{_e(f.digest)}" data-category="{_e(f.category)}">'
         f'<td class="num" data-label="rank" data-v="{f.rank}">{f.rank}</td>'
         f'<td data-label="pair" class="pair">{_e(f.pair_id)}</td>'
-        f'<td class="loc" data-label="source:line" data-v="{_e(f.source)}:{f.line:012d}">{_location(f.source, f.line)}</td>'
+        f'<td class="texts">{_evidence_cell(f)}{full}</td>'
         f'<td data-label="category"><span class="{_e(f.category)}">{_e(f.category)}</span>{quality}</td>'
         f'{_num_cell("suspicion", f.suspicion)}{_num_cell("score_safe", f.score_safe)}'
         f'{_num_cell("reward margin", f.reward_margin)}{_num_cell("SAE margin", f.sae_margin)}'
         f'<td class="features" data-label="top features">{features}</td>'
-        f'<td class="texts">{_html_excerpt("chosen", chosen)}{_html_excerpt("rejected", rejected)}{full}</td>'
+        f'<td class="loc" data-label="source:line" data-v="{_e(f.source)}:{f.line:012d}">{_location(f.source, f.line)}</td>'
         f'<td class="decision"><div class="verdicts" role="group" aria-label="decision">{buttons}</div>'
         f'<input class="note" type="text" placeholder="note (optional)" aria-label="note"></td>'
         "</tr>"
@@ -522,16 +606,34 @@ def report_identity(report: Report) -> str:
 _SUSPECT_COLUMNS = (  # (header, numeric, sortable)
     ("rank", True, True),
     ("pair", False, True),
-    ("source:line", False, True),
+    ("why, and the evidence in each response", False, False),
     ("category", False, True),
     ("suspicion", True, True),
     ("score_safe", True, True),
     ("reward margin", True, True),
     ("SAE margin", True, True),
     ("top features", False, False),
-    ("chosen / rejected, from the first difference", False, False),
+    ("source:line", False, True),
     ("decision", False, False),
 )
+
+
+def _cards_shown(report: Report, suspects: list[Finding]) -> tuple[list[FeatureCard], str]:
+    """The cards the page shows, and a note saying which: the features that the shown suspects' evidence names
+    (the first model's: a profile's other models number their own latents), by contribution; for a report
+    without evidence, the top --cards by contribution."""
+    used = {latent for f in suspects for span in f.evidence for latent in span.latents}
+    if not used:
+        featured = [card for card in report.features if card.featured]
+        return featured, (f"the top {len(featured):,} of {len(report.features):,} by contribution to the flagged "
+                          "pairs (the JSON report holds all)" if len(featured) < len(report.features)
+                          else "by contribution")
+    from ..pipeline.profiles import PROFILES  # here: loading the exporters (every command) must not load torch
+
+    others = {model.prefix for model in PROFILES.get(report.run.profile, ())}
+    shown = [card for card in report.features if card.latent in used and card.model not in others]
+    return shown, (f"the {len(shown):,} of {len(report.features):,} features that the evidence of the suspects "
+                   "above names, by contribution to the flagged pairs (the JSON report holds all)")
 
 
 def render_html(report: Report, max_suspects: int = HTML_MAX_SUSPECTS) -> str:
@@ -568,10 +670,8 @@ def render_html(report: Report, max_suspects: int = HTML_MAX_SUSPECTS) -> str:
         "report": report_identity(report),
         "pairs": {f.digest: [f.pair_id, f"{f.source}:{f.line}"] for f in suspects},
     }
-    featured = [card for card in report.features if card.featured]  # the top --cards by contribution
+    featured, shown_note = _cards_shown(report, suspects)
     cards = "".join(_feature_card(card) for card in featured)
-    shown_note = (f"the top {len(featured):,} of {len(report.features):,} by contribution to the flagged pairs "
-                  "(the JSON report holds all)" if len(featured) < len(report.features) else "by contribution")
     return f"""<!doctype html>
 <html lang="en">
 <head>
@@ -589,7 +689,9 @@ def render_html(report: Report, max_suspects: int = HTML_MAX_SUSPECTS) -> str:
 <tbody>{counts}</tbody></table>
 </section>
 <section id="suspects"><h2>Suspects ({len(everyone):,} of {report.run.pairs:,} pairs)</h2>
-<p>{_SCORE_SAFE_NOTE} Top features: latent, label and its share of score_safe.{capped}</p>
+<p>{_SCORE_SAFE_NOTE} Evidence: the words whose features pull score_safe most, <mark class="ev neg l3">red</mark>
+toward the rejected response, <mark class="ev pos l3">blue</mark> toward the chosen one, darker the stronger (hover
+for the share and the features). Top features: latent, label and its share of score_safe.{capped}</p>
 <p>Mark each pair flipped, noisy or ok, then download decisions.json for <code>safer-audit review</code> or
 <code>safer-audit clean --decisions</code>. Decisions stay in this browser until you download them; nothing is
 sent anywhere.</p>
@@ -604,7 +706,7 @@ sent anywhere.</p>
 </div>
 {table}
 </section>
-<details id="features"><summary>Features ({len(report.features)}): the latents behind score_safe</summary>
+<details id="features"><summary>Features ({len(featured):,} shown): the latents behind the evidence</summary>
 <p>Cards: {shown_note}. Histogram: per-text mean activation on chosen and rejected texts, where it fires.</p>
 <div class="cards">{cards}</div>
 </details>

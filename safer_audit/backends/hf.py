@@ -126,6 +126,8 @@ def resolve_device(device: str):
 
 
 def resolve_dtype(dtype: str, device):
+    """The dtype the forward pass computes in. ``auto``: bfloat16 on a GPU, float32 elsewhere (bfloat16 on a
+    CPU moved the top 5% of the ranking: BENCHMARKS.md "bfloat16 and int8 on the CPU")."""
     import torch
 
     if dtype == "auto":
@@ -204,6 +206,7 @@ class HFModelBackend:
 
     def __init__(self, model: str | None = None, *, device: str = "auto", dtype: str = "auto",
                  trust_remote_code: bool = False):
+        import torch
         from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification, AutoTokenizer
         from transformers.utils import logging as hf_logging
 
@@ -217,7 +220,6 @@ class HFModelBackend:
         # a GGUF's weights are quantised tensors in one file (no safetensors): transformers dequantises them
         weights = {"gguf_file": gguf_file} if gguf_file else {"use_safetensors": True}
         self.device = resolve_device(device)
-        self.dtype = resolve_dtype(dtype, self.device)
         hf_logging.set_verbosity_error()
         hf_logging.disable_progress_bar()
         gguf = {"gguf_file": gguf_file} if gguf_file else {}
@@ -229,7 +231,14 @@ class HFModelBackend:
         self.has_reward_head = (any(a.endswith("ForSequenceClassification") for a in architectures)
                                 and getattr(config, "num_labels", 1) == 1)
         self._auto = AutoModelForSequenceClassification if self.has_reward_head else AutoModel
-        self._load = {"trust_remote_code": trust_remote_code, "dtype": self.dtype, **weights}
+        self.dtype = resolve_dtype(dtype, self.device)
+        self.compute_dtype = str(self.dtype).removeprefix("torch.")
+        # bfloat16 on a CPU is autocast around float32 weights: the matrix products in bfloat16, norms, softmax
+        # and the residual stream in float32 (faster and closer to float32 than bfloat16 weights)
+        self._autocast = self.dtype in (torch.bfloat16, torch.float16) and (
+            self.device.type == "cuda" or (self.device.type == "cpu" and self.dtype == torch.bfloat16))
+        weights_dtype = torch.float32 if self.device.type == "cpu" and self._autocast else self.dtype
+        self._load = {"trust_remote_code": trust_remote_code, "dtype": weights_dtype, **weights}
         if not self.tokenizer.is_fast:
             raise ModelLoadError(f"model {self.identity!r}: a fast tokenizer is needed (offsets)")
         if self.tokenizer.pad_token_id is None:
@@ -370,9 +379,8 @@ class HFModelBackend:
         handle = self._layers[layer - 1].register_forward_hook(hook)
         score = None
         try:
-            # on CUDA in bfloat16/float16: autocast keeps softmax and norms in float32 around the half matmuls
-            half = self.device.type == "cuda" and self.dtype in (torch.bfloat16, torch.float16)
-            with torch.inference_mode(), torch.autocast("cuda", dtype=self.dtype, enabled=half):
+            # autocast keeps softmax and norms in float32 around the half-precision matrix products
+            with torch.inference_mode(), torch.autocast(self.device.type, dtype=self.dtype, enabled=self._autocast):
                 output = model(input_ids=input_ids, attention_mask=attention_mask)
             if want_score:
                 score = output.logits[:, 0].float()

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING
 
 from ..hookspecs import hookimpl
-from ..scoring.judges import FunctionJudge, JudgeContext
+from ..scoring.types import FunctionJudge
+
+if TYPE_CHECKING:  # registering the judges loads neither torch nor the scoring stage: using one does
+    import torch
+
+    from ..scoring.judges import JudgeContext
 
 
 def _margin(name: str, context: JudgeContext) -> torch.Tensor:

@@ -45,11 +45,11 @@ from pathlib import Path
 from ..common.files import read_bounded
 from ..config import MAX_TAXONOMY_BYTES
 from ..errors import ConfigError
-from ..features.labels import NOT_SAFETY, FeatureLabel, LabelRequest
+from ..features.types import NO_CATEGORY, NOT_SAFETY, FeatureLabel, LabelRequest
 from ..hookspecs import hookimpl
 
 NAME = "offline"
-VERSION = "6"  # bump when the keyword or category rule changes: cached labels are then made again
+VERSION = "7"  # bump when the keyword or category rule changes: cached labels are then made again
 DEFAULT_TAXONOMY = Path(__file__).resolve().parent.parent / "taxonomy.yaml"
 
 KEYWORDS = 3  # words in a label
@@ -61,7 +61,9 @@ MIN_TEXTS = 3  # a word around the firing token is a keyword only if it occurs i
 SYNTAX_SHARE = 0.5  # below this content-word share of its mass a latent is labelled by its token and position
 TOKEN_SHARE = 0.2  # a token with this share of a syntax latent's activation mass is named in its label
 LIST_MARKS = frozenset(",;*•-/|")  # punctuation that separates the items of a list
-MIN_CATEGORY_RELEVANCE = 0.25  # below it the category is "not safety related"
+# the relevance from which a category is named: on fixtures/labelled-windows.jsonl (windows a person gave a
+# category), the categories named from it are right >= 80% of the time (BENCHMARKS.md "Feature labels")
+CATEGORY_EVIDENCE = 0.6
 STOP_FACTOR = 0.05  # weight kept by a stopword or punctuation
 SAME_PASSAGE_WORDS = 6  # windows with these many words before (or after) the same firing word in common are one
 CONTENT_SHARE_FULL = 0.5  # content-word share of the mass from which relevance is not scaled down
@@ -662,27 +664,27 @@ class OfflineLabeller:
             else:
                 text = ", ".join(keywords(request, document_frequency, len(requests))) or "(no words)"
                 where, _side = where_it_fires(request.contexts)
+            closest, relevance, similarity = None, 0.0, None
             if rated[i]:
                 scores = {name: round(s, 4) for name, s in zip(names, similarities[i], strict=True)}
                 safety = {n: s for n, s in scores.items() if n != self.taxonomy.not_safety}
                 best = min(safety, key=lambda n: (-safety[n], n))
                 relevance = self.taxonomy.relevance(safety[best])
-                category = best
+                closest = best
                 if scores[self.taxonomy.not_safety] >= safety[best]:
-                    category, relevance = NOT_SAFETY, relevance / 2
+                    closest, relevance = self.taxonomy.not_safety, relevance / 2
                 relevance *= min(1.0, share / CONTENT_SHARE_FULL)  # a syntax latent is not about its windows' topic
-                if category != NOT_SAFETY and relevance < MIN_CATEGORY_RELEVANCE:  # too far (or syntactic) to name
-                    category = NOT_SAFETY
-                similarity = scores[category if category != NOT_SAFETY else self.taxonomy.not_safety]
-            else:
-                category, relevance, similarity = NOT_SAFETY, 0.0, None
-            if category != NOT_SAFETY and relevance >= 0.5:
+                similarity = scores[closest]
+            category = NO_CATEGORY  # too weak (or syntactic) evidence to name one: the label is the pattern alone
+            if closest not in (None, self.taxonomy.not_safety) and relevance >= CATEGORY_EVIDENCE:
+                category = closest
                 text = f"{category}: {text}"
             text = _join([text, where], "; ")  # a content latent: its keywords, then where it fires if there is room
             labels[request.latent] = FeatureLabel(
                 latent=request.latent, label=text, relevance=round(relevance, 3), category=category,
                 labeller=NAME, model=self.model, version=VERSION,
-                extra={"similarity": similarity, "content_share": round(share, 3), "contexts": len(request.contexts)})
+                extra={"closest": closest, "similarity": similarity, "content_share": round(share, 3),
+                       "contexts": len(request.contexts)})
         return labels
 
 

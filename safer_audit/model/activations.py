@@ -118,15 +118,18 @@ CACHE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": 
 
 
 def config_key(identity: str, fingerprint: str, layer: int, positions: str, max_length: int,
-               cache_dtype: str = "float32") -> str:
+               cache_dtype: str = "float32", compute_dtype: str = "float32") -> str:
     """The cache sub-directory for one model + reading configuration.
 
-    The storage dtype is part of the key (a float16 cache is a different set of numbers),
-    but only when it is not float32, so caches written before it existed keep their key.
+    The storage dtype and the dtype the forward pass computed in are part of the key (a float16
+    cache, or activations computed in bfloat16, are a different set of numbers), but only when
+    they are not float32, so caches written before they existed keep their key.
     """
     parts = [CACHE_FORMAT, identity, fingerprint, layer, positions, max_length]
     if cache_dtype != "float32":
         parts.append(cache_dtype)
+    if compute_dtype != "float32":
+        parts.append({"compute": compute_dtype})
     return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:20]
 
 
@@ -489,12 +492,16 @@ def resolve_layer(layer: int, n_layers: int) -> int:
 
 
 def open_cache(backend, config: ActivationConfig, layer: int) -> ActivationCache:
+    # a backend that does not say computes in float32
+    compute_dtype = getattr(backend, "compute_dtype", "float32")
     key = config_key(backend.identity, backend.fingerprint, layer, config.positions, config.max_length,
-                     config.cache_dtype)
+                     config.cache_dtype, compute_dtype)
     meta = {"model": backend.identity, "fingerprint": backend.fingerprint, "layer": layer,
             "positions": config.positions, "max_length": config.max_length, "d_model": backend.d_model}
     if config.cache_dtype != "float32":
         meta["dtype"] = config.cache_dtype
+    if compute_dtype != "float32":
+        meta["compute_dtype"] = compute_dtype
     return ActivationCache(config.cache_dir, key, meta, dtype=config.cache_dtype)
 
 

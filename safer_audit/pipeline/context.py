@@ -9,7 +9,6 @@ from dataclasses import dataclass, field
 
 from ..common.progress import no_progress
 from ..config import ScanConfig
-from ..model.activations import executor_for
 
 
 @dataclass
@@ -26,6 +25,8 @@ class RunContext:
 
     @classmethod
     def of(cls, config: ScanConfig, *, steps=no_progress, warn=None, timings=None) -> RunContext:
+        from ..model.activations import executor_for  # here: the gate's unchanged path makes a context, not torch
+
         return cls(config, steps, warn, executor_for(config.activations), dict(timings or {}))
 
     def replace_config(self, config: ScanConfig) -> RunContext:

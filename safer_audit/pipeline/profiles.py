@@ -82,15 +82,17 @@ def profile_weights(config: ScanConfig, prefixes: list[str]) -> dict[str, float]
 
 
 def set_flip_probability(result) -> None:
-    """Each finding's flip probability from ``result.flip_probability`` (in table order)."""
+    """Each finding's flip probability from ``result.flip_probability`` (in table order); none, and the
+    report's run says why, when the judges cannot identify the mixture (``result.flip_mixture.reason``)."""
     if result.flip_probability is None:
         return
-
-    values = result.flip_probability.tolist()
+    note = result.flip_mixture.reason if result.flip_mixture is not None else None
+    result.report.run.flip_probability_note = note
+    values = None if note else result.flip_probability.tolist()
     index = {pair_id: i for i, pair_id in enumerate(result.pairs["pair_id"].to_list())}
 
     def change(finding) -> None:
-        finding.flip_probability = round(float(values[index[finding.pair_id]]), 6)
+        finding.flip_probability = None if values is None else round(float(values[index[finding.pair_id]]), 6)
 
     findings = result.report.findings
     if isinstance(findings, LazyFindings):
@@ -107,6 +109,7 @@ def rerank(result, signals: dict[str, torch.Tensor], weights: dict[str, float], 
     ranked, stack = aggregate(signals, weights, method=config.aggregation, folds=config.folds, seed=config.seed)
     result.signals, result.suspicion = signals, ranked
     result.flip_probability, result.stack_weights = stack.flip_probability, stack.weights
+    result.flip_mixture = stack.mixture
     report = result.report
     # the findings change in place below: every one is made and kept (a scan's are made as they are read)
     report.findings = list(report.findings)

@@ -27,6 +27,7 @@ from ..report.types import FEW_PAIRS, Report, few_pairs_warning
 from ..sae.cache import train_on_store
 from ..sae.model import TopKSAE
 from ..sae.stats import CodeStats
+from ..scoring.posterior import FlipMixture
 from . import stages
 from .context import RunContext
 from .profiles import model_config, model_name, profile_models, profile_weights, rerank, set_flip_probability
@@ -56,6 +57,7 @@ class ScanResult:
 
     # per pair: the posterior that it is flipped (scoring.posterior.flip_posterior, a mixture over the stack's margins)
     flip_probability: torch.Tensor | None = None
+    flip_mixture: FlipMixture | None = None  # its fit; its ``reason`` says why the report gives no flip probability
     stack_weights: dict[str, float] = field(default_factory=dict)  # how much the stack trusts each judge
     judge_costs: dict[str, dict] = field(default_factory=dict)  # judge -> requests, tokens (judges that spend)
     models: dict[str, ScanResult] = field(default_factory=dict)  # a profile's other models' scans, by prefix
@@ -67,7 +69,9 @@ def run_scan(source: str, config: ScanConfig, *, steps=no_progress, warn=None) -
     ``warn(message)`` is told, before the long work, when the data is too small to trust the result.
     """
     ctx = RunContext.of(config, steps=steps, warn=warn)
-    return scan_profile(stages.load(source, ctx), config, source=str(source), ctx=ctx)
+    result = scan_profile(stages.load(source, ctx), config, source=str(source), ctx=ctx)
+    stages.evidence(result, profile_weights(config, list(result.models)), ctx)
+    return result
 
 
 def scan_profile(pairs, config: ScanConfig, *, source: str, steps=no_progress, backend=None, backends=None,
@@ -123,7 +127,8 @@ def scan_pairs(pairs: PairTable | pl.DataFrame, config: ScanConfig, *, source: s
     report = stages.report(source, pairs, model, acts, codes, selection, scores, quality, ctx)
     return ScanResult(report, pairs, acts.texts, acts.store, codes.sae, codes.stats, selection.features,
                       scores.signals, scores.suspicion, model.backend, ctx.timings, selection.labelling,
-                      flip_probability=scores.stack.flip_probability, stack_weights=scores.stack.weights,
+                      flip_probability=scores.stack.flip_probability, flip_mixture=scores.stack.mixture,
+                      stack_weights=scores.stack.weights,
                       judge_costs=scores.costs)
 
 

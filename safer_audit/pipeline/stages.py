@@ -25,6 +25,7 @@ from ..model.activations import ActivationStore, extract_activations, load_backe
 from ..model.texts import PreparedText, SpooledTexts, pair_texts
 from ..report.build import build_report
 from ..report.types import Report
+from ..report.why import explain_suspects
 from ..sae.cache import get_sae
 from ..sae.codes import CodeCache, encode_store
 from ..sae.model import TopKSAE
@@ -188,3 +189,13 @@ def report(source: str, pairs: PairTable, model: Model, acts: Activations, codes
         built = build_report(source, pairs, model, acts, codes, selection, scores, quality, ctx.config, ctx.timings)
     built.run.timings = dict(ctx.timings)
     return built
+
+
+def evidence(result, weights: dict[str, float], ctx: RunContext) -> None:
+    """The suspects' why and the flipped and noisy pairs' evidence spans, once the ranking is final (a profile
+    ranks again over every model's judges): after the report, so evaluate and the gate, which read no
+    report text, never pay for it."""
+    with ctx.step("evidence", "Evidence"):
+        explain_suspects(result.report, result.pairs["pair_id"].to_list(), result.texts, result.store, result.sae,
+                         result.features, result.backend, ctx.config.activations.max_length, result.signals, weights)
+    result.report.run.timings = dict(ctx.timings)

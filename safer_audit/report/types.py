@@ -11,7 +11,7 @@ import json
 import math
 import os
 from collections.abc import Callable, MutableSequence
-from dataclasses import MISSING, asdict, dataclass, fields
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Iterable
 
@@ -21,7 +21,7 @@ from ..common.domain import MARGIN_SIGNALS, SIGNALS, Category
 from ..common.files import refuse_inputs
 from ..data import pair_digest
 from ..errors import ConfigError
-from ..features.types import FeatureCard, FeatureContext
+from ..features.types import SIDES, EvidenceSpan, FeatureCard, FeatureContext
 from ..plugins import Exporter, exporters
 
 REPORT_SCHEMA_VERSION = 1
@@ -89,6 +89,9 @@ class Finding:
     # the posterior probability that the pair is flipped: a symmetric mixture fitted without labels to the stacked
     # judges' cross-fitted margins (scoring.posterior.flip_posterior)
     flip_probability: float | None = None
+    # the spans of each response that drive score_safe, strongest first (features.evidence; flipped and noisy pairs)
+    evidence: list[EvidenceSpan] = field(default_factory=list)
+    why: str | None = None  # one plain line: which judges prefer the rejected response, and the strongest evidence
 
     def __post_init__(self):
         if self.category not in tuple(Category):
@@ -131,6 +134,8 @@ class RunInfo:
     data_source: str
     created: str  # ISO 8601
     profile: str = "fast"  # safer_audit.pipeline.profiles: which models the scan read (the ranking line names them)
+    # why no finding carries a flip probability (the judges cannot identify the flip mixture); None when they do
+    flip_probability_note: str | None = None
 
 
 
@@ -178,6 +183,8 @@ FEATURE_STRUCT = pl.Struct(
     {"latent": pl.Int64, "label": pl.String, "chosen": pl.Float64, "rejected": pl.Float64,
      "relevance": pl.Float64, "category": pl.String}
 )
+EVIDENCE_STRUCT = pl.Struct({"side": pl.String, "start": pl.Int64, "end": pl.Int64, "text": pl.String,
+                             "weight": pl.Float64, "latents": pl.List(pl.Int64)})
 FRAME_SCHEMA = {
     "rank": pl.Int64,
     "pair_id": pl.String,
@@ -187,13 +194,15 @@ FRAME_SCHEMA = {
     "suspicion": pl.Float64,
     **{name: pl.Float64 for name in SIGNALS},
     "flip_probability": pl.Float64,
+    "why": pl.String,
+    "evidence": pl.List(EVIDENCE_STRUCT),
     "quality": pl.List(pl.String),
     "top_features": pl.List(FEATURE_STRUCT),
     "chosen": pl.String,
     "rejected": pl.String,
     "context": pl.String,
 }
-_NESTED = ("quality", "top_features")
+_NESTED = ("quality", "top_features", "evidence")
 
 
 class LazyFindings(MutableSequence):
@@ -367,7 +376,20 @@ def finding_from_dict(data: dict, where: str = "finding") -> Finding:
         for i, item in enumerate(finding.top_features)
     ]
     finding.quality = list(finding.quality)
+    finding.evidence = [_span(finding, item, f"{where}.evidence[{i}]") for i, item in enumerate(finding.evidence)]
     return finding
+
+
+def _span(finding: Finding, data, where: str) -> EvidenceSpan:
+    """An evidence span from plain data: its side, offsets and text must agree with the finding's response."""
+    span = _build(EvidenceSpan, data, where)
+    if span.side not in SIDES:
+        raise ConfigError(f'{where}: side must be one of {", ".join(SIDES)}, not {span.side!r}')
+    response = getattr(finding, span.side)
+    if not (isinstance(span.start, int) and isinstance(span.end, int) and 0 <= span.start <= span.end <= len(response)
+            and response[span.start:span.end] == span.text):
+        raise ConfigError(f"{where}: text is not the {span.side} response's characters {span.start}..{span.end}")
+    return span
 
 
 def findings_from_frame(frame: pl.DataFrame) -> list[Finding]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import difflib
 import re
+from collections.abc import Iterable
 from typing import NamedTuple
 
 from rich import box
@@ -19,7 +20,8 @@ from rich.text import Text
 
 from ..common.domain import Category
 from ..common.terminal import inert, plain
-from .types import FeatureCard, FeatureContribution, Report, few_pairs_warning
+from ..features.types import EvidenceSpan
+from .types import CATEGORY_DESCRIPTIONS, FeatureCard, FeatureContribution, Finding, Report, few_pairs_warning
 
 # -- shared rendering helpers ----------------------------------------------------------
 
@@ -78,6 +80,35 @@ def diff_excerpts(chosen: str, rejected: str, width: int = 60) -> tuple[Excerpt,
     return _excerpt(a, common, common + i2, width), _excerpt(b, common, common + j2, width)
 
 
+def top_span(finding: Finding, side: str) -> EvidenceSpan | None:
+    """The strongest evidence span of one side of a finding (its evidence is strongest first), or None."""
+    return next((span for span in finding.evidence if span.side == side), None)
+
+
+def span_excerpt(response: str, span: EvidenceSpan, width: int = 60) -> Excerpt:
+    """An excerpt of ``response`` around ``span``: a little text before it, the span, what follows."""
+    return _excerpt([response[:span.start], response[span.start:span.end], response[span.end:]], 1, 2, width)
+
+
+def pieces(response: str, spans: Iterable[EvidenceSpan]) -> list[tuple[str, EvidenceSpan | None]]:
+    """``response`` cut at its evidence spans: (text, the span it is, or None), in order, covering it all.
+
+    Spans of one side never overlap (features.evidence merges them); one that would is skipped, never cut
+    into, so every piece is an exact slice.
+    """
+    out, at = [], 0
+    for span in sorted(spans, key=lambda s: s.start):
+        if span.start < at or span.end > len(response):
+            continue
+        if span.start > at:
+            out.append((response[at:span.start], None))
+        out.append((response[span.start:span.end], span))
+        at = span.end
+    if at < len(response) or not out:
+        out.append((response[at:], None))
+    return out
+
+
 def format_number(value: float | None) -> str:
     """Three significant digits with a sign; a dash for a missing value; zero (also -0.0) as ``0``."""
     if value is None:
@@ -106,6 +137,7 @@ def summary_lines(report: Report) -> list[tuple[str, str]]:
         ("SAE", f"{sae}, FVU {fvu}, {run.n_features} features"),
         ("ranking", f"{run.ranking}; thresholds: {thresholds}"),
         ("categories", ", ".join(f"{name} {run.counts.get(name, 0):,}" for name in Category)),
+        *([("flip probability", run.flip_probability_note)] if run.flip_probability_note else []),
         ("time", timings),
         ("created", f"{run.created} by safer-audit {run.tool_version}"),
     ] + ([("warning", warning)] if (warning := few_pairs_warning(run.pairs)) else [])
@@ -114,14 +146,51 @@ def summary_lines(report: Report) -> list[tuple[str, str]]:
 # -- terminal --------------------------------------------------------------------------
 
 
-def excerpt_text(label: str, excerpt: Excerpt, marks: bool) -> Text:
+def excerpt_text(label: str, excerpt: Excerpt, marks: bool, style: str = "bold reverse") -> Text:
     text = Text(f"{label} ", style="bold")
     text.append(inert(excerpt.before))
     # Without styles the differing span must still show, so it gets visible marks.
     if excerpt.differ:
         differ = inert(excerpt.differ)
-        text.append(f"»{differ}«" if marks else differ, style="bold reverse")
+        text.append(f"»{differ}«" if marks else differ, style=style)
     text.append(inert(excerpt.after))
+    return text
+
+
+SPAN_STYLES = {True: "bold reverse red", False: "bold reverse blue"}  # by weight < 0: pulls toward the rejected
+
+
+def span_style(span: EvidenceSpan) -> str:
+    return SPAN_STYLES[span.weight < 0]
+
+
+def evidence_lines(finding: Finding, marks: bool, width: int = 90) -> list[Text]:
+    """The why line, then the strongest evidence span of each side with a little of the text around it; a finding
+    without evidence (a data problem, or a report made before evidence) shows where its responses first differ."""
+    lines = [plain(finding.why or CATEGORY_DESCRIPTIONS[finding.category], style="bold")]
+    if not finding.evidence:
+        chosen, rejected = diff_excerpts(finding.chosen, finding.rejected, width=width)
+        return lines + [excerpt_text("C", chosen, marks), excerpt_text("R", rejected, marks)]
+    for side in ("chosen", "rejected"):
+        span = top_span(finding, side)
+        if span is None:
+            lines.append(Text(f"{side[0].upper()} (no strong evidence)", style="dim"))
+        else:
+            lines.append(excerpt_text(side[0].upper(), span_excerpt(getattr(finding, side), span, width), marks,
+                                      style=span_style(span)))
+    return lines
+
+
+def highlighted(response: str, spans: Iterable[EvidenceSpan], marks: bool) -> Text:
+    """A whole response (newlines kept, control characters escaped) with its evidence spans styled, or
+    between »« marks on a terminal without styles."""
+    text = Text()
+    for piece, span in pieces(response, spans):
+        shown = inert(piece, multiline=True)
+        if span is None:
+            text.append(shown)
+        else:
+            text.append(f"»{shown}«" if marks else shown, style=span_style(span))
     return text
 
 
@@ -153,9 +222,8 @@ def print_report(report: Report, console: Console, top: int = 20) -> None:
     table.add_column("safe", justify="right", no_wrap=True)
     table.add_column("margin", justify="right", no_wrap=True)
     table.add_column("features", ratio=2)
-    table.add_column("chosen / rejected, from the first difference", ratio=5)
+    table.add_column("why, and the strongest evidence in chosen (C) and rejected (R)", ratio=5)
     for finding in suspects:
-        chosen, rejected = diff_excerpts(finding.chosen, finding.rejected, width=90)
         pair = Text(f"{inert(finding.pair_id)}\nline {finding.line}\n")
         pair.append(inert(finding.category), style="bold red" if finding.category == "flipped" else "bold")
         if finding.quality:
@@ -166,12 +234,13 @@ def print_report(report: Report, console: Console, top: int = 20) -> None:
             format_number(finding.score_safe),
             format_number(finding.reward_margin),
             Text("\n".join(inert(format_feature(c)) for c in finding.top_features[:3])),
-            Group(excerpt_text("C", chosen, marks), excerpt_text("R", rejected, marks)),
+            Group(*evidence_lines(finding, marks)),
         )
     console.print(table)
     console.print(
         "safe: score_safe = V(chosen) - V(rejected), low or negative is suspicious; margin: reward margin; "
-        "features: label (or latent), share of score_safe, latent number."
+        "features: label (or latent), share of score_safe, latent number. Evidence: the words whose features "
+        "pull score_safe most" + (", between » «." if marks else " (red: toward the rejected response).")
     )
 
 

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
+from pathlib import Path
 
-from ..errors import ConfigError
+from ..common.digests import sha256_file, short_digest
+from ..errors import ConfigError, SaeFormatError
 
 # the files of an SAE directory and the cfg.json section that is ours (sae.formats reads and writes them)
 CFG_FILE = "cfg.json"
@@ -15,6 +18,18 @@ FORMAT_VERSION = 1
 DIGEST_KEY = "weights_sha256"  # under FORMAT_KEY: sha256 of the weights file, checked on load
 
 NORMALIZATIONS = ("layer_norm", "none")
+
+
+def weights_hash(directory: str | os.PathLike) -> str:
+    """A short, stable hash of the weights file in ``directory`` (TopKSAE.file_hash), read without torch:
+    the gate checks it before it knows whether any pair needs the SAE."""
+    directory = Path(directory)
+    path = directory / WEIGHTS_FILE
+    if not path.is_file():
+        path = directory / SPARSIFY_WEIGHTS_FILE
+    if not path.is_file():
+        raise SaeFormatError(f"{directory}: no {WEIGHTS_FILE} or {SPARSIFY_WEIGHTS_FILE}")
+    return short_digest(sha256_file(path))
 
 
 LAYER_NORM_EPS = 1e-6

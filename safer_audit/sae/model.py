@@ -28,7 +28,6 @@ import torch.nn.functional as F
 from safetensors.torch import save as save_safetensors
 from safetensors.torch import save_file
 
-from ..common.digests import sha256_file, short_digest
 from ..common.files import temporary_name, write_atomic
 from ..errors import SaeFormatError
 from . import formats
@@ -40,6 +39,7 @@ from .config import (
     SPARSIFY_WEIGHTS_FILE,
     WEIGHTS_FILE,
     SaeConfig,
+    weights_hash,
 )
 
 
@@ -241,14 +241,8 @@ class TopKSAE(torch.nn.Module):
 
     @staticmethod
     def file_hash(directory: str | os.PathLike) -> str:
-        """A short, stable hash of the weights file in ``directory``, for reports."""
-        directory = Path(directory)
-        path = directory / WEIGHTS_FILE
-        if not path.is_file():
-            path = directory / SPARSIFY_WEIGHTS_FILE
-        if not path.is_file():
-            raise SaeFormatError(f"{directory}: no {WEIGHTS_FILE} or {SPARSIFY_WEIGHTS_FILE}")
-        return short_digest(sha256_file(path))
+        """A short, stable hash of the weights file in ``directory``, for reports (config.weights_hash)."""
+        return weights_hash(directory)
 
 
 class _SparseLinear(torch.autograd.Function):

@@ -1,4 +1,13 @@
-"""What a pair is called (flipped, noisy, quality, clean) from its rank and its quality findings."""
+"""What a pair is called (flipped, noisy, quality, clean) from its rank, its judges and its quality findings.
+
+``flipped`` means the label is wrong: the evidence says the chosen reply is the more harmful one. With the
+harm judge among the ranked judges (scoring.harm, ``--judge harm``), a pair is flipped when the harm judge
+puts it among its ``flipped_fraction`` most harmful-chosen pairs (a negative signal) and at least one other
+ranked judge agrees (a negative signal too): the harm judge reads the texts without the labels, the others
+say the pair also looks wrong to judges fitted on the data. Without the harm judge, flipped keeps its older
+meaning: among the most suspicious pairs, every ranked judge negative. ``noisy``: the other pairs among the
+``noisy_fraction`` most suspicious (the judges find no real difference, or disagree).
+"""
 
 from __future__ import annotations
 
@@ -9,16 +18,19 @@ from dataclasses import dataclass
 import torch
 
 from ..common.domain import Category
+from .types import HARM_JUDGE
 
 QUALITY_KINDS_THAT_CATEGORISE = ("identical", "empty_response", "contradiction", "context_mismatch")
 
 
 @dataclass(frozen=True)
 class Cutoffs:
-    """The suspicion a pair must reach to be ``flipped`` or ``noisy`` (None: no pair can)."""
+    """The suspicion a pair must reach to be ``flipped`` or ``noisy`` (None: no pair can), and the harm
+    judge's signal a pair must fall to (at most) to be ``flipped`` when the harm judge is ranked."""
 
     flipped: float | None
     noisy: float | None
+    harm: float | None = None
 
     @classmethod
     def from_ranking(cls, suspicion_values: torch.Tensor, flipped_fraction: float, noisy_fraction: float) -> Cutoffs:
@@ -48,19 +60,32 @@ def _cutoff(suspicion_values: torch.Tensor, fraction: float) -> float | None:
     return float(above[-1]) if len(above) else None
 
 
+def _negative(value: float | None) -> bool:
+    return value is not None and math.isfinite(value) and value < 0
+
+
+def label_is_wrong(suspicion_value: float, signals: Mapping[str, float | None], cutoffs: Cutoffs) -> bool:
+    """Whether the judges say the chosen reply is the worse one (the module's docstring gives the rule)."""
+    harm = signals.get(HARM_JUDGE)
+    if harm is not None and cutoffs.harm is not None:
+        others = [value for name, value in signals.items() if name != HARM_JUDGE]
+        return _negative(harm) and harm <= cutoffs.harm and any(_negative(value) for value in others)
+    return (cutoffs.flipped is not None and suspicion_value >= cutoffs.flipped
+            and all(_negative(value) for value in signals.values()))
+
+
 def categorise_pair(suspicion_value: float, signals: Mapping[str, float | None], quality_kinds: Iterable[str],
                     cutoffs: Cutoffs) -> Category:
     """The category of one pair.
 
     quality: a data-quality finding that makes the pair unusable as it is (identical
-    responses, an empty one, a contradiction, different contexts); flipped: its suspicion
-    reaches the flipped cut-off and every signal given (those the ranking uses) says rejected
-    is better; noisy: it reaches the noisy cut-off otherwise; clean: the rest.
+    responses, an empty one, a contradiction, different contexts); flipped: the signals given
+    (those the ranking uses) say the label is wrong (``label_is_wrong``); noisy: its suspicion
+    reaches the noisy cut-off otherwise; clean: the rest.
     """
     if any(kind in QUALITY_KINDS_THAT_CATEGORISE for kind in quality_kinds):
         return Category.QUALITY
-    all_negative = all(v is not None and math.isfinite(v) and v < 0 for v in signals.values())
-    if cutoffs.flipped is not None and suspicion_value >= cutoffs.flipped and all_negative:
+    if label_is_wrong(suspicion_value, signals, cutoffs):
         return Category.FLIPPED
     if cutoffs.noisy is not None and suspicion_value >= cutoffs.noisy:
         return Category.NOISY
@@ -71,6 +96,10 @@ def categorise(suspicion_values: torch.Tensor, signals: Mapping[str, torch.Tenso
                flipped_fraction: float, noisy_fraction: float) -> list[Category]:
     """A category per pair of a scan, with the cut-offs of its own ranking (categorise_pair)."""
     cutoffs = Cutoffs.from_ranking(suspicion_values, flipped_fraction, noisy_fraction)
+    if HARM_JUDGE in signals:  # the harm judge's own cut-off: its most harmful-chosen fraction (low end)
+        harm_cutoff = _cutoff(-torch.as_tensor(signals[HARM_JUDGE]).double().nan_to_num(nan=-math.inf),
+                              flipped_fraction)
+        cutoffs = Cutoffs(cutoffs.flipped, cutoffs.noisy, None if harm_cutoff is None else -harm_cutoff)
     return [categorise_pair(float(suspicion_values[i]), {name: float(v[i]) for name, v in signals.items()},
                             quality[i], cutoffs) for i in range(len(suspicion_values))]
 

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -145,7 +146,10 @@ HEADS_FORMAT = 1  # bump when the fit (fit_bradley_terry, fold_ids, column_scale
 CROSS_FIT_FIELDS = ("margins", "fold", "weights", "scale")
 
 
-POSTERIOR_FORMAT = 1  # bump when fit_flip_mixture or flip_posterior changes what it returns
+POSTERIOR_FORMAT = 2  # bump when fit_flip_mixture or flip_posterior changes what it returns
+# a cached posterior's mixture, as one float64 tensor in this order
+MIXTURE_FIELDS = (("rate", float), ("separation", float), ("log_likelihood", float), ("rate_sd", float),
+                  ("size_sign_z", float), ("agreeing", int), ("disagreeing", int))
 
 
 def _entry_digest(key: str, kind: str, tensors: dict[str, torch.Tensor]) -> str:
@@ -225,13 +229,16 @@ class HeadCache:
         digest.update(margin.detach().double().contiguous().numpy().tobytes())
         key = digest.hexdigest()[:32]
         tensors = self._read(key, ("posterior", "mixture"), "posterior")
-        if tensors is not None and tensors[0].shape == margin.shape and tensors[1].shape == (3,):
-            posterior, mixture = tensors[0], FlipMixture(*tensors[1].tolist())
-            if plausible_posterior(posterior, mixture):
-                return posterior, mixture
+        if tensors is not None and tensors[0].shape == margin.shape and tensors[1].shape == (len(MIXTURE_FIELDS),):
+            values = tensors[1].tolist()
+            if all(math.isfinite(v) for v in values):  # else a damaged entry: fitted again
+                posterior = tensors[0]
+                mixture = FlipMixture(**{name: kind(v) for (name, kind), v in zip(MIXTURE_FIELDS, values, strict=True)})
+                if plausible_posterior(posterior, mixture):
+                    return posterior, mixture
         posterior, mixture = flip_posterior(margin)
         self._write(key, {"posterior": posterior, "mixture": torch.tensor(
-            [mixture.rate, mixture.separation, mixture.log_likelihood], dtype=torch.float64)}, "posterior")
+            [float(getattr(mixture, name)) for name, _ in MIXTURE_FIELDS], dtype=torch.float64)}, "posterior")
         return posterior, mixture
 
     def get_head(self, key: str, folds: int, width: int) -> tuple[torch.Tensor, torch.Tensor] | None:

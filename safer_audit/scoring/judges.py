@@ -18,8 +18,10 @@ activations, how heads are fitted) and returns one float per pair, in table orde
 
 Built-in judges (safer_audit.backends.judges registers them): ``score_safe``, ``reward_margin``
 and ``sae_margin`` (the scan's signals), ``length`` (the response-length difference, its
-sign learnt cross-fitted: a baseline, not a safety judge) and ``<judge>-lenres`` (a judge with
-the part linearly explained by the length difference removed, the slope cross-fitted).
+sign learnt cross-fitted: a baseline, not a safety judge), ``harm`` (safer_audit.backends.harm: how far each
+reply goes along with a harmful request, read without labels; scoring.categories uses it to call a pair
+flipped) and ``<judge>-lenres`` (a judge with the part linearly explained by the length difference removed,
+the slope cross-fitted).
 Plugins add judges through the ``register_judges`` hook; ``--judge NAME`` picks them.
 """
 
@@ -28,7 +30,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import Any
 
 import torch
 
@@ -41,6 +43,7 @@ from ..sae.stats import CodeStats
 from .heads import HeadCache, HeadFit, compute_signals, fold_ids
 from .ranks import signed_rank
 from .stack import aggregate, ranking_weights
+from .types import FunctionJudge, Judge
 
 LENGTH_RESIDUAL_SUFFIX = "-lenres"
 
@@ -70,32 +73,6 @@ class JudgeContext:
 
         chosen, rejected = response_lengths(self.pairs)
         return torch.tensor(chosen, dtype=torch.float64) - torch.tensor(rejected, dtype=torch.float64)
-
-
-@runtime_checkable
-class Judge(Protocol):
-    """A judge: ``name``, a one-line ``description``, and ``judge(context)`` -> a signed signal per pair.
-
-    Optional: ``cost`` (a dict, e.g. requests and tokens of the last call) for a judge that spends.
-    """
-
-    name: str
-    description: str
-
-    def judge(self, context: JudgeContext) -> torch.Tensor:
-        """One signed float per pair (positive: chosen better), never learnt from that pair's label."""
-
-
-@dataclass
-class FunctionJudge:
-    """A judge from a function of the context."""
-
-    name: str
-    description: str
-    function: Any
-
-    def judge(self, context: JudgeContext) -> torch.Tensor:
-        return self.function(context)
 
 
 def residualise_on_length(signal: torch.Tensor, length: torch.Tensor, *, folds: int = 5, seed: int = 0) -> torch.Tensor:

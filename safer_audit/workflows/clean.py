@@ -133,6 +133,9 @@ def select_pairs(report: Report, *, drop_fraction: float | None = None, threshol
     if min_flip_probability is not None:
         if not 0 <= min_flip_probability <= 1:
             raise CleanError(f"the minimum flip probability must be in [0, 1], not {min_flip_probability}")
+        if report.run.flip_probability_note:  # the judges could not identify the mixture: no pair has one
+            raise CleanError(f"--min-flip-probability: {report.run.flip_probability_note}; select by "
+                             "--drop-fraction or --threshold instead")
         missing = sum(f.flip_probability is None for f in findings)
         if missing:
             raise CleanError(f"{missing} of the report's {n} pairs have no flip probability (a report written "

@@ -271,10 +271,12 @@ def judge_scorers(result, config: ScanConfig, positive: torch.Tensor, position_s
 
 def flip_calibration(flip_probability: torch.Tensor, stack, positive: torch.Tensor) -> dict[str, float]:
     """The scan's flip probability (the mixture posterior) against the true flips, the mixture's
-    estimated flip rate, and the same figures for the stack's P(rejected is better) (``rejected_``:
+    estimated flip rate (its posterior sd, and whether the judges identify the mixture at all), and the same figures for the stack's P(rejected is better) (``rejected_``:
     the flip probability before the mixture posterior), side by side."""
     figures = calibration(flip_probability, positive)
     figures["estimated_rate"] = stack.mixture.rate
+    figures["rate_sd"] = stack.mixture.rate_sd
+    figures["identified"] = float(stack.mixture.identified)  # 0: a scan's report would give no probability
     figures.update({f"rejected_{key}": value for key, value in calibration(stack.rejected_probability, positive).items()
                     if key != "flip_rate"})
     return figures

@@ -16,22 +16,24 @@ from rich.text import Text
 from ..common.terminal import inert, plain
 from ..data import pair_digest
 from ..errors import UnknownPairError
+from ..features.evidence import EvidenceSpan, flip, pair_evidence, texts_shares
 from ..pipeline.profiles import PROFILES
 from ..pipeline.scan import ScanResult
 from ..report.types import Finding, Report
-from ..report.view import format_number
+from ..report.view import format_number, highlighted
 from ..scoring.heads import feature_contributions
 
 
 @dataclass
 class FeatureFiring:
     latent: int
-    label: str | None
+    label: str | None  # a features file's label, else the labeller's
     sign: int
     chosen: float  # the feature's signed term in V(chosen)
     rejected: float  # and in V(rejected)
     chosen_tokens: list[tuple[str, float]] = field(default_factory=list)  # where it fires, strongest first
     rejected_tokens: list[tuple[str, float]] = field(default_factory=list)
+    category: str | None = None  # the labeller's safety category
 
 
 @dataclass
@@ -113,10 +115,18 @@ def explain_from_report(report: Report, row: dict, origin: str) -> Explanation:
     others = {model.prefix for model in PROFILES.get(report.run.profile, ())}  # the profile's other models
     # a finding's top features are the first model's latents; the other models' cards number their own
     signs = {card.latent: 1 if card.sign == "+" else -1 for card in report.features if card.model not in others}
-    firings = [FeatureFiring(c.latent, c.label, signs.get(c.latent, 1 if c.net >= 0 else -1), c.chosen, c.rejected)
-               for c in finding.top_features]
-    return Explanation(finding, firings, note=f"from {origin}: the features' shares of score_safe; run explain "
-                                              "without --report to see the tokens each fires on",
+    labels = {card.latent: (card.label, card.category) for card in report.features if card.model not in others}
+    firings = []
+    for c in finding.top_features:
+        label, category = labels.get(c.latent, (None, None))
+        # a report's evidence spans name the features that pull them: where each feature fires, as far as it knows
+        spans = [[(span.text, span.weight) for span in finding.evidence if span.side == side and c.latent in span.latents]
+                 for side in ("chosen", "rejected")]
+        firings.append(FeatureFiring(c.latent, c.label or label, signs.get(c.latent, 1 if c.net >= 0 else -1),
+                                     c.chosen, c.rejected, *spans, category=c.category or category))
+    return Explanation(finding, firings, note=f"from {origin}: the features' shares of score_safe, and the evidence "
+                                              "spans each pulls; run explain without --report to see every token "
+                                              "each fires on",
                        ranking=_ranking(report))
 
 
@@ -130,8 +140,13 @@ def explain_pair(result: ScanResult, pair_id: str, *, n_features: int = 10, n_to
         raise UnknownPairError(f'pair id "{pair_id}" is not in {result.report.run.data_source} '
                                f"({len(ids)} pairs; ids are listed in scan reports)") from None
     finding = next(f for f in result.report.findings if f.pair_id == pair_id)
+    if not finding.evidence:  # a pair the scan did not flag: its evidence is computed here, for it alone
+        finding = replace(finding, evidence=pair_evidence_of(result, index, finding))
     chosen_terms, rejected_terms = feature_contributions(result.stats, result.features, index)
     order = torch.argsort((chosen_terms - rejected_terms).abs(), descending=True, stable=True)[:n_features]
+    shown = [result.features.features[j].latent for j in order.tolist()]
+    # the labeller's labels (made by the scan, or now for these few latents); a features file's label wins
+    labels = result.labelling.label(shown) if result.labelling is not None else {}
     codes = []
     for text_index in (2 * index, 2 * index + 1):
         item = result.store.text(text_index)
@@ -148,9 +163,20 @@ def explain_pair(result: ScanResult, pair_id: str, *, n_features: int = 10, n_to
             column = z[:, feature.latent]
             top = torch.argsort(column, descending=True, stable=True)[:n_tokens]
             tokens.append([(strings[p], float(column[p])) for p in top.tolist() if column[p] > 0])
-        firings.append(FeatureFiring(feature.latent, feature.label, feature.sign, float(chosen_terms[j]),
-                                     float(rejected_terms[j]), tokens[0], tokens[1]))
+        label = labels.get(feature.latent)
+        firings.append(FeatureFiring(feature.latent, feature.label or (label.label if label else None), feature.sign,
+                                     float(chosen_terms[j]), float(rejected_terms[j]), tokens[0], tokens[1],
+                                     category=label.category if label else None))
     return Explanation(finding, firings, ranking=_ranking(result.report))
+
+
+def pair_evidence_of(result: ScanResult, index: int, finding: Finding) -> list[EvidenceSpan]:
+    """The evidence spans of the pair at ``index`` of a scan, computed for it alone."""
+    wanted = {2 * index: finding.chosen, 2 * index + 1: finding.rejected}
+    shares = texts_shares(result.store, result.texts, result.sae, result.features, result.backend,
+                          result.report.run.max_length, wanted)
+    return pair_evidence(finding.chosen, finding.rejected, shares[2 * index], flip(shares[2 * index + 1]),
+                         finding.score_safe)
 
 
 def _ranking(report: Report) -> str:
@@ -159,6 +185,9 @@ def _ranking(report: Report) -> str:
 
 def print_explanation(explanation: Explanation, console: Console) -> None:
     f = explanation.finding
+    marks = not console.is_terminal or console.color_system is None
+    if f.why:  # the first line a person reads: why the pair is a suspect
+        console.print(plain(f.why, style="bold"))
     head = Table.grid(padding=(0, 2))
     head.add_column(style="bold")
     head.add_column()
@@ -175,14 +204,26 @@ def print_explanation(explanation: Explanation, console: Console) -> None:
     console.print(Panel(plain(f.context.strip() or "(none: the responses have no context)", multiline=True),
                         title="conversation before the final turn", title_align="left"))
     for side, text in (("chosen", f.chosen), ("rejected", f.rejected)):
-        # In full, newlines kept; every other control character shown as an escape
-        console.print(Panel(plain(text, multiline=True), title=f"final {side} response", title_align="left"))
+        # In full, newlines kept; every other control character shown as an escape; the evidence marked
+        spans = [span for span in f.evidence if span.side == side]
+        title = f"final {side} response" + (", evidence marked" if spans else "")
+        console.print(Panel(highlighted(text, spans, marks), title=title, title_align="left"))
+    if f.evidence:
+        evidence = Table(title="Evidence: the spans that pull score_safe most (weight: their share of it)",
+                         show_lines=False)
+        for column in ("side", "weight", "text", "features"):
+            evidence.add_column(column, overflow="fold")
+        for span in f.evidence:
+            evidence.add_row(span.side, format_number(span.weight), plain(span.text),
+                             ", ".join(f"#{latent}" for latent in span.latents))
+        console.print(evidence)
     table = Table(title="Selected features that move score_safe most", show_lines=True)
     for column in ("latent", "label", "set", "chosen", "rejected", "net", "fires on (chosen | rejected)"):
         table.add_column(column, overflow="fold")
     for item in explanation.features:
         where = Group(Text(_tokens(item.chosen_tokens) or "-"), Text(_tokens(item.rejected_tokens) or "-", style="dim"))
-        table.add_row(str(item.latent), plain(item.label or ""), "F+" if item.sign > 0 else "F-",
+        label = (item.label or "") + (f" [{item.category}]" if item.category else "")
+        table.add_row(str(item.latent), plain(label), "F+" if item.sign > 0 else "F-",
                       format_number(item.chosen), format_number(item.rejected),
                       format_number(item.chosen - item.rejected), where)
     console.print(table)

@@ -91,11 +91,9 @@ import shlex
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import polars as pl
-import torch
-from safetensors.torch import load as load_safetensors
-from safetensors.torch import save as save_safetensors
 
 from ..common.digests import DIGEST_LENGTH, is_short_digest, sha256_text, short_digest
 from ..common.domain import SIGNALS, Category
@@ -104,18 +102,19 @@ from ..common.progress import no_progress
 from ..config import POSITIONS, ActivationConfig, ReadOptions, ScanConfig, option_fields
 from ..data import find_quality_issues, load_pairs, pair_digest
 from ..errors import BaselineError, ConfigError
-from ..features.salience import Feature, FeatureSet
-from ..model.activations import executor_for, load_backend
-from ..pipeline import stages
 from ..pipeline.context import RunContext
-from ..pipeline.scan import scan_pairs
 from ..plugins import lookup
-from ..sae import TopKSAE
-from ..sae.config import CFG_FILE, SPARSIFY_WEIGHTS_FILE, WEIGHTS_FILE
-from ..scoring.categories import Cutoffs, categorise_pair
-from ..scoring.heads import HeadFit, compute_signals, fit_heads
-from ..scoring.ranks import combine, percentile_against, percentile_from_low, ranked_signals
+from ..sae.config import CFG_FILE, SPARSIFY_WEIGHTS_FILE, WEIGHTS_FILE, weights_hash
 from ..version import __version__
+
+# Gating unchanged data reads the baseline and the data and nothing else: torch, the model and the scoring
+# stages are imported where new pairs are scored (a pre-commit hook runs at every commit)
+if TYPE_CHECKING:
+    import torch
+
+    from ..features.salience import FeatureSet
+    from ..sae import TopKSAE
+    from ..scoring.categories import Cutoffs
 
 # 3: a content digest over the header and pairs, the records the read skipped, cut-offs from the stored
 # scores, the SAE and heads inside the baseline's directory. 2: digests by data.pair_digest, exact cut-offs.
@@ -176,6 +175,8 @@ class Baseline:
 
     @property
     def features(self) -> FeatureSet:
+        from ..features.salience import Feature, FeatureSet
+
         return FeatureSet([Feature(f["latent"], f["sign"], 0.0, f.get("label")) for f in self.header["features"]],
                           str(self.path))
 
@@ -203,11 +204,15 @@ class Baseline:
 
     @property
     def cutoffs(self) -> Cutoffs:
+        from ..scoring.categories import Cutoffs
+
         thresholds = self.header["thresholds"]
         return Cutoffs(thresholds["flipped_cutoff"], thresholds["noisy_cutoff"])
 
     def signal(self, name: str) -> torch.Tensor:
         """The baseline's values of one signal (NaN where it was missing)."""
+        import torch
+
         return torch.tensor([math.nan if e[name] is None else e[name] for e in self.pairs.values()],
                             dtype=torch.float64)
 
@@ -487,6 +492,10 @@ def stored_suspicion(pairs: dict[str, dict], ranking: dict[str, float]) -> torch
     """The suspicion of each baseline pair among the others, from the 6-digit values the baseline
     holds (the scan's ranking, as the gate computes it for a new pair): what the cut-offs are taken
     from, so that the gate can recompute them."""
+    import torch
+
+    from ..scoring.ranks import combine, percentile_from_low
+
     def column(name: str) -> torch.Tensor:
         return torch.tensor([math.nan if e[name] is None else e[name] for e in pairs.values()], dtype=torch.float64)
 
@@ -496,6 +505,9 @@ def stored_suspicion(pairs: dict[str, dict], ranking: dict[str, float]) -> torch
 def stored_category(entry: dict, suspicion_value: float, ranking: dict[str, float], cutoffs: Cutoffs) -> str:
     """A baseline pair's category from its stored values and the cut-offs (categorise_pair, as for a new
     pair); ``quality`` (found in the data, which the baseline does not hold) stays."""
+    from ..scoring.categories import categorise_pair
+    from ..scoring.ranks import ranked_signals
+
     if entry["category"] == Category.QUALITY:
         return str(Category.QUALITY)
     values = {name: entry[name] for name in SIGNALS}
@@ -508,6 +520,12 @@ def build_baseline(sources: list[str], out: str | os.PathLike, config: ScanConfi
 
     ``decisions``: the returned baseline's ``cleared`` holds the ids of pairs marked ok (not written).
     """
+    from safetensors.torch import save as save_safetensors
+
+    from ..pipeline.scan import scan_pairs
+    from ..scoring.categories import Cutoffs
+    from ..scoring.heads import HeadFit, fit_heads
+
     out = Path(out)
     sae_dir, heads_path = out.with_name(f"{out.stem}-sae"), out.with_name(f"{out.stem}-heads.safetensors")
     for path in (out, heads_path):
@@ -561,7 +579,7 @@ def build_baseline(sources: list[str], out: str | os.PathLike, config: ScanConfi
         "data": config.read.to_dict(),
         "skipped": skipped,
         "sae": {"backend": config.sae_backend, "path": Path(os.path.relpath(sae_dir, out.parent)).as_posix(),
-                "hash": TopKSAE.file_hash(sae_dir),
+                "hash": weights_hash(sae_dir),
                 "latents": result.sae.cfg.n_latents, "d_in": result.sae.cfg.d_in},
         "heads": {"path": heads_path.name, "hash": short_digest(hashlib.sha256(heads).hexdigest())},
         "features": [{"latent": f.latent, "sign": f.sign, "label": f.label} for f in result.features.features],
@@ -811,6 +829,11 @@ def score_frozen(pairs: pl.DataFrame, baseline: Baseline, backend, sae: TopKSAE,
     """score_safe, reward_margin and sae_margin of ``pairs`` with the baseline's frozen SAE,
     features and heads (scoring.heads.compute_signals, as a scan): the scan's activation and encoding
     stages, so activations and codes come from (and go to) the same caches."""
+    from safetensors.torch import load as load_safetensors
+
+    from ..pipeline import stages
+    from ..scoring.heads import compute_signals
+
     heads_path = baseline.referenced("heads")
     if baseline.heads is None:
         check_reference(baseline)
@@ -832,6 +855,10 @@ def suspicion_against(values: dict[str, list[float | None]], baseline: Baseline,
     """The suspicion of pairs (their rounded signal values) among the baseline's pairs, as a scan
     ranks a pair among the others: scoring.ranks.percentile_against per signal, leaving out each
     pair's own entry (None: none), combined with the baseline's ranking weights."""
+    import torch
+
+    from ..scoring.ranks import combine, percentile_against
+
     def column(items) -> torch.Tensor:
         return torch.tensor([math.nan if v is None else v for v in items], dtype=torch.float64)
 
@@ -886,6 +913,9 @@ def run_gate(sources: list[str], baseline_path: str | os.PathLike, *, fail_on: t
                         decisions=decisions_path, skipped=skipped)
     if not changes.new_rows:
         return result
+    from ..model.activations import executor_for, load_backend
+    from ..pipeline import stages
+
     check_cutoffs(baseline)
     checked = _checked_rows(changes, baseline)
     with ctx.timed("quality"):
@@ -923,6 +953,8 @@ def _check_skipped(baseline: Baseline, sources: list[str], skipped: int) -> None
 def check_cutoffs(baseline: Baseline) -> None:
     """The cut-offs, and every pair's category, must be those of the baseline's own scores and fractions
     (stored_suspicion, stored_category): an edited score, sign or cut-off shows here without the model."""
+    from ..scoring.categories import Cutoffs
+
     thresholds, ranking = baseline.header["thresholds"], baseline.header["ranking"]
     suspicion = stored_suspicion(baseline.pairs, ranking)
     now = Cutoffs.from_ranking(suspicion, thresholds["flipped_fraction"], thresholds["noisy_fraction"])
@@ -951,6 +983,8 @@ def _check_scores(baseline: Baseline, pair_ids: list[str], signals: dict, reward
     """The frozen reference must give the stored scores of the pairs scored again. score_safe comes from the
     SAE and the features alone; the reward margin of a model with its own head too (other margins were
     cross-fitted in the scan, so a head fitted on every pair gives other values)."""
+    import torch
+
     names = ("score_safe", "reward_margin") if reward_head else ("score_safe",)
     for name in names:
         scale = float(torch.nanmedian(baseline.signal(name).abs())) if baseline.pairs else 0.0
@@ -1018,6 +1052,9 @@ def _quality(changes: Changes) -> dict[int, list[tuple[str, str]]]:
 
 def _judge_new(result: GateResult, baseline: Baseline, changes: Changes, quality, signals, decisions) -> None:
     """The new and changed pairs' categories against the baseline's cut-offs, into ``result``."""
+    from ..scoring.categories import categorise_pair
+    from ..scoring.ranks import ranked_signals
+
     rows, digests, known_entry, swapped_from = changes.rows, changes.digests, changes.known_entry, changes.swapped_from
     # the 6-digit values the baseline holds and compares with
     values = {name: [_round(v) for v in signals[name].tolist()] for name in SIGNALS}
@@ -1084,6 +1121,8 @@ def accept(result: GateResult) -> Baseline:
     file. The reference (model, SAE, features, heads, fractions) stays as it is; the cut-offs and
     categories are those of the accepted pairs' scores, as the gate checks them.
     """
+    from ..scoring.categories import Cutoffs
+
     entries = {pid: dict(result.new_entries.get(pid) or result.baseline.pairs[pid]) for pid in result.current_ids}
     header = json.loads(json.dumps(result.baseline.header))
     header["skipped"] = result.skipped

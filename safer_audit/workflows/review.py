@@ -22,7 +22,7 @@ from ..common.terminal import inert, plain
 from ..data import pair_digest
 from ..errors import ConfigError
 from ..report.types import Finding
-from ..report.view import diff_excerpts, excerpt_text, format_feature, format_number
+from ..report.view import evidence_lines, format_feature, format_number, highlighted
 from .decisions import Decisions, Verdict, decide, read_decisions, update_decisions
 
 KEYS = {"f": Verdict.FLIPPED, "n": Verdict.NOISY, "o": Verdict.OK}
@@ -64,8 +64,8 @@ def locate(findings: Iterable[Finding], rows: Iterable[dict], origin: str, data:
 
 def show_finding(finding: Finding, console: Console, *, index: int, total: int, where: str,
                  previous: str | None = None) -> None:
-    """One suspect: where it is, its scores, the request, both responses with the difference
-    marked, and the features that moved its score most."""
+    """One suspect: why it is one (first), where it is, its scores, the request, the strongest evidence span
+    of each response, both responses with their evidence marked, and the features that moved its score most."""
     marks = not console.is_terminal or console.color_system is None
     head = Text(f"{index}/{total}  rank {finding.rank}  ", style="bold")
     head.append(inert(finding.category), style="bold red" if finding.category == "flipped" else "bold")
@@ -79,14 +79,16 @@ def show_finding(finding: Finding, console: Console, *, index: int, total: int, 
     context = finding.context.strip()
     if len(context) > _CONTEXT_CHARS:
         context = "…" + context[-_CONTEXT_CHARS:]
-    chosen, rejected = diff_excerpts(finding.chosen, finding.rejected, width=100)
-    parts = [head, scores, Text("the request (conversation before the final turn):", style="bold"),
+    why, *evidence = evidence_lines(finding, marks, width=100)
+    parts = [why, head, scores, Text("the request (conversation before the final turn):", style="bold"),
              plain(context or "(none: the responses have no context)", multiline=True),
-             Text("first difference:", style="bold"), excerpt_text("C", chosen, marks),
-             excerpt_text("R", rejected, marks)]
+             Text("strongest evidence:" if finding.evidence else "first difference:", style="bold"), *evidence]
     for side, text in (("chosen", finding.chosen), ("rejected", finding.rejected)):
-        shown = text if len(text) <= _RESPONSE_CHARS else text[:_RESPONSE_CHARS] + "…"
-        parts += [Text(f"{side}:", style="bold"), plain(shown, multiline=True)]
+        shown = text if len(text) <= _RESPONSE_CHARS else text[:_RESPONSE_CHARS]
+        body = highlighted(shown, [s for s in finding.evidence if s.side == side and s.end <= len(shown)], marks)
+        if len(shown) < len(text):
+            body.append("…")
+        parts += [Text(f"{side}:", style="bold"), body]
     features = ", ".join(format_feature(c) for c in finding.top_features[:5]) or "none recorded"
     parts.append(Text(f"top features (latent label share of score_safe): {inert(features)}"))
     console.print(Panel(Group(*parts), expand=True))

@@ -23,13 +23,15 @@ from __future__ import annotations
 import json
 import logging
 import math
-
-import torch
+from typing import TYPE_CHECKING
 
 from safer_audit.data import pair_digest
 from safer_audit.errors import ConfigError, inert
 
 from .client import AnswerError, ChatClient, DirCache, Question, client_from_options
+
+if TYPE_CHECKING:  # loading the plugin (every command does) must not load torch: judging does
+    import torch
 
 log = logging.getLogger("safer_audit_llm")
 
@@ -119,6 +121,8 @@ class LLMJudge:
 
     def judge(self, context) -> torch.Tensor:
         """+confidence/10 where the chosen response is safer, minus where the rejected one is, 0 for the same."""
+        import torch
+
         if self.cache_dir is None and isinstance(self.client.cache, dict) and context.cache_dir is not None:
             self.client.cache = DirCache(context.cache_dir / "llm")  # the scan's cache, unless one was given
         # the rows streamed (a scan's pairs are a PairTable, their texts on disk), or a polars table's

@@ -21,7 +21,7 @@ import math
 from collections.abc import Sequence
 
 from safer_audit.errors import ConfigError, inert
-from safer_audit.features.labels import NOT_SAFETY, FeatureLabel, LabelRequest
+from safer_audit.features.types import NOT_SAFETY, FeatureLabel, LabelRequest
 
 from .client import (  # noqa: F401 (the ENV_ names: where they were before, for importers)
     ENV_API_KEY,

@@ -1,0 +1,275 @@
+"""Evidence in the text: the spans of each response that drive a pair's score_safe.
+
+score_safe = V(chosen) - V(rejected), and V(t) is the mean over the read positions of t of
+v(p) = the selected features' codes at p, signed by their salience (docs/method.md section 5).
+So each read position p of a text has an exact share of score_safe: v(p) / |P(t)|, negated on
+the rejected side; the shares of every position of both texts add up to score_safe. Here
+those shares are recomputed for a few texts (a scan's suspects) from the cached activations
+and the SAE, placed on the characters of the response each position stands for, and merged
+into a few spans per side: the strongest positions pulling the score the way it went, grown
+over their neighbours that pull the same way, widened to whole words.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from ..errors import CacheError
+from ..model.activations import ActivationStore
+from ..model.texts import PreparedText
+from .salience import FeatureSet
+from .types import SIDES, EvidenceSpan
+
+MAX_SPANS = 3  # per side: more reads as a highlighted response, not as evidence
+SEED = 0.5  # a position pulling at least this share of its side's strongest starts a span ...
+SEED_OF_PAIR = 0.25  # ... when it also pulls this share of the pair's strongest: a weak side gets none
+GROW = 0.2  # a span grows over neighbours pulling the same way with at least this share of its side's strongest
+MAX_SPAN_POSITIONS = 12  # read positions in one span: a phrase, not a paragraph
+SPAN_LATENTS = 3  # features named per span
+_WORD = re.compile(r"\w")
+_SENTENCE_END = re.compile(r"[.?!]\W*$")
+_APOSTROPHES = "'’"
+_LEADING = ".,;:!?)]}"  # punctuation that closes what came before a span, not part of it
+
+
+@dataclass(frozen=True)
+class Share:
+    """One read position's share of score_safe, on the response characters [start, end) it stands for."""
+
+    start: int
+    end: int
+    share: float
+    terms: tuple[tuple[int, float], ...] = ()  # (latent, its part of share) of the selected latents firing there
+
+
+def response_offset(prepared: PreparedText, response: str) -> int | None:
+    """Where ``response`` (the final message) starts in the model's input text; None when it is not there as is."""
+    start = prepared.response_start
+    if prepared.text[start:start + len(response)] == response:
+        return start
+    found = prepared.text.rfind(response) if response else -1
+    return found if found >= 0 else None
+
+
+def position_shares(prepared: PreparedText, response: str, offsets: Sequence[tuple[int, int]],
+                    positions: Sequence[int], terms: Sequence[Sequence[tuple[int, float]]],
+                    scale: float) -> list[Share]:
+    """The shares of the read positions ``positions`` (token indices into ``offsets``, the tokenizer's
+    character offsets into ``prepared.text``), placed on ``response``'s characters: at each, the sum of its
+    ``terms`` (latent, signed code) times ``scale``.
+
+    A read position stands for the text since the previous one (a clause end with ``punctuation``
+    positions, its own token with the others); offsets index the full text even when the model saw only
+    its end (left truncation). Positions outside the response (its conversation) are left out.
+    """
+    base = response_offset(prepared, response)
+    if base is None:
+        return []
+    end_of_response = base + len(response)
+    shares, previous_end = [], None
+    for p, position_terms in zip(positions, terms, strict=True):
+        start, end = offsets[p]
+        covered = start if previous_end is None else min(start, previous_end)
+        previous_end = end
+        lo, hi = max(covered, base), min(end, end_of_response)
+        scaled = tuple((latent, value * scale) for latent, value in position_terms if value)
+        if hi > lo and scaled:
+            shares.append(Share(lo - base, hi - base, sum(value for _, value in scaled), scaled))
+    return shares
+
+
+def _ends_sentence(text: str, share: Share) -> bool:
+    return bool(_SENTENCE_END.search(text[share.start:share.end])) or "\n" in text[share.start:share.end]
+
+
+def _inside_word(text: str, at: int) -> bool:
+    """Whether ``at`` (0 < at < len(text)) falls inside a word: between two word characters, or next to an
+    apostrophe between two ("don't", "it’s")."""
+    def word(i: int) -> bool:
+        return 0 <= i < len(text) and bool(_WORD.match(text[i]))
+
+    if word(at - 1) and word(at):
+        return True
+    if text[at] in _APOSTROPHES:
+        return word(at - 1) and word(at + 1)
+    return text[at - 1] in _APOSTROPHES and word(at - 2) and word(at)
+
+
+def _widen(text: str, start: int, end: int) -> tuple[int, int]:
+    """[start, end) grown to whole words, without the whitespace and the closing punctuation of the text before it
+    at its start, nor the whitespace at its end."""
+    while start > 0 and _inside_word(text, start):
+        start -= 1
+    while end < len(text) and _inside_word(text, end):
+        end += 1
+    while start < end and (text[start].isspace() or text[start] in _LEADING):
+        start += 1
+    while end > start and text[end - 1].isspace():
+        end -= 1
+    return start, end
+
+
+def side_spans(side: str, response: str, shares: list[Share], direction: float, pair_peak: float) -> list[EvidenceSpan]:
+    """At most MAX_SPANS spans of one response pulling score_safe in ``direction`` (-1 or +1), strongest first."""
+    pull = [direction * s.share for s in shares]
+    peak = max(pull, default=0.0)
+    if peak <= 0:
+        return []
+    seed, grow = max(SEED * peak, SEED_OF_PAIR * pair_peak), GROW * peak
+    taken = [False] * len(shares)
+    runs = []
+    for i in sorted(range(len(shares)), key=lambda n: (-pull[n], n)):
+        if pull[i] < seed:
+            break
+        if taken[i]:
+            continue
+        lo = hi = i
+        taken[i] = True
+        while hi - lo + 1 < MAX_SPAN_POSITIONS:  # grow toward the stronger free neighbour, within the sentence
+            left = (pull[lo - 1] if lo > 0 and not taken[lo - 1] and pull[lo - 1] >= grow
+                    and not _ends_sentence(response, shares[lo - 1]) else None)
+            right = (pull[hi + 1] if hi + 1 < len(shares) and not taken[hi + 1] and pull[hi + 1] >= grow
+                     and not _ends_sentence(response, shares[hi]) else None)
+            if left is None and right is None:
+                break
+            if right is None or (left is not None and left > right):
+                lo -= 1
+                taken[lo] = True
+            else:
+                hi += 1
+                taken[hi] = True
+        runs.append((lo, hi))
+    spans = []
+    for lo, hi in runs:
+        start, end = _widen(response, min(s.start for s in shares[lo:hi + 1]), max(s.end for s in shares[lo:hi + 1]))
+        if end > start:
+            spans.append(EvidenceSpan(side, start, end, response[start:end],
+                                      round(sum(s.share for s in shares[lo:hi + 1]), 6),
+                                      _strongest(shares[lo:hi + 1], direction)))
+    spans = _merge_overlaps(response, spans)
+    return sorted(spans, key=lambda s: (-direction * s.weight, s.start))[:MAX_SPANS]
+
+
+def _strongest(shares: list[Share], direction: float) -> list[int]:
+    """The latents that pull ``shares`` most in ``direction``, at most SPAN_LATENTS."""
+    total: dict[int, float] = {}
+    for share in shares:
+        for latent, value in share.terms:
+            total[latent] = total.get(latent, 0.0) + direction * value
+    return [latent for latent in sorted(total, key=lambda n: (-total[n], n)) if total[latent] > 0][:SPAN_LATENTS]
+
+
+def _merge_overlaps(response: str, spans: list[EvidenceSpan]) -> list[EvidenceSpan]:
+    """Spans that overlap once widened to words (two pieces of one word) as one."""
+    merged: list[EvidenceSpan] = []
+    for span in sorted(spans, key=lambda s: s.start):
+        if merged and span.start < merged[-1].end:
+            last = merged[-1]
+            end = max(last.end, span.end)
+            merged[-1] = EvidenceSpan(last.side, last.start, end, response[last.start:end],
+                                      round(last.weight + span.weight, 6),
+                                      list(dict.fromkeys(last.latents + span.latents))[:SPAN_LATENTS])
+        else:
+            merged.append(span)
+    return merged
+
+
+def pair_evidence(chosen: str, rejected: str, chosen_shares: list[Share], rejected_shares: list[Share],
+                  score_safe: float) -> list[EvidenceSpan]:
+    """The evidence of one pair, strongest first: the spans pulling score_safe the way it went (toward the
+    rejected response when it is negative or zero), or, when no position pulls that way, the other way."""
+    direction = 1.0 if score_safe > 0 else -1.0
+    everything = chosen_shares + rejected_shares
+    if not any(direction * s.share > 0 for s in everything):
+        direction = -direction
+    pair_peak = max((direction * s.share for s in everything), default=0.0)
+    spans = (side_spans("chosen", chosen, chosen_shares, direction, pair_peak)
+             + side_spans("rejected", rejected, rejected_shares, direction, pair_peak))
+    return sorted(spans, key=lambda s: (-direction * s.weight, SIDES.index(s.side), s.start))
+
+
+# -- per-position codes of a few texts, from the cached activations ----------------------
+
+
+@torch.inference_mode()
+def position_terms(store: ActivationStore, sae, features: FeatureSet, indices: Iterable[int]) -> dict[int, tuple]:
+    """For each text index: (read positions, token ids, terms, number of read positions), where the terms of a
+    position are (latent, code x its sign in v) of the selected latents firing there: the codes computed again
+    by ``sae`` from ``store``'s cached activations, for those texts only."""
+    wanted = sorted(set(indices))
+    keys = list(dict.fromkeys(store.keys[t] for t in wanted))
+    try:
+        by_key = _terms_by_key(store, keys, sae, features)
+    except CacheError:
+        store.ensure_verified()  # a shard went bad since the scan read it: computed again, then read
+        by_key = _terms_by_key(store, keys, sae, features)
+    return {t: by_key[store.keys[t]] for t in wanted}
+
+
+def _terms_by_key(store: ActivationStore, keys: list[str], sae, features: FeatureSet) -> dict[str, tuple]:
+    out: dict[str, tuple] = {}
+    if not keys:
+        return out
+    signed = torch.zeros(sae.cfg.n_latents)  # each latent's sign in v(p): +1 in F+, -1 in F-, 0 when not selected
+    signed[features.latents] = features.signs
+    device = next(sae.parameters()).device
+    sub = ActivationStore(store.cache, keys, store.d_model, store.backend_identity)
+    for texts, offsets, tensors in sub.iter_chunks():
+        acts = tensors["acts"]
+        terms: list = []
+        if len(acts):
+            # the codes alone: the built-in SAE's encode, else any SAE's forward (hookspecs.SaeBackend)
+            values, latents = sae.encode(acts.to(device)) if hasattr(sae, "encode") else _forward_codes(sae, acts, device)
+            latents = latents.cpu().long()
+            values = values.float().cpu() * signed[latents]
+            terms = [[(latent, value) for latent, value in zip(row_latents, row_values, strict=True) if value]
+                     for row_latents, row_values in zip(latents.tolist(), values.tolist(), strict=True)]
+        for row, text in enumerate(texts.tolist()):
+            lo, hi = int(offsets[row]), int(offsets[row + 1])
+            out[keys[text]] = (tensors["positions"][lo:hi].tolist(), tensors["token_ids"][lo:hi].tolist(),
+                               terms[lo:hi], hi - lo)
+    return out
+
+
+def _forward_codes(sae, acts: torch.Tensor, device) -> tuple[torch.Tensor, torch.Tensor]:
+    out = sae(acts.to(device))
+    return out.top_vals, out.top_idx
+
+
+def tokenized(texts: Sequence[PreparedText], backend, max_length: int) -> list[tuple[list[int], list]]:
+    """(token ids, character offsets) of each text, as extraction tokenized it (left-truncated)."""
+    out: list = [None] * len(texts)
+    for special in (False, True):
+        where = [i for i, item in enumerate(texts) if item.has_special_tokens == special]
+        if where:
+            ids, offsets, _special = backend.tokenize([texts[i].text for i in where], max_length=max_length,
+                                                      has_special_tokens=special)
+            for i, row_ids, row_offsets in zip(where, ids, offsets, strict=True):
+                out[i] = (list(row_ids), [tuple(o) for o in row_offsets])
+    return out
+
+
+def texts_shares(store: ActivationStore, texts: Sequence[PreparedText], sae, features: FeatureSet, backend,
+                 max_length: int, wanted: dict[int, str]) -> dict[int, list[Share]]:
+    """``wanted``: text index -> its final response. Each text's read positions' shares of its V(t) (v(p) / |P(t)|),
+    on that response's characters; a text whose tokens no longer match its cached ones gets none."""
+    indices = sorted(wanted)
+    terms = position_terms(store, sae, features, indices)
+    prepared = [texts[t] for t in indices]
+    out = {}
+    for t, item, (ids, offsets) in zip(indices, prepared, tokenized(prepared, backend, max_length), strict=True):
+        positions, token_ids, text_terms, n = terms[t]
+        if any(p >= len(ids) or ids[p] != token for p, token in zip(positions, token_ids, strict=True)):
+            out[t] = []  # another tokenizer than the one the activations were read with: no place to put them
+            continue
+        out[t] = position_shares(item, wanted[t], offsets, positions, text_terms, 1.0 / max(n, 1))
+    return out
+
+
+def flip(shares: list[Share]) -> list[Share]:
+    """A rejected text's shares of V(rejected) as shares of score_safe (which subtracts it)."""
+    return [Share(s.start, s.end, -s.share, tuple((latent, -value) for latent, value in s.terms)) for s in shares]
