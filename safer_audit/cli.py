@@ -708,9 +708,12 @@ def baseline_command(data, out, decisions_path, quiet, config: ScanConfig):
 
     The baseline is a small deterministic JSON file to commit and review: each pair's id,
     content digest, rounded scores and category, and the frozen reference: model
-    fingerprint, layer, positions, max length, SAE (path and hash), selected features,
-    Bradley-Terry heads, tool version and the thresholds. Without --sae, the SAE trained
-    on DATA is saved next to the baseline (OUT's name + "-sae"), so the gate never trains.
+    fingerprint, layer, positions, max length, how the data was read (and how many records
+    that skipped), SAE (path and hash), selected features, Bradley-Terry heads, tool version
+    and the cut-offs, all covered by one content digest that the gate checks. The SAE (trained
+    on DATA without --sae, else a copy of the one given) and the heads are saved next to the
+    baseline (OUT's name + "-sae", "-heads.safetensors"), so the gate never trains and reads
+    nothing outside the baseline's directory.
     """
     from .workflows.gate import build_baseline
 
@@ -719,8 +722,10 @@ def baseline_command(data, out, decisions_path, quiet, config: ScanConfig):
     counts = {c: sum(1 for pid, e in made.pairs.items() if e["category"] == c and pid not in made.cleared)
               for c in ("flipped", "noisy", "quality")}
     cleared = sum(1 for pid in made.cleared if made.pairs[pid]["category"] != "clean")
+    skipped = made.header["skipped"]
     click.echo(inert(f"wrote {out}: {len(made.pairs)} pairs ({', '.join(f'{n} {c}' for c, n in counts.items())}"
                      + (f"; {cleared} more marked ok in {decisions_path}" if cleared else "")
+                     + (f"; {skipped} records skipped" if skipped else "")
                      + f"); SAE {made.header['sae']['path']}, heads {made.header['heads']['path']}"))
 
 
@@ -747,35 +752,48 @@ def _fail_on(_ctx, _param, value: str) -> tuple[str, ...]:
 @click.argument("data", nargs=-1, required=True)
 @click.option("--baseline", "baseline_path", required=True, type=click.Path(dir_okay=False, path_type=Path),
               help="The baseline made by `safer-audit baseline`.")
-@click.option("--fail-on", default="flipped,quality", show_default=True, callback=_fail_on,
-              help="Comma-separated categories of new pairs that fail the check: flipped, noisy, quality; "
-                   "and removed: baseline pairs no longer in DATA (listed, but not failing, by default).")
+@click.option("--fail-on", default="flipped,quality,changed", show_default=True, callback=_fail_on,
+              help="Comma-separated kinds of pair that fail the check: flipped, noisy, quality (new pairs in that "
+                   "category); changed: a baseline pair whose chosen and rejected were swapped or whose text was "
+                   "edited, whatever its category now; removed: baseline pairs no longer in DATA (listed, but "
+                   "not failing, by default).")
 @click.option("--max-new", type=click.IntRange(0), default=0, show_default=True,
-              help="New pairs in --fail-on categories tolerated before the check fails.")
+              help="New pairs in --fail-on categories tolerated before the check fails (changed pairs never are).")
 @click.option("--format", "output_format", metavar="text|json|junit", default="text", show_default=True,
-              help="Output on stdout: lines, JSON, or JUnit XML (a failing test case per suspect); plugins may add "
-                   "formats (see safer-audit plugins).")
+              help="Output on stdout: lines, JSON, or JUnit XML (a failing test case per failing pair); plugins may "
+                   "add formats (see safer-audit plugins).")
+@click.option("--mark-ok", "mark_ok_ids", multiple=True, metavar="PAIR_ID",
+              help="Record a listed pair, as it is now, as reviewed and ok in the decisions file, so that it "
+                   "no longer fails (repeatable; commit the decisions file).")
 @click.option("--update-baseline", is_flag=True,
               help="Accept the current state after review: rewrite the baseline with the pairs of DATA "
                    "(give every data file), scoring new ones with the frozen reference.")
 @cache_dir_option
 @gate_decisions_option
 @quiet_option
-def gate_command(data, baseline_path, fail_on, max_new, output_format, update_baseline, cache_dir, decisions_path,
-                 quiet):
-    """Check DATA against a baseline: fail only on new pairs that look flipped, noisy or broken.
+def gate_command(data, baseline_path, fail_on, max_new, output_format, mark_ok_ids, update_baseline, cache_dir,
+                 decisions_path, quiet):
+    """Check DATA against a baseline: fail on new pairs that look flipped or broken, and on changed labels.
 
     Only pairs whose id is not in the baseline, or whose content changed, are scored, with
     the baseline's frozen model, SAE, features and heads; the model is loaded only when there
-    are such pairs. Each new suspect is listed with file, line, pair id, category and scores; a
-    changed pair (edited under its id, or its responses swapped in place) with its old and new
-    scores; a baseline pair no longer in DATA as removed. A suspect marked ok in review
-    (--decisions, default decisions.json next to the baseline) is listed but never fails.
+    are such pairs. By default the check fails on a new pair that is flipped (as suspicious as
+    the baseline's top 4%, its --flipped-fraction, and every ranked signal prefers the rejected
+    response) or has
+    a quality problem (identical or empty responses, a contradiction of another pair), and on
+    every changed pair (chosen and rejected swapped, or the text edited under a kept id),
+    whatever its category now. A pair marked ok in review (--mark-ok, or --decisions, default
+    decisions.json next to the baseline) is listed but never fails. A removed pair is listed.
     Under GitHub Actions (GITHUB_ACTIONS=true) they are also annotations on stderr.
 
-    Exit status: 0 when at most --max-new new pairs fall in the --fail-on categories (or
-    with --update-baseline), 1 when more do, 2 when the data or the baseline is unusable or
-    was made with another tool version, model, SAE or heads.
+    The baseline is checked before it is trusted: its content digest, the files it names
+    (regular files inside its directory), and, when the model runs, its cut-offs and the
+    scores of a seeded sample of its pairs, scored again. Records the baseline's read options
+    skip are counted; more than when it was made is an error.
+
+    Exit status: 0 when nothing fails (or with --update-baseline), 1 when something does,
+    2 when the data or the baseline is unusable, edited, or made with another tool version,
+    model, SAE or heads.
 
     \b
     pre-commit: the hook safer-audit-gate (.pre-commit-hooks.yaml) runs
@@ -785,13 +803,20 @@ def gate_command(data, baseline_path, fail_on, max_new, output_format, update_ba
     import os
 
     from .backends.gate_formats import github_annotations
-    from .workflows.gate import accept, run_gate
+    from .workflows.gate import accept, mark_ok, run_gate
 
     render = lookup("gate_format", output_format)  # a wrong format fails before the data is read
     decisions, decisions_path = _gate_decisions(decisions_path, baseline_path)
     result = run_gate(list(data), baseline_path, fail_on=fail_on, max_new=max_new, cache_dir=cache_dir,
                       steps=_steps(quiet).step, decisions=decisions,
                       decisions_path=str(decisions_path) if decisions_path else None)
+    if mark_ok_ids:
+        from .workflows.decisions import default_reviewer
+
+        target = decisions_path or baseline_path.parent / "decisions.json"
+        mark_ok(result, list(dict.fromkeys(mark_ok_ids)), target, reviewer=default_reviewer(),
+                protect=[*data, baseline_path])
+        click.echo(inert(f"marked {len(set(mark_ok_ids))} pair(s) ok in {target}"), err=True)
     if update_baseline:
         accept(result)
     click.echo(render(result).rstrip("\n"))

@@ -23,8 +23,18 @@ from safer_audit.hookspecs import hookimpl
 from safer_audit.model.activations import load_backend
 from safer_audit.plugins import load_plugins
 from safer_audit.sae import TopKSAE
+from safer_audit.scoring.categories import Cutoffs
 from safer_audit.scoring.ranks import percentile_against
-from safer_audit.workflows.gate import read_baseline, read_sources, run_gate, score_frozen
+from safer_audit.workflows.gate import (
+    DEFAULT_FAIL_ON,
+    content_digest,
+    read_baseline,
+    read_sources,
+    run_gate,
+    score_frozen,
+    stored_category,
+    stored_suspicion,
+)
 
 from .conftest import ROOT, hh_records
 
@@ -93,7 +103,7 @@ def test_baseline_is_small_sorted_deterministic_and_frozen(repo, tiny_llama_dir,
     path = repo / ".safer-audit" / "baseline.json"
     text = path.read_text(encoding="utf-8")
     data = json.loads(text)
-    assert list(data) == ["header", "pairs"] and len(data["pairs"]) == N_PAIRS
+    assert list(data) == ["content_digest", "header", "pairs"] and len(data["pairs"]) == N_PAIRS
     assert text == render_json(data)  # keys sorted, flat objects on one line
     for pair_id in data["pairs"]:
         assert sum(1 for line in text.splitlines() if line.lstrip().startswith(f'"{pair_id}": {{')) == 1
@@ -109,8 +119,9 @@ def test_baseline_is_small_sorted_deterministic_and_frozen(repo, tiny_llama_dir,
     again = tmp_path / "again.json"
     result = invoke(*baseline_args(repo / "data.jsonl", again, tiny_llama_dir, tmp_path / "fresh-cache"))
     assert result.exit_code == 0, result.output
-    assert again.read_text(encoding="utf-8") == text.replace("baseline-sae", "again-sae").replace(
-        "baseline-heads", "again-heads")
+    again_data = json.loads(again.read_text(encoding="utf-8"))
+    same = json.loads(text.replace("baseline-sae", "again-sae").replace("baseline-heads", "again-heads"))
+    assert again_data["header"] == same["header"] and again_data["pairs"] == same["pairs"]
 
 
 def test_unchanged_data_passes_without_running_the_model(work):
@@ -133,7 +144,10 @@ def test_swapped_copies_fail_and_are_named(work):
         line = next(line for line in lines if f"pair {pair_id} " in line)
         assert line.startswith(f"{data}:{N_PAIRS + 1 + n}: new pair {pair_id} is quality")
         assert "contradiction" in line and "score_safe" in line
-    assert lines[-1].startswith("FAILED: 3 new suspect pair(s)")
+    assert next(line for line in lines if line.startswith("FAILED: ")).startswith(
+        "FAILED: 0 changed pair(s), 3 new suspect pair(s)")
+    mark = next(line for line in lines if line.startswith("next: ") and "--mark-ok" in line)
+    assert all(f"--mark-ok s{i}" in mark for i in (0, 4, 9))  # one option each: DATA takes the other words
     assert data.read_bytes() == before  # inputs are never written
     # the gate fails on what it is told to: tolerating 3 passes
     assert gate(work, data, extra=["--max-new", "3"]).exit_code == 0
@@ -178,7 +192,8 @@ def test_junit_and_github_annotations(work):
     passing = [case for case in suites.iter("testcase") if case.find("failure") is None]
     assert [case.get("file") for case in passing] == [str(other)]
     annotations = [line for line in result.stderr.splitlines() if line.startswith("::")]
-    assert len(annotations) == 2
+    assert len(annotations) == 3 and "next: " in annotations[2] and "--mark-ok" in annotations[2]
+    assert all("next: " in case.find("failure").text for case in failing)
     assert annotations[0].startswith(f"::error file={str(data).replace(':', '%3A')},line={N_PAIRS + 1},")
     plain = gate(work, data, other)
     assert "::error" not in plain.stderr  # only under GitHub Actions
@@ -194,20 +209,32 @@ def test_update_baseline_accepts_the_current_state(repo, work):
     assert set(updated.pairs) == {r["id"] for r in rows[1:]} | {"s5"}
     assert updated.pairs["s5"]["category"] == "quality"
     assert gate(work, data).exit_code == 0
-    assert updated.header == read_baseline(repo / ".safer-audit" / "baseline.json").header  # frozen
+    frozen = read_baseline(repo / ".safer-audit" / "baseline.json").header
+    # the reference is frozen; the cut-offs are those of the accepted pairs, which the gate checks
+    assert {k: v for k, v in updated.header.items() if k != "thresholds"} == \
+        {k: v for k, v in frozen.items() if k != "thresholds"}
+    rows = records()
+    assert gate(work, write_jsonl(work / "data.jsonl", rows[1:] + [swapped(rows[5], "s5"), swapped(rows[6], "s6")]),
+                extra=["--fail-on", "noisy"]).exit_code in (0, 1)  # not refused as edited
+
+
+def reseal(path: Path, data: dict) -> None:
+    """Write an edited baseline with its content digest made again: what a careful forger would do."""
+    data["content_digest"] = content_digest(data["header"], data["pairs"])
+    path.write_text(render_json(data), encoding="utf-8")
 
 
 def test_another_reference_is_a_clear_error(repo, work):
     path = work / ".safer-audit" / "baseline.json"
     data = json.loads(path.read_text())
     data["header"]["tool_version"] = "0.0.1"
-    path.write_text(render_json(data))
+    reseal(path, data)
     result = gate(work, work / "data.jsonl")
     assert result.exit_code == 2
     assert "tool version 0.0.1 (now" in result.stderr and "Traceback" not in result.output
     data["header"]["tool_version"] = read_baseline(repo / ".safer-audit" / "baseline.json").header["tool_version"]
     data["header"]["model"]["fingerprint"] = "0" * 16
-    path.write_text(render_json(data))
+    reseal(path, data)
     assert gate(work, work / "data.jsonl").exit_code == 0  # nothing new: the model is not run
     rows = records()
     new = write_jsonl(work / "data.jsonl", rows + [swapped(rows[0], "s0")])
@@ -326,7 +353,7 @@ def test_removed_pairs_are_listed_and_fail_only_when_asked(work):
     assert [line.split()[2] for line in removed] == ["r4", "r5"]
     assert all(line.endswith("(not failing)") for line in removed) and "2 removed" in result.stdout
     result = gate(work, data, extra=["--fail-on", "flipped,quality,removed"])
-    assert result.exit_code == 1 and result.stdout.splitlines()[-1].startswith("FAILED:")
+    assert result.exit_code == 1 and any(line.startswith("FAILED:") for line in result.stdout.splitlines())
     report = json.loads(gate(work, data, extra=["--format", "json"]).stdout)
     assert [r["pair_id"] for r in report["removed"]] == ["r4", "r5"] and not report["failed"]
     junit = ET.fromstring(gate(work, data, extra=["--format", "junit", "--fail-on", "removed"]).stdout)
@@ -345,7 +372,7 @@ def test_a_pair_swapped_in_place_is_changed_with_old_and_new_scores(work):
     assert change["old"]["score_safe"] == old["score_safe"] and change["new"]["score_safe"] != old["score_safe"]
     text = gate(work, work / "data.jsonl", extra=["--fail-on", "noisy"]).stdout
     line = next(line for line in text.splitlines() if "pair x5" in line)
-    assert line.startswith(f"{work / 'data.jsonl'}:5: ") and "swapped in place" in line and "r5" in line
+    assert line.startswith(f"{work / 'data.jsonl'}:5: pair x5: chosen and rejected swapped (was pair r5)")
     assert f"score_safe {old['score_safe']:.4g}" in line  # the old score, next to the new one
 
 
@@ -397,3 +424,197 @@ def test_a_plugin_adds_a_gate_format_and_an_unknown_one_is_refused_before_the_da
         manager.unregister(name="test-count-format")
     refused = gate(work, work / "missing.jsonl", extra=["--format", "xml"])
     assert refused.exit_code == 2 and "unknown gate format 'xml' (known: json, junit, text" in refused.stderr
+
+
+# --- label changes fail by default ---------------------------------------------------------
+
+
+def test_the_defaults_the_help_states_are_the_ones_in_use():
+    from safer_audit.cli import baseline_command, gate_command
+
+    fail_on = next(p for p in gate_command.params if p.name == "fail_on")
+    assert tuple(fail_on.default.split(",")) == DEFAULT_FAIL_ON == ("flipped", "quality", "changed")
+    assert "flipped or broken, and on changed labels" in gate_command.help
+    flipped = next(p for p in baseline_command.params if p.name == "flipped_fraction")
+    assert flipped.default == 0.04  # the cut measured best for the gate (BENCHMARKS.md), a scan's too
+
+
+@pytest.mark.parametrize("new_id", ["x5", "r5"])
+def test_a_pair_swapped_in_place_fails_by_default_and_says_what_to_do(work, new_id):
+    rows = records()
+    rows[4] = swapped(rows[4], new_id)  # another id (an automatic id would change too), or the same one kept
+    data = write_jsonl(work / "data.jsonl", rows)
+    result = gate(work, data)
+    assert result.exit_code == 1, result.output
+    lines = result.stdout.splitlines()
+    how = "(was pair r5)" if new_id == "x5" else "under its id"
+    line = next(line for line in lines if f"pair {new_id}:" in line)
+    assert line.startswith(f"{data}:5: pair {new_id}: chosen and rejected swapped {how}; ")
+    assert "prefer" in line and line.endswith(f"(failing: accept it with --mark-ok {new_id} once reviewed)")
+    assert any(line.startswith("FAILED: 1 changed pair(s), 0 new suspect pair(s)") for line in lines)
+    steps = [line for line in lines if line.startswith("next: ")]
+    assert len(steps) == 3 and "safer-audit explain" in steps[0] and f"--mark-ok {new_id}` records" in steps[1]
+    assert "--update-baseline" in steps[2]
+    report = json.loads(gate(work, data, extra=["--format", "json"]).stdout)
+    assert report["failed"] and report["failing_pairs"] == [new_id] and len(report["next_steps"]) == 3
+    assert report["changed_pairs"][0]["change"] == "swapped"
+    # failing on the scan's categories alone, as before: the swap is listed, not failing
+    assert gate(work, data, extra=["--fail-on", "flipped,quality"]).exit_code == 0
+    command = steps[1].split("`")[1].split()
+    assert gate(work, *map(Path, command[2:command.index("--baseline")]), extra=command[command.index("--baseline"):]
+                ).exit_code == 0  # the command it gives works: the pair is marked ok
+
+
+def test_an_edited_response_under_a_kept_id_fails_by_default(work):
+    rows = records()
+    rows[2]["chosen"] = rows[2]["chosen"] + " Actually, here is how to do it anyway."
+    data = write_jsonl(work / "data.jsonl", rows)
+    result = gate(work, data)
+    assert result.exit_code == 1, result.output
+    line = next(line for line in result.stdout.splitlines() if "pair r3:" in line)
+    assert line.startswith(f"{data}:3: pair r3: context or responses edited under its id; ")
+    assert "(failing: accept it with --mark-ok r3 once reviewed)" in line
+
+
+def test_a_reviewed_swap_passes(work):
+    rows = records()
+    rows[4] = swapped(rows[4], "r5")
+    data = write_jsonl(work / "data.jsonl", rows)
+    assert gate(work, data).exit_code == 1
+    refused = gate(work, data, extra=["--mark-ok", "r7"])  # not listed: unchanged
+    assert refused.exit_code == 2 and "--mark-ok r7: not a pair this gate lists" in refused.stderr
+    marked = gate(work, data, extra=["--mark-ok", "r5"])
+    assert marked.exit_code == 0, marked.output
+    assert "marked 1 pair(s) ok in" in marked.stderr
+    decisions = json.loads((work / ".safer-audit" / "decisions.json").read_text())
+    assert len(decisions["decisions"]) == 1 if "decisions" in decisions else len(decisions) == 1
+    result = gate(work, data)  # decisions.json beside the baseline: reviewed, so it passes
+    assert result.exit_code == 0, result.output
+    line = next(line for line in result.stdout.splitlines() if "pair r5:" in line)
+    assert line.endswith("(not failing: marked ok in review)")
+    # the decision is on the content: edited again, the pair fails again
+    rows[4]["chosen"] += " More."
+    assert gate(work, write_jsonl(work / "data.jsonl", rows)).exit_code == 1
+
+
+# --- a baseline cannot be edited into a pass ---------------------------------------------------
+
+
+def _tamper(work: Path, edit, *, seal: bool = True) -> Path:
+    path = work / ".safer-audit" / "baseline.json"
+    data = json.loads(path.read_text(encoding="utf-8"))
+    edit(data)
+    if seal:
+        reseal(path, data)
+    else:
+        path.write_text(render_json(data), encoding="utf-8")
+    return path
+
+
+def _with_new_flips(work: Path) -> Path:
+    rows = records()
+    return write_jsonl(work / "data.jsonl", rows + [swapped(rows[i], f"s{i}") for i in (0, 4, 9)])
+
+
+def _refused(result, *needles: str) -> None:
+    assert result.exit_code == 2, result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error: ") and "Traceback" not in result.output, result.output
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+
+
+def _scores_at(value: float):
+    def edit(data):
+        for entry in data["pairs"].values():
+            entry["score_safe"] = value
+    return edit
+
+
+def _recut(data: dict) -> None:
+    """Cut-offs and categories made again from the edited scores, as the baseline would: only a re-score
+    can tell."""
+    t = data["header"]["thresholds"]
+    cut = Cutoffs.from_ranking(stored_suspicion(data["pairs"], data["header"]["ranking"]), t["flipped_fraction"],
+                               t["noisy_fraction"])
+    t["flipped_cutoff"], t["noisy_cutoff"] = cut.flipped, cut.noisy
+    suspicion = stored_suspicion(data["pairs"], data["header"]["ranking"]).tolist()
+    for entry, value in zip(data["pairs"].values(), suspicion, strict=True):
+        entry["category"] = stored_category(entry, value, data["header"]["ranking"], cut)
+
+
+def _negate_signs(data: dict) -> None:
+    """Signs and scores negated together, the cut-offs made again: the categories no longer fit."""
+    for feature in data["header"]["features"]:
+        feature["sign"] = -feature["sign"]
+    for entry in data["pairs"].values():
+        entry["score_safe"] = -entry["score_safe"]
+    t = data["header"]["thresholds"]
+    cut = Cutoffs.from_ranking(stored_suspicion(data["pairs"], data["header"]["ranking"]), t["flipped_fraction"],
+                               t["noisy_fraction"])
+    t["flipped_cutoff"], t["noisy_cutoff"] = cut.flipped, cut.noisy
+
+
+@pytest.mark.parametrize("edit, needles", [
+    (_scores_at(-1000.0), ['"header.thresholds.', "the baseline's scores and fractions give"]),
+    (lambda d: (_scores_at(-1000.0)(d), _recut(d)), ['field "pairs.', '.score_safe" is -1000.0, but its frozen SAE']),
+    (lambda d: d["header"]["thresholds"].update(flipped_cutoff=None, noisy_cutoff=None),
+     ['"header.thresholds.flipped_cutoff" is None, but']),
+    (_negate_signs, ['.category" is', "but its scores and the cut-offs make it"]),
+    (lambda d: [f.update(sign=-f["sign"]) for f in d["header"]["features"]], ["but its frozen SAE"]),
+    (lambda d: d["header"]["data"].update(skip_invalid=True, max_record_bytes=1),
+     ["skip 33 record(s), 0 when", "skip_invalid true, max_record_bytes 1"]),
+])
+def test_a_baseline_edited_into_a_pass_is_refused(work, edit, needles):
+    data = _with_new_flips(work)
+    assert gate(work, data).exit_code == 1  # what the edits try to turn into a pass
+    _tamper(work, edit)
+    _refused(gate(work, data), *needles)
+
+
+def test_an_edit_that_keeps_the_types_breaks_the_content_digest(work):
+    _tamper(work, _scores_at(-1000.0), seal=False)
+    _refused(gate(work, work / "data.jsonl"), "content digest", "does not match its header and pairs")
+
+
+@pytest.mark.parametrize("heads_path", ["/dev/zero", "../../outside.safetensors", "fifo.safetensors"])
+def test_a_baseline_pointing_outside_its_directory_or_at_a_fifo_is_refused_at_once(work, heads_path):
+    """Run as a process with a deadline: a read of /dev/zero or a FIFO would otherwise never end."""
+    if heads_path == "fifo.safetensors":
+        os.mkfifo(work / ".safer-audit" / heads_path)
+    path = _tamper(work, lambda d: d["header"]["heads"].update(path=heads_path))
+    done = subprocess.run([sys.executable, "-m", "safer_audit", "gate", str(work / "data.jsonl"), "--baseline",
+                           str(path), "--cache-dir", str(work.parent / "cache")], capture_output=True, text=True,
+                          timeout=120, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert done.returncode == 2, done.stdout + done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and ("header.heads.path" in lines[0] or "is a FIFO" in lines[0]), lines
+
+
+@pytest.mark.parametrize("kind", ["fifo", "/dev/zero"])
+def test_a_baseline_that_is_a_fifo_or_a_device_is_refused_at_once(work, kind):
+    path = work / "fifo.json"
+    if kind == "fifo":
+        os.mkfifo(path)
+    else:
+        path = Path(kind)
+    done = subprocess.run([sys.executable, "-m", "safer_audit", "gate", str(work / "data.jsonl"), "--baseline",
+                           str(path)], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert done.returncode == 2, done.stdout + done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and ("a FIFO" in lines[0] or "a character device" in lines[0]), lines
+
+
+def test_records_skipped_by_the_read_options_are_counted_and_more_fail(work, tiny_llama_dir):
+    """A baseline made with skip_invalid counts what it skipped; the gate says how many it skips, and
+    refuses when that grew."""
+    data = write_jsonl(work / "data.jsonl", records(), extra="{not json\n")
+    out = work / ".safer-audit" / "skip.json"
+    made = invoke(*baseline_args(data, out, tiny_llama_dir, work.parent / "cache"), "--skip-invalid")
+    assert made.exit_code == 0 and "1 records skipped" in made.stdout, made.output
+    assert read_baseline(out).header["skipped"] == 1
+    result = invoke("gate", data, "--baseline", out, "--quiet")
+    assert result.exit_code == 0 and "1 records skipped by the read options" in result.stdout, result.output
+    write_jsonl(data, records(), extra="{not json\n[]\n")
+    _refused(invoke("gate", data, "--baseline", out, "--quiet"), "skip 2 record(s), 1 when")

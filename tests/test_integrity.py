@@ -200,7 +200,7 @@ def baseline_dir(tmp_path):
     from safer_audit import __version__
     from safer_audit.common.digests import short_digest
     from safer_audit.common.files import render_json
-    from safer_audit.workflows.gate import BASELINE_FORMAT, read_sources, row_digest
+    from safer_audit.workflows.gate import BASELINE_FORMAT, content_digest, read_sources, row_digest
 
     data = _fixture_pairs(tmp_path / "data.jsonl")
     make_sae().save(tmp_path / "b-sae")
@@ -211,6 +211,7 @@ def baseline_dir(tmp_path):
         "model": {"identity": "tiny", "fingerprint": "f" * 16, "reward_head": False, "location": None},
         "activations": {"layer": 1, "positions": "response", "max_length": 64},
         "data": {"schema": None, "split": None, "preference": "better", "skip_invalid": False},
+        "skipped": 0,
         "sae": {"path": "b-sae", "hash": TopKSAE.file_hash(tmp_path / "b-sae"), "latents": 64, "d_in": 16},
         "heads": {"path": "b-heads.safetensors", "hash": short_digest(hashlib.sha256(heads).hexdigest())},
         "features": [{"latent": 3, "sign": 1, "label": None}, {"latent": 7, "sign": -1, "label": "refusal"}],
@@ -220,7 +221,8 @@ def baseline_dir(tmp_path):
     pairs = {row["pair_id"]: {"category": "clean", "digest": row_digest(row), "score_safe": -0.5,
                               "reward_margin": 0.25, "sae_margin": None}
              for row in read_sources([str(data)]).iter_rows(named=True)}
-    (tmp_path / "b.json").write_text(render_json({"header": header, "pairs": pairs}), encoding="utf-8")
+    (tmp_path / "b.json").write_text(render_json({"content_digest": content_digest(header, pairs), "header": header,
+                                                  "pairs": pairs}), encoding="utf-8")
     return tmp_path
 
 
@@ -236,6 +238,10 @@ def _edit_baseline(directory, edit):
     path = directory / "b.json"
     data = json.loads(path.read_text(encoding="utf-8"))
     edit(data)
+    if isinstance(data.get("header"), dict) and isinstance(data.get("pairs"), dict):
+        from safer_audit.workflows.gate import content_digest
+
+        data["content_digest"] = content_digest(data["header"], data["pairs"])  # sealed again: the field is named
     path.write_text(json.dumps(data), encoding="utf-8")
 
 

@@ -265,13 +265,18 @@ def test_gate_renderers_keep_data_inert():
         result = hostile_gate(failed)
         text = render_text(result)
         assert_inert(text)
-        assert len(text.splitlines()) == 2 and not any(line.lstrip().startswith("::") for line in text.splitlines())
-        assert text.splitlines()[-1].startswith("FAILED: " if failed else "passed: ")
-        for line in github_annotations(result):
+        lines = text.splitlines()
+        steps = 3 if failed else 0  # what to do next, after a failure
+        assert len(lines) == 2 + steps and not any(line.lstrip().startswith("::") for line in lines)
+        assert lines[1].startswith("FAILED: " if failed else "passed: ")
+        annotations = github_annotations(result)
+        assert len(annotations) == 1 + bool(failed)
+        for n, line in enumerate(annotations):
             assert_inert(line)
             assert "\n" not in line and "\r" not in line
             command, message = line[2:].split("::", 1)
-            assert command.count(",") == 2 and command.count(":") == 0  # file, line, title: nothing injected
+            # file, line, title (the summary: a title only): nothing injected
+            assert command.count(",") == (2 if n == 0 else 0) and command.count(":") == 0
             assert "%250A" in message and "\\x1b]0;pwned\\x07" in message
         junit = render_junit(result)
         assert_inert(junit)

@@ -1,4 +1,4 @@
-"""The gate: freeze a reviewed dataset's scan as a baseline, then fail only on new suspects.
+"""The gate: freeze a reviewed dataset's scan as a baseline, then fail on new suspects and changed labels.
 
 ``build_baseline`` scans the data once (scan.scan_pairs) and writes what later checks
 compare against; ``run_gate`` scores only the pairs that are new or changed since then,
@@ -10,15 +10,16 @@ Design, and why:
 
 - The frozen reference. The baseline header records the model (identity, fingerprint,
   whether it has a reward head, where to load it, its backend), layer, positions, max_length,
-  how the data was read (config.ReadOptions, whole: ``data``), the SAE (its backend, its
-  directory relative to the baseline when inside the
-  repository, and ``TopKSAE.file_hash``), the selected features (latent, sign, label),
+  how the data was read (config.ReadOptions, whole: ``data``) and how many records that
+  skipped, the SAE (its backend, its directory relative to the baseline, and
+  ``TopKSAE.file_hash``), the selected features (latent, sign, label),
   the heads file (hash), the tool version, the ranking weights and the thresholds. The
   gate never retrains the SAE or reselects features; a tool version, SAE, heads file or
   model that differs from the recorded one is a ``BaselineError`` naming each difference,
   never a silent rescore.
-- Without ``--sae`` the baseline saves the SAE it trained beside itself
-  (``<stem>-sae/``): the activation cache is not part of the repository.
+- The baseline keeps its SAE beside itself (``<stem>-sae/``: the one it trained, since the
+  activation cache is not part of the repository, or a copy of the one given), and its heads:
+  the gate reads only regular files inside the baseline's directory, with size bounds.
 - Reward margin of a new pair: the model's own head if it has one; else a Bradley-Terry
   head fitted on ALL baseline pairs (pooled activation differences, column-scaled as
   scoring.heads.cross_fitted_margins does), saved in ``<stem>-heads.safetensors``. New pairs
@@ -38,34 +39,55 @@ Design, and why:
   finds a categorising problem (the known pairs are checked first, so a new pair that
   contradicts an existing one carries the finding); ``flipped`` when its suspicion reaches
   the flipped cut-off (the suspicion of the last baseline pair inside the flipped
-  fraction, stored exactly) and every signal the ranking uses is negative; ``noisy`` when
-  it reaches the noisy cut-off.
+  fraction) and every signal the ranking uses is negative; ``noisy`` when it reaches the
+  noisy cut-off. The cut-offs, and the baseline pairs' categories (but ``quality``), come
+  from the stored 6-digit values (stored_suspicion), as the gate computes a new pair's, so
+  that the gate can recompute them. The baseline's flipped fraction (``baseline
+  --flipped-fraction``) is a scan's 4%: measured on HH against 1%, it fails 86% of flips
+  picked by safety salience and 4.1% of honest additions (1%: 44% and 1.6%).
 - New or changed: a pair id that is not in the baseline, or whose content digest
   (data.pair_digest, as clean and decisions use) differs (an edited record that keeps its
   ``id`` field). Pair ids are assumed unique across the data files; the data layer makes
   them unique within a file.
-- The file is ``{"header": {...}, "pairs": {pair_id: {category, digest, reward_margin,
-  sae_margin, score_safe}}}``: keys sorted, scores to 6 significant digits, every flat
+- The file is ``{"content_digest": ..., "header": {...}, "pairs": {pair_id: {category, digest,
+  reward_margin, sae_margin, score_safe}}}``: keys sorted, scores to 6 significant digits, every flat
   object on one line (one line per pair and per feature), no timestamps. The same inputs
   give the same bytes, and a change to the data shows as the lines of the pairs it touched.
-  Format 2 (digests by data.pair_digest, exact cut-offs); format 1 is refused with a
-  BaselineError that says to make a new baseline.
+  Format 3; formats 1 and 2 are refused with a BaselineError that says to make a new baseline.
+- A baseline cannot be edited into a pass. It is committed, so it changes in the same pull
+  request as the data: the content digest covers everything that decides a verdict (read
+  options, features and signs, cut-offs, every pair's scores and digest, the SAE's and heads'
+  hashes, which the gate recomputes from the files); whenever the model runs, the cut-offs
+  and categories are recomputed from the stored values and a seeded sample of CHECKED_PAIRS
+  unchanged pairs is scored again and must give the stored score_safe (and the reward margin
+  of a model's own head; the other margins were cross-fitted). A baseline made again
+  consistently from poisoned data is not caught: it is a new baseline, every line changed.
+- Records the read options skip (skip_invalid) are counted; more than the baseline's count
+  is a BaselineError, so options that drop records cannot hide new pairs.
 - The model is loaded (and its fingerprint checked) only when there are new pairs to
   score, so an unchanged dataset is gated without running it.
 - Removed and swapped pairs: a baseline pair whose id is not in the data is listed as
   removed (a failure only with ``--fail-on removed``). A new id whose chosen and rejected,
   swapped back, give a removed pair's digest is that pair swapped in place: it is reported
   as changed, with its old and new category and scores, and not as removed.
-- Review decisions (decisions.py): a pair marked ``ok`` (by its content digest) is still
-  listed but never fails the gate: a person looked at it and cleared it.
+- A changed pair (swapped, or edited under a kept id) fails by default (``changed`` in
+  fail_on) whatever its category now: relabelling the most safety-salient pairs is the
+  SAFER paper's poisoning, and a pair swapped in place can stay ``clean``. An edit that also
+  changes an automatic id is a removed pair and a new one (the baseline holds no texts).
+- Review decisions (decisions.py): a pair marked ``ok`` (by its content digest; ``gate
+  --mark-ok`` or ``review``) is still listed but never fails the gate: a person looked at it
+  and cleared it.
 - Output formats (text, JSON, JUnit) and the GitHub annotations are plugins: backends/gate_formats.py.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
+import random
+import shlex
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -73,16 +95,16 @@ from typing import TYPE_CHECKING
 
 import polars as pl
 
-from ..common.digests import DIGEST_LENGTH, is_short_digest, sha256_file, short_digest
+from ..common.digests import DIGEST_LENGTH, is_short_digest, sha256_text, short_digest
 from ..common.domain import SIGNALS, Category
-from ..common.files import refuse_inputs, render_json, write_atomic
+from ..common.files import read_bounded, refuse_inputs, render_json, write_atomic
 from ..common.progress import no_progress
 from ..config import POSITIONS, ActivationConfig, ReadOptions, ScanConfig, option_fields
 from ..data import find_quality_issues, load_pairs, pair_digest
 from ..errors import BaselineError, ConfigError
 from ..pipeline.context import RunContext
 from ..plugins import lookup
-from ..sae.config import weights_hash
+from ..sae.config import CFG_FILE, SPARSIFY_WEIGHTS_FILE, WEIGHTS_FILE, weights_hash
 from ..version import __version__
 
 # Gating unchanged data reads the baseline and the data and nothing else: torch, the model and the scoring
@@ -94,32 +116,47 @@ if TYPE_CHECKING:
     from ..sae import TopKSAE
     from ..scoring.categories import Cutoffs
 
-# 2: pair digests by data.pair_digest (context and both final responses, as clean and decisions
-# use), hashes of DIGEST_LENGTH, cut-offs stored exactly. 1: digests of the messages, 16 digits.
-BASELINE_FORMAT = 2
+# 3: a content digest over the header and pairs, the records the read skipped, cut-offs from the stored
+# scores, the SAE and heads inside the baseline's directory. 2: digests by data.pair_digest, exact cut-offs.
+# 1: digests of the messages, 16 digits.
+BASELINE_FORMAT = 3
 
 
 GATE_CATEGORIES = (Category.FLIPPED, Category.NOISY, Category.QUALITY)
 
 
-DEFAULT_FAIL_ON = (Category.FLIPPED, Category.QUALITY)  # noisy holds 10% of any data by construction
+# noisy holds 10% of any data by construction; changed: a pair edited or swapped under the baseline's eyes
+DEFAULT_FAIL_ON = (Category.FLIPPED, Category.QUALITY, "changed")
 
 
-FAIL_ON_CHOICES = (*GATE_CATEGORIES, "removed")  # removed: baseline pairs no longer in the data
+FAIL_ON_CHOICES = (*GATE_CATEGORIES, "changed", "removed")  # removed: baseline pairs no longer in the data
 
 
-_HEADER_FIELDS = ("format", "tool_version", "model", "activations", "data", "sae", "heads", "features", "ranking",
-                  "thresholds")
+_HEADER_FIELDS = ("format", "tool_version", "model", "activations", "data", "skipped", "sae", "heads", "features",
+                  "ranking", "thresholds")
 
 
 _PAIR_FIELDS = ("category", "digest", *SIGNALS)
 
 
-# fields a format-2 baseline made before they were recorded lacks: read as these defaults
+# fields a baseline made before they were recorded lacks: read as these defaults
 _MODEL_DEFAULTS = {"backend": ActivationConfig.backend}
 
 
 _SAE_DEFAULTS = {"backend": ScanConfig.sae_backend}
+
+
+# Size bounds of what a baseline points at, all read whole: a pair takes about 175 bytes of the
+# baseline file, so 512 MiB is some 3 million pairs; heads are a few vectors of the model's width.
+MAX_BASELINE_BYTES = 512 << 20
+MAX_HEADS_BYTES = 256 << 20
+MAX_SAE_BYTES = 8 << 30
+MAX_SAE_CONFIG_BYTES = 1 << 20
+
+
+# Baseline pairs the gate scores again with the frozen reference, whenever it runs the model, to check
+# that the stored scores are the reference's: a seeded sample of the unchanged pairs.
+CHECKED_PAIRS = 32
 
 
 @dataclass
@@ -130,6 +167,7 @@ class Baseline:
     header: dict
     pairs: dict[str, dict]
     cleared: set[str] = field(default_factory=set, repr=False)  # ids marked ok in review; not written
+    heads: bytes | None = field(default=None, repr=False)  # the heads file, once check_reference read it
 
     def resolve(self, location: str) -> Path:
         """A path recorded relative to the baseline's directory (absolute ones stay)."""
@@ -179,27 +217,51 @@ class Baseline:
                             dtype=torch.float64)
 
     def text(self) -> str:
-        return render_json({"header": self.header, "pairs": self.pairs})
+        return render_json({"content_digest": content_digest(self.header, self.pairs), "header": self.header,
+                            "pairs": self.pairs})
 
     def write(self, protect: Iterable[str | os.PathLike] = ()) -> None:
         write_atomic(self.path, self.text(), protect=protect)
+
+    def referenced(self, name: str) -> Path:
+        """The SAE directory or heads file the header names (``name``: sae, heads), once checked to be
+        inside the baseline's directory: a baseline cannot make the gate read ``/dev/zero`` or a file
+        of another project."""
+        location = self.header[name]["path"]
+        where = f'{self.path}: field "header.{name}.path"'
+        if Path(location).is_absolute():
+            raise BaselineError(f"{where} is {_shown(location)}; it must be a path relative to the baseline's "
+                                f"directory, inside it")
+        base = Path(os.path.realpath(self.path.parent))
+        target = Path(os.path.realpath(self.path.parent / location))
+        if target == base or not target.is_relative_to(base):
+            raise BaselineError(f"{where} is {_shown(location)}, which is outside the baseline's directory "
+                                f"{self.path.parent}; make a new baseline, which keeps its SAE and heads beside it")
+        return target
+
+
+def content_digest(header: dict, pairs: dict) -> str:
+    """The digest of everything in a baseline that decides a verdict: the whole header (read options,
+    features and signs, cut-offs, the SAE's and heads' hashes...) and every pair's entry, as written."""
+    return short_digest(sha256_text(render_json({"header": header, "pairs": pairs})))
 
 
 def read_baseline(path: str | os.PathLike) -> Baseline:
     """Read and check a baseline file; a problem is a one-line BaselineError naming the field.
 
     Every field is checked by type and range before use, so a hand-edited or truncated file is
-    an error here rather than a traceback (or a silently wrapped latent index) later.
+    an error here rather than a traceback (or a silently wrapped latent index) later; then its
+    content digest, so an edit that keeps the types (a score, a sign, a cut-off, a read option)
+    is refused too. The file is read with a size bound, and never from a FIFO or a device.
     """
     path = Path(path)
+    if not os.path.lexists(path):
+        raise BaselineError(f"{path}: no baseline here; make one with `safer-audit baseline DATA --out {path}`")
+    raw = read_bounded(path, MAX_BASELINE_BYTES, lambda message: BaselineError(f"{path}: {message}"))
     try:
-        data = json.loads(path.read_text(encoding="utf-8"), object_pairs_hook=_unique_keys,
-                          parse_constant=_no_constant)
-    except FileNotFoundError:
-        raise BaselineError(f"{path}: no baseline here; make one with `safer-audit baseline DATA --out {path}`") \
-            from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise BaselineError(f"{path}: cannot read the baseline ({exc})") from None
+        data = json.loads(raw.decode("utf-8"), object_pairs_hook=_unique_keys, parse_constant=_no_constant)
+    except UnicodeDecodeError as exc:
+        raise BaselineError(f"{path}: not UTF-8 text ({exc.reason})") from None
     except json.JSONDecodeError as exc:
         raise BaselineError(f"{path}:{exc.lineno}: not valid JSON ({exc.msg})") from None
     except RecursionError:
@@ -209,22 +271,35 @@ def read_baseline(path: str | os.PathLike) -> Baseline:
     if not isinstance(data, dict) or not isinstance(data.get("header"), dict) or not isinstance(data.get("pairs"), dict):
         raise BaselineError(f'{path}: expected an object with "header" and "pairs" objects')
     header = data["header"]
-    for name in _HEADER_FIELDS:
-        if name not in header:
-            raise BaselineError(f'{path}: field "header.{name}" is missing')
+    if "format" not in header:
+        raise BaselineError(f'{path}: field "header.format" is missing')
     if isinstance(header["format"], bool) or header["format"] != BASELINE_FORMAT:
         older = isinstance(header["format"], int) and not isinstance(header["format"], bool) \
             and 1 <= header["format"] < BASELINE_FORMAT
         raise BaselineError(f"{path}: baseline format {_shown(header['format'])} is not supported "
                             f"(this safer-audit reads format {BASELINE_FORMAT})"
-                            + ("; it was made by an older safer-audit, whose pair digests this one does not "
-                               f"compare: make a new one with `safer-audit baseline DATA --out {path}`"
-                               if older else ""))
+                            + ("; it was made by an older safer-audit, whose baselines this one cannot check: "
+                               f"make a new one with `safer-audit baseline DATA --out {path}`" if older else ""))
+    for name in _HEADER_FIELDS:
+        if name not in header:
+            raise BaselineError(f'{path}: field "header.{name}" is missing')
+    unknown = sorted(set(data) - {"content_digest", "header", "pairs"})
+    if unknown:
+        raise BaselineError(f'{path}: field "{unknown[0]}" is not a baseline field')
     check = _Checker(path)
     check.header(header)
     for pair_id, entry in data["pairs"].items():
         check.pair(pair_id, entry)
-    return Baseline(path, header, data["pairs"])
+    check.digest(data.get("content_digest"), "content_digest")
+    now = content_digest(header, data["pairs"])
+    if data["content_digest"] != now:
+        raise BaselineError(f"{path}: its content digest {data['content_digest']} does not match its header and "
+                            f"pairs ({now}): the file was edited after it was made; make it again with "
+                            "`safer-audit baseline`")
+    baseline = Baseline(path, header, data["pairs"])
+    for name in ("sae", "heads"):
+        baseline.referenced(name)
+    return baseline
 
 
 class _BadJson(ValueError):
@@ -317,6 +392,7 @@ class _Checker:
         self.string(act["positions"], "header.activations.positions", choices=POSITIONS)
         self.integer(act["max_length"], "header.activations.max_length", 1)
         self.options(h["data"], "header.data", ReadOptions)
+        self.integer(h["skipped"], "header.skipped", 0)
         sae = self.section(h["sae"], "header.sae", ("path", "hash", "latents", "d_in"), optional=tuple(_SAE_DEFAULTS))
         self.string(sae.get("backend", ""), "header.sae.backend")
         self.string(sae["path"], "header.sae.path")
@@ -389,10 +465,6 @@ def row_digest(row: dict) -> str:
     return pair_digest(row["context"], row["chosen"], row["rejected"])
 
 
-def _file_hash(path: Path) -> str:
-    return short_digest(sha256_file(path))
-
-
 def _portable(path: Path, base: Path) -> str:
     """``path`` relative to ``base`` when inside the git work tree holding ``base`` (or, out
     of any repository, inside ``base``), else absolute: the baseline travels with its repository."""
@@ -405,9 +477,41 @@ def _portable(path: Path, base: Path) -> str:
 
 def read_sources(sources: list[str], read: ReadOptions | None = None, **keywords) -> pl.DataFrame:
     """The pairs of every source, in order, as one table (``keywords``: ReadOptions fields)."""
+    return load_sources(sources, read, **keywords)[0]
+
+
+def load_sources(sources: list[str], read: ReadOptions | None = None, **keywords) -> tuple[pl.DataFrame, int]:
+    """read_sources, and how many records the read options skipped (skip_invalid)."""
     read = ReadOptions.of(read, **keywords)
-    frames = [load_pairs(s, read).pairs for s in sources]
-    return pl.concat(frames) if len(frames) > 1 else frames[0]
+    loaded = [load_pairs(s, read) for s in sources]
+    frames = [load.pairs for load in loaded]
+    return (pl.concat(frames) if len(frames) > 1 else frames[0]), sum(len(load.skipped) for load in loaded)
+
+
+def stored_suspicion(pairs: dict[str, dict], ranking: dict[str, float]) -> torch.Tensor:
+    """The suspicion of each baseline pair among the others, from the 6-digit values the baseline
+    holds (the scan's ranking, as the gate computes it for a new pair): what the cut-offs are taken
+    from, so that the gate can recompute them."""
+    import torch
+
+    from ..scoring.ranks import combine, percentile_from_low
+
+    def column(name: str) -> torch.Tensor:
+        return torch.tensor([math.nan if e[name] is None else e[name] for e in pairs.values()], dtype=torch.float64)
+
+    return combine({name: percentile_from_low(column(name)) for name in SIGNALS}, ranking)
+
+
+def stored_category(entry: dict, suspicion_value: float, ranking: dict[str, float], cutoffs: Cutoffs) -> str:
+    """A baseline pair's category from its stored values and the cut-offs (categorise_pair, as for a new
+    pair); ``quality`` (found in the data, which the baseline does not hold) stays."""
+    from ..scoring.categories import categorise_pair
+    from ..scoring.ranks import ranked_signals
+
+    if entry["category"] == Category.QUALITY:
+        return str(Category.QUALITY)
+    values = {name: entry[name] for name in SIGNALS}
+    return str(categorise_pair(suspicion_value, ranked_signals(values, ranking), [], cutoffs))
 
 
 def build_baseline(sources: list[str], out: str | os.PathLike, config: ScanConfig, *,
@@ -423,20 +527,22 @@ def build_baseline(sources: list[str], out: str | os.PathLike, config: ScanConfi
     from ..scoring.heads import HeadFit, fit_heads
 
     out = Path(out)
-    for path in (out, out.with_name(f"{out.stem}-heads.safetensors")):
+    sae_dir, heads_path = out.with_name(f"{out.stem}-sae"), out.with_name(f"{out.stem}-heads.safetensors")
+    for path in (out, heads_path):
         refuse_inputs(path, sources)
-    pairs = read_sources(sources, config.read)
+    pairs, skipped = load_sources(sources, config.read)
     result = scan_pairs(pairs, config, source=", ".join(sources), steps=steps)
     out.parent.mkdir(parents=True, exist_ok=True)
     if config.sae_path is None:
         # the trained SAE lives in the activation cache, which is not part of the repository
-        sae_dir = result.sae.save(out.with_name(f"{out.stem}-sae"))
-    else:
+        result.sae.save(sae_dir)
+    elif _inside(Path(config.sae_path), out.parent):
         sae_dir = Path(config.sae_path)
-    heads_path = out.with_name(f"{out.stem}-heads.safetensors")
+    else:  # the gate reads only what is inside the baseline's directory: a copy, in the SAE's own format
+        _copy_sae(Path(config.sae_path), sae_dir, protect=sources)
     pooled = None if result.backend.has_reward_head else result.stats.pooled
-    heads = fit_heads(result.stats, HeadFit.of(config), pooled)
-    write_atomic(heads_path, save_safetensors(heads), protect=sources)
+    heads = save_safetensors(fit_heads(result.stats, HeadFit.of(config), pooled))
+    write_atomic(heads_path, heads, protect=sources)
 
     entries: dict[str, dict] = {}
     where: dict[str, str] = {}
@@ -455,8 +561,11 @@ def build_baseline(sources: list[str], out: str | os.PathLike, config: ScanConfi
         if decision is not None and decision.verdict == "ok":
             cleared.add(row["pair_id"])
     backend, run = result.backend, result.report.run
-    # exact (not rounded like the scores): the gate compares a suspicion computed the same way against them
-    cutoffs = Cutoffs.from_ranking(result.suspicion, config.flipped_fraction, config.noisy_fraction)
+    ranking = {name: float(w) for name, w in config.ranking.items()}
+    suspicion = stored_suspicion(entries, ranking)
+    cutoffs = Cutoffs.from_ranking(suspicion, config.flipped_fraction, config.noisy_fraction)
+    for entry, value in zip(entries.values(), suspicion.tolist(), strict=True):
+        entry["category"] = stored_category(entry, value, ranking, cutoffs)
     model_location = config.activations.model
     if model_location is not None and Path(model_location).is_dir():
         model_location = _portable(Path(model_location), out.parent)
@@ -468,18 +577,32 @@ def build_baseline(sources: list[str], out: str | os.PathLike, config: ScanConfi
                   "backend": config.activations.backend},
         "activations": {"layer": run.layer, "positions": run.positions, "max_length": run.max_length},
         "data": config.read.to_dict(),
-        "sae": {"backend": config.sae_backend, "path": _portable(sae_dir, out.parent),
+        "skipped": skipped,
+        "sae": {"backend": config.sae_backend, "path": Path(os.path.relpath(sae_dir, out.parent)).as_posix(),
                 "hash": weights_hash(sae_dir),
                 "latents": result.sae.cfg.n_latents, "d_in": result.sae.cfg.d_in},
-        "heads": {"path": _portable(heads_path, out.parent), "hash": _file_hash(heads_path)},
+        "heads": {"path": heads_path.name, "hash": short_digest(hashlib.sha256(heads).hexdigest())},
         "features": [{"latent": f.latent, "sign": f.sign, "label": f.label} for f in result.features.features],
-        "ranking": {name: float(w) for name, w in config.ranking.items()},
+        "ranking": ranking,
         "thresholds": {"flipped_fraction": config.flipped_fraction, "noisy_fraction": config.noisy_fraction,
                        "flipped_cutoff": cutoffs.flipped, "noisy_cutoff": cutoffs.noisy},
     }
     baseline = Baseline(out, header, entries, cleared)
     baseline.write(protect=sources)
     return baseline
+
+
+def _inside(path: Path, directory: Path) -> bool:
+    path, directory = Path(os.path.realpath(path)), Path(os.path.realpath(directory))
+    return path != directory and path.is_relative_to(directory)
+
+
+def _copy_sae(source: Path, target: Path, protect: list[str]) -> None:
+    """The files an SAE backend reads (its config and weights), copied into ``target``."""
+    target.mkdir(parents=True, exist_ok=True)
+    for name in (CFG_FILE, WEIGHTS_FILE, SPARSIFY_WEIGHTS_FILE):
+        if (source / name).is_file():
+            write_atomic(target / name, _bounded(source / name, MAX_SAE_BYTES), protect=protect)
 
 
 @dataclass
@@ -519,8 +642,10 @@ def _was(entry: dict, previous_id: str | None) -> str:
 
 @dataclass
 class ChangedPair:
-    """A pair the baseline holds whose content changed (an edit under a kept id, or its
-    responses swapped in place): old and new category and scores."""
+    """A pair the baseline holds whose content changed: its responses swapped (in place, which gives
+    an automatic id another value, or under a kept id) or its text edited under a kept id; old and
+    new category and scores. A label change is what a poisoning looks like, so by default it fails
+    (``changed`` in fail_on) until a review marks the new content ok."""
 
     source: str
     line: int
@@ -528,11 +653,25 @@ class ChangedPair:
     previous_id: str | None  # the baseline id, when the swap gave the pair another id
     old: dict
     new: dict
+    change: str = "edited"  # swapped (chosen and rejected) or edited
+    prefer_rejected: list[str] = field(default_factory=list)  # ranked signals that now prefer the rejected one
+    verdict: str | None = None  # a review decision on the new content, if any
+    digest: str = ""  # the new content's (decisions are keyed by it)
 
     def message(self) -> str:
-        old = ", ".join(f"{name} {_fmt(self.old[name])} -> {_fmt(self.new[name])}" for name in SIGNALS)
-        how = f"swapped in place (was pair {self.previous_id})" if self.previous_id else "changed in place"
-        return f"pair {self.pair_id} {how}: {self.old['category']} -> {self.new['category']} ({old})"
+        if self.change == "swapped":
+            what = "chosen and rejected swapped" + (f" (was pair {self.previous_id})" if self.previous_id
+                                                    else " under its id")
+        else:
+            what = "context or responses edited under its id"
+        if self.prefer_rejected:
+            judges = f"{' and '.join(self.prefer_rejected)} now prefer{'s' if len(self.prefer_rejected) == 1 else ''}" \
+                     " the rejected response"
+        else:
+            judges = "the judges still prefer the chosen response"
+        scores = ", ".join(f"{name} {_fmt(self.old[name])} -> {_fmt(self.new[name])}" for name in SIGNALS)
+        text = f"pair {self.pair_id}: {what}; {judges}; {self.old['category']} -> {self.new['category']} ({scores})"
+        return text + (f"; marked {self.verdict} in review" if self.verdict is not None else "")
 
 
 @dataclass
@@ -554,7 +693,7 @@ def _fmt(value: float | None) -> str:
 
 @dataclass
 class GateResult:
-    """What the gate found: counts, every new pair that is not clean, and what fails."""
+    """What the gate found: counts, every new pair that is not clean, every changed pair, and what fails."""
 
     baseline: Baseline
     sources: list[str]
@@ -570,40 +709,101 @@ class GateResult:
     removed: list[RemovedPair] = field(default_factory=list)  # in the baseline, not in the data
     changed_pairs: list[ChangedPair] = field(default_factory=list)  # old and new scores of each changed pair
     decisions: str | None = None  # the decisions file read, if any
+    skipped: int = 0  # records the baseline's read options skipped
+    checked: int = 0  # baseline pairs scored again to check the baseline's scores
 
     @property
     def failures(self) -> list[GateFinding]:
-        """New suspects in the --fail-on categories, less those a reviewer marked ok."""
-        return [f for f in self.findings if f.category in self.fail_on and f.verdict != "ok"]
+        """New suspects in the --fail-on categories, less those a reviewer marked ok (a changed pair
+        fails as a change when ``changed`` is failed on)."""
+        return [f for f in self.findings if f.category in self.fail_on and f.verdict != "ok"
+                and not (f.changed and "changed" in self.fail_on)]
+
+    @property
+    def failing_changes(self) -> list[ChangedPair]:
+        """Changed pairs not marked ok in review, when ``changed`` is failed on."""
+        if "changed" not in self.fail_on:
+            return []
+        return [c for c in self.changed_pairs if c.verdict != "ok"]
 
     @property
     def failed(self) -> bool:
-        return len(self.failures) > self.max_new or ("removed" in self.fail_on and bool(self.removed))
+        return (len(self.failures) > self.max_new or bool(self.failing_changes)
+                or ("removed" in self.fail_on and bool(self.removed)))
+
+    def failing_ids(self) -> list[str]:
+        return [c.pair_id for c in self.failing_changes] + [f.pair_id for f in self.failures]
+
+    def next_steps(self) -> list[str]:
+        """What to do about a failure: look at the pairs, mark the right ones ok, or accept the state."""
+        if not self.failed:
+            return []
+        data = " ".join(shlex.quote(source) for source in self.sources)
+        decisions = self.decisions or str(self.baseline.path.parent / "decisions.json")
+        ids = self.failing_ids()
+        shown = " ".join(f"--mark-ok {shlex.quote(pair_id)}" for pair_id in ids[:3]) + (" ..." if len(ids) > 3 else "")
+        steps = [f"look at each failing pair: `git diff` shows what changed, and "
+                 f"`safer-audit explain {shlex.quote(self.sources[0])} PAIR_ID` shows a pair in full with its scores"]
+        if ids:
+            steps.append(f"a pair that is right as it is: `safer-audit gate {data} --baseline "
+                         f"{shlex.quote(str(self.baseline.path))} {shown}` records it as reviewed in {decisions} "
+                         "(commit that file)")
+        steps.append("`--update-baseline` only when the data as it is now, removed pairs included, is what later "
+                     "changes should be compared against: it accepts every pair listed here")
+        return steps
 
     def to_dict(self) -> dict:
         return {"baseline": str(self.baseline.path), "sources": self.sources, "pairs": self.pairs,
-                "new": self.new, "changed": self.changed, "fail_on": list(self.fail_on), "max_new": self.max_new,
-                "failed": self.failed, "failures": len(self.failures), "decisions": self.decisions,
+                "new": self.new, "changed": self.changed, "skipped": self.skipped, "checked": self.checked,
+                "fail_on": list(self.fail_on), "max_new": self.max_new,
+                "failed": self.failed, "failures": len(self.failures) + len(self.failing_changes),
+                "failing_pairs": self.failing_ids(), "decisions": self.decisions,
                 "findings": [asdict(f) for f in self.findings], "changed_pairs": [asdict(c) for c in self.changed_pairs],
-                "removed": [asdict(r) for r in self.removed], "timings": self.timings}
+                "removed": [asdict(r) for r in self.removed], "next_steps": self.next_steps(),
+                "timings": self.timings}
 
 
 def check_reference(baseline: Baseline) -> None:
-    """Raise BaselineError, naming every difference, if the tool, SAE or heads changed since."""
+    """Raise BaselineError, naming every difference, if the tool, SAE or heads changed since.
+
+    The SAE's weights and the heads are read whole, with size bounds (read_bounded: never a FIFO
+    or a device), from inside the baseline's directory; the heads' bytes are kept for scoring.
+    """
     header, differences = baseline.header, []
     if header["tool_version"] != __version__:
         differences.append(f"tool version {header['tool_version']} (now {__version__})")
-    for name, hash_of in (("sae", weights_hash), ("heads", lambda p: _file_hash(Path(p)))):
-        path = baseline.resolve(header[name]["path"])
+    for name in ("sae", "heads"):
+        path = baseline.referenced(name)
         try:
-            now = hash_of(path)
-        except (OSError, ValueError):
-            differences.append(f"{name} {path} is missing or unreadable")
+            content = _sae_weights(path) if name == "sae" else _bounded(path, MAX_HEADS_BYTES)
+        except BaselineError as exc:
+            differences.append(f"{name} {exc}")
             continue
+        if name == "heads":
+            baseline.heads = content
+        now = short_digest(hashlib.sha256(content).hexdigest())
         if now != header[name]["hash"]:
             differences.append(f"{name} {path} has hash {now} (baseline: {header[name]['hash']})")
     if differences:
         raise BaselineError(_mismatch(baseline, differences))
+
+
+def _bounded(path: Path, limit: int) -> bytes:
+    return read_bounded(path, limit, lambda message: BaselineError(f"{path} {message}"))
+
+
+def _sae_weights(directory: Path) -> bytes:
+    """The weights file of an SAE directory (TopKSAE.file_hash's), its config checked to be a small regular
+    file too: the SAE backend reads both."""
+    if not directory.is_dir():
+        raise BaselineError(f"{directory} is missing or not a directory")
+    config = directory / CFG_FILE
+    if os.path.lexists(config):
+        _bounded(config, MAX_SAE_CONFIG_BYTES)
+    for name in (WEIGHTS_FILE, SPARSIFY_WEIGHTS_FILE):
+        if os.path.lexists(directory / name):
+            return _bounded(directory / name, MAX_SAE_BYTES)
+    raise BaselineError(f"{directory} has no {WEIGHTS_FILE} or {SPARSIFY_WEIGHTS_FILE}")
 
 
 def _mismatch(baseline: Baseline, differences: list[str]) -> str:
@@ -634,8 +834,10 @@ def score_frozen(pairs: pl.DataFrame, baseline: Baseline, backend, sae: TopKSAE,
     from ..pipeline import stages
     from ..scoring.heads import compute_signals
 
-    heads_path = baseline.resolve(baseline.header["heads"]["path"])
-    heads = load_safetensors(heads_path.read_bytes())
+    heads_path = baseline.referenced("heads")
+    if baseline.heads is None:
+        check_reference(baseline)
+    heads = load_safetensors(baseline.heads)
     ctx = ctx or RunContext.of(ScanConfig(activations=config), steps=steps)
     model = stages.model(ctx, backend)
     acts = stages.activations(pairs, model, ctx)
@@ -687,7 +889,10 @@ def run_gate(sources: list[str], baseline_path: str | os.PathLike, *, fail_on: t
              steps=no_progress, decisions: dict | None = None, decisions_path: str | None = None) -> GateResult:
     """Score the pairs of ``sources`` that the baseline does not hold, with its frozen reference.
 
-    ``decisions`` (digest -> decisions.Decision): a new suspect marked ok is listed, not failed.
+    ``decisions`` (digest -> decisions.Decision): a new suspect or a changed pair marked ok is
+    listed, not failed. Whenever the model runs, a seeded sample of the unchanged baseline pairs
+    is scored with it too and must give the baseline's scores, and the cut-offs must be those of
+    the baseline's scores: a baseline edited into a pass is a BaselineError, not a verdict.
     """
     unknown = [c for c in fail_on if c not in FAIL_ON_CHOICES]
     if unknown:
@@ -696,31 +901,102 @@ def run_gate(sources: list[str], baseline_path: str | os.PathLike, *, fail_on: t
     with ctx.timed("load"):
         baseline = read_baseline(baseline_path)
         check_reference(baseline)
-        changes = compare(read_sources(sources, baseline.read), baseline)
+        pairs, skipped = load_sources(sources, baseline.read)
+        _check_skipped(baseline, sources, skipped)
+        changes = compare(pairs, baseline)
     known = changes.known_entry
     result = GateResult(baseline, list(sources), len(changes.rows), len(changes.new_rows),
                         sum(1 for i in changes.new_rows if known[i] is not None), [], tuple(fail_on), max_new,
                         current_ids=[row["pair_id"] for row in changes.rows], timings=ctx.timings,
                         removed=[RemovedPair(pid, entry["category"], entry["score_safe"])
                                  for pid, entry in sorted(changes.removed.items())],
-                        decisions=decisions_path)
+                        decisions=decisions_path, skipped=skipped)
     if not changes.new_rows:
         return result
     from ..model.activations import executor_for, load_backend
     from ..pipeline import stages
 
+    check_cutoffs(baseline)
+    checked = _checked_rows(changes, baseline)
     with ctx.timed("quality"):
         quality = _quality(changes)
     with ctx.timed("model"):
-        sae = lookup("sae", baseline.sae_backend).load(baseline.resolve(baseline.header["sae"]["path"]))
+        sae = lookup("sae", baseline.sae_backend).load(baseline.referenced("sae"))
         config = ScanConfig(activations=baseline.activation_config(cache_dir, device))
         ctx = replace(ctx, config=config, executor=executor_for(config.activations))  # the same clock
         model = stages.model(ctx, load_backend(config.activations))
         _check_model(baseline, model.backend, sae)
-    signals = score_frozen(changes.pairs[changes.new_rows], baseline, model.backend, sae, config.activations, ctx=ctx)
+    scored = changes.new_rows + checked
+    signals = score_frozen(changes.pairs[scored], baseline, model.backend, sae, config.activations, ctx=ctx)
+    n_new = len(changes.new_rows)
+    _check_scores(baseline, [changes.rows[i]["pair_id"] for i in checked],
+                  {name: values[n_new:] for name, values in signals.items()}, model.backend.has_reward_head)
+    result.checked = len(checked)
     with ctx.timed("score"):
-        _judge_new(result, baseline, changes, quality, signals, decisions or {})
+        _judge_new(result, baseline, changes, quality, {name: values[:n_new] for name, values in signals.items()},
+                   decisions or {})
     return result
+
+
+def _check_skipped(baseline: Baseline, sources: list[str], skipped: int) -> None:
+    """Records the read options drop are never dropped silently: more than when the baseline was made
+    is an error (an edited ``skip_invalid`` or ``max_record_bytes`` would otherwise hide new pairs)."""
+    if skipped > baseline.header["skipped"]:
+        read = baseline.header["data"]
+        raise BaselineError(
+            f"{', '.join(sources)}: the baseline's read options (skip_invalid {str(read.get('skip_invalid')).lower()}, "
+            f"max_record_bytes {read.get('max_record_bytes', ReadOptions.max_record_bytes)}) skip {skipped} "
+            f"record(s), {baseline.header['skipped']} when {baseline.path} was made; fix the records "
+            "(`safer-audit validate` lists them), or make a new baseline")
+
+
+def check_cutoffs(baseline: Baseline) -> None:
+    """The cut-offs, and every pair's category, must be those of the baseline's own scores and fractions
+    (stored_suspicion, stored_category): an edited score, sign or cut-off shows here without the model."""
+    from ..scoring.categories import Cutoffs
+
+    thresholds, ranking = baseline.header["thresholds"], baseline.header["ranking"]
+    suspicion = stored_suspicion(baseline.pairs, ranking)
+    now = Cutoffs.from_ranking(suspicion, thresholds["flipped_fraction"], thresholds["noisy_fraction"])
+    edited = "the file was edited: make it again with `safer-audit baseline`"
+    for name, value in (("flipped_cutoff", now.flipped), ("noisy_cutoff", now.noisy)):
+        if thresholds[name] != value:
+            raise BaselineError(f'{baseline.path}: field "header.thresholds.{name}" is {_shown(thresholds[name])}, '
+                                f"but the baseline's scores and fractions give {_shown(value)}; {edited}")
+    for (pair_id, entry), value in zip(baseline.pairs.items(), suspicion.tolist(), strict=True):
+        category = stored_category(entry, value, ranking, now)
+        if entry["category"] != category:
+            raise BaselineError(f'{baseline.path}: field "pairs.{pair_id}.category" is {_shown(entry["category"])}, '
+                                f"but its scores and the cut-offs make it {category}; {edited}")
+
+
+def _checked_rows(changes: Changes, baseline: Baseline) -> list[int]:
+    """A sample of the unchanged rows, seeded by the baseline's content: the pairs scored again."""
+    unchanged = sorted(set(range(len(changes.rows))) - set(changes.new_rows))
+    if len(unchanged) <= CHECKED_PAIRS:
+        return unchanged
+    seed = int(content_digest(baseline.header, baseline.pairs), 16)
+    return sorted(random.Random(seed).sample(unchanged, CHECKED_PAIRS))
+
+
+def _check_scores(baseline: Baseline, pair_ids: list[str], signals: dict, reward_head: bool) -> None:
+    """The frozen reference must give the stored scores of the pairs scored again. score_safe comes from the
+    SAE and the features alone; the reward margin of a model with its own head too (other margins were
+    cross-fitted in the scan, so a head fitted on every pair gives other values)."""
+    import torch
+
+    names = ("score_safe", "reward_margin") if reward_head else ("score_safe",)
+    for name in names:
+        scale = float(torch.nanmedian(baseline.signal(name).abs())) if baseline.pairs else 0.0
+        for pair_id, value in zip(pair_ids, signals[name].tolist(), strict=True):
+            stored = baseline.pairs[pair_id][name]
+            now = _round(value)
+            if (stored is None) != (now is None) or (
+                    stored is not None and abs(stored - now) > 1e-3 * (abs(stored) + scale) + 1e-9):
+                raise BaselineError(
+                    f'{baseline.path}: field "pairs.{pair_id}.{name}" is {_shown(stored)}, but its frozen SAE, '
+                    f"features and heads give {_shown(now)}; the file was edited: make it again with "
+                    "`safer-audit baseline`")
 
 
 @dataclass
@@ -734,6 +1010,7 @@ class Changes:
     new_rows: list[int]  # rows whose id is new or whose content changed
     swapped_from: dict[int, str]  # row -> the removed pair id whose responses it holds swapped
     removed: dict[str, dict]  # baseline pairs no longer in the data (and not swapped in place), by id
+    swapped: set[int] = field(default_factory=set)  # changed rows whose responses are the baseline's swapped
 
 
 def compare(pairs: pl.DataFrame, baseline: Baseline) -> Changes:
@@ -747,14 +1024,18 @@ def compare(pairs: pl.DataFrame, baseline: Baseline) -> Changes:
     # a new id whose responses, swapped back, are a removed pair: that pair swapped in place
     gone_by_digest = {entry["digest"]: pid for pid, entry in gone.items()}
     swapped_from: dict[int, str] = {}
+    swapped: set[int] = set()
     for i in new_rows:
+        back = pair_digest(rows[i]["context"], rows[i]["rejected"], rows[i]["chosen"])
         if known_entry[i] is None:
-            back = pair_digest(rows[i]["context"], rows[i]["rejected"], rows[i]["chosen"])
             if back in gone_by_digest:
                 swapped_from[i] = gone_by_digest.pop(back)
                 known_entry[i] = gone[swapped_from[i]]
+                swapped.add(i)
+        elif known_entry[i]["digest"] == back:
+            swapped.add(i)
     removed = {pid: gone[pid] for pid in gone_by_digest.values()}
-    return Changes(pairs, rows, digests, known_entry, new_rows, swapped_from, removed)
+    return Changes(pairs, rows, digests, known_entry, new_rows, swapped_from, removed, swapped)
 
 
 def _quality(changes: Changes) -> dict[int, list[tuple[str, str]]]:
@@ -786,28 +1067,71 @@ def _judge_new(result: GateResult, baseline: Baseline, changes: Changes, quality
         kinds = [kind for kind, _ in quality.get(i, [])]
         category = categorise_pair(float(suspicion[n]), ranked_signals(pair_values, weights), kinds, cutoffs)
         result.new_entries[row["pair_id"]] = {"category": str(category), "digest": digests[i], **pair_values}
+        decision = decisions.get(digests[i])
+        verdict = decision.verdict if decision is not None else None
         if known_entry[i] is not None:
-            result.changed_pairs.append(ChangedPair(row["source"], row["line"], row["pair_id"], swapped_from.get(i),
-                                                    dict(known_entry[i]), dict(result.new_entries[row["pair_id"]])))
+            prefer_rejected = [name for name, value in ranked_signals(pair_values, weights).items()
+                               if value is not None and value < 0]
+            result.changed_pairs.append(ChangedPair(
+                row["source"], row["line"], row["pair_id"], swapped_from.get(i), dict(known_entry[i]),
+                dict(result.new_entries[row["pair_id"]]), "swapped" if i in changes.swapped else "edited",
+                prefer_rejected, verdict, digests[i]))
         if category != Category.CLEAN:
-            decision = decisions.get(digests[i])
             result.findings.append(GateFinding(
                 row["source"], row["line"], row["pair_id"], category, known_entry[i] is not None,
                 round(float(suspicion[n]), 6), **pair_values,
                 quality=[f"{kind}: {detail}" for kind, detail in quality.get(i, [])],
-                verdict=decision.verdict if decision is not None else None,
+                verdict=verdict,
                 previous=dict(known_entry[i]) if known_entry[i] is not None else None,
                 previous_id=swapped_from.get(i)))
     result.findings.sort(key=lambda f: (-f.suspicion, f.source, f.line))
+
+
+def mark_ok(result: GateResult, pair_ids: list[str], decisions_path: str | os.PathLike, *, reviewer: str,
+            protect: Iterable[str | os.PathLike] = ()) -> None:
+    """Record the pairs ``pair_ids`` of the gate's listing (failing or not) as reviewed and ok, by their
+    current content, in the decisions file (made if missing), and clear them in ``result``."""
+    from .decisions import decide, read_decisions, write_decisions
+
+    listed = {f.pair_id: f for f in result.findings}
+    listed.update({c.pair_id: c for c in result.changed_pairs})
+    for pair_id in pair_ids:
+        if pair_id not in listed:
+            raise ConfigError(f"--mark-ok {pair_id}: not a pair this gate lists as new, changed or suspect; "
+                              f"listed: {', '.join(listed) or 'none'}")
+    path = Path(decisions_path)
+    decisions = read_decisions(path, missing_ok=True)
+    for pair_id in pair_ids:
+        item = listed[pair_id]
+        where = f"{item.source}:{item.line}"
+        decide(decisions, result.new_entries[pair_id]["digest"], "ok", reviewer=reviewer, pair_id=pair_id,
+               where=where, note="accepted at the gate")
+        for entry in (*result.findings, *result.changed_pairs):
+            if entry.pair_id == pair_id:
+                entry.verdict = "ok"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_decisions(path, decisions, protect=protect)
+    result.decisions = str(path)
 
 
 def accept(result: GateResult) -> Baseline:
     """Make the gated data the baseline: its pairs, the new ones with their frozen scores.
 
     Pairs the baseline holds but the data given does not are dropped, so give every data
-    file. The reference (model, SAE, features, heads, cut-offs) stays as it is.
+    file. The reference (model, SAE, features, heads, fractions) stays as it is; the cut-offs and
+    categories are those of the accepted pairs' scores, as the gate checks them.
     """
-    entries = {pid: result.new_entries.get(pid) or result.baseline.pairs[pid] for pid in result.current_ids}
-    updated = Baseline(result.baseline.path, result.baseline.header, entries)
+    from ..scoring.categories import Cutoffs
+
+    entries = {pid: dict(result.new_entries.get(pid) or result.baseline.pairs[pid]) for pid in result.current_ids}
+    header = json.loads(json.dumps(result.baseline.header))
+    header["skipped"] = result.skipped
+    ranking, thresholds = header["ranking"], header["thresholds"]
+    suspicion = stored_suspicion(entries, ranking)
+    cutoffs = Cutoffs.from_ranking(suspicion, thresholds["flipped_fraction"], thresholds["noisy_fraction"])
+    thresholds["flipped_cutoff"], thresholds["noisy_cutoff"] = cutoffs.flipped, cutoffs.noisy
+    for entry, value in zip(entries.values(), suspicion.tolist(), strict=True):
+        entry["category"] = stored_category(entry, value, ranking, cutoffs)
+    updated = Baseline(result.baseline.path, header, entries)
     updated.write(protect=result.sources)
     return updated
