@@ -177,7 +177,7 @@ def timings(args) -> int:
         rows = []
         scan_s, _ = run(["scan", str(full), "--quiet", "--top", "0"], tmp / "cache-scan")
         rows.append(("cold scan", len(lines), scan_s, ""))
-        base_s, _ = run(["baseline", str(old), "--out", str(baseline), "--quiet"], tmp / "cache-baseline")
+        base_s, _ = run(["baseline", str(old), "-o", str(baseline), "--quiet"], tmp / "cache-baseline")
         rows.append(("baseline", len(lines) - n_new, base_s, ""))
         gate = ["gate", "--baseline", str(baseline), "--format", "json", "--quiet"]
         same_s, out = run([*gate, str(old)], tmp / "cache-gate-same")

@@ -114,7 +114,7 @@ safer-audit explain data.jsonl 3f2a9c01d4e5b6a7
 Review the features, then scan with the reviewed file:
 .PP
 .RS
-safer-audit features data.jsonl --out features.yaml
+safer-audit features data.jsonl -o features.yaml
 .br
 safer-audit scan data.jsonl --features features.yaml
 .RE
@@ -126,6 +126,18 @@ README.md, and docs/ for the reference (cli.md, formats.md, gate.md, engines.md,
 def _escape(text: str) -> str:
     text = text.replace("\\", "\\\\").replace("-", "\\-")
     return "\n".join(("\\&" + line) if line.startswith((".", "'")) else line for line in text.splitlines())
+
+
+def _help_roff(text: str) -> str:
+    """A command's help as roff: paragraphs filled, click's unwrapped blocks (a \\b line first) kept
+    line for line (.nf), so a table of options stays a table."""
+    blocks = []
+    for paragraph in inspect.cleandoc(text).split("\n\n"):
+        if paragraph.startswith("\b\n"):
+            blocks.append(".nf\n" + _escape(paragraph[2:]) + "\n.fi")
+        else:
+            blocks.append(_escape(paragraph))
+    return "\n.sp\n".join(blocks)
 
 
 def _commands(group: click.Group, prefix: str, ctx: click.Context):
@@ -157,7 +169,7 @@ def render() -> str:
         sub = click.Context(command, info_name=name, parent=ctx)
         usage = " ".join(command.collect_usage_pieces(sub))
         out += [".TP", f".B safer\\-audit {_escape(name)} {_escape(usage)}".rstrip(),
-                _escape(inspect.cleandoc(command.help or "").replace("\b\n", ""))]
+                _help_roff(command.help or "")]
     out.append(".SH OPTIONS")
     out += [".TP", ".B \\-\\-version", "Print the version and exit.", ".TP", ".BR \\-h \", \" \\-\\-help",
             "Show help for the tool or for any command."]

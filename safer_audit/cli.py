@@ -86,6 +86,44 @@ class AuditGroup(click.Group):
             sys.exit(EXIT_BUG)
 
 
+# Old spellings of renamed options: each still works for a release, with a warning. The value is what it
+# becomes (--json is --format json); a command is rewritten only when it has the new option.
+RENAMED_OPTIONS = {
+    "--out": ("--output",),
+    "--from-report": ("--report",),
+    "--json": ("--format", "json"),
+}
+
+
+class AuditCommand(click.Command):
+    """A command that still takes the old spellings of RENAMED_OPTIONS, each with one warning line on stderr."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        return super().parse_args(ctx, renamed_to_current(self, args))
+
+
+def renamed_to_current(command: click.Command, args: list[str]) -> list[str]:
+    """``args`` with each old spelling of an option of ``command`` replaced by the current one."""
+    current = {opt for param in command.params for opt in getattr(param, "opts", ())}
+    own = current | {opt for param in command.params for opt in getattr(param, "secondary_opts", ())}
+    out: list[str] = []
+    for index, arg in enumerate(args):
+        if arg == "--":  # the rest are arguments, whatever they look like
+            return out + args[index:]
+        name, sep, value = arg.partition("=")
+        new = RENAMED_OPTIONS.get(name)
+        if new is None or name in own or new[0] not in current:
+            out.append(arg)
+            continue
+        click.echo(f"Warning: {name} is deprecated and goes in a later release; use {' '.join(new)}", err=True)
+        out += [*new, value] if sep else list(new)
+    return out
+
+
+AuditGroup.command_class = AuditCommand
+AuditGroup.group_class = type  # subgroups (cache) are AuditGroups: their commands take the old spellings too
+
+
 def stdout_console() -> Console:
     # No string is parsed as markup or emoji codes: text from data must show as it is
     return Console(highlight=False, soft_wrap=False, markup=False, emoji=False)
@@ -106,15 +144,16 @@ def cli(ctx, debug):
 
 
 quiet_option = click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
-json_option = click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
+format_option = click.option("--format", "output_format", type=click.Choice(["text", "json"]), default="text",
+                             show_default=True, help="Output on stdout: a table for people, or JSON for programs.")
 
 
 @cli.command(name="plugins")
-@json_option
-def plugins_command(as_json):
+@format_option
+def plugins_command(output_format):
     """List the loaded plugins, their versions and what each registers."""
     infos = plugin_info()
-    if as_json:
+    if output_format == "json":
         from dataclasses import asdict
 
         click.echo(json_text([asdict(info) for info in infos], indent=2))
@@ -346,7 +385,8 @@ def scan(data, top, outputs, output_format, quiet, config: ScanConfig):
         else:
             options += [item for v in (value if param.multiple else [value]) for item in (flag, v)]
     suspects = result.report.suspects(1)
-    for line in next_steps(data, outputs, suspects[0].pair_id if suspects else None, options):
+    top_pair = suspects[0].pair_id if suspects else None
+    for line in next_steps(data, outputs, top_pair, options, str(DEFAULT_DECISIONS)):
         click.echo(inert(line), err=True)
 
 
@@ -354,7 +394,7 @@ def scan(data, top, outputs, output_format, quiet, config: ScanConfig):
 @click.argument("data")
 @scan_options(*COMMAND_GROUPS["features"])
 @click.option("--top", type=click.IntRange(1), default=10, show_default=True, help="Feature cards shown.")
-@click.option("--out", "out", type=click.Path(dir_okay=False, path_type=Path), default=None,
+@click.option("--output", "-o", "out", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Write a features file (YAML, or JSON by extension) to review, edit and pass to --features.")
 @quiet_option
 def features(data, top, out, quiet, config: ScanConfig):
@@ -404,7 +444,7 @@ def explain(data, pair, report_path, quiet, config: ScanConfig):
 
 
 def _report_for(path: Path, config: ScanConfig):
-    """The scan report at ``path`` (explain, review, clean --from-report): it knows its profile (run.profile);
+    """The scan report at ``path`` (explain, review, clean --report): it knows its profile (run.profile);
     a --profile given on the command line that is not the report's is a ConfigError, not ignored."""
     from .errors import ConfigError
     from .workflows.clean import load_report
@@ -456,12 +496,12 @@ def _read_line(prompt: str) -> str:
 def review(data, report_path, decisions_path, reviewer, review_all, quiet, config: ScanConfig):
     """Walk the suspects of DATA one by one and record a decision for each.
 
-    \b
     Keys: f flipped (clean flips it back), n noisy (clean drops it), o ok (clean keeps it,
     the gate never fails on it), s skip, q quit. From a pipe, one key a line; the rest of
     the line is a note. Each decision is saved at once, and pairs decided before are not
-    shown again (unless --all), so a review resumes where it stopped. Then:
-    safer-audit clean DATA --decisions FILE --out CLEANED.
+    shown again (unless --all), so a review resumes where it stopped.
+
+    Then: safer-audit clean DATA --decisions FILE -o CLEANED.
     """
     from .data import PairReader
     from .workflows.decisions import default_reviewer, prepare_directory
@@ -552,7 +592,7 @@ def evaluate(data, positions, flip_rate, seeds, flip_modes, output, quiet, confi
 
 @cli.command(name="train-sae")
 @click.argument("data")
-@click.option("--out", "out", required=True, type=click.Path(file_okay=False, path_type=Path),
+@click.option("--output", "-o", "out", required=True, type=click.Path(file_okay=False, path_type=Path),
               help="Directory to write cfg.json and sae_weights.safetensors into.")
 @options_from(ActivationConfig, "activations")
 @options_from(ReadOptions, "read")
@@ -561,7 +601,7 @@ def evaluate(data, positions, flip_rate, seeds, flip_modes, output, quiet, confi
 @quiet_option
 def train_sae_command(data, out, sae_backend, quiet, activations: ActivationConfig, read: ReadOptions,
                       train: SaeTrainConfig):
-    """Train a TopK SAE on the activations of DATA and save it to --out."""
+    """Train a TopK SAE on the activations of DATA and save it to --output."""
     from .pipeline.scan import train_sae_on_data
 
     stats = train_sae_on_data(data, out, activations, train, read=read, sae_backend_name=sae_backend,
@@ -576,9 +616,9 @@ def train_sae_command(data, out, sae_backend, quiet, activations: ActivationConf
 
 @cli.command()
 @click.argument("data")
-@click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path),
+@click.option("--output", "-o", "out", required=True, type=click.Path(dir_okay=False, path_type=Path),
               help="The cleaned dataset, in DATA's format (same extension).")
-@click.option("--from-report", "report_path", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+@click.option("--report", "report_path", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               default=None, help="Select from this scan report (JSON) instead of scanning DATA now.")
 @click.option("--drop-fraction", type=click.FloatRange(0, 1, min_open=True), default=None,
               help="Select this fraction of the pairs, most suspicious first.")
@@ -595,7 +635,7 @@ def train_sae_command(data, out, sae_backend, quiet, activations: ActivationConf
 @click.option("--mode", type=click.Choice(["drop", "flip"]), default=None,
               help="Drop the selected pairs, or flip them back (swap chosen and rejected). Default: drop.")
 @click.option("--manifest", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="Where to write the manifest. Default: OUT.manifest.json.")
+              help="Where to write the manifest. Default: the output's name + .manifest.json.")
 @click.option("--force", is_flag=True, help="Replace an existing output and manifest.")
 @click.option("--dry-run", is_flag=True, help="Show what would change and write nothing.")
 @scan_options(*COMMAND_GROUPS["clean"])
@@ -604,16 +644,21 @@ def clean(data, out, report_path, decisions_path, only, drop_fraction, threshold
           manifest, force, dry_run, quiet, config: ScanConfig):
     """Write a copy of DATA with suspicious pairs dropped or flipped back, and a manifest.
 
+    Selection is by the combined suspicion ranking of a scan (the one scan reports, rather
+    than score_safe alone as in the paper, as it also weighs the reward margin):
+
     \b
-    Selection, by the combined suspicion ranking of a scan (the one scan reports,
-    rather than score_safe alone as in the paper, as it also weighs the reward margin):
-      --from-report R              R's non-clean pairs (with --mode flip: its flipped ones)
-      --drop-fraction F            the pairs of rank <= F x pairs
-      --threshold T                the pairs with suspicion >= T
-      --min-flip-probability P     the pairs whose flip probability is >= P
-      --decisions D                D's decided pairs: flipped ones flipped back, noisy
-                                   ones dropped, ok ones kept (--only flipped: just those)
-    Without --from-report or --decisions, DATA is scanned first with the model, SAE and
+      --report R        R's non-clean pairs (with --mode flip:
+                        its flipped ones)
+      --drop-fraction F the pairs of rank <= F x pairs
+      --threshold T     the pairs with suspicion >= T
+      --min-flip-probability P
+                        the pairs whose flip probability is >= P
+      --decisions D     D's decided pairs: flipped ones flipped
+                        back, noisy ones dropped, ok ones kept
+                        (--only flipped: just those)
+
+    Without --report or --decisions, DATA is scanned first with the model, SAE and
     --profile options.
 
     Records not selected are copied byte-for-byte (.jsonl, .jsonl.gz content, .json,
@@ -637,7 +682,7 @@ def clean(data, out, report_path, decisions_path, only, drop_fraction, threshold
     elif only:
         raise click.UsageError("--only selects verdicts of --decisions; give --decisions too")
     elif report_path is None and not given:
-        raise click.UsageError("select pairs with --from-report, --drop-fraction, --threshold or "
+        raise click.UsageError("select pairs with --report, --drop-fraction, --threshold or "
                                "--min-flip-probability, or act on --decisions")
     if len(given) > 1:
         raise click.UsageError(f"give one rule, not both {' and '.join(given)}")
@@ -698,7 +743,8 @@ gate_decisions_option = click.option(
 
 @cli.command(name="baseline")
 @click.argument("data", nargs=-1, required=True)
-@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=Path(".safer-audit/baseline.json"),
+@click.option("--output", "-o", "out", type=click.Path(dir_okay=False, path_type=Path),
+              default=Path(".safer-audit/baseline.json"),
               show_default=True, help="The baseline file; the SAE it trains and its heads are written beside it.")
 @scan_options(*COMMAND_GROUPS["baseline"])
 @gate_decisions_option
@@ -712,7 +758,7 @@ def baseline_command(data, out, decisions_path, quiet, config: ScanConfig):
     that skipped), SAE (path and hash), selected features, Bradley-Terry heads, tool version
     and the cut-offs, all covered by one content digest that the gate checks. The SAE (trained
     on DATA without --sae, else a copy of the one given) and the heads are saved next to the
-    baseline (OUT's name + "-sae", "-heads.safetensors"), so the gate never trains and reads
+    baseline (its name + "-sae", "-heads.safetensors"), so the gate never trains and reads
     nothing outside the baseline's directory.
     """
     from .workflows.gate import build_baseline
@@ -795,10 +841,10 @@ def gate_command(data, baseline_path, fail_on, max_new, output_format, mark_ok_i
     2 when the data or the baseline is unusable, edited, or made with another tool version,
     model, SAE or heads.
 
-    \b
-    pre-commit: the hook safer-audit-gate (.pre-commit-hooks.yaml) runs
-    `safer-audit gate --baseline .safer-audit/baseline.json` on the staged files matched by
-    your `files:` pattern; see examples/pre-commit-config.yaml.
+    pre-commit: the hook safer-audit-gate (.pre-commit-hooks.yaml) runs `safer-audit gate
+    --baseline .safer-audit/baseline.json` on the staged files matched by your `files:`
+    pattern, in the environment where safer-audit is installed; see
+    examples/pre-commit-config.yaml.
     """
     import os
 
@@ -839,15 +885,15 @@ def cache():
 
 @cache.command(name="info")
 @cache_dir_option
-@json_option
-def cache_info_command(cache_dir, as_json):
+@format_option
+def cache_info_command(cache_dir, output_format):
     """List what the cache holds: one row per model, layer, positions and max length with its size on disk;
     then every kind of entry with its size: activations, trained SAEs, per-text SAE codes, fitted heads, token
-    counts, judges' answers and labels of given SAEs (--json: each entry's too)."""
+    counts, judges' answers and labels of given SAEs (--format json: each entry's too)."""
     from .workflows.cache_admin import cache_summary, cache_view
 
     summary = cache_summary(cache_dir or default_cache_dir())
-    if as_json:
+    if output_format == "json":
         click.echo(json_text(summary, indent=2))
         return
     stdout_console().print(cache_view(summary))
@@ -883,14 +929,14 @@ def cache_clear_command(cache_dir, yes):
 @click.option("--model", metavar="DIR",
               help="Count tokens with this local model's tokenizer (with --max-length; default: the "
                    "embedded MiniLM-L6).")
-@json_option
-def validate_command(path, max_length, model, as_json, read: ReadOptions):
+@format_option
+def validate_command(path, max_length, model, output_format, read: ReadOptions):
     """Check that the preference data at PATH can be read, and report cheap data-quality findings.
 
-    \b
     PATH is a .jsonl, .jsonl.gz, .json, .parquet or .csv file, a datasets directory
     (save_to_disk), - for JSON Lines on standard input, or a hub dataset hf://owner/name
     (online only).
+
     Findings: exact duplicate pairs, contradicting pairs (the same responses the other
     way round), identical chosen and rejected, empty responses, chosen and rejected with
     different contexts, and with --max-length, responses too long to survive truncation.
@@ -909,7 +955,7 @@ def validate_command(path, max_length, model, as_json, read: ReadOptions):
         except (OSError, ValueError) as exc:
             _fail(f"cannot load the tokenizer of {model or 'the embedded model'}: {exc}")
     summary = validate_dataset(path, read, max_length=max_length, count_tokens=count_tokens)
-    if as_json:
+    if output_format == "json":
         click.echo(json_text(summary.to_dict(), indent=2))
     else:
         _print_validation(summary)

@@ -36,7 +36,7 @@ def test_cache_info_lists_and_clear_deletes_every_kind(tiny_llama_dir, tmp_path)
     label_features([0], lambda missing: [], labeller, labels_file)
     assert labels_file.is_file() and labels_file.is_relative_to(cache / "labels")
 
-    result = CliRunner().invoke(cli, ["cache", "info", "--cache-dir", str(cache), "--json"])
+    result = CliRunner().invoke(cli, ["cache", "info", "--cache-dir", str(cache), "--format", "json"])
     assert result.exit_code == 0, result.output
     info = json.loads(result.output)
     kinds = {kind["kind"]: kind["bytes"] for kind in info["kinds"]}
@@ -52,7 +52,7 @@ def test_cache_info_lists_and_clear_deletes_every_kind(tiny_llama_dir, tmp_path)
     result = CliRunner().invoke(cli, ["cache", "clear", "--cache-dir", str(cache), "--yes"])
     assert result.exit_code == 0 and f"freed {info['bytes'] / 2**20:.1f} MiB" in result.output
     assert not any((cache / name).exists() for name in ("activations", "judges", "labels"))
-    after = json.loads(CliRunner().invoke(cli, ["cache", "info", "--cache-dir", str(cache), "--json"]).output)
+    after = json.loads(CliRunner().invoke(cli, ["cache", "info", "--cache-dir", str(cache), "--format", "json"]).output)
     assert after["entries"] == [] and after["bytes"] == 0
     assert "is empty" in CliRunner().invoke(cli, ["cache", "info", "--cache-dir", str(cache)], env={"COLUMNS": "200"}).output
 

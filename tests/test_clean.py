@@ -177,7 +177,7 @@ def test_gzip_output_is_gzip_with_the_same_lines(tmp_path):
 def test_manifest_lists_hashes_rule_and_changes(jsonl, tmp_path):
     out = tmp_path / "clean.jsonl"
     report_path = write_report(make_report(jsonl, {1: "flipped"}), tmp_path / "report.json")
-    result = invoke("clean", jsonl, "--out", out, "--from-report", report_path, "--drop-fraction", "0.5")
+    result = invoke("clean", jsonl, "-o", out, "--report", report_path, "--drop-fraction", "0.5")
     assert result.exit_code == 0, result.output
     manifest = json.loads((tmp_path / "clean.jsonl.manifest.json").read_text())
     assert manifest["input"]["sha256"] == hashlib.sha256(JSONL).hexdigest()
@@ -195,13 +195,13 @@ def test_refuses_to_overwrite_its_input(jsonl, tmp_path):
     os.symlink(jsonl, tmp_path / "symlink.jsonl")
     os.link(jsonl, tmp_path / "hardlink.jsonl")
     for out in (jsonl, tmp_path / "symlink.jsonl", tmp_path / "hardlink.jsonl"):
-        result = invoke("clean", jsonl, "--out", out, "--from-report", report_path, "--force")
+        result = invoke("clean", jsonl, "-o", out, "--report", report_path, "--force")
         assert result.exit_code == 2
         assert result.output.strip() == f"Error: {out}: refusing to write over an input file"
-    result = invoke("clean", jsonl, "--out", jsonl, "--from-report", report_path, "--dry-run")
+    result = invoke("clean", jsonl, "-o", jsonl, "--report", report_path, "--dry-run")
     assert result.exit_code == 2 and "refusing to write over an input file" in result.output
     assert jsonl.read_bytes() == JSONL
-    result = invoke("clean", jsonl, "--out", tmp_path / "x.jsonl", "--from-report", report_path,
+    result = invoke("clean", jsonl, "-o", tmp_path / "x.jsonl", "--report", report_path,
                     "--manifest", report_path, "--force")
     assert result.exit_code == 2 and "refusing to write over an input file" in result.output
     assert json.loads(report_path.read_text())["schema_version"] == 1
@@ -211,10 +211,10 @@ def test_refuses_an_existing_output_without_force(jsonl, tmp_path):
     out = tmp_path / "clean.jsonl"
     out.write_text("old\n")
     report_path = write_report(make_report(jsonl, {0: "flipped"}), tmp_path / "report.json")
-    result = invoke("clean", jsonl, "--out", out, "--from-report", report_path)
+    result = invoke("clean", jsonl, "-o", out, "--report", report_path)
     assert result.exit_code == 2 and "already exists (use --force to replace it)" in result.output
     assert out.read_text() == "old\n"
-    assert invoke("clean", jsonl, "--out", out, "--from-report", report_path, "--force").exit_code == 0
+    assert invoke("clean", jsonl, "-o", out, "--report", report_path, "--force").exit_code == 0
     assert out.read_bytes() == b"".join(JSONL.splitlines(keepends=True)[1:])
 
 
@@ -282,7 +282,7 @@ def test_a_report_of_other_data_is_refused(jsonl, tmp_path):
     other.write_bytes(JSONL)
     out = tmp_path / "clean.jsonl"
     report_path = write_report(make_report(other), tmp_path / "report.json")
-    result = invoke("clean", jsonl, "--out", out, "--from-report", report_path)
+    result = invoke("clean", jsonl, "-o", out, "--report", report_path)
     assert result.exit_code == 2
     assert result.output.strip() == f"Error: {report_path}: is a report of {other}, not of {jsonl}"
     # The scanned file is gone (say, another machine): the pairs themselves must match.
@@ -293,12 +293,12 @@ def test_a_report_of_other_data_is_refused(jsonl, tmp_path):
                           ((b"\r\n", b"\r\n\n"), f"is at line 3 in the report but at line 2 in {jsonl}")]:
         changed.write_bytes(JSONL.replace(*edit))
         write_report(make_report(changed, data_source=gone), report_path)
-        result = invoke("clean", jsonl, "--out", out, "--from-report", report_path)
+        result = invoke("clean", jsonl, "-o", out, "--report", report_path)
         assert result.exit_code == 2 and result.output.startswith("Error: ")
         assert message in result.output
     changed.write_bytes(JSONL.rsplit(b"\n", 1)[0] + b"\n")  # without the last record
     write_report(make_report(changed, data_source=gone), report_path)
-    result = invoke("clean", jsonl, "--out", out, "--from-report", report_path)
+    result = invoke("clean", jsonl, "-o", out, "--report", report_path)
     assert result.exit_code == 2 and f"Error: {jsonl}:5: pair " in result.output
     assert f"is not in {report_path}" in result.output
     assert not out.exists()
@@ -307,7 +307,7 @@ def test_a_report_of_other_data_is_refused(jsonl, tmp_path):
 def test_dry_run_shows_the_changes_and_writes_nothing(jsonl, tmp_path):
     report_path = write_report(make_report(jsonl, {0: "flipped", 1: "noisy"}), tmp_path / "report.json")
     out = tmp_path / "clean.jsonl"
-    result = invoke("clean", jsonl, "--out", out, "--from-report", report_path, "--dry-run")
+    result = invoke("clean", jsonl, "-o", out, "--report", report_path, "--dry-run")
     assert result.exit_code == 0, result.output
     assert "would have dropped 2 of 4 pairs (report categories)" in result.output
     assert "category noisy in the report (rank 2 of 4)" in result.output
@@ -318,18 +318,18 @@ def test_unsupported_sources_and_usage_errors(jsonl, tmp_path):
     report_path = write_report(make_report(jsonl), tmp_path / "report.json")
     directory = tmp_path / "dataset"
     directory.mkdir()
-    result = invoke("clean", directory, "--out", tmp_path / "x.jsonl", "--from-report", report_path)
+    result = invoke("clean", directory, "-o", tmp_path / "x.jsonl", "--report", report_path)
     assert result.exit_code == 2 and "cleaning a datasets directory is not supported" in result.output
-    result = invoke("clean", jsonl, "--out", tmp_path / "x.csv", "--from-report", report_path)
+    result = invoke("clean", jsonl, "-o", tmp_path / "x.csv", "--report", report_path)
     assert result.exit_code == 2 and "must end in .jsonl" in result.output
-    result = invoke("clean", jsonl, "--out", tmp_path / "x.jsonl")
-    assert result.exit_code == 2 and "select pairs with --from-report, --drop-fraction, --threshold or " in result.output
-    result = invoke("clean", jsonl, "--out", tmp_path / "x.jsonl", "--threshold", "0.5", "--drop-fraction", "0.1")
+    result = invoke("clean", jsonl, "-o", tmp_path / "x.jsonl")
+    assert result.exit_code == 2 and "select pairs with --report, --drop-fraction, --threshold or " in result.output
+    result = invoke("clean", jsonl, "-o", tmp_path / "x.jsonl", "--threshold", "0.5", "--drop-fraction", "0.1")
     assert result.exit_code == 2 and "not both" in result.output
-    result = invoke("clean", jsonl, "--out", tmp_path / "x.jsonl", "--from-report", report_path, "--threshold", "0")
+    result = invoke("clean", jsonl, "-o", tmp_path / "x.jsonl", "--report", report_path, "--threshold", "0")
     assert result.exit_code == 2 and "the selection holds every pair" in result.output
     (tmp_path / "bad.json").write_text('{"schema_version": 1}')
-    result = invoke("clean", jsonl, "--out", tmp_path / "x.jsonl", "--from-report", tmp_path / "bad.json")
+    result = invoke("clean", jsonl, "-o", tmp_path / "x.jsonl", "--report", tmp_path / "bad.json")
     assert result.output.strip() == f'Error: {tmp_path / "bad.json"}: not a scan report: report: field "run" is missing'
     assert not (tmp_path / "x.jsonl").exists()
 
@@ -356,7 +356,7 @@ def test_drop_fraction_runs_the_scan(tiny_llama_dir, tmp_path):
     lines = [json.dumps(r) + "\n" for r in hh_records(20)]
     source.write_text("".join(lines), encoding="utf-8")
     out = tmp_path / "clean.jsonl"
-    result = invoke("clean", source, "--out", out, "--drop-fraction", "0.1", "--model", tiny_llama_dir,
+    result = invoke("clean", source, "-o", out, "--drop-fraction", "0.1", "--model", tiny_llama_dir,
                     "--layer", "1", "--max-length", "64", "--latents", "64", "--k", "4", "--n-features", "16",
                     "--cache-dir", tmp_path / "cache", "--quiet")
     assert result.exit_code == 0, result.output

@@ -179,7 +179,7 @@ def test_scan_cards_option_and_features_file_sorted_by_contribution(tiny_llama_d
     assert len(cards) == 16 and sum(c["featured"] for c in cards) == 4
 
     out = tmp_path / "features.yaml"
-    result = runner.invoke(cli, ["features", *common, "--top", "3", "--out", str(out)], catch_exceptions=False)
+    result = runner.invoke(cli, ["features", *common, "--top", "3", "-o", str(out)], catch_exceptions=False)
     assert result.exit_code == 0, result.output
     assert "unlabelled" not in result.output and "flagged pair" in result.output
     entries = yaml.safe_load(out.read_text(encoding="utf-8"))["features"]

@@ -122,7 +122,7 @@ def test_cache_info_counts_the_sae_codes_and_heads(tiny_llama_dir, tmp_path):
 
     data = write_pairs(tmp_path / "pairs.jsonl", hh_records(30))
     run_scan(str(data), config(tiny_llama_dir, tmp_path / "cache"))
-    result = CliRunner().invoke(cli, ["cache", "info", "--cache-dir", str(tmp_path / "cache"), "--json"])
+    result = CliRunner().invoke(cli, ["cache", "info", "--cache-dir", str(tmp_path / "cache"), "--format", "json"])
     assert result.exit_code == 0, result.output
     [entry] = json.loads(result.output)["entries"]
     directory = tmp_path / "cache" / "activations" / entry["key"]

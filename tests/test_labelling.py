@@ -79,7 +79,7 @@ def test_offline_labeller_is_built_in_and_listed():
     assert "offline" in feature_labellers()
     info = {i.name: i for i in plugin_info()}["safer_audit.backends.labellers"]
     assert info.registers == {"labellers": ["offline"]}
-    result = CliRunner().invoke(cli, ["plugins", "--json"], catch_exceptions=False)
+    result = CliRunner().invoke(cli, ["plugins", "--format", "json"], catch_exceptions=False)
     assert any(p["registers"].get("labellers") == ["offline"] for p in json.loads(result.output))
 
 

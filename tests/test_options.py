@@ -61,7 +61,7 @@ def test_scan_reads_with_max_record_bytes(tmp_path):
 def test_clean_reads_with_max_record_bytes(tmp_path):
     data = _jsonl(tmp_path / "d.jsonl", 12, big_line=2)
     decisions = write_decisions(tmp_path / "decisions.json", {})
-    run = CliRunner().invoke(cli, ["clean", str(data), "--out", str(tmp_path / "out.jsonl"), "--decisions",
+    run = CliRunner().invoke(cli, ["clean", str(data), "-o", str(tmp_path / "out.jsonl"), "--decisions",
                                    str(decisions), "--max-record-bytes", "200"])
     assert run.exit_code == 2
     assert "d.jsonl:3" in run.output and "over the --max-record-bytes limit" in run.output

@@ -88,7 +88,7 @@ def test_clean_never_replaces_a_device(tmp_path):
     os.mkfifo(fifo)
     report = tmp_path / "report.json"
     report.write_text("{}")
-    result = CliRunner().invoke(cli, ["clean", str(data), "--out", str(fifo), "--from-report", str(report),
+    result = CliRunner().invoke(cli, ["clean", str(data), "-o", str(fifo), "--report", str(report),
                                       "--force", "--drop-fraction", "0.5"])
     assert result.exit_code == 2, result.output
     assert "FIFO" in result.output and stat.S_ISFIFO(fifo.lstat().st_mode)

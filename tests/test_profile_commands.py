@@ -142,7 +142,7 @@ def test_clean_min_flip_probability_selects_by_the_reports_flip_probability(tiny
     cut = values[len(values) * 3 // 4]  # about a quarter of the pairs at or above it
     expected = {f["line"] for f in findings if f["flip_probability"] >= cut}
     out = tmp_path / "clean.jsonl"
-    result = invoke("clean", data, "--out", out, "--from-report", report_path, "--min-flip-probability", cut)
+    result = invoke("clean", data, "-o", out, "--report", report_path, "--min-flip-probability", cut)
     assert result.exit_code == 0, result.output
     manifest = json.loads((tmp_path / "clean.jsonl.manifest.json").read_text())
     assert manifest["selection"]["rule"] == "flip probability"
@@ -153,7 +153,7 @@ def test_clean_min_flip_probability_selects_by_the_reports_flip_probability(tiny
     assert out.read_text().splitlines(keepends=True) == [line for i, line in enumerate(lines, 1)
                                                          if i not in expected]
     # with --mode flip the same pairs are flipped back instead
-    result = invoke("clean", data, "--out", tmp_path / "flip.jsonl", "--from-report", report_path,
+    result = invoke("clean", data, "-o", tmp_path / "flip.jsonl", "--report", report_path,
                     "--min-flip-probability", cut, "--mode", "flip")
     manifest = json.loads((tmp_path / "flip.jsonl.manifest.json").read_text())
     assert {c["line"] for c in manifest["changes"]} == expected and {c["action"] for c in manifest["changes"]} == {
@@ -168,13 +168,13 @@ def test_clean_min_flip_probability_refuses_a_report_without_it_and_a_second_rul
         del finding["flip_probability"]  # a report written before findings had one
     old = tmp_path / "old.json"
     old.write_text(json.dumps(report))
-    result = CliRunner().invoke(cli, ["clean", str(data), "--out", str(tmp_path / "c.jsonl"), "--from-report",
+    result = CliRunner().invoke(cli, ["clean", str(data), "-o", str(tmp_path / "c.jsonl"), "--report",
                                       str(old), "--min-flip-probability", "0.5"])
     assert result.exit_code == 2 and "no flip probability" in result.output
-    result = CliRunner().invoke(cli, ["clean", str(data), "--out", str(tmp_path / "c.jsonl"), "--from-report",
+    result = CliRunner().invoke(cli, ["clean", str(data), "-o", str(tmp_path / "c.jsonl"), "--report",
                                       str(report_path), "--min-flip-probability", "0.5", "--threshold", "0.5"])
     assert result.exit_code == 2 and "not both --threshold and --min-flip-probability" in result.output
-    result = CliRunner().invoke(cli, ["clean", str(data), "--out", str(tmp_path / "c.jsonl"),
+    result = CliRunner().invoke(cli, ["clean", str(data), "-o", str(tmp_path / "c.jsonl"),
                                       "--min-flip-probability", "1.5"])
     assert result.exit_code == 2 and "1.5" in result.output
 
@@ -190,7 +190,7 @@ def test_clean_and_review_scan_with_the_profile_they_are_given(tiny_llama_dir, s
     assert top["thorough"] != top["fast"]  # the two rankings differ on these pairs, so the test can tell them apart
     for profile in ("thorough", "fast"):
         out = tmp_path / f"clean-{profile}.jsonl"
-        result = invoke("clean", data, "--out", out, "--drop-fraction", 0.25, "--profile", profile,
+        result = invoke("clean", data, "-o", out, "--drop-fraction", 0.25, "--profile", profile,
                         *_options(tiny_llama_dir, tmp_path))
         assert result.exit_code == 0, result.output
         manifest = json.loads(out.with_name(out.name + ".manifest.json").read_text())
@@ -214,7 +214,7 @@ def test_explain_scans_with_its_profile_and_a_report_keeps_its_own(tiny_llama_di
                                       "thorough"])
     assert result.exit_code == 2 and "--profile fast" in result.output
     for command in (["review", str(data), "--decisions", str(tmp_path / "d.json")],
-                    ["clean", str(data), "--out", str(tmp_path / "c.jsonl")]):
-        result = CliRunner().invoke(cli, [*command, "--report" if command[0] == "review" else "--from-report",
+                    ["clean", str(data), "-o", str(tmp_path / "c.jsonl")]):
+        result = CliRunner().invoke(cli, [*command, "--report",
                                           str(report_path), "--profile", "thorough"], input="q\n")
         assert result.exit_code == 2 and "--profile fast" in result.output, result.output

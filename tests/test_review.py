@@ -93,7 +93,7 @@ def test_clean_by_decisions_only_flipped(data, tmp_path):
     review_findings(report.findings, decisions, ask=scripted("f", "n", "o")[0], console=console(), reviewer="A")
     out = tmp_path / "out.jsonl"
     result = CliRunner().invoke(cli, ["clean", str(data), "--decisions", str(decisions), "--only", "flipped",
-                                      "--out", str(out)])
+                                      "-o", str(out)])
     assert result.exit_code == 0, result.output
     before, after = data.read_text().splitlines(), out.read_text().splitlines()
     assert len(after) == len(before) and after[1:] == before[1:]
@@ -103,7 +103,7 @@ def test_clean_by_decisions_only_flipped(data, tmp_path):
     assert manifest["selection"]["rule"] == "review decisions"
     assert [c["reason"].split(" by ")[0] for c in manifest["changes"]] == ["marked flipped"]
     result = CliRunner().invoke(cli, ["clean", str(data), "--decisions", str(decisions), "--mode", "flip",
-                                      "--out", str(tmp_path / "x.jsonl")])
+                                      "-o", str(tmp_path / "x.jsonl")])
     assert result.exit_code == 2 and "--decisions sets each pair's action" in result.output
 
 
@@ -168,7 +168,7 @@ def test_readme_walkthrough_scan_review_ten_clean_and_reorder(tiny_llama_dir, tm
     shuffled = Path("shuffled.jsonl")
     shuffled.write_text("".join(lines[::-1]), encoding="utf-8")
     result = runner.invoke(cli, ["clean", str(shuffled), "--decisions", ".safer-audit/decisions.json",
-                                 "--out", "shuffled-reviewed.jsonl"], catch_exceptions=False)
+                                 "-o", "shuffled-reviewed.jsonl"], catch_exceptions=False)
     assert result.exit_code == 0, result.output
     again = [(r["context"], r["chosen"], r["rejected"])
              for r in load_pairs("shuffled-reviewed.jsonl").pairs.iter_rows(named=True)]

@@ -89,7 +89,7 @@ def test_explain_known_and_unknown_pair(tiny_llama_dir, data_file, tmp_path):
 def test_features_file_round_trip_through_scan(tiny_llama_dir, data_file, tmp_path):
     opts = [*model_args(tiny_llama_dir, tmp_path / "cache"), *SMALL_SAE, "--quiet"]
     features_path = tmp_path / "features.yaml"
-    result = invoke("features", data_file, *opts, "--top", "3", "--out", features_path)
+    result = invoke("features", data_file, *opts, "--top", "3", "-o", features_path)
     assert result.exit_code == 0, result.output
     assert "latent" in result.output
     written = yaml.safe_load(features_path.read_text())["features"]
@@ -124,7 +124,7 @@ def test_scan_refuses_bad_data_and_writing_over_its_input(tiny_llama_dir, data_f
 
 def test_train_sae_then_scan_with_it(tiny_llama_dir, data_file, tmp_path):
     sae_dir = tmp_path / "sae"
-    result = invoke("train-sae", data_file, "--out", sae_dir, *model_args(tiny_llama_dir, tmp_path / "c"),
+    result = invoke("train-sae", data_file, "-o", sae_dir, *model_args(tiny_llama_dir, tmp_path / "c"),
                     "--latents", "32", "--k", "4", "--quiet")
     assert result.exit_code == 0, result.output
     assert "FVU" in result.output
@@ -140,7 +140,7 @@ def test_train_sae_then_scan_with_it(tiny_llama_dir, data_file, tmp_path):
 
 def test_sae_of_another_width_is_a_clear_error(tiny_llama_dir, tiny_bert_dir, data_file, tmp_path):
     sae_dir = tmp_path / "sae"
-    invoke("train-sae", data_file, "--out", sae_dir, *model_args(tiny_bert_dir, tmp_path), "--latents", "16",
+    invoke("train-sae", data_file, "-o", sae_dir, *model_args(tiny_bert_dir, tmp_path), "--latents", "16",
            "--k", "2", "--quiet")
     result = CliRunner().invoke(cli, ["scan", str(data_file), *map(str, model_args(tiny_llama_dir, tmp_path)),
                                       "--sae", str(sae_dir), "--quiet"])
@@ -151,12 +151,12 @@ def test_sae_of_another_width_is_a_clear_error(tiny_llama_dir, tiny_bert_dir, da
 def test_cache_info_and_clear(tiny_llama_dir, data_file, tmp_path):
     cache = tmp_path / "cache"
     run_scan(str(data_file), scan_config(tiny_llama_dir, cache))
-    result = invoke("cache", "info", "--cache-dir", cache, "--json")
+    result = invoke("cache", "info", "--cache-dir", cache, "--format", "json")
     entries = json.loads(result.output)["entries"]
     assert len(entries) == 1 and entries[0]["texts"] == 80 and entries[0]["layer"] == 1
     result = invoke("cache", "clear", "--cache-dir", cache, "--yes")
     assert result.exit_code == 0 and "freed" in result.output
-    assert json.loads(invoke("cache", "info", "--cache-dir", cache, "--json").output)["entries"] == []
+    assert json.loads(invoke("cache", "info", "--cache-dir", cache, "--format", "json").output)["entries"] == []
 
 
 def test_scan_and_validate_count_tokens_alike(tiny_bert_dir, tmp_path):
@@ -178,7 +178,7 @@ def test_scan_and_validate_count_tokens_alike(tiny_bert_dir, tmp_path):
     config.activations.max_length = max_length
     scanned = run_scan(str(path), config)
     in_scan = sum(1 for f in scanned.report.findings if "truncated" in f.quality)
-    validated = invoke("validate", path, "--max-length", max_length, "--model", tiny_bert_dir, "--json")
+    validated = invoke("validate", path, "--max-length", max_length, "--model", tiny_bert_dir, "--format", "json")
     assert validated.exit_code == 0, validated.output
     in_validate = json.loads(validated.output)["findings"]["truncated"]["count"]
     assert in_scan == in_validate and in_scan > 0

@@ -51,7 +51,7 @@ def test_a_full_disk_names_the_output_and_leaves_no_temporary(data, report, tmp_
 
     monkeypatch.setattr(os, "fsync", no_space)
     out = tmp_path / "clean.jsonl"
-    result = invoke("clean", data, "--out", out, "--from-report", report)
+    result = invoke("clean", data, "-o", out, "--report", report)
     assert result.exit_code == 2, result.output
     assert error_lines(result) == [f"Error: {out}: {os.strerror(errno.ENOSPC)}"]
     assert "Traceback" not in result.output
@@ -70,7 +70,7 @@ def test_an_unwritable_output_directory_names_the_output_not_the_temporary(data,
     (tmp_path / "ro").mkdir()
     monkeypatch.setattr(os, "open", read_only)
     out = tmp_path / "ro" / "clean.jsonl"
-    result = invoke("clean", data, "--out", out, "--from-report", report)
+    result = invoke("clean", data, "-o", out, "--report", report)
     assert result.exit_code == 2, result.output
     assert error_lines(result) == [f"Error: {out}: {os.strerror(errno.EACCES)}"]
     assert list((tmp_path / "ro").iterdir()) == []
@@ -140,7 +140,7 @@ def test_a_damaged_cache_config_is_marked_not_a_crash(tmp_path, content):
     entry = tmp_path / "cache" / "activations" / "abc"
     entry.mkdir(parents=True)
     (entry / "config.json").write_bytes(content)
-    result = invoke("cache", "info", "--cache-dir", tmp_path / "cache", "--json")
+    result = invoke("cache", "info", "--cache-dir", tmp_path / "cache", "--format", "json")
     assert result.exit_code == 0, result.output
     [row] = json.loads(result.output)["entries"]
     assert row["config_error"].startswith(f"{entry / 'config.json'}: ")
@@ -219,7 +219,7 @@ clean_dataset({str(data)!r}, {str(out)!r}, load_report({str(report)!r}), mode="f
     [leftover] = [p for p in tmp_path.iterdir() if p.name.startswith(".clean.jsonl.")]
     old = time.time() - 2 * files.STALE_AFTER  # its writer is long gone
     os.utime(leftover, (old, old))
-    result = invoke("clean", data, "--out", out, "--from-report", report, "--mode", "flip")
+    result = invoke("clean", data, "-o", out, "--report", report, "--mode", "flip")
     assert result.exit_code == 0, result.output
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
         ["data.jsonl", "report.json", "clean.jsonl", "clean.jsonl.manifest.json"])

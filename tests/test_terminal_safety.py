@@ -93,7 +93,7 @@ def work(tmp_path_factory, tiny_llama_dir):
     cache = root / f"cache{HOSTILE_NAME}"
     model = ["--model", tiny_llama_dir, "--cache-dir", cache]
     baseline = root / f"{HOSTILE_NAME}baseline.json"
-    made = run("baseline", data, "--out", baseline, *model, *SMALL, check=False)  # checked by a test
+    made = run("baseline", data, "-o", baseline, *model, *SMALL, check=False)  # checked by a test
     report = root / f"{HOSTILE_NAME}report.json"
     scanned = run("scan", data, *model, *SMALL, "--top", "5", "--output", report, check=False)
     return SimpleNamespace(root=root, data=data, cache=cache, model=model, baseline=baseline, report=report,
@@ -113,17 +113,17 @@ def test_scan_and_baseline_show_the_data_escaped(work):
 
 def test_features_explain_and_clean_show_the_data_escaped(work):
     out = work.root / f"{HOSTILE_NAME}features.yaml"
-    shown = run("features", work.data, *work.model, *SMALL, "--top", "3", "--out", out)
+    shown = run("features", work.data, *work.model, *SMALL, "--top", "3", "-o", out)
     assert "\\x1b" in shown.out and inert(str(out)) in shown.err
     explained = run("explain", work.data, f"{HOSTILE}3", *work.model, *SMALL)
     assert "\\x1b]0;pwned\\x07" in explained.out and "\\u202eevil" in explained.out
     # an unknown pair id is an error message: inert too
     missing = run("explain", work.data, f"{HOSTILE}missing", *work.model, *SMALL, code=2)
     assert "\\x1b]0;pwned" in missing.err
-    dry = run("clean", work.data, "--out", work.root / f"{HOSTILE_NAME}clean.jsonl", "--from-report", work.report,
+    dry = run("clean", work.data, "-o", work.root / f"{HOSTILE_NAME}clean.jsonl", "--report", work.report,
               "--drop-fraction", "0.25", "--dry-run")
     assert "\\x1b[2J" in dry.out and inert(HOSTILE_NAME) in dry.out
-    cleaned = run("clean", work.data, "--out", work.root / f"{HOSTILE_NAME}clean.jsonl", "--from-report",
+    cleaned = run("clean", work.data, "-o", work.root / f"{HOSTILE_NAME}clean.jsonl", "--report",
                   work.report, "--drop-fraction", "0.25")
     assert "wrote" + inert(str(work.root / f"{HOSTILE_NAME}clean.jsonl")) in cleaned.err
 
@@ -155,7 +155,7 @@ def test_gate_cannot_fake_its_verdict_or_inject_a_workflow_command(work, tmp_pat
 def test_validate_shows_names_fields_and_values_escaped(work, tmp_path):
     validated = run("validate", work.data)
     assert inert(HOSTILE_NAME) in validated.out
-    as_json = run("validate", work.data, "--json")
+    as_json = run("validate", work.data, "--format", "json")
     assert json.loads(as_json.stdout)["source"] == str(work.data)
     # a field name from the data, quoted in an error and in a skipped-record line
     bad = tmp_path / f"{HOSTILE_NAME}bad.jsonl"
@@ -174,7 +174,7 @@ def test_evaluate_and_cache_info(work, tmp_path):
     assert "wrote" + inert(str(out)) in evaluated.err
     info = run("cache", "info", "--cache-dir", work.cache)
     assert inert(str(work.cache)) in info.out
-    as_json = run("cache", "info", "--cache-dir", work.cache, "--json")
+    as_json = run("cache", "info", "--cache-dir", work.cache, "--format", "json")
     assert json.loads(as_json.stdout)["cache_dir"] == str(work.cache)
     empty = run("cache", "info", "--cache-dir", tmp_path / f"[red]{HOSTILE_NAME}")
     assert "[red]" in empty.out

@@ -37,7 +37,7 @@ def test_findings_are_counted_and_located():
 
 
 def test_json_summary():
-    result = validate(PAIRS / "pku.jsonl", "--json", "--preference", "safer", "--schema", "pku")
+    result = validate(PAIRS / "pku.jsonl", "--format", "json", "--preference", "safer", "--schema", "pku")
     assert result.exit_code == 0
     summary = json.loads(result.stdout)
     assert {key: summary[key] for key in ("schema", "schema_detected", "records", "pairs", "skipped", "usable")} == {
@@ -46,7 +46,7 @@ def test_json_summary():
 
 
 def test_max_length_with_a_model_counts_truncation(tiny_bert_dir):
-    result = validate(PAIRS / "findings.jsonl", "--json", "--max-length", "40", "--model", tiny_bert_dir)
+    result = validate(PAIRS / "findings.jsonl", "--format", "json", "--max-length", "40", "--model", tiny_bert_dir)
     assert result.exit_code == 0, result.output
     summary = json.loads(result.stdout)
     assert summary["max_length"] == 40
@@ -137,7 +137,7 @@ def test_the_first_ten_errors_are_listed(tmp_path, monkeypatch):
 def test_skip_invalid_counts_what_it_skipped(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     Path("data.jsonl").write_bytes(GOOD + b'{"chosen": "a"}\n' + b"{oops\n" + GOOD)
-    result = validate("data.jsonl", "--skip-invalid", "--json")
+    result = validate("data.jsonl", "--skip-invalid", "--format", "json")
     assert result.exit_code == 0
     summary = json.loads(result.stdout)
     assert (summary["records"], summary["pairs"], summary["skipped"]) == (4, 2, 2)

@@ -61,11 +61,11 @@ def no_progress(_description: str = "", _unit: str = "", scale: float = 1.0):
     yield silent
 
 
-def next_steps(data: str, outputs: list, top_pair: str | None, options: list[str]) -> list[str]:
+def next_steps(data: str, outputs: list, top_pair: str | None, options: list[str], decisions: str) -> list[str]:
     """What to do after a scan: the commands to run next, ready to copy (shell-quoted).
 
     ``options`` are the scan's own model, data and SAE options, which ``explain`` and
-    ``review`` need to see the same pairs and scores.
+    ``review`` need to see the same pairs and scores; ``decisions`` is the file review writes.
     """
     import shlex
 
@@ -84,6 +84,6 @@ def next_steps(data: str, outputs: list, top_pair: str | None, options: list[str
                      "with the features behind its scores")
     review = f" --report {shlex.quote(reports[0])}" if reports else same
     lines.append(f"  safer-audit review {source}{review}  walk the suspects in the terminal and record decisions")
-    lines.append(f"  safer-audit clean {source} --decisions decisions.json --out cleaned.jsonl  "
+    lines.append(f"  safer-audit clean {source} --decisions {shlex.quote(decisions)} -o cleaned.jsonl  "
                  "apply the decisions (flipped swapped back, noisy dropped)")
     return lines

@@ -77,7 +77,7 @@ def cache_view(summary: dict):
     if not summary["bytes"]:
         return plain(f"Cache {root} is empty.")
     parts = []
-    if summary["entries"]:  # what each entry is; the kinds' sizes (per entry in --json) follow below
+    if summary["entries"]:  # what each entry is; the kinds' sizes (per entry in --format json) follow below
         table = Table(title=plain(f"Activation cache: {root}"))
         table.add_column("model", overflow="fold", min_width=16)  # a long model path is wrapped, not cut short
         for column in ("layer", "positions", "max length", "texts", "size"):

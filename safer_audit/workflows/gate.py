@@ -256,7 +256,7 @@ def read_baseline(path: str | os.PathLike) -> Baseline:
     """
     path = Path(path)
     if not os.path.lexists(path):
-        raise BaselineError(f"{path}: no baseline here; make one with `safer-audit baseline DATA --out {path}`")
+        raise BaselineError(f"{path}: no baseline here; make one with `safer-audit baseline DATA -o {path}`")
     raw = read_bounded(path, MAX_BASELINE_BYTES, lambda message: BaselineError(f"{path}: {message}"))
     try:
         data = json.loads(raw.decode("utf-8"), object_pairs_hook=_unique_keys, parse_constant=_no_constant)
@@ -279,7 +279,7 @@ def read_baseline(path: str | os.PathLike) -> Baseline:
         raise BaselineError(f"{path}: baseline format {_shown(header['format'])} is not supported "
                             f"(this safer-audit reads format {BASELINE_FORMAT})"
                             + ("; it was made by an older safer-audit, whose baselines this one cannot check: "
-                               f"make a new one with `safer-audit baseline DATA --out {path}`" if older else ""))
+                               f"make a new one with `safer-audit baseline DATA -o {path}`" if older else ""))
     for name in _HEADER_FIELDS:
         if name not in header:
             raise BaselineError(f'{path}: field "header.{name}" is missing')
