@@ -67,7 +67,7 @@ def write_jsonl(path: Path, rows: list[dict], extra: str = "") -> Path:
 
 
 def baseline_args(data: Path, out: Path, model_dir: Path, cache: Path) -> list:
-    return ["baseline", data, "--out", out, "--model", model_dir, "--layer", "1", "--max-length", "64",
+    return ["baseline", data, "-o", out, "--model", model_dir, "--layer", "1", "--max-length", "64",
             "--cache-dir", cache, *SMALL_SAE, "--quiet"]
 
 
@@ -308,40 +308,76 @@ def test_hook_definitions():
     assert [h["id"] for h in hooks] == ["safer-audit-gate"]
     hook = hooks[0]
     assert hook["entry"] == "safer-audit gate --baseline .safer-audit/baseline.json"
-    assert hook["language"] == "python" and hook["pass_filenames"] is True
+    # system: the installed safer-audit runs it; pre-commit builds no environment (no second torch)
+    assert hook["language"] == "system" and hook["pass_filenames"] is True
     assert "files" not in hook and "types" not in hook  # left to the user
     example = yaml.safe_load((ROOT / "examples" / "pre-commit-config.yaml").read_text())
+    assert [repo["repo"] for repo in example["repos"]] == ["local"]  # no rev to name until a release is tagged
     used = [h for repo in example["repos"] for h in repo["hooks"]]
     assert [h["id"] for h in used] == ["safer-audit-gate"] and used[0]["files"]
+    assert {k: v for k, v in used[0].items() if k != "files"} == {k: v for k, v in hook.items() if k != "description"}
+    documented = (ROOT / "docs" / "gate.md").read_text().split("```yaml\n")[1].split("```")[0]
+    assert yaml.safe_load(documented) == example  # the docs show the example as it is
 
 
-def test_the_hook_runs_through_pre_commit(work):
-    """The hook's entry, run by the real pre-commit as a local hook (its python hook would
-    need the network to build its own environment), in a fresh repository."""
-    hook = yaml.safe_load((ROOT / ".pre-commit-hooks.yaml").read_text())[0]
-    executable = Path(sys.executable).parent / "safer-audit"
-    assert hook["entry"].startswith("safer-audit ")
-    config = {"repos": [{"repo": "local", "hooks": [{
-        **{k: v for k, v in hook.items() if k != "language"}, "language": "system",
-        "entry": str(executable) + hook["entry"][len("safer-audit"):], "files": r"^data\.jsonl$"}]}]}
-    (work / ".pre-commit-config.yaml").write_text(yaml.safe_dump(config))
-    env = {**GIT_ENV, "PRE_COMMIT_HOME": str(work.parent / "pre-commit-home"),
-           "SAFER_AUDIT_CACHE_DIR": str(work.parent / "cache"), "HF_HUB_OFFLINE": "1"}
+def _pre_commit_env(work: Path) -> dict:
+    """pre-commit with the environment this test runs in on PATH: where safer-audit is installed."""
+    installed = Path(sys.executable).parent
+    if not (installed / "safer-audit").exists():
+        pytest.skip(f"no safer-audit script beside {sys.executable} (the package is not installed)")
+    env = {**GIT_ENV, "PRE_COMMIT_HOME": str(work.parent / "pre-commit-home"), "HF_HUB_OFFLINE": "1",
+           "SAFER_AUDIT_CACHE_DIR": str(work.parent / "cache"), "PATH": f"{installed}{os.pathsep}{os.environ['PATH']}"}
     env.pop("GITHUB_ACTIONS", None)
-    git(work, "add", ".pre-commit-config.yaml")
+    return env
+
+
+def _no_environment_built(home: Path) -> None:
+    built = [p.name for p in home.rglob("*") if p.is_dir() and "_env-" in p.name]  # py_env-python3, ...
+    assert not built, built  # a python hook would have installed safer-audit, and torch, here
+
+
+def test_the_example_pre_commit_config_works_as_written(work):
+    """examples/pre-commit-config.yaml copied as it is, run by the real pre-commit in a scratch repository:
+    a commit that adds a flipped pair is blocked, one that only removes a pair passes."""
+    pytest.importorskip("pre_commit", reason="pre-commit is not installed (pip install -e '.[test]')")
+    env = _pre_commit_env(work)
+    shutil.copyfile(ROOT / "examples" / "pre-commit-config.yaml", work / ".pre-commit-config.yaml")
+    (work / "data").mkdir()
+    git(work, "mv", "data.jsonl", "data/pairs.jsonl")
+    git(work, "add", "-A")
+    git(work, "commit", "-q", "-m", "data under data/, the example hook config")
     pre_commit = [sys.executable, "-m", "pre_commit"]
-    run = subprocess.run([*pre_commit, "run", "--files", "data.jsonl"], cwd=work, env=env, capture_output=True,
-                         text=True)
-    assert run.returncode == 0, run.stdout + run.stderr
-    assert "Passed" in run.stdout
     subprocess.run([*pre_commit, "install"], cwd=work, env=env, check=True, capture_output=True)
+    rows = records()
+    write_jsonl(work / "data" / "pairs.jsonl", rows + [swapped(rows[3], "s3")])
+    git(work, "add", "data/pairs.jsonl")
+    bad = subprocess.run(["git", "commit", "-m", "add a pair"], cwd=work, env=env, capture_output=True, text=True)
+    output = bad.stdout + bad.stderr
+    assert bad.returncode != 0, output
+    assert "safer-audit gate" in output and "Failed" in output
+    assert f"data/pairs.jsonl:{N_PAIRS + 1}: new pair s3 is" in output
+    write_jsonl(work / "data" / "pairs.jsonl", rows[1:])
+    git(work, "add", "data/pairs.jsonl")
+    good = subprocess.run(["git", "commit", "-m", "drop a pair"], cwd=work, env=env, capture_output=True, text=True)
+    assert good.returncode == 0, good.stdout + good.stderr
+    assert "safer-audit gate" in good.stdout and "Passed" in good.stdout
+    _no_environment_built(work.parent / "pre-commit-home")
+
+
+def test_the_repositorys_hook_runs_through_pre_commit_try_repo(work):
+    """.pre-commit-hooks.yaml itself, as a user naming this repository would get it."""
+    pytest.importorskip("pre_commit", reason="pre-commit is not installed (pip install -e '.[test]')")
+    if subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--git-dir"], capture_output=True).returncode:
+        pytest.skip(f"{ROOT} is not a git repository: pre-commit can only clone a hook from one")
+    env = _pre_commit_env(work)
     rows = records()
     write_jsonl(work / "data.jsonl", rows + [swapped(rows[3], "s3")])
     git(work, "add", "data.jsonl")
-    commit = subprocess.run(["git", "commit", "-m", "add a pair"], cwd=work, env=env, capture_output=True, text=True)
-    assert commit.returncode != 0, commit.stdout + commit.stderr
-    output = commit.stdout + commit.stderr
-    assert "Failed" in output and f"data.jsonl:{N_PAIRS + 1}: new pair s3 is quality" in output
+    run = subprocess.run([sys.executable, "-m", "pre_commit", "try-repo", str(ROOT), "safer-audit-gate", "--files",
+                          "data.jsonl"], cwd=work, env=env, capture_output=True, text=True)
+    assert run.returncode == 1, run.stdout + run.stderr
+    assert f"data.jsonl:{N_PAIRS + 1}: new pair s3 is" in run.stdout
+    _no_environment_built(work.parent / "pre-commit-home")
 
 
 def test_removed_pairs_are_listed_and_fail_only_when_asked(work):
