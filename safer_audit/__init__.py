@@ -20,14 +20,17 @@ __all__ = ["__version__", "clean", "evaluate", "gate", "load_report", "scan"]
 
 
 def scan(source, config=None, **options):
-    """Scan a dataset (a path, ``-`` for standard input, or ``hf://owner/name``) and rank its pairs, most
+    """Scan a dataset (a path, ``-`` for standard input, ``hf://owner/name``, or a table in memory: a
+    polars or pandas DataFrame, a list of records, a ``datasets.Dataset``) and rank its pairs, most
     suspicious first. ``config`` is a config.ScanConfig; ``options`` are its fields, e.g. ``n_features=512``."""
+    import os
     from dataclasses import replace
 
     from .config import ScanConfig
+    from .data import is_table
     from .pipeline.scan import run_scan
 
-    return run_scan(str(source), replace(config or ScanConfig(), **options))
+    return run_scan(source if is_table(source) else os.fspath(source), replace(config or ScanConfig(), **options))
 
 
 def load_report(path):

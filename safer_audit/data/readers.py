@@ -22,13 +22,17 @@ from .schemas import (
     json_type,
     record_id,
 )
-from .sources import STDIN, source_records
+from .sources import STDIN, TABLE, is_table, source_records, table_records
 from .table import PairTable, pair_frame
 from .transcripts import render_transcript
 
 
 class PairReader:
     """Stream the pairs of a source as dicts with the ``PAIR_SCHEMA`` columns.
+
+    The source is a path (see ``sources``) or a table in memory: a polars or pandas DataFrame, a
+    list of records (dicts in any of the schemas) or a ``datasets.Dataset``, read with the same
+    checks, a record named by its index from 0 (``<table>:3``).
 
     While and after iterating: ``schema`` (detected or forced; None until known),
     ``records`` (records read, valid or not), ``skipped`` (the errors of skipped records,
@@ -38,13 +42,14 @@ class PairReader:
     source as a whole (missing, empty, corrupt) raise at once.
     """
 
-    def __init__(self, source: str | os.PathLike, options: ReadOptions | None = None, *, max_errors: int = 10,
+    def __init__(self, source: str | os.PathLike | Any, options: ReadOptions | None = None, *, max_errors: int = 10,
                  keep_skipped: int | None = None, **keywords):
         options = ReadOptions.of(options, **keywords)  # keywords: ReadOptions fields, schema="hh"
         if max_errors < 1:
             raise ConfigError("max_errors must be at least 1")
         self.options = options
-        self.path = os.fspath(source)
+        self.table = source if is_table(source) else None
+        self.path = TABLE if self.table is not None else os.fspath(source)
         self.source = "<stdin>" if self.path == STDIN else self.path  # as errors and reports name it
         self.max_record_bytes = options.max_record_bytes
         self.schema, self.schema_forced = options.schema, options.schema is not None
@@ -99,7 +104,9 @@ class PairReader:
     def __iter__(self) -> Iterator[dict[str, Any]]:
         errors: list[DataError] = []
         try:
-            for line, record in source_records(self.path, self.split, self.max_record_bytes):
+            records = (table_records(self.table, self.split, self.max_record_bytes) if self.table is not None
+                       else source_records(self.path, self.split, self.max_record_bytes))
+            for line, record in records:
                 self.records += 1
                 try:
                     pair = self._pair(line, record)
@@ -124,7 +131,7 @@ class PairReader:
             raise DataError(self.source, None, None, "contains no records")
 
 
-def iter_pairs(source: str | os.PathLike, options: ReadOptions | None = None, *, max_errors: int = 10,
+def iter_pairs(source: str | os.PathLike | Any, options: ReadOptions | None = None, *, max_errors: int = 10,
                **keywords) -> Iterator[dict[str, Any]]:
     """Stream the pairs of ``source`` as dicts with the ``PAIR_SCHEMA`` columns, in file order.
 
@@ -143,9 +150,10 @@ class LoadResult:
     source: str
 
 
-def load_pairs(source: str | os.PathLike, options: ReadOptions | None = None, *, max_errors: int = 10,
+def load_pairs(source: str | os.PathLike | Any, options: ReadOptions | None = None, *, max_errors: int = 10,
                **keywords) -> LoadResult:
-    """Load ``source`` into one polars table with the ``PAIR_SCHEMA`` columns, in file order.
+    """Load ``source`` (a path, or a table in memory: see ``PairReader``) into one polars table with the
+    ``PAIR_SCHEMA`` columns, in file order.
 
     ``options`` (ReadOptions; ``keywords``, its field names, replace its values): ``preference``
     picks ``better_response_id`` or ``safer_response_id`` (pku schema); raises ``DataErrors``
@@ -161,7 +169,7 @@ def load_pairs(source: str | os.PathLike, options: ReadOptions | None = None, *,
     return LoadResult(pairs, reader.schema, reader.records, reader.skipped, reader.source)
 
 
-def spool_pairs(source: str | os.PathLike, directory: str | os.PathLike | None, options: ReadOptions | None = None, *,
+def spool_pairs(source: str | os.PathLike | Any, directory: str | os.PathLike | None, options: ReadOptions | None = None, *,
                 max_errors: int = 10, **keywords) -> LoadResult:
     """``load_pairs`` into a ``PairTable``: the pairs' texts in a temporary file in ``directory``, only ids,
     sources, lines and lengths in memory (a scan's driver)."""

@@ -32,6 +32,8 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
+import polars as pl
+
 from ..config import MAX_RECORD_BYTES
 from ..errors import DataError
 from .schemas import Invalid
@@ -322,6 +324,62 @@ def _choose_split(path: str, dataset: Any, split: str | None) -> Any:
 
 def _dataset_rows(path: str, dataset: Any, split: str | None, limit: int) -> Iterator[tuple[int, Any]]:
     yield from enumerate(_sized(_choose_split(path, dataset, split), limit), 1)
+
+
+TABLE = "<table>"  # how errors and reports name a table given in memory: <table>:3 is its record 3
+
+
+def _library(obj: Any) -> str:
+    return type(obj).__module__.split(".")[0]
+
+
+def is_table(source: Any) -> bool:
+    """Whether ``source`` is a table held in memory (a polars or pandas DataFrame, a list of records, a
+    Hugging Face ``datasets.Dataset`` or ``DatasetDict``) rather than a path."""
+    kind = (_library(source), type(source).__name__)
+    return isinstance(source, (list, tuple, pl.DataFrame)) or kind in (
+        ("pandas", "DataFrame"), ("datasets", "Dataset"), ("datasets", "DatasetDict"))
+
+
+def source_name(source: Any) -> str:
+    """How errors and reports name ``source``: its path, or TABLE for a table in memory."""
+    return TABLE if is_table(source) else os.fspath(source)
+
+
+def table_records(table: Any, split: str | None, limit: int) -> Iterator[tuple[int, Any]]:
+    """The records of an in-memory table as ``(index, record)``, the index from 0 (``<table>:3`` is
+    ``table[3]``, ``df.row(3)``, ``df.iloc[3]``), each checked against ``limit`` like a file's."""
+    if _library(table) == "datasets":
+        rows: Iterable[Any] = _choose_split(TABLE, table, split)
+    elif split is not None:
+        raise DataError(TABLE, None, None, f'is a table: only datasets and hub datasets have splits ("{split}")')
+    elif isinstance(table, pl.DataFrame):
+        rows = table.iter_rows(named=True)
+    elif _library(table) == "pandas":
+        rows = (_plain_row(row) for row in table.to_dict("records"))
+    else:
+        rows = table
+    yield from enumerate(_sized(rows, limit))
+
+
+def _plain_row(row: dict) -> dict:
+    """A pandas row as JSON would give it: numpy arrays and scalars as lists and numbers, a missing
+    value (NaN, None: a column other records have) left out, as CSV's empty cells are."""
+    return {key: _plain(value) for key, value in row.items() if not _missing(value)}
+
+
+def _missing(value: Any) -> bool:
+    return value is None or (isinstance(value, float) and value != value)
+
+
+def _plain(value: Any) -> Any:
+    if hasattr(value, "tolist"):  # numpy arrays (a list column read from Parquet) and scalars
+        value = value.tolist()
+    if isinstance(value, dict):
+        return {key: _plain(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(item) for item in value]
+    return value
 
 
 def _datasets_directory_records(path: str, split: str | None, limit: int) -> Iterator[tuple[int, Any]]:

@@ -17,7 +17,7 @@ import torch
 
 from ..common.progress import no_progress
 from ..config import ActivationConfig, ReadOptions, SaeTrainConfig, ScanConfig
-from ..data import PairTable
+from ..data import PairTable, source_name
 from ..errors import ScanError
 from ..features.labels import FeatureLabel, Labelling, labeller_for
 from ..features.salience import FeatureSet
@@ -63,13 +63,18 @@ class ScanResult:
     models: dict[str, ScanResult] = field(default_factory=dict)  # a profile's other models' scans, by prefix
 
 
-def run_scan(source: str, config: ScanConfig, *, steps=no_progress, warn=None) -> ScanResult:
+def run_scan(source, config: ScanConfig, *, steps=no_progress, warn=None) -> ScanResult:
     """Scan one dataset and rank its pairs, most suspicious first.
+
+    ``source`` is a path (a file, a datasets directory, ``-``, ``hf://owner/name``) or a table in
+    memory: a polars or pandas DataFrame, a list of records in any of the four schemas, or a
+    ``datasets.Dataset``. A table is read with the checks a file gets; its records are named by
+    index from 0 (``<table>:3: field "chosen" ...``), and its report's source is ``<table>``.
 
     ``warn(message)`` is told, before the long work, when the data is too small to trust the result.
     """
     ctx = RunContext.of(config, steps=steps, warn=warn)
-    result = scan_profile(stages.load(source, ctx), config, source=str(source), ctx=ctx)
+    result = scan_profile(stages.load(source, ctx), config, source=source_name(source), ctx=ctx)
     stages.evidence(result, profile_weights(config, list(result.models)), ctx)
     return result
 

@@ -74,7 +74,7 @@ class Finding:
 
     pair_id: str
     source: str  # the file the pair came from
-    line: int  # 1-based line (or row) of the pair in ``source``
+    line: int  # 1-based line (or row) of the pair in ``source``; in a table given in memory, its index from 0
     rank: int  # 1 = most suspicious
     category: Category  # a plain string is taken and checked
     suspicion: float  # the ranking score: higher is more suspicious
@@ -339,7 +339,10 @@ class Report:
         )
 
     def to_frame(self, nested: bool = True) -> pl.DataFrame:
-        """One row per pair, by rank, in the layout of FRAME_SCHEMA."""
+        """One row per pair, by rank, in the layout of FRAME_SCHEMA.
+
+        ``quality`` and ``top_features`` are list columns; ``nested=False`` gives them as JSON text
+        instead (for CSV, or a tool without nested columns) and changes nothing else."""
         frames, rows = [], []
         for finding in _by_rank(self.findings):  # a batch of rows at a time: never every finding's dict at once
             rows.append(asdict(finding))
