@@ -235,7 +235,7 @@ def test_scan_command_warns_and_prints_next_steps(tiny_llama_dir, tmp_path, monk
     top = json.loads((tmp_path / "report.json").read_text())["findings"][0]["pair_id"]
     assert "Next steps:" in err
     assert "  open report.html in a browser" in err
-    assert re.search(rf"^  safer-audit explain pairs\.jsonl {re.escape(top)} --model \S+ .*--layer 1", err, re.M)
+    assert re.search(rf"^    safer-audit explain pairs\.jsonl {re.escape(top)} --model \S+ .*--layer 1", err, re.M)
     assert "  safer-audit review pairs.jsonl --report report.json" in err
 
 

@@ -62,7 +62,8 @@ def no_progress(_description: str = "", _unit: str = "", scale: float = 1.0):
 
 
 def next_steps(data: str, outputs: list, top_pair: str | None, options: list[str], decisions: str) -> list[str]:
-    """What to do after a scan: the commands to run next, ready to copy (shell-quoted).
+    """What to do after a scan: each step's purpose on one line, its command, ready to copy (shell-quoted),
+    on the next, so a narrow terminal wraps neither in the middle of a word of the other.
 
     ``options`` are the scan's own model, data and SAE options, which ``explain`` and
     ``review`` need to see the same pairs and scores; ``decisions`` is the file review writes.
@@ -71,19 +72,25 @@ def next_steps(data: str, outputs: list, top_pair: str | None, options: list[str
 
     same = "".join(" " + shlex.quote(str(option)) for option in options)
     source = shlex.quote(str(data))
-    lines = ["Next steps:"]
     pages = [str(path) for path in outputs if str(path).lower().endswith((".html", ".htm"))]
     reports = [str(path) for path in outputs if str(path).lower().endswith(".json")]
+    steps = []
     if pages:
-        lines.append(f"  open {shlex.quote(pages[0])} in a browser: search and filter the suspects, mark each "
-                     "flipped / noisy / ok, download decisions.json")
+        steps.append((f"open {pages[0]} in a browser: search and filter the suspects, mark each flipped / noisy / "
+                      "ok, download decisions.json", None))
     else:
-        lines.append(f"  safer-audit scan {source}{same} -o report.html  a page to review the suspects in a browser")
+        steps.append(("a page to review the suspects in a browser:", f"safer-audit scan {source}{same} -o report.html"))
     if top_pair is not None:
-        lines.append(f"  safer-audit explain {source} {shlex.quote(top_pair)}{same}  the top suspect in full, "
-                     "with the features behind its scores")
+        steps.append(("the top suspect in full, with the features behind its scores:",
+                      f"safer-audit explain {source} {shlex.quote(top_pair)}{same}"))
     review = f" --report {shlex.quote(reports[0])}" if reports else same
-    lines.append(f"  safer-audit review {source}{review}  walk the suspects in the terminal and record decisions")
-    lines.append(f"  safer-audit clean {source} --decisions {shlex.quote(decisions)} -o cleaned.jsonl  "
-                 "apply the decisions (flipped swapped back, noisy dropped)")
+    steps.append((f"walk the suspects in the terminal; the decisions go to {decisions}:",
+                  f"safer-audit review {source}{review}"))
+    steps.append(("then apply them (flipped swapped back, noisy dropped):",
+                  f"safer-audit clean {source} --decisions {shlex.quote(decisions)} -o cleaned.jsonl"))
+    lines = ["Next steps:"]
+    for purpose, command in steps:
+        lines.append(f"  {purpose}")
+        if command is not None:
+            lines.append(f"    {command}")
     return lines

@@ -69,15 +69,15 @@ class Scores:
     costs: dict[str, dict]  # judge -> requests, tokens (judges that spend)
 
 
-def read_data(source: str, config: ScanConfig, *, spool: bool = False):
-    """The pairs of ``source`` (data.LoadResult); ``spool``: as a PairTable, its texts in a temporary file in
+def read_data(source, config: ScanConfig, *, spool: bool = False):
+    """The pairs of ``source``, a path or a table in memory (data.LoadResult); ``spool``: as a PairTable, its texts in a temporary file in
     the cache directory (a scan: flat memory), else as a polars table (evaluate flips pairs in it)."""
     if spool:
         return spool_pairs(source, config.activations.cache_dir, config.read)
     return load_pairs(source, config.read)
 
 
-def load(source: str, ctx: RunContext) -> PairTable:
+def load(source, ctx: RunContext) -> PairTable:
     with ctx.timed("load"):
         return read_data(source, ctx.config, spool=True).pairs
 
@@ -185,7 +185,10 @@ def scores(pairs: PairTable, model: Model, acts: Activations, codes: Codes, sele
 
 def report(source: str, pairs: PairTable, model: Model, acts: Activations, codes: Codes, selection: Selection,
            scores: Scores, quality: dict[str, list[str]], ctx: RunContext) -> Report:
-    with ctx.step("report", "Report"):
+    labeller = selection.labelling.labeller if selection.labelling is not None else None
+    # labelling is most of this stage when there is a labeller (seconds to minutes): the bar says so
+    described = "Report" if labeller is None else f"Report, labelling features with {getattr(labeller, 'name', '?')}"
+    with ctx.step("report", described):
         built = build_report(source, pairs, model, acts, codes, selection, scores, quality, ctx.config, ctx.timings)
     built.run.timings = dict(ctx.timings)
     return built

@@ -78,15 +78,16 @@ def cache_view(summary: dict):
         return plain(f"Cache {root} is empty.")
     parts = []
     if summary["entries"]:  # what each entry is; the kinds' sizes (per entry in --format json) follow below
-        table = Table(title=plain(f"Activation cache: {root}"))
+        # an entry holds more than its activations (SAEs, codes, heads, token counts): both sizes, each named
+        table = Table(title=plain(f"Cache entries, one per model, layer, positions and max length: {root}"))
         table.add_column("model", overflow="fold", min_width=16)  # a long model path is wrapped, not cut short
-        for column in ("layer", "positions", "max length", "texts", "size"):
+        for column in ("layer", "positions", "max length", "texts", "activations", "entry in all"):
             table.add_column(column, no_wrap=True)
         for row in summary["entries"]:
             table.add_row(*(plain(row.get(name, "?")) for name in ("model", "layer", "positions", "max_length")),
-                          f"{row['texts']:,}", _size(row["bytes"]))
+                          f"{row['texts']:,}", _size(row["activation_bytes"]), _size(row["bytes"]))
         parts.append(table)
-    kinds = Table(title=plain(f"Cache by kind: {root}"))
+    kinds = Table(title=plain(f"Every kind of cache entry, with its size on disk: {root}"))
     for column in ("kind", "holds", "size"):
         kinds.add_column(column)
     for kind in summary["kinds"]:

@@ -69,6 +69,11 @@ def find_pair(rows: Iterable[dict], key: str, data: str) -> dict:
         if len(at) > 1:  # several files given, or a JSON array with several records on a line
             raise UnknownPairError(f'"{key}" names {len(at)} pairs: ' + _candidates(at))
         if file_part:
+            sources = list(dict.fromkeys(row["source"] for row in rows))
+            if not any(_same_source(file_part, source) for source in sources):  # the name is wrong, not the line
+                shown = " or ".join(f"{source}:{line}" for source in sources[:_SHOWN_CANDIDATES])
+                raise UnknownPairError(f'{key}: "{file_part}" is not a file of {data}; its pairs come from '
+                                       f"{', '.join(sources[:_SHOWN_CANDIDATES])}: write {shown}, or {line}")
             raise UnknownPairError(f"{key}: no pair starts on line {line} of {file_part} "
                                    f"({len(rows)} pairs in {data})")
     matches = [row for row in rows if row["pair_id"].startswith(key)] if key else []
