@@ -194,8 +194,11 @@ def highlighted(response: str, spans: Iterable[EvidenceSpan], marks: bool) -> Te
     return text
 
 
+NARROW = 140  # columns under which a features column would fold its labels: they go under the responses
+
+
 def print_report(report: Report, console: Console, top: int = 20) -> None:
-    """The summary panel and the table of the ``top`` suspects, readable at 100 columns."""
+    """The summary panel and the table of the ``top`` suspects, readable at 80 columns and up."""
     grid = Table.grid(padding=(0, 1))
     grid.add_column(style="bold", no_wrap=True)
     grid.add_column(overflow="fold")  # a long file name folds onto the next line rather than being cut
@@ -210,8 +213,12 @@ def print_report(report: Report, console: Console, top: int = 20) -> None:
         console.print("No suspects: every pair is clean.")
         return
     marks = not console.is_terminal or console.color_system is None
+    more = f"; --top {total} shows all" if shown < total else ""
+    # under NARROW columns a features column would be a few characters wide, each label folded over many
+    # lines: the features go under the responses instead
+    narrow = console.width < NARROW
     table = Table(
-        title=f"Top {shown} of {total:,} suspects (pairs flagged, most suspicious first)",
+        title=f"Top {shown} of {total:,} suspects (pairs flagged, most suspicious first{more})",
         box=box.SIMPLE_HEAD,
         show_lines=True,
         expand=True,
@@ -219,23 +226,26 @@ def print_report(report: Report, console: Console, top: int = 20) -> None:
     )
     table.add_column("#", justify="right", no_wrap=True)
     table.add_column("pair", overflow="fold", max_width=16)
-    table.add_column("safe", justify="right", no_wrap=True)
-    table.add_column("margin", justify="right", no_wrap=True)
-    table.add_column("features", ratio=2)
-    table.add_column("why, and the strongest evidence in chosen (C) and rejected (R)", ratio=5)
+    if not narrow:
+        table.add_column("safe", justify="right", no_wrap=True)
+        table.add_column("margin", justify="right", no_wrap=True)
+        table.add_column("features", ratio=2)
+    table.add_column("why, and the strongest evidence in chosen (C) and rejected (R)" + (", features" if narrow else ""),
+                     ratio=5)
     for finding in suspects:
         pair = Text(f"{inert(finding.pair_id)}\nline {finding.line}\n")
         pair.append(inert(finding.category), style="bold red" if finding.category == "flipped" else "bold")
         if finding.quality:
             pair.append("\n" + inert(", ".join(finding.quality)))
-        table.add_row(
-            str(finding.rank),
-            pair,
-            format_number(finding.score_safe),
-            format_number(finding.reward_margin),
-            Text("\n".join(inert(format_feature(c)) for c in finding.top_features[:3])),
-            Group(*evidence_lines(finding, marks)),
-        )
+        features = [inert(format_feature(c)) for c in finding.top_features[:3]]
+        texts = evidence_lines(finding, marks)
+        scores = [format_number(finding.score_safe), format_number(finding.reward_margin)]
+        if narrow:  # the scores under the pair, each feature on a line of its own under the evidence
+            pair.append(f"\nsafe {scores[0]}\nmargin {scores[1]}")
+            texts += [Text(feature, style="dim") for feature in features]
+            table.add_row(str(finding.rank), pair, Group(*texts))
+        else:
+            table.add_row(str(finding.rank), pair, *scores, Text("\n".join(features)), Group(*texts))
     console.print(table)
     console.print(
         "safe: score_safe = V(chosen) - V(rejected), low or negative is suspicious; margin: reward margin; "

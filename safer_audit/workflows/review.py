@@ -80,7 +80,7 @@ def show_finding(finding: Finding, console: Console, *, index: int, total: int, 
     if len(context) > _CONTEXT_CHARS:
         context = "…" + context[-_CONTEXT_CHARS:]
     why, *evidence = evidence_lines(finding, marks, width=100)
-    parts = [why, head, scores, Text("the request (conversation before the final turn):", style="bold"),
+    parts = [why, head, Text("the request (conversation before the final turn):", style="bold"),
              plain(context or "(none: the responses have no context)", multiline=True),
              Text("strongest evidence:" if finding.evidence else "first difference:", style="bold"), *evidence]
     for side, text in (("chosen", finding.chosen), ("rejected", finding.rejected)):
@@ -91,6 +91,9 @@ def show_finding(finding: Finding, console: Console, *, index: int, total: int, 
         parts += [Text(f"{side}:", style="bold"), body]
     features = ", ".join(format_feature(c) for c in finding.top_features[:5]) or "none recorded"
     parts.append(Text(f"top features (latent label share of score_safe): {inert(features)}"))
+    # the scores last, with the pair named again: right above the prompt, where a short terminal still shows
+    # them once the responses have scrolled the top away
+    parts += [head, scores]
     console.print(Panel(Group(*parts), expand=True))
 
 
