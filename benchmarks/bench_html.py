@@ -1,6 +1,7 @@
 """Screenshot check of the HTML report in headless Chromium, at 1400 and 390 px wide.
 
     python benchmarks/bench_html.py [--report report.json] [--out DIR] [--cache-dir DIR]
+    python benchmarks/bench_html.py --report report.json --pairs 2000 20000   # page size and load time
 
 Renders a report (a JSON report given with --report, else a scan of the committed sample
 fixtures/hh-harmless-300.jsonl with the default model) to HTML, opens it in headless
@@ -8,6 +9,12 @@ Chromium at 1400x1000 and 390x2400 px, writes the screenshots to --out, and chec
 layout: the page's own script writes the document's scroll width into the DOM when the URL
 carries ?measure, and at 390 px it must be no wider than the viewport (no sideways scroll).
 Look at the screenshots: BENCHMARKS.md "HTML report" says what they should show.
+
+With --pairs N..., the report's pairs are repeated (new ids, lines and ranks, the same texts
+and categories in the same proportions) up to N pairs each, and for each page this prints its
+size, how long Chromium takes to load it (navigation start to the end of the load event, the
+page's own script included) and how long a first search of every pair takes (its data block
+parsed, the first matches made into rows).
 """
 
 from __future__ import annotations
@@ -136,6 +143,86 @@ def check_page(page: Path, chromium: str, out: Path, widths=MEASURED) -> dict[in
     return results
 
 
+# Loads the page in an iframe and times it, then types a search of every pair and times that.
+_TIMING = """<!doctype html><html><body>
+<iframe id="f" src="{src}" style="width:1400px;height:900px"></iframe>
+<script>
+window.addEventListener("load", function () {{
+  var w = document.getElementById("f").contentWindow, d = w.document;
+  var nav = w.performance.getEntriesByType("navigation")[0];
+  var input = d.getElementById("all-q"), start = w.performance.now();
+  input.value = "{query}";
+  input.dispatchEvent(new w.Event("input"));
+  var searched = w.performance.now() - start;
+  document.body.setAttribute("data-timing", nav.loadEventEnd.toFixed(0) + "/" + searched.toFixed(0) + "/" +
+                             d.querySelectorAll("table.all-pairs tbody tr").length);
+}});
+</script></body></html>
+"""
+
+
+def timing(page: Path, chromium: str, profile: Path, query: str) -> tuple[float, float, int]:
+    """(load ms, first search ms, rows shown) of ``page`` in headless Chromium."""
+    page = page.resolve()
+    harness = page.with_name(f"timing-{page.stem}.html")
+    harness.write_text(_TIMING.format(src=page.name, query=query), encoding="utf-8")
+    dom = _run(chromium, profile, 1400, 1000, "--allow-file-access-from-files", "--dump-dom", harness.as_uri())
+    found = re.search(r'data-timing="(\d+)/(\d+)/(\d+)"', dom)
+    if not found:
+        raise RuntimeError("the timing harness got no figures from the page")
+    return float(found.group(1)), float(found.group(2)), int(found.group(3))
+
+
+# What a curator meets at one width: is the note box wide enough for its placeholder, how far down the
+# first suspect starts, and does the all-pairs search find a pair by its id.
+_CURATOR = """<!doctype html><html><body style="margin:0">
+<iframe id="f" src="{src}" style="border:0;width:{width}px;height:900px"></iframe>
+<script>
+window.addEventListener("load", function () {{
+  var w = document.getElementById("f").contentWindow, d = w.document;
+  var note = d.querySelector("input.note"), style = w.getComputedStyle(note);
+  var pen = document.createElement("canvas").getContext("2d");
+  pen.font = style.fontSize + " " + style.fontFamily;
+  var needed = pen.measureText(note.placeholder).width + parseFloat(style.paddingLeft) +
+    parseFloat(style.paddingRight);
+  var first = d.querySelector("table.suspects tbody tr").getBoundingClientRect().top + w.scrollY;
+  var input = d.getElementById("all-q");
+  input.value = "{query}";
+  input.dispatchEvent(new w.Event("input"));
+  var found = d.querySelectorAll("table.all-pairs tbody tr").length;
+  document.body.setAttribute("data-curator", [note.clientWidth, Math.ceil(needed), Math.round(first), found].join("/"));
+}});
+</script></body></html>
+"""
+
+
+def curator(page: Path, chromium: str, profile: Path, width: int, query: str) -> dict:
+    """At ``width`` px: the note box's width and the width its placeholder needs, the first suspect's top
+    (px from the page's top), and the rows the all-pairs search shows for ``query``."""
+    page = page.resolve()
+    harness = page.with_name(f"curator-{width}.html")
+    harness.write_text(_CURATOR.format(src=page.name, width=width, query=query), encoding="utf-8")
+    dom = _run(chromium, profile, 1400, 1000, "--allow-file-access-from-files", "--dump-dom", harness.as_uri())
+    found = re.search(r'data-curator="(\d+)/(\d+)/(\d+)/(\d+)"', dom)
+    if not found:
+        raise RuntimeError(f"the curator harness got no figures from the page at {width} px")
+    note, needed, first, rows = map(int, found.groups())
+    return {"note_width": note, "placeholder_width": needed, "first_suspect_top": first, "search_rows": rows}
+
+
+def scaled(report, pairs: int):
+    """``report`` with its findings repeated up to ``pairs`` (new ids, lines and ranks; the texts and the
+    mix of categories as they were)."""
+    from dataclasses import replace
+
+    base = sorted(report.findings, key=lambda f: f.rank)
+    findings = [replace(base[i % len(base)], pair_id=f"{i:016x}", line=i + 1, rank=i + 1) for i in range(pairs)]
+    counts = {}
+    for finding in findings:
+        counts[finding.category] = counts.get(finding.category, 0) + 1
+    return replace(report, findings=findings, run=replace(report.run, pairs=pairs, counts=counts))
+
+
 def scan_sample_report(cache_dir: Path | None):
     from safer_audit.config import ActivationConfig, ScanConfig
     from safer_audit.pipeline.scan import run_scan
@@ -150,6 +237,8 @@ def main() -> None:
     parser.add_argument("--report", type=Path, default=None, help="a JSON report (default: scan the sample)")
     parser.add_argument("--out", type=Path, default=None, help="directory for the page and the screenshots")
     parser.add_argument("--cache-dir", type=Path, default=None, help="cache of the sample scan (default: the usual)")
+    parser.add_argument("--pairs", type=int, nargs="+", default=None,
+                        help="measure the page's size, load and search time at these numbers of pairs instead")
     args = parser.parse_args()
 
     import json
@@ -166,6 +255,22 @@ def main() -> None:
               else scan_sample_report(args.cache_dir))
     if not args.report:  # kept, to re-render the page without scanning again (--report)
         (out / "report.json").write_text(json.dumps(report.to_dict(), ensure_ascii=False), encoding="utf-8")
+    if args.pairs:
+        import time
+
+        for pairs in args.pairs:
+            big = scaled(report, pairs)
+            start = time.perf_counter()
+            text = render_html(big)
+            rendered = time.perf_counter() - start
+            page = out / f"report-{pairs}.html"
+            page.write_text(text, encoding="utf-8")
+            query = big.findings[-1].pair_id  # the last pair: a clean one, only in the all-pairs search
+            with tempfile.TemporaryDirectory(prefix="safer-audit-chromium-") as tmp:
+                load_ms, search_ms, rows = timing(page, chromium, Path(tmp) / "timing", query)
+            print(f"{pairs:>6} pairs: page {len(text.encode()) / 1e6:.2f} MB (rendered in {rendered:.2f} s); "
+                  f"Chromium load {load_ms:.0f} ms; first search of every pair {search_ms:.0f} ms ({rows} row)")
+        return
     page = out / "report.html"
     text = render_html(report)
     page.write_text(text, encoding="utf-8")
@@ -178,7 +283,14 @@ def main() -> None:
         print(f"{width:>5} px: scroll width {result['scroll_width']} px, viewport {result['client_width']} px "
               f"-> {'no sideways scroll' if fits else 'SIDEWAYS SCROLL'}"
               + (f"; screenshot {result['screenshot']}" if "screenshot" in result else ""))
+    clean = [f for f in report.findings if f.category == "clean"]
     with tempfile.TemporaryDirectory(prefix="safer-audit-chromium-") as tmp:
+        for width in (1400, 390):
+            seen = curator(page, chromium, Path(tmp) / f"curator-{width}", width,
+                           clean[-1].pair_id if clean else report.findings[-1].pair_id)
+            print(f"{width:>5} px: note box {seen['note_width']} px for a placeholder of {seen['placeholder_width']} px; "
+                  f"first suspect {seen['first_suspect_top']} px down; a clean pair's id found in "
+                  f"{seen['search_rows']} row of the all-pairs search")
         made = decide(page, chromium, Path(tmp) / "decide")
     print(f"decisions made by a scripted reviewer ({made.get('counter')}; search: {made.get('shown')}):")
     print(json.dumps(made["decisions"], indent=1, ensure_ascii=False))

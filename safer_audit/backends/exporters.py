@@ -215,6 +215,7 @@ pre { white-space: pre-wrap; overflow-wrap: anywhere; background: #f8f8f8; paddi
 .verdicts button[data-verdict=flipped][aria-pressed=true] { background: #b00020; border-color: #b00020; }
 .verdicts button[data-verdict=noisy][aria-pressed=true] { background: #8a5a00; border-color: #8a5a00; }
 .verdicts button[data-verdict=ok][aria-pressed=true] { background: #1b6e20; border-color: #1b6e20; }
+td.decision { min-width: 11em; }  /* room for the note box's placeholder, "note (optional)", whole */
 td.decision input { width: 100%; min-width: 4em; margin-top: .3rem; font: inherit; font-size: .85em; }
 tr.decided { background: #f6fbf6; }
 .cards { display: grid; grid-template-columns: repeat(auto-fill, minmax(min(26rem, 100%), 1fr)); gap: 1rem; }
@@ -224,6 +225,9 @@ tr.decided { background: #f6fbf6; }
 .card .provenance, .card .lower { font-size: .9em; color: #555; } .unlabelled { color: #777; font-style: italic; }
 .card .flag { color: #b00020; }
 details#features > summary { font-size: 1.2rem; font-weight: 600; cursor: pointer; margin-top: 2rem; }
+details#run > summary { cursor: pointer; font-weight: 600; margin: .5rem 0; }
+#all-pairs .controls { position: static; }
+table.all-pairs td.texts { font-size: .9em; }
 @media (max-width: 1200px) {
   body { margin: .5rem auto; padding: 0 .6rem; }
   dl { grid-template-columns: minmax(0, 1fr); } dd { margin-bottom: .3rem; }
@@ -372,6 +376,56 @@ _JS = """
       });
     });
   }
+
+  // on a phone the run's details would push the first suspect a screen down: folded, a tap opens them
+  var run = document.getElementById("run");
+  if (run && window.matchMedia && window.matchMedia("(max-width: 700px)").matches) { run.open = false; }
+
+  // every pair, clean ones too, searched in their data block: parsed on the first search and only the
+  // first ALL_SHOWN matches made into rows, so a page of many thousand pairs still opens at once
+  var ALL_SHOWN = 50, allPairs = null;
+  var allInput = document.getElementById("all-q"), allTable = document.querySelector("table.all-pairs");
+  function allRow(pair) {
+    var tr = document.createElement("tr");
+    [pair[0], pair[1], pair[2], pair[3], pair[4]].forEach(function (value, i) {
+      var td = document.createElement("td");
+      td.textContent = String(value);
+      if (i === 0 || i === 4) { td.className = "num"; }
+      tr.appendChild(td);
+    });
+    var texts = document.createElement("td");
+    texts.className = "texts";
+    [["request", "…" + pair[5]], ["chosen", pair[6]], ["rejected", pair[7]]].forEach(function (part) {
+      var p = document.createElement("p"), side = document.createElement("span");
+      p.className = "excerpt"; side.className = "side"; side.textContent = part[0] + " ";
+      p.appendChild(side); p.appendChild(document.createTextNode(part[1]));
+      texts.appendChild(p);
+    });
+    tr.appendChild(texts);
+    return tr;
+  }
+  function searchAll() {
+    var words = allInput.value.toLowerCase().split(/\\s+/).filter(Boolean);
+    var body = allTable.tBodies[0], found = 0;
+    body.textContent = "";
+    if (words.length) {
+      if (allPairs === null) {
+        allPairs = JSON.parse(document.getElementById("all-pairs-data").textContent);
+        allPairs.forEach(function (pair) { pair.push(pair.slice(1).join(" ").toLowerCase()); });
+      }
+      allPairs.forEach(function (pair) {
+        var text = pair[pair.length - 1];
+        if (words.every(function (w) { return text.indexOf(w) >= 0; })) {
+          found += 1;
+          if (found <= ALL_SHOWN) { body.appendChild(allRow(pair)); }
+        }
+      });
+    }
+    allTable.hidden = found === 0;
+    document.getElementById("all-shown").textContent = !words.length ? "" : found + " pairs match" +
+      (found > ALL_SHOWN ? "; the first " + ALL_SHOWN + " by rank are shown" : "");
+  }
+  if (allInput) { allInput.addEventListener("input", searchAll); }
 
   count(); filter();
   // ?measure: the screenshot check (benchmarks/bench_html.py) reads the layout width from the DOM
@@ -639,6 +693,24 @@ def _cards_shown(report: Report, suspects: list[Finding]) -> tuple[list[FeatureC
                    "suspects above names, by contribution to the flagged pairs (the JSON report holds all)")
 
 
+# Of each pair's texts the all-pairs search holds the start of each response and the end of the request:
+# enough to find a pair by what it says, at a few hundred bytes a pair (BENCHMARKS.md "HTML report": page size)
+ALL_PAIRS_RESPONSE_CHARS = 160
+ALL_PAIRS_REQUEST_CHARS = 100
+
+
+def _all_pairs_data(report: Report) -> list[list]:
+    """Every pair, by rank, as the page's search reads it: rank, id, source:line, category, suspicion,
+    the end of the request, the start of the chosen and rejected responses (one line each)."""
+    def squash(text: str) -> str:
+        return " ".join(text.split())
+
+    return [[f.rank, f.pair_id, f"{f.source}:{f.line}", f.category, format_number(f.suspicion),
+             squash(f.context)[-ALL_PAIRS_REQUEST_CHARS:], squash(f.chosen)[:ALL_PAIRS_RESPONSE_CHARS],
+             squash(f.rejected)[:ALL_PAIRS_RESPONSE_CHARS]]
+            for f in sorted(report.findings, key=lambda f: f.rank)]
+
+
 def render_html(report: Report, max_suspects: int = HTML_MAX_SUSPECTS) -> str:
     """One self-contained page: summary, the suspects to review (search, filter, decide,
     download the decisions), and the feature cards, collapsed, below them."""
@@ -674,6 +746,8 @@ def render_html(report: Report, max_suspects: int = HTML_MAX_SUSPECTS) -> str:
         "pairs": {f.digest: [f.pair_id, f"{f.source}:{f.line}"] for f in suspects},
     }
     featured, shown_note = _cards_shown(report, suspects)
+    run_line = (f"Run: {report.run.pairs:,} pairs from {report.run.data_source}; "
+                + ", ".join(f"{name} {report.run.counts.get(name, 0):,}" for name in Category))
     cards = "".join(_feature_card(card) for card in featured)
     return f"""<!doctype html>
 <html lang="en">
@@ -687,10 +761,12 @@ def render_html(report: Report, max_suspects: int = HTML_MAX_SUSPECTS) -> str:
 <body>
 <h1>safer-audit report</h1>
 {banner}
+<details id="run" open><summary>{_e(run_line)}</summary>
 <section id="summary"><dl>{summary}</dl>
 <table><thead><tr><th>category</th><th class="num">pairs</th><th>meaning</th></tr></thead>
 <tbody>{counts}</tbody></table>
 </section>
+</details>
 <section id="suspects"><h2>Suspects ({len(everyone):,} of {report.run.pairs:,} pairs)</h2>
 <p>{_SCORE_SAFE_NOTE} Evidence: the words whose features pull score_safe most, <mark class="ev neg l3">red</mark>
 toward the rejected response, <mark class="ev pos l3">blue</mark> toward the chosen one, darker the stronger (hover
@@ -709,11 +785,23 @@ sent anywhere.</p>
 </div>
 {table}
 </section>
+<section id="all-pairs"><h2>All pairs ({report.run.pairs:,})</h2>
+<p>Every scanned pair, clean ones too, by rank: search by pair id, file:line, category or what the pair says
+(the end of the request, the start of each response).</p>
+<div class="controls">
+<label class="grow">search all pairs<input id="all-q" type="search" placeholder="pair id, file:line, text"
+autocomplete="off"></label>
+<span class="status" id="all-shown"></span>
+</div>
+<table class="all-pairs" hidden><thead><tr><th class="num">rank</th><th>pair</th><th>source:line</th>
+<th>category</th><th class="num">suspicion</th><th>texts</th></tr></thead><tbody></tbody></table>
+</section>
 <details id="features"><summary>Features ({len(featured):,} shown): the latents behind the evidence</summary>
 <p>Cards: {shown_note}. Histogram: per-text mean activation on chosen and rejected texts, where it fires.</p>
 <div class="cards">{cards}</div>
 </details>
 <script type="application/json" id="report-data">{script_json(data)}</script>
+<script type="application/json" id="all-pairs-data">{script_json(_all_pairs_data(report))}</script>
 <script>{_JS}</script>
 </body>
 </html>
