@@ -128,7 +128,7 @@ def test_html_shows_script_in_data_as_text(report, tmp_path):
     path = tmp_path / "report.html"
     export_report(report, path)
     page = _parse(path)
-    assert len(page.scripts) == 1 and len(page.data_blocks) == 1  # the page's own script, and its data
+    assert len(page.scripts) == 1 and len(page.data_blocks) == 2  # the page's own script; its data, every pair
     assert "b" not in page.tags  # the "<b>" in TRICKY stays text
     visible = "".join(page.text)
     assert "<script>alert('x')</script>" in visible

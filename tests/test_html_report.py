@@ -92,7 +92,7 @@ def test_page_has_search_filter_decisions_and_a_digest_per_suspect():
 def test_decisions_data_block_names_each_suspect_by_digest():
     report = make_report()
     page = Page(render_html(report))
-    (block,) = page.data_blocks
+    block, _all_pairs = page.data_blocks  # the decisions' block, then every pair's (the all-pairs search)
     data = json.loads(block)
     assert data["format"] == "safer-audit-decisions" and data["version"] == 1
     assert data["pairs"] == {f.digest: [f.pair_id, f"{f.source}:{f.line}"] for f in report.suspects()}
@@ -103,9 +103,10 @@ def test_hostile_id_and_text_stay_text_in_attributes_and_data():
     report = hostile_report()
     text = render_html(report)
     page = Page(text)
-    assert len(page.scripts) == 1 and len(page.data_blocks) == 1  # nothing broke out into a script
+    assert len(page.scripts) == 1 and len(page.data_blocks) == 2  # nothing broke out into a script
     assert not page.find("img") and not page.find("b")
-    (block,) = page.data_blocks
+    block, all_pairs = page.data_blocks
+    assert "</" not in all_pairs and "<!--" not in all_pairs and "\u2028" not in all_pairs
     assert "</" not in block and "<!--" not in block and "\u2028" not in block and "\u2029" not in block
     data = json.loads(block)
     hostile = report.findings[0]
@@ -211,7 +212,8 @@ def test_scan_reports_progress_warns_of_few_pairs_and_names_no_absolute_path(tin
                                                      cache_dir=tmp_path / "cache"),
                         sae_train=SaeTrainConfig(n_latents=64, k=4), n_features=16)
     report = run_scan(str(data), config, steps=record, warn=warnings.append).report
-    assert {"Loading model", "Salience", "Scores", "Report"} <= set(steps)
+    assert {"Loading model", "Salience", "Scores"} <= set(steps)
+    assert "Report, labelling features with offline" in steps  # the stage says what takes its time
     assert len(warnings) == 1 and "only 12 pairs" in warnings[0]
     export_json(report, work / "r.json")
     export_html(report, work / "r.html")
