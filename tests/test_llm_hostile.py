@@ -98,7 +98,7 @@ def test_a_scan_against_an_echoing_endpoint_writes_the_key_nowhere(servers_env, 
     scan = CliRunner().invoke(cli, ["scan", str(data_file), *common, "--judge", "llm", "--judge", "score_safe",
                                     "-o", str(out / "r.json"), "-o", str(out / "r.html"), "-o", str(out / "r.md")])
     assert scan.exit_code in (0, 1), scan.output
-    features = CliRunner().invoke(cli, ["features", str(data_file), *common, "--out", str(out / "f.yaml")])
+    features = CliRunner().invoke(cli, ["features", str(data_file), *common, "-o", str(out / "f.yaml")])
     assert features.exit_code == 0, features.output
     assert servers_env["echo"].chat_requests() and servers_env["judge"].chat_requests()
     report = json.loads((out / "r.json").read_text())

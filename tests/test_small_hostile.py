@@ -68,7 +68,7 @@ def test_a_prompt_record_inside_an_hh_file_is_an_error_not_a_dropped_prompt(tmp_
 
 def test_an_allow_list_that_names_no_installed_plugin_warns():
     env = {"SAFER_AUDIT_LOAD_PLUGINS": "nonexistent", "HF_HUB_OFFLINE": "1", "PATH": ""}
-    run = subprocess.run([sys.executable, "-c", "from safer_audit.cli import main; main(['plugins', '--json'])"],
+    run = subprocess.run([sys.executable, "-c", "from safer_audit.cli import main; main(['plugins', '--format', 'json'])"],
                          capture_output=True, text=True, env={**__import__("os").environ, **env}, timeout=120)
     assert run.returncode == 0, run.stderr
     assert "Warning: SAFER_AUDIT_LOAD_PLUGINS names 'nonexistent'" in run.stderr
