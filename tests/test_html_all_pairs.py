@@ -47,6 +47,6 @@ def test_in_chromium_the_note_box_is_whole_the_phone_header_folded_and_a_clean_p
     with tempfile.TemporaryDirectory(prefix="safer-audit-chromium-") as tmp:
         wide = bench.curator(page, chromium, Path(tmp) / "wide", 1400, clean.pair_id)
         phone = bench.curator(page, chromium, Path(tmp) / "phone", 390, clean.pair_id)
-    assert wide["note_width"] >= wide["placeholder_width"], wide  # "note (optional)", not "note (optior"
+    assert wide["note_width"] >= wide["placeholder_width"], wide  # its placeholder whole, not "note (optior"
     assert wide["search_rows"] == 1 and phone["search_rows"] == 1
     assert phone["first_suspect_top"] < 900, phone  # the first suspect on the first screen, not 1,500 px down

@@ -215,7 +215,6 @@ pre { white-space: pre-wrap; overflow-wrap: anywhere; background: #f8f8f8; paddi
 .verdicts button[data-verdict=flipped][aria-pressed=true] { background: #b00020; border-color: #b00020; }
 .verdicts button[data-verdict=noisy][aria-pressed=true] { background: #8a5a00; border-color: #8a5a00; }
 .verdicts button[data-verdict=ok][aria-pressed=true] { background: #1b6e20; border-color: #1b6e20; }
-td.decision { min-width: 11em; }  /* room for the note box's placeholder, "note (optional)", whole */
 td.decision input { width: 100%; min-width: 4em; margin-top: .3rem; font: inherit; font-size: .85em; }
 tr.decided { background: #f6fbf6; }
 .cards { display: grid; grid-template-columns: repeat(auto-fill, minmax(min(26rem, 100%), 1fr)); gap: 1rem; }
@@ -555,7 +554,7 @@ def _finding_row(f: Finding) -> str:
         f'<td class="features" data-label="top features">{features}</td>'
         f'<td class="loc" data-label="source:line" data-v="{_e(f.source)}:{f.line:012d}">{_location(f.source, f.line)}</td>'
         f'<td class="decision"><div class="verdicts" role="group" aria-label="decision">{buttons}</div>'
-        f'<input class="note" type="text" placeholder="note (optional)" aria-label="note"></td>'
+        f'<input class="note" type="text" placeholder="note" title="a note, optional" aria-label="note (optional)"></td>'
         "</tr>"
     )
 
