@@ -70,7 +70,7 @@ def bad_input(kind: str, fifo: Path) -> tuple[Path, str]:
 @pytest.mark.parametrize("kind", BAD)
 def test_decisions_that_are_not_a_regular_file(kind, data, report, fifo, tmp_path):
     path, says = bad_input(kind, fifo)
-    refused(run_cli("clean", data, "--decisions", path, "--out", tmp_path / "out.jsonl"), path, says)
+    refused(run_cli("clean", data, "--decisions", path, "-o", tmp_path / "out.jsonl"), path, says)
     assert not (tmp_path / "out.jsonl").exists()
     if kind == "fifo":
         refused(run_cli("review", data, "--report", report, "--decisions", path), path, says)
@@ -79,7 +79,7 @@ def test_decisions_that_are_not_a_regular_file(kind, data, report, fifo, tmp_pat
 @pytest.mark.parametrize("kind", BAD)
 def test_a_report_that_is_not_a_regular_file(kind, data, fifo, tmp_path):
     path, says = bad_input(kind, fifo)
-    refused(run_cli("clean", data, "--from-report", path, "--drop-fraction", "0.1", "--out", tmp_path / "o.jsonl"),
+    refused(run_cli("clean", data, "--report", path, "--drop-fraction", "0.1", "-o", tmp_path / "o.jsonl"),
             path, says)
     refused(run_cli("explain", data, "1", "--report", path) if kind == "fifo" else
             run_cli("review", data, "--report", path, "--decisions", tmp_path / "d.json"), path, says)
@@ -119,7 +119,7 @@ def oversized(path: Path, limit: int) -> Path:
 
 def test_a_report_over_the_limit_is_refused_by_its_size_before_a_byte_is_read(data, tmp_path):
     path = oversized(tmp_path / "report.json", config.MAX_REPORT_BYTES)
-    result = run_cli("clean", data, "--from-report", path, "--drop-fraction", "0.1", "--out", tmp_path / "o.jsonl")
+    result = run_cli("clean", data, "--report", path, "--drop-fraction", "0.1", "-o", tmp_path / "o.jsonl")
     refused(result, path, f"is {config.MAX_REPORT_BYTES + 1:,} bytes; the most read is {config.MAX_REPORT_BYTES:,}")
 
 

@@ -38,7 +38,7 @@ def heavy(imported: set[str]) -> list[str]:
 
 def test_the_importtime_reading_sees_torch_when_it_is_imported():
     # the check below can fail: a command that does load torch is seen doing it
-    done, imported = run("plugins", "--json")
+    done, imported = run("plugins", "--format", "json")
     assert done.returncode == 0, done.stderr[-2000:]
     assert "click" in imported
     probe = subprocess.run([sys.executable, "-X", "importtime", "-c", "import torch"], capture_output=True,
@@ -47,7 +47,7 @@ def test_the_importtime_reading_sees_torch_when_it_is_imported():
                        if (m := IMPORTED.match(line))}
 
 
-@pytest.mark.parametrize("args", [["--help"], ["--version"], ["plugins"], ["plugins", "--json"],
+@pytest.mark.parametrize("args", [["--help"], ["--version"], ["plugins"], ["plugins", "--format", "json"],
                                   ["scan", "--help"], ["validate", ROOT / "fixtures" / "hh-harmless-300.jsonl"]],
                          ids=lambda args: " ".join(map(str, args)).replace(str(ROOT) + "/", ""))
 def test_commands_without_a_model_import_neither_torch_nor_transformers(args):
@@ -57,7 +57,7 @@ def test_commands_without_a_model_import_neither_torch_nor_transformers(args):
 
 
 def test_plugins_lists_every_backend_without_loading_one():
-    done, imported = run("plugins", "--json")
+    done, imported = run("plugins", "--format", "json")
     listed = {info["name"]: info["registers"] for info in json.loads(done.stdout)}
     assert listed["safer_audit.backends.hf"] == {"models": ["hf"]}
     assert set(listed["safer_audit.backends.judges"]["judges"]) >= {"score_safe", "reward_margin", "length"}
