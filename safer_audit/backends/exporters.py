@@ -701,10 +701,10 @@ ALL_PAIRS_REQUEST_CHARS = 100
 def _all_pairs_data(report: Report) -> list[list]:
     """Every pair, by rank, as the page's search reads it: rank, id, source:line, category, suspicion,
     the end of the request, the start of the chosen and rejected responses (one line each)."""
-    def squash(text: str) -> str:
-        return " ".join(text.split())
+    def squash(text: str) -> str:  # one line, and no control character: written out, as everywhere on the page
+        return inert(" ".join(text.split()))
 
-    return [[f.rank, f.pair_id, f"{f.source}:{f.line}", f.category, format_number(f.suspicion),
+    return [[f.rank, inert(f.pair_id), inert(f"{f.source}:{f.line}"), f.category, format_number(f.suspicion),
              squash(f.context)[-ALL_PAIRS_REQUEST_CHARS:], squash(f.chosen)[:ALL_PAIRS_RESPONSE_CHARS],
              squash(f.rejected)[:ALL_PAIRS_RESPONSE_CHARS]]
             for f in sorted(report.findings, key=lambda f: f.rank)]
