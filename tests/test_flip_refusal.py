@@ -51,11 +51,11 @@ def test_weak_judges_give_no_flip_probability_and_clean_refuses_with_the_reason(
     console = Console(file=io.StringIO(), width=100)
     print_report(report, console)
     assert "no flip probability: the judges are too weak" in " ".join(console.file.getvalue().split())
-    result = CliRunner().invoke(cli, ["clean", str(data), "--out", str(tmp_path / "c.jsonl"), "--from-report",
+    result = CliRunner().invoke(cli, ["clean", str(data), "-o", str(tmp_path / "c.jsonl"), "--report",
                                       str(report_path), "--min-flip-probability", "0.9"])
     assert result.exit_code == 2 and WEAK.reason in " ".join(result.output.split())
     assert not (tmp_path / "c.jsonl").exists()
     # the other rules still work on that report
-    result = CliRunner().invoke(cli, ["clean", str(data), "--out", str(tmp_path / "d.jsonl"), "--from-report",
+    result = CliRunner().invoke(cli, ["clean", str(data), "-o", str(tmp_path / "d.jsonl"), "--report",
                                       str(report_path), "--drop-fraction", "0.25"])
     assert result.exit_code == 0, result.output
