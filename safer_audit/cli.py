@@ -469,6 +469,8 @@ def _read_key(prompt: str) -> str:
         raise KeyboardInterrupt
     if key == "\x04":  # Ctrl-D: quit
         raise EOFError
+    if key in ("F", "N", "O"):  # the decision, then a note typed on the terminal (Enter alone: none)
+        return key.lower() + " " + click.prompt("note", default="", show_default=False)
     return key
 
 
@@ -497,8 +499,8 @@ def review(data, report_path, decisions_path, reviewer, review_all, quiet, confi
     """Walk the suspects of DATA one by one and record a decision for each.
 
     Keys: f flipped (clean flips it back), n noisy (clean drops it), o ok (clean keeps it,
-    the gate never fails on it), s skip, q quit. From a pipe, one key a line; the rest of
-    the line is a note. Each decision is saved at once, and pairs decided before are not
+    the gate never fails on it), s skip, q quit; F, N or O decide the same and then ask for
+    a note. From a pipe, one key a line; the rest of the line is a note. Each decision is saved at once, and pairs decided before are not
     shown again (unless --all), so a review resumes where it stopped.
 
     Then: safer-audit clean DATA --decisions FILE -o CLEANED.

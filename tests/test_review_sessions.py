@@ -183,3 +183,15 @@ def test_writers_in_other_processes_lose_nothing(tmp_path):
     assert [w.exitcode for w in writers] == [0, 0, 0]
     assert len(read_decisions(path)) == 75
     assert sorted(p.name for p in tmp_path.iterdir()) == ["decisions.json"]  # no lock file, no temporary left
+
+
+def test_a_note_can_be_typed_on_a_terminal(data, tmp_path, monkeypatch):
+    # on a terminal one key decides at once; the capital asks for a note first
+    keys = iter(["N", "o"])
+    monkeypatch.setattr("click.getchar", lambda: next(keys))
+    monkeypatch.setattr("click.prompt", lambda *args, **kwargs: "the replies say the same thing")
+    report = make_report(data, {0: "noisy", 1: "noisy"})
+    decisions = tmp_path / "d.json"
+    review_findings(report.findings, decisions, ask=cli_module._read_key, console=console(), reviewer="A")
+    notes = sorted((d.verdict, d.note) for d in read_decisions(decisions).values())
+    assert notes == [("noisy", "the replies say the same thing"), ("ok", "")]

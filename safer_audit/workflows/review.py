@@ -26,7 +26,7 @@ from ..report.view import evidence_lines, format_feature, format_number, highlig
 from .decisions import Decisions, Verdict, decide, read_decisions, update_decisions
 
 KEYS = {"f": Verdict.FLIPPED, "n": Verdict.NOISY, "o": Verdict.OK}
-PROMPT = "[f] flipped  [n] noisy  [o] ok  [s] skip  [q] quit > "
+PROMPT = "[f] flipped  [n] noisy  [o] ok (F N O: with a note)  [s] skip  [q] quit > "
 _CONTEXT_CHARS = 800  # of the conversation before the final turn: its end holds the request
 _RESPONSE_CHARS = 1200
 
