@@ -228,7 +228,7 @@ def test_html_marks_evidence_inline_escaped_and_shows_only_the_cards_it_names():
     assert mark.group(2) == ('&lt;script&gt;alert(1)&lt;/script&gt; | **x** =1+1 [bold]no[/bold] \\x1b[31m')
     assert mark.group(1) == "share of score_safe -0.75; features #412"
     assert re.search(r'<mark class="ev pos l2"[^>]*>I can&#x27;t help</mark>', row)
-    assert "<script>alert" not in page and page.count("<script") == 2  # the data block and the page's own script
+    assert "<script>alert" not in page and page.count("<script") == 3  # two data blocks and the page's own script
     assert "\x1b" not in row
     cards = re.findall(r"<h3>(?:\S+ )?latent (\d+)", page)
     assert sorted(int(c) for c in cards) == sorted({412, 9} & {card.latent for card in report.features})
