@@ -656,3 +656,20 @@ def test_records_skipped_by_the_read_options_are_counted_and_more_fail(work, tin
     assert result.exit_code == 0 and "1 records skipped by the read options" in result.stdout, result.output
     write_jsonl(data, records(), extra="{not json\n[]\n")
     _refused(invoke("gate", data, "--baseline", out, "--quiet"), "skip 2 record(s), 1 when")
+
+
+def test_a_new_pair_in_score_safes_far_tail_counts_as_the_attacks_pick():
+    import torch
+
+    from safer_audit.workflows.gate import SALIENT_TAIL, salient_tail
+
+    class Reference:  # a baseline of 1,000 pairs whose score_safe runs 0 .. 999
+        pairs: dict = {}
+
+        def signal(self, name):
+            return torch.arange(1000, dtype=torch.float64)
+
+    lowest = round(1000 * SALIENT_TAIL)
+    values = {"score_safe": [-5.0, lowest - 1.5, lowest + 0.5, 500.0, None]}
+    rows = [{"pair_id": f"p{i}"} for i in range(5)]
+    assert salient_tail(values, Reference(), rows, ["d"] * 5) == [True, True, False, False, False]

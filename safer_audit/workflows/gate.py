@@ -127,6 +127,12 @@ GATE_CATEGORIES = (Category.FLIPPED, Category.NOISY, Category.QUALITY)
 
 # noisy holds 10% of any data by construction; changed: a pair edited or swapped under the baseline's eyes
 DEFAULT_FAIL_ON = (Category.FLIPPED, Category.QUALITY, "changed")
+# The SAFER attack flips the pairs of highest score_safe, so a flipped one lands in score_safe's far tail
+# while its reward margin may be only mildly negative and its combined rank short of the cut. A new pair
+# whose score_safe is lower than all but this share of the baseline's, and whose reward margin is
+# negative, is flipped too. Measured on HH (benchmarks/bench_gate.py): 1.5% lifts targeted flips caught
+# from 86% to 92% while honest additions failing stay under 5%.
+SALIENT_TAIL = 0.015
 
 
 FAIL_ON_CHOICES = (*GATE_CATEGORIES, "changed", "removed")  # removed: baseline pairs no longer in the data
@@ -868,6 +874,21 @@ def suspicion_against(values: dict[str, list[float | None]], baseline: Baseline,
     return combine(percentiles, baseline.header["ranking"])
 
 
+def salient_tail(values: dict[str, list], baseline: Baseline, rows: list[dict], digests: list[str]) -> list[bool]:
+    """Whether each pair's score_safe is below all but SALIENT_TAIL of the baseline's (its own entry left out)."""
+    import torch
+
+    from ..scoring.ranks import percentile_against
+
+    def column(items) -> torch.Tensor:
+        return torch.tensor([math.nan if v is None else v for v in items], dtype=torch.float64)
+
+    own = _own_entries(baseline, rows, digests)
+    lowest = percentile_against(column(values["score_safe"]), baseline.signal("score_safe"),
+                                leave_out=column(None if e is None else e["score_safe"] for e in own))
+    return [bool(v >= 1 - SALIENT_TAIL) for v in lowest.tolist()]
+
+
 def _own_entries(baseline: Baseline, rows: list[dict], digests: list[str]) -> list[dict | None]:
     """Each row's own baseline entry, left out of what it is ranked against: the entry of its id
     (the old version of a changed pair), else one with its digest (the same pair under another id)."""
@@ -1061,11 +1082,15 @@ def _judge_new(result: GateResult, baseline: Baseline, changes: Changes, quality
     suspicion = suspicion_against(values, baseline, _own_entries(baseline, [rows[i] for i in changes.new_rows],
                                                                  [digests[i] for i in changes.new_rows]))
     weights, cutoffs = baseline.header["ranking"], baseline.cutoffs
+    salient = salient_tail(values, baseline, [rows[i] for i in changes.new_rows], [digests[i] for i in changes.new_rows])
     for n, i in enumerate(changes.new_rows):
         row = rows[i]
         pair_values = {name: values[name][n] for name in SIGNALS}
         kinds = [kind for kind, _ in quality.get(i, [])]
         category = categorise_pair(float(suspicion[n]), ranked_signals(pair_values, weights), kinds, cutoffs)
+        margin = pair_values["reward_margin"]
+        if category in (Category.CLEAN, Category.NOISY) and salient[n] and margin is not None and margin < 0:
+            category = Category.FLIPPED
         result.new_entries[row["pair_id"]] = {"category": str(category), "digest": digests[i], **pair_values}
         decision = decisions.get(digests[i])
         verdict = decision.verdict if decision is not None else None
