@@ -32,7 +32,7 @@ class _Stop(Exception):
 
 def pooled_layers(texts, backend, layers: list[int], max_length: int, batch_size: int) -> dict:
     """(layer, positions) -> pooled mean hidden state per text, from one forward pass per batch."""
-    from safer_audit.model.activations import _tokenize, read_positions
+    from safer_audit.model.activations import read_positions, tokenize_prepared
 
     out = {(layer, p): torch.zeros(len(texts), backend.d_model) for layer in layers for p in POSITION_SETS}
     order = sorted(range(len(texts)), key=lambda i: len(texts[i].text))
@@ -40,7 +40,7 @@ def pooled_layers(texts, backend, layers: list[int], max_length: int, batch_size
     started = time.perf_counter()
     for n, start in enumerate(range(0, len(order), batch_size)):
         batch = order[start:start + batch_size]
-        encoded = _tokenize([texts[i] for i in batch], backend, max_length)
+        encoded = tokenize_prepared([texts[i] for i in batch], backend, max_length)
         input_ids, mask = backend.pad_batch([ids for ids, _, _ in encoded])
         captured = {}
 

@@ -24,7 +24,7 @@ import torch
 
 from ..common.files import read_bounded, write_atomic
 from ..errors import CacheError
-from ..model.activations import ActivationStore
+from ..model.activations import ActivationStore, tokenize_prepared
 from ..model.texts import PreparedText
 from .salience import FeatureSet
 from .types import SIDES, EvidenceSpan
@@ -245,19 +245,6 @@ def _forward_codes(sae, acts: torch.Tensor, device) -> tuple[torch.Tensor, torch
     return out.top_vals, out.top_idx
 
 
-def tokenized(texts: Sequence[PreparedText], backend, max_length: int) -> list[tuple[list[int], list]]:
-    """(token ids, character offsets) of each text, as extraction tokenized it (left-truncated)."""
-    out: list = [None] * len(texts)
-    for special in (False, True):
-        where = [i for i, item in enumerate(texts) if item.has_special_tokens == special]
-        if where:
-            ids, offsets, _special = backend.tokenize([texts[i].text for i in where], max_length=max_length,
-                                                      has_special_tokens=special)
-            for i, row_ids, row_offsets in zip(where, ids, offsets, strict=True):
-                out[i] = (list(row_ids), [tuple(o) for o in row_offsets])
-    return out
-
-
 def texts_shares(store: ActivationStore, texts: Sequence[PreparedText], sae, features: FeatureSet, backend,
                  max_length: int, wanted: dict[int, str]) -> dict[int, list[Share]]:
     """``wanted``: text index -> its final response. Each text's read positions' shares of its V(t) (v(p) / |P(t)|),
@@ -266,7 +253,8 @@ def texts_shares(store: ActivationStore, texts: Sequence[PreparedText], sae, fea
     terms = position_terms(store, sae, features, indices)
     prepared = [texts[t] for t in indices]
     out = {}
-    for t, item, (ids, offsets) in zip(indices, prepared, tokenized(prepared, backend, max_length), strict=True):
+    encoded = tokenize_prepared(prepared, backend, max_length)
+    for t, item, (ids, offsets, _special) in zip(indices, prepared, encoded, strict=True):
         positions, token_ids, text_terms, n = terms[t]
         if any(p >= len(ids) or ids[p] != token for p, token in zip(positions, token_ids, strict=True)):
             out[t] = []  # another tokenizer than the one the activations were read with: no place to put them

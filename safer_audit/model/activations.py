@@ -578,7 +578,7 @@ def estimate_job(shards: list[list[list[int]]], texts: list[tuple[str, PreparedT
     if n_texts < LARGE_JOB_TEXTS:
         return None
     sample = [prepared for _, prepared in texts[:: max(1, len(texts) // 512)]][:512]
-    mean_tokens = sum(len(ids) for ids, _, _ in _tokenize(sample, backend, config.max_length)) / max(1, len(sample))
+    mean_tokens = sum(len(ids) for ids, _, _ in tokenize_prepared(sample, backend, config.max_length)) / max(1, len(sample))
     width_bytes = backend.d_model * CACHE_DTYPES[config.cache_dtype].itemsize + 12  # + token id and position
     disk = n_texts * mean_tokens * width_bytes
     seconds = n_texts / ESTIMATED_TEXTS_PER_SECOND * max(1.0, backend.d_model / 384)
@@ -587,8 +587,9 @@ def estimate_job(shards: list[list[list[int]]], texts: list[tuple[str, PreparedT
             f"(less on GPUs or with --engine ray)")
 
 
-def _tokenize(items: list[PreparedText], backend, max_length: int):
-    """Token ids, offsets and special-token masks of ``items``, in their order."""
+def tokenize_prepared(items: list[PreparedText], backend, max_length: int):
+    """Token ids, offsets and special-token masks of ``items``, in their order, as extraction reads them
+    (left-truncated to ``max_length``)."""
     out: list = [None] * len(items)
     for special in (False, True):
         where = [i for i, item in enumerate(items) if item.has_special_tokens == special]
@@ -623,7 +624,7 @@ def _plan(texts: list[tuple[str, PreparedText]], backend, config: ActivationConf
     kept = 0
     for start in range(0, len(texts), TOKENIZE_CHUNK):
         chunk = texts[start:start + TOKENIZE_CHUNK]
-        encoded = _tokenize([prepared for _, prepared in chunk], backend, config.max_length)
+        encoded = tokenize_prepared([prepared for _, prepared in chunk], backend, config.max_length)
         lengths += [len(ids) for ids, _, _ in encoded]
         names += [key for key, _ in chunk]
         if keep is not None:
@@ -717,7 +718,7 @@ def compute_shard(batches: list[list[tuple[str, PreparedText]]], backend, config
                   want_score: bool, on_batch=None, encodings: dict | None = None) -> tuple[list[str], list[TextActivations]]:
     """Run the model over one planned shard's batches; its keys and activations, in order.
 
-    ``encodings``: _tokenize's rows of some texts by key (the plan's, taken out as used); the others are tokenized
+    ``encodings``: tokenize_prepared's rows of some texts by key (the plan's, taken out as used); the others are tokenized
     here (the same rows: a text's encoding does not depend on the texts tokenized with it)."""
     keys: list[str] = []
     items: list[TextActivations] = []
@@ -725,7 +726,7 @@ def compute_shard(batches: list[list[tuple[str, PreparedText]]], backend, config
         encoded = [encodings.pop(key, None) for key, _ in batch] if encodings else [None] * len(batch)
         todo = [n for n, row in enumerate(encoded) if row is None]
         if todo:
-            fresh = _tokenize([batch[n][1] for n in todo], backend, config.max_length)
+            fresh = tokenize_prepared([batch[n][1] for n in todo], backend, config.max_length)
             for n, row in zip(todo, fresh, strict=True):
                 encoded[n] = row
         input_ids, mask = backend.pad_batch([ids for ids, _, _ in encoded])
