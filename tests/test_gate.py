@@ -661,7 +661,7 @@ def test_records_skipped_by_the_read_options_are_counted_and_more_fail(work, tin
 def test_a_new_pair_in_score_safes_far_tail_counts_as_the_attacks_pick():
     import torch
 
-    from safer_audit.workflows.gate import SALIENT_TAIL, salient_tail
+    from safer_audit.workflows.gate import SALIENT_TAIL, percentiles_against, salient_tail
 
     class Reference:  # a baseline of 1,000 pairs whose score_safe runs 0 .. 999
         pairs: dict = {}
@@ -670,6 +670,7 @@ def test_a_new_pair_in_score_safes_far_tail_counts_as_the_attacks_pick():
             return torch.arange(1000, dtype=torch.float64)
 
     lowest = round(1000 * SALIENT_TAIL)
-    values = {"score_safe": [-5.0, lowest - 1.5, lowest + 0.5, 500.0, None]}
-    rows = [{"pair_id": f"p{i}"} for i in range(5)]
-    assert salient_tail(values, Reference(), rows, ["d"] * 5) == [True, True, False, False, False]
+    column = [-5.0, lowest - 1.5, lowest + 0.5, 500.0, None]
+    values = {name: column for name in ("score_safe", "reward_margin", "sae_margin")}
+    percentiles = percentiles_against(values, Reference(), [None] * len(column))
+    assert salient_tail(percentiles) == [True, True, False, False, False]

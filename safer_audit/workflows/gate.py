@@ -856,26 +856,11 @@ def score_frozen(pairs: pl.DataFrame, baseline: Baseline, backend, sae: TopKSAE,
         raise BaselineError(f"{heads_path}: the heads file has no tensor {exc}; make a new baseline") from None
 
 
-def suspicion_against(values: dict[str, list[float | None]], baseline: Baseline,
-                      own_entries: list[dict | None]) -> torch.Tensor:
-    """The suspicion of pairs (their rounded signal values) among the baseline's pairs, as a scan
-    ranks a pair among the others: scoring.ranks.percentile_against per signal, leaving out each
-    pair's own entry (None: none), combined with the baseline's ranking weights."""
-    import torch
-
-    from ..scoring.ranks import combine, percentile_against
-
-    def column(items) -> torch.Tensor:
-        return torch.tensor([math.nan if v is None else v for v in items], dtype=torch.float64)
-
-    percentiles = {name: percentile_against(column(values[name]), baseline.signal(name),
-                                            leave_out=column(None if e is None else e[name] for e in own_entries))
-                   for name in SIGNALS}
-    return combine(percentiles, baseline.header["ranking"])
-
-
-def salient_tail(values: dict[str, list], baseline: Baseline, rows: list[dict], digests: list[str]) -> list[bool]:
-    """Whether each pair's score_safe is below all but SALIENT_TAIL of the baseline's (its own entry left out)."""
+def percentiles_against(values: dict[str, list[float | None]], baseline: Baseline,
+                        own_entries: list[dict | None]) -> dict[str, torch.Tensor]:
+    """Each signal's percentile of pairs (their rounded signal values) among the baseline's pairs, as a
+    scan ranks a pair among the others (scoring.ranks.percentile_against), leaving out each pair's own
+    entry (None: none): 1 below every other value."""
     import torch
 
     from ..scoring.ranks import percentile_against
@@ -883,10 +868,21 @@ def salient_tail(values: dict[str, list], baseline: Baseline, rows: list[dict], 
     def column(items) -> torch.Tensor:
         return torch.tensor([math.nan if v is None else v for v in items], dtype=torch.float64)
 
-    own = _own_entries(baseline, rows, digests)
-    lowest = percentile_against(column(values["score_safe"]), baseline.signal("score_safe"),
-                                leave_out=column(None if e is None else e["score_safe"] for e in own))
-    return [bool(v >= 1 - SALIENT_TAIL) for v in lowest.tolist()]
+    return {name: percentile_against(column(values[name]), baseline.signal(name),
+                                     leave_out=column(None if e is None else e[name] for e in own_entries))
+            for name in SIGNALS}
+
+
+def suspicion_against(percentiles: dict[str, torch.Tensor], baseline: Baseline) -> torch.Tensor:
+    """The suspicion of pairs from their percentiles_against, combined with the baseline's ranking weights."""
+    from ..scoring.ranks import combine
+
+    return combine(percentiles, baseline.header["ranking"])
+
+
+def salient_tail(percentiles: dict[str, torch.Tensor]) -> list[bool]:
+    """Whether each pair's score_safe is below all but SALIENT_TAIL of the baseline's (percentiles_against)."""
+    return [bool(v >= 1 - SALIENT_TAIL) for v in percentiles["score_safe"].tolist()]
 
 
 def _own_entries(baseline: Baseline, rows: list[dict], digests: list[str]) -> list[dict | None]:
@@ -1079,10 +1075,10 @@ def _judge_new(result: GateResult, baseline: Baseline, changes: Changes, quality
     rows, digests, known_entry, swapped_from = changes.rows, changes.digests, changes.known_entry, changes.swapped_from
     # the 6-digit values the baseline holds and compares with
     values = {name: [_round(v) for v in signals[name].tolist()] for name in SIGNALS}
-    suspicion = suspicion_against(values, baseline, _own_entries(baseline, [rows[i] for i in changes.new_rows],
-                                                                 [digests[i] for i in changes.new_rows]))
+    own = _own_entries(baseline, [rows[i] for i in changes.new_rows], [digests[i] for i in changes.new_rows])
+    percentiles = percentiles_against(values, baseline, own)
+    suspicion, salient = suspicion_against(percentiles, baseline), salient_tail(percentiles)
     weights, cutoffs = baseline.header["ranking"], baseline.cutoffs
-    salient = salient_tail(values, baseline, [rows[i] for i in changes.new_rows], [digests[i] for i in changes.new_rows])
     for n, i in enumerate(changes.new_rows):
         row = rows[i]
         pair_values = {name: values[name][n] for name in SIGNALS}
