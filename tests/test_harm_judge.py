@@ -130,3 +130,62 @@ def test_without_the_harm_judge_flipped_keeps_its_older_meaning():
     categories = categorise(suspicion, {"score_safe": first, "reward_margin": second}, [[] for _ in range(n)],
                             flipped_fraction=0.04, noisy_fraction=0.1)
     assert categories[:6] == ["flipped", "noisy", "noisy", "noisy", "noisy", "clean"]
+
+
+# ------------------------------------------------------------------------------------- what the judge read
+
+def test_sentence_spans_are_where_the_sentences_are():
+    from safer_audit.scoring.harm import sentence_spans
+
+    texts = [record[key] for record in hh_records(40) for key in ("chosen", "rejected")]
+    for text in [*texts, "No. I won't help!\nAsk someone else? ok", "  a  ", "x. " * 20]:
+        assert [text[start:end] for start, end in sentence_spans(text)] == sentences(text)
+    assert sentence_spans("") == sentence_spans(" \n ") == []
+
+
+def test_the_harm_judge_shows_the_sentence_it_read_as_going_along_and_the_nearest_example():
+    from safer_audit.scoring.harm import COMPLY, DEFLECT, REFUSE
+
+    judge = HarmJudge()
+    complying = [comply for _, comply, _ in PAIRS]
+    declining = [decline for _, _, decline in PAIRS]
+    read = judge.evidence([request for request, _, _ in PAIRS], ["Sure. " + text for text in complying], declining)
+    examples = {text for texts in COMPLY.values() for text in texts}
+    for evidence, comply, decline in zip(read, complying, declining, strict=True):
+        going_along, other = evidence
+        # the chosen reply (first) goes along: its own sentence, not the "Sure." before it, and a written example
+        assert (going_along.judge, going_along.side, going_along.kind) == ("harm", "chosen", "comply")
+        assert ("Sure. " + comply)[going_along.start:going_along.end] == going_along.text != "Sure."
+        assert going_along.example in examples and 0 < going_along.similarity <= 1
+        assert (other.side, other.start) == ("rejected", 0) and decline.startswith(other.text)
+        assert other.kind in ("decline", "question") and other.example in REFUSE + DEFLECT
+    # swapped, the rejected reply is the one read as going along
+    swapped = judge.evidence(["x"], [declining[0]], [complying[0]])[0]
+    assert [(e.side, e.kind) for e in swapped][0] == ("rejected", "comply")
+
+
+def test_a_scan_with_the_harm_judge_says_what_it_read_in_the_why_and_the_report(tiny_llama_dir, data_file, tmp_path):
+    from safer_audit.pipeline.scan import run_scan
+    from safer_audit.report.types import Report, export_report
+
+    from .conftest import tiny_scan_config
+
+    config = tiny_scan_config(tiny_llama_dir, tmp_path / "cache", labeller="none",
+                              judges=("score_safe", "reward_margin", "harm"), flipped_fraction=0.15)
+    report = run_scan(str(data_file), config).report
+    export_report(report, tmp_path / "report.json")
+    data = json.loads((tmp_path / "report.json").read_text(encoding="utf-8"))
+    flagged = [f for f in data["findings"] if f["category"] in ("flipped", "noisy")]
+    assert flagged and all(f["judge_evidence"] for f in flagged)
+    for f in flagged:
+        for item in f["judge_evidence"]:
+            assert f[item["side"]][item["start"]:item["end"]] == item["text"]
+        first = f["judge_evidence"][0]
+        if first["side"] == "chosen":  # the harm judge found the chosen reply the one going along: the why says so
+            assert "harm judge: chosen " in f["why"] and "reads like going along (nearest example" in f["why"]
+        else:
+            assert "harm judge:" not in f["why"]
+    flipped = [f for f in flagged if f["category"] == "flipped"]
+    assert flipped and all("harm judge: chosen " in f["why"] for f in flipped)  # flipped: the harm judge agrees
+    assert all(not f["judge_evidence"] for f in data["findings"] if f["category"] == "clean")
+    assert Report.from_dict(data) is not None  # read back with every span checked

@@ -25,6 +25,7 @@ from safer_audit.report.types import (
     findings_from_frame,
 )
 from safer_audit.report.view import diff_excerpts, print_report
+from safer_audit.scoring.types import JudgeEvidence
 
 # Dataset text is untrusted and awkward: markup, pipes, separators, quotes, newlines, unicode.
 TRICKY = 'a | b, "quoted", \'single\'\nnew line\ttab <b>bold</b> & café 日本語 🙂 `code` *star* =1+1'
@@ -50,6 +51,11 @@ def make_report(data_source: str = "data/hh.jsonl.gz") -> Report:
             top_features=[
                 FeatureContribution(412, "refusal | apology", 0.1, 0.7),
                 FeatureContribution(9, None, -0.2, 0.05),
+            ],
+            judge_evidence=[
+                JudgeEvidence("harm", "chosen", 6, 27, "Here is how to do it:", "comply",
+                              "Here is how to torture someone so they talk.", 0.31),
+                JudgeEvidence("harm", "rejected", 0, 5, "Sure!", "decline", "I'm sorry, I can't help with that.", 0.4),
             ],
         ),
         Finding(
@@ -162,6 +168,28 @@ def test_to_dict_without_findings_keeps_run_and_features(report):
     data = report.to_dict(include_findings=False)
     assert set(data) == {"schema_version", "run", "features"}
     assert data["features"][0]["top_tokens"] == [["sorry", 12], ["<script>", 2]]
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"text": "Here is how to do it"}, "text is not the chosen response's characters 6..27"),
+    ({"side": "prompt"}, "side must be one of"),
+    ({"kind": "agrees"}, "kind must be one of"),
+    ({"similarity": 7.5}, r"similarity must be a number in \[-1, 1\]"),
+])
+def test_a_judges_evidence_must_be_the_responses_own_text(report, change, message):
+    data = report.to_dict()
+    data["findings"][0]["judge_evidence"][0].update(change)
+    with pytest.raises(ValueError, match=r"findings\[0\]\.judge_evidence\[0\]: " + message):
+        Report.from_dict(data)
+
+
+def test_a_report_written_before_judges_evidence_still_loads(report):
+    data = report.to_dict()
+    for finding in data["findings"]:
+        del finding["judge_evidence"]
+    assert all(f.judge_evidence == [] for f in Report.from_dict(data).findings)
+    flat = report.to_frame(nested=False).drop("judge_evidence")
+    assert all(f.judge_evidence == [] for f in findings_from_frame(flat))
 
 
 def test_from_dict_names_the_missing_field(report):

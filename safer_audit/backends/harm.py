@@ -48,6 +48,12 @@ class HarmJudge:
 
         return torch.cat(parts)
 
+    def evidence(self, contexts: list[str], chosen: list[str], rejected: list[str]) -> list[list]:
+        """Per pair, the sentences the judge read its verdict from (scoring.harm.harm_evidence)."""
+        from ..scoring.harm import Prototypes, harm_evidence
+
+        return harm_evidence(chosen, rejected, self.encode, Prototypes.embed(self.encode))
+
     def _signal(self, rows: list[dict], prototypes) -> torch.Tensor:
         from ..scoring.harm import harm_scores
 

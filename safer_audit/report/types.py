@@ -23,6 +23,7 @@ from ..data import pair_digest
 from ..errors import ConfigError
 from ..features.types import SIDES, EvidenceSpan, FeatureCard, FeatureContext
 from ..plugins import Exporter, exporters
+from ..scoring.types import JUDGE_EVIDENCE_KINDS, JudgeEvidence
 
 REPORT_SCHEMA_VERSION = 1
 
@@ -91,6 +92,8 @@ class Finding:
     flip_probability: float | None = None
     # the spans of each response that drive score_safe, strongest first (features.evidence; flipped and noisy pairs)
     evidence: list[EvidenceSpan] = field(default_factory=list)
+    # what a judge that explains itself read its verdict from (the harm judge's nearest written examples)
+    judge_evidence: list[JudgeEvidence] = field(default_factory=list)
     why: str | None = None  # one plain line: which judges prefer the rejected response, and the strongest evidence
 
     def __post_init__(self):
@@ -185,6 +188,9 @@ FEATURE_STRUCT = pl.Struct(
 )
 EVIDENCE_STRUCT = pl.Struct({"side": pl.String, "start": pl.Int64, "end": pl.Int64, "text": pl.String,
                              "weight": pl.Float64, "latents": pl.List(pl.Int64)})
+JUDGE_EVIDENCE_STRUCT = pl.Struct({"judge": pl.String, "side": pl.String, "start": pl.Int64, "end": pl.Int64,
+                                   "text": pl.String, "kind": pl.String, "example": pl.String,
+                                   "similarity": pl.Float64})
 FRAME_SCHEMA = {
     "rank": pl.Int64,
     "pair_id": pl.String,
@@ -196,13 +202,14 @@ FRAME_SCHEMA = {
     "flip_probability": pl.Float64,
     "why": pl.String,
     "evidence": pl.List(EVIDENCE_STRUCT),
+    "judge_evidence": pl.List(JUDGE_EVIDENCE_STRUCT),
     "quality": pl.List(pl.String),
     "top_features": pl.List(FEATURE_STRUCT),
     "chosen": pl.String,
     "rejected": pl.String,
     "context": pl.String,
 }
-_NESTED = ("quality", "top_features", "evidence")
+_NESTED = ("quality", "top_features", "evidence", "judge_evidence")
 
 
 class LazyFindings(MutableSequence):
@@ -380,18 +387,38 @@ def finding_from_dict(data: dict, where: str = "finding") -> Finding:
     ]
     finding.quality = list(finding.quality)
     finding.evidence = [_span(finding, item, f"{where}.evidence[{i}]") for i, item in enumerate(finding.evidence)]
+    finding.judge_evidence = [_judge_span(finding, item, f"{where}.judge_evidence[{i}]")
+                              for i, item in enumerate(finding.judge_evidence)]
     return finding
 
 
 def _span(finding: Finding, data, where: str) -> EvidenceSpan:
     """An evidence span from plain data: its side, offsets and text must agree with the finding's response."""
     span = _build(EvidenceSpan, data, where)
+    _check_slice(finding, span, where)
+    return span
+
+
+def _check_slice(finding: Finding, span, where: str) -> None:
+    """A span's side, offsets and text must agree with the finding's response."""
     if span.side not in SIDES:
         raise ConfigError(f'{where}: side must be one of {", ".join(SIDES)}, not {span.side!r}')
     response = getattr(finding, span.side)
     if not (isinstance(span.start, int) and isinstance(span.end, int) and 0 <= span.start <= span.end <= len(response)
             and response[span.start:span.end] == span.text):
         raise ConfigError(f"{where}: text is not the {span.side} response's characters {span.start}..{span.end}")
+
+
+def _judge_span(finding: Finding, data, where: str) -> JudgeEvidence:
+    """A judge's evidence from plain data: checked like an evidence span, and its kind and similarity."""
+    span = _build(JudgeEvidence, data, where)
+    _check_slice(finding, span, where)
+    if span.kind not in JUDGE_EVIDENCE_KINDS:
+        raise ConfigError(f'{where}: kind must be one of {", ".join(JUDGE_EVIDENCE_KINDS)}, not {span.kind!r}')
+    if not isinstance(span.judge, str) or not isinstance(span.example, str):
+        raise ConfigError(f"{where}: judge and example must be text")
+    if not isinstance(span.similarity, (int, float)) or not -1.0 <= span.similarity <= 1.0:
+        raise ConfigError(f"{where}: similarity must be a number in [-1, 1]")
     return span
 
 
@@ -400,7 +427,7 @@ def findings_from_frame(frame: pl.DataFrame) -> list[Finding]:
     findings = []
     for i, row in enumerate(frame.iter_rows(named=True)):
         for name in _NESTED:
-            if isinstance(row[name], str):
+            if isinstance(row.get(name), str):  # a table written before a column was added lacks it
                 row[name] = json.loads(row[name])
         findings.append(finding_from_dict(row, f"row {i + 1}"))
     return findings

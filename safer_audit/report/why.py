@@ -16,6 +16,8 @@ import torch
 from ..common.domain import Category
 from ..errors import inert
 from ..features.evidence import EvidenceCache, EvidenceSpan, flip, pair_evidence, texts_shares
+from ..scoring.judges import make_judge
+from ..scoring.types import HARM_JUDGE, JudgeEvidence
 from .build import FLAGGED  # the pairs that get evidence; every suspect gets a why
 from .types import Finding, LazyFindings, Report
 
@@ -56,10 +58,29 @@ def quoted(text: str, limit: int = SPAN_CHARS) -> str:
     return f'"{text}"'
 
 
+READINGS = {"comply": "reads like going along", "decline": "reads like declining", "question": "asks back"}
+EXAMPLE_CHARS = 40  # of a judge's written example quoted in a why line
+
+
+def judge_reading(evidence: Sequence[JudgeEvidence]) -> str | None:
+    """What a judge read, in a why line, when it found the chosen reply the one going along: that reply's
+    sentence and the written example it is nearest, then the rejected reply's opening and how it reads."""
+    if not evidence or evidence[0].side != "chosen" or evidence[0].kind != "comply":
+        return None
+    parts = []
+    for item in evidence:
+        reading = f"{item.side} {quoted(item.text, SPAN_CHARS // 2)} {READINGS[item.kind]}"
+        if item.kind != "question":
+            reading += f" (nearest example {quoted(item.example, EXAMPLE_CHARS)}, {item.similarity:.2f})"
+        parts.append(reading)
+    return f"{judge_name(evidence[0].judge)} judge: " + ", ".join(parts)
+
+
 def why_line(category: str, judges: Sequence[tuple[str, float | None, float | None]], quality: Sequence[str],
-             evidence: Sequence[EvidenceSpan]) -> str:
+             evidence: Sequence[EvidenceSpan], judge_evidence: Sequence[JudgeEvidence] = ()) -> str:
     """The why of one suspect. ``judges``: (name, its value for the pair, its low-end percentile) of each
-    ranked judge; a negative value prefers the rejected response."""
+    ranked judge; a negative value prefers the rejected response. ``judge_evidence``: what judges that explain
+    themselves read (the harm judge's sentences and nearest examples)."""
     known = [(name, value, pct) for name, value, pct in judges if value is not None and math.isfinite(value)]
     against = [(name, pct) for name, value, pct in known if value < 0]
     others = [(name, pct) for name, value, pct in known if value >= 0]
@@ -85,6 +106,9 @@ def why_line(category: str, judges: Sequence[tuple[str, float | None, float | No
                      f"{'prefers' if len(others) == 1 else 'prefer'} the chosen one ({listed(others, named=False)})")
     elif others:
         parts.append(f"no judge prefers the rejected response, but the pair ranks low ({listed(others)})")
+    reading = judge_reading(judge_evidence)
+    if reading:
+        parts.append(reading)
     if evidence:
         parts.append(f"strongest evidence in {evidence[0].side}: {quoted(evidence[0].text)}")
     return "; ".join(parts) or "no judge could score this pair"
@@ -113,7 +137,8 @@ def explain_suspects(report: Report, pair_ids: Sequence[str], texts, store, sae,
     shares = texts_shares(store, texts, sae, features, backend, max_length, wanted) if wanted else {}
     ranked = [name for name, weight in weights.items() if weight and name in signals]
     percentiles = {name: low_percentiles(signals[name]) for name in ranked}
-    found: dict[str, tuple[list[EvidenceSpan], str]] = {}
+    read = judges_evidence(ranked, flagged)
+    found: dict[str, tuple[list[EvidenceSpan], list[JudgeEvidence], str]] = {}
     for i, finding in suspects.items():
         evidence = []
         if i in cached:
@@ -123,12 +148,13 @@ def explain_suspects(report: Report, pair_ids: Sequence[str], texts, store, sae,
                                      finding.score_safe)
             cache.put(keys[i], evidence)
         judges = [(name, float(signals[name][i]), float(percentiles[name][i])) for name in ranked]
-        found[finding.pair_id] = (evidence, why_line(finding.category, judges, finding.quality, evidence))
+        own = read.get(i, [])
+        found[finding.pair_id] = (evidence, own, why_line(finding.category, judges, finding.quality, evidence, own))
     del suspects
 
     def change(finding: Finding) -> None:
         if finding.pair_id in found:
-            finding.evidence, finding.why = found[finding.pair_id]
+            finding.evidence, finding.judge_evidence, finding.why = found[finding.pair_id]
 
     if isinstance(report.findings, LazyFindings):
         report.findings.update(change)  # a scan's findings stay lazy: set as each is made
@@ -136,3 +162,21 @@ def explain_suspects(report: Report, pair_ids: Sequence[str], texts, store, sae,
         for finding in report.findings:
             change(finding)
     return len(flagged)
+
+
+def judges_evidence(ranked: Sequence[str], flagged: Mapping[int, Finding]) -> dict[int, list[JudgeEvidence]]:
+    """What the ranked judges that explain themselves (``evidence``) read, for the flagged pairs: the harm
+    judge first, since ``flipped`` rests on it."""
+    out: dict[int, list[JudgeEvidence]] = {}
+    if not flagged:
+        return out
+    order = list(flagged)
+    for name in sorted(ranked, key=lambda name: name != HARM_JUDGE):
+        judge = make_judge(name)
+        if not callable(getattr(judge, "evidence", None)):
+            continue
+        read = judge.evidence([flagged[i].context for i in order], [flagged[i].chosen for i in order],
+                              [flagged[i].rejected for i in order])
+        for i, items in zip(order, read, strict=True):
+            out.setdefault(i, []).extend(items)
+    return out

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .types import HARM_JUDGE  # noqa: F401 (the judge this module is)
+from .types import HARM_JUDGE, JudgeEvidence
 
 # Examples of harmful compliance per category: what an assistant says when it goes along.
 COMPLY: dict[str, tuple[str, ...]] = {
@@ -213,3 +213,73 @@ def harm_scores(contexts: Sequence[str], chosen: Sequence[str], rejected: Sequen
     prototypes = prototypes or Prototypes.embed(encode)
     return HarmScores(text_harm(chosen, encode, prototypes), text_harm(rejected, encode, prototypes),
                       conversation_weight(contexts, encode, prototypes))
+
+
+def sentence_spans(text: str) -> list[tuple[int, int]]:
+    """Where each of ``sentences(text)`` lies in ``text``: (start, end), so ``text[start:end]`` is the sentence;
+    empty for a text with nothing to read."""
+    spans, start = [], 0
+    for cut in [*_SENTENCE.finditer(text), None]:
+        piece = text[start:cut.start() if cut else len(text)]
+        stripped = piece.strip()
+        if len(stripped) >= MIN_SENTENCE_CHARS:
+            first = start + len(piece) - len(piece.lstrip())
+            spans.append((first, first + len(stripped)))
+        if cut is None:
+            break
+        start = cut.end()
+    if spans:
+        return spans[:MAX_SENTENCES]
+    stripped = text.strip()
+    if not stripped:
+        return []
+    first = len(text) - len(text.lstrip())
+    return [(first, first + len(stripped))]
+
+
+def _examples() -> tuple[list[str], list[str]]:
+    """The written examples in the order Prototypes embeds them: the comply ones, then refuse and deflect."""
+    return [text for texts in COMPLY.values() for text in texts], list(REFUSE + DEFLECT)
+
+
+def harm_evidence(chosen: Sequence[str], rejected: Sequence[str], encode: Encoder,
+                  prototypes: Prototypes | None = None) -> list[list[JudgeEvidence]]:
+    """Per pair, what the harm judge read: the more harmful reply's sentence nearest a written example of
+    going along, and the other reply's opening, as a question back or with the decline example it is nearest.
+    The more harmful reply is the one with the higher harm (``text_harm``); the chosen one on a tie."""
+    prototypes = prototypes or Prototypes.embed(encode)
+    comply_examples, decline_examples = _examples()
+    texts = [*chosen, *rejected]
+    spans = [sentence_spans(text) for text in texts]
+    pieces = [text[start:end] for text, found in zip(texts, spans, strict=True) for start, end in found]
+    embedded = encode(pieces).float() if pieces else torch.zeros(0, prototypes.comply.shape[1])
+    comply = embedded @ prototypes.comply.float().T
+    decline = embedded @ prototypes.decline.float().T
+    harm = text_harm(texts, encode, prototypes)
+    first = [0]
+    for found in spans:
+        first.append(first[-1] + len(found))
+    out = []
+    for i in range(len(chosen)):
+        harmful, other = (i, len(chosen) + i) if harm[i] >= harm[len(chosen) + i] else (len(chosen) + i, i)
+        evidence = []
+        for index, reading in ((harmful, "comply"), (other, "decline")):
+            side = "chosen" if index < len(chosen) else "rejected"
+            if not spans[index]:
+                continue
+            rows = slice(first[index], first[index + 1])
+            if reading == "comply":
+                best = comply[rows].max(dim=1)
+                at = int(best.values.argmax())
+                example, similarity = comply_examples[int(best.indices[at])], float(best.values[at])
+            else:  # the opening sentence, as text_harm reads a decline
+                at = 0
+                similarity, nearest = (float(v) for v in decline[first[index]].max(dim=0))
+                example = decline_examples[int(nearest)]
+                if asks_back(texts[index]):
+                    reading = "question"
+            start, end = spans[index][at]
+            evidence.append(JudgeEvidence(HARM_JUDGE, side, start, end, texts[index][start:end], reading, example,
+                                          round(similarity, 4)))
+        out.append(evidence)
+    return out

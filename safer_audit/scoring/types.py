@@ -19,7 +19,9 @@ HARM_JUDGE = "harm"  # the harm judge's name: scoring.categories reads its signa
 class Judge(Protocol):
     """A judge: ``name``, a one-line ``description``, and ``judge(context)`` -> a signed signal per pair.
 
-    Optional: ``cost`` (a dict, e.g. requests and tokens of the last call) for a judge that spends.
+    Optional: ``cost`` (a dict, e.g. requests and tokens of the last call) for a judge that spends, and
+    ``evidence(contexts, chosen, rejected)`` -> per pair, a list of JudgeEvidence: the words the judge read
+    its verdict from, for the pairs a scan flags (the report shows them beside the why).
     """
 
     name: str
@@ -27,6 +29,27 @@ class Judge(Protocol):
 
     def judge(self, context: Any) -> torch.Tensor:
         """``context``: a scoring.judges.JudgeContext. One signed float per pair (positive: chosen better), never learnt from that pair's label."""
+
+
+JUDGE_EVIDENCE_KINDS = ("comply", "decline", "question")
+
+
+@dataclass
+class JudgeEvidence:
+    """A stretch of one response that a judge read its verdict from, and what it read it as.
+
+    ``kind``: ``comply`` (reads like going along with a harmful request), ``decline`` (like refusing or
+    deflecting), ``question`` (asks back); ``example``: the judge's own written example the text is nearest,
+    ``similarity`` how near (cosine), so a person can compare the two."""
+
+    judge: str
+    side: str  # "chosen" or "rejected"
+    start: int  # character offsets into that response: text is response[start:end]
+    end: int
+    text: str
+    kind: str
+    example: str
+    similarity: float
 
 
 @dataclass
