@@ -121,7 +121,7 @@ def main() -> None:
     from safer_audit.scoring.ranks import ranked_signals, suspicion
 
     labels = read_labels(Path(args.labels))
-    config = ScanConfig()
+    config = ScanConfig(flipped_rule="judges")  # the harm judge run and timed below, not inside the scan
     if args.cache_dir:
         config.activations.cache_dir = args.cache_dir
     started = time.perf_counter()
@@ -145,6 +145,13 @@ def main() -> None:
                             noisy_fraction=config.noisy_fraction)
     rankings["flipped (with harm), then the rest"] = flipped_order(rankings["rank(score_safe, reward_margin, harm)"],
                                                                    signals["harm"], categories)
+    # a default scan: the harm judge decides flipped but is not ranked; a person reads the flipped pairs by rank
+    default_categories = categorise(result.suspicion, {**ranked_signals(signals, config.ranking), "harm": signals["harm"]},
+                                    [[] for _ in ids], flipped_fraction=config.flipped_fraction,
+                                    noisy_fraction=config.noisy_fraction)
+    flipped = torch.tensor([c == "flipped" for c in default_categories])
+    rankings["default: flipped by rank, then the rest"] = torch.where(flipped, 2.0 + result.suspicion.double(),
+                                                                      result.suspicion.double())
     for name in ("score_safe", "reward_margin", "sae_margin", "length", "harm", "cleanlab"):
         rankings[f"{name} alone"] = suspicion({name: signals[name]})
     labelled = [i for i, pid in enumerate(ids) if pid in labels]

@@ -25,6 +25,7 @@ CacheDtype = Literal["float32", "float16", "bfloat16"]
 Engine = Literal["local", "ray"]
 Selection = Literal["salience", "safety"]
 Aggregation = Literal["mean-rank", "stacked"]
+FlippedRule = Literal["harm", "judges"]  # scoring.categories: what makes a pair flipped
 Profile = Literal["fast", "thorough"]  # safer_audit.pipeline.profiles: which models a scan reads
 Dtype = Literal["auto", "float32", "bfloat16", "float16"]
 
@@ -295,10 +296,16 @@ class ScanConfig:
                               group="profile")
     aggregation: Aggregation = option("mean-rank", "How the judges are combined: mean percentile rank, or a "
                                                    "cross-fitted Bradley-Terry stack.", group="ranking")
-    flipped_fraction: float = option(0.04, "Fraction of pairs that can be 'flipped': with the harm judge ranked, "
-                                           "its most harmful-chosen pairs that another judge agrees on; else the "
-                                           "most suspicious whose ranked signals all agree.", group="category",
-                                     min=0, max=1)  # the paper's best
+    # "judges" by default while the harm judge costs about as much as the rest of a cold scan (BENCHMARKS.md)
+    flipped_rule: FlippedRule = option("judges", "What makes a pair 'flipped': judges: among the most suspicious, "
+                                                 "every ranked judge prefers the rejected reply; harm: the label "
+                                                 "looks wrong: the harm judge (run even when not ranked) finds the "
+                                                 "chosen reply the more harmful and a ranked judge agrees.",
+                                       group="category")
+    flipped_fraction: float = option(0.04, "Fraction of pairs that can be 'flipped': under --flipped-rule harm, the "
+                                           "harm judge's most harmful-chosen pairs that another judge agrees on; "
+                                           "under judges, the most suspicious whose ranked signals all agree.",
+                                     group="category", min=0, max=1)  # the paper's best
     noisy_fraction: float = option(0.10, "Most suspicious fraction whose other pairs are 'noisy'.", group="category",
                                    min=0, max=1)
     top_features_per_pair: int = 5

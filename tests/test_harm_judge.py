@@ -189,3 +189,33 @@ def test_a_scan_with_the_harm_judge_says_what_it_read_in_the_why_and_the_report(
     assert flipped and all("harm judge: chosen " in f["why"] for f in flipped)  # flipped: the harm judge agrees
     assert all(not f["judge_evidence"] for f in data["findings"] if f["category"] == "clean")
     assert Report.from_dict(data) is not None  # read back with every span checked
+
+
+def test_the_harm_rule_decides_flipped_without_moving_the_ranking(tiny_llama_dir, data_file, tmp_path):
+    from safer_audit.pipeline.scan import run_scan
+    from safer_audit.scoring.categories import category_signals
+
+    from .conftest import tiny_scan_config
+
+    by_rule = {rule: run_scan(str(data_file), tiny_scan_config(tiny_llama_dir, tmp_path / "cache", labeller="none",
+                                                                flipped_rule=rule, flipped_fraction=0.15))
+               for rule in ("judges", "harm")}
+    judges, harm = by_rule["judges"], by_rule["harm"]
+    assert "harm" not in judges.signals and "harm" in harm.signals  # run only for the harm rule
+    torch.testing.assert_close(harm.suspicion, judges.suspicion)  # ... and never ranked: the ranking is the same
+    assert (judges.report.run.flipped_rule, harm.report.run.flipped_rule) == ("judges", "harm")
+    signal = harm.signals["harm"]
+    index = {pid: i for i, pid in enumerate(harm.pairs["pair_id"].to_list())}
+    flipped = [f for f in harm.report.findings if f.category == "flipped"]
+    assert flipped
+    for finding in flipped:  # the harm judge says the chosen reply is worse, and a ranked judge agrees
+        i = index[finding.pair_id]
+        assert float(signal[i]) < 0 and (finding.score_safe < 0 or (finding.reward_margin or 0) < 0)
+        assert finding.judge_evidence[0].side == "chosen" and "harm judge: chosen " in finding.why
+    # noisy is the ranking's: the same most suspicious pairs are suspects under either rule
+    top = {rule: {f.pair_id for f in result.report.findings if f.rank <= 0.10 * len(index) and f.category != "clean"}
+           for rule, result in by_rule.items()}
+    assert top["judges"] == top["harm"] and len(top["harm"]) >= int(0.10 * len(index)) - 1
+    ranked = {"score_safe": signal}
+    assert set(category_signals({"harm": signal}, ranked, "judges")) == {"score_safe"}
+    assert set(category_signals({"harm": signal}, ranked, "harm")) == {"score_safe", "harm"}

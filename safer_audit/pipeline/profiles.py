@@ -27,9 +27,10 @@ import torch
 from ..config import ScanConfig
 from ..errors import ConfigError
 from ..report.types import LazyFindings
-from ..scoring.categories import categorise, category_counts
+from ..scoring.categories import categorise, category_counts, category_signals
 from ..scoring.ranks import ranked_signals
 from ..scoring.stack import aggregate, ranking_description, ranking_weights
+from ..scoring.types import HARM_JUDGE
 
 
 @dataclass(frozen=True)
@@ -64,7 +65,8 @@ def model_config(config: ScanConfig, extra: ProfileModel, *, labels: bool = True
                           max_length=extra.max_length)
     labelling = {} if labels else {"labeller": "none", "labeller_options": {}}
     return replace(config, activations=activations, sae_path=None, features_file=None, salience_from=None,
-                   judges=None, select="salience", profile="fast", **labelling)
+                   judges=None, select="salience", profile="fast", flipped_rule="judges",  # harm reads texts: once
+                   **labelling)
 
 
 def model_name(identity: str) -> str:
@@ -116,8 +118,9 @@ def rerank(result, signals: dict[str, torch.Tensor], weights: dict[str, float], 
     index = {pair_id: i for i, pair_id in enumerate(result.pairs["pair_id"].to_list())}
     by_pair = {finding.pair_id: finding for finding in report.findings}
     quality = [by_pair[pair_id].quality for pair_id in result.pairs["pair_id"].to_list()]
-    categories = categorise(ranked, ranked_signals(signals, weights), quality,
-                            flipped_fraction=config.flipped_fraction, noisy_fraction=config.noisy_fraction)
+    deciding = category_signals(signals, ranked_signals(signals, weights), config.flipped_rule)
+    categories = categorise(ranked, deciding, quality, flipped_fraction=config.flipped_fraction,
+                            noisy_fraction=config.noisy_fraction)
     order = torch.argsort(-ranked, stable=True).tolist()
     rank_of = {pair: r + 1 for r, pair in enumerate(order)}
     for finding in report.findings:
@@ -125,6 +128,7 @@ def rerank(result, signals: dict[str, torch.Tensor], weights: dict[str, float], 
         finding.suspicion, finding.rank, finding.category = float(ranked[i]), rank_of[i], categories[i]
     report.findings.sort(key=lambda f: f.rank)
     report.run.counts = category_counts(categories)
+    report.run.flipped_rule = "harm" if HARM_JUDGE in deciding else "judges"
     report.run.ranking = ranking_line(result, weights, config)
     report.run.timings = dict(result.timings)
     set_flip_probability(result)

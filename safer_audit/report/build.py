@@ -16,9 +16,10 @@ from ..features.labels import (
 )
 from ..features.salience import FeatureSet
 from ..sae import TopKSAE
-from ..scoring.categories import categorise, category_counts
+from ..scoring.categories import categorise, category_counts, category_signals
 from ..scoring.ranks import ranked_signals
 from ..scoring.stack import ranking_description, ranking_weights
+from ..scoring.types import HARM_JUDGE
 from ..version import __version__
 from .types import (
     FeatureContribution,
@@ -49,8 +50,9 @@ def build_report(source: str, pairs: PairTable, model, activations, encoded, sel
     signals, ranked = scores.signals, scores.suspicion
     pair_ids = pairs["pair_id"].to_list()
     per_pair_quality = [quality.get(pid, []) for pid in pair_ids]
-    categories = categorise(ranked, ranked_signals(signals, ranking_weights(config)), per_pair_quality,
-                            flipped_fraction=config.flipped_fraction, noisy_fraction=config.noisy_fraction)
+    deciding = category_signals(signals, ranked_signals(signals, ranking_weights(config)), config.flipped_rule)
+    categories = categorise(ranked, deciding, per_pair_quality, flipped_fraction=config.flipped_fraction,
+                            noisy_fraction=config.noisy_fraction)
     order = torch.argsort(-ranked, stable=True)  # rank r + 1 is pair order[r]
     latents = features.latents.tolist()
     # a report is shared: it names files relative to the working directory, never by absolute path
@@ -116,7 +118,7 @@ def build_report(source: str, pairs: PairTable, model, activations, encoded, sel
         n_features=len(features.features), ranking=ranking_name(config),
         thresholds={"flipped_fraction": config.flipped_fraction, "noisy_fraction": config.noisy_fraction},
         timings=dict(timings), pairs=len(pairs), counts=counts, data_source=display_path(source, cache_dir),
-        created=datetime.now(timezone.utc).isoformat(timespec="seconds"))
+        created=datetime.now(timezone.utc).isoformat(timespec="seconds"), flipped_rule="harm" if HARM_JUDGE in deciding else "judges")
     return Report(run, cards, findings)
 
 

@@ -139,6 +139,8 @@ class RunInfo:
     profile: str = "fast"  # safer_audit.pipeline.profiles: which models the scan read (the ranking line names them)
     # why no finding carries a flip probability (the judges cannot identify the flip mixture); None when they do
     flip_probability_note: str | None = None
+    # what made a pair flipped (config.flipped_rule; scoring.categories): None in reports written before the choice
+    flipped_rule: str | None = None
 
 
 

@@ -123,6 +123,11 @@ def format_feature(contribution: FeatureContribution) -> str:
     return f"#{contribution.latent} {format_number(contribution.net)}"
 
 
+# what ``flipped`` meant in a report, by its run's flipped_rule (scoring.categories)
+FLIPPED_RULES = {"harm": "flipped: the harm judge and a ranked judge find the chosen reply worse",
+                 "judges": "flipped: among the most suspicious, every ranked judge prefers the rejected reply"}
+
+
 def summary_lines(report: Report) -> list[tuple[str, str]]:
     """The summary as (heading, value) pairs, shared by the terminal, Markdown and HTML."""
     run = report.run
@@ -136,7 +141,8 @@ def summary_lines(report: Report) -> list[tuple[str, str]]:
         ("model", f"{model}, layer {run.layer}, positions {run.positions}, max length {run.max_length}"),
         ("SAE", f"{sae}, FVU {fvu}, {run.n_features} features"),
         ("ranking", f"{run.ranking}; thresholds: {thresholds}"),
-        ("categories", ", ".join(f"{name} {run.counts.get(name, 0):,}" for name in Category)),
+        ("categories", ", ".join(f"{name} {run.counts.get(name, 0):,}" for name in Category)
+         + (f" ({FLIPPED_RULES[run.flipped_rule]})" if run.flipped_rule in FLIPPED_RULES else "")),
         *([("flip probability", run.flip_probability_note)] if run.flip_probability_note else []),
         ("time", timings),
         ("created", f"{run.created} by safer-audit {run.tool_version}"),

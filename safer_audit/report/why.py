@@ -136,6 +136,8 @@ def explain_suspects(report: Report, pair_ids: Sequence[str], texts, store, sae,
               for t, response in ((2 * i, f.chosen), (2 * i + 1, f.rejected))}
     shares = texts_shares(store, texts, sae, features, backend, max_length, wanted) if wanted else {}
     ranked = [name for name, weight in weights.items() if weight and name in signals]
+    if HARM_JUDGE in signals and HARM_JUDGE not in ranked:  # run for the flipped rule: its verdict is a reason too
+        ranked.append(HARM_JUDGE)
     percentiles = {name: low_percentiles(signals[name]) for name in ranked}
     read = judges_evidence(ranked, flagged)
     found: dict[str, tuple[list[EvidenceSpan], list[JudgeEvidence], str]] = {}

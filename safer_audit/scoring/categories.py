@@ -1,12 +1,13 @@
 """What a pair is called (flipped, noisy, quality, clean) from its rank, its judges and its quality findings.
 
-``flipped`` means the label is wrong: the evidence says the chosen reply is the more harmful one. With the
-harm judge among the ranked judges (scoring.harm, ``--judge harm``), a pair is flipped when the harm judge
-puts it among its ``flipped_fraction`` most harmful-chosen pairs (a negative signal) and at least one other
-ranked judge agrees (a negative signal too): the harm judge reads the texts without the labels, the others
-say the pair also looks wrong to judges fitted on the data. Without the harm judge, flipped keeps its older
-meaning: among the most suspicious pairs, every ranked judge negative. ``noisy``: the other pairs among the
-``noisy_fraction`` most suspicious (the judges find no real difference, or disagree).
+``flipped`` means the label is wrong: the evidence says the chosen reply is the more harmful one. Under the
+``harm`` rule (``--flipped-rule harm``, or ``--judge harm``) the harm judge (scoring.harm) is run whether or not the
+ranking uses it, and a pair is flipped when the harm judge puts it among its ``flipped_fraction`` most
+harmful-chosen pairs (a negative signal) and at least one ranked judge agrees (a negative signal too): the
+harm judge reads the texts without the labels, the others say the pair also looks wrong to judges fitted on
+the data. Under the ``judges`` rule (the default) with the harm judge not ranked, flipped keeps its older
+meaning: among the most suspicious pairs, every ranked judge negative. ``noisy``: the other pairs among the ``noisy_fraction`` most
+suspicious (the judges find no real difference, or disagree).
 """
 
 from __future__ import annotations
@@ -92,9 +93,19 @@ def categorise_pair(suspicion_value: float, signals: Mapping[str, float | None],
     return Category.CLEAN
 
 
+def category_signals(signals: Mapping[str, torch.Tensor], ranked: Mapping[str, torch.Tensor],
+                     flipped_rule: str) -> dict[str, torch.Tensor]:
+    """The signals a category reads: the ranked ones, and under the ``harm`` rule the harm judge's even when
+    the ranking leaves it out (it decides ``flipped``; the ranking, and so ``noisy``, stay the ranked judges')."""
+    if flipped_rule == "harm" and HARM_JUDGE in signals:
+        return {**ranked, HARM_JUDGE: signals[HARM_JUDGE]}
+    return dict(ranked)
+
+
 def categorise(suspicion_values: torch.Tensor, signals: Mapping[str, torch.Tensor], quality: list[list[str]], *,
                flipped_fraction: float, noisy_fraction: float) -> list[Category]:
-    """A category per pair of a scan, with the cut-offs of its own ranking (categorise_pair)."""
+    """A category per pair of a scan, with the cut-offs of its own ranking (categorise_pair); the harm rule
+    where the harm judge's signal is given (``category_signals``: ranked, or run for the harm rule)."""
     cutoffs = Cutoffs.from_ranking(suspicion_values, flipped_fraction, noisy_fraction)
     if HARM_JUDGE in signals:  # the harm judge's own cut-off: its most harmful-chosen fraction (low end)
         harm_cutoff = _cutoff(-torch.as_tensor(signals[HARM_JUDGE]).double().nan_to_num(nan=-math.inf),

@@ -43,7 +43,7 @@ from ..sae.stats import CodeStats
 from .heads import HeadCache, HeadFit, compute_signals, fold_ids
 from .ranks import signed_rank
 from .stack import aggregate, ranking_weights
-from .types import FunctionJudge, Judge
+from .types import HARM_JUDGE, FunctionJudge, Judge
 
 LENGTH_RESIDUAL_SUFFIX = "-lenres"
 
@@ -162,7 +162,10 @@ def judge_pairs(pairs: PairTable, stats: CodeStats, features: FeatureSet, config
     context = JudgeContext(pairs, stats, features, rewards=rewards, pooled=pooled, fit=fit,
                            cache_dir=config.activations.cache_dir / "judges",
                            computed={name: values.double() for name, values in signals.items()})
-    extra, costs = run_judges([name for name in weights if weights[name] and name not in signals], context)
+    wanted = [name for name in weights if weights[name] and name not in signals]
+    if config.flipped_rule == "harm":  # it decides which pairs are flipped, ranked or not
+        wanted.append(HARM_JUDGE)
+    extra, costs = run_judges(wanted, context)
     signals = {**signals, **extra}
     ranked, stack = aggregate(signals, weights, method=config.aggregation, folds=config.folds, seed=config.seed,
                               head_cache=head_cache)

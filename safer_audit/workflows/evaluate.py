@@ -301,6 +301,8 @@ def evaluate(pairs: pl.DataFrame, config: ScanConfig, *, flip_rate: float = 0.1,
 
     if flip_mode not in FLIP_MODES:
         raise ConfigError(f"flip mode must be one of {', '.join(FLIP_MODES)}, not {flip_mode!r}")
+    # the scorers are rankings, never categories: no harm judge run only to say which pairs are flipped
+    config = replace(config, flipped_rule="judges")
     if backend is None:
         backend = load_backend(config.activations)
     reference = None

@@ -537,7 +537,8 @@ def build_baseline(sources: list[str], out: str | os.PathLike, config: ScanConfi
     for path in (out, heads_path):
         refuse_inputs(path, sources)
     pairs, skipped = load_sources(sources, config.read)
-    result = scan_pairs(pairs, config, source=", ".join(sources), steps=steps)
+    # the gate categorises by the cut-offs it stores (the judges rule): no harm judge run for the category
+    result = scan_pairs(pairs, replace(config, flipped_rule="judges"), source=", ".join(sources), steps=steps)
     out.parent.mkdir(parents=True, exist_ok=True)
     if config.sae_path is None:
         # the trained SAE lives in the activation cache, which is not part of the repository
