@@ -16,7 +16,7 @@ import torch
 from ..common.domain import Category
 from ..errors import inert
 from ..features.evidence import EvidenceCache, EvidenceSpan, flip, pair_evidence, texts_shares
-from ..scoring.judges import make_judge
+from ..scoring.judges import available_judges, make_judge
 from ..scoring.types import HARM_JUDGE, JudgeEvidence
 from .build import FLAGGED  # the pairs that get evidence; every suspect gets a why
 from .types import Finding, LazyFindings, Report
@@ -173,7 +173,8 @@ def judges_evidence(ranked: Sequence[str], flagged: Mapping[int, Finding]) -> di
     if not flagged:
         return out
     order = list(flagged)
-    for name in sorted(ranked, key=lambda name: name != HARM_JUDGE):
+    registered = set(available_judges())  # a profile's other models' judges (smollm2/NAME) explain nothing here
+    for name in sorted((name for name in ranked if name in registered), key=lambda name: name != HARM_JUDGE):
         judge = make_judge(name)
         if not callable(getattr(judge, "evidence", None)):
             continue
