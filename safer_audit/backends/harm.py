@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..hookspecs import hookimpl
@@ -13,10 +14,17 @@ if TYPE_CHECKING:  # loading the plugin (every command) must not load torch
     from ..scoring.judges import JudgeContext
 
 READ_PAIRS = 1024  # pairs whose texts are held at once
+TOKENS_PER_BATCH = 16384  # padded tokens an encoder batch holds: HH's short sentences go ~800 a batch, not 64
+CACHE_SUBDIRECTORY = "harm"  # under the scan's judges/ cache: the sentence embeddings (model.embeddings)
 
 
 class HarmJudge:
-    """harm(rejected) - harm(chosen) per pair, weighted by how harmful the conversation looks (scoring.harm)."""
+    """harm(rejected) - harm(chosen) per pair, weighted by how harmful the conversation looks (scoring.harm).
+
+    What it costs is the sentence encoder: every text the maths reads (each reply's sentences, each
+    conversation's last human turns, the written examples) is embedded once per slice of pairs, however
+    often it repeats, in large length-sorted batches, and kept in the scan's cache (model.embeddings), so a
+    second scan of the same data encodes nothing and does not load the encoder."""
 
     name = HARM_JUDGE
     description = ("how far each reply goes along with a harmful request (the embedded sentence model against "
@@ -26,24 +34,45 @@ class HarmJudge:
         self._encoder = encoder  # anything with encode(texts) -> L2-normed rows; None: the embedded MiniLM
 
     def encode(self, texts: list[str]) -> torch.Tensor:
-        if self._encoder is None:
-            from .labellers import sentence_encoder
+        from .labellers import SentenceEncoder, sentence_encoder
 
+        if self._encoder is None:
             self._encoder = sentence_encoder()
+        if isinstance(self._encoder, SentenceEncoder):
+            return self._encoder.encode(texts, tokens_per_batch=TOKENS_PER_BATCH)
         return self._encoder.encode(texts)
+
+    def fingerprint(self) -> str | None:
+        """What the encoder's embeddings depend on (None: unknown, nothing is cached)."""
+        if self._encoder is None:
+            from .labellers import encoder_fingerprint
+
+            return encoder_fingerprint()  # the embedded model's, without loading it
+        return getattr(self._encoder, "fingerprint", None)
+
+    def embedder(self, cache_dir: Path | None):
+        """texts -> embeddings, each distinct text encoded once, through the cache under ``cache_dir``."""
+        from ..model.embeddings import EmbeddingCache, embed_distinct
+
+        fingerprint = self.fingerprint() if cache_dir is not None else None
+        if fingerprint is None:
+            return lambda texts: embed_distinct(texts, self.encode)
+        cache = EmbeddingCache(Path(cache_dir) / CACHE_SUBDIRECTORY, fingerprint)
+        return lambda texts: cache.embed(texts, self.encode)
 
     def judge(self, context: JudgeContext) -> torch.Tensor:
         from ..scoring.harm import Prototypes
 
-        prototypes = Prototypes.embed(self.encode)
+        embed = self.embedder(context.cache_dir)
+        prototypes = Prototypes.embed(embed)
         parts, batch = [], []
         for row in context.pairs.iter_rows(named=True):  # a slice of texts at a time, never every text at once
             batch.append(row)
             if len(batch) == READ_PAIRS:
-                parts.append(self._signal(batch, prototypes))
+                parts.append(_signal(batch, prototypes, embed))
                 batch = []
         if batch or not parts:
-            parts.append(self._signal(batch, prototypes))
+            parts.append(_signal(batch, prototypes, embed))
         import torch
 
         return torch.cat(parts)
@@ -54,11 +83,32 @@ class HarmJudge:
 
         return harm_evidence(chosen, rejected, self.encode, Prototypes.embed(self.encode))
 
-    def _signal(self, rows: list[dict], prototypes) -> torch.Tensor:
-        from ..scoring.harm import harm_scores
 
-        return harm_scores([r["context"] for r in rows], [r["chosen"] for r in rows], [r["rejected"] for r in rows],
-                           self.encode, prototypes).signal
+def _signal(rows: list[dict], prototypes, embed) -> torch.Tensor:
+    """The signal of one slice of pairs: every text the maths will read embedded in one call first."""
+    from ..scoring.harm import harm_scores, human_turns, sentences
+
+    contexts, chosen, rejected = ([r[name] for r in rows] for name in ("context", "chosen", "rejected"))
+    texts = [piece for text in chosen + rejected for piece in sentences(text)]
+    texts += [turn for context in contexts for turn in human_turns(context)]
+    return harm_scores(contexts, chosen, rejected, _Embedded(texts, embed), prototypes).signal
+
+
+class _Embedded:
+    """An encoder for one slice: ``texts`` embedded up front, any other text (none, while the harm maths
+    reads what _signal lists) through ``embed``."""
+
+    def __init__(self, texts: list[str], embed):
+        self._position = {text: i for i, text in enumerate(dict.fromkeys(texts))}
+        self._rows = embed(list(self._position)) if self._position else None
+        self._embed = embed
+
+    def __call__(self, texts: list[str]) -> torch.Tensor:
+        import torch
+
+        if texts and all(text in self._position for text in texts):
+            return self._rows[torch.tensor([self._position[text] for text in texts], dtype=torch.long)]
+        return self._embed(texts)
 
 
 @hookimpl

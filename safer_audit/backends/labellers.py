@@ -44,7 +44,7 @@ from pathlib import Path
 
 from ..common.files import read_bounded
 from ..config import MAX_TAXONOMY_BYTES
-from ..errors import ConfigError
+from ..errors import ConfigError, ModelLoadError
 from ..features.types import NO_CATEGORY, NOT_SAFETY, FeatureLabel, LabelRequest
 from ..hookspecs import hookimpl
 
@@ -148,6 +148,29 @@ def load_taxonomy(path: str | Path | None = None) -> Taxonomy:
 
 # ---------------------------------------------------------------------------- embedding
 
+ENCODER_MAX_LENGTH = 128  # tokens of a text the sentence encoder reads (longer texts are cut)
+ENCODER_FORMAT = "mean-pooled, L2-normed, v1"  # how token states become a text's embedding: in the fingerprint
+TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "tokenizer_config.json", "special_tokens_map.json")
+MAX_TOKENIZER_BYTES = 64 << 20
+
+
+def encoder_fingerprint(directory: Path | None = None) -> str:
+    """What a sentence embedding depends on, without loading the weights: the model's fingerprint (its
+    config, its weight files' names and sizes, as the activation cache keys it), the tokenizer files'
+    bytes, the max length and the pooling. A cache of embeddings keyed by it is not read by another model."""
+    from .hf import embedded_model_path, model_fingerprint
+
+    directory = Path(directory or embedded_model_path())
+    digest = hashlib.blake2b(digest_size=16)
+    digest.update(f"{ENCODER_FORMAT}\n{ENCODER_MAX_LENGTH}\n{model_fingerprint(directory)}\n".encode())
+    for name in TOKENIZER_FILES:
+        path = directory / name
+        if path.exists():
+            content = read_bounded(path, MAX_TOKENIZER_BYTES, lambda message, p=path: ModelLoadError(f"{p}: {message}"))
+            digest.update(f"{name}:{len(content)}\n".encode() + content)
+    return digest.hexdigest()
+
+
 class SentenceEncoder:
     """The embedded all-MiniLM-L6-v2 as a sentence encoder: all layers, mean pooling, L2 norm."""
 
@@ -159,6 +182,7 @@ class SentenceEncoder:
         from .hf import embedded_model_path, load_weights
 
         directory = directory or embedded_model_path()
+        self.fingerprint = encoder_fingerprint(directory)
         hf_logging.set_verbosity_error()
         hf_logging.disable_progress_bar()
         self.tokenizer = AutoTokenizer.from_pretrained(directory)
@@ -166,25 +190,39 @@ class SentenceEncoder:
         self.model = load_weights(AutoModel, directory, torch.device("cpu"), trust_remote_code=False,
                                   dtype=torch.float32, use_safetensors=True)
 
-    def encode(self, texts: list[str], batch_size: int = 64):
+    def encode(self, texts: list[str], batch_size: int = 64, tokens_per_batch: int | None = None):
         """L2-normed mean-pooled embeddings of ``texts``, in order. The texts are tokenized once and
-        batched in order of token count, so a batch pads to little more than its own texts' length."""
+        batched in order of token count, so a batch pads to little more than its own texts' length:
+        ``batch_size`` texts a batch, or with ``tokens_per_batch`` as many as pad to at most that many
+        tokens (short sentences then go in large batches: fewer, larger matrix products)."""
         import torch
 
         if not texts:
             return torch.zeros(0, self.model.config.hidden_size)
-        ids = self.tokenizer(list(texts), truncation=True, max_length=128)["input_ids"]
+        ids = self.tokenizer(list(texts), truncation=True, max_length=ENCODER_MAX_LENGTH)["input_ids"]
         order = sorted(range(len(ids)), key=lambda i: (len(ids[i]), i))
         out = torch.empty(len(ids), self.model.config.hidden_size)
         with torch.inference_mode():
-            for start in range(0, len(order), batch_size):
-                chunk = order[start:start + batch_size]
+            for chunk in _batches(order, [len(i) for i in ids], batch_size, tokens_per_batch):
                 batch = self.tokenizer.pad({"input_ids": [ids[i] for i in chunk]}, return_tensors="pt")
                 hidden = self.model(**batch).last_hidden_state
                 mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
                 pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)
                 out[torch.tensor(chunk)] = torch.nn.functional.normalize(pooled, dim=-1)
         return out
+
+
+def _batches(order: list[int], lengths: list[int], size: int, tokens: int | None) -> list[list[int]]:
+    """``order`` (shortest first) cut into batches of ``size``, or of at most ``tokens`` padded tokens."""
+    if tokens is None:
+        return [order[start:start + size] for start in range(0, len(order), size)]
+    batches, current = [], []
+    for i in order:  # the longest text so far is this one: the batch pads to its length
+        if current and lengths[i] * (len(current) + 1) > tokens:
+            batches.append(current)
+            current = []
+        current.append(i)
+    return batches + [current] if current else batches
 
 
 @lru_cache(maxsize=1)

@@ -1,0 +1,133 @@
+"""Benchmark: what the harm judge costs on the HH file, cold and warm, and what it adds to a cold scan.
+
+    python benchmarks/bench_harm.py [--data FILE] [--limit N] [--no-scans]
+
+Measured in one run, one after the other:
+- plain encoding: the judge's maths (scoring.harm) on the sentence encoder called as the judge first
+  called it (every text of a slice of 1,024 pairs encoded, repeats included, in batches of 64 texts);
+- the judge, no cache: backends.harm.HarmJudge with no cache directory (each distinct text of a slice
+  once, batches of at most 16,384 padded tokens);
+- the judge, cold: the same into an empty cache directory (embeddings written);
+- the judge, warm: a new judge on that cache (nothing encoded, the encoder not needed);
+- scans from the shell (a new process each, a fresh cache each): ``safer-audit scan`` with the default
+  judges, and with ``--judge score_safe --judge reward_margin --judge harm``; each again warm.
+It checks the judge's signals: no cache, cold and warm bitwise equal; against plain encoding the largest
+difference, the rank correlation and the overlap of the 60 pairs whose chosen reply looks most harmful.
+Prints a Markdown table for BENCHMARKS.md.
+"""
+
+from __future__ import annotations
+
+import gzip
+import itertools
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from _common import bench_parser, read_pairs
+
+CLI = [sys.executable, "-c", "from safer_audit.cli import main; main()"]
+HARM_JUDGES = ["--judge", "score_safe", "--judge", "reward_margin", "--judge", "harm"]
+
+
+def plain_encoding(pairs, encoder, read_pairs: int) -> torch.Tensor:
+    """The judge as first written: the maths on ``encoder.encode`` itself, a slice of pairs at a time."""
+    from safer_audit.scoring.harm import Prototypes, harm_scores
+
+    prototypes = Prototypes.embed(encoder.encode)
+    rows = list(pairs.iter_rows(named=True))
+    parts = []
+    for start in range(0, len(rows), read_pairs):
+        part = rows[start:start + read_pairs]
+        parts.append(harm_scores([r["context"] for r in part], [r["chosen"] for r in part],
+                                 [r["rejected"] for r in part], encoder.encode, prototypes).signal)
+    return torch.cat(parts)
+
+
+def timed(function):
+    start = time.perf_counter()
+    value = function()
+    return time.perf_counter() - start, value
+
+
+def scan(data: str, cache: Path, extra: list[str]) -> float:
+    """Wall time of ``safer-audit scan`` in a new process (its report to a file, not the terminal)."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "SAFER_AUDIT_CACHE_DIR": str(cache)}
+    report = cache.parent / f"{cache.name}-report.json"
+    start = time.perf_counter()
+    done = subprocess.run([*CLI, "scan", data, *extra, "--quiet", "--output", str(report)], env=env,
+                          capture_output=True, text=True)
+    seconds = time.perf_counter() - start
+    if done.returncode:
+        sys.exit(f"scan {' '.join(extra)} exited {done.returncode}:\n{done.stderr[-2000:]}")
+    return seconds
+
+
+def top_overlap(a: torch.Tensor, b: torch.Tensor, k: int) -> int:
+    """How many of the ``k`` lowest of ``a`` (the most harmful chosen replies) are among ``b``'s ``k`` lowest."""
+    return len(set(torch.argsort(a)[:k].tolist()) & set(torch.argsort(b)[:k].tolist()))
+
+
+def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
+    from safer_audit.scoring.ranks import average_ranks
+
+    ra, rb = average_ranks(a.double()), average_ranks(b.double())
+    return float(torch.corrcoef(torch.stack([ra, rb]))[0, 1])
+
+
+def main() -> int:
+    parser = bench_parser(__doc__)
+    parser.add_argument("--no-scans", action="store_true", help="only the judge, no scans from the shell")
+    args = parser.parse_args()
+
+    from safer_audit.backends.harm import READ_PAIRS, HarmJudge
+    from safer_audit.backends.labellers import sentence_encoder
+    from safer_audit.scoring.judges import JudgeContext
+
+    pairs = read_pairs(args)
+    print(f"{len(pairs):,} pairs; load average {os.getloadavg()[0]:.1f}; {torch.get_num_threads()} torch threads",
+          file=sys.stderr)
+    load_seconds, encoder = timed(sentence_encoder)  # loaded once, before any timing: every run below shares it
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        plain_seconds, plain = timed(lambda: plain_encoding(pairs, encoder, READ_PAIRS))
+        rows.append(("harm judge, plain encoding (as first written), no cache", plain_seconds))
+        bare_seconds, bare = timed(lambda: HarmJudge(encoder).judge(JudgeContext(pairs)))
+        rows.append(("harm judge, no cache", bare_seconds))
+        cold_seconds, cold = timed(lambda: HarmJudge(encoder).judge(JudgeContext(pairs, cache_dir=tmp / "judges")))
+        rows.append(("harm judge, cold cache (embeddings written)", cold_seconds))
+        warm_seconds, warm = timed(lambda: HarmJudge().judge(JudgeContext(pairs, cache_dir=tmp / "judges")))
+        rows.append(("harm judge, warm cache", warm_seconds))
+        stored = sum(path.stat().st_size for path in (tmp / "judges").rglob("*") if path.is_file())
+        if not args.no_scans:
+            data = args.data
+            if args.limit:  # the scan reads a file: its first N records
+                data = str(tmp / "pairs.jsonl")
+                with (gzip.open if args.data.endswith(".gz") else open)(args.data, "rb") as source:
+                    Path(data).write_bytes(b"".join(itertools.islice(source, args.limit)))
+            for name, extra in (("default judges", []), ("--judge score_safe reward_margin harm", HARM_JUDGES)):
+                cache = tmp / f"scan-{len(extra)}"
+                rows.append((f"scan, {name}, cold", scan(data, cache, extra)))
+                rows.append((f"scan, {name}, warm", scan(data, cache, extra)))
+    print(f"encoder load {load_seconds:.2f} s (before the timings); cache after a cold run: "
+          f"{stored / 2**20:.1f} MiB", file=sys.stderr)
+    print(f"no cache == cold == warm, bitwise: {torch.equal(bare, cold) and torch.equal(cold, warm)}; "
+          f"against plain encoding: largest difference {float((bare - plain).abs().max()):.2e} "
+          f"(signals from {float(plain.min()):.3f} to {float(plain.max()):.3f}), Spearman {spearman(bare, plain):.9f}, "
+          f"top 60 shared {top_overlap(bare, plain, 60)}/60", file=sys.stderr)
+    print(f"load average at the end {os.getloadavg()[0]:.1f}", file=sys.stderr)
+    print("| run | seconds | vs plain encoding |")
+    print("|---|---:|---:|")
+    for name, seconds in rows:
+        ratio = f"{seconds / plain_seconds:.3f}x" if name.startswith("harm judge") else ""
+        print(f"| {name} | {seconds:.2f} | {ratio} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
