@@ -67,7 +67,8 @@ safetensors shards named by the hash of their content, the SAEs trained on them 
 feature labels), per\-text SAE codes, fitted heads and token counts.
 .TP
 .IR $XDG_CACHE_HOME/safer-audit/judges/ ", " $XDG_CACHE_HOME/safer-audit/labels/
-Answers judges keep across runs; the feature labels of SAEs given with
+Answers judges keep across runs, and the harm judge's sentence embeddings (judges/harm/); the
+feature labels of SAEs given with
 .BR \-\-sae .
 .B safer\-audit cache info
 lists every kind with its size,

@@ -882,7 +882,8 @@ def gate_command(data, baseline_path, fail_on, max_new, output_format, mark_ok_i
 
 @cli.group()
 def cache():
-    """Inspect or clear the cache: activations, trained SAEs, codes, heads, token counts, judges' answers, labels."""
+    """Inspect or clear the cache: activations, trained SAEs, codes, heads, token counts, judges' answers, harm
+    embeddings, labels."""
 
 
 @cache.command(name="info")
@@ -891,7 +892,8 @@ def cache():
 def cache_info_command(cache_dir, output_format):
     """List what the cache holds: one row per model, layer, positions and max length with its size on disk;
     then every kind of entry with its size: activations, trained SAEs, per-text SAE codes, fitted heads, token
-    counts, judges' answers and labels of given SAEs (--format json: each entry's too)."""
+    counts, judges' answers, the harm judge's sentence embeddings and labels of given SAEs (--format json: each
+    entry's too)."""
     from .workflows.cache_admin import cache_summary, cache_view
 
     summary = cache_summary(cache_dir or default_cache_dir())
@@ -905,8 +907,8 @@ def cache_info_command(cache_dir, output_format):
 @cache_dir_option
 @click.option("--yes", is_flag=True, help="Do not ask for confirmation (required when stdin is not a terminal).")
 def cache_clear_command(cache_dir, yes):
-    """Delete every kind of cache entry: activations, trained SAEs, codes, heads, token counts, judges' answers
-    and labels."""
+    """Delete every kind of cache entry: activations, trained SAEs, codes, heads, token counts, judges' answers,
+    harm embeddings and labels."""
     from .errors import ConfigError
     from .workflows.cache_admin import cache_clear
 

@@ -6,10 +6,12 @@ import dataclasses
 import json
 from types import SimpleNamespace
 
+import torch
 from click.testing import CliRunner
 
 from safer_audit.cli import cli
 from safer_audit.features.labels import FeatureLabel, label_cache_file, label_features
+from safer_audit.model.embeddings import EmbeddingCache
 from safer_audit.pipeline.scan import run_scan
 
 from .conftest import hh_records
@@ -29,6 +31,8 @@ def test_cache_info_lists_and_clear_deletes_every_kind(tiny_llama_dir, tmp_path)
     # a judge's answer where the LLM judge keeps them by default (the scan's cache), and the labels of a
     # given SAE where a scan with --sae keeps them (under the cache, by the SAE's hash)
     DirCache(cache / "judges" / "llm")["a request"] = {"verdict": "chosen"}
+    # the harm judge's sentence embeddings, where the judge keeps them in a scan (the scan's judges/harm)
+    EmbeddingCache(cache / "judges" / "harm", "an encoder").embed(["a sentence"], lambda texts: torch.eye(1, 4))
     (sae_dir,) = (path.parent for path in cache.rglob("sae_weights.safetensors"))
     labeller = SimpleNamespace(name="stub", version="1", label=lambda requests: {
         0: FeatureLabel(latent=0, label="weapons", relevance=1.0, category="weapons", labeller="stub")})
@@ -43,11 +47,12 @@ def test_cache_info_lists_and_clear_deletes_every_kind(tiny_llama_dir, tmp_path)
     (entry,) = info["entries"]
     token_counts = cache / "activations" / entry["key"] / "token-counts"
     assert entry["token_count_bytes"] == kinds["token counts"] == tree_bytes(token_counts) > 0
-    assert kinds["judges"] == tree_bytes(cache / "judges") > 0
+    assert kinds["harm embeddings"] == tree_bytes(cache / "judges" / "harm") > 0
+    assert kinds["judges"] == tree_bytes(cache / "judges") - kinds["harm embeddings"] > 0
     assert kinds["labels"] == tree_bytes(cache / "labels") > 0
     assert sum(kinds.values()) == info["bytes"] == tree_bytes(cache)
     table = CliRunner().invoke(cli, ["cache", "info", "--cache-dir", str(cache)], env={"COLUMNS": "200"})
-    assert all(kind in table.output for kind in ("token counts", "judges", "labels")), table.output
+    assert all(kind in table.output for kind in ("token counts", "judges", "harm embeddings", "labels")), table.output
 
     result = CliRunner().invoke(cli, ["cache", "clear", "--cache-dir", str(cache), "--yes"])
     assert result.exit_code == 0 and f"freed {info['bytes'] / 2**20:.1f} MiB" in result.output

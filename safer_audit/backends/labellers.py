@@ -203,7 +203,7 @@ class SentenceEncoder:
         order = sorted(range(len(ids)), key=lambda i: (len(ids[i]), i))
         out = torch.empty(len(ids), self.model.config.hidden_size)
         with torch.inference_mode():
-            for chunk in _batches(order, [len(i) for i in ids], batch_size, tokens_per_batch):
+            for chunk in length_batches(order, [len(i) for i in ids], batch_size, tokens_per_batch):
                 batch = self.tokenizer.pad({"input_ids": [ids[i] for i in chunk]}, return_tensors="pt")
                 hidden = self.model(**batch).last_hidden_state
                 mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
@@ -212,7 +212,7 @@ class SentenceEncoder:
         return out
 
 
-def _batches(order: list[int], lengths: list[int], size: int, tokens: int | None) -> list[list[int]]:
+def length_batches(order: list[int], lengths: list[int], size: int, tokens: int | None) -> list[list[int]]:
     """``order`` (shortest first) cut into batches of ``size``, or of at most ``tokens`` padded tokens."""
     if tokens is None:
         return [order[start:start + size] for start in range(0, len(order), size)]

@@ -9,6 +9,7 @@ Under the cache root (config.default_cache_dir or ``--cache-dir``)::
         heads/                   fitted heads (scoring.heads.HeadCache)
         token-counts/            token counts of the truncation check (data/tokens.cached_counter)
     judges/                      answers judges keep across runs (the LLM judge's in judges/llm/)
+        harm/                    the harm judge's sentence embeddings (model.embeddings)
     labels/<SAE hash>/           feature labels of a user's ``--sae``
 
 Every kind is listed with its size, and ``cache clear`` deletes them all (and nothing else
@@ -24,6 +25,7 @@ from ..common.terminal import plain
 from ..model.activations import cache_info
 
 TOP_LEVEL = ("activations", "judges", "labels")  # what the cache writes directly under its root
+EMBEDDINGS = Path("judges") / "harm"  # a kind of its own inside judges/: cost, not answers
 # kind -> the cache_info field of its bytes, per activation entry
 ENTRY_KINDS = {"activations": "activation_bytes", "SAEs": "sae_bytes", "codes": "codes_bytes", "heads": "heads_bytes",
                "token counts": "token_count_bytes"}
@@ -34,6 +36,7 @@ KIND_HELP = {
     "heads": "fitted heads",
     "token counts": "token counts of the truncation check",
     "judges": "judges' answers (judges/)",
+    "harm embeddings": "the harm judge's sentence embeddings (judges/harm/)",
     "labels": "feature labels of given SAEs (labels/)",
     "other": "entry configurations, locks",
 }
@@ -60,9 +63,12 @@ def cache_summary(root: Path) -> dict:
     root = Path(root)
     rows = cache_info(root)
     kinds = [{"kind": kind, "bytes": sum(row[field] for row in rows)} for kind, field in ENTRY_KINDS.items()]
+    embeddings = set(_files(root / EMBEDDINGS))
     for name in TOP_LEVEL[1:]:
-        files = _files(root / name)
+        files = [path for path in _files(root / name) if path not in embeddings]
         kinds.append({"kind": name, "files": len(files), "bytes": _bytes(files)})
+        if name == "judges":
+            kinds.append({"kind": "harm embeddings", "files": len(embeddings), "bytes": _bytes(list(embeddings))})
     total = sum(_bytes(_files(root / name)) for name in TOP_LEVEL)
     kinds.append({"kind": "other", "bytes": total - sum(kind["bytes"] for kind in kinds)})
     return {"cache_dir": str(root), "entries": rows, "kinds": kinds, "bytes": total}
@@ -107,7 +113,7 @@ def _size(size: int) -> str:
 
 def cache_clear(root: Path) -> int:
     """Delete every kind of cache entry under ``root`` (activation entries with their SAEs, codes,
-    heads and token counts; judges' answers; labels); returns the bytes freed."""
+    heads and token counts; judges' answers and the harm judge's embeddings; labels); returns the bytes freed."""
     freed = 0
     for name in TOP_LEVEL:
         directory = Path(root) / name
