@@ -5,8 +5,8 @@
 Measured in one run, one after the other:
 - plain encoding: the judge's maths (scoring.harm) on the sentence encoder called as the judge first
   called it (every text of a slice of 1,024 pairs encoded, repeats included, in batches of 64 texts);
-- the judge, no cache: backends.harm.HarmJudge with no cache directory (each distinct text of a slice
-  once, batches of at most 16,384 padded tokens);
+- the judge, no cache: backends.harm.HarmJudge with no cache directory (each distinct text encoded once,
+  in batches of at most 16,384 padded tokens, kept for the run only in a temporary directory);
 - the judge, cold: the same into an empty cache directory (embeddings written);
 - the judge, warm: a new judge on that cache (nothing encoded, the encoder not needed);
 - scans from the shell (a new process each, a fresh cache each): ``safer-audit scan`` with the default
@@ -98,7 +98,7 @@ def main() -> int:
         plain_seconds, plain = timed(lambda: plain_encoding(pairs, encoder, READ_PAIRS))
         rows.append(("harm judge, plain encoding (as first written), no cache", plain_seconds))
         bare_seconds, bare = timed(lambda: HarmJudge(encoder).judge(JudgeContext(pairs)))
-        rows.append(("harm judge, no cache", bare_seconds))
+        rows.append(("harm judge, no cache directory", bare_seconds))
         cold_seconds, cold = timed(lambda: HarmJudge(encoder).judge(JudgeContext(pairs, cache_dir=tmp / "judges")))
         rows.append(("harm judge, cold cache (embeddings written)", cold_seconds))
         warm_seconds, warm = timed(lambda: HarmJudge().judge(JudgeContext(pairs, cache_dir=tmp / "judges")))

@@ -49,16 +49,24 @@ def shards(cache):
     return sorted((cache / "harm").rglob("shard-*.safetensors"))
 
 
-def test_a_warm_run_gives_the_uncached_signals_bit_for_bit_and_encodes_nothing(encoder, encoded, hh_pairs, tmp_path):
-    uncached = HarmJudge(encoder).judge(JudgeContext(hh_pairs))
+def test_cached_and_uncached_runs_give_the_same_signals_bit_for_bit(encoder, encoded, hh_pairs, tmp_path,
+                                                                    monkeypatch):
+    import polars as pl
+
+    import safer_audit.backends.harm as harm
+
+    monkeypatch.setattr(harm, "READ_PAIRS", 5)  # slices of 5 pairs; the last holds pairs met in the first
+    pairs = pl.concat([hh_pairs, hh_pairs.head(3)])
+    uncached = HarmJudge(encoder).judge(JudgeContext(pairs))
     assert len(encoded) == len(set(encoded))  # each distinct text encoded once, however often it repeats
     encoded.clear()
-    cold = HarmJudge(encoder).judge(JudgeContext(hh_pairs, cache_dir=tmp_path))
+    cold = HarmJudge(encoder).judge(JudgeContext(pairs, cache_dir=tmp_path))
     assert encoded and shards(tmp_path)
     encoded.clear()
-    warm = HarmJudge(encoder).judge(JudgeContext(hh_pairs, cache_dir=tmp_path))
+    warm = HarmJudge(encoder).judge(JudgeContext(pairs, cache_dir=tmp_path))
     assert encoded == []  # the examples and every sentence and turn read back
     assert torch.equal(cold, uncached) and torch.equal(warm, uncached)
+    assert torch.equal(uncached[-3:], uncached[:3])
 
 
 def test_pairs_added_to_cached_data_encode_only_their_new_texts(encoder, encoded, hh_pairs, tmp_path):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -22,9 +24,9 @@ class HarmJudge:
     """harm(rejected) - harm(chosen) per pair, weighted by how harmful the conversation looks (scoring.harm).
 
     What it costs is the sentence encoder: every text the maths reads (each reply's sentences, each
-    conversation's last human turns, the written examples) is embedded once per slice of pairs, however
-    often it repeats, in large length-sorted batches, and kept in the scan's cache (model.embeddings), so a
-    second scan of the same data encodes nothing and does not load the encoder."""
+    conversation's last human turns, the written examples) is embedded once, however often it repeats, in
+    large length-sorted batches, and kept in the scan's cache (model.embeddings), so a second scan of the
+    same data encodes nothing and does not load the encoder."""
 
     name = HARM_JUDGE
     description = ("how far each reply goes along with a harmful request (the embedded sentence model against "
@@ -43,36 +45,40 @@ class HarmJudge:
         return self._encoder.encode(texts)
 
     def fingerprint(self) -> str | None:
-        """What the encoder's embeddings depend on (None: unknown, nothing is cached)."""
+        """What the encoder's embeddings depend on (None: unknown, nothing is kept beyond the run)."""
         if self._encoder is None:
             from .labellers import encoder_fingerprint
 
             return encoder_fingerprint()  # the embedded model's, without loading it
         return getattr(self._encoder, "fingerprint", None)
 
+    @contextlib.contextmanager
     def embedder(self, cache_dir: Path | None):
-        """texts -> embeddings, each distinct text encoded once, through the cache under ``cache_dir``."""
-        from ..model.embeddings import EmbeddingCache, embed_distinct
+        """texts -> embeddings through the cache under ``cache_dir``; without one (or without a fingerprint),
+        through a cache of this run only, so a text met again in a later slice is read back as it is from
+        a kept cache: a run gives the same signals, to the bit, with or without one."""
+        from ..model.embeddings import EmbeddingCache
 
         fingerprint = self.fingerprint() if cache_dir is not None else None
-        if fingerprint is None:
-            return lambda texts: embed_distinct(texts, self.encode)
-        cache = EmbeddingCache(Path(cache_dir) / CACHE_SUBDIRECTORY, fingerprint)
-        return lambda texts: cache.embed(texts, self.encode)
+        with contextlib.ExitStack() as stack:
+            if fingerprint is None:
+                cache_dir, fingerprint = stack.enter_context(tempfile.TemporaryDirectory()), "this run's encoder"
+            cache = EmbeddingCache(Path(cache_dir) / CACHE_SUBDIRECTORY, fingerprint)
+            yield lambda texts: cache.embed(texts, self.encode)
 
     def judge(self, context: JudgeContext) -> torch.Tensor:
         from ..scoring.harm import Prototypes
 
-        embed = self.embedder(context.cache_dir)
-        prototypes = Prototypes.embed(embed)
         parts, batch = [], []
-        for row in context.pairs.iter_rows(named=True):  # a slice of texts at a time, never every text at once
-            batch.append(row)
-            if len(batch) == READ_PAIRS:
+        with self.embedder(context.cache_dir) as embed:
+            prototypes = Prototypes.embed(embed)
+            for row in context.pairs.iter_rows(named=True):  # a slice of texts at a time, never all at once
+                batch.append(row)
+                if len(batch) == READ_PAIRS:
+                    parts.append(_signal(batch, prototypes, embed))
+                    batch = []
+            if batch or not parts:
                 parts.append(_signal(batch, prototypes, embed))
-                batch = []
-        if batch or not parts:
-            parts.append(_signal(batch, prototypes, embed))
         import torch
 
         return torch.cat(parts)

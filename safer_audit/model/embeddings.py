@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -35,6 +36,7 @@ from ..common.keyindex import KeyIndex
 
 FORMAT = "sentence-embeddings-1"
 UNIT_NORM_TOLERANCE = 1e-3  # an encoder's L2-normed float32 rows are within 1e-6 of norm 1
+KEEP_BYTES = 64 << 20  # checked shards held in memory: a later slice's repeated texts are not read again
 
 Encode = Callable[[list[str]], torch.Tensor]  # texts -> L2-normed embeddings, one row per text
 
@@ -74,6 +76,7 @@ class EmbeddingCache:
         remove_stale_temporaries(self.directory)  # debris of killed writes
         self.index = KeyIndex()
         index_shards(sorted(self.directory.glob("shard-*.safetensors")), self.index, FORMAT)
+        self._held: OrderedDict[Path, torch.Tensor] = OrderedDict()  # shards checked this run, latest used last
 
     def embed(self, texts: Sequence[str], encode: Encode) -> torch.Tensor:
         """One embedding per text, in order: read back when kept, else encoded (each distinct text once)
@@ -85,7 +88,7 @@ class EmbeddingCache:
         rows: dict[int, torch.Tensor] = {}  # position in ``distinct`` -> its row
         paths, shards, places = self.index.locate(keys)
         for shard in np.unique(shards[shards >= 0]).tolist():
-            embeddings = self._load(paths[shard])
+            embeddings = self._shard(paths[shard])
             if embeddings is not None:
                 held = np.flatnonzero(shards == shard)
                 rows.update(zip(held.tolist(), embeddings[torch.from_numpy(places[held])], strict=True))
@@ -111,6 +114,22 @@ class EmbeddingCache:
         write_entry(path, {"embeddings": embeddings},
                     {"format": FORMAT, "fingerprint": self.fingerprint, "keys": json.dumps(keys), "digest": digest})
         self.index.add(path, keys)
+        self._hold(path, embeddings)
+
+    def _shard(self, path: Path) -> torch.Tensor | None:
+        """A shard's embeddings: from memory when checked earlier in this run, else read and checked."""
+        if path in self._held:
+            self._held.move_to_end(path)
+            return self._held[path]
+        embeddings = self._load(path)
+        if embeddings is not None:
+            self._hold(path, embeddings)
+        return embeddings
+
+    def _hold(self, path: Path, embeddings: torch.Tensor) -> None:
+        self._held[path] = embeddings
+        while len(self._held) > 1 and sum(t.numel() * t.element_size() for t in self._held.values()) > KEEP_BYTES:
+            self._held.popitem(last=False)
 
     def _load(self, path: Path) -> torch.Tensor | None:
         """A shard's embeddings, or None (and the shard deleted, its texts to encode again) when it fails
