@@ -1,8 +1,8 @@
 """Benchmark: what the harm judge costs on the HH file, cold and warm, and what it adds to a cold scan.
 
-    python benchmarks/bench_harm.py [--data FILE] [--limit N] [--no-scans]
+    python benchmarks/bench_harm.py [--data FILE] [--limit N] [--rounds N] [--no-scans]
 
-Measured in one run, one after the other:
+Measured in one run, one after the other (the first two interleaved, ``--rounds`` times):
 - plain encoding: the judge's maths (scoring.harm) on the sentence encoder called as the judge first
   called it (every text of a slice of 1,024 pairs encoded, repeats included, in batches of 64 texts);
 - the judge, no cache: backends.harm.HarmJudge with no cache directory (each distinct text encoded once,
@@ -82,6 +82,7 @@ def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
 def main() -> int:
     parser = bench_parser(__doc__)
     parser.add_argument("--no-scans", action="store_true", help="only the judge, no scans from the shell")
+    parser.add_argument("--rounds", type=int, default=2, help="plain encoding and no cache, interleaved (default 2)")
     args = parser.parse_args()
 
     from safer_audit.backends.harm import READ_PAIRS, HarmJudge
@@ -95,14 +96,18 @@ def main() -> int:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        plain_seconds, plain = timed(lambda: plain_encoding(pairs, encoder, READ_PAIRS))
+        plain_seconds, bare_seconds = [], []
+        for _ in range(args.rounds):  # interleaved: a shared machine's load moves both alike
+            seconds, plain = timed(lambda: plain_encoding(pairs, encoder, READ_PAIRS))
+            plain_seconds.append(seconds)
+            seconds, bare = timed(lambda: HarmJudge(encoder).judge(JudgeContext(pairs)))
+            bare_seconds.append(seconds)
         rows.append(("harm judge, plain encoding (as first written), no cache", plain_seconds))
-        bare_seconds, bare = timed(lambda: HarmJudge(encoder).judge(JudgeContext(pairs)))
         rows.append(("harm judge, no cache directory", bare_seconds))
         cold_seconds, cold = timed(lambda: HarmJudge(encoder).judge(JudgeContext(pairs, cache_dir=tmp / "judges")))
-        rows.append(("harm judge, cold cache (embeddings written)", cold_seconds))
+        rows.append(("harm judge, cold cache (embeddings written)", [cold_seconds]))
         warm_seconds, warm = timed(lambda: HarmJudge().judge(JudgeContext(pairs, cache_dir=tmp / "judges")))
-        rows.append(("harm judge, warm cache", warm_seconds))
+        rows.append(("harm judge, warm cache", [warm_seconds]))
         stored = sum(path.stat().st_size for path in (tmp / "judges").rglob("*") if path.is_file())
         if not args.no_scans:
             data = args.data
@@ -112,8 +117,8 @@ def main() -> int:
                     Path(data).write_bytes(b"".join(itertools.islice(source, args.limit)))
             for name, extra in (("default judges", []), ("--judge score_safe reward_margin harm", HARM_JUDGES)):
                 cache = tmp / f"scan-{len(extra)}"
-                rows.append((f"scan, {name}, cold", scan(data, cache, extra)))
-                rows.append((f"scan, {name}, warm", scan(data, cache, extra)))
+                rows.append((f"scan, {name}, cold", [scan(data, cache, extra)]))
+                rows.append((f"scan, {name}, warm", [scan(data, cache, extra)]))
     print(f"encoder load {load_seconds:.2f} s (before the timings); cache after a cold run: "
           f"{stored / 2**20:.1f} MiB", file=sys.stderr)
     print(f"no cache == cold == warm, bitwise: {torch.equal(bare, cold) and torch.equal(cold, warm)}; "
@@ -121,11 +126,14 @@ def main() -> int:
           f"(signals from {float(plain.min()):.3f} to {float(plain.max()):.3f}), Spearman {spearman(bare, plain):.9f}, "
           f"top 60 shared {top_overlap(bare, plain, 60)}/60", file=sys.stderr)
     print(f"load average at the end {os.getloadavg()[0]:.1f}", file=sys.stderr)
-    print("| run | seconds | vs plain encoding |")
+    print("| run | seconds (each round) | vs plain encoding (same round; cold, warm: the last) |")
     print("|---|---:|---:|")
     for name, seconds in rows:
-        ratio = f"{seconds / plain_seconds:.3f}x" if name.startswith("harm judge") else ""
-        print(f"| {name} | {seconds:.2f} | {ratio} |")
+        ratios = ""
+        if name.startswith("harm judge"):
+            against = plain_seconds if len(seconds) > 1 else plain_seconds[-1:]  # cold, warm: the last round's
+            ratios = ", ".join(f"{s / p:.3f}x" for s, p in zip(seconds, against, strict=False))
+        print(f"| {name} | {', '.join(f'{s:.2f}' for s in seconds)} | {ratios} |")
     return 0
 
 
