@@ -158,3 +158,12 @@ def test_token_budget_batches_give_the_embeddings_of_fixed_batches(encoder, hh_p
     lengths = [3, 3, 4, 9, 9, 40]
     assert length_batches(list(range(6)), lengths, 64, 20) == [[0, 1, 2], [3, 4], [5]]  # a text longer than the budget alone
     assert all(max(lengths[i] for i in batch) * len(batch) <= 20 for batch in length_batches(list(range(5)), lengths, 64, 20))
+
+
+def test_the_evidence_of_a_scanned_pair_reads_the_judges_embeddings_back(encoder, encoded, hh_pairs, tmp_path):
+    HarmJudge(encoder).judge(JudgeContext(hh_pairs, cache_dir=tmp_path))
+    texts = [hh_pairs[name].to_list() for name in ("context", "chosen", "rejected")]
+    encoded.clear()
+    kept = HarmJudge(encoder).evidence(*texts, cache_dir=tmp_path)
+    assert encoded == []  # a scan's flagged pairs: every sentence was embedded by the judge
+    assert kept == HarmJudge(encoder).evidence(*texts) and any(kept)

@@ -83,11 +83,14 @@ class HarmJudge:
 
         return torch.cat(parts)
 
-    def evidence(self, contexts: list[str], chosen: list[str], rejected: list[str]) -> list[list]:
-        """Per pair, the sentences the judge read its verdict from (scoring.harm.harm_evidence)."""
+    def evidence(self, contexts: list[str], chosen: list[str], rejected: list[str],
+                 cache_dir: Path | None = None) -> list[list]:
+        """Per pair, the sentences the judge read its verdict from (scoring.harm.harm_evidence), on the
+        embeddings the judge kept under ``cache_dir`` (a scan's flagged pairs: nothing is encoded again)."""
         from ..scoring.harm import Prototypes, harm_evidence
 
-        return harm_evidence(chosen, rejected, self.encode, Prototypes.embed(self.encode))
+        with self.embedder(cache_dir) as embed:
+            return harm_evidence(chosen, rejected, embed, Prototypes.embed(embed))
 
 
 def _signal(rows: list[dict], prototypes, embed) -> torch.Tensor:

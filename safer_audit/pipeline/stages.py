@@ -200,5 +200,6 @@ def evidence(result, weights: dict[str, float], ctx: RunContext) -> None:
     report text, never pay for it."""
     with ctx.step("evidence", "Evidence"):
         explain_suspects(result.report, result.pairs["pair_id"].to_list(), result.texts, result.store, result.sae,
-                         result.features, result.backend, ctx.config.activations.max_length, result.signals, weights)
+                         result.features, result.backend, ctx.config.activations.max_length, result.signals, weights,
+                         judges_cache=ctx.config.activations.cache_dir / "judges")
     result.report.run.timings = dict(ctx.timings)
