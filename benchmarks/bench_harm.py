@@ -5,9 +5,9 @@
 Measured in one run, one after the other (the first two interleaved, ``--rounds`` times):
 - plain encoding: the judge's maths (scoring.harm) on the sentence encoder called as the judge first
   called it (every text of a slice of 1,024 pairs encoded, repeats included, in batches of 64 texts);
-- the judge, no cache: backends.harm.HarmJudge with no cache directory (each distinct text encoded once,
-  in batches of at most 16,384 padded tokens, kept for the run only in a temporary directory);
-- the judge, cold: the same into an empty cache directory (embeddings written);
+- the judge, cold: backends.harm.HarmJudge (each distinct text encoded once, in batches of at most 16,384
+  padded tokens) with no cache directory (kept for the run in a temporary one), the last round into an
+  empty cache directory;
 - the judge, warm: a new judge on that cache (nothing encoded, the encoder not needed);
 - scans from the shell (a new process each, a fresh cache each): ``safer-audit scan`` with the default
   judges, and with ``--judge score_safe --judge reward_margin --judge harm``; each again warm.
@@ -96,16 +96,17 @@ def main() -> int:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        plain_seconds, bare_seconds = [], []
-        for _ in range(args.rounds):  # interleaved: a shared machine's load moves both alike
+        plain_seconds, new_seconds, signals = [], [], []
+        for round in range(args.rounds):  # interleaved: a shared machine's load moves both alike
             seconds, plain = timed(lambda: plain_encoding(pairs, encoder, READ_PAIRS))
             plain_seconds.append(seconds)
-            seconds, bare = timed(lambda: HarmJudge(encoder).judge(JudgeContext(pairs)))
-            bare_seconds.append(seconds)
-        rows.append(("harm judge, plain encoding (as first written), no cache", plain_seconds))
-        rows.append(("harm judge, no cache directory", bare_seconds))
-        cold_seconds, cold = timed(lambda: HarmJudge(encoder).judge(JudgeContext(pairs, cache_dir=tmp / "judges")))
-        rows.append(("harm judge, cold cache (embeddings written)", [cold_seconds]))
+            # no cache directory (the run's embeddings in a temporary one), then the last round into a kept one
+            cache_dir = tmp / "judges" if round == args.rounds - 1 else None
+            seconds, signal = timed(lambda at=cache_dir: HarmJudge(encoder).judge(JudgeContext(pairs, cache_dir=at)))
+            new_seconds.append(seconds)
+            signals.append(signal)
+        rows.append(("harm judge, plain encoding (as first written)", plain_seconds))
+        rows.append(("harm judge, cold (no cache directory; the last round: an empty one)", new_seconds))
         warm_seconds, warm = timed(lambda: HarmJudge().judge(JudgeContext(pairs, cache_dir=tmp / "judges")))
         rows.append(("harm judge, warm cache", [warm_seconds]))
         stored = sum(path.stat().st_size for path in (tmp / "judges").rglob("*") if path.is_file())
@@ -121,10 +122,12 @@ def main() -> int:
                 rows.append((f"scan, {name}, warm", [scan(data, cache, extra)]))
     print(f"encoder load {load_seconds:.2f} s (before the timings); cache after a cold run: "
           f"{stored / 2**20:.1f} MiB", file=sys.stderr)
-    print(f"no cache == cold == warm, bitwise: {torch.equal(bare, cold) and torch.equal(cold, warm)}; "
-          f"against plain encoding: largest difference {float((bare - plain).abs().max()):.2e} "
-          f"(signals from {float(plain.min()):.3f} to {float(plain.max()):.3f}), Spearman {spearman(bare, plain):.9f}, "
-          f"top 60 shared {top_overlap(bare, plain, 60)}/60", file=sys.stderr)
+    cold = signals[-1]
+    same = all(torch.equal(signal, cold) for signal in signals) and torch.equal(cold, warm)
+    print(f"no cache directory == cold cache == warm cache, bitwise: {same}; "
+          f"against plain encoding: largest difference {float((cold - plain).abs().max()):.2e} "
+          f"(signals from {float(plain.min()):.3f} to {float(plain.max()):.3f}), Spearman {spearman(cold, plain):.9f}, "
+          f"top 60 shared {top_overlap(cold, plain, 60)}/60", file=sys.stderr)
     print(f"load average at the end {os.getloadavg()[0]:.1f}", file=sys.stderr)
     print("| run | seconds (each round) | vs plain encoding (same round; cold, warm: the last) |")
     print("|---|---:|---:|")
