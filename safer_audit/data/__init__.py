@@ -23,7 +23,7 @@ from .quality import FINDING_KINDS, QualityFinding, find_quality_issues
 from .readers import LoadResult, PairReader, iter_pairs, load_pairs, spool_pairs
 from .schemas import MESSAGES_TYPE, PAIR_ID_LENGTH, PAIR_SCHEMA, Conversations, pair_digest
 from .sources import HUB_PREFIX, STDIN, TABLE, is_table, source_name
-from .table import PairTable, response_lengths
+from .table import PairTable, pair_frame, response_lengths
 from .tokens import token_counter, tokenizer_counter
 from .transcripts import ROLES, parse_hh_transcript, render_transcript
 from .validation import ValidationSummary, validate_dataset
@@ -31,6 +31,6 @@ from .validation import ValidationSummary, validate_dataset
 __all__ = [
     "FINDING_KINDS", "HUB_PREFIX", "MAX_RECORD_BYTES", "MESSAGES_TYPE", "PAIR_ID_LENGTH", "PAIR_SCHEMA", "ROLES",
     "STDIN", "TABLE", "Conversations", "DataError", "DataErrors", "LoadResult", "PairReader", "PairTable", "QualityFinding",
-    "ValidationSummary", "find_quality_issues", "is_table", "iter_pairs", "load_pairs", "pair_digest", "parse_hh_transcript",
+    "ValidationSummary", "find_quality_issues", "is_table", "iter_pairs", "load_pairs", "pair_digest", "pair_frame", "parse_hh_transcript",
     "render_transcript", "response_lengths", "source_name", "spool_pairs", "token_counter", "tokenizer_counter", "validate_dataset",
 ]
