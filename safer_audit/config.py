@@ -26,7 +26,7 @@ Engine = Literal["local", "ray"]
 Selection = Literal["salience", "safety"]
 Aggregation = Literal["mean-rank", "stacked"]
 FlippedRule = Literal["harm", "judges"]  # scoring.categories: what makes a pair flipped
-Profile = Literal["fast", "thorough"]  # safer_audit.pipeline.profiles: which models a scan reads
+Profile = Literal["fast", "thorough"]  # PROFILES below (pipeline.profiles runs them): which models a scan reads
 Dtype = Literal["auto", "float32", "bfloat16", "float16"]
 
 POSITIONS: tuple[str, ...] = get_args(Position)
@@ -332,3 +332,27 @@ class ScanConfig:
         _check_fields(self)
         if not 0.0 <= self.relevance_threshold <= 1.0:
             raise ConfigError(f"relevance threshold must be in [0, 1], not {self.relevance_threshold!r}")
+
+
+@dataclass(frozen=True)
+class ProfileModel:
+    """One more model a profile reads, beside the scan's own (``--model``, by default MiniLM)."""
+
+    prefix: str  # its judges are named prefix/NAME
+    model: str  # --model value (a short name, a directory or a .gguf file)
+    layer: int
+    positions: str = "response"
+    max_length: int = 384  # the length the layers were measured at (BENCHMARKS.md "SmolLM2"); bounds its cost
+
+
+# measured: BENCHMARKS.md "SmolLM2: which layer and positions" (200 pairs: layer 16 over every token had the best
+# cross-fitted pairwise accuracy, 0.620; layer 20 the best flip AUROC, 0.658, within one sd of layer 16's 0.628)
+SMOLLM2 = ProfileModel("smollm2", "smollm2", layer=16, positions="all")
+PROFILES: dict[str, tuple[ProfileModel, ...]] = {"fast": (), "thorough": (SMOLLM2,)}
+
+
+def profile_models(config: ScanConfig) -> tuple[ProfileModel, ...]:
+    try:
+        return PROFILES[config.profile]
+    except KeyError:
+        raise ConfigError(f"profile must be one of {', '.join(PROFILES)}, not {config.profile!r}") from None

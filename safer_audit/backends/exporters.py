@@ -19,6 +19,7 @@ import polars as pl
 
 from ..common.domain import Category
 from ..common.files import write_atomic
+from ..config import PROFILES
 from ..errors import inert
 from ..features.types import EvidenceSpan
 from ..hookspecs import hookimpl
@@ -681,8 +682,6 @@ def _cards_shown(report: Report, suspects: list[Finding]) -> tuple[list[FeatureC
         return featured, (f"the top {len(featured):,} of {len(report.features):,} by contribution to the flagged "
                           "pairs (the JSON report holds all)" if len(featured) < len(report.features)
                           else "by contribution")
-    from ..pipeline.profiles import PROFILES  # here: loading the exporters (every command) must not load torch
-
     others = {model.prefix for model in PROFILES.get(report.run.profile, ())}
     named = [card for card in report.features if card.latent in used and card.model not in others]
     limit = sum(1 for card in report.features if card.featured)  # --cards: how many cards a page shows

@@ -20,41 +20,17 @@ model judges that ``ScanConfig.ranking`` weights.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
 import torch
 
-from ..config import ScanConfig
-from ..errors import ConfigError
+# the profiles' models are in config (no torch there: the exporters and a cached report read them)
+from ..config import PROFILES, SMOLLM2, ProfileModel, ScanConfig, profile_models  # noqa: F401
 from ..report.types import LazyFindings
 from ..scoring.categories import categorise, category_counts, category_signals
 from ..scoring.ranks import ranked_signals
 from ..scoring.stack import aggregate, ranking_description, ranking_weights
 from ..scoring.types import HARM_JUDGE
-
-
-@dataclass(frozen=True)
-class ProfileModel:
-    """One more model a profile reads, beside the scan's own (``--model``, by default MiniLM)."""
-
-    prefix: str  # its judges are named prefix/NAME
-    model: str  # --model value (a short name, a directory or a .gguf file)
-    layer: int
-    positions: str = "response"
-    max_length: int = 384  # the length the layers were measured at (BENCHMARKS.md "SmolLM2"); bounds its cost
-
-
-# measured: BENCHMARKS.md "SmolLM2: which layer and positions" (200 pairs: layer 16 over every token had the best
-# cross-fitted pairwise accuracy, 0.620; layer 20 the best flip AUROC, 0.658, within one sd of layer 16's 0.628)
-SMOLLM2 = ProfileModel("smollm2", "smollm2", layer=16, positions="all")
-PROFILES: dict[str, tuple[ProfileModel, ...]] = {"fast": (), "thorough": (SMOLLM2,)}
-
-
-def profile_models(config: ScanConfig) -> tuple[ProfileModel, ...]:
-    try:
-        return PROFILES[config.profile]
-    except KeyError:
-        raise ConfigError(f"profile must be one of {', '.join(PROFILES)}, not {config.profile!r}") from None
 
 
 def model_config(config: ScanConfig, extra: ProfileModel, *, labels: bool = True) -> ScanConfig:

@@ -14,10 +14,10 @@ from rich.table import Table
 from rich.text import Text
 
 from ..common.terminal import inert, plain
+from ..config import PROFILES
 from ..data import pair_digest
 from ..errors import UnknownPairError
 from ..features.evidence import EvidenceSpan, flip, pair_evidence, texts_shares
-from ..pipeline.profiles import PROFILES
 from ..pipeline.scan import ScanResult
 from ..report.types import Finding, Report
 from ..report.view import format_number, highlighted
