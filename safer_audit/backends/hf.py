@@ -247,6 +247,17 @@ class HFModelBackend:
         self.d_model = config.hidden_size
         self._model = None
 
+    @staticmethod
+    def identify(model: str | None) -> tuple[str, str] | None:
+        """The identity and fingerprint a backend for ``model`` has, found without torch or transformers (a
+        cached report is keyed by them); None for a hub id, whose files only the hub can say."""
+        path = Path(model).expanduser() if model is not None else None
+        if path is not None and model not in EMBEDDED_MODELS and not model.lower().endswith(GGUF_SUFFIX) \
+                and not path.is_dir():
+            return None
+        directory, gguf_file, identity = resolve_model(model)
+        return identity, gguf_fingerprint(directory / gguf_file) if gguf_file else model_fingerprint(directory)
+
     @contextlib.contextmanager
     def _load_errors(self):
         """What loading the config, tokenizer or weights raises, as one ModelLoadError line."""

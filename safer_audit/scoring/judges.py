@@ -43,9 +43,7 @@ from ..sae.stats import CodeStats
 from .heads import HeadCache, HeadFit, compute_signals, fold_ids
 from .ranks import signed_rank
 from .stack import aggregate, ranking_weights
-from .types import HARM_JUDGE, FunctionJudge, Judge
-
-LENGTH_RESIDUAL_SUFFIX = "-lenres"
+from .types import HARM_JUDGE, LENGTH_RESIDUAL_SUFFIX, FunctionJudge, Judge
 
 
 @dataclass

@@ -13,6 +13,7 @@ if TYPE_CHECKING:
     import torch
 
 HARM_JUDGE = "harm"  # the harm judge's name: scoring.categories reads its signal by it
+LENGTH_RESIDUAL_SUFFIX = "-lenres"  # NAME-lenres: judge NAME with its length dependence removed (scoring.judges)
 
 
 @runtime_checkable
