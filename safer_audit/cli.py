@@ -312,6 +312,8 @@ def _steps(quiet: bool) -> ProgressBar:
 
 def _check_judges(names: tuple[str, ...] | None) -> None:
     """The judges of --judge, checked before any long work."""
+    if not names:  # the judges' module imports torch: a scan whose report is cached loads none
+        return
     from .scoring.judges import make_judge
 
     for name in names or ():
@@ -334,17 +336,21 @@ def _print_judge_costs(costs: dict) -> None:
                    "- writes it to standard output (JSON unless --format says otherwise).")
 @click.option("--format", "output_format", default=None,
               help="Format of every --output, when the extension does not say (see `safer-audit plugins`).")
+@click.option("--no-cache", "no_cache", is_flag=True,
+              help="Scan again rather than reuse the cached report of the same data, options, code and model "
+                   "(and keep none); the activation, SAE and codes caches are still used.")
 @quiet_option
-def scan(data, top, outputs, output_format, quiet, config: ScanConfig):
+def scan(data, top, outputs, output_format, no_cache, quiet, config: ScanConfig):
     """Scan DATA and rank its pairs, most likely flipped or noisy first.
 
     DATA is a .jsonl, .jsonl.gz, .json, .parquet or .csv file, a datasets directory, or a
     hub dataset id when online. Activations and a trained SAE are cached, so a re-run on
-    the same data is fast.
+    the same data is fast; a re-run of a file with the same options, code and model reads
+    the whole report back from the cache (--no-cache: scan again).
     """
     from .common.files import refuse_inputs, writable_target
     from .errors import ConfigError
-    from .pipeline.scan import run_scan
+    from .pipeline.report_cache import scan_report
     from .report.types import STDOUT, export_report, find_exporter
     from .report.view import print_report
 
@@ -363,7 +369,7 @@ def scan(data, top, outputs, output_format, quiet, config: ScanConfig):
     def warn(message: str) -> None:
         click.echo(inert(f"Warning: {message}"), err=True)
 
-    result = run_scan(data, config, steps=_steps(quiet).step, warn=warn)
+    result = scan_report(data, config, steps=_steps(quiet).step, warn=warn, use_cache=not no_cache)
     if not to_stdout:  # with -o - standard output carries the report alone
         print_report(result.report, stdout_console(), top=top)
     _print_judge_costs(result.judge_costs)
@@ -883,7 +889,7 @@ def gate_command(data, baseline_path, fail_on, max_new, output_format, mark_ok_i
 @cli.group()
 def cache():
     """Inspect or clear the cache: activations, trained SAEs, codes, heads, token counts, judges' answers, harm
-    embeddings, labels."""
+    embeddings, labels, reports."""
 
 
 @cache.command(name="info")
@@ -892,8 +898,8 @@ def cache():
 def cache_info_command(cache_dir, output_format):
     """List what the cache holds: one row per model, layer, positions and max length with its size on disk;
     then every kind of entry with its size: activations, trained SAEs, per-text SAE codes, fitted heads, token
-    counts, judges' answers, the harm judge's sentence embeddings and labels of given SAEs (--format json: each
-    entry's too)."""
+    counts, judges' answers, the harm judge's sentence embeddings, labels of given SAEs and whole scan reports
+    (--format json: each entry's too)."""
     from .workflows.cache_admin import cache_summary, cache_view
 
     summary = cache_summary(cache_dir or default_cache_dir())
@@ -908,7 +914,7 @@ def cache_info_command(cache_dir, output_format):
 @click.option("--yes", is_flag=True, help="Do not ask for confirmation (required when stdin is not a terminal).")
 def cache_clear_command(cache_dir, yes):
     """Delete every kind of cache entry: activations, trained SAEs, codes, heads, token counts, judges' answers,
-    harm embeddings and labels."""
+    harm embeddings, labels and scan reports."""
     from .errors import ConfigError
     from .workflows.cache_admin import cache_clear
 

@@ -12,7 +12,7 @@ from click.testing import CliRunner
 from safer_audit.cli import cli
 from safer_audit.features.labels import FeatureLabel, label_cache_file, label_features
 from safer_audit.model.embeddings import EmbeddingCache
-from safer_audit.pipeline.scan import run_scan
+from safer_audit.pipeline.report_cache import scan_report
 
 from .conftest import hh_records
 from .test_heads_cache import config, write_pairs
@@ -27,7 +27,7 @@ def test_cache_info_lists_and_clear_deletes_every_kind(tiny_llama_dir, tmp_path)
 
     cache = tmp_path / "cache"
     scan_config = config(tiny_llama_dir, cache)
-    run_scan(str(write_pairs(tmp_path / "pairs.jsonl", hh_records(12))), scan_config)
+    assert not scan_report(str(write_pairs(tmp_path / "pairs.jsonl", hh_records(12))), scan_config).cached
     # a judge's answer where the LLM judge keeps them by default (the scan's cache), and the labels of a
     # given SAE where a scan with --sae keeps them (under the cache, by the SAE's hash)
     DirCache(cache / "judges" / "llm")["a request"] = {"verdict": "chosen"}
@@ -50,13 +50,15 @@ def test_cache_info_lists_and_clear_deletes_every_kind(tiny_llama_dir, tmp_path)
     assert kinds["harm embeddings"] == tree_bytes(cache / "judges" / "harm") > 0
     assert kinds["judges"] == tree_bytes(cache / "judges") - kinds["harm embeddings"] > 0
     assert kinds["labels"] == tree_bytes(cache / "labels") > 0
+    assert kinds["reports"] == tree_bytes(cache / "reports") > 0
     assert sum(kinds.values()) == info["bytes"] == tree_bytes(cache)
     table = CliRunner().invoke(cli, ["cache", "info", "--cache-dir", str(cache)], env={"COLUMNS": "200"})
-    assert all(kind in table.output for kind in ("token counts", "judges", "harm embeddings", "labels")), table.output
+    assert all(kind in table.output for kind in ("token counts", "judges", "harm embeddings", "labels", "reports")), \
+        table.output
 
     result = CliRunner().invoke(cli, ["cache", "clear", "--cache-dir", str(cache), "--yes"])
     assert result.exit_code == 0 and f"freed {info['bytes'] / 2**20:.1f} MiB" in result.output
-    assert not any((cache / name).exists() for name in ("activations", "judges", "labels"))
+    assert not any((cache / name).exists() for name in ("activations", "judges", "labels", "reports"))
     after = json.loads(CliRunner().invoke(cli, ["cache", "info", "--cache-dir", str(cache), "--format", "json"]).output)
     assert after["entries"] == [] and after["bytes"] == 0
     assert "is empty" in CliRunner().invoke(cli, ["cache", "info", "--cache-dir", str(cache)], env={"COLUMNS": "200"}).output

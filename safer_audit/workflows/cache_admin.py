@@ -11,6 +11,7 @@ Under the cache root (config.default_cache_dir or ``--cache-dir``)::
     judges/                      answers judges keep across runs (the LLM judge's in judges/llm/)
         harm/                    the harm judge's sentence embeddings (model.embeddings)
     labels/<SAE hash>/           feature labels of a user's ``--sae``
+    reports/                     whole scan reports (pipeline.report_cache)
 
 Every kind is listed with its size, and ``cache clear`` deletes them all (and nothing else
 that may sit in the directory: a cache directory given by hand may hold other files).
@@ -24,7 +25,7 @@ from pathlib import Path
 from ..common.terminal import plain
 from ..model.activations import cache_info
 
-TOP_LEVEL = ("activations", "judges", "labels")  # what the cache writes directly under its root
+TOP_LEVEL = ("activations", "judges", "labels", "reports")  # what the cache writes directly under its root
 EMBEDDINGS = Path("judges") / "harm"  # a kind of its own inside judges/: cost, not answers
 # kind -> the cache_info field of its bytes, per activation entry
 ENTRY_KINDS = {"activations": "activation_bytes", "SAEs": "sae_bytes", "codes": "codes_bytes", "heads": "heads_bytes",
@@ -38,6 +39,7 @@ KIND_HELP = {
     "judges": "judges' answers (judges/)",
     "harm embeddings": "the harm judge's sentence embeddings (judges/harm/)",
     "labels": "feature labels of given SAEs (labels/)",
+    "reports": "whole scan reports, read back by a scan of the same data and options (reports/)",
     "other": "entry configurations, locks",
 }
 
@@ -113,7 +115,8 @@ def _size(size: int) -> str:
 
 def cache_clear(root: Path) -> int:
     """Delete every kind of cache entry under ``root`` (activation entries with their SAEs, codes,
-    heads and token counts; judges' answers and the harm judge's embeddings; labels); returns the bytes freed."""
+    heads and token counts; judges' answers and the harm judge's embeddings; labels; reports); returns the
+    bytes freed."""
     freed = 0
     for name in TOP_LEVEL:
         directory = Path(root) / name
