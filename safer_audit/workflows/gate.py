@@ -145,6 +145,9 @@ _HEADER_FIELDS = ("format", "tool_version", "model", "activations", "data", "ski
 _PAIR_FIELDS = ("category", "digest", *SIGNALS)
 
 
+_CATEGORIES = tuple(Category)  # made once, not for each of a baseline's pairs (the enum is iterated in Python)
+
+
 # fields a baseline made before they were recorded lacks: read as these defaults
 _MODEL_DEFAULTS = {"backend": ActivationConfig.backend}
 
@@ -454,7 +457,7 @@ class _Checker:
     def pair(self, pair_id: str, entry) -> None:
         name = f"pairs.{pair_id}"
         self.section(entry, name, _PAIR_FIELDS)
-        self.string(entry["category"], f"{name}.category", choices=tuple(Category))
+        self.string(entry["category"], f"{name}.category", choices=_CATEGORIES)
         self.digest(entry["digest"], f"{name}.digest")
         for signal in SIGNALS:
             self.number(entry[signal], f"{name}.{signal}", optional=True)
