@@ -5,8 +5,11 @@
 Every step is the real command line in a new interpreter (as a person or a pre-commit hook runs it),
 side by side in one run:
 - ``--help``, ``--version``, ``plugins``, ``validate DATA``: start-up alone;
-- cold scan: ``safer-audit scan DATA`` into an empty activation cache;
-- warm scan: the same command again, on the cache the cold scan filled;
+- cold scan: ``safer-audit scan DATA`` into an empty cache;
+- warm scan: the same command again, on the cache the cold scan filled (its report is read back from the
+  report cache);
+- warm scan, ``--no-cache``: the same, scanning again on the cold scan's activations, SAE, codes and heads
+  (timed, not a target);
 - baseline: ``safer-audit baseline DATA`` on that cache (timed, not a target);
 - gate, unchanged: ``safer-audit gate DATA`` against that baseline, with an empty cache (CI has none).
 The short steps run ``--repeats`` times (the median is shown). Prints a Markdown table for BENCHMARKS.md.
@@ -66,8 +69,10 @@ def main() -> int:
         cold, _ = run(scan, cache)
         rows.append(("cold scan", [cold], "empty cache"))
         rows.append(("warm scan", repeated(scan, cache, args.repeats), "the cold scan's cache"))
+        rows.append(("warm scan, --no-cache", repeated([*scan, "--no-cache"], cache, args.repeats),
+                     "the cold scan's cache, its report not read"))
         baseline = tmp / "repo" / ".safer-audit" / "baseline.json"
-        base, _ = run(["baseline", args.data, "--out", baseline, "--quiet", *args.extra], cache)
+        base, _ = run(["baseline", args.data, "--output", baseline, "--quiet", *args.extra], cache)
         rows.append(("baseline", [base], "the cold scan's cache"))
         gate = ["gate", args.data, "--baseline", baseline, "--format", "json", "--quiet"]
         times, out = [], ""

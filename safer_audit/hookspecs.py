@@ -28,7 +28,8 @@ class ModelBackend(Protocol):
     changes when the weights do); ``n_layers`` and ``d_model`` size the read layer;
     ``has_reward_head`` says whether ``forward`` can also return a reward score. Optional:
     ``compute_dtype``, the dtype name the forward pass computes in ("float32" when absent), which keys the
-    activation cache.
+    activation cache; ``identify(model)`` on the factory, the (identity, fingerprint) of a backend for
+    ``model`` found without loading it (None when it cannot tell), which keys a cached report.
     """
 
     identity: str
