@@ -11,7 +11,7 @@ The key is the sha256 of, as canonical JSON:
 - the data: the bytes of the file scanned, and its path as given (the report names it);
 - every option: the whole ScanConfig;
 - the code: safer-audit's version and a digest of every file of the package (a changed rule or default is another
-  key), and the versions of the libraries that compute (torch, transformers, tokenizers, numpy...);
+  key), and the versions of Python and of the libraries that compute (torch, transformers, tokenizers, numpy...);
 - each model the profile reads: its identity and fingerprint as the activation cache has them (the config and the
   weight files' names and sizes, or a GGUF's header), from a backend that can tell them without loading the model
   (``identify``: the built-in ``hf``), and the profile's layers, positions and lengths;
@@ -80,7 +80,7 @@ def scan_report(source, config: ScanConfig, *, steps=no_progress, warn=None, use
     warnings, again); ``use_cache=False`` neither reads nor writes the cache."""
     key = report_key(source, config) if use_cache else None
     path = entry_path(config.activations.cache_dir, key) if key is not None else None
-    if path is not None:
+    if path is not None and os.path.lexists(path):
         with steps("Reading the cached report", "reports") as update:
             found = read_entry(path, key)
             update(1, 1)
@@ -129,7 +129,8 @@ def report_key(source, config: ScanConfig) -> str | None:
         return None
     parts = {
         "format": REPORT_CACHE_FORMAT,
-        "code": {"version": __version__, "package": _package_digest(), "libraries": _library_versions()},
+        "code": {"version": __version__, "package": _package_digest(), "libraries": _library_versions(),
+                 "python": platform.python_version()},
         "data": {"path": os.fspath(source), "sha256": sha256_file(data)},
         "config": asdict(config),
         "models": models,
@@ -249,7 +250,7 @@ def _library_versions() -> dict[str, str | None]:
 def _accelerator(device: str) -> dict | None:
     """What decides whether ``--device auto`` runs on a GPU (and so what ``--dtype auto`` computes in), read without
     torch: the driver's presence and the devices a process may see."""
-    if device not in ("auto",) and not device.startswith("cuda"):
+    if device != "auto" and not device.startswith("cuda"):
         return None
     return {"machine": platform.machine(), "nvidia": os.path.exists("/proc/driver/nvidia/version"),
             "rocm": os.path.exists("/dev/kfd"), "visible": os.environ.get("CUDA_VISIBLE_DEVICES"),
