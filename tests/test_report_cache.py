@@ -13,6 +13,7 @@ from click.testing import CliRunner
 
 from safer_audit.cli import cli
 from safer_audit.pipeline.report_cache import entry_path, report_key, scan_report
+from safer_audit.report.types import export_report
 
 from .conftest import registered_plugin, tiny_scan_config, write_hh_pairs
 from .test_startup_imports import heavy, run
@@ -70,6 +71,23 @@ def test_the_same_scan_again_is_read_back(scanned):
     again = scan_report(str(data), config)
     assert again.cached
     assert again.report.to_dict() == first.report.to_dict()  # its time and timings too: the scan that made it
+
+
+@pytest.mark.parametrize("judges", [None, ("score_safe", "reward_margin", "harm")], ids=["default", "harm"])
+def test_a_cached_report_exports_byte_for_byte_as_the_scanned_one(tiny_llama_dir, tmp_path, judges):
+    data = write_hh_pairs(tmp_path / "data.jsonl", 24)
+    config = tiny_scan_config(tiny_llama_dir, tmp_path / "cache", labeller="none", judges=judges)
+    scanned = scan_report(str(data), config)
+    cached = scan_report(str(data), config)
+    assert cached.cached and not scanned.cached
+    for side, result in (("scanned", scanned), ("cached", cached)):
+        (tmp_path / side).mkdir()
+        for name in OUTPUTS:
+            export_report(result.report, tmp_path / side / name)
+    for name in OUTPUTS:
+        assert (tmp_path / "cached" / name).read_bytes() == (tmp_path / "scanned" / name).read_bytes(), name
+    if judges is not None:  # the harm judge's evidence came back too
+        assert any(f.judge_evidence for f in cached.report.findings)
 
 
 def test_the_key_changes_with_the_data_every_option_and_the_model(tiny_llama_dir, tmp_path):
