@@ -49,6 +49,8 @@ MAX_MODEL_CONFIG_BYTES = 16 << 20  # a model directory's config.json: a few kB
 MAX_SAE_WEIGHTS_BYTES = 64 << 30  # an SAE's weights: 1M latents on a 4096-wide model in float32 is 32 GiB
 DEVICE_PATTERN = r"auto|cpu|mps|cuda(:[0-9]+)?"  # an open set (cuda:N), so a pattern, not a Literal
 CACHE_DIR_HELP = "Activation cache. Default: $SAFER_AUDIT_CACHE_DIR or $XDG_CACHE_HOME/safer-audit."
+LOCAL_ENGINE = "local"  # --engine: this process, the pipeline's own code, no executor
+NO_LABELLER = "none"  # --labeller: no labels
 
 
 def default_cache_dir() -> Path:

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from ..common.files import read_bounded, write_atomic
-from ..config import ScanConfig
+from ..config import NO_LABELLER, ScanConfig
 from ..errors import ConfigError, PluginError
 from ..model.texts import PreparedText
 from ..plugins import lookup
@@ -90,9 +90,6 @@ def label_request(card: FeatureCard, data, backend) -> LabelRequest:
                        for c in card.contexts),
         top_tokens=tuple((tok, mass) for tok, (_, mass) in zip(tokens, data.token_mass, strict=True)),
         token_rates=tuple(data.token_rates))
-
-
-NO_LABELLER = "none"
 
 
 def make_labeller(name: str | None, options: dict | None = None):

@@ -35,7 +35,7 @@ from ..common.entries import DAMAGED, index_shards, keys_of, shard_keys, split_e
 from ..common.files import remove_stale_temporaries, write_atomic
 from ..common.keyindex import KeyIndex
 from ..common.memory import release_freed_memory
-from ..config import ActivationConfig
+from ..config import LOCAL_ENGINE, ActivationConfig
 from ..errors import CacheError, ConfigError, inert
 from ..plugins import lookup
 from .texts import PreparedText, SpooledTexts
@@ -470,9 +470,6 @@ def load_backend(config: ActivationConfig):
     factory = lookup("model", config.backend)
     return factory(config.model, device=config.device, dtype=config.dtype,
                                     trust_remote_code=config.trust_remote_code)
-
-
-LOCAL_ENGINE = "local"  # this process: the pipeline's own code, no executor
 
 
 def executor_for(config: ActivationConfig):

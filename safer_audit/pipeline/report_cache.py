@@ -45,7 +45,7 @@ from pathlib import Path
 from ..common.digests import sha256_file
 from ..common.files import read_bounded, write_atomic
 from ..common.progress import no_progress
-from ..config import MAX_REPORT_BYTES, PROFILES, ScanConfig
+from ..config import LOCAL_ENGINE, MAX_REPORT_BYTES, NO_LABELLER, PROFILES, ScanConfig
 from ..data import HUB_PREFIX, STDIN, is_table
 from ..errors import CacheError, ConfigError
 from ..plugins import registry
@@ -57,8 +57,6 @@ from ..version import __version__
 REPORT_CACHE_FORMAT = 1  # bump when the entry's layout or the key's parts change
 REPORTS = "reports"  # the cache's directory of report entries
 MAX_ENTRY_BYTES = MAX_REPORT_BYTES  # an entry is the report in compact JSON, smaller than the JSON report
-NO_LABELLER = "none"
-LOCAL_ENGINE = "local"
 # the libraries whose version can change a number in the report
 LIBRARIES = ("torch", "transformers", "tokenizers", "safetensors", "numpy", "gguf", "jinja2", "polars", "pyarrow")
 PACKAGE = Path(__file__).resolve().parent.parent
