@@ -173,8 +173,9 @@ class ActivationConfig:
                                   "tokens instead of --batch-size texts; at least --max-length. 0: off.", min=0)
     device: str = option("auto", "auto, cpu, cuda, cuda:N or mps.", pattern=DEVICE_PATTERN)
     # the CLI offers these four; the library passes any other name on (the hf backend takes bf16, fp16)
-    dtype: Dtype = option("auto", "auto (bfloat16 on GPU, float32 on CPU), float32, bfloat16 (on CPU: autocast around "
-                                  "float32 weights) or float16.", checked=False)
+    dtype: Dtype = option("auto", "auto (bfloat16 on GPU, float32 on CPU but for the thorough profile's SmolLM2 on a CPU "
+                                  "with native bfloat16), float32, bfloat16 (on CPU: autocast around float32 weights) "
+                                  "or float16.", checked=False)
     trust_remote_code: bool = option(False, "Allow the model directory to run its own Python code (off by default).")
     cache_dir: Path = option(help=CACHE_DIR_HELP, factory=default_cache_dir, path={"file_okay": False})
     # how cached activations are stored
@@ -345,11 +346,14 @@ class ProfileModel:
     layer: int
     positions: str = "response"
     max_length: int = 384  # the length the layers were measured at (BENCHMARKS.md "SmolLM2"); bounds its cost
+    # what --dtype auto computes in on a CPU with native bfloat16 (AVX512-BF16 or AMX): float32 elsewhere
+    cpu_dtype: str = "float32"
 
 
 # measured: BENCHMARKS.md "SmolLM2: which layer and positions" (200 pairs: layer 16 over every token had the best
 # cross-fitted pairwise accuracy, 0.620; layer 20 the best flip AUROC, 0.658, within one sd of layer 16's 0.628)
-SMOLLM2 = ProfileModel("smollm2", "smollm2", layer=16, positions="all")
+# bfloat16 on such CPUs: BENCHMARKS.md "The thorough profile: before and after" (its ranking agrees with float32's)
+SMOLLM2 = ProfileModel("smollm2", "smollm2", layer=16, positions="all", cpu_dtype="bfloat16")
 PROFILES: dict[str, tuple[ProfileModel, ...]] = {"fast": (), "thorough": (SMOLLM2,)}
 
 

@@ -221,3 +221,17 @@ def test_evaluate_measures_both_models_judges_under_thorough(tiny_llama_dir, tin
 def test_profile_is_an_option_with_two_choices():
     with pytest.raises(ConfigError, match="fast, thorough"):
         ScanConfig(profile="slow")
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_smollm2_computes_in_bfloat16_under_dtype_auto_only_on_a_cpu_with_native_bfloat16(tmp_path, monkeypatch,
+                                                                                           native):
+    from safer_audit.pipeline import profiles
+
+    monkeypatch.setattr(profiles, "native_bfloat16", lambda: native)
+    config = _config(tmp_path, tmp_path)  # dtype auto, device cpu
+    assert profiles.model_config(config, profiles.SMOLLM2).activations.dtype == ("bfloat16" if native else "auto")
+    config.activations.dtype = "float32"  # --dtype float32 keeps float32
+    assert profiles.model_config(config, profiles.SMOLLM2).activations.dtype == "float32"
+    config.activations.dtype = "auto"  # a model of the profile without a CPU dtype of its own stays as asked
+    assert profiles.model_config(config, profiles.ProfileModel("other", "m", layer=1)).activations.dtype == "auto"

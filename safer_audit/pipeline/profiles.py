@@ -37,12 +37,24 @@ def model_config(config: ScanConfig, extra: ProfileModel, *, labels: bool = True
     """The scan configuration of one more model: its model, layer, positions and length; an SAE trained
     on its own activations; the built-in judges; the scan's labeller for its cards in the report
     (``labels=False``: none, for evaluate, whose scorers do not read labels)."""
+    dtype, device = config.activations.dtype, config.activations.device
+    on_cpu = device == "cpu" or (device == "auto" and not torch.cuda.is_available())
+    if dtype == "auto" and on_cpu and extra.cpu_dtype == "bfloat16" and native_bfloat16():
+        dtype = "bfloat16"
     activations = replace(config.activations, model=extra.model, layer=extra.layer, positions=extra.positions,
-                          max_length=extra.max_length)
+                          max_length=extra.max_length, dtype=dtype)
     labelling = {} if labels else {"labeller": "none", "labeller_options": {}}
     return replace(config, activations=activations, sae_path=None, features_file=None, salience_from=None,
                    judges=None, select="salience", profile="fast", flipped_rule="judges",  # harm reads texts: once
                    **labelling)
+
+
+def native_bfloat16() -> bool:
+    """Whether this CPU computes in bfloat16 natively (AVX512-BF16 or AMX); elsewhere it is emulated, and slower."""
+    try:
+        return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):  # a torch without the check
+        return False
 
 
 def model_name(identity: str) -> str:
