@@ -23,6 +23,7 @@ import functools
 import hashlib
 import importlib.util
 import io
+import json
 import os
 import re
 from dataclasses import dataclass
@@ -53,6 +54,7 @@ EMBEDDED_MODELS = {
 }
 GGUF_SUFFIX = ".gguf"
 GGUF_HEADER_BYTES = 1 << 20  # the fingerprint hashes this much of a GGUF's start: its metadata (architecture, sizes)
+WEIGHTS_FORMAT = 1  # the cached dequantised weights of a GGUF model (HFModelBackend.weights_entry)
 
 
 # A word ends and the next begins: past one of these, tokenizers that do not merge across
@@ -205,7 +207,8 @@ class HFModelBackend:
     name = "hf"
 
     def __init__(self, model: str | None = None, *, device: str = "auto", dtype: str = "auto",
-                 trust_remote_code: bool = False):
+                 trust_remote_code: bool = False, cache_dir: str | os.PathLike | None = None):
+        """``cache_dir``: where a GGUF model's dequantised weights are kept (``weights_entry``); None: nowhere."""
         import torch
         from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification, AutoTokenizer
         from transformers.utils import logging as hf_logging
@@ -226,6 +229,8 @@ class HFModelBackend:
         with self._load_errors():
             config = AutoConfig.from_pretrained(directory, trust_remote_code=trust_remote_code, **gguf)
             self.tokenizer = AutoTokenizer.from_pretrained(directory, trust_remote_code=trust_remote_code, **gguf)
+        self._config = config
+        self.cache_dir = Path(cache_dir) if cache_dir is not None else None
         architectures = config.architectures or []
         # A classifier with several labels is not a reward model: read hidden states only.
         self.has_reward_head = (any(a.endswith("ForSequenceClassification") for a in architectures)
@@ -276,11 +281,64 @@ class HFModelBackend:
             # transformers' GGUF reader draws its own tqdm bar (hf_logging does not switch it off)
             quiet = contextlib.redirect_stderr(io.StringIO()) if self.gguf_file else contextlib.nullcontext()
             with self._load_errors(), quiet:
-                model = load_weights(self._auto, self.directory, self.device, **self._load)
+                model = self._load_converted()
+                if model is None:
+                    model = load_weights(self._auto, self.directory, self.device, **self._load)
+                    self._save_converted(model)
             model.config.pad_token_id = self.tokenizer.pad_token_id
             self._layers = _layer_list(model, self.n_layers)
             self._model = model
         return self._model
+
+    def _weights_head(self) -> list:
+        """What the dequantised weights depend on: the GGUF file (fingerprint, size, modification time), the
+        transformers version that dequantised it, the architecture class and the dtype."""
+        import transformers
+
+        stat = (self.directory / self.gguf_file).stat()
+        return [WEIGHTS_FORMAT, self.identity, self.fingerprint, stat.st_size, stat.st_mtime_ns,
+                transformers.__version__, self._auto.__name__, str(self._load["dtype"])]
+
+    @property
+    def weights_entry(self) -> Path | None:
+        """Where a GGUF model's dequantised weights are cached (``<cache>/models/<key>.safetensors``, with a
+        digest of the tensors): reading them back is a fraction of dequantising the file again. None for a
+        safetensors model, or without a cache directory."""
+        if self.gguf_file is None or self.cache_dir is None:
+            return None
+        key = hashlib.sha256(json.dumps(self._weights_head()).encode()).hexdigest()[:20]
+        return self.cache_dir / "models" / f"{key}.safetensors"
+
+    def _load_converted(self):
+        """The model from weights_entry, or None when there is none or it fails its digest (then it is deleted)."""
+        path = self.weights_entry
+        if path is None or not path.is_file():
+            return None
+        from ..common.entries import read_entry, tensors_digest
+
+        entry = read_entry(path)
+        model = None
+        if entry is not None and entry[1].get("digest") == tensors_digest(self._weights_head(), entry[0]):
+            model = self._auto.from_config(self._config)
+            try:
+                model.load_state_dict(entry[0], strict=True)
+            except RuntimeError:  # names or shapes of another architecture: not these weights
+                model = None
+        if model is None:
+            path.unlink(missing_ok=True)
+            return None
+        return model.to(self._load["dtype"]).to(self.device).eval()
+
+    def _save_converted(self, model) -> None:
+        path = self.weights_entry
+        if path is None:
+            return
+        from ..common.entries import tensors_digest, write_entry
+
+        # copies: safetensors refuses tensors that share memory (tied weights), and the file must be whole
+        tensors = {name: tensor.detach().cpu().clone() for name, tensor in model.state_dict().items()}
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_entry(path, tensors, {"digest": tensors_digest(self._weights_head(), tensors)})
 
     @property
     def chat_template(self) -> str | None:

@@ -22,6 +22,7 @@ cold run would; and the store is read in an order derived from the data.
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import sys
 from collections.abc import Iterator, Sequence
@@ -468,8 +469,10 @@ class _KeyedTexts(Sequence):
 def load_backend(config: ActivationConfig):
     """The model backend named by the configuration, through the plugin registry."""
     factory = lookup("model", config.backend)
+    # a backend that keeps converted weights (hf: a GGUF model's dequantised ones) keeps them in the cache
+    options = {"cache_dir": config.cache_dir} if "cache_dir" in inspect.signature(factory).parameters else {}
     return factory(config.model, device=config.device, dtype=config.dtype,
-                                    trust_remote_code=config.trust_remote_code)
+                   trust_remote_code=config.trust_remote_code, **options)
 
 
 def executor_for(config: ActivationConfig):

@@ -25,7 +25,7 @@ from pathlib import Path
 from ..common.terminal import plain
 from ..model.activations import cache_info
 
-TOP_LEVEL = ("activations", "judges", "labels", "reports")  # what the cache writes directly under its root
+TOP_LEVEL = ("activations", "judges", "labels", "reports", "models")  # what the cache writes directly under its root
 EMBEDDINGS = Path("judges") / "harm"  # a kind of its own inside judges/: cost, not answers
 # kind -> the cache_info field of its bytes, per activation entry
 ENTRY_KINDS = {"activations": "activation_bytes", "SAEs": "sae_bytes", "codes": "codes_bytes", "heads": "heads_bytes",
@@ -40,6 +40,7 @@ KIND_HELP = {
     "harm embeddings": "the harm judge's sentence embeddings (judges/harm/)",
     "labels": "feature labels of given SAEs (labels/)",
     "reports": "whole scan reports, read back by a scan of the same data and options (reports/)",
+    "models": "dequantised weights of GGUF models (models/)",
     "other": "entry configurations, locks",
 }
 
@@ -115,8 +116,8 @@ def _size(size: int) -> str:
 
 def cache_clear(root: Path) -> int:
     """Delete every kind of cache entry under ``root`` (activation entries with their SAEs, codes,
-    heads and token counts; judges' answers and the harm judge's embeddings; labels; reports); returns the
-    bytes freed."""
+    heads and token counts; judges' answers and the harm judge's embeddings; labels; reports; dequantised
+    model weights); returns the bytes freed."""
     freed = 0
     for name in TOP_LEVEL:
         directory = Path(root) / name

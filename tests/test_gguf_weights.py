@@ -1,0 +1,66 @@
+"""A GGUF model's dequantised weights, kept in the cache (HFModelBackend.weights_entry)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from safer_audit.backends import hf
+from safer_audit.workflows.cache_admin import cache_clear, cache_summary
+
+from .test_profiles import write_tiny_gguf
+
+
+@pytest.fixture(scope="module")
+def tiny_gguf(tiny_llama_dir, tmp_path_factory):
+    pytest.importorskip("gguf")
+    return write_tiny_gguf(tmp_path_factory.mktemp("gguf") / "tiny-llama.gguf", tiny_llama_dir / "tokenizer.json")
+
+
+def hidden_of(backend):
+    text, _start, special = backend.render([{"role": "user", "content": "hi there"},
+                                            {"role": "assistant", "content": "I can't help with that"}])
+    ids, _offsets, _special = backend.tokenize([text], max_length=64, has_special_tokens=special)
+    return backend.forward(*backend.pad_batch(ids), layer=2, want_score=False)[0]
+
+
+def fresh(tiny_gguf, cache_dir):
+    """A backend whose weights come from the cache entry or the GGUF file, not from this process's memory."""
+    hf._load_weights.cache_clear()
+    return hf.HFModelBackend(str(tiny_gguf), device="cpu", cache_dir=cache_dir)
+
+
+def test_the_dequantised_weights_are_cached_and_read_back_the_same(tiny_gguf, tmp_path, monkeypatch):
+    first = fresh(tiny_gguf, tmp_path)
+    expected = hidden_of(first)
+    entry = first.weights_entry
+    assert entry is not None and entry.is_file() and entry.parent == tmp_path / "models"
+    dequantised = []
+    monkeypatch.setattr(hf, "load_weights", lambda *a, **k: dequantised.append(1) or pytest.fail("dequantised"))
+    second = fresh(tiny_gguf, tmp_path)
+    assert torch.equal(hidden_of(second), expected)  # the same weights, bit for bit
+    assert not dequantised
+    for name, tensor in first.model.state_dict().items():
+        assert torch.equal(second.model.state_dict()[name], tensor)
+    assert any(kind["kind"] == "models" and kind["bytes"] > 0 for kind in cache_summary(tmp_path)["kinds"])
+    cache_clear(tmp_path)
+    assert not entry.exists()
+
+
+def test_a_damaged_entry_is_not_used_but_dequantised_again(tiny_gguf, tmp_path, monkeypatch):
+    expected = hidden_of(fresh(tiny_gguf, tmp_path))
+    backend = fresh(tiny_gguf, tmp_path)
+    entry = backend.weights_entry
+    data = bytearray(entry.read_bytes())
+    data[-5] ^= 0x40  # a flipped bit in the last tensor
+    entry.write_bytes(bytes(data))
+    dequantised = []
+    real = hf.load_weights
+    monkeypatch.setattr(hf, "load_weights", lambda *a, **k: dequantised.append(1) or real(*a, **k))
+    assert torch.equal(hidden_of(backend), expected)
+    assert dequantised == [1] and entry.is_file() and entry.read_bytes() != bytes(data)  # rewritten whole
+
+
+def test_no_cache_directory_no_entry_and_safetensors_models_have_none(tiny_gguf, tiny_llama_dir, tmp_path):
+    assert hf.HFModelBackend(str(tiny_gguf), device="cpu").weights_entry is None
+    assert hf.HFModelBackend(str(tiny_llama_dir), device="cpu", cache_dir=tmp_path).weights_entry is None
