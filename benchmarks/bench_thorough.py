@@ -150,7 +150,8 @@ def extraction(args) -> int:
 def main() -> int:
     parser = bench_parser(__doc__)
     parser.add_argument("--weights-load", action="store_true", help="time loading SmolLM2's weights instead")
-    parser.add_argument("--extraction", action="store_true", help="time SmolLM2's extraction, float32 against bfloat16, instead")
+    parser.add_argument("--extraction", action="store_true",
+                        help="time SmolLM2's extraction, float32 against bfloat16, instead")
     parser.add_argument("--run", nargs="+", action="append", metavar="NAME CHECKOUT [OPTIONS]",
                         help="a name, a checkout, and scan options in one argument (repeatable; the first is "
                              "the reference)")

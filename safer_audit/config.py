@@ -173,9 +173,9 @@ class ActivationConfig:
                                   "tokens instead of --batch-size texts; at least --max-length. 0: off.", min=0)
     device: str = option("auto", "auto, cpu, cuda, cuda:N or mps.", pattern=DEVICE_PATTERN)
     # the CLI offers these four; the library passes any other name on (the hf backend takes bf16, fp16)
-    dtype: Dtype = option("auto", "auto (bfloat16 on GPU, float32 on CPU but for the thorough profile's SmolLM2 on a CPU "
-                                  "with native bfloat16), float32, bfloat16 (on CPU: autocast around float32 weights) "
-                                  "or float16.", checked=False)
+    dtype: Dtype = option("auto", "auto (bfloat16 on GPU, float32 on CPU but for the thorough profile's SmolLM2 "
+                                  "on a CPU with native bfloat16), float32, bfloat16 (on CPU: autocast around float32 "
+                                  "weights) or float16.", checked=False)
     trust_remote_code: bool = option(False, "Allow the model directory to run its own Python code (off by default).")
     cache_dir: Path = option(help=CACHE_DIR_HELP, factory=default_cache_dir, path={"file_okay": False})
     # how cached activations are stored
