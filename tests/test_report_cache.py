@@ -214,3 +214,31 @@ def test_no_cache_neither_reads_nor_writes(scanned, tiny_llama_dir):
     result = CliRunner().invoke(cli, args)
     assert result.exit_code == 0, result.output
     assert not (Path(config.activations.cache_dir) / "reports").exists()
+
+
+def test_with_dtype_auto_the_key_holds_the_cpus_bfloat16_flags(tiny_llama_dir, tmp_path, monkeypatch):
+    """--dtype auto computes the thorough profile's SmolLM2 in bfloat16 on a CPU with native bfloat16: a cache
+    copied to a CPU without it must not serve a report computed in bfloat16."""
+    import builtins
+    import io
+
+    from safer_audit.pipeline import report_cache
+
+    data = write_hh_pairs(tmp_path / "data.jsonl", 8)
+    config = tiny_scan_config(tiny_llama_dir, tmp_path / "cache")
+    real_open = builtins.open
+
+    def cpu(flags: str):
+        def fake(path, *args, **kwargs):
+            if path == "/proc/cpuinfo":
+                return io.BytesIO(f"processor\t: 0\nflags\t\t: fpu sse2 {flags}\n".encode())
+            return real_open(path, *args, **kwargs)
+        monkeypatch.setattr(builtins, "open", fake)
+        return report_cache.report_key(str(data), config), report_cache.report_key(
+            str(data), replace(config, activations=replace(config.activations, dtype="float32")))
+
+    native, native_float32 = cpu("avx512bw avx512vl avx512dq avx512_bf16 amx_bf16 amx_tile")
+    emulated, emulated_float32 = cpu("avx512bw avx512vl avx512dq")
+    assert native != emulated  # auto: the CPU decides the dtype
+    assert native_float32 == emulated_float32  # float32 asked for: the CPU's flags change nothing
+    assert cpu("avx512bw avx512vl avx512dq avx512_bf16 amx_bf16 amx_tile sse4_2")[0] == native  # other flags ignored

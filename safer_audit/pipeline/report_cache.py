@@ -19,7 +19,8 @@ The key is the sha256 of, as canonical JSON:
   ``--features`` file, a taxonomy, a ``--salience-from`` dataset;
 - what the report's paths are written relative to: the working, home and cache directories;
 - with ``--device auto`` or cuda, whether this machine has a GPU torch could use: ``--dtype auto`` computes in
-  bfloat16 there and in float32 on a CPU.
+  bfloat16 there and in float32 on a CPU; with ``--dtype auto``, the CPU's bfloat16 flags (the thorough profile
+  runs SmolLM2 in bfloat16 on a CPU that has them).
 
 Only a scan whose every part is safer-audit's own (its code is in the digest) and reproducible is cached: a judge,
 labeller, model or SAE backend from another plugin (an LLM endpoint above all, whose answers can change) makes the
@@ -136,6 +137,7 @@ def report_key(source, config: ScanConfig) -> str | None:
         "where": {"cwd": os.getcwd(), "home": os.path.expanduser("~"),
                   "cache": os.path.abspath(config.activations.cache_dir)},
         "accelerator": _accelerator(config.activations.device),
+        "cpu": _cpu_bfloat16(config),
     }
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode("utf-8")).hexdigest()
 
@@ -253,6 +255,28 @@ def _accelerator(device: str) -> dict | None:
     return {"machine": platform.machine(), "nvidia": os.path.exists("/proc/driver/nvidia/version"),
             "rocm": os.path.exists("/dev/kfd"), "visible": os.environ.get("CUDA_VISIBLE_DEVICES"),
             "hip_visible": os.environ.get("HIP_VISIBLE_DEVICES")}
+
+
+# the CPU flags that decide whether torch computes bfloat16 natively here (pipeline.profiles.native_bfloat16)
+BFLOAT16_FLAGS = ("avx512bw", "avx512vl", "avx512dq", "avx512_bf16", "amx_bf16", "amx_tile")
+CPUINFO_BYTES = 1 << 20
+
+
+def _cpu_bfloat16(config) -> dict | None:
+    """With ``--dtype auto``, what decides whether a CPU computes the thorough profile's SmolLM2 in bfloat16, read
+    without torch: the machine and its bfloat16-related CPU flags (a cache copied to another CPU misses)."""
+    if config.activations.dtype != "auto":
+        return None
+    flags: set[str] = set()
+    try:
+        with open("/proc/cpuinfo", "rb") as handle:  # Linux; elsewhere the machine name alone
+            for line in handle.read(CPUINFO_BYTES).decode("ascii", "replace").splitlines():
+                if line.startswith("flags"):
+                    flags = set(line.partition(":")[2].split())
+                    break
+    except OSError:
+        pass
+    return {"machine": platform.machine(), "flags": sorted(flags & set(BFLOAT16_FLAGS))}
 
 
 def write_entry(path: Path, key: str, report: Report, warnings: list[str]) -> None:
