@@ -117,8 +117,8 @@ def weights_load(rounds: int) -> int:
 def extraction(args) -> int:
     """Seconds of SmolLM2's extraction of ``args.limit`` pairs in float32 and under bfloat16 autocast."""
     import torch
-
     from _common import read_pairs
+
     from safer_audit.backends import hf
     from safer_audit.config import ActivationConfig
     from safer_audit.model.activations import extract_activations
