@@ -5,7 +5,7 @@
 Measured in one run, one after the other (the first two interleaved, ``--rounds`` times):
 - plain encoding: the judge's maths (scoring.harm) on the sentence encoder called as the judge first
   called it (every text of a slice of 1,024 pairs encoded, repeats included, in batches of 64 texts);
-- the judge, cold: backends.harm.HarmJudge (each distinct text encoded once, in batches of at most 16,384
+- the judge, cold: backends.harm.HarmJudge (each distinct text encoded once, in batches of at most 2,048
   padded tokens) with no cache directory (kept for the run in a temporary one), the last round into an
   empty cache directory;
 - the judge, warm: a new judge on that cache (nothing encoded, the encoder not needed);

@@ -299,7 +299,8 @@ class ScanConfig:
                               group="profile")
     aggregation: Aggregation = option("mean-rank", "How the judges are combined: mean percentile rank, or a "
                                                    "cross-fitted Bradley-Terry stack.", group="ranking")
-    # "judges" by default while the harm judge costs about as much as the rest of a cold scan (BENCHMARKS.md)
+    # "judges" by default: the harm judge adds about a quarter to a cold scan of HH and loads a second model
+    # for every small scan (BENCHMARKS.md "The harm judge's cost")
     flipped_rule: FlippedRule = option("judges", "What makes a pair 'flipped': judges: among the most suspicious, "
                                                  "every ranked judge prefers the rejected reply; harm: the label "
                                                  "looks wrong: the harm judge (run even when not ranked) finds the "
