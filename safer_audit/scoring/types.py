@@ -22,7 +22,8 @@ class Judge(Protocol):
 
     Optional: ``cost`` (a dict, e.g. requests and tokens of the last call) for a judge that spends, and
     ``evidence(contexts, chosen, rejected)`` -> per pair, a list of JudgeEvidence: the words the judge read
-    its verdict from, for the pairs a scan flags (the report shows them beside the why).
+    its verdict from, for the pairs a scan flags (the report shows them beside the why); one that also takes
+    ``cache_dir`` is given the scan's judges' cache, to read back what ``judge`` kept there.
     """
 
     name: str
