@@ -200,3 +200,14 @@ def test_a_rescan_over_damaged_heads_posteriors_and_labels_gives_the_cold_report
         without_run_clock((tmp_path / "cold.json").read_bytes())
     export_report(warm.report, tmp_path / "warm.parquet")  # a list as a label made this exit 70
     assert all(0 <= f.flip_probability <= 1 for f in warm.report.findings if f.flip_probability is not None)
+
+
+def test_an_sae_trained_by_another_trainer_format_is_not_served(tiny_llama_dir, data_file, tmp_path, monkeypatch):
+    """The SAE cache key holds the trainer's format: after a change to training, the older SAE is not read."""
+    from safer_audit.sae import cache as sae_cache
+
+    config = tiny_scan_config(tiny_llama_dir, tmp_path / "cache", labeller="none")
+    first = run_scan(str(data_file), config).report.run.sae_path
+    assert run_scan(str(data_file), config).report.run.sae_path == first  # the same format: read back
+    monkeypatch.setattr(sae_cache, "SAE_TRAIN_FORMAT", sae_cache.SAE_TRAIN_FORMAT + 1)
+    assert run_scan(str(data_file), config).report.run.sae_path != first

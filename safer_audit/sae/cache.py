@@ -27,6 +27,11 @@ def sae_backend(name: str = "topk"):
     return lookup("sae", name)
 
 
+# bump when training (the trainer, the token sample, the initialisation) changes what it gives for the same tokens
+# and configuration: the key then misses, and an SAE trained by the older code is never served
+SAE_TRAIN_FORMAT = 1
+
+
 def train_on_store(store: ActivationStore, train_config, backend, config, layer: int, steps,
                    sae_backend_name: str = "topk"):
     """Train an SAE on the activations of ``store`` (up to ``train_config.max_tokens``), with a progress bar.
@@ -62,7 +67,7 @@ def get_sae(store: ActivationStore, config: ScanConfig, backend, layer: int, ste
             raise ScanError(f"SAE {config.sae_path} reads width {sae.cfg.d_in}, but layer {layer} of "
                             f"{backend.identity} has width {backend.d_model}")
         return sae, Path(config.sae_path)
-    trained = [_dataset_fingerprint(store.keys), config.sae_train.to_dict()]
+    trained = [_dataset_fingerprint(store.keys), config.sae_train.to_dict(), SAE_TRAIN_FORMAT]
     if config.sae_backend != "topk":  # another trainer, another SAE; the built-in's keys stay as they were
         trained.append(config.sae_backend)
     key = short_digest(sha256_text(json.dumps(trained, sort_keys=True)))
