@@ -1,4 +1,4 @@
-"""The second embedded model (--model smollm2, a .gguf file) and --profile thorough (issue 14)."""
+"""The second embedded model (--model smollm2, a .gguf file) and --profile thorough."""
 
 from __future__ import annotations
 
