@@ -177,21 +177,35 @@ def _by_owner(values: torch.Tensor, owners: list[int], n: int) -> torch.Tensor:
     return torch.full((n,), -2.0).scatter_reduce(0, torch.tensor(owners, dtype=torch.long), values, "amax")
 
 
-def text_harm(texts: Sequence[str], encode: Encoder, prototypes: Prototypes) -> torch.Tensor:
-    """harm per text (the module's docstring)."""
-    if not texts:
-        return torch.zeros(0, dtype=torch.float64)
+def _split(texts: Sequence[str]) -> tuple[list[int], list[str], list[int]]:
+    """Every text's sentences in one list: the text each belongs to, the sentences, where each text's start."""
     owners, pieces, openings = [], [], []
     for i, text in enumerate(texts):
         split = sentences(text)
         owners += [i] * len(split)
         openings.append(len(pieces))
         pieces += split
-    embedded = encode(pieces).float()
-    comply = _by_owner((embedded @ prototypes.comply.float().T).max(dim=1).values, owners, len(texts))
-    decline = (embedded[openings] @ prototypes.decline.float().T).max(dim=1).values
+    return owners, pieces, openings
+
+
+def _read(embedded: torch.Tensor, owners: list[int], openings: list[int], texts: Sequence[str],
+          prototypes: Prototypes) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """harm per text from its embedded sentences (``_split``'s order), with what it was read from: every
+    sentence's similarity to each comply example, and every opening's to each decline example."""
+    comply = embedded @ prototypes.comply.float().T
+    decline = embedded[openings] @ prototypes.decline.float().T
     question = torch.tensor([asks_back(text) for text in texts], dtype=torch.float32)
-    return (COMPLY_WEIGHT * comply - decline - QUESTION_WEIGHT * question).double()
+    most_comply = _by_owner(comply.max(dim=1).values, owners, len(texts))
+    harm = (COMPLY_WEIGHT * most_comply - decline.max(dim=1).values - QUESTION_WEIGHT * question).double()
+    return harm, comply, decline
+
+
+def text_harm(texts: Sequence[str], encode: Encoder, prototypes: Prototypes) -> torch.Tensor:
+    """harm per text (the module's docstring)."""
+    if not texts:
+        return torch.zeros(0, dtype=torch.float64)
+    owners, pieces, openings = _split(texts)
+    return _read(encode(pieces).float(), owners, openings, texts, prototypes)[0]
 
 
 def conversation_weight(contexts: Sequence[str], encode: Encoder, prototypes: Prototypes) -> torch.Tensor:
@@ -250,15 +264,12 @@ def harm_evidence(chosen: Sequence[str], rejected: Sequence[str], encode: Encode
     prototypes = prototypes or Prototypes.embed(encode)
     comply_examples, decline_examples = _examples()
     texts = [*chosen, *rejected]
-    spans = [sentence_spans(text) for text in texts]
-    pieces = [text[start:end] for text, found in zip(texts, spans, strict=True) for start, end in found]
-    embedded = encode(pieces).float() if pieces else torch.zeros(0, prototypes.comply.shape[1])
-    comply = embedded @ prototypes.comply.float().T
-    decline = embedded @ prototypes.decline.float().T
-    harm = text_harm(texts, encode, prototypes)
-    first = [0]
-    for found in spans:
-        first.append(first[-1] + len(found))
+    if not texts:
+        return []
+    # the sentences encoded once, for the harm that picks the sides and the sentences shown
+    owners, pieces, openings = _split(texts)
+    harm, comply, decline = _read(encode(pieces).float(), owners, openings, texts, prototypes)
+    spans = [sentence_spans(text) for text in texts]  # where those sentences are (none for an empty text)
     out = []
     for i in range(len(chosen)):
         harmful, other = (i, len(chosen) + i) if harm[i] >= harm[len(chosen) + i] else (len(chosen) + i, i)
@@ -267,14 +278,14 @@ def harm_evidence(chosen: Sequence[str], rejected: Sequence[str], encode: Encode
             side = "chosen" if index < len(chosen) else "rejected"
             if not spans[index]:
                 continue
-            rows = slice(first[index], first[index + 1])
+            rows = slice(openings[index], openings[index] + len(spans[index]))
             if reading == "comply":
                 best = comply[rows].max(dim=1)
                 at = int(best.values.argmax())
                 example, similarity = comply_examples[int(best.indices[at])], float(best.values[at])
             else:  # the opening sentence, as text_harm reads a decline
                 at = 0
-                similarity, nearest = (float(v) for v in decline[first[index]].max(dim=0))
+                similarity, nearest = (float(v) for v in decline[index].max(dim=0))
                 example = decline_examples[int(nearest)]
                 if asks_back(texts[index]):
                     reading = "question"
