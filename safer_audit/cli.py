@@ -312,12 +312,10 @@ def _steps(quiet: bool) -> ProgressBar:
 
 def _check_judges(names: tuple[str, ...] | None) -> None:
     """The judges of --judge, checked before any long work."""
-    if not names:  # the judges' module imports torch: a scan whose report is cached loads none
-        return
-    from .scoring.judges import make_judge
+    from .scoring.types import registered_judge  # not scoring.judges: a scan whose report is cached loads no torch
 
     for name in names or ():
-        make_judge(name)  # ConfigError names the known judges; makes a client, sends nothing
+        registered_judge(name)  # ConfigError names the known judges; makes a client, sends nothing
 
 
 def _print_judge_costs(costs: dict) -> None:

@@ -242,3 +242,16 @@ def test_with_dtype_auto_the_key_holds_the_cpus_bfloat16_flags(tiny_llama_dir, t
     assert native != emulated  # auto: the CPU decides the dtype
     assert native_float32 == emulated_float32  # float32 asked for: the CPU's flags change nothing
     assert cpu("avx512bw avx512vl avx512dq avx512_bf16 amx_bf16 amx_tile sse4_2")[0] == native  # other flags ignored
+
+
+def test_a_cached_scan_with_judges_named_checks_them_without_torch(tiny_llama_dir, tmp_path):
+    write_hh_pairs(tmp_path / "data.jsonl", 24)
+    args = ["scan", "data.jsonl", "--model", tiny_llama_dir, *TINY, "--cache-dir", "cache", "--judge", "score_safe",
+            "--judge", "reward_margin-lenres", "--flipped-rule", "judges", "-o", "report.json"]
+    first, _ = run(*args, cwd=tmp_path)
+    assert first.returncode == 0, first.stderr[-2000:]
+    second, imported = run(*args, cwd=tmp_path)
+    assert second.returncode == 0, second.stderr[-2000:]
+    assert heavy(imported) == []  # the names are checked against the plugins' registry, not by making the judges
+    unknown, imported = run(*args, "--judge", "nope", cwd=tmp_path)
+    assert unknown.returncode == 2 and "unknown judge 'nope'" in unknown.stderr and heavy(imported) == []

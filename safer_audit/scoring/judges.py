@@ -38,12 +38,12 @@ from ..config import ScanConfig
 from ..data import PairTable, response_lengths
 from ..errors import ConfigError
 from ..features.salience import FeatureSet
-from ..plugins import lookup, registry
+from ..plugins import registry
 from ..sae.stats import CodeStats
 from .heads import HeadCache, HeadFit, compute_signals, fold_ids
 from .ranks import signed_rank
 from .stack import aggregate, ranking_weights
-from .types import HARM_JUDGE, LENGTH_RESIDUAL_SUFFIX, FunctionJudge, Judge
+from .types import HARM_JUDGE, LENGTH_RESIDUAL_SUFFIX, FunctionJudge, Judge, registered_judge
 
 
 @dataclass
@@ -58,6 +58,7 @@ class JudgeContext:
     heads: Mapping[str, torch.Tensor] | None = None  # frozen heads (the gate); None: cross-fit
     fit: Any = None  # scoring.heads.HeadFit
     cache_dir: Path | None = None  # where a judge may keep answers across runs
+    dtype: str = "float32"  # what a judge with its own model may compute in: the scan's --dtype (auto, float32, ...)
     computed: dict[str, torch.Tensor] = field(default_factory=dict)  # judges already run, by name
 
     def signal(self, name: str) -> torch.Tensor:
@@ -109,13 +110,8 @@ def available_judges() -> dict[str, Any]:
 
 def make_judge(name: str) -> Judge:
     """The judge registered under ``name``, or ``<registered>-lenres`` of one; ConfigError names the known ones."""
-    if name.endswith(LENGTH_RESIDUAL_SUFFIX) and name[: -len(LENGTH_RESIDUAL_SUFFIX)] in available_judges():
-        judge = length_residualised(name[: -len(LENGTH_RESIDUAL_SUFFIX)])
-    else:
-        judge = lookup("judge", name, hint=f"and any of them with {LENGTH_RESIDUAL_SUFFIX}")()
-    if not isinstance(judge, Judge):
-        raise ConfigError(f"judge {name!r} does not have a name, a description and judge(context)")
-    return judge
+    judge = registered_judge(name)
+    return length_residualised(name.removesuffix(LENGTH_RESIDUAL_SUFFIX)) if judge is None else judge
 
 
 def run_judge(name: str, context: JudgeContext) -> torch.Tensor:
@@ -158,7 +154,7 @@ def judge_pairs(pairs: PairTable, stats: CodeStats, features: FeatureSet, config
     signals = compute_signals(stats, features, rewards=rewards, pooled=pooled, fit=fit, head_cache=head_cache)
     weights = ranking_weights(config)
     context = JudgeContext(pairs, stats, features, rewards=rewards, pooled=pooled, fit=fit,
-                           cache_dir=config.activations.cache_dir / "judges",
+                           cache_dir=config.activations.cache_dir / "judges", dtype=config.activations.dtype,
                            computed={name: values.double() for name, values in signals.items()})
     wanted = [name for name in weights if weights[name] and name not in signals]
     if config.flipped_rule == "harm":  # it decides which pairs are flipped, ranked or not

@@ -23,7 +23,8 @@ class Judge(Protocol):
     Optional: ``cost`` (a dict, e.g. requests and tokens of the last call) for a judge that spends, and
     ``evidence(contexts, chosen, rejected)`` -> per pair, a list of JudgeEvidence: the words the judge read
     its verdict from, for the pairs a scan flags (the report shows them beside the why); one that also takes
-    ``cache_dir`` is given the scan's judges' cache, to read back what ``judge`` kept there.
+    ``cache_dir`` is given the scan's judges' cache, to read back what ``judge`` kept there, and one that takes
+    ``dtype`` the scan's ``--dtype`` (what ``judge`` read from ``JudgeContext.dtype``).
     """
 
     name: str
@@ -31,6 +32,22 @@ class Judge(Protocol):
 
     def judge(self, context: Any) -> torch.Tensor:
         """``context``: a scoring.judges.JudgeContext. One signed float per pair (positive: chosen better), never learnt from that pair's label."""
+
+
+def registered_judge(name: str) -> Judge | None:
+    """A new instance of the judge registered as ``name``, checked to be a Judge; None for ``NAME-lenres`` of a
+    registered judge (scoring.judges builds it); ConfigError naming the known ones otherwise. Loads no torch:
+    the CLI checks ``--judge`` with it before a scan whose report is cached, which loads none."""
+    from ..errors import ConfigError
+    from ..plugins import lookup, registry
+
+    base = name.removesuffix(LENGTH_RESIDUAL_SUFFIX)
+    if base != name and base in registry("judge"):
+        return None
+    judge = lookup("judge", name, hint=f"and any of them with {LENGTH_RESIDUAL_SUFFIX}")()
+    if not isinstance(judge, Judge):
+        raise ConfigError(f"judge {name!r} does not have a name, a description and judge(context)")
+    return judge
 
 
 JUDGE_EVIDENCE_KINDS = ("comply", "decline", "question")
