@@ -167,3 +167,22 @@ def test_the_evidence_of_a_scanned_pair_reads_the_judges_embeddings_back(encoder
     kept = HarmJudge(encoder).evidence(*texts, cache_dir=tmp_path)
     assert encoded == []  # a scan's flagged pairs: every sentence was embedded by the judge
     assert kept == HarmJudge(encoder).evidence(*texts) and any(kept)
+
+
+def test_bfloat16_embeddings_are_kept_apart_from_float32_ones(encoder, encoded, hh_pairs, tmp_path, monkeypatch):
+    import safer_audit.pipeline.profiles as profiles
+
+    float32 = HarmJudge(encoder).judge(JudgeContext(hh_pairs, cache_dir=tmp_path, dtype="float32"))
+    encoded.clear()
+    bfloat16 = HarmJudge(encoder).judge(JudgeContext(hh_pairs, cache_dir=tmp_path, dtype="bfloat16"))
+    assert encoded  # not float32's embeddings read back: they are another computation
+    assert not torch.equal(bfloat16, float32) and torch.corrcoef(torch.stack([bfloat16, float32]))[0, 1] > 0.9
+    texts = [hh_pairs[name].to_list() for name in ("context", "chosen", "rejected")]
+    encoded.clear()
+    assert torch.equal(HarmJudge(encoder).judge(JudgeContext(hh_pairs, cache_dir=tmp_path, dtype="bfloat16")), bfloat16)
+    HarmJudge(encoder).evidence(*texts, cache_dir=tmp_path, dtype="bfloat16")
+    assert encoded == []  # the warm run and the evidence read the bfloat16 embeddings back
+    for native, expected in ((False, float32), (True, bfloat16)):  # auto: bfloat16 where the CPU has it natively
+        monkeypatch.setattr(profiles, "native_bfloat16", lambda native=native: native)
+        assert torch.equal(HarmJudge(encoder).judge(JudgeContext(hh_pairs, cache_dir=tmp_path, dtype="auto")), expected)
+    assert encoded == []

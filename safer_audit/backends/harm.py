@@ -34,23 +34,44 @@ class HarmJudge:
 
     def __init__(self, encoder=None):
         self._encoder = encoder  # anything with encode(texts) -> L2-normed rows; None: the embedded MiniLM
+        self._bfloat16 = False  # the embedded encoder under bfloat16 autocast (use_dtype)
+
+    def use_dtype(self, dtype: str) -> None:
+        """Compute as the scan's ``--dtype`` says: under bfloat16 autocast for ``bfloat16``, and for ``auto`` on a
+        CPU with native bfloat16, where it is about twice as fast and ranks as float32 does (BENCHMARKS.md "The
+        harm judge's cost"); float32 otherwise. Only the embedded encoder: an encoder given is used as it is."""
+        if self._encoder is None or self._is_embedded():
+            from ..pipeline.profiles import native_bfloat16
+
+            self._bfloat16 = dtype in ("bfloat16", "bf16") or (dtype == "auto" and native_bfloat16())
+
+    def _is_embedded(self) -> bool:
+        from .labellers import SentenceEncoder
+
+        return isinstance(self._encoder, SentenceEncoder)
 
     def encode(self, texts: list[str]) -> torch.Tensor:
-        from .labellers import SentenceEncoder, sentence_encoder
+        from .labellers import sentence_encoder
 
         if self._encoder is None:
             self._encoder = sentence_encoder()
-        if isinstance(self._encoder, SentenceEncoder):
-            return self._encoder.encode(texts, tokens_per_batch=TOKENS_PER_BATCH)
+        if self._is_embedded():
+            import torch
+
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self._bfloat16):
+                return self._encoder.encode(texts, tokens_per_batch=TOKENS_PER_BATCH)
         return self._encoder.encode(texts)
 
     def fingerprint(self) -> str | None:
-        """What the encoder's embeddings depend on (None: unknown, nothing is kept beyond the run)."""
+        """What the encoder's embeddings depend on (None: unknown, nothing is kept beyond the run): its files,
+        and bfloat16 when it computes in it (the embeddings differ from float32's in the third digit)."""
         if self._encoder is None:
             from .labellers import encoder_fingerprint
 
-            return encoder_fingerprint()  # the embedded model's, without loading it
-        return getattr(self._encoder, "fingerprint", None)
+            fingerprint = encoder_fingerprint()  # the embedded model's, without loading it
+        else:
+            fingerprint = getattr(self._encoder, "fingerprint", None)
+        return f"{fingerprint}|bfloat16" if fingerprint is not None and self._bfloat16 else fingerprint
 
     @contextlib.contextmanager
     def embedder(self, cache_dir: Path | None):
@@ -69,6 +90,7 @@ class HarmJudge:
     def judge(self, context: JudgeContext) -> torch.Tensor:
         from ..scoring.harm import Prototypes
 
+        self.use_dtype(getattr(context, "dtype", "float32"))
         parts, batch = [], []
         with self.embedder(context.cache_dir) as embed:
             prototypes = Prototypes.embed(embed)
@@ -84,11 +106,13 @@ class HarmJudge:
         return torch.cat(parts)
 
     def evidence(self, contexts: list[str], chosen: list[str], rejected: list[str],
-                 cache_dir: Path | None = None) -> list[list]:
+                 cache_dir: Path | None = None, dtype: str = "float32") -> list[list]:
         """Per pair, the sentences the judge read its verdict from (scoring.harm.harm_evidence), on the
-        embeddings the judge kept under ``cache_dir`` (a scan's flagged pairs: nothing is encoded again)."""
+        embeddings the judge kept under ``cache_dir`` in the scan's ``dtype`` (a scan's flagged pairs: nothing
+        is encoded again)."""
         from ..scoring.harm import Prototypes, harm_evidence
 
+        self.use_dtype(dtype)
         with self.embedder(cache_dir) as embed:
             return harm_evidence(chosen, rejected, embed, Prototypes.embed(embed))
 

@@ -205,7 +205,7 @@ class SentenceEncoder:
         with torch.inference_mode():
             for chunk in length_batches(order, [len(i) for i in ids], batch_size, tokens_per_batch):
                 batch = self.tokenizer.pad({"input_ids": [ids[i] for i in chunk]}, return_tensors="pt")
-                hidden = self.model(**batch).last_hidden_state
+                hidden = self.model(**batch).last_hidden_state.float()  # pooled in float32 under autocast too
                 mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
                 pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)
                 out[torch.tensor(chunk)] = torch.nn.functional.normalize(pooled, dim=-1)

@@ -201,5 +201,6 @@ def evidence(result, weights: dict[str, float], ctx: RunContext) -> None:
     with ctx.step("evidence", "Evidence"):
         explain_suspects(result.report, result.pairs["pair_id"].to_list(), result.texts, result.store, result.sae,
                          result.features, result.backend, ctx.config.activations.max_length, result.signals, weights,
-                         judges_cache=ctx.config.activations.cache_dir / "judges")
+                         judges_cache=ctx.config.activations.cache_dir / "judges",
+                         judges_dtype=ctx.config.activations.dtype)
     result.report.run.timings = dict(ctx.timings)

@@ -118,14 +118,14 @@ def why_line(category: str, judges: Sequence[tuple[str, float | None, float | No
 
 def explain_suspects(report: Report, pair_ids: Sequence[str], texts, store, sae, features, backend, max_length: int,
                      signals: Mapping[str, torch.Tensor], weights: Mapping[str, float], *,
-                     judges_cache: Path | None = None) -> int:
+                     judges_cache: Path | None = None, judges_dtype: str = "float32") -> int:
     """Give ``report``'s suspects their ``why`` and its flipped and noisy pairs their ``evidence``.
 
     ``pair_ids``, ``texts`` (two a pair: chosen, rejected), ``signals``: in table order, as the scan holds
     them; ``store``, ``sae``, ``features``, ``backend``: the scan's (its first model's, for a profile). The
     per-position codes are computed again for the flagged pairs' texts only. ``judges_cache``: where the judges
-    keep what they computed (a judge whose ``evidence`` takes ``cache_dir`` reads it). Returns the pairs given
-    evidence.
+    keep what they computed (a judge whose ``evidence`` takes ``cache_dir`` reads it), ``judges_dtype`` the scan's
+    ``--dtype`` (for a judge whose ``evidence`` takes ``dtype``). Returns the pairs given evidence.
     """
     index = {pair_id: i for i, pair_id in enumerate(pair_ids)}
     suspects: dict[int, Finding] = {}
@@ -144,7 +144,7 @@ def explain_suspects(report: Report, pair_ids: Sequence[str], texts, store, sae,
     if HARM_JUDGE in signals and HARM_JUDGE not in ranked:  # run for the flipped rule: its verdict is a reason too
         ranked.append(HARM_JUDGE)
     percentiles = {name: low_percentiles(signals[name]) for name in ranked}
-    read = judges_evidence(ranked, flagged, judges_cache)
+    read = judges_evidence(ranked, flagged, judges_cache, judges_dtype)
     found: dict[str, tuple[list[EvidenceSpan], list[JudgeEvidence], str]] = {}
     for i, finding in suspects.items():
         evidence = []
@@ -172,7 +172,7 @@ def explain_suspects(report: Report, pair_ids: Sequence[str], texts, store, sae,
 
 
 def judges_evidence(ranked: Sequence[str], flagged: Mapping[int, Finding],
-                    cache_dir: Path | None = None) -> dict[int, list[JudgeEvidence]]:
+                    cache_dir: Path | None = None, dtype: str = "float32") -> dict[int, list[JudgeEvidence]]:
     """What the ranked judges that explain themselves (``evidence``) read, for the flagged pairs: the harm
     judge first, since ``flipped`` rests on it."""
     out: dict[int, list[JudgeEvidence]] = {}
@@ -184,9 +184,10 @@ def judges_evidence(ranked: Sequence[str], flagged: Mapping[int, Finding],
         judge = make_judge(name)
         if not callable(getattr(judge, "evidence", None)):
             continue
-        cached = {"cache_dir": cache_dir} if "cache_dir" in inspect.signature(judge.evidence).parameters else {}
+        accepted = inspect.signature(judge.evidence).parameters  # both optional in the Judge protocol
+        options = {key: value for key, value in (("cache_dir", cache_dir), ("dtype", dtype)) if key in accepted}
         read = judge.evidence([flagged[i].context for i in order], [flagged[i].chosen for i in order],
-                              [flagged[i].rejected for i in order], **cached)
+                              [flagged[i].rejected for i in order], **options)
         for i, items in zip(order, read, strict=True):
             out.setdefault(i, []).extend(items)
     return out
