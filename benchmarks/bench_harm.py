@@ -8,11 +8,14 @@ Measured in one run, one after the other (the first two interleaved, ``--rounds`
 - the judge, cold: backends.harm.HarmJudge (each distinct text encoded once, in batches of at most 2,048
   padded tokens) with no cache directory (kept for the run in a temporary one), the last round into an
   empty cache directory;
+- the judge, cold, under bfloat16 autocast (what ``--dtype auto`` runs on a CPU with native bfloat16);
 - the judge, warm: a new judge on that cache (nothing encoded, the encoder not needed);
-- scans from the shell (a new process each, a fresh cache each): ``safer-audit scan`` with the default
-  judges, and with ``--judge score_safe --judge reward_margin --judge harm``; each again warm.
-It checks the judge's signals: no cache, cold and warm bitwise equal; against plain encoding the largest
-difference, the rank correlation and the overlap of the 60 pairs whose chosen reply looks most harmful.
+- scans from the shell (a new process each, a fresh cache each): ``safer-audit scan`` with
+  ``--flipped-rule judges`` (no harm judge), as it is by default (the harm rule), with ``--dtype float32``,
+  and with ``--judge score_safe --judge reward_margin --judge harm``; each again warm.
+It checks the judge's signals: no cache, cold and warm bitwise equal; against plain encoding, and bfloat16
+against float32, the largest difference, the rank correlation and the overlap of the 60 pairs whose chosen
+reply looks most harmful (and of the 4% the harm rule reads).
 Prints a Markdown table for BENCHMARKS.md.
 """
 
@@ -87,6 +90,7 @@ def main() -> int:
 
     from safer_audit.backends.harm import READ_PAIRS, HarmJudge
     from safer_audit.backends.labellers import sentence_encoder
+    from safer_audit.config import ScanConfig
     from safer_audit.scoring.judges import JudgeContext
 
     pairs = read_pairs(args)
@@ -96,8 +100,8 @@ def main() -> int:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        plain_seconds, new_seconds, signals = [], [], []
-        for round in range(args.rounds):  # interleaved: a shared machine's load moves both alike
+        plain_seconds, new_seconds, bf16_seconds, signals = [], [], [], []
+        for round in range(args.rounds):  # interleaved: a shared machine's load moves all alike
             seconds, plain = timed(lambda: plain_encoding(pairs, encoder, READ_PAIRS))
             plain_seconds.append(seconds)
             # no cache directory (the run's embeddings in a temporary one), then the last round into a kept one
@@ -105,8 +109,11 @@ def main() -> int:
             seconds, signal = timed(lambda at=cache_dir: HarmJudge(encoder).judge(JudgeContext(pairs, cache_dir=at)))
             new_seconds.append(seconds)
             signals.append(signal)
+            seconds, bf16 = timed(lambda: HarmJudge(encoder).judge(JudgeContext(pairs, dtype="bfloat16")))
+            bf16_seconds.append(seconds)
         rows.append(("harm judge, plain encoding (as first written)", plain_seconds))
         rows.append(("harm judge, cold (no cache directory; the last round: an empty one)", new_seconds))
+        rows.append(("harm judge, cold, bfloat16 autocast (no cache directory)", bf16_seconds))
         warm_seconds, warm = timed(lambda: HarmJudge().judge(JudgeContext(pairs, cache_dir=tmp / "judges")))
         rows.append(("harm judge, warm cache", [warm_seconds]))
         stored = sum(path.stat().st_size for path in (tmp / "judges").rglob("*") if path.is_file())
@@ -116,8 +123,11 @@ def main() -> int:
                 data = str(tmp / "pairs.jsonl")
                 with (gzip.open if args.data.endswith(".gz") else open)(args.data, "rb") as source:
                     Path(data).write_bytes(b"".join(itertools.islice(source, args.limit)))
-            for name, extra in (("default judges", []), ("--judge score_safe reward_margin harm", HARM_JUDGES)):
-                cache = tmp / f"scan-{len(extra)}"
+            for name, extra in (("--flipped-rule judges (no harm judge)", ["--flipped-rule", "judges"]),
+                                ("default (harm rule; --dtype auto)", []),
+                                ("--dtype float32 (the harm judge in float32)", ["--dtype", "float32"]),
+                                ("--judge score_safe reward_margin harm", HARM_JUDGES)):
+                cache = tmp / f"scan-{len(rows)}"
                 rows.append((f"scan, {name}, cold", [scan(data, cache, extra)]))
                 rows.append((f"scan, {name}, warm", [scan(data, cache, extra)]))
     print(f"encoder load {load_seconds:.2f} s (before the timings); cache after a cold run: "
@@ -128,6 +138,10 @@ def main() -> int:
           f"against plain encoding: largest difference {float((cold - plain).abs().max()):.2e} "
           f"(signals from {float(plain.min()):.3f} to {float(plain.max()):.3f}), Spearman {spearman(cold, plain):.9f}, "
           f"top 60 shared {top_overlap(cold, plain, 60)}/60", file=sys.stderr)
+    flipped = round(ScanConfig().flipped_fraction * len(cold))  # the harm rule's cut-off: its most harmful-chosen
+    print(f"bfloat16 against float32: largest difference {float((bf16 - cold).abs().max()):.2e}, Spearman "
+          f"{spearman(bf16, cold):.6f}, top 60 shared {top_overlap(bf16, cold, 60)}/60, most harmful-chosen "
+          f"{flipped} shared {top_overlap(bf16, cold, flipped)}/{flipped}", file=sys.stderr)
     print(f"load average at the end {os.getloadavg()[0]:.1f}", file=sys.stderr)
     print("| run | seconds (each round) | vs plain encoding (same round; cold, warm: the last) |")
     print("|---|---:|---:|")

@@ -299,12 +299,13 @@ class ScanConfig:
                               group="profile")
     aggregation: Aggregation = option("mean-rank", "How the judges are combined: mean percentile rank, or a "
                                                    "cross-fitted Bradley-Terry stack.", group="ranking")
-    # "judges" by default: the harm judge adds about a quarter to a cold scan of HH and loads a second model
-    # for every small scan (BENCHMARKS.md "The harm judge's cost")
-    flipped_rule: FlippedRule = option("judges", "What makes a pair 'flipped': judges: among the most suspicious, "
-                                                 "every ranked judge prefers the rejected reply; harm: the label "
-                                                 "looks wrong: the harm judge (run even when not ranked) finds the "
-                                                 "chosen reply the more harmful and a ranked judge agrees.",
+    # "harm" by default: "flipped" should mean the label is wrong, and only the harm judge reads harm without
+    # the labels (BENCHMARKS.md "Detection quality: labels a person read"; its cost: "The harm judge's cost")
+    flipped_rule: FlippedRule = option("harm", "What makes a pair 'flipped': harm: the label looks wrong: the harm "
+                                               "judge (run even when not ranked) finds the chosen reply the more "
+                                               "harmful and a ranked judge agrees; judges: among the most "
+                                               "suspicious, every ranked judge prefers the rejected reply (no "
+                                               "second model is run).",
                                        group="category")
     flipped_fraction: float = option(0.04, "Fraction of pairs that can be 'flipped': under --flipped-rule harm, the "
                                            "harm judge's most harmful-chosen pairs that another judge agrees on; "

@@ -31,6 +31,39 @@ def tiny_bert_dir(tmp_path_factory) -> Path:
     return build_tiny_bert(tmp_path_factory.mktemp("tiny-bert"))
 
 
+@pytest.fixture(scope="session", autouse=True)
+def tiny_harm_encoder(request):
+    """The harm judge (run by every scan, for the default flipped rule) reads sentences with the tiny BERT,
+    built when a judge first encodes: a scan of tiny models should not pay for a real sentence model. For the
+    whole session, so module-scoped scans have it too; a test marked ``embedded_harm`` gets the embedded
+    MiniLM, as users do (``embedded_harm_encoder``), and so does a scan in another process."""
+    from safer_audit.backends import harm
+
+    made = {}
+    init = harm.HarmJudge.__init__
+
+    def tiny_by_default(self, encoder=None):
+        if encoder is None:
+            if "encoder" not in made:
+                from safer_audit.backends.labellers import SentenceEncoder
+
+                made["encoder"] = SentenceEncoder(request.getfixturevalue("tiny_bert_dir"))
+            encoder = made["encoder"]
+        init(self, encoder)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(harm.HarmJudge, "__init__", tiny_by_default)
+        yield init
+
+
+@pytest.fixture(autouse=True)
+def embedded_harm_encoder(request, tiny_harm_encoder, monkeypatch):
+    if request.node.get_closest_marker("embedded_harm"):
+        from safer_audit.backends import harm
+
+        monkeypatch.setattr(harm.HarmJudge, "__init__", tiny_harm_encoder)  # the judge's own
+
+
 def hh_records(n: int) -> list[dict]:
     """The first ``n`` real HH-RLHF pairs, from the committed sample."""
     with open(HH_SAMPLE, encoding="utf-8") as handle:

@@ -78,6 +78,7 @@ PAIRS = [  # (request, a reply that goes along, a reply that does not), written 
 ]
 
 
+@pytest.mark.embedded_harm
 def test_on_the_embedded_model_the_reply_that_goes_along_with_harm_is_the_more_harmful():
     from safer_audit.scoring.harm import harm_scores
 
@@ -143,6 +144,7 @@ def test_sentence_spans_are_where_the_sentences_are():
     assert sentence_spans("") == sentence_spans(" \n ") == []
 
 
+@pytest.mark.embedded_harm
 def test_the_harm_judge_shows_the_sentence_it_read_as_going_along_and_the_nearest_example():
     from safer_audit.scoring.harm import COMPLY, DEFLECT, REFUSE
 

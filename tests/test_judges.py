@@ -135,7 +135,8 @@ def test_scan_with_judges_ranks_by_them(tiny_llama_dir, pairs, tmp_path):
     config.sae_train.n_latents, config.sae_train.k = 64, 4
     default = scan_pairs(table, config, source=str(path))
     assert torch.equal(default.suspicion, suspicion(default.signals, config.ranking))
-    assert set(default.signals) == {"score_safe", "reward_margin", "sae_margin"}
+    # the harm judge is run for the default flipped rule, and not ranked
+    assert set(default.signals) == {"score_safe", "reward_margin", "sae_margin", "harm"}
     assert default.flip_probability.shape == (len(table),) and set(default.stack_weights) == {"score_safe",
                                                                                              "reward_margin"}
     config.judges = ("score_safe", "length", "reward_margin-lenres")

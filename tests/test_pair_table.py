@@ -76,7 +76,7 @@ def test_a_scan_reads_the_pairs_from_disk_and_reports_as_from_a_table(tiny_llama
     assert isinstance(spooled.pairs, PairTable)
     # what run_scan runs, before it adds the suspects' evidence and why
     polars_table = scan_profile(load_pairs(data_file).pairs, config, source=str(data_file))
-    findings = [vars(f) | {"evidence": [], "why": None} for f in spooled.report.findings]
+    findings = [vars(f) | {"evidence": [], "judge_evidence": [], "why": None} for f in spooled.report.findings]
     again = [vars(f) for f in polars_table.report.findings]
     assert findings == again and len(findings) == 23
     rows = {row["pair_id"]: row for row in load_pairs(data_file).pairs.iter_rows(named=True)}
