@@ -128,7 +128,7 @@ def main() -> None:
     result = run_scan(args.data, config)
     scan_seconds = time.perf_counter() - started
     ids = result.pairs["pair_id"].to_list()
-    context = JudgeContext(result.pairs, result.stats, result.features,
+    context = JudgeContext(result.pairs, result.stats, result.features, dtype=config.activations.dtype,
                            computed={name: values.double() for name, values in result.signals.items()})
     started = time.perf_counter()
     signals, _ = run_judges(["harm"], context)

@@ -101,11 +101,11 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         plain_seconds, new_seconds, bf16_seconds, signals = [], [], [], []
-        for round in range(args.rounds):  # interleaved: a shared machine's load moves all alike
+        for turn in range(args.rounds):  # interleaved: a shared machine's load moves all alike
             seconds, plain = timed(lambda: plain_encoding(pairs, encoder, READ_PAIRS))
             plain_seconds.append(seconds)
             # no cache directory (the run's embeddings in a temporary one), then the last round into a kept one
-            cache_dir = tmp / "judges" if round == args.rounds - 1 else None
+            cache_dir = tmp / "judges" if turn == args.rounds - 1 else None
             seconds, signal = timed(lambda at=cache_dir: HarmJudge(encoder).judge(JudgeContext(pairs, cache_dir=at)))
             new_seconds.append(seconds)
             signals.append(signal)
