@@ -27,10 +27,9 @@ import torch
 # the profiles' models are in config (no torch there: the exporters and a cached report read them)
 from ..config import PROFILES, SMOLLM2, ProfileModel, ScanConfig, profile_models  # noqa: F401
 from ..report.types import LazyFindings
-from ..scoring.categories import categorise, category_counts, category_signals
+from ..scoring.categories import categorise_scan, category_counts
 from ..scoring.ranks import ranked_signals
 from ..scoring.stack import aggregate, ranking_description, ranking_weights
-from ..scoring.types import HARM_JUDGE
 
 
 def model_config(config: ScanConfig, extra: ProfileModel, *, labels: bool = True) -> ScanConfig:
@@ -106,9 +105,9 @@ def rerank(result, signals: dict[str, torch.Tensor], weights: dict[str, float], 
     index = {pair_id: i for i, pair_id in enumerate(result.pairs["pair_id"].to_list())}
     by_pair = {finding.pair_id: finding for finding in report.findings}
     quality = [by_pair[pair_id].quality for pair_id in result.pairs["pair_id"].to_list()]
-    deciding = category_signals(signals, ranked_signals(signals, weights), config.flipped_rule)
-    categories = categorise(ranked, deciding, quality, flipped_fraction=config.flipped_fraction,
-                            noisy_fraction=config.noisy_fraction)
+    categories, report.run.flipped_rule = categorise_scan(
+        ranked, signals, ranked_signals(signals, weights), quality, flipped_rule=config.flipped_rule,
+        flipped_fraction=config.flipped_fraction, noisy_fraction=config.noisy_fraction)
     order = torch.argsort(-ranked, stable=True).tolist()
     rank_of = {pair: r + 1 for r, pair in enumerate(order)}
     for finding in report.findings:
@@ -116,7 +115,6 @@ def rerank(result, signals: dict[str, torch.Tensor], weights: dict[str, float], 
         finding.suspicion, finding.rank, finding.category = float(ranked[i]), rank_of[i], categories[i]
     report.findings.sort(key=lambda f: f.rank)
     report.run.counts = category_counts(categories)
-    report.run.flipped_rule = "harm" if HARM_JUDGE in deciding else "judges"
     report.run.ranking = ranking_line(result, weights, config)
     report.run.timings = dict(result.timings)
     set_flip_probability(result)

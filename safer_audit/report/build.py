@@ -16,10 +16,9 @@ from ..features.labels import (
 )
 from ..features.salience import FeatureSet
 from ..sae import TopKSAE
-from ..scoring.categories import categorise, category_counts, category_signals
+from ..scoring.categories import categorise_scan, category_counts
 from ..scoring.ranks import ranked_signals
 from ..scoring.stack import ranking_description, ranking_weights
-from ..scoring.types import HARM_JUDGE
 from ..version import __version__
 from .types import (
     FeatureContribution,
@@ -50,9 +49,9 @@ def build_report(source: str, pairs: PairTable, model, activations, encoded, sel
     signals, ranked = scores.signals, scores.suspicion
     pair_ids = pairs["pair_id"].to_list()
     per_pair_quality = [quality.get(pid, []) for pid in pair_ids]
-    deciding = category_signals(signals, ranked_signals(signals, ranking_weights(config)), config.flipped_rule)
-    categories = categorise(ranked, deciding, per_pair_quality, flipped_fraction=config.flipped_fraction,
-                            noisy_fraction=config.noisy_fraction)
+    categories, flipped_rule = categorise_scan(
+        ranked, signals, ranked_signals(signals, ranking_weights(config)), per_pair_quality,
+        flipped_rule=config.flipped_rule, flipped_fraction=config.flipped_fraction, noisy_fraction=config.noisy_fraction)
     order = torch.argsort(-ranked, stable=True)  # rank r + 1 is pair order[r]
     latents = features.latents.tolist()
     # a report is shared: it names files relative to the working directory, never by absolute path
@@ -118,7 +117,7 @@ def build_report(source: str, pairs: PairTable, model, activations, encoded, sel
         n_features=len(features.features), ranking=ranking_name(config),
         thresholds={"flipped_fraction": config.flipped_fraction, "noisy_fraction": config.noisy_fraction},
         timings=dict(timings), pairs=len(pairs), counts=counts, data_source=display_path(source, cache_dir),
-        created=datetime.now(timezone.utc).isoformat(timespec="seconds"), flipped_rule="harm" if HARM_JUDGE in deciding else "judges")
+        created=datetime.now(timezone.utc).isoformat(timespec="seconds"), flipped_rule=flipped_rule)
     return Report(run, cards, findings)
 
 

@@ -115,6 +115,17 @@ def categorise(suspicion_values: torch.Tensor, signals: Mapping[str, torch.Tenso
                             quality[i], cutoffs) for i in range(len(suspicion_values))]
 
 
+def categorise_scan(suspicion_values: torch.Tensor, signals: Mapping[str, torch.Tensor],
+                    ranked: Mapping[str, torch.Tensor], quality: list[list[str]], *, flipped_rule: str,
+                    flipped_fraction: float, noisy_fraction: float) -> tuple[list[Category], str]:
+    """A scan's categories (``categorise`` on ``category_signals``) and the rule that decided ``flipped``:
+    ``harm`` where the harm judge's signal was read (ranked, or run for the harm rule), else ``judges``."""
+    deciding = category_signals(signals, ranked, flipped_rule)
+    categories = categorise(suspicion_values, deciding, quality, flipped_fraction=flipped_fraction,
+                            noisy_fraction=noisy_fraction)
+    return categories, "harm" if HARM_JUDGE in deciding else "judges"
+
+
 def category_counts(categories: list[str]) -> dict[str, int]:
     """How many pairs each category holds, every category named (the report's ``run.counts``)."""
     return {str(c): categories.count(c) for c in Category}
