@@ -64,3 +64,17 @@ def test_a_damaged_entry_is_not_used_but_dequantised_again(tiny_gguf, tmp_path, 
 def test_no_cache_directory_no_entry_and_safetensors_models_have_none(tiny_gguf, tiny_llama_dir, tmp_path):
     assert hf.HFModelBackend(str(tiny_gguf), device="cpu").weights_entry is None
     assert hf.HFModelBackend(str(tiny_llama_dir), device="cpu", cache_dir=tmp_path).weights_entry is None
+
+
+def test_the_file_is_parsed_once_for_config_tokenizer_and_weights(tiny_gguf, monkeypatch):
+    import gguf
+
+    real = gguf.GGUFReader
+    parsed = []
+    monkeypatch.setattr(gguf, "GGUFReader", lambda path, *a, **k: parsed.append(path) or real(path, *a, **k))
+    backend = fresh(tiny_gguf, None)
+    once = hidden_of(backend)
+    assert len(parsed) == 1  # transformers alone parses it four times
+    assert gguf.GGUFReader is not real  # the real one is back in place: the memo lasts only while loading
+    monkeypatch.undo()
+    assert torch.equal(hidden_of(fresh(tiny_gguf, None)), once)  # the same weights as parsed each time

@@ -191,6 +191,32 @@ def _load_weights(auto, directory: str, device: str, _stamp: tuple, load: tuple)
     return auto.from_pretrained(directory, **dict(load)).to(device).eval()
 
 
+@contextlib.contextmanager
+def _gguf_parsed_once(readers: dict):
+    """While active, gguf's file reader and tensor-name map are built once per file (``readers`` keeps them).
+
+    transformers parses a GGUF file anew for the config, for the tokenizer and twice for the weights (2.4 s each
+    for SmolLM2's, whose metadata holds its 49k-token vocabulary), and builds gguf's tensor-name map for every
+    module of the model (395 times for SmolLM2, 5 s in all); both are pure functions of their arguments. Were a
+    transformers release to look them up another way, loading would only be slower, not different.
+    """
+    import gguf
+
+    real_reader, real_map = gguf.GGUFReader, gguf.get_tensor_name_map
+
+    def reader(path, *args, **kwargs):
+        key = (str(path), args, tuple(sorted(kwargs.items())))
+        if key not in readers:
+            readers[key] = real_reader(path, *args, **kwargs)
+        return readers[key]
+
+    gguf.GGUFReader, gguf.get_tensor_name_map = reader, functools.lru_cache(maxsize=None)(real_map)
+    try:
+        yield
+    finally:
+        gguf.GGUFReader, gguf.get_tensor_name_map = real_reader, real_map
+
+
 def _layer_list(model, n_layers: int):
     """The transformer's block list: the first ModuleList as long as the config's layer count."""
     import torch
@@ -199,6 +225,24 @@ def _layer_list(model, n_layers: int):
         if isinstance(module, torch.nn.ModuleList) and len(module) == n_layers:
             return module
     raise ModelLoadError(f"cannot find the {n_layers} transformer layers in {type(model).__name__}")
+
+
+def _bfloat16_linears(model):
+    """A copy of ``model`` whose linear layers hold bfloat16 weights (and biases), for a CPU's bfloat16 autocast.
+
+    Autocast casts a float32 weight to bfloat16 at every call, the same rounding as casting it once here, so the
+    results are the same to the bit and each forward pass skips those casts. Embeddings and norms keep float32
+    (autocast computes them in float32). A copy: the loaded model is shared (load_weights) with float32 users.
+    """
+    import copy
+
+    import torch
+
+    model = copy.deepcopy(model)
+    for module in model.modules():
+        if isinstance(module, torch.nn.Linear):
+            module.to(torch.bfloat16)
+    return model
 
 
 class HFModelBackend:
@@ -226,7 +270,8 @@ class HFModelBackend:
         hf_logging.set_verbosity_error()
         hf_logging.disable_progress_bar()
         gguf = {"gguf_file": gguf_file} if gguf_file else {}
-        with self._load_errors():
+        self._gguf_readers: dict | None = {}  # the GGUF file parsed once for config, tokenizer and weights
+        with self._load_errors(), self._gguf_once():
             config = AutoConfig.from_pretrained(directory, trust_remote_code=trust_remote_code, **gguf)
             self.tokenizer = AutoTokenizer.from_pretrained(directory, trust_remote_code=trust_remote_code, **gguf)
         self._config = config
@@ -273,6 +318,12 @@ class HFModelBackend:
         except (OSError, ValueError) as exc:
             raise ModelLoadError(f"model {self.identity!r}: {exc}") from exc
 
+    def _gguf_once(self):
+        """_gguf_parsed_once for a GGUF model until its weights are loaded; nothing for another model."""
+        if self.gguf_file is None or self._gguf_readers is None:
+            return contextlib.nullcontext()
+        return _gguf_parsed_once(self._gguf_readers)
+
     @property
     def model(self):
         """The weights, loaded on first use: a warm scan whose activations and codes are all cached needs only
@@ -283,8 +334,13 @@ class HFModelBackend:
             with self._load_errors(), quiet:
                 model = self._load_converted()
                 if model is None:
-                    model = load_weights(self._auto, self.directory, self.device, **self._load)
+                    with self._gguf_once():
+                        model = load_weights(self._auto, self.directory, self.device, **self._load)
                     self._save_converted(model)
+            self._gguf_readers = None  # the parsed file (its vocabulary as Python objects) is not needed again
+            model.config.use_cache = False  # no key/value cache: nothing here generates, and filling one copies every key and value
+            if self._autocast and self.device.type == "cpu":
+                model = _bfloat16_linears(model)
             model.config.pad_token_id = self.tokenizer.pad_token_id
             self._layers = _layer_list(model, self.n_layers)
             self._model = model
