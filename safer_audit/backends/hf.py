@@ -54,9 +54,6 @@ EMBEDDED_MODELS = {
 }
 GGUF_SUFFIX = ".gguf"
 GGUF_HEADER_BYTES = 1 << 20  # the fingerprint hashes this much of a GGUF's start: its metadata (architecture, sizes)
-# model types whose common text starts run once (HFModelBackend.shares_prefixes): causal decoders whose cache
-# forward_continued fills; tested on Llama (SmolLM2)
-SHARED_PREFIX_MODELS = frozenset({"llama"})
 WEIGHTS_FORMAT = 1  # the cached dequantised weights of a GGUF model (HFModelBackend.weights_entry)
 
 
@@ -398,63 +395,6 @@ class HFModelBackend:
         tensors = {name: tensor.detach().cpu().clone() for name, tensor in model.state_dict().items()}
         path.parent.mkdir(parents=True, exist_ok=True)
         write_entry(path, tensors, {"digest": tensors_digest(self._weights_head(), tensors)})
-
-    @property
-    def shares_prefixes(self) -> bool:
-        """Whether texts that begin alike can run their common start once (forward_prefix, then forward_continued):
-        a decoder whose tokens see only those before them, so a start's hidden states and keys and values do not
-        depend on what follows it. Llama-like models (SmolLM2) with sdpa attention, whose masks are built here."""
-        return (self._config.model_type in SHARED_PREFIX_MODELS and not self.has_reward_head
-                and getattr(self._config, "_attn_implementation", None) in (None, "sdpa"))
-
-    def _run(self, layer: int, **inputs):
-        """Hidden states after block ``layer`` of a forward pass of ``inputs`` stopped right after that block."""
-        import torch
-
-        captured = {}
-
-        def hook(_module, _inputs, output):
-            captured["hidden"] = output[0] if isinstance(output, tuple) else output
-            raise _StopForward
-
-        model = self.model
-        handle = self._layers[layer - 1].register_forward_hook(hook)
-        try:
-            with torch.inference_mode(), torch.autocast(self.device.type, dtype=self.dtype, enabled=self._autocast):
-                model(**inputs)
-        except _StopForward:
-            pass
-        finally:
-            handle.remove()
-        return captured["hidden"].float()
-
-    def forward_prefix(self, input_ids, attention_mask, *, layer: int):
-        """Hidden states after block ``layer`` of right-padded text starts, and blocks 1..``layer``'s keys and
-        values of them [texts, heads, tokens, head width] (forward_continued goes on from them)."""
-        from transformers import DynamicCache
-
-        cache = DynamicCache(config=self.model.config)
-        hidden = self._run(layer, input_ids=input_ids, attention_mask=attention_mask, cache=cache, use_cache=True)
-        return hidden, [(block.keys, block.values) for block in cache.layers[:layer]]
-
-    def forward_continued(self, input_ids, attention_mask, past: list, past_mask, *, layer: int):
-        """Hidden states after block ``layer`` of right-padded continuations of text starts whose keys and values
-        (``past``, per block, right-padded to the longest start; ``past_mask`` [texts, start tokens] marks the
-        real ones) forward_prefix computed: each continuation token sees its own start's tokens and the
-        continuation's tokens before it, at the positions they have in the whole text."""
-        import torch
-        from transformers import DynamicCache
-
-        starts = past_mask.sum(1)
-        width, length = past_mask.shape[1], input_ids.shape[1]
-        query = torch.arange(length, device=input_ids.device)
-        # [texts, 1, continuation, start + continuation]: True where a token may attend (sdpa's boolean mask)
-        sees_start = past_mask.bool()[:, None, None, :].expand(-1, 1, length, width)
-        sees_own = (query[None, :] <= query[:, None])[None, None] & attention_mask.bool()[:, None, None, :]
-        mask = torch.cat([sees_start, sees_own], dim=-1)
-        cache = DynamicCache(ddp_cache_data=past, config=self.model.config)
-        return self._run(layer, input_ids=input_ids, attention_mask=mask, position_ids=starts[:, None] + query[None, :],
-                         cache=cache, use_cache=True)
 
     @property
     def chat_template(self) -> str | None:

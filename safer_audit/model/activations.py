@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import hashlib
 import inspect
-import itertools
 import json
 import sys
 from collections.abc import Iterator, Sequence
@@ -43,7 +42,6 @@ from ..plugins import lookup
 from .texts import PreparedText, SpooledTexts
 
 CACHE_FORMAT = 2  # 2: shards named by content, not by file bytes
-SHARED_PREFIX_FORMAT = 1  # how a backend that shares prefixes computes (compute_shard): keys its caches
 
 
 SHARD_TEXTS = 256  # texts per shard: a killed run loses at most this much work
@@ -121,20 +119,18 @@ CACHE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": 
 
 
 def config_key(identity: str, fingerprint: str, layer: int, positions: str, max_length: int,
-               cache_dtype: str = "float32", compute_dtype: str = "float32", shared_prefixes: bool = False) -> str:
+               cache_dtype: str = "float32", compute_dtype: str = "float32") -> str:
     """The cache sub-directory for one model + reading configuration.
 
-    The storage dtype, the dtype the forward pass computed in and whether common text starts ran once
-    (shares_prefixes: the same numbers up to float rounding) are part of the key, but only when they are
-    not float32 and not shared, so caches written before they existed keep their key.
+    The storage dtype and the dtype the forward pass computed in are part of the key (a float16
+    cache, or activations computed in bfloat16, are a different set of numbers), but only when
+    they are not float32, so caches written before they existed keep their key.
     """
     parts = [CACHE_FORMAT, identity, fingerprint, layer, positions, max_length]
     if cache_dtype != "float32":
         parts.append(cache_dtype)
     if compute_dtype != "float32":
         parts.append({"compute": compute_dtype})
-    if shared_prefixes:
-        parts.append({"shared_prefixes": SHARED_PREFIX_FORMAT})
     return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:20]
 
 
@@ -499,7 +495,7 @@ def open_cache(backend, config: ActivationConfig, layer: int) -> ActivationCache
     # a backend that does not say computes in float32
     compute_dtype = getattr(backend, "compute_dtype", "float32")
     key = config_key(backend.identity, backend.fingerprint, layer, config.positions, config.max_length,
-                     config.cache_dtype, compute_dtype, shares_prefixes(backend))
+                     config.cache_dtype, compute_dtype)
     meta = {"model": backend.identity, "fingerprint": backend.fingerprint, "layer": layer,
             "positions": config.positions, "max_length": config.max_length, "d_model": backend.d_model}
     if config.cache_dtype != "float32":
@@ -625,63 +621,19 @@ def _plan(texts: list[tuple[str, PreparedText]], backend, config: ActivationConf
     """
     lengths = []
     names = []  # each text's key, so that sorting and planning do not read the texts again
-    shared = shares_prefixes(backend)
-    together: list[int] = []  # shared: 1 where a text begins as the one before it does (prefix_groups)
-    previous: list[int] = []
     kept = 0
     for start in range(0, len(texts), TOKENIZE_CHUNK):
         chunk = texts[start:start + TOKENIZE_CHUNK]
         encoded = tokenize_prepared([prepared for _, prepared in chunk], backend, config.max_length)
         lengths += [len(ids) for ids, _, _ in encoded]
         names += [key for key, _ in chunk]
-        if shared:
-            together += begins_alike([previous] + [ids for ids, _, _ in encoded])
-            previous = encoded[-1][0]
         if keep is not None:
             for (key, _prepared), row in zip(chunk, encoded, strict=True):
                 if kept + len(row[0]) <= KEEP_TOKENS and (wanted is None or key in wanted):
                     keep[key] = row
                     kept += len(row[0])
-    if shared:  # a pair's texts (the dataset's neighbours that begin alike) stay next to each other
-        units = _pairs_of(together)
-        units.sort(key=lambda unit: (max(lengths[i] for i in unit), names[unit[0]]))
-        order = [i for unit in units for i in unit]
-    else:
-        order = sorted(range(len(texts)), key=lambda i: (lengths[i], names[i]))
+    order = sorted(range(len(texts)), key=lambda i: (lengths[i], names[i]))
     return _batched(order, lengths, config), lengths, names
-
-
-def _pairs_of(together: list[int]) -> list[list[int]]:
-    """Indices grouped greedily into twos where ``together[i]`` says text i begins as text i - 1 does."""
-    units: list[list[int]] = []
-    for i, joined in enumerate(together):
-        if joined and units and len(units[-1]) == 1 and units[-1][0] == i - 1:
-            units[-1].append(i)
-        else:
-            units.append([i])
-    return units
-
-
-MIN_SHARED_TOKENS = 8  # a shorter common start is not worth a pass of its own
-
-
-def shares_prefixes(backend) -> bool:
-    """Whether extraction runs the common start of two texts once (the backend's ``shares_prefixes``)."""
-    return bool(getattr(backend, "shares_prefixes", False))
-
-
-def begins_alike(rows: list[Sequence[int]]) -> list[int]:
-    """For each id list after the first, 1 where it shares at least MIN_SHARED_TOKENS with the one before it."""
-    return [int(common_prefix(a, b) >= MIN_SHARED_TOKENS) for a, b in itertools.pairwise(rows)]
-
-
-def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
-    """Tokens two id lists share from their start, leaving each at least one of its own (its continuation)."""
-    n = 0
-    limit = min(len(a), len(b)) - 1
-    while n < limit and a[n] == b[n]:
-        n += 1
-    return n
 
 
 def _batched(order: list[int], lengths: list[int], config: ActivationConfig) -> list[list[list[int]]]:
@@ -768,13 +720,15 @@ def compute_shard(batches: list[list[tuple[str, PreparedText]]], backend, config
 
     ``encodings``: tokenize_prepared's rows of some texts by key (the plan's, taken out as used); the others are tokenized
     here (the same rows: a text's encoding does not depend on the texts tokenized with it)."""
-    if not want_score and shares_prefixes(backend):
-        return _compute_shared([item for batch in batches for item in batch], backend, config, layer, on_batch,
-                               encodings)
     keys: list[str] = []
     items: list[TextActivations] = []
     for batch in batches:
-        encoded = _encoded(batch, backend, config.max_length, encodings)
+        encoded = [encodings.pop(key, None) for key, _ in batch] if encodings else [None] * len(batch)
+        todo = [n for n, row in enumerate(encoded) if row is None]
+        if todo:
+            fresh = tokenize_prepared([batch[n][1] for n in todo], backend, config.max_length)
+            for n, row in zip(todo, fresh, strict=True):
+                encoded[n] = row
         input_ids, mask = backend.pad_batch([ids for ids, _, _ in encoded])
         hidden, score = backend.forward(input_ids, mask, layer=layer, want_score=want_score)
         keeps = [read_positions(prepared.text, offsets, special, prepared.response_start, config.positions)
@@ -794,97 +748,6 @@ def compute_shard(batches: list[list[tuple[str, PreparedText]]], backend, config
         if on_batch is not None:
             on_batch(len(batch))
     return keys, items
-
-
-def _encoded(texts: list[tuple[str, PreparedText]], backend, max_length: int, encodings: dict | None) -> list:
-    """tokenize_prepared's rows of ``texts``: the plan's where it kept them (taken out), the others tokenized."""
-    encoded = [encodings.pop(key, None) for key, _ in texts] if encodings else [None] * len(texts)
-    todo = [n for n, row in enumerate(encoded) if row is None]
-    if todo:
-        for n, row in zip(todo, tokenize_prepared([texts[n][1] for n in todo], backend, max_length), strict=True):
-            encoded[n] = row
-    return encoded
-
-
-def _batches_of(order: list[int], lengths: list[int], config: ActivationConfig) -> list[list[int]]:
-    """``order`` (sorted by ``lengths``) in batches as the plan cuts them: by token budget or by text count."""
-    if config.batch_tokens:
-        return token_batches(order, lengths, config.batch_tokens)
-    return [order[i:i + config.batch_size] for i in range(0, len(order), config.batch_size)]
-
-
-def _compute_shared(texts: list[tuple[str, PreparedText]], backend, config: ActivationConfig, layer: int,
-                    on_batch=None, encodings: dict | None = None) -> tuple[list[str], list[TextActivations]]:
-    """compute_shard for a backend that shares prefixes: the common start of each two neighbouring texts that
-    begin alike (a pair's prompt) runs once, and each text's continuation runs on from its keys and values.
-
-    A causal model computes a token from those before it alone, so the start's hidden states are each text's,
-    and the continuation's are the whole text's up to float rounding. Starts batch by their length and
-    continuations by theirs: a pair's two texts differ in length, and batching whole texts cost 30% more tokens
-    (HH: 79,868 padded tokens against 109,072)."""
-    encoded = _encoded(texts, backend, config.max_length, encodings)
-    ids = [row[0] for row in encoded]
-    units = [unit for unit in _pairs_of([0, *begins_alike(ids)]) if len(unit) == 2]
-    start = [0] * len(texts)  # tokens of each text computed by the start pass
-    for first, second in units:
-        start[first] = start[second] = common_prefix(ids[first], ids[second])
-    # the start pass: one row per two texts
-    start_hidden: dict[int, torch.Tensor] = {}
-    start_past: dict[int, list] = {}
-    lengths = [start[unit[0]] for unit in units]
-    order = sorted(range(len(units)), key=lambda u: (lengths[u], texts[units[u][0]][0]))
-    for batch in _batches_of(order, lengths, config):
-        input_ids, mask = backend.pad_batch([ids[units[u][0]][:lengths[u]] for u in batch])
-        hidden, past = backend.forward_prefix(input_ids, mask, layer=layer)
-        for row, u in enumerate(batch):
-            n = lengths[u]
-            for i in units[u]:
-                start_hidden[i] = hidden[row, :n]
-                start_past[i] = [(k[row, :, :n], v[row, :, :n]) for k, v in past]
-    # the continuation pass: every text from where its start ended (a text that shares nothing: all of it)
-    rest = [len(ids[i]) - start[i] for i in range(len(texts))]
-    order = sorted(range(len(texts)), key=lambda i: (rest[i], texts[i][0]))
-    hidden_of: dict[int, torch.Tensor] = {}
-    for batch in _batches_of(order, rest, config):
-        input_ids, mask = backend.pad_batch([ids[i][start[i]:] for i in batch])
-        if not any(start[i] for i in batch):
-            hidden, _ = backend.forward(input_ids, mask, layer=layer, want_score=False)
-        else:
-            past, past_mask = _padded_past([start_past.get(i) for i in batch], [start[i] for i in batch])
-            hidden = backend.forward_continued(input_ids, mask, past, past_mask.to(input_ids.device), layer=layer)
-        for row, i in enumerate(batch):
-            own = hidden[row, :rest[i]]
-            hidden_of[i] = torch.cat([start_hidden[i], own]) if start[i] else own
-        if on_batch is not None:
-            on_batch(len(batch))
-    keys: list[str] = []
-    items: list[TextActivations] = []
-    for i, ((key, prepared), (row_ids, offsets, special)) in enumerate(zip(texts, encoded, strict=True)):
-        keep = read_positions(prepared.text, offsets, special, prepared.response_start, config.positions)
-        keys.append(key)
-        items.append(TextActivations(hidden_of.pop(i)[keep].float().cpu(),
-                                     torch.tensor([row_ids[p] for p in keep], dtype=torch.long),
-                                     torch.tensor(keep, dtype=torch.int32), float("nan")))
-    return keys, items
-
-
-def _padded_past(pasts: list[list | None], starts: list[int]) -> tuple[list, torch.Tensor]:
-    """Per block, the keys and values of a batch's starts right-padded to the longest [texts, heads, tokens,
-    width] (zeros for a text without one), and the mask of the real tokens [texts, tokens]."""
-    width = max(starts)
-    some = next(past for past in pasts if past is not None)
-    blocks = []
-    for block in range(len(some)):
-        padded = []
-        for which, like in enumerate(some[block]):
-            tensor = like.new_zeros((len(pasts), like.shape[0], width, like.shape[2]))
-            for row, past in enumerate(pasts):
-                if past is not None:
-                    tensor[row, :, :starts[row]] = past[block][which]
-            padded.append(tensor)
-        blocks.append(tuple(padded))
-    mask = torch.tensor([[1] * n + [0] * (width - n) for n in starts], dtype=torch.long)
-    return blocks, mask
 
 
 def _compute(texts: list[tuple[str, PreparedText]], shards: list[list[list[int]]], backend,
