@@ -124,14 +124,16 @@ def extraction(args) -> int:
     from safer_audit.model.activations import extract_activations
     from safer_audit.model.texts import pair_texts
 
-    backend = hf.HFModelBackend("smollm2", device="cpu")
-    texts = pair_texts(read_pairs(args), backend)
-    _ = backend.model
-    times: dict[torch.dtype, list[float]] = {torch.float32: [], torch.bfloat16: []}
+    # one backend per dtype: the bfloat16 one holds its linear weights in bfloat16 (cast once when loaded)
+    backends = {dtype: hf.HFModelBackend("smollm2", device="cpu", dtype=str(dtype).removeprefix("torch."))
+                for dtype in (torch.float32, torch.bfloat16)}
+    texts = pair_texts(read_pairs(args), backends[torch.float32])
+    for backend in backends.values():
+        _ = backend.model
+    times: dict[torch.dtype, list[float]] = {dtype: [] for dtype in backends}
     with tempfile.TemporaryDirectory() as tmp:
         for round_ in range(args.rounds):
-            for dtype in times:
-                backend.dtype, backend._autocast = dtype, dtype == torch.bfloat16
+            for dtype, backend in backends.items():
                 config = ActivationConfig(model="smollm2", layer=16, positions="all", max_length=384,
                                           cache_dir=Path(tmp) / f"{round_}-{dtype}")
                 start = time.perf_counter()
