@@ -78,3 +78,11 @@ def test_the_file_is_parsed_once_for_config_tokenizer_and_weights(tiny_gguf, mon
     assert gguf.GGUFReader is not real  # the real one is back in place: the memo lasts only while loading
     monkeypatch.undo()
     assert torch.equal(hidden_of(fresh(tiny_gguf, None)), once)  # the same weights as parsed each time
+
+
+def test_the_parsed_file_is_not_kept_when_the_cache_holds_the_weights(tiny_gguf, tmp_path):
+    first = fresh(tiny_gguf, tmp_path)
+    assert first._gguf_readers  # kept for the weights, which are not cached yet
+    _ = first.model
+    assert first._gguf_readers is None  # dropped once they are loaded
+    assert fresh(tiny_gguf, tmp_path)._gguf_readers is None  # a warm scan may never load them

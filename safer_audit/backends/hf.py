@@ -296,6 +296,11 @@ class HFModelBackend:
         self.n_layers = config.num_hidden_layers
         self.d_model = config.hidden_size
         self._model = None
+        # weights the cache holds are read from there: the parsed file (~130 MB for SmolLM2) is not kept
+        # through a (warm) scan that may never load them
+        entry = self.weights_entry
+        if entry is not None and entry.is_file():
+            self._gguf_readers = None
 
     @staticmethod
     def identify(model: str | None) -> tuple[str, str] | None:
