@@ -86,3 +86,16 @@ def test_the_parsed_file_is_not_kept_when_the_cache_holds_the_weights(tiny_gguf,
     _ = first.model
     assert first._gguf_readers is None  # dropped once they are loaded
     assert fresh(tiny_gguf, tmp_path)._gguf_readers is None  # a warm scan may never load them
+
+
+def test_under_bfloat16_the_cached_weights_give_the_files_numbers_and_the_shared_model_stays_float32(tiny_gguf,
+                                                                                                     tmp_path):
+    hf._load_weights.cache_clear()
+    from_file = hf.HFModelBackend(str(tiny_gguf), device="cpu", cache_dir=tmp_path, dtype="bfloat16")
+    expected = hidden_of(from_file)  # dequantised from the file; the entry written
+    shared = hf.load_weights(from_file._auto, from_file.directory, from_file.device, **from_file._load)
+    assert all(m.weight.dtype == torch.float32 for m in shared.modules() if isinstance(m, torch.nn.Linear))
+    from_entry = hf.HFModelBackend(str(tiny_gguf), device="cpu", cache_dir=tmp_path, dtype="bfloat16")
+    assert torch.equal(hidden_of(from_entry), expected)  # read back and cast in place: the same numbers
+    linears = [m for m in from_entry.model.modules() if isinstance(m, torch.nn.Linear)]
+    assert linears and all(m.weight.dtype == torch.bfloat16 for m in linears)

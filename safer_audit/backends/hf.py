@@ -227,18 +227,20 @@ def _layer_list(model, n_layers: int):
     raise ModelLoadError(f"cannot find the {n_layers} transformer layers in {type(model).__name__}")
 
 
-def _bfloat16_linears(model):
-    """A copy of ``model`` whose linear layers hold bfloat16 weights (and biases), for a CPU's bfloat16 autocast.
+def _bfloat16_linears(model, *, shared: bool):
+    """``model`` with its linear layers holding bfloat16 weights (and biases), for a CPU's bfloat16 autocast.
 
     Autocast casts a float32 weight to bfloat16 at every call, the same rounding as casting it once here, so the
     results are the same to the bit and each forward pass skips those casts. Embeddings and norms keep float32
-    (autocast computes them in float32). A copy: the loaded model is shared (load_weights) with float32 users.
+    (autocast computes them in float32). A ``shared`` model (load_weights keeps it for float32 users too) is
+    copied first; one read from the cache's own entry is this backend's alone and is changed in place.
     """
     import copy
 
     import torch
 
-    model = copy.deepcopy(model)
+    if shared:
+        model = copy.deepcopy(model)
     for module in model.modules():
         if isinstance(module, torch.nn.Linear):
             module.to(torch.bfloat16)
@@ -338,6 +340,7 @@ class HFModelBackend:
             quiet = contextlib.redirect_stderr(io.StringIO()) if self.gguf_file else contextlib.nullcontext()
             with self._load_errors(), quiet:
                 model = self._load_converted()
+                shared = model is None  # load_weights' model is kept for its other users
                 if model is None:
                     with self._gguf_once():
                         model = load_weights(self._auto, self.directory, self.device, **self._load)
@@ -345,7 +348,7 @@ class HFModelBackend:
             self._gguf_readers = None  # the parsed file (its vocabulary as Python objects) is not needed again
             model.config.use_cache = False  # no key/value cache: nothing here generates, and filling one copies every key and value
             if self._autocast and self.device.type == "cpu":
-                model = _bfloat16_linears(model)
+                model = _bfloat16_linears(model, shared=shared)
             model.config.pad_token_id = self.tokenizer.pad_token_id
             self._layers = _layer_list(model, self.n_layers)
             self._model = model
