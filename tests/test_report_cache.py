@@ -255,3 +255,16 @@ def test_a_cached_scan_with_judges_named_checks_them_without_torch(tiny_llama_di
     assert heavy(imported) == []  # the names are checked against the plugins' registry, not by making the judges
     unknown, imported = run(*args, "--judge", "nope", cwd=tmp_path)
     assert unknown.returncode == 2 and "unknown judge 'nope'" in unknown.stderr and heavy(imported) == []
+
+
+def test_the_key_holds_the_embedded_sentence_model_whatever_model_is_scanned(tiny_llama_dir, tiny_bert_dir, tmp_path,
+                                                                             monkeypatch):
+    from safer_audit.backends import hf
+
+    data = write_hh_pairs(tmp_path / "data.jsonl", 24)
+    config = tiny_scan_config(tiny_llama_dir, tmp_path / "cache")  # the harm judge and the labeller read MiniLM
+    key = report_key(str(data), config)
+    other = Path(shutil.copytree(tiny_bert_dir, tmp_path / "encoder"))
+    (other / "config.json").write_text((other / "config.json").read_text(encoding="utf-8") + " ", encoding="utf-8")
+    monkeypatch.setattr(hf, "embedded_model_path", lambda: other)  # another embedded encoder installed
+    assert key is not None and report_key(str(data), config) not in (None, key)

@@ -14,7 +14,8 @@ The key is the sha256 of, as canonical JSON:
   key), and the versions of Python and of the libraries that compute (torch, transformers, tokenizers, numpy...);
 - each model the profile reads: its identity and fingerprint as the activation cache has them (the config and the
   weight files' names and sizes, or a GGUF's header), from a backend that can tell them without loading the model
-  (``identify``: the built-in ``hf``), and the profile's layers, positions and lengths;
+  (``identify``: the built-in ``hf``), and the profile's layers, positions and lengths; and the embedded sentence
+  model the harm judge and the offline labeller read;
 - the files a scan reads beside the data, by their bytes: an ``--sae`` directory's config and weights, a
   ``--features`` file, a taxonomy, a ``--salience-from`` dataset;
 - what the report's paths are written relative to: the working, home and cache directories;
@@ -55,7 +56,7 @@ from ..sae.config import CFG_FILE, SPARSIFY_WEIGHTS_FILE, WEIGHTS_FILE
 from ..scoring.types import LENGTH_RESIDUAL_SUFFIX
 from ..version import __version__
 
-REPORT_CACHE_FORMAT = 1  # bump when the entry's layout or the key's parts change
+REPORT_CACHE_FORMAT = 2  # bump when the entry's layout or the key's parts change
 REPORTS = "reports"  # the cache's directory of report entries
 MAX_ENTRY_BYTES = MAX_REPORT_BYTES  # an entry is the report in compact JSON, smaller than the JSON report
 # the libraries whose version can change a number in the report
@@ -185,7 +186,11 @@ def _models(config: ScanConfig) -> list | None:
     if extras is None:
         return None
     models = []
-    for model, read in ((config.activations.model, None), *((extra.model, asdict(extra)) for extra in extras)):
+    # then the embedded sentence model, whatever model is scanned: the harm judge (the default flipped rule) and
+    # the offline labeller read it (None: the backend's embedded model)
+    read_by = [(config.activations.model, None), *((extra.model, asdict(extra)) for extra in extras),
+               (None, "sentence encoder")]
+    for model, read in read_by:
         try:
             named = identify(model)
         except (OSError, ValueError, ConfigError):  # a model that is not there: the scan says so
