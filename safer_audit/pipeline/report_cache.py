@@ -20,8 +20,8 @@ The key is the sha256 of, as canonical JSON:
   ``--features`` file, a taxonomy, a ``--salience-from`` dataset;
 - what the report's paths are written relative to: the working, home and cache directories;
 - with ``--device auto`` or cuda, whether this machine has a GPU torch could use: ``--dtype auto`` computes in
-  bfloat16 there and in float32 on a CPU; with ``--dtype auto``, the CPU's bfloat16 flags (the thorough profile
-  runs SmolLM2 in bfloat16 on a CPU that has them).
+  bfloat16 there and in float32 on a CPU; with ``--dtype auto``, the CPU's bfloat16 flags (the harm judge, and
+  SmolLM2 in the thorough profile, compute in bfloat16 on a CPU that has them).
 
 Only a scan whose every part is safer-audit's own (its code is in the digest) and reproducible is cached: a judge,
 labeller, model or SAE backend from another plugin (an LLM endpoint above all, whose answers can change) makes the
@@ -268,7 +268,7 @@ CPUINFO_BYTES = 1 << 20
 
 
 def _cpu_bfloat16(config) -> dict | None:
-    """With ``--dtype auto``, what decides whether a CPU computes the thorough profile's SmolLM2 in bfloat16, read
+    """With ``--dtype auto``, what decides whether a CPU computes the harm judge and SmolLM2 in bfloat16, read
     without torch: the machine and its bfloat16-related CPU flags (a cache copied to another CPU misses)."""
     if config.activations.dtype != "auto":
         return None
