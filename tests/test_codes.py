@@ -1,4 +1,4 @@
-"""The per-text SAE codes cache (issue 15): a warm scan encodes nothing and reports the same."""
+"""The per-text SAE codes cache: a warm scan encodes nothing and reports the same."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""A scan's summary of its SAE results (issue 15): a warm scan of the same texts reads one checked entry."""
+"""A scan's summary of its SAE results: a warm scan of the same texts reads one checked entry."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""A cold scan's bookkeeping, made cheaper (issue 15): the same tensors and shards as before, with less work."""
+"""A cold scan's bookkeeping, made cheaper: the same tensors and shards as before, with less work."""
 
 from __future__ import annotations
 

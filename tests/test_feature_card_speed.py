@@ -1,4 +1,4 @@
-"""Feature cards without per-element tensor indexing (issue 15): the same numbers, computed once."""
+"""Feature cards without per-element tensor indexing: the same numbers, computed once."""
 
 from __future__ import annotations
 

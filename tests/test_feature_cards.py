@@ -1,4 +1,4 @@
-"""Feature cards worth reading (issue 12, point 5): per-side firing, a histogram, length correlation,
+"""Feature cards worth reading: per-side firing, a histogram, length correlation,
 contribution to the flagged pairs, one example per pair (no duplicates) plus weaker ones, the HTML's
 top --cards, and a features file sorted by contribution with labels."""
 

@@ -1,4 +1,4 @@
-"""Driver memory that stays flat with the number of pairs (issue 16): per-text code means are read a
+"""Driver memory that stays flat with the number of pairs: per-text code means are read a
 range of pairs at a time, and the cross-fitted heads are fitted on a bounded, seeded sample."""
 
 from __future__ import annotations

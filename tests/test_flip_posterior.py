@@ -1,4 +1,4 @@
-"""The flip probability (issue 14): the posterior of a symmetric two-component mixture fitted, without labels,
+"""The flip probability: the posterior of a symmetric two-component mixture fitted, without labels,
 to the stack's cross-fitted margins (scoring.flip_posterior), and that the stack, evaluate and the report use it."""
 
 from __future__ import annotations

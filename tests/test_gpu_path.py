@@ -1,4 +1,4 @@
-"""The GPU path (issue 15 point 3): batches by token budget, and a CUDA scan that matches the CPU one."""
+"""The GPU path: batches by token budget, and a CUDA scan that matches the CPU one."""
 
 from __future__ import annotations
 

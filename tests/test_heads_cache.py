@@ -1,4 +1,4 @@
-"""The fitted Bradley-Terry heads are cached (issue 15): a warm scan fits none and writes the same report."""
+"""The fitted Bradley-Terry heads are cached: a warm scan fits none and writes the same report."""
 
 from __future__ import annotations
 

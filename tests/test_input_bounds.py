@@ -1,5 +1,5 @@
 """Bounded input: record size limits, regular files only, data errors with a location,
-and over-long texts cut before they are tokenized (issue 10, points 5, 8 and 9)."""
+and over-long texts cut before they are tokenized."""
 
 import gzip
 import json

@@ -1,4 +1,4 @@
-"""Issue 16: the caches' text index (keyindex.KeyIndex) in sorted numpy arrays, not a dict a text.
+"""The caches' text index (keyindex.KeyIndex) in sorted numpy arrays, not a dict a text.
 
 It must answer as the dict did: the first shard to add a key keeps it, a dropped (corrupt)
 shard's keys are forgotten, and bulk lookups agree with one-at-a-time ones; and it must

@@ -1,4 +1,4 @@
-"""Feature labels (issue 12): the labeller hook, the label cache, the offline labeller,
+"""Feature labels: the labeller hook, the label cache, the offline labeller,
 safety selection, and labels from a model shown inert in the terminal and escaped in HTML."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Offline labeller v5 (issue 12): a syntax latent's label says the pattern around its token -- the phrase
+"""Offline labeller v5: a syntax latent's label says the pattern around its token -- the phrase
 that recurs with it, the turn and where in it, the kind of response, the side -- and the first labelling
 embeds fewer, shorter windows."""
 

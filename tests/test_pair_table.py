@@ -1,4 +1,4 @@
-"""Issue 16: a scan's pairs table out of memory (data.PairTable).
+"""A scan's pairs table out of memory (data.PairTable).
 
 The driver keeps each pair's id, source, line and response lengths; the conversations go to
 an unnamed temporary file and are read back by range or by index. Every reader of a scan's

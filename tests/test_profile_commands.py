@@ -1,4 +1,4 @@
-"""--profile beyond scan and evaluate (issue 14): the report's cards from every model of the profile,
+"""--profile beyond scan and evaluate: the report's cards from every model of the profile,
 each finding's flip probability, clean --min-flip-probability, and --profile for explain, review
 and clean (with a report: the report's own profile)."""
 

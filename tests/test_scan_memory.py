@@ -1,4 +1,4 @@
-"""Issue 16: what a scan's encoding pass holds at its peak does not pile up copies.
+"""What a scan's encoding pass holds at its peak does not pile up copies.
 
 A scan's summary (the sparse code means of every text, kept below SUMMARY_NUMBERS) lets go of
 its parts as they are joined, and is written without copying its tensor bytes, to the same bytes
@@ -18,7 +18,7 @@ from safer_audit.sae.codes import SUMMARY_FORMAT, CodeCache, _Accumulator, _keys
 
 
 def reference_bytes(keys: list[str], summary: dict[str, torch.Tensor]) -> bytes:
-    """The summary file as save_summary wrote it before issue 16 (header, then the whole tensor bytes)."""
+    """The summary file as an older save_summary wrote it (header, then the whole tensor bytes)."""
     data = save_safetensors({k: v.contiguous() for k, v in summary.items()})
     size = struct.unpack("<Q", data[:8])[0]
     header = json.loads(data[8:8 + size])

@@ -1,4 +1,4 @@
-"""Issue 16: the driver's memory does not grow per pair by more than it must.
+"""The driver's memory does not grow per pair by more than it must.
 
 The pairs table is built a batch of pairs at a time (never every pair's Python objects at
 once), and a scan's findings are made when they are read, not held with their texts until
@@ -112,7 +112,7 @@ def test_load_pairs_holds_one_batch_of_pairs_as_python_objects(tmp_path, monkeyp
     path = tmp_path / "pairs.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in hh_records(23)), encoding="utf-8")
     whole = load_pairs(path).pairs
-    monkeypatch.setattr(readers, "LOAD_BATCH", 5, raising=False)  # (absent before issue 16)
+    monkeypatch.setattr(readers, "LOAD_BATCH", 5, raising=False)  # (absent from older code)
     alive: list[weakref.ref] = []
     most = 0
     pair = readers.PairReader._pair
@@ -162,7 +162,7 @@ def test_texts_are_rendered_a_range_of_pairs_at_a_time(tiny_llama_dir, tmp_path,
 
 def test_rendered_texts_are_read_back_from_a_file_as_they_were_written(tmp_path):
     """A scan's texts live in a temporary file (17 bytes a text in memory), read back by index, range,
-    stride and in order exactly as rendered: non-ASCII, a lone surrogate, empty texts (issue 16)."""
+    stride and in order exactly as rendered: non-ASCII, a lone surrogate, empty texts."""
     import sys
 
     from safer_audit.model import texts as texts_module
@@ -192,7 +192,7 @@ def test_rendered_texts_are_read_back_from_a_file_as_they_were_written(tmp_path)
 
 def test_extraction_reads_the_texts_it_runs_without_copying_them(tiny_llama_dir, tmp_path, monkeypatch):
     """Extraction from SpooledTexts writes the same shards as from a list, duplicates included, and
-    keeps no PreparedText per text while it plans (issue 16)."""
+    keeps no PreparedText per text while it plans."""
     from safer_audit.model import activations
     from safer_audit.model.activations import extract_activations, load_backend
     from safer_audit.model.texts import SpooledTexts, pair_texts

@@ -1,4 +1,4 @@
-"""Text from a dataset, a file name or a model is inert on every terminal (issue 10, points 2 and 3).
+"""Text from a dataset, a file name or a model is inert on every terminal.
 
 Hostile ids, texts, field names and a hostile file name go through every command that
 prints; no control character but newline may reach stdout or stderr, and the escaped
