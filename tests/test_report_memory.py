@@ -1,4 +1,4 @@
-"""Issue 16: what the report stage holds while it makes the cards does not grow with the pairs.
+"""What the report stage holds while it makes the cards does not grow with the pairs.
 
 Each range of pairs' top features (the columns the findings are made from) holds only its own
 values, not the whole argsort of the range it was sliced from (8 bytes x features per pair);
@@ -47,3 +47,38 @@ def test_the_top_features_of_each_range_hold_only_their_own_values(tiny_llama_di
 def test_large_freed_blocks_go_back_to_the_system_on_glibc():
     on_glibc = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
     assert memory.freed_blocks_to_the_system() is on_glibc
+
+
+def test_the_model_and_sae_stages_keep_the_heap_for_tensors_again(tiny_llama_dir, tmp_path, monkeypatch):
+    """The report's policy is process-wide: a thorough profile's second model ran its forward passes and SAE under it,
+    mapping and faulting in every tensor afresh (its extraction ~1.4x slower). Each of those stages sets its own."""
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in hh_records(12)), encoding="utf-8")
+    config = ScanConfig(activations=ActivationConfig(model=str(tiny_llama_dir), layer=1, max_length=64,
+                                                     cache_dir=tmp_path / "cache"),
+                        sae_train=SaeTrainConfig(n_latents=64, k=4), n_features=16, labeller="none")
+    policy, seen = ["glibc's"], {}
+    monkeypatch.setattr(stages, "freed_blocks_to_the_system", lambda: policy.append("freed"))
+    monkeypatch.setattr(stages, "heap_kept_for_tensors", lambda: policy.append("heap"))
+    real_extract, real_train = stages.extract_activations, stages.get_sae
+
+    def extract(*args, **kwargs):
+        seen["extraction"] = policy[-1]
+        return real_extract(*args, **kwargs)
+
+    def train(*args, **kwargs):
+        seen["sae"] = policy[-1]
+        return real_train(*args, **kwargs)
+
+    monkeypatch.setattr(stages, "extract_activations", extract)
+    monkeypatch.setattr(stages, "get_sae", train)
+    policy.append("freed")  # as a first model's report leaves it
+    scan.run_scan(str(data), config)
+    assert seen == {"extraction": "heap", "sae": "heap"}
+    assert policy[-1] == "freed"  # and the scores and report read codes under theirs
+
+
+def test_the_heap_is_kept_for_tensors_on_glibc():
+    on_glibc = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
+    assert memory.heap_kept_for_tensors() is on_glibc
+    assert memory.freed_blocks_to_the_system() is on_glibc  # as a scan leaves the process

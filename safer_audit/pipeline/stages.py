@@ -14,7 +14,7 @@ from pathlib import Path
 import polars as pl
 import torch
 
-from ..common.memory import freed_blocks_to_the_system
+from ..common.memory import freed_blocks_to_the_system, heap_kept_for_tensors
 from ..config import ScanConfig
 from ..data import PairTable, find_quality_issues, load_pairs, spool_pairs, tokenizer_counter
 from ..data.tokens import cached_counter
@@ -111,6 +111,7 @@ def activations(pairs: PairTable | pl.DataFrame, model: Model, ctx: RunContext, 
                 name: str = "activations", description: str = "Activations") -> Activations:
     """Every text's hidden states at the read layer, from the cache where it holds them. ``lazy``: cached
     shards are checked when first read (a warm scan whose codes are all cached reads none)."""
+    heap_kept_for_tensors()  # a profile's second model comes after the first one's scores and report
     with ctx.stage(name, description, "pairs", scale=0.5) as update:
         texts = rendered_texts(pairs, model.backend, ctx.config.activations.cache_dir)
         store = extract_activations(texts, model.backend, ctx.config.activations, progress=update, lazy=lazy,
@@ -139,6 +140,7 @@ def encode(store: ActivationStore, sae: TopKSAE, ctx: RunContext, *, description
 
 def codes(acts: Activations, model: Model, ctx: RunContext) -> Codes:
     """The SAE (the user's, or one trained on these activations and cached) and every text's codes."""
+    heap_kept_for_tensors()
     with ctx.timed("sae"):
         sae, sae_dir = get_sae(acts.store, ctx.config, model.backend, model.layer, ctx.steps)
     return Codes(sae, sae_dir, encode(acts.store, sae, ctx))
