@@ -80,6 +80,21 @@ def test_the_file_is_parsed_once_for_config_tokenizer_and_weights(tiny_gguf, mon
     assert torch.equal(hidden_of(fresh(tiny_gguf, None)), once)  # the same weights as parsed each time
 
 
+def test_while_loading_the_file_is_read_as_a_plain_array_with_the_same_fields_and_tensors(tiny_gguf):
+    import gguf
+    import numpy as np
+
+    real = gguf.GGUFReader(tiny_gguf)
+    with hf._gguf_parsed_once({}):
+        plain = gguf.GGUFReader(tiny_gguf)
+    assert type(real.data) is np.memmap and type(plain.data) is np.ndarray  # slices of a memmap are memmaps: slow
+    assert list(plain.fields) == list(real.fields)
+    for name, field in real.fields.items():
+        assert [part.tobytes() for part in plain.fields[name].parts] == [part.tobytes() for part in field.parts]
+        assert list(plain.fields[name].data) == list(field.data)
+    assert [(t.name, t.data.tobytes()) for t in plain.tensors] == [(t.name, t.data.tobytes()) for t in real.tensors]
+
+
 def test_the_parsed_file_is_not_kept_when_the_cache_holds_the_weights(tiny_gguf, tmp_path):
     first = fresh(tiny_gguf, tmp_path)
     assert first._gguf_readers  # kept for the weights, which are not cached yet
@@ -99,3 +114,19 @@ def test_under_bfloat16_the_cached_weights_give_the_files_numbers_and_the_shared
     assert torch.equal(hidden_of(from_entry), expected)  # read back and cast in place: the same numbers
     linears = [m for m in from_entry.model.modules() if isinstance(m, torch.nn.Linear)]
     assert linears and all(m.weight.dtype == torch.bfloat16 for m in linears)
+
+
+def test_the_cycle_collector_waits_while_loading_and_is_left_as_it_was():
+    import gc
+
+    assert gc.isenabled()
+    with hf._gguf_parsed_once({}):
+        assert not gc.isenabled()  # ~100k objects of the vocabulary, no garbage: full passes cost ~1 s for nothing
+    assert gc.isenabled()
+    gc.disable()
+    try:
+        with hf._gguf_parsed_once({}):
+            pass
+        assert not gc.isenabled()  # a caller's own choice stands
+    finally:
+        gc.enable()
