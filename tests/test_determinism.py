@@ -108,3 +108,18 @@ def test_a_scan_resumed_after_an_interruption_equals_a_cold_one(tiny_llama_dir, 
     resumed = run_scan(str(data_file), config)
     assert 0 < resumed.store.n_forward_texts < len(texts)
     assert report_bytes(resumed) == report_bytes(cold)
+
+
+def test_training_tokens_are_gathered_from_the_chunks_as_concatenating_them_would():
+    import numpy as np
+    import torch
+
+    from safer_audit.model.activations import _gathered
+
+    generator = torch.Generator().manual_seed(0)
+    chunks = [torch.randn(n, 6, generator=generator) for n in (5, 1, 9, 3)]
+    whole = torch.cat(chunks)
+    for order in (np.random.default_rng(1).permutation(18)[:11], np.arange(18)[::-1].copy(), np.array([], dtype=int)):
+        held = list(chunks)
+        assert torch.equal(_gathered(held, order), whole[torch.from_numpy(order)])
+        assert held == [None] * 4  # each chunk let go once its rows were copied
