@@ -9,8 +9,10 @@ import json
 import re
 from dataclasses import asdict, replace
 
+import numpy as np
 import polars as pl
 import pytest
+import torch
 from rich.console import Console
 
 from safer_audit.backends.exporters import render_html, render_markdown
@@ -365,3 +367,32 @@ def test_explain_without_a_report_shows_labels_and_the_evidence_of_a_pair_not_fl
     console, out = _console(200)
     print_explanation(explanation, console)
     assert "label " in out.getvalue() and "[violence]" in out.getvalue()
+
+
+def test_shares_are_made_when_read_from_compact_terms_in_any_order(sample_scan):
+    """A scan's flagged texts hold their terms as arrays (a tuple per code took ~10 GB at 100k pairs) and each
+    text's shares are made when read: read in any order, or twice, they are the same."""
+    from safer_audit.features.evidence import TextTerms, position_terms
+
+    result = sample_scan
+    flagged = [f for f in result.report.findings if f.category in ("flipped", "noisy")][:6]
+    index = {pair_id: i for i, pair_id in enumerate(result.pairs["pair_id"].to_list())}
+    wanted = {}
+    for f in flagged:
+        wanted.update({2 * index[f.pair_id]: f.chosen, 2 * index[f.pair_id] + 1: f.rejected})
+    args = (result.store, result.texts, result.sae, result.features, result.backend, result.report.run.max_length)
+    in_order = {t: shares for t, shares in texts_shares(*args, wanted).items()}
+    backwards = texts_shares(*args, wanted)
+    assert {t: backwards[t] for t in reversed(list(wanted))} == in_order
+    assert {t: backwards[t] for t in wanted} == in_order  # read again: made again, the same
+    assert any(in_order.values())
+    terms = position_terms(result.store, result.sae, result.features, wanted)
+    signed = torch.zeros(result.sae.cfg.n_latents)
+    signed[result.features.latents] = result.features.signs
+    for t, text_terms in terms.items():
+        assert isinstance(text_terms, TextTerms) and isinstance(text_terms.latents, np.ndarray)
+        values, latents = result.sae.encode(result.store.text(t).acts)  # the codes, as the tuples held them
+        codes = values.float() * signed[latents.long()]
+        expected = [[(latent, value) for latent, value in zip(row_l, row_v, strict=True) if value]
+                    for row_l, row_v in zip(latents.tolist(), codes.tolist(), strict=True)]
+        assert text_terms.rows() == expected
