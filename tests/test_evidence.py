@@ -319,15 +319,21 @@ def test_every_flagged_finding_of_the_sample_has_a_why_and_exact_evidence(sample
     assert sample_scan.report.run.timings["evidence"] >= 0
 
 
-def test_the_shares_of_a_pair_add_up_to_its_score_safe(sample_scan):
-    """Each read position's share is v(p) / |P(t)|, so a pair's shares over both responses are score_safe
-    (positions are the final turn's, and every one lands on the response)."""
-    result = sample_scan
-    flagged = [f for f in result.report.findings if f.category in ("flipped", "noisy")][:8]
+def flagged_texts(result, n: int):
+    """A scan's first ``n`` flagged pairs, each pair's table index, and their texts' indices -> responses."""
+    flagged = [f for f in result.report.findings if f.category in ("flipped", "noisy")][:n]
     index = {pair_id: i for i, pair_id in enumerate(result.pairs["pair_id"].to_list())}
     wanted = {}
     for f in flagged:
         wanted.update({2 * index[f.pair_id]: f.chosen, 2 * index[f.pair_id] + 1: f.rejected})
+    return flagged, index, wanted
+
+
+def test_the_shares_of_a_pair_add_up_to_its_score_safe(sample_scan):
+    """Each read position's share is v(p) / |P(t)|, so a pair's shares over both responses are score_safe
+    (positions are the final turn's, and every one lands on the response)."""
+    result = sample_scan
+    flagged, index, wanted = flagged_texts(result, 8)
     shares = texts_shares(result.store, result.texts, result.sae, result.features, result.backend,
                           result.report.run.max_length, wanted)
     for f in flagged:
@@ -375,11 +381,7 @@ def test_shares_are_made_when_read_from_compact_terms_in_any_order(sample_scan):
     from safer_audit.features.evidence import TextTerms, position_terms
 
     result = sample_scan
-    flagged = [f for f in result.report.findings if f.category in ("flipped", "noisy")][:6]
-    index = {pair_id: i for i, pair_id in enumerate(result.pairs["pair_id"].to_list())}
-    wanted = {}
-    for f in flagged:
-        wanted.update({2 * index[f.pair_id]: f.chosen, 2 * index[f.pair_id] + 1: f.rejected})
+    _flagged, _index, wanted = flagged_texts(result, 6)
     args = (result.store, result.texts, result.sae, result.features, result.backend, result.report.run.max_length)
     in_order = {t: shares for t, shares in texts_shares(*args, wanted).items()}
     backwards = texts_shares(*args, wanted)
