@@ -49,8 +49,9 @@ def heap_kept_for_tensors() -> bool:
     top; process-wide, for the stages that run a model or an SAE (extraction, SAE training and encoding).
 
     Each batch allocates and frees the same sizes of tensors again. Mapped on their own, or trimmed off the
-    heap as soon as freed, their pages are zeroed and faulted in afresh every batch: SmolLM2's extraction took
-    6.4-7.0 s against 4.6-4.9 s so (60 HH pairs, side by side, ~20x the page faults), ~1.1x glibc's defaults.
+    heap as soon as freed, their pages are zeroed and faulted in afresh every batch: SmolLM2's extraction of 60
+    HH pairs took 6.4-7.0 s under freed_blocks_to_the_system, 4.9-5.6 s under glibc's own moving threshold and
+    4.6-4.9 s so (side by side; a twentieth of the first's page faults).
     The heap stays bounded: extraction trims it after every shard (release_freed_memory). False where it does
     not apply (not glibc)."""
     return _mallopt((M_MMAP_THRESHOLD, HEAP_BLOCK), (M_TRIM_THRESHOLD, HEAP_SLACK))

@@ -205,7 +205,7 @@ def pair_evidence(chosen: str, rejected: str, chosen_shares: list[Share], reject
 class TextTerms(NamedTuple):
     """One text's read positions, their token ids and their terms, in arrays: the terms of position ``j`` are
     ``latents[row_starts[j]:row_starts[j + 1]]`` with ``values`` alike. A Python tuple per code held ~1.7 KB a
-    position: a 100k-pair scan's flagged texts took 10 GB, these ~1/10 of it."""
+    position: the evidence stage of a 100k-pair scan (the tiny test model) peaked at 12.3 GB, with these 2.1 GB."""
 
     positions: np.ndarray
     token_ids: np.ndarray
